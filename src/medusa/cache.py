@@ -1,0 +1,112 @@
+"""A preallocated KV cache for a whole generation, and the attention masks that address it.
+
+Every layer is a transformers ``StaticLayer`` of ``max_length`` slots: a step writes the tree's K/V
+after the committed tokens, then ``commit`` moves the accepted path's entries into place. Slots past the
+committed length are never read: the masks built here hide them. Lengths live on the device so a step
+can be captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, StaticLayer
+
+
+class MedusaCache(Cache):
+    """Static K/V buffers ``[batch, kv_heads, max_length, head_dim]`` per layer, full length on every layer.
+
+    Sliding-window layers get full-length buffers too: the window is applied by the mask, which keeps
+    slot i at position i and makes compaction a plain copy.
+    """
+
+    def __init__(self, num_layers: int, max_length: int) -> None:
+        super().__init__(layers=[StaticLayer(max_cache_len=max_length) for _ in range(num_layers)])
+        self.max_length = max_length
+
+    def set_length(self, length: torch.Tensor) -> None:
+        """Declare the first ``length`` slots committed; the next write goes right after them."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.cumulative_length.copy_(length)
+            else:
+                layer.cumulative_length = length.detach().clone()
+
+    def commit(self, source_slots: torch.Tensor, target_start: torch.Tensor) -> None:
+        """Copy the K/V at ``source_slots`` to the contiguous slots from ``target_start`` on.
+
+        ``source_slots`` has a fixed length (the tree's depth + 1) so the copy has a static shape; entries
+        past the accepted length land beyond the committed length, where nothing reads them.
+        """
+        targets = target_start + torch.arange(source_slots.numel(), device=source_slots.device)
+        for layer in self.layers:
+            layer.keys.index_copy_(2, targets, layer.keys.index_select(2, source_slots))
+            layer.values.index_copy_(2, targets, layer.values.index_select(2, source_slots))
+
+
+def num_cache_layers(config: PretrainedConfig) -> int:
+    return config.get_text_config().num_hidden_layers
+
+
+def attention_mask_for(
+    config: PretrainedConfig,
+    allowed: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Turn a boolean ``[queries, slots]`` visibility into what the model's ``attention_mask`` takes.
+
+    Additive float masks ``[1, 1, queries, slots]`` work for eager and SDPA attention alike. Models that
+    mix sliding-window and full layers take a dict keyed by layer type; models whose every layer slides
+    get the window in the single mask.
+    """
+    text_config = config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    minimum = torch.finfo(dtype).min
+
+    def additive(visible: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros((), dtype=dtype, device=visible.device)
+        return torch.where(visible, zero, torch.full_like(zero, minimum))[None, None]
+
+    def windowed() -> torch.Tensor:
+        distance = query_positions[:, None] - key_positions[None, :]
+        return allowed & (distance < window)
+
+    if layer_types is not None and "sliding_attention" in layer_types and window:
+        return {"full_attention": additive(allowed), "sliding_attention": additive(windowed())}
+    if layer_types is None and window and getattr(text_config, "use_sliding_window", True) is not False:
+        return additive(windowed())
+    return additive(allowed)
+
+
+def chunk_visibility(length: torch.Tensor, num_queries: int, max_length: int) -> tuple[torch.Tensor, ...]:
+    """Causal visibility for ``num_queries`` consecutive tokens written at slot ``length`` on.
+
+    Returns ``(allowed [queries, slots], query_positions, key_positions)``.
+    """
+    device = length.device
+    slots = torch.arange(max_length, device=device)
+    query_positions = length + torch.arange(num_queries, device=device)
+    allowed = slots[None, :] <= query_positions[:, None]
+    return allowed, query_positions, slots
+
+
+def tree_visibility(
+    length: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor, max_length: int
+) -> tuple[torch.Tensor, ...]:
+    """Tree visibility: every node sees the committed slots and its own ancestors (tree slots from ``length``).
+
+    Returns ``(allowed [nodes, slots], query_positions, key_positions)``; positions are depth-based.
+    """
+    device = length.device
+    size = tree_mask.shape[0]
+    slots = torch.arange(max_length, device=device)
+    relative = slots - length
+    in_tree = (relative >= 0) & (relative < size)
+    tree_part = tree_mask[:, relative.clamp(0, size - 1)] & in_tree[None, :]
+    allowed = (slots < length)[None, :] | tree_part
+    query_positions = length + depths
+    key_positions = torch.where(in_tree, length + depths[relative.clamp(0, size - 1)], slots)
+    return allowed, query_positions, key_positions

@@ -1,0 +1,41 @@
+"""The ``medusa`` command. Each command lives beside the code it drives; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medusa.errors import MedusaError
+
+# command name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
+COMMANDS = {
+    "generate": ("medusa.commands.generate", "generate text with Medusa decoding"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medusa", description="Medusa decoding for Hugging Face causal LMs")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MedusaError as error:
+        print(f"medusa {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

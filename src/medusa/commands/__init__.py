@@ -1,0 +1,1 @@
+"""Command-line commands: each parses its flags and calls the library."""

@@ -1,0 +1,167 @@
+"""The Medusa decoding loop (paper, section 2.1): propose -> verify -> accept -> commit.
+
+One ``MedusaDecoder`` holds one sequence's cache and device state. Each step proposes a tree of
+candidates from the heads, verifies the whole tree in one forward pass of the base model, keeps the
+longest accepted path and compacts its K/V. The only host sync per step reads the accepted tokens.
+Without heads the same loop with a one-node tree is plain autoregressive decoding on the same cache,
+which is the honest baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from medusa.acceptance import AcceptanceScheme
+from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, num_cache_layers, tree_visibility
+from medusa.heads import MedusaHeads
+from medusa.tree import Tree
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # the tokens this step commits, after EOS / length truncation
+    accepted: int  # tokens the step committed before truncation: 1 (the base token) + accepted guesses
+
+
+@dataclass
+class DecodingStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    accepted_per_step: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    finish_reason: str = "length"
+
+    @property
+    def mean_accepted(self) -> float:
+        return sum(self.accepted_per_step) / len(self.accepted_per_step) if self.accepted_per_step else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class MedusaDecoder:
+    """State of one generation (batch 1) on a preallocated cache of ``max_length`` slots."""
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        heads: MedusaHeads | None,
+        tree: Tree,
+        acceptance: AcceptanceScheme,
+        max_length: int,
+    ) -> None:
+        if heads is None and tree.size != 1:
+            raise ValueError("decoding without heads needs the one-node tree")
+        if heads is not None:
+            tree.check_heads(heads.config.num_heads)
+        self.base = base_model
+        self.heads = heads
+        self.acceptance = acceptance
+        self.device = model_device(base_model)
+        self.dtype = base_model.dtype
+        self.tree = tree.to(self.device)
+        self.max_length = max_length
+        self.cache = MedusaCache(num_cache_layers(base_model.config), max_length)
+        self.length = torch.zeros((), dtype=torch.long, device=self.device)
+        self.root_token = torch.zeros((), dtype=torch.long, device=self.device)
+        self.last_hidden: torch.Tensor | None = None
+
+    def _forward(self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        allowed, query_positions, key_positions = visibility
+        mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
+        output = self.base(
+            input_ids=input_ids[None],
+            position_ids=query_positions[None],
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        return output.logits[0], output.hidden_states[-1][0]
+
+    def prefill(self, prompt_ids: torch.Tensor) -> None:
+        """Run the prompt ``[prompt_len]`` and pick the base model's first token."""
+        self.length.zero_()
+        self.cache.set_length(self.length)
+        visibility = chunk_visibility(self.length, prompt_ids.numel(), self.max_length)
+        logits, hidden = self._forward(prompt_ids, visibility)
+        self.length.fill_(prompt_ids.numel())
+        self.cache.set_length(self.length)
+        self.root_token = self.acceptance.first_token(logits[-1])
+        self.last_hidden = hidden[-1]
+
+    def propose(self) -> torch.Tensor:
+        """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k."""
+        if self.heads is None:
+            return self.root_token.view(1)
+        head_logits = self.heads(self.last_hidden)  # [heads, vocab]
+        top = head_logits.topk(self.tree.topk, dim=-1).indices  # [heads, topk]
+        flat = torch.cat([self.root_token.view(1), top.flatten()])
+        return flat[self.tree.candidate_index]
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One propose/verify/accept/commit. Returns the path's tokens ``[depth + 1]`` and how many count."""
+        tree_tokens = self.propose()
+        visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, self.max_length)
+        logits, hidden = self._forward(tree_tokens, visibility)
+        verdict = self.acceptance.accept(self.tree, tree_tokens, logits)
+        self.cache.commit(self.length + verdict.path, self.length)
+        count = verdict.accepted + 1
+        self.length += count
+        self.cache.set_length(self.length)
+        self.last_hidden = hidden[verdict.path[verdict.accepted]]
+        self.root_token = verdict.next_token
+        return tree_tokens[verdict.path], count
+
+
+def decode(
+    decoder: MedusaDecoder,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_ids: set[int],
+    stats: DecodingStats,
+) -> Iterator[StepOutput]:
+    """Yield each step's committed tokens until EOS or ``max_new_tokens``; fills ``stats`` as it goes.
+
+    The caller may stop iterating early (stop strings, a client gone); the decoder is then simply dropped.
+    """
+    started = time.perf_counter()
+    # Inference mode is entered per call, not across the yields, so it never leaks into the caller.
+    with torch.inference_mode():
+        decoder.prefill(prompt_ids)
+        if decoder.device.type == "cuda":
+            torch.cuda.synchronize(decoder.device)
+    stats.prompt_tokens = prompt_ids.numel()
+    stats.prefill_seconds = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    while stats.new_tokens < max_new_tokens:
+        with torch.inference_mode():
+            path_tokens, count = decoder.step()
+            # The one host sync of the step: how many tokens were accepted, and which.
+            values = torch.cat([count.view(1), path_tokens]).tolist()
+        accepted, tokens = values[0], values[1 : 1 + values[0]]
+        tokens = tokens[: max_new_tokens - stats.new_tokens]
+        for index, token in enumerate(tokens):
+            if token in eos_token_ids:
+                tokens = tokens[: index + 1]
+                stats.finish_reason = "stop"
+                break
+        stats.steps += 1
+        stats.accepted_per_step.append(accepted)
+        stats.new_tokens += len(tokens)
+        stats.decode_seconds = time.perf_counter() - decode_started
+        yield StepOutput(tokens=tokens, accepted=accepted)
+        if stats.finish_reason == "stop":
+            return

@@ -1,0 +1,159 @@
+"""Medusa heads: K small residual MLPs on the base model's last hidden state (paper, section 2.1.1).
+
+Head k (0-based) predicts the token k + 2 positions ahead of the hidden state it reads; the base
+model's own ``lm_head`` predicts the next one. Blocks start at zero and the projection starts as the
+base ``lm_head``, so an untrained head returns exactly the base model's logits.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medusa.errors import MedusaError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "medusa_heads.safetensors"
+
+
+@dataclass
+class MedusaHeadsConfig:
+    hidden_size: int
+    vocab_size: int
+    num_heads: int = 4
+    num_layers: int = 1
+    # Share the base model's lm_head instead of a per-head copy: checkpoints shrink from
+    # num_heads * vocab * hidden to num_heads * num_layers * hidden^2 parameters.
+    share_lm_head: bool = False
+    base_model: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise MedusaError(f"heads config: {name} must be at least 1, got {getattr(self, name)}")
+        if int(self.num_layers) < 0:
+            raise MedusaError(f"heads config: num_layers must be 0 or more, got {self.num_layers}")
+
+    def save(self, directory: str | Path) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps({"model_type": "medusa_heads", **asdict(self)}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise MedusaError(f"no Medusa heads config at {path}")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise MedusaError(f"heads config {path} is not valid JSON: {error}") from None
+        known = {f.name for f in fields(cls)}
+        missing = {"hidden_size", "vocab_size"} - raw.keys()
+        if missing:
+            raise MedusaError(f"heads config {path} lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+class ResidualBlock(nn.Module):
+    """``x + SiLU(W x + b)``, zero-initialised so a fresh block is the identity."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """K heads over a hidden state. ``forward`` returns logits ``[num_heads, *hidden.shape[:-1], vocab]``."""
+
+    def __init__(self, config: MedusaHeadsConfig, base_lm_head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*[ResidualBlock(config.hidden_size) for _ in range(config.num_layers)])
+            for _ in range(config.num_heads)
+        )
+        if config.share_lm_head:
+            self.projections = None
+        else:
+            self.projections = nn.ModuleList(
+                nn.Linear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_heads)
+            )
+            if base_lm_head is not None:
+                self.copy_projection_from(base_lm_head)
+        # Held outside the module tree so it is neither saved nor trained with the heads.
+        self._shared_lm_head = [base_lm_head]
+
+    def copy_projection_from(self, lm_head: nn.Module) -> None:
+        """Start every projection as the base model's lm_head: an untrained head equals the base head."""
+        if self.projections is None:
+            return
+        weight = lm_head.weight
+        if tuple(weight.shape) != (self.config.vocab_size, self.config.hidden_size):
+            raise MedusaError(
+                f"base lm_head has shape {tuple(weight.shape)}, heads expect "
+                f"({self.config.vocab_size}, {self.config.hidden_size})"
+            )
+        with torch.no_grad():
+            for projection in self.projections:
+                projection.weight.copy_(weight)
+
+    def attach_lm_head(self, lm_head: nn.Module) -> None:
+        self._shared_lm_head = [lm_head]
+
+    def project(self, head_index: int, features: torch.Tensor) -> torch.Tensor:
+        if self.projections is not None:
+            return self.projections[head_index](features)
+        lm_head = self._shared_lm_head[0]
+        if lm_head is None:
+            raise MedusaError("heads share the base lm_head, but none was attached")
+        return lm_head(features)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.project(k, block(hidden)) for k, block in enumerate(self.blocks)])
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        temporary = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(temporary), metadata={"format": "pt"})
+        temporary.replace(directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> "MedusaHeads":
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise MedusaError(f"heads directory {directory} does not exist")
+        config = MedusaHeadsConfig.load(directory)
+        weights = directory / WEIGHTS_NAME
+        if not weights.is_file():
+            raise MedusaError(f"no heads weights at {weights}")
+        heads = cls(config, base_lm_head=None)
+        state = load_file(str(weights))
+        expected = heads.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise MedusaError(
+                f"heads weights {weights} do not match their config: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise MedusaError(
+                    f"heads weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
+                )
+        heads.load_state_dict(state)
+        heads.attach_lm_head(base_lm_head)
+        return heads

@@ -1,0 +1,329 @@
+"""``MedusaModel``: a base causal LM, its Medusa heads, a tree, and text in / text out around the loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from medusa.acceptance import make_acceptance
+from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
+from medusa.errors import MedusaError
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.loading import DEFAULT_MODEL_NAME, load_base_model
+from medusa.tree import Tree, load_tree
+
+SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
+TREE_FILE = "tree.json"
+
+Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    # "auto" lets the heads work when there are any; False decodes plainly on the same cache.
+    use_heads: bool = True
+    acceptance: str = "greedy"
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise MedusaError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the last chunk
+    token_ids: list[int]
+    accepted: int  # tokens this step committed (1 + accepted guesses)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: DecodingStats = field(default_factory=DecodingStats)
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.stats.mean_accepted
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.stats.tokens_per_second
+
+
+class MedusaModel(nn.Module):
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
+        heads: MedusaHeads | None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.name = name or getattr(base_model.config, "_name_or_path", "") or "model"
+        if heads is not None:
+            check_heads_match(heads.config, base_model)
+            device, dtype = model_device(base_model), base_model.dtype
+            heads = heads.to(device=device, dtype=dtype)
+            heads.attach_lm_head(base_model.get_output_embeddings())
+            heads.eval()
+        self.heads = heads
+        self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
+
+    # ----- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | Path | PreTrainedModel | None = None,
+        heads: str | Path | MedusaHeads | MedusaHeadsConfig | None = None,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        num_heads: int = 4,
+        num_layers: int = 1,
+        share_lm_head: bool = False,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+    ) -> "MedusaModel":
+        """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
+
+        ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
+        shipped for the default model when there are some, otherwise fresh (untrained) heads.
+        """
+        if isinstance(base, PreTrainedModel):
+            base_model, name = base, getattr(base.config, "_name_or_path", None)
+        else:
+            base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device)
+            tokenizer = tokenizer or loaded_tokenizer
+        text_config = base_model.config.get_text_config()
+        lm_head = base_model.get_output_embeddings()
+        if heads is None and base is None and shipped_heads_directory(DEFAULT_MODEL_NAME) is not None:
+            heads = shipped_heads_directory(DEFAULT_MODEL_NAME)
+        if heads is None:
+            heads = MedusaHeadsConfig(
+                hidden_size=text_config.hidden_size,
+                vocab_size=lm_head.weight.shape[0],
+                num_heads=num_heads,
+                num_layers=num_layers,
+                share_lm_head=share_lm_head,
+                base_model=name,
+            )
+        if isinstance(heads, MedusaHeadsConfig):
+            check_heads_match(heads, base_model)
+            heads = MedusaHeads(heads, base_lm_head=lm_head)
+        elif isinstance(heads, (str, Path)):
+            directory = Path(heads)
+            heads_config = MedusaHeadsConfig.load(directory)
+            check_heads_match(heads_config, base_model)
+            if tree is None and (directory / TREE_FILE).is_file():
+                tree = directory / TREE_FILE
+            heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
+        return cls(base_model, tokenizer, heads, tree=tree, name=name)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""
+        if self.heads is None:
+            raise MedusaError("this model has no heads to save")
+        directory = Path(directory)
+        self.heads.save_pretrained(directory)
+        (directory / TREE_FILE).write_text(self.tree.to_json() + "\n")
+
+    # ----- generation ---------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.base_model)
+
+    @property
+    def context_length(self) -> int | None:
+        return getattr(self.base_model.config.get_text_config(), "max_position_embeddings", None)
+
+    def eos_token_ids(self) -> set[int]:
+        configured = getattr(self.base_model.generation_config, "eos_token_id", None)
+        if configured is None and self.tokenizer is not None:
+            configured = self.tokenizer.eos_token_id
+        if configured is None:
+            return set()
+        return {configured} if isinstance(configured, int) else set(configured)
+
+    def encode_prompt(self, prompt: Prompt, chat_template: bool = True) -> torch.Tensor:
+        """Token ids ``[prompt_len]``; text and message lists go through the chat template when there is one."""
+        if isinstance(prompt, torch.Tensor):
+            ids = prompt.flatten().tolist()
+        elif isinstance(prompt, str):
+            if not prompt.strip():
+                raise MedusaError("the prompt is empty")
+            tokenizer = self._require_tokenizer()
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
+            tokenizer = self._require_tokenizer()
+            if not getattr(tokenizer, "chat_template", None):
+                raise MedusaError("messages were given, but the tokenizer has no chat template")
+            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise MedusaError(f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise MedusaError("the prompt is empty")
+        vocab = self.base_model.get_input_embeddings().weight.shape[0]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise MedusaError(f"prompt token ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
+        if self.tokenizer is None:
+            raise MedusaError("this model has no tokenizer: pass token ids, or a tokenizer to from_pretrained")
+        return self.tokenizer
+
+    def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
+        context = self.context_length
+        if context is None:
+            return
+        if prompt_len >= context:
+            raise MedusaError(f"the prompt has {prompt_len} tokens; the model's context is {context} tokens")
+        if prompt_len + max_new_tokens > context:
+            raise MedusaError(
+                f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                f"context of {context} tokens; lower max_new_tokens to at most {context - prompt_len}"
+            )
+
+    def make_decoder(self, prompt_len: int, config: GenerationConfig, tree: Tree | None = None) -> MedusaDecoder:
+        heads = self.heads if config.use_heads else None
+        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
+        max_length = prompt_len + config.max_new_tokens + tree.size
+        return MedusaDecoder(self.base_model, heads, tree, make_acceptance(config.acceptance), max_length)
+
+    def stream(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        stats: DecodingStats | None = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        **overrides,
+    ) -> Iterator[GenerationChunk]:
+        """Yield text as it is produced. ``stats`` (if given) is filled in as decoding goes."""
+        config = config or GenerationConfig(**overrides)
+        stats = stats if stats is not None else DecodingStats()
+        prompt_ids = self.encode_prompt(prompt, config.chat_template)
+        self._check_lengths(prompt_ids.numel(), config.max_new_tokens)
+        if tree is not None and self.heads is not None:
+            tree = load_tree(tree, self.heads.config.num_heads)
+        decoder = self.make_decoder(prompt_ids.numel(), config, tree)
+        text_tracker = TextTracker(self.tokenizer, config.stop)
+        for step in decode(decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats):
+            text, keep, stopped = text_tracker.add(step.tokens)
+            if stopped:
+                stats.finish_reason = "stop"
+            yield GenerationChunk(text=text, token_ids=step.tokens[:keep], accepted=step.accepted)
+            if stopped:
+                break
+        tail = text_tracker.flush()
+        if tail:
+            yield GenerationChunk(text=tail, token_ids=[], accepted=0)
+
+    def generate(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        **overrides,
+    ) -> GenerationResult:
+        """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...)."""
+        stats = DecodingStats()
+        texts: list[str] = []
+        tokens: list[int] = []
+        for chunk in self.stream(prompt, config, stats=stats, tree=tree, **overrides):
+            texts.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+        return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
+
+
+class TextTracker:
+    """Incremental detokenisation with stop strings: emits only text that can no longer change or stop."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.emitted = 0
+        self.text = ""
+
+    def add(self, tokens: list[int]) -> tuple[str, int, bool]:
+        """Add a step's tokens; return ``(new text, how many of the tokens to keep, stopped)``."""
+        if self.tokenizer is None:
+            self.tokens.extend(tokens)
+            return "", len(tokens), False
+        before = len(self.tokens)
+        self.tokens.extend(tokens)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        for stop in self.stop:
+            start = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if start >= 0:
+                keep = self._tokens_to_reach(before, start + len(stop))
+                self.text = self.text[:start]
+                return self._emit(len(self.text)), keep, True
+        safe = len(self.text)
+        while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 character
+            safe -= 1
+        for stop in self.stop:  # hold back what may be the start of a stop string
+            for size in range(min(len(stop) - 1, safe - self.emitted), 0, -1):
+                if self.text[safe - size : safe] == stop[:size]:
+                    safe -= size
+                    break
+        return self._emit(safe), len(tokens), False
+
+    def flush(self) -> str:
+        return self._emit(len(self.text))
+
+    def _emit(self, upto: int) -> str:
+        chunk = self.text[self.emitted : upto]
+        self.emitted = max(self.emitted, upto)
+        return chunk
+
+    def _tokens_to_reach(self, before: int, length: int) -> int:
+        for count in range(1, len(self.tokens) - before + 1):
+            if len(self.tokenizer.decode(self.tokens[: before + count], skip_special_tokens=True)) >= length:
+                self.tokens = self.tokens[: before + count]
+                return count
+        return len(self.tokens) - before
+
+
+def check_heads_match(config: MedusaHeadsConfig, base_model: PreTrainedModel) -> None:
+    hidden = base_model.config.get_text_config().hidden_size
+    vocab = base_model.get_output_embeddings().weight.shape[0]
+    if config.hidden_size != hidden:
+        raise MedusaError(f"heads hidden size {config.hidden_size} does not match the base model's {hidden}")
+    if config.vocab_size != vocab:
+        raise MedusaError(f"heads vocabulary {config.vocab_size} does not match the base model's {vocab}")
+
+
+def shipped_heads_directory(model_name: str) -> Path | None:
+    directory = SHIPPED_HEADS / model_name.lower()
+    return directory if (directory / "config.json").is_file() else None

@@ -1,0 +1,200 @@
+"""Sparse candidate trees (paper, section 2.1.2) as tensors computed once.
+
+A tree is a set of paths; each path lists, per depth, which top-k rank of that depth's head it takes:
+``[0]`` is head 0's best guess, ``[0, 1]`` is head 1's second guess after it. Node 0 is the root, the
+base model's own next token; the other nodes are the paths, ordered by depth. The decoding loop only
+indexes the buffers built here.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa.errors import MedusaError
+
+# Probability that head k's rank-r guess is the right token, a generic prior shaped like the head
+# accuracies the paper reports. Only used to lay out the default trees; `medusa tree` builds trees
+# from measured accuracies instead.
+GENERIC_HEAD_ACCURACY: tuple[tuple[float, ...], ...] = (
+    (0.62, 0.12, 0.05, 0.03, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007),
+    (0.40, 0.10, 0.05, 0.03, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007),
+    (0.30, 0.08, 0.04, 0.03, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007),
+    (0.24, 0.07, 0.04, 0.03, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007),
+    (0.20, 0.06, 0.035, 0.025, 0.02, 0.015, 0.012, 0.01, 0.008, 0.007),
+)
+
+DEFAULT_TREE_SIZES = (8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Tree:
+    """Buffers for one tree. ``size`` counts the root, so it is the number of tokens verified per step."""
+
+    paths: tuple[tuple[int, ...], ...]  # node order, root excluded
+    topk: int
+    attention_mask: torch.Tensor  # [size, size] bool: node i sees node j (an ancestor or itself)
+    depths: torch.Tensor  # [size] long, root 0
+    parents: torch.Tensor  # [size] long, root -1
+    candidate_index: torch.Tensor  # [size] long into [root, head0 top-k, head1 top-k, ...]
+    retrieve_paths: torch.Tensor  # [leaves, max_depth + 1] long: node ids root to leaf, padded with 0
+    retrieve_valid: torch.Tensor  # [leaves, max_depth + 1] bool: False on padding
+
+    @property
+    def size(self) -> int:
+        return len(self.paths) + 1
+
+    @property
+    def max_depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[Sequence[int]], topk: int | None = None, num_heads: int | None = None) -> "Tree":
+        normalised = _validate_paths(paths, topk, num_heads)
+        needed_topk = 1 + max((max(p) for p in normalised), default=0)
+        topk = needed_topk if topk is None else topk
+        ordered = sorted(normalised, key=lambda p: (len(p), p))
+        node_of = {(): 0} | {path: i + 1 for i, path in enumerate(ordered)}
+        size = len(ordered) + 1
+
+        depths = torch.zeros(size, dtype=torch.long)
+        parents = torch.full((size,), -1, dtype=torch.long)
+        candidate_index = torch.zeros(size, dtype=torch.long)
+        mask = torch.eye(size, dtype=torch.bool)
+        for path, node in node_of.items():
+            if not path:
+                continue
+            depths[node] = len(path)
+            parents[node] = node_of[path[:-1]]
+            candidate_index[node] = 1 + (len(path) - 1) * topk + path[-1]
+            for cut in range(len(path)):
+                mask[node, node_of[path[:cut]]] = True
+
+        has_child = {path[:-1] for path in ordered}
+        leaves = [path for path in [()] + ordered if path not in has_child]
+        width = 1 + max((len(p) for p in ordered), default=0)
+        retrieve = torch.zeros(len(leaves), width, dtype=torch.long)
+        valid = torch.zeros(len(leaves), width, dtype=torch.bool)
+        for row, leaf in enumerate(leaves):
+            for cut in range(len(leaf) + 1):
+                retrieve[row, cut] = node_of[leaf[:cut]]
+                valid[row, cut] = True
+        return cls(tuple(ordered), topk, mask, depths, parents, candidate_index, retrieve, valid)
+
+    def check_heads(self, num_heads: int) -> None:
+        if self.max_depth > num_heads:
+            raise MedusaError(f"tree is {self.max_depth} deep but there are only {num_heads} heads")
+
+    def to(self, device: torch.device | str) -> "Tree":
+        return Tree(
+            self.paths,
+            self.topk,
+            *(t.to(device) for t in (self.attention_mask, self.depths, self.parents, self.candidate_index,
+                                     self.retrieve_paths, self.retrieve_valid)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"topk": self.topk, "paths": [list(p) for p in self.paths]})
+
+
+def _validate_paths(paths: Sequence[Sequence[int]], topk: int | None, num_heads: int | None) -> list[tuple[int, ...]]:
+    if isinstance(paths, (str, bytes)) or not isinstance(paths, Sequence):
+        raise MedusaError(f"a tree is a list of paths, got {type(paths).__name__}")
+    if topk is not None and (not isinstance(topk, int) or topk < 1):
+        raise MedusaError(f"tree topk must be a positive integer, got {topk!r}")
+    result: list[tuple[int, ...]] = []
+    seen: set[tuple[int, ...]] = set()
+    for path in paths:
+        if isinstance(path, (str, bytes)) or not isinstance(path, Sequence) or len(path) == 0:
+            raise MedusaError(f"tree path {path!r} must be a non-empty list of top-k ranks")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in path):
+            raise MedusaError(f"tree path {list(path)} must hold non-negative integer ranks")
+        key = tuple(path)
+        if key in seen:
+            raise MedusaError(f"tree path {list(path)} appears twice")
+        if topk is not None and max(key) >= topk:
+            raise MedusaError(f"tree path {list(path)} uses rank {max(key)}, beyond top-{topk}")
+        if num_heads is not None and len(key) > num_heads:
+            raise MedusaError(f"tree path {list(path)} is {len(key)} deep but there are only {num_heads} heads")
+        seen.add(key)
+        result.append(key)
+    for key in result:
+        if len(key) > 1 and key[:-1] not in seen:
+            raise MedusaError(f"tree path {list(key)} needs its prefix {list(key[:-1])}, which is missing")
+    return result
+
+
+def build_tree_from_accuracies(accuracy: Sequence[Sequence[float]], size: int) -> list[list[int]]:
+    """The paper's greedy construction: add the frontier node with the highest product of accuracies.
+
+    ``accuracy[k][r]`` is how often head k's rank-r guess is right; ``size`` counts the root.
+    """
+    if size < 1:
+        raise MedusaError(f"tree size must be at least 1, got {size}")
+    depth_limit = len(accuracy)
+    frontier: list[tuple[float, tuple[int, ...]]] = []
+
+    def push_children(path: tuple[int, ...], score: float) -> None:
+        if len(path) >= depth_limit:
+            return
+        for rank, p in enumerate(accuracy[len(path)]):
+            heapq.heappush(frontier, (-score * p, path + (rank,)))
+
+    push_children((), 1.0)
+    chosen: list[list[int]] = []
+    while frontier and len(chosen) < size - 1:
+        negative_score, path = heapq.heappop(frontier)
+        chosen.append(list(path))
+        push_children(path, -negative_score)
+    return chosen
+
+
+def default_tree(size: int = 64, num_heads: int = 4) -> Tree:
+    """A tree of ``size`` nodes for ``num_heads`` heads, laid out from a generic accuracy prior."""
+    if size not in DEFAULT_TREE_SIZES:
+        raise MedusaError(f"no default tree of {size} nodes; choose one of {', '.join(map(str, DEFAULT_TREE_SIZES))}")
+    prior = GENERIC_HEAD_ACCURACY[:num_heads]
+    return Tree.from_paths(build_tree_from_accuracies(prior, size))
+
+
+def load_tree(spec: str | Path | Tree | Sequence[Sequence[int]] | None, num_heads: int) -> Tree:
+    """A tree from a default size ("64"), a JSON file, a JSON list of paths, or paths."""
+    if spec is None:
+        tree = default_tree(64 if num_heads >= 1 else 8, num_heads)
+    elif isinstance(spec, Tree):
+        tree = spec
+    elif isinstance(spec, (str, Path)):
+        text = str(spec).strip()
+        if text.isdigit():
+            tree = default_tree(int(text), num_heads)
+        elif text.startswith("["):
+            tree = _tree_from_json(text, str(spec), num_heads)
+        else:
+            path = Path(text)
+            if not path.is_file():
+                raise MedusaError(
+                    f"tree {text!r} is neither a default size ({', '.join(map(str, DEFAULT_TREE_SIZES))}), "
+                    "a JSON list of paths, nor an existing file"
+                )
+            tree = _tree_from_json(path.read_text(), str(path), num_heads)
+    else:
+        tree = Tree.from_paths(spec, num_heads=num_heads)
+    tree.check_heads(num_heads)
+    return tree
+
+
+def _tree_from_json(text: str, origin: str, num_heads: int) -> Tree:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MedusaError(f"tree {origin} is not valid JSON: {error}") from None
+    if isinstance(raw, dict):
+        if "paths" not in raw:
+            raise MedusaError(f"tree {origin} has no 'paths' list")
+        return Tree.from_paths(raw["paths"], topk=raw.get("topk"), num_heads=num_heads)
+    return Tree.from_paths(raw, num_heads=num_heads)
