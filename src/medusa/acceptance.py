@@ -45,10 +45,11 @@ class GreedyAcceptance:
         parent_prediction = predicted[tree.retrieve_paths]
         matches = (candidates[:, 1:] == parent_prediction[:, :-1]) & tree.retrieve_valid[:, 1:]
         accepted_per_path = matches.long().cumprod(dim=1).sum(dim=1)  # [leaves]
-        best = accepted_per_path.argmax()
-        path = tree.retrieve_paths[best]
-        accepted = accepted_per_path[best]
-        return Verdict(path=path, accepted=accepted, next_token=predicted[path[accepted]])
+        best = accepted_per_path.argmax().view(1)  # indexing by 1-element tensors avoids host syncs
+        path = tree.retrieve_paths.index_select(0, best)[0]
+        accepted = accepted_per_path.index_select(0, best)[0]
+        next_token = predicted.index_select(0, path.index_select(0, accepted.view(1)))[0]
+        return Verdict(path=path, accepted=accepted, next_token=next_token)
 
 
 def make_acceptance(name: str) -> AcceptanceScheme:

@@ -10,7 +10,7 @@ which is the honest baseline.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -75,8 +75,10 @@ class MedusaDecoder:
         self.max_length = max_length
         self.cache = MedusaCache(num_cache_layers(base_model.config), max_length)
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
+        # Decoding state lives in fixed buffers updated in place, so a captured step can replay on it.
         self.root_token = torch.zeros((), dtype=torch.long, device=self.device)
-        self.last_hidden: torch.Tensor | None = None
+        hidden_size = base_model.config.get_text_config().hidden_size
+        self.last_hidden = torch.zeros(hidden_size, dtype=self.dtype, device=self.device)
 
     def _forward(self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         allowed, query_positions, key_positions = visibility
@@ -99,8 +101,8 @@ class MedusaDecoder:
         logits, hidden = self._forward(prompt_ids, visibility)
         self.length.fill_(prompt_ids.numel())
         self.cache.set_length(self.length)
-        self.root_token = self.acceptance.first_token(logits[-1])
-        self.last_hidden = hidden[-1]
+        self.root_token.copy_(self.acceptance.first_token(logits[-1]))
+        self.last_hidden.copy_(hidden[-1])
 
     def propose(self) -> torch.Tensor:
         """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k."""
@@ -111,19 +113,24 @@ class MedusaDecoder:
         flat = torch.cat([self.root_token.view(1), top.flatten()])
         return flat[self.tree.candidate_index]
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One propose/verify/accept/commit. Returns the path's tokens ``[depth + 1]`` and how many count."""
+    def step(self) -> torch.Tensor:
+        """One propose/verify/accept/commit, all on the device (capturable as a CUDA graph).
+
+        Returns ``[1 + depth + 1]``: how many tokens the step commits, then the chosen path's tokens
+        (only that many of them count).
+        """
         tree_tokens = self.propose()
         visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, self.max_length)
         logits, hidden = self._forward(tree_tokens, visibility)
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits)
         self.cache.commit(self.length + verdict.path, self.length)
-        count = verdict.accepted + 1
-        self.length += count
+        count = verdict.accepted.view(1) + 1
+        self.length += count[0]
         self.cache.set_length(self.length)
-        self.last_hidden = hidden[verdict.path[verdict.accepted]]
-        self.root_token = verdict.next_token
-        return tree_tokens[verdict.path], count
+        last_node = verdict.path.index_select(0, verdict.accepted.view(1))
+        self.last_hidden.copy_(hidden.index_select(0, last_node)[0])
+        self.root_token.copy_(verdict.next_token)
+        return torch.cat([count, tree_tokens[verdict.path]])
 
 
 def decode(
@@ -132,11 +139,14 @@ def decode(
     max_new_tokens: int,
     eos_token_ids: set[int],
     stats: DecodingStats,
+    step: Callable[[], torch.Tensor] | None = None,
 ) -> Iterator[StepOutput]:
     """Yield each step's committed tokens until EOS or ``max_new_tokens``; fills ``stats`` as it goes.
 
     The caller may stop iterating early (stop strings, a client gone); the decoder is then simply dropped.
+    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say).
     """
+    step = step or decoder.step
     started = time.perf_counter()
     # Inference mode is entered per call, not across the yields, so it never leaks into the caller.
     with torch.inference_mode():
@@ -148,9 +158,8 @@ def decode(
     decode_started = time.perf_counter()
     while stats.new_tokens < max_new_tokens:
         with torch.inference_mode():
-            path_tokens, count = decoder.step()
             # The one host sync of the step: how many tokens were accepted, and which.
-            values = torch.cat([count.view(1), path_tokens]).tolist()
+            values = step().tolist()
         accepted, tokens = values[0], values[1 : 1 + values[0]]
         tokens = tokens[: max_new_tokens - stats.new_tokens]
         for index, token in enumerate(tokens):
