@@ -120,7 +120,11 @@ class MedusaHeads(nn.Module):
         return lm_head(features)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.project(k, block(hidden)) for k, block in enumerate(self.blocks)])
+        features = torch.stack([block(hidden) for block in self.blocks])  # [heads, ..., hidden]
+        if self.projections is None:
+            # One matmul against the shared lm_head reads its weight once for all heads.
+            return self.project(0, features)
+        return torch.stack([projection(features[k]) for k, projection in enumerate(self.projections)])
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from medusa.acceptance import make_acceptance
 from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
+from medusa.graphs import DecoderPool
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model
 from medusa.tree import Tree, load_tree
@@ -28,10 +29,12 @@ Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 class GenerationConfig:
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
-    # "auto" lets the heads work when there are any; False decodes plainly on the same cache.
+    # False decodes plainly, one token per step, on the same cache: the honest baseline.
     use_heads: bool = True
     acceptance: str = "greedy"
     chat_template: bool = True
+    # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -86,6 +89,7 @@ class MedusaModel(nn.Module):
             heads.attach_lm_head(base_model.get_output_embeddings())
             heads.eval()
         self.heads = heads
+        self._decoder_pool = DecoderPool()
         self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
 
     # ----- construction -------------------------------------------------------------------------
@@ -214,11 +218,25 @@ class MedusaModel(nn.Module):
                 f"context of {context} tokens; lower max_new_tokens to at most {context - prompt_len}"
             )
 
-    def make_decoder(self, prompt_len: int, config: GenerationConfig, tree: Tree | None = None) -> MedusaDecoder:
+    def make_decoder(
+        self, prompt_ids: torch.Tensor, config: GenerationConfig, tree: Tree | None = None
+    ) -> tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]:
+        """A decoder for this prompt, and its CUDA-graph step when on a GPU (None: step eagerly).
+
+        On the CPU every generation gets a fresh decoder of the exact length; on a GPU decoders and
+        their captured steps are pooled and reused across generations.
+        """
         heads = self.heads if config.use_heads else None
         tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
-        max_length = prompt_len + config.max_new_tokens + tree.size
-        return MedusaDecoder(self.base_model, heads, tree, make_acceptance(config.acceptance), max_length)
+        needed = prompt_ids.numel() + config.max_new_tokens + tree.size
+
+        def build(max_length: int) -> MedusaDecoder:
+            return MedusaDecoder(self.base_model, heads, tree, make_acceptance(config.acceptance), max_length)
+
+        if self.device.type != "cuda":
+            return build(needed), None
+        key = (tree.paths, heads is not None, config.acceptance)
+        return self._decoder_pool.acquire(key, build, needed, prompt_ids, use_graphs=config.cuda_graphs)
 
     def stream(
         self,
@@ -235,9 +253,10 @@ class MedusaModel(nn.Module):
         self._check_lengths(prompt_ids.numel(), config.max_new_tokens)
         if tree is not None and self.heads is not None:
             tree = load_tree(tree, self.heads.config.num_heads)
-        decoder = self.make_decoder(prompt_ids.numel(), config, tree)
+        decoder, graphed_step = self.make_decoder(prompt_ids, config, tree)
         text_tracker = TextTracker(self.tokenizer, config.stop)
-        for step in decode(decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats):
+        steps = decode(decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats, step=graphed_step)
+        for step in steps:
             text, keep, stopped = text_tracker.add(step.tokens)
             if stopped:
                 stats.finish_reason = "stop"

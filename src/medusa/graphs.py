@@ -1,0 +1,95 @@
+"""CUDA graphs for the decoding step, and a pool that keeps captured decoders for reuse.
+
+A Medusa step is dozens of small kernels per layer; launched one by one from Python the GPU idles
+between them and a 135M or even 7B model runs CPU-bound. The step has static shapes (fixed tree,
+preallocated cache, state in fixed buffers), so it is captured once per (cache length, tree) and
+replayed. Prefill stays eager: it runs once per generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
+import torch
+
+from medusa.decoding import MedusaDecoder
+
+logger = logging.getLogger("medusa")
+
+CACHE_BUCKET = 256  # cache lengths are rounded up to this, so one capture serves many prompts
+WARMUP_STEPS = 2
+
+
+class GraphedStep:
+    """``decoder.step`` captured as a CUDA graph; calling it replays the graph on the decoder's buffers.
+
+    The decoder must be prefilled (its cache allocated). Warm-up steps advance its state, so prefill
+    again before decoding for real.
+    """
+
+    def __init__(self, decoder: MedusaDecoder) -> None:
+        side = torch.cuda.Stream(decoder.device)
+        side.wait_stream(torch.cuda.current_stream(decoder.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(WARMUP_STEPS):
+                decoder.step()
+        torch.cuda.current_stream(decoder.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph):
+            self.output = decoder.step()
+
+    def __call__(self) -> torch.Tensor:
+        self.graph.replay()
+        return self.output
+
+
+def warmup_slots(decoder: MedusaDecoder) -> int:
+    """Cache slots the capture's warm-up steps may advance through."""
+    return WARMUP_STEPS * (decoder.tree.max_depth + 1)
+
+
+class DecoderPool:
+    """Reusable decoders (and their captured steps) per configuration, least recently used dropped first.
+
+    Held by one model instance; each entry owns a whole KV cache, hence the small capacity.
+    """
+
+    def __init__(self, capacity: int = 3) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[Hashable, tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]] = OrderedDict()
+        self.refused: set[Hashable] = set()
+
+    def acquire(
+        self,
+        key: Hashable,
+        build: Callable[[int], MedusaDecoder],
+        needed_length: int,
+        prompt_ids: torch.Tensor,
+        use_graphs: bool,
+    ) -> tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]:
+        """A decoder with at least ``needed_length`` slots, and its graphed step when capture is on and works."""
+        bucket = -(-needed_length // CACHE_BUCKET) * CACHE_BUCKET
+        full_key = (key, bucket, use_graphs)
+        if full_key in self.entries:
+            self.entries.move_to_end(full_key)
+            return self.entries[full_key]
+        decoder = build(bucket + 64)  # room for the warm-up steps of a capture
+        step = None
+        if use_graphs and decoder.device.type == "cuda" and key not in self.refused:
+            step = self._capture(decoder, prompt_ids, key)
+        self.entries[full_key] = (decoder, step)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return decoder, step
+
+    def _capture(self, decoder: MedusaDecoder, prompt_ids: torch.Tensor, key: Hashable) -> Callable[[], torch.Tensor] | None:
+        try:
+            with torch.inference_mode():
+                decoder.prefill(prompt_ids)
+            return GraphedStep(decoder)
+        except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
+            self.refused.add(key)
+            logger.warning("CUDA graph capture failed for %s, decoding eagerly instead: %s", key, error)
+            return None
