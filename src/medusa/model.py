@@ -35,6 +35,8 @@ class GenerationConfig:
     chat_template: bool = True
     # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
     cuda_graphs: bool = True
+    # Also fuse the step's kernels with torch.compile before capture (slow first call, faster steps).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -236,7 +238,9 @@ class MedusaModel(nn.Module):
         if self.device.type != "cuda":
             return build(needed), None
         key = (tree.paths, heads is not None, config.acceptance)
-        return self._decoder_pool.acquire(key, build, needed, prompt_ids, use_graphs=config.cuda_graphs)
+        return self._decoder_pool.acquire(
+            key, build, needed, prompt_ids, use_graphs=config.cuda_graphs, compile_step=config.compile
+        )
 
     def stream(
         self,
