@@ -29,10 +29,14 @@ class GraphedStep:
     again before decoding for real.
     """
 
-    def __init__(self, decoder: MedusaDecoder, compile_step: bool = False) -> None:
+    def __init__(self, decoder: MedusaDecoder, compile_step: bool | str = False) -> None:
         # Inside a graph every kernel still costs a few microseconds; compiling first fuses the many
         # small elementwise kernels (norms, rotary embeddings, masks) that dominate a small batch.
-        step = torch.compile(decoder.step, dynamic=False) if compile_step else decoder.step
+        # "max-autotune" also lets inductor time its own matrix-vector kernels against cuBLAS.
+        step = decoder.step
+        if compile_step:
+            options = {"coordinate_descent_tuning": True, "max_autotune": compile_step == "max-autotune"}
+            step = torch.compile(decoder.step, dynamic=False, options=options)
         side = torch.cuda.Stream(decoder.device)
         side.wait_stream(torch.cuda.current_stream(decoder.device))
         with torch.cuda.stream(side), torch.inference_mode():
@@ -71,7 +75,7 @@ class DecoderPool:
         needed_length: int,
         prompt_ids: torch.Tensor,
         use_graphs: bool,
-        compile_step: bool = False,
+        compile_step: bool | str = False,
     ) -> tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]:
         """A decoder with at least ``needed_length`` slots, and its graphed step when capture is on and works."""
         bucket = -(-needed_length // CACHE_BUCKET) * CACHE_BUCKET
@@ -89,7 +93,7 @@ class DecoderPool:
         return decoder, step
 
     def _capture(
-        self, decoder: MedusaDecoder, prompt_ids: torch.Tensor, key: Hashable, compile_step: bool
+        self, decoder: MedusaDecoder, prompt_ids: torch.Tensor, key: Hashable, compile_step: bool | str
     ) -> Callable[[], torch.Tensor] | None:
         try:
             with torch.inference_mode():

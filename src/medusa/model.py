@@ -36,7 +36,7 @@ class GenerationConfig:
     # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
     cuda_graphs: bool = True
     # Also fuse the step's kernels with torch.compile before capture (slow first call, faster steps).
-    compile: bool = False
+    compile: bool | str = False  # True, or "max-autotune" to also tune the matrix kernels
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
