@@ -45,6 +45,8 @@ class MedusaHeadsConfig:
 
     @classmethod
     def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
+        if not Path(directory).is_dir():
+            raise MedusaError(f"heads directory {directory} does not exist")
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise MedusaError(f"no Medusa heads config at {path}")
