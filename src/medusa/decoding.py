@@ -107,7 +107,8 @@ class MedusaDecoder:
     def propose(self) -> torch.Tensor:
         """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k."""
         if self.heads is None:
-            return self.root_token.view(1)
+            # A copy: the step overwrites root_token with the next token before it returns these.
+            return self.root_token.clone().view(1)
         head_logits = self.heads(self.last_hidden)  # [heads, vocab]
         top = head_logits.topk(self.tree.topk, dim=-1).indices  # [heads, topk]
         flat = torch.cat([self.root_token.view(1), top.flatten()])
