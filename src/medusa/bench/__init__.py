@@ -1,0 +1,1 @@
+"""``medusa bench``: Spec-Bench across decoding methods, and the step cost curve against tree size."""
