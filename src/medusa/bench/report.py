@@ -1,0 +1,316 @@
+"""Turning benchmark records into numbers: aggregation, the token-equality check, JSON, table, plot.
+
+Everything here works on the JSON's ``questions`` rows, so a saved report can be re-aggregated,
+re-tabled and re-plotted without running anything again. Throughput is pooled: a group's tokens/s
+is its total new tokens over its total decode time (long answers weigh more); the per-question
+median is given beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.table import Table
+
+from medusa.bench.runner import AUTOREGRESSIVE, HF_GENERATE, MEDUSA, Record
+
+SCHEMA_VERSION = 1
+OVERALL = "overall"
+
+META_KEYS = ("command", "device", "dtype", "model", "heads", "tree_size", "max_new_tokens", "torch", "transformers",
+             "timestamp")
+SUMMARY_KEYS = ("prompts", "new_tokens", "prefill_seconds", "decode_seconds", "seconds", "tokens_per_second",
+                "end_to_end_tokens_per_second", "median_tokens_per_second", "steps", "accepted", "mean_accepted",
+                "speedup", "speedup_vs_hf_generate")
+SAMPLE_KEYS = ("tokens", "prefill_seconds", "decode_seconds", "seconds", "steps", "accepted")
+EQUALITY_KEYS = ("reference", "method", "compared", "mismatches", "first_mismatch")
+
+
+# ----- the token-equality check -------------------------------------------------------------------
+
+def first_difference(reference: Sequence[int], other: Sequence[int]) -> int | None:
+    """Index of the first token that differs (a shorter list differs where it ends); None when equal."""
+    for index, (a, b) in enumerate(zip(reference, other)):
+        if a != b:
+            return index
+    return None if len(reference) == len(other) else min(len(reference), len(other))
+
+
+def token_equality(records: Sequence[Record], reference: str, method: str) -> dict:
+    """Count the prompts where ``method`` produced other tokens than ``reference``, and locate the first."""
+    compared = mismatches = 0
+    first = None
+    for record in records:
+        if reference not in record.samples or method not in record.samples:
+            continue
+        compared += 1
+        expected, got = record.samples[reference].token_ids, record.samples[method].token_ids
+        position = first_difference(expected, got)
+        if position is None:
+            continue
+        mismatches += 1
+        if first is None:
+            first = {
+                "question_id": record.question_id,
+                "category": record.category,
+                "turn": record.turn,
+                "position": position,
+                "reference_token": expected[position] if position < len(expected) else None,
+                "method_token": got[position] if position < len(got) else None,
+            }
+    return {"reference": reference, "method": method, "compared": compared, "mismatches": mismatches,
+            "first_mismatch": first}
+
+
+def equality_section(records: Sequence[Record], methods: Sequence[str]) -> dict:
+    """Medusa against our autoregressive decoding (they must agree up to bf16 ties), then the others."""
+    section = token_equality(records, AUTOREGRESSIVE, MEDUSA)
+    section["others"] = {
+        method: token_equality(records, AUTOREGRESSIVE, method)
+        for method in methods
+        if method not in (AUTOREGRESSIVE, MEDUSA)
+    }
+    return section
+
+
+# ----- aggregation --------------------------------------------------------------------------------
+
+def question_rows(records: Sequence[Record]) -> list[dict]:
+    """The JSON's per-prompt rows: counts and times per method (token ids are not kept)."""
+    return [
+        {
+            "id": record.question_id,
+            "category": record.category,
+            "turn": record.turn,
+            "prompt_tokens": record.prompt_tokens,
+            "methods": {
+                name: {
+                    "tokens": len(sample.token_ids),
+                    "prefill_seconds": sample.prefill_seconds,
+                    "decode_seconds": sample.decode_seconds,
+                    "seconds": sample.seconds,
+                    "steps": sample.steps,
+                    "accepted": sample.accepted,
+                }
+                for name, sample in record.samples.items()
+            },
+        }
+        for record in records
+    ]
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator > 0 else None
+
+
+def summarize(rows: Sequence[dict], method: str) -> dict:
+    """Pooled totals and rates of one method over some rows (speedups are filled in by ``aggregate``)."""
+    samples = [row["methods"][method] for row in rows if method in row["methods"]]
+    tokens = sum(s["tokens"] for s in samples)
+    prefill = sum(s["prefill_seconds"] for s in samples)
+    decode = sum(s["decode_seconds"] for s in samples)
+    steps = sum(s["steps"] for s in samples)
+    accepted = sum(s["accepted"] for s in samples)
+    per_question = [s["tokens"] / s["decode_seconds"] for s in samples if s["decode_seconds"] > 0]
+    return {
+        "prompts": len(samples),
+        "new_tokens": tokens,
+        "prefill_seconds": prefill,
+        "decode_seconds": decode,
+        "seconds": prefill + decode,
+        "tokens_per_second": _ratio(tokens, decode),
+        "end_to_end_tokens_per_second": _ratio(tokens, prefill + decode),
+        "median_tokens_per_second": statistics.median(per_question) if per_question else None,
+        "steps": steps,
+        "accepted": accepted,
+        "mean_accepted": _ratio(accepted, steps),
+        "speedup": None,
+        "speedup_vs_hf_generate": None,
+    }
+
+
+def categories_in(rows: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(row["category"] for row in rows))
+
+
+def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
+    """``{method: {"overall": summary, "per_category": {category: summary}}}`` with speedups.
+
+    ``speedup`` is tokens/s over our autoregressive decoding's on the same group of prompts,
+    ``speedup_vs_hf_generate`` over transformers' eager ``generate``; None where that method did not run.
+    """
+    groups = {OVERALL: list(rows)} | {c: [r for r in rows if r["category"] == c] for c in categories_in(rows)}
+    summaries = {method: {group: summarize(members, method) for group, members in groups.items()} for method in methods}
+    for group in groups:
+        for method in methods:
+            rate = summaries[method][group]["tokens_per_second"]
+            for key, baseline in (("speedup", AUTOREGRESSIVE), ("speedup_vs_hf_generate", HF_GENERATE)):
+                base_rate = summaries[baseline][group]["tokens_per_second"] if baseline in summaries else None
+                if rate is not None and base_rate:
+                    summaries[method][group][key] = rate / base_rate
+    return {
+        method: {"overall": by_group[OVERALL], "per_category": {g: s for g, s in by_group.items() if g != OVERALL}}
+        for method, by_group in summaries.items()
+    }
+
+
+# ----- the JSON file ------------------------------------------------------------------------------
+
+def build_report(meta: dict, records: Sequence[Record], methods: Sequence[str]) -> dict:
+    rows = question_rows(records)
+    return {
+        "schema": SCHEMA_VERSION,
+        "meta": dict(meta),
+        "methods": aggregate(rows, methods),
+        "questions": rows,
+        "equality": equality_section(records, methods),
+    }
+
+
+def validate_report(report: dict) -> None:
+    """Raise ``ValueError`` naming the first thing missing from a benchmark report."""
+
+    def need(mapping: object, keys: Sequence[str], where: str) -> None:
+        if not isinstance(mapping, dict):
+            raise ValueError(f"{where} must be an object, got {type(mapping).__name__}")
+        missing = [k for k in keys if k not in mapping]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+
+    need(report, ("schema", "meta", "methods", "questions", "equality"), "report")
+    need(report["meta"], META_KEYS, "meta")
+    if not report["methods"]:
+        raise ValueError("report has no methods")
+    for method, result in report["methods"].items():
+        need(result, ("overall", "per_category"), f"methods.{method}")
+        need(result["overall"], SUMMARY_KEYS, f"methods.{method}.overall")
+        for category, summary in result["per_category"].items():
+            need(summary, SUMMARY_KEYS, f"methods.{method}.per_category.{category}")
+    if not isinstance(report["questions"], list):
+        raise ValueError("questions must be a list")
+    for index, row in enumerate(report["questions"]):
+        need(row, ("id", "category", "turn", "prompt_tokens", "methods"), f"questions[{index}]")
+        for method, sample in row["methods"].items():
+            need(sample, SAMPLE_KEYS, f"questions[{index}].methods.{method}")
+    need(report["equality"], EQUALITY_KEYS, "equality")
+
+
+def write_report(report: dict, path: str | Path) -> Path:
+    validate_report(report)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
+
+
+# ----- presentation -------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def report_table(report: dict) -> Table:
+    """One row per (category, method): rates, accepted tokens per step, speedups."""
+    methods = list(report["methods"])
+    meta = report["meta"]
+    table = Table(title=f"Spec-Bench on {meta['device']} ({meta['model']}, {meta['dtype']}, "
+                        f"{meta['max_new_tokens']} new tokens max)")
+    for column in ("category", "method", "prompts", "tokens/s", "median tok/s", "accepted/step",
+                   "speedup vs AR", "vs hf-generate"):
+        table.add_column(column, justify="left" if column in ("category", "method") else "right")
+    categories = list(report["methods"][methods[0]]["per_category"]) + [OVERALL]
+    for category in categories:
+        for index, method in enumerate(methods):
+            result = report["methods"][method]
+            s = result["overall"] if category == OVERALL else result["per_category"][category]
+            table.add_row(
+                category if index == 0 else "", method, str(s["prompts"]), _fmt(s["tokens_per_second"]),
+                _fmt(s["median_tokens_per_second"]), _fmt(s["mean_accepted"], 2), _fmt(s["speedup"], 2, "x"),
+                _fmt(s["speedup_vs_hf_generate"], 2, "x"), end_section=index == len(methods) - 1,
+            )
+    return table
+
+
+def equality_line(report: dict) -> str:
+    eq = report["equality"]
+    if not eq["compared"]:
+        return "token equality: not checked (needs both autoregressive and medusa)"
+    line = f"token equality, {eq['method']} vs {eq['reference']}: {eq['mismatches']} of {eq['compared']} prompts differ"
+    first = eq["first_mismatch"]
+    if first:
+        line += f" (first: question {first['question_id']} turn {first['turn']}, token {first['position']})"
+    return line
+
+
+def markdown_summary(report: dict) -> str:
+    """Markdown tables of a report, for docs/benchmarks and the README's performance section."""
+    meta = report["meta"]
+    methods = list(report["methods"])
+    lines = [
+        f"- Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
+        f"- Model: {meta['model']}; heads: {meta['heads']}; tree of {meta['tree_size']} nodes; "
+        f"max {meta['max_new_tokens']} new tokens; {meta.get('prompts', len(report['questions']))} prompts.",
+        f"- Command: `{meta['command']}`",
+        f"- {equality_line(report)}.",
+        "",
+        "| method | tokens/s | median tokens/s per prompt | accepted tokens/step | speedup vs autoregressive | speedup vs hf-generate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method in methods:
+        s = report["methods"][method]["overall"]
+        lines.append(
+            f"| {method} | {_fmt(s['tokens_per_second'])} | {_fmt(s['median_tokens_per_second'])} | "
+            f"{_fmt(s['mean_accepted'], 2)} | {_fmt(s['speedup'], 2, 'x')} | {_fmt(s['speedup_vs_hf_generate'], 2, 'x')} |"
+        )
+    lines += ["", "Per category: tokens/s (speedup vs autoregressive, accepted tokens per step).", "",
+              "| category | prompts | " + " | ".join(methods) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+    for category in report["methods"][methods[0]]["per_category"]:
+        cells = []
+        for method in methods:
+            s = report["methods"][method]["per_category"][category]
+            cells.append(f"{_fmt(s['tokens_per_second'])} ({_fmt(s['speedup'], 2, 'x')}, {_fmt(s['mean_accepted'], 2)})")
+        prompts = report["methods"][methods[0]]["per_category"][category]["prompts"]
+        lines.append(f"| {category} | {prompts} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(report: dict, path: str | Path) -> Path:
+    """Two panels: speedup over our autoregressive decoding, and accepted tokens per step, per category."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(report["methods"])
+    categories = list(report["methods"][methods[0]]["per_category"]) + [OVERALL]
+
+    def values(method: str, key: str) -> list[float]:
+        result = report["methods"][method]
+        picked = [result["per_category"][c] if c != OVERALL else result["overall"] for c in categories]
+        return [s[key] if s[key] is not None else 0.0 for s in picked]
+
+    figure = Figure(figsize=(max(8.0, 0.9 * len(categories) * 2), 4.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    width = 0.8 / len(methods)
+    positions = range(len(categories))
+    meta = report["meta"]
+    for axis_index, (key, label) in enumerate(
+        (("speedup", "speedup vs our autoregressive decoding"), ("mean_accepted", "accepted tokens per step"))
+    ):
+        axis = figure.add_subplot(1, 2, axis_index + 1)
+        for index, method in enumerate(methods):
+            offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
+            axis.bar(offsets, values(method, key), width, label=method)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_xticks(list(positions), categories, rotation=45, ha="right")
+        axis.set_ylabel(label)
+        axis.set_title(label)
+        if axis_index == 0:
+            axis.legend(fontsize="small")
+    figure.suptitle(f"Spec-Bench, {meta['model']} on {meta['device']} ({meta['dtype']})", fontsize="medium")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path

@@ -1,0 +1,283 @@
+"""The methods ``medusa bench`` compares, and the loop that runs them all on the same prompts.
+
+Every method turns a prompt's token ids into a ``Sample``: the new tokens, prefill and decode time,
+and how many forward passes produced them. Ours go through ``MedusaModel.generate``, so whatever fast
+path it takes (CUDA graphs on a GPU) is what is measured; transformers' methods call
+``base_model.generate`` on the very same weights.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import transformers
+
+from medusa.bench.environment import synchronize
+from medusa.bench.specbench import Question, messages_as_text, turn_messages
+from medusa.errors import MedusaError
+from medusa.model import GenerationConfig, MedusaModel
+
+AUTOREGRESSIVE = "autoregressive"
+MEDUSA = "medusa"
+HF_GENERATE = "hf-generate"
+PROMPT_LOOKUP = "prompt-lookup"
+METHOD_NAMES = (AUTOREGRESSIVE, MEDUSA, HF_GENERATE, PROMPT_LOOKUP)
+
+
+@dataclass
+class BenchConfig:
+    methods: tuple[str, ...] = METHOD_NAMES
+    max_new_tokens: int = 256
+    turns: int = 1  # 2: also the second turns of the MT-bench rows, after the first answer
+    warmup: int = 2  # prompts run by every method before timing starts (graph capture, allocator, caches)
+    cuda_graphs: bool = True
+    compile: bool | str = False
+    prompt_lookup_num_tokens: int = 10
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown or not self.methods:
+            raise MedusaError(f"unknown benchmark method(s) {unknown or '(none given)'}; choose among {', '.join(METHOD_NAMES)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise MedusaError(f"benchmark methods repeat: {list(self.methods)}")
+        if self.turns not in (1, 2):
+            raise MedusaError(f"turns must be 1 or 2, got {self.turns!r}")
+        for name in ("max_new_tokens", "prompt_lookup_num_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MedusaError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise MedusaError(f"warmup must be 0 or more prompts, got {self.warmup!r}")
+
+    @property
+    def reference(self) -> str:
+        """The method whose answers are fed back as second-turn context, and the equality check's reference."""
+        return AUTOREGRESSIVE if AUTOREGRESSIVE in self.methods else self.methods[0]
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    prefill_seconds: float  # the prompt's forward pass, up to the first new token
+    decode_seconds: float  # the rest, up to the last new token
+    steps: int  # forward passes that produced the tokens (transformers: prefill included)
+    accepted: int  # tokens those passes committed before EOS/length truncation
+
+    @property
+    def seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+@dataclass
+class Record:
+    """One prompt (a question's turn) and every method's sample on it."""
+
+    question_id: int | str
+    category: str
+    turn: int  # 1-based
+    prompt_tokens: int
+    samples: dict[str, Sample] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    name: str
+
+    def run(self, prompt_ids: list[int]) -> Sample:
+        """Generate greedily from ``prompt_ids`` (batch 1) and time it."""
+
+
+class OurDecoder:
+    """Our loop via ``MedusaModel.generate``: with heads and the tree, or plainly one token per step."""
+
+    def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig) -> None:
+        if use_heads and model.heads is None:
+            raise MedusaError("the medusa method needs heads, but the model has none")
+        self.name = MEDUSA if use_heads else AUTOREGRESSIVE
+        self.model = model
+        self.generation = GenerationConfig(
+            max_new_tokens=config.max_new_tokens,
+            use_heads=use_heads,
+            cuda_graphs=config.cuda_graphs,
+            compile=config.compile,
+        )
+
+    def run(self, prompt_ids: list[int]) -> Sample:
+        # The decoder syncs the device after prefill and at every step, so its own clocks are exact;
+        # setting up the decoder (and capturing its graph the first time) is left out, as is warm-up.
+        result = self.model.generate(prompt_ids, self.generation)
+        stats = result.stats
+        return Sample(
+            token_ids=list(result.token_ids),
+            prefill_seconds=stats.prefill_seconds,
+            decode_seconds=stats.decode_seconds,
+            steps=stats.steps,
+            accepted=sum(stats.accepted_per_step),
+        )
+
+
+class _FirstTokenClock:
+    """A transformers streamer that only notes when the first new token arrives (the end of prefill)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_token_time: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_token_time is None:  # the first put is the prompt
+            self.first_token_time = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+class _ForwardCounter:
+    """A forward hook counting the base model's forward passes (transformers' decoding steps)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *_) -> None:
+        self.calls += 1
+
+
+class TransformersGenerate:
+    """``base_model.generate(do_sample=False)``, eager, optionally with prompt-lookup decoding."""
+
+    def __init__(self, model: MedusaModel, config: BenchConfig, prompt_lookup: bool) -> None:
+        self.name = PROMPT_LOOKUP if prompt_lookup else HF_GENERATE
+        self.model = model
+        base = model.base_model
+        eos = sorted(model.eos_token_ids())
+        pad = getattr(base.generation_config, "pad_token_id", None)
+        if pad is None and model.tokenizer is not None:
+            pad = model.tokenizer.pad_token_id
+        if pad is None and eos:
+            pad = eos[0]
+        self.generation = transformers.GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=pad,
+            bos_token_id=getattr(base.generation_config, "bos_token_id", None),
+            prompt_lookup_num_tokens=config.prompt_lookup_num_tokens if prompt_lookup else None,
+        )
+
+    def run(self, prompt_ids: list[int]) -> Sample:
+        base = self.model.base_model
+        device = self.model.device
+        input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        clock = _FirstTokenClock()
+        forwards = _ForwardCounter()
+        hook = base.register_forward_hook(forwards)
+        try:
+            synchronize(device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = base.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=self.generation,
+                    streamer=clock,
+                )
+            synchronize(device)
+            finished = time.perf_counter()
+        finally:
+            hook.remove()
+        tokens = output[0, len(prompt_ids) :].tolist()
+        first = clock.first_token_time if clock.first_token_time is not None else finished
+        return Sample(
+            token_ids=tokens,
+            prefill_seconds=first - started,
+            decode_seconds=finished - first,
+            steps=forwards.calls,
+            accepted=len(tokens),
+        )
+
+
+def make_methods(model: MedusaModel, config: BenchConfig) -> list[Method]:
+    makers: dict[str, Callable[[], Method]] = {
+        AUTOREGRESSIVE: lambda: OurDecoder(model, use_heads=False, config=config),
+        MEDUSA: lambda: OurDecoder(model, use_heads=True, config=config),
+        HF_GENERATE: lambda: TransformersGenerate(model, config, prompt_lookup=False),
+        PROMPT_LOOKUP: lambda: TransformersGenerate(model, config, prompt_lookup=True),
+    }
+    return [makers[name]() for name in config.methods]
+
+
+def planned_runs(questions: Sequence[Question], config: BenchConfig) -> int:
+    """How many single generations ``run_benchmark`` will do, warm-up included (for a progress bar)."""
+    prompts = sum(min(config.turns, len(q.turns)) for q in questions)
+    return (min(config.warmup, len(questions)) + prompts) * len(config.methods)
+
+
+def encode_turn(model: MedusaModel, messages: list[dict]) -> list[int]:
+    """Prompt ids through the chat template, or the plain conversation text when there is none."""
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise MedusaError("the benchmark needs a tokenizer to turn its questions into prompts")
+    if getattr(tokenizer, "chat_template", None):
+        return model.encode_prompt(messages).tolist()
+    return model.encode_prompt(messages_as_text(messages), chat_template=False).tolist()
+
+
+def run_benchmark(
+    model: MedusaModel,
+    questions: Sequence[Question],
+    config: BenchConfig,
+    progress: Callable[[str], None] | None = None,
+) -> list[Record]:
+    """Run every method on every chosen prompt, question by question, methods in the given order.
+
+    A second turn's prompt holds the reference method's first answer, the same for every method.
+    ``progress`` is called after each generation with a short description.
+    """
+    if not questions:
+        raise MedusaError("no questions to run: check --categories and --limit")
+    methods = make_methods(model, config)
+    report = progress or (lambda _: None)
+    for question in questions[: config.warmup]:
+        prompt = encode_turn(model, turn_messages(question, 0, []))
+        for method in methods:
+            method.run(prompt)
+            report(f"warm-up {method.name}")
+    records: list[Record] = []
+    for question in questions:
+        answers: list[str] = []
+        for turn in range(min(config.turns, len(question.turns))):
+            prompt = encode_turn(model, turn_messages(question, turn, answers))
+            record = Record(question.question_id, question.category, turn + 1, len(prompt))
+            for method in methods:
+                record.samples[method.name] = method.run(prompt)
+                report(f"{question.category} #{question.question_id} turn {turn + 1}: {method.name}")
+            records.append(record)
+            reference = record.samples[config.reference].token_ids
+            answers.append(model.tokenizer.decode(reference, skip_special_tokens=True))
+    return records
+
+
+def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
+    """The run's settings for the report's ``meta`` (the caller adds the command and the questions)."""
+    heads = model.heads.config if model.heads is not None else None
+    return {
+        "model": model.name,
+        "dtype": str(model.base_model.dtype).removeprefix("torch."),
+        "heads": None if heads is None else {
+            "num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head,
+        },
+        "tree_size": model.tree.size if model.heads is not None else 1,
+        "max_new_tokens": config.max_new_tokens,
+        "turns": config.turns,
+        "methods": list(config.methods),
+        "warmup_prompts": config.warmup,
+        "cuda_graphs": config.cuda_graphs,
+        "compile": config.compile,
+        "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
+        "reference": config.reference,
+    }

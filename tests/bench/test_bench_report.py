@@ -1,0 +1,159 @@
+"""Benchmark bookkeeping: the token-equality check, per-category aggregation, the JSON schema, table and plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medusa.bench.report import (
+    aggregate,
+    build_report,
+    equality_line,
+    first_difference,
+    markdown_summary,
+    plot_report,
+    report_table,
+    token_equality,
+    validate_report,
+    write_report,
+)
+from medusa.bench.runner import Record, Sample
+
+
+def sample(tokens, decode, prefill=0.5, steps=None, accepted=None, token_ids=None):
+    ids = token_ids if token_ids is not None else list(range(tokens))
+    return Sample(ids, prefill, decode, steps if steps is not None else tokens, accepted if accepted is not None else tokens)
+
+
+def hand_made_records() -> list[Record]:
+    """Three prompts in two categories; the expected numbers are worked out in the tests below."""
+    return [
+        Record(1, "writing", 1, 20, {
+            "autoregressive": sample(100, 2.0),
+            "medusa": sample(100, 1.0, steps=40, accepted=100),
+            "hf-generate": sample(100, 4.0, steps=100),
+        }),
+        Record(2, "writing", 1, 30, {
+            "autoregressive": sample(50, 2.0),
+            "medusa": sample(50, 0.5, steps=20, accepted=52, token_ids=[0, 1, 2, 9] + list(range(4, 50))),
+            "hf-generate": sample(50, 2.0),
+        }),
+        Record(3, "qa", 1, 10, {
+            "autoregressive": sample(10, 1.0),
+            "medusa": sample(10, 1.0, steps=10, accepted=10, token_ids=list(range(9)) + [99]),
+            "hf-generate": sample(10, 0.5),
+        }),
+    ]
+
+
+META = {"command": "medusa bench --limit 2", "device": "test cpu", "dtype": "float32", "model": "tiny", "heads": None,
+        "tree_size": 64, "max_new_tokens": 100, "torch": "x", "transformers": "y", "timestamp": "now"}
+METHODS = ("autoregressive", "medusa", "hf-generate")
+
+
+@pytest.mark.parametrize(
+    "reference, other, expected",
+    [([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1), ([1, 2, 3], [1, 2], 2), ([1], [1, 2], 1), ([], [], None)],
+)
+def test_first_difference(reference, other, expected):
+    assert first_difference(reference, other) == expected
+
+
+def test_token_equality_counts_mismatches_and_finds_the_first():
+    result = token_equality(hand_made_records(), "autoregressive", "medusa")
+    assert result["compared"] == 3
+    assert result["mismatches"] == 2
+    assert result["first_mismatch"] == {"question_id": 2, "category": "writing", "turn": 1, "position": 3,
+                                        "reference_token": 3, "method_token": 9}
+    same = token_equality(hand_made_records(), "autoregressive", "hf-generate")
+    assert (same["compared"], same["mismatches"], same["first_mismatch"]) == (3, 0, None)
+
+
+def test_token_equality_only_compares_prompts_with_both_methods():
+    records = hand_made_records()
+    del records[0].samples["medusa"]
+    assert token_equality(records, "autoregressive", "medusa")["compared"] == 2
+    assert token_equality(records, "autoregressive", "prompt-lookup")["compared"] == 0
+
+
+def test_per_category_and_overall_aggregation_give_the_worked_numbers():
+    report = build_report(META, hand_made_records(), METHODS)
+    ar, medusa, hf = (report["methods"][m] for m in METHODS)
+    writing = medusa["per_category"]["writing"]
+    assert writing["prompts"] == 2 and writing["new_tokens"] == 150
+    assert writing["tokens_per_second"] == pytest.approx(150 / 1.5)
+    assert ar["per_category"]["writing"]["tokens_per_second"] == pytest.approx(150 / 4.0)
+    assert writing["speedup"] == pytest.approx((150 / 1.5) / (150 / 4.0))
+    assert writing["speedup_vs_hf_generate"] == pytest.approx((150 / 1.5) / (150 / 6.0))
+    assert writing["median_tokens_per_second"] == pytest.approx(100.0)  # both prompts at 100 tokens/s
+    assert ar["per_category"]["writing"]["median_tokens_per_second"] == pytest.approx((50 + 25) / 2)
+    assert writing["mean_accepted"] == pytest.approx(152 / 60)
+    assert writing["seconds"] == pytest.approx(2.5) and writing["prefill_seconds"] == pytest.approx(1.0)
+    assert writing["end_to_end_tokens_per_second"] == pytest.approx(150 / 2.5)
+    assert medusa["per_category"]["qa"]["speedup"] == pytest.approx(1.0)
+    overall = medusa["overall"]
+    assert overall["prompts"] == 3 and overall["new_tokens"] == 160
+    assert overall["tokens_per_second"] == pytest.approx(160 / 2.5)
+    assert overall["speedup"] == pytest.approx((160 / 2.5) / (160 / 5.0))
+    assert overall["mean_accepted"] == pytest.approx(162 / 70)
+    assert ar["overall"]["speedup"] == pytest.approx(1.0) and ar["overall"]["mean_accepted"] == 1.0
+    assert hf["overall"]["speedup_vs_hf_generate"] == pytest.approx(1.0)
+    assert list(ar["per_category"]) == ["writing", "qa"]
+
+
+def test_speedups_are_absent_without_their_baseline():
+    rows = build_report(META, hand_made_records(), METHODS)["questions"]
+    result = aggregate(rows, ["medusa"])
+    assert result["medusa"]["overall"]["speedup"] is None
+    assert result["medusa"]["overall"]["speedup_vs_hf_generate"] is None
+    assert result["medusa"]["overall"]["tokens_per_second"] == pytest.approx(64.0)
+
+
+def test_report_has_the_documented_schema_and_survives_json(tmp_path):
+    report = build_report(META, hand_made_records(), METHODS)
+    path = write_report(report, tmp_path / "out" / "bench.json")
+    loaded = json.loads(path.read_text())
+    validate_report(loaded)
+    assert set(loaded) == {"schema", "meta", "methods", "questions", "equality"}
+    assert loaded["meta"]["device"] == "test cpu"
+    question = loaded["questions"][1]
+    assert question["id"] == 2 and question["category"] == "writing" and question["turn"] == 1
+    assert question["methods"]["medusa"] == {"tokens": 50, "prefill_seconds": 0.5, "decode_seconds": 0.5,
+                                             "seconds": 1.0, "steps": 20, "accepted": 52}
+    assert loaded["equality"]["mismatches"] == 2 and loaded["equality"]["compared"] == 3
+    assert loaded["equality"]["others"]["hf-generate"]["mismatches"] == 0
+
+
+@pytest.mark.parametrize("path", [("meta", "device"), ("equality", "first_mismatch"), ("schema",)])
+def test_validation_names_what_is_missing(path):
+    report = build_report(META, hand_made_records(), METHODS)
+    holder = report
+    for key in path[:-1]:
+        holder = holder[key]
+    del holder[path[-1]]
+    with pytest.raises(ValueError, match=path[-1]):
+        validate_report(report)
+
+
+def test_validation_checks_each_summary_and_question():
+    report = build_report(META, hand_made_records(), METHODS)
+    del report["methods"]["medusa"]["per_category"]["qa"]["mean_accepted"]
+    with pytest.raises(ValueError, match="methods.medusa.per_category.qa lacks mean_accepted"):
+        validate_report(report)
+    report = build_report(META, hand_made_records(), METHODS)
+    del report["questions"][2]["methods"]["hf-generate"]["steps"]
+    with pytest.raises(ValueError, match=r"questions\[2\].methods.hf-generate lacks steps"):
+        validate_report(report)
+
+
+def test_table_markdown_and_plot(tmp_path):
+    report = build_report(META, hand_made_records(), METHODS)
+    table = report_table(report)
+    assert table.row_count == 3 * len(METHODS)  # two categories and overall
+    markdown = markdown_summary(report)
+    assert "| medusa | 64.0 | " in markdown and "2.00x" in markdown
+    assert "| writing | 2 | 37.5 (1.00x, 1.00) | 100.0 (2.67x, 2.53) |" in markdown
+    assert "2 of 3 prompts differ (first: question 2 turn 1, token 3)" in equality_line(report)
+    png = plot_report(report, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
