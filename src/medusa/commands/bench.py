@@ -1,0 +1,192 @@
+"""``medusa bench``: Spec-Bench for our decoding against transformers' (JSON, PNG, table), or ``--cost-curve``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+import torch
+
+from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
+from medusa.bench.environment import environment
+from medusa.bench.report import build_report, equality_line, markdown_summary, plot_report, report_table, write_report
+from medusa.bench.runner import METHOD_NAMES, BenchConfig, describe_run, planned_runs, run_benchmark
+from medusa.bench.specbench import default_questions_path, load_questions, select_questions
+from medusa.commands.common import add_model_arguments, load_model
+from medusa.errors import MedusaError
+from medusa.heads import MedusaHeadsConfig
+from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
+from medusa.model import MedusaModel, shipped_heads_directory
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    bench = parser.add_argument_group("Spec-Bench (the default mode)")
+    bench.add_argument("--questions", help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl beside the checkout)")
+    bench.add_argument("--categories", help="comma-separated categories (mt_bench means its eight; default: all)")
+    bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
+    bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
+                       help="2 also runs the MT-bench second turns, after the reference method's first answer")
+    bench.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
+    bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
+    bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
+    parser.add_argument("--compile", choices=("off", "on", "max-autotune"), default="off",
+                        help="torch.compile our decoding step before capturing it (GPU)")
+    parser.add_argument("--output-dir", default="bench-results", help="where the JSON, PNG and summary go")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    curve = parser.add_argument_group("cost curve (--cost-curve)")
+    curve.add_argument("--cost-curve", action="store_true",
+                       help="instead of Spec-Bench, time one decoding step against the tree's size")
+    curve.add_argument("--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model")
+    curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
+    curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
+    curve.add_argument("--repeats", type=int, default=50, help="timed steps per size (the median is reported)")
+    curve.add_argument("--step-warmup", type=int, default=5, help="untimed steps per size first")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MedusaError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.cost_curve:
+        return run_cost_curve(args)
+    if args.shape:
+        raise MedusaError("--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)")
+    config = BenchConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        max_new_tokens=args.max_new_tokens,
+        turns=args.turns,
+        warmup=args.warmup,
+        cuda_graphs=not args.no_cuda_graphs,
+        compile=_compile_setting(args.compile),
+        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+    )
+    questions_file = Path(args.questions) if args.questions else default_questions_path()
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    questions = select_questions(load_questions(questions_file), categories, args.limit)
+    model = load_model(args)
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("Spec-Bench", total=planned_runs(questions, config))
+        records = run_benchmark(
+            model, questions, config, progress=lambda text: progress.update(task, advance=1, description=text)
+        )
+    meta = {
+        **_command_meta(args),
+        **environment(model.device),
+        **describe_run(model, config),
+        "heads_source": _heads_source(args),
+        "questions_file": str(questions_file),
+        "categories": categories,
+        "limit_per_category": args.limit,
+        "prompts": len(records),
+    }
+    report = build_report(meta, records, config.methods)
+    output = Path(args.output_dir)
+    json_path = write_report(report, output / "bench.json")
+    png_path = plot_report(report, output / "bench.png")
+    (output / "summary.md").write_text(markdown_summary(report))
+    Console().print(report_table(report))
+    print(equality_line(report))
+    print(f"wrote {json_path}, {png_path} and {output / 'summary.md'}")
+    return 0
+
+
+def run_cost_curve(args: argparse.Namespace) -> int:
+    config = CostCurveConfig(
+        sizes=_sizes(args.sizes),
+        context=args.context,
+        repeats=args.repeats,
+        warmup=args.step_warmup,
+        cuda_graphs=not args.no_cuda_graphs,
+        compile=_compile_setting(args.compile),
+    )
+    if args.shape:
+        if args.model or args.heads:
+            raise MedusaError("give either --shape (random weights) or --model/--heads, not both")
+        device = resolve_device(args.device)
+        base = random_model(args.shape, device, resolve_dtype(args.dtype, device))
+        text = base.config
+        # Heads that share the lm_head: the cheapest heads, so the curve shows the tree's own cost.
+        heads = MedusaHeadsConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size,
+                                  num_heads=args.num_heads, share_lm_head=True)
+        model = MedusaModel.from_pretrained(base, heads=heads)
+        model_label = base.config._name_or_path
+    else:
+        model = load_model(args)
+        model_label = model.name
+    console = Console(stderr=True)
+    with console.status("timing decoding steps") as status:
+        result = cost_curve(model, config, progress=lambda text: status.update(f"timing decoding steps: {text}"))
+    heads = model.heads.config
+    result["meta"] = {
+        **_command_meta(args),
+        **environment(model.device),
+        "model": model_label,
+        "dtype": str(model.base_model.dtype).removeprefix("torch."),
+        "heads": {"num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head},
+        "context": config.context,
+        "repeats": config.repeats,
+        "warmup_steps": config.warmup,
+        "cuda_graphs": config.cuda_graphs,
+        "compile": config.compile,
+        "tree_prior": "medusa.tree.GENERIC_HEAD_ACCURACY, greedy layout (build_tree_from_accuracies)",
+    }
+    validate_cost_curve(result)
+    output = Path(args.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    json_path = output / "cost_curve.json"
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    png_path = plot_cost_curve(result, output / "cost_curve.png")
+    table = Table(title=f"one decoding step, {model_label}, context {config.context}; memory floor "
+                        f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e9:.2f} GB at "
+                        f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+    for column in ("nodes", "depth", "median ms", "min ms", "x floor", "x one token"):
+        table.add_column(column, justify="right")
+    for p in result["points"]:
+        ratio = "-" if p["x_one_token"] is None else f"{p['x_one_token']:.2f}"
+        table.add_row(str(p["nodes"]), str(p["depth"]), f"{p['median_ms']:.3f}", f"{p['min_ms']:.3f}",
+                      f"{p['x_floor']:.2f}", ratio)
+    Console().print(table)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise MedusaError(f"--sizes takes comma-separated node counts such as 1,8,64, got {text!r}") from None
+
+
+def _compile_setting(value: str) -> bool | str:
+    return {"off": False, "on": True}.get(value, value)
+
+
+def _heads_source(args: argparse.Namespace) -> str:
+    if args.heads:
+        return str(args.heads)
+    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME) if args.model is None else None
+    if shipped is not None:
+        return f"shipped: {shipped}"
+    return f"untrained: {args.num_heads} fresh heads (each a copy of the base lm_head)"
+
+
+def _command_meta(args: argparse.Namespace) -> dict:
+    arguments = {k: v for k, v in vars(args).items() if k != "handler" and not callable(v)}
+    return {"command": shlex.join(["medusa", *sys.argv[1:]]) if _ran_as_medusa() else "medusa (called in-process)",
+            "arguments": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in arguments.items()}}
+
+
+def _ran_as_medusa() -> bool:
+    return Path(sys.argv[0]).name in ("medusa", "cli.py", "__main__.py")

@@ -1,0 +1,87 @@
+"""``medusa bench`` end to end on a tiny saved model with a character tokenizer, and the runner's config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_bench_assets import one_thread, questions_file, tiny_model_dir  # noqa: F401  (fixtures)
+
+from medusa.bench.report import validate_report
+from medusa.bench.runner import BenchConfig, planned_runs
+from medusa.bench.specbench import load_questions, select_questions
+from medusa.cli import main
+from medusa.errors import MedusaError
+
+
+def run_bench(tiny_model_dir, questions_file, output, *extra):
+    return main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions_file), "--limit", "1",
+                 "--max-new-tokens", "12", "--tree", "8", "--warmup", "1", "--output-dir", str(output), *extra])
+
+
+def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
+    tiny_model_dir, questions_file, tmp_path, one_thread, capsys
+):
+    assert run_bench(tiny_model_dir, questions_file, tmp_path, "--turns", "2") == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    validate_report(report)
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| prompt-lookup |" in (tmp_path / "summary.md").read_text()
+    assert list(report["methods"]) == ["autoregressive", "medusa", "hf-generate", "prompt-lookup"]
+    # One question per category; writing and roleplay have a second turn.
+    rows = [(q["id"], q["turn"]) for q in report["questions"]]
+    assert rows == [(1, 1), (1, 2), (3, 1), (3, 2), (4, 1), (6, 1)]
+    first, second = report["questions"][0], report["questions"][1]
+    assert second["prompt_tokens"] > first["prompt_tokens"]  # the first answer is part of the second prompt
+    # Float32 on the CPU: Medusa and transformers are token for token our plain greedy decoding.
+    assert report["equality"]["compared"] == 6
+    assert report["equality"]["mismatches"] == 0 and report["equality"]["first_mismatch"] is None
+    assert report["equality"]["others"]["hf-generate"]["mismatches"] == 0
+    for question in report["questions"]:
+        tokens = {name: sample["tokens"] for name, sample in question["methods"].items()}
+        assert tokens["autoregressive"] == tokens["medusa"] == tokens["hf-generate"]
+        assert 1 <= tokens["autoregressive"] <= 12
+    overall = {name: result["overall"] for name, result in report["methods"].items()}
+    assert overall["autoregressive"]["mean_accepted"] == 1.0 and overall["hf-generate"]["mean_accepted"] == 1.0
+    assert overall["autoregressive"]["speedup"] == pytest.approx(1.0)
+    assert overall["medusa"]["steps"] <= overall["autoregressive"]["steps"]
+    assert set(report["methods"]["medusa"]["per_category"]) == {"writing", "roleplay", "qa", "translation"}
+    assert report["meta"]["tree_size"] == 8 and report["meta"]["max_new_tokens"] == 12
+    assert report["meta"]["heads_source"].startswith("untrained")
+    out = capsys.readouterr().out
+    assert "0 of 6 prompts differ" in out and "bench.json" in out
+
+
+def test_bench_runs_a_subset_of_methods(tiny_model_dir, questions_file, tmp_path, one_thread):
+    code = run_bench(tiny_model_dir, questions_file, tmp_path, "--methods", "hf-generate,autoregressive",
+                     "--categories", "qa")
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert list(report["methods"]) == ["hf-generate", "autoregressive"]
+    assert [q["id"] for q in report["questions"]] == [4]
+    assert report["equality"]["compared"] == 0
+    assert report["equality"]["others"]["hf-generate"]["compared"] == 1
+
+
+def test_user_mistakes_exit_2_with_a_message(tiny_model_dir, questions_file, tmp_path, capsys):
+    assert run_bench(tiny_model_dir, questions_file, tmp_path, "--methods", "medusa,beam") == 2
+    assert "unknown benchmark method(s) ['beam']" in capsys.readouterr().err
+    assert run_bench(tiny_model_dir, questions_file, tmp_path, "--categories", "poetry") == 2
+    assert "unknown Spec-Bench category 'poetry'" in capsys.readouterr().err
+    assert main(["bench", "--shape", "tiny"]) == 2
+    assert "--shape only applies with --cost-curve" in capsys.readouterr().err
+
+
+def test_config_checks_and_reference():
+    assert BenchConfig().reference == "autoregressive"
+    assert BenchConfig(methods=("hf-generate", "medusa")).reference == "hf-generate"
+    for bad in (dict(turns=3), dict(methods=()), dict(methods=("medusa", "medusa")), dict(max_new_tokens=0),
+                dict(warmup=-1)):
+        with pytest.raises(MedusaError):
+            BenchConfig(**bad)
+
+
+def test_planned_runs_counts_warmup_and_second_turns(questions_file):
+    questions = select_questions(load_questions(questions_file), limit=1)  # two of four have a second turn
+    assert planned_runs(questions, BenchConfig(turns=1, warmup=2)) == (2 + 4) * 4
+    assert planned_runs(questions, BenchConfig(turns=2, warmup=0, methods=("medusa",))) == 6

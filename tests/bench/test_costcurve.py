@@ -1,0 +1,106 @@
+"""The cost curve on a tiny random shape on the CPU: trees of each size, the floor, the JSON and the plot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_bench_assets import one_thread  # noqa: F401  (fixture)
+
+from medusa.bench.costcurve import (
+    DEFAULT_SIZES,
+    SHAPES,
+    CostCurveConfig,
+    cost_curve,
+    parameter_bytes,
+    random_model,
+    tree_of_size,
+    validate_cost_curve,
+)
+from medusa.cli import main
+from medusa.errors import MedusaError
+from medusa.heads import MedusaHeadsConfig
+from medusa.model import MedusaModel
+
+
+@pytest.mark.parametrize("num_heads", [4, 5])
+def test_trees_of_every_default_size_up_to_256_nodes(num_heads):
+    for size in DEFAULT_SIZES:
+        tree = tree_of_size(size, num_heads)
+        assert tree.size == size
+        assert tree.max_depth <= num_heads
+    assert tree_of_size(256, 5).max_depth == 5
+
+
+def test_a_tree_beyond_what_the_prior_holds_is_a_user_error():
+    assert tree_of_size(11, 1).size == 11  # one head, ten ranks
+    with pytest.raises(MedusaError, match="cannot make a 12-node tree"):
+        tree_of_size(12, 1)
+
+
+def test_random_shapes_have_their_published_sizes_and_requested_dtype():
+    model = random_model("tiny", torch.device("cpu"), torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert model.config.hidden_size == SHAPES["tiny"]["hidden_size"]
+    assert parameter_bytes(model) == 2 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(MedusaError, match="unknown shape 'gpt-5'"):
+        random_model("gpt-5", torch.device("cpu"), torch.float32)
+
+
+def test_tied_embeddings_count_once():
+    model = random_model("tiny", torch.device("cpu"), torch.float32)
+    untied = parameter_bytes(model)
+    model.lm_head.weight = model.model.embed_tokens.weight
+    hidden, vocab = SHAPES["tiny"]["hidden_size"], SHAPES["tiny"]["vocab_size"]
+    assert parameter_bytes(model) == untied - 4 * hidden * vocab
+
+
+def tiny_medusa(num_heads: int = 5) -> MedusaModel:
+    base = random_model("tiny", torch.device("cpu"), torch.float32)
+    heads = MedusaHeadsConfig(hidden_size=64, vocab_size=256, num_heads=num_heads, share_lm_head=True)
+    return MedusaModel.from_pretrained(base, heads=heads)
+
+
+def test_cost_curve_measures_each_size_against_the_floor(one_thread):
+    config = CostCurveConfig(sizes=(16, 1, 4), context=32, repeats=3, warmup=1)
+    messages = []
+    result = cost_curve(tiny_medusa(), config, progress=messages.append)
+    assert [p["nodes"] for p in result["points"]] == [1, 4, 16]
+    assert [p["depth"] for p in result["points"]] == [0, tree_of_size(4, 5).max_depth, tree_of_size(16, 5).max_depth]
+    assert result["points"][0]["x_one_token"] == 1.0
+    assert result["weight_bytes"] == parameter_bytes(random_model("tiny", torch.device("cpu"), torch.float32))
+    assert result["bandwidth_bytes_per_s"] > 0
+    assert result["floor_ms"] == pytest.approx(1e3 * result["weight_bytes"] / result["bandwidth_bytes_per_s"])
+    for point in result["points"]:
+        assert 0 < point["min_ms"] <= point["median_ms"] <= point["max_ms"]
+        assert point["x_floor"] == pytest.approx(point["median_ms"] / result["floor_ms"])
+    assert len(messages) == 3
+
+
+def test_cost_curve_refuses_a_context_beyond_the_model():
+    config = CostCurveConfig(sizes=(1, 8), context=SHAPES["tiny"]["max_position_embeddings"], repeats=1, warmup=0)
+    with pytest.raises(MedusaError, match="exceeds the model's"):
+        cost_curve(tiny_medusa(), config)
+
+
+def test_config_checks():
+    with pytest.raises(MedusaError, match="tree sizes"):
+        CostCurveConfig(sizes=(0, 4))
+    with pytest.raises(MedusaError, match="repeats"):
+        CostCurveConfig(repeats=0)
+
+
+def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):
+    code = main(["bench", "--cost-curve", "--shape", "tiny", "--sizes", "1,8", "--context", "16", "--repeats", "2",
+                 "--step-warmup", "1", "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "cost_curve.json").read_text())
+    validate_cost_curve(result)
+    assert result["meta"]["model"] == "tiny (random weights)" and result["meta"]["dtype"] == "float32"
+    assert result["meta"]["context"] == 16 and result["meta"]["heads"]["share_lm_head"] is True
+    assert [p["nodes"] for p in result["points"]] == [1, 8]
+    assert (tmp_path / "cost_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert "cost_curve.json" in capsys.readouterr().out
+    assert main(["bench", "--cost-curve", "--sizes", "1,x"]) == 2
+    assert "--sizes takes comma-separated" in capsys.readouterr().err
