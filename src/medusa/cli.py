@@ -11,6 +11,7 @@ from medusa.errors import MedusaError
 # command name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
 COMMANDS = {
     "generate": ("medusa.commands.generate", "generate text with Medusa decoding"),
+    "bench": ("medusa.commands.bench", "Spec-Bench against transformers' decoding, or the step cost curve"),
 }
 
 
