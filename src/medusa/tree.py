@@ -154,6 +154,29 @@ def build_tree_from_accuracies(accuracy: Sequence[Sequence[float]], size: int) -
     return chosen
 
 
+def expected_accept_length(paths: Sequence[Sequence[int]] | Tree, accuracy: Sequence[Sequence[float]]) -> float:
+    """The paper's estimate of tokens committed per step: 1 (the base token) plus, for every node, the
+    product of the accuracies along its path.
+
+    It treats the heads as independent; in practice they are not (an easy stretch of text makes every
+    head right at once), which ``medusa.treeopt`` measures instead when it can.
+    """
+    total = 1.0
+    for path in paths.paths if isinstance(paths, Tree) else paths:
+        if len(path) > len(accuracy):
+            raise MedusaError(f"tree path {list(path)} is {len(path)} deep but the accuracy table has {len(accuracy)} heads")
+        chance = 1.0
+        for depth, rank in enumerate(path):
+            if rank >= len(accuracy[depth]):
+                raise MedusaError(
+                    f"tree path {list(path)} uses rank {rank}, but the accuracy table has only "
+                    f"top-{len(accuracy[depth])} for head {depth}"
+                )
+            chance *= accuracy[depth][rank]
+        total += chance
+    return total
+
+
 def default_tree(size: int = 64, num_heads: int = 4) -> Tree:
     """A tree of ``size`` nodes for ``num_heads`` heads, laid out from a generic accuracy prior."""
     if size not in DEFAULT_TREE_SIZES:
