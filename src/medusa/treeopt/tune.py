@@ -1,0 +1,137 @@
+"""Fitting the tree to the hardware: the node count that maximises expected tokens per second.
+
+A step verifies the whole tree in one forward pass; its latency is flat while the GPU is bound by
+reading the weights and grows once the tree's tokens make it compute-bound (on a CPU it grows almost
+at once). Expected tokens per step grow ever more slowly with each node. The best tree is where
+expected tokens per step divided by step latency peaks, which only this device's cost curve tells.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medusa.decoding import DecodingStats, decode
+from medusa.errors import MedusaError
+from medusa.model import GenerationConfig, MedusaModel
+from medusa.tree import Tree
+from medusa.treeopt.tuned import device_kind
+
+DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class CostCurve:
+    """Seconds per decoding step against tree nodes, on one device. JSON: {"points": [{"nodes", "seconds"}], "device"}.
+
+    ``load`` also reads ``medusa bench --cost-curve`` results (``median_ms`` per point, ``meta.device``).
+    """
+
+    points: dict[int, float]
+    device: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "points": [{"nodes": n, "seconds": s} for n, s in sorted(self.points.items())]}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CostCurve":
+        path = Path(path)
+        if not path.is_file():
+            raise MedusaError(f"cost curve {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise MedusaError(f"cost curve {path} is not valid JSON: {error}") from None
+        points = raw.get("points") if isinstance(raw, dict) else None
+        if not isinstance(points, list) or not points:
+            raise MedusaError(f'cost curve {path} must be {{"points": [{{"nodes": n, "seconds": s}}, ...]}}')
+        curve: dict[int, float] = {}
+        for point in points:
+            nodes = point.get("nodes") if isinstance(point, dict) else None
+            seconds = point.get("seconds") if isinstance(point, dict) else None
+            if seconds is None and isinstance(point, dict) and isinstance(point.get("median_ms"), (int, float)):
+                seconds = point["median_ms"] / 1e3
+            if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+                raise MedusaError(f"cost curve {path}: nodes must be a positive integer, got {point!r:.80}")
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+                raise MedusaError(f"cost curve {path}: seconds must be a positive number, got {point!r:.80}")
+            curve[nodes] = float(seconds)
+        device = raw.get("device")
+        meta = raw.get("meta")
+        if device is None and isinstance(meta, dict):  # bench names the CPU by its model; tuning keys it "cpu"
+            device = meta.get("device") if meta.get("device_type") == "cuda" else meta.get("device_type")
+        return cls(curve, device if isinstance(device, str) else None)
+
+
+@dataclass
+class TuneChoice:
+    nodes: int
+    expected_accept_length: float  # tokens per step, root included
+    step_seconds: float
+    tokens_per_second: dict[int, float]  # expected, for every size both curves know
+
+    @property
+    def expected_tokens_per_second(self) -> float:
+        return self.tokens_per_second[self.nodes]
+
+
+def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None) -> TuneChoice:
+    """The size with the most expected tokens per second; among equals, the smallest.
+
+    Only sizes the cost curve measured are candidates: step latency jumps at hardware tile sizes, so
+    it is not interpolated.
+    """
+    sizes = sorted(n for n in cost.points if n in expected and (max_nodes is None or n <= max_nodes))
+    if not sizes:
+        raise MedusaError(
+            f"the cost curve ({', '.join(map(str, sorted(cost.points)))} nodes) shares no tree size with the "
+            f"profile's trees ({', '.join(map(str, sorted(expected)))} nodes)"
+        )
+    rates = {n: expected[n] / cost.points[n] for n in sizes}
+    best = max(sizes, key=lambda n: (rates[n], -n))
+    return TuneChoice(best, expected[best], cost.points[best], rates)
+
+
+def measure_step_seconds(
+    model: MedusaModel, tree: Tree, context: int = 128, steps: int = 16, repeats: int = 3, seed: int = 0
+) -> float:
+    """Median seconds per decoding step with this tree, after a warm-up run (which captures the graph on GPUs).
+
+    The prompt is ``context`` random tokens and EOS is ignored, so every run takes the same steps.
+    """
+    if model.heads is None:
+        raise MedusaError("timing trees needs heads")
+    vocab = model.base_model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (context,), generator=generator).to(model.device)
+    config = GenerationConfig(max_new_tokens=steps * (tree.max_depth + 1), chat_template=False)
+    model._check_lengths(context, config.max_new_tokens + tree.size)
+    timings = []
+    for run in range(repeats + 1):
+        decoder, graphed_step = model.make_decoder(prompt, config, tree)
+        stats = DecodingStats()
+        for _ in decode(decoder, prompt, config.max_new_tokens, set(), stats, step=graphed_step):
+            if stats.steps >= steps:
+                break
+        if run > 0:  # the first run warms up (and captures the CUDA graph)
+            timings.append(stats.decode_seconds / stats.steps)
+    return statistics.median(timings)
+
+
+def measure_cost_curve(
+    model: MedusaModel, trees: dict[int, Tree], context: int = 128, steps: int = 16, repeats: int = 3, progress=None
+) -> CostCurve:
+    """Seconds per step for each of ``trees`` (nodes -> tree) on the model's device."""
+    points = {}
+    for nodes, tree in sorted(trees.items()):
+        points[nodes] = measure_step_seconds(model, tree, context, steps, repeats)
+        if progress is not None:
+            progress(nodes, points[nodes])
+    return CostCurve(points, device_kind(model.device))
