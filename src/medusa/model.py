@@ -11,13 +11,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from medusa.acceptance import make_acceptance
+from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
 from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model
+from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
+from medusa.treeopt.tuned import tuned_tree
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 TREE_FILE = "tree.json"
@@ -31,7 +33,14 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     # False decodes plainly, one token per step, on the same cache: the honest baseline.
     use_heads: bool = True
-    acceptance: str = "greedy"
+    # "auto": greedy at temperature 0, lossless rejection sampling above; or "greedy", "typical", "rejection".
+    acceptance: str = "auto"
+    temperature: float = 0.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None  # None: a fresh random seed per generation
+    typical_eps: float = DEFAULT_TYPICAL_EPS
+    typical_delta: float = DEFAULT_TYPICAL_DELTA
     chat_template: bool = True
     # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
     cuda_graphs: bool = True
@@ -46,6 +55,14 @@ class GenerationConfig:
         self.stop = tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
+        check_seed(self.seed)
+        self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    def acceptance_scheme(self) -> AcceptanceScheme:
+        return make_acceptance(self.acceptance, self.sampling(), self.typical_eps, self.typical_delta)
 
 
 @dataclass
@@ -86,7 +103,7 @@ class MedusaModel(nn.Module):
         self.name = name or getattr(base_model.config, "_name_or_path", "") or "model"
         if heads is not None:
             check_heads_match(heads.config, base_model)
-            device, dtype = model_device(base_model), base_model.dtype
+            device, dtype = heads_device(base_model), base_model.dtype
             heads = heads.to(device=device, dtype=dtype)
             heads.attach_lm_head(base_model.get_output_embeddings())
             heads.eval()
@@ -109,16 +126,19 @@ class MedusaModel(nn.Module):
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
     ) -> "MedusaModel":
         """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
 
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
         shipped for the default model when there are some, otherwise fresh (untrained) heads.
+        ``device_map`` (``"auto"``, or accelerate's dict) splits a base model too big for one GPU over
+        several; a model object passed in may come split already. Either way the heads go with the lm_head.
         """
         if isinstance(base, PreTrainedModel):
             base_model, name = base, getattr(base.config, "_name_or_path", None)
         else:
-            base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device)
+            base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device, device_map=device_map)
             tokenizer = tokenizer or loaded_tokenizer
         text_config = base_model.config.get_text_config()
         lm_head = base_model.get_output_embeddings()
@@ -140,6 +160,8 @@ class MedusaModel(nn.Module):
             directory = Path(heads)
             heads_config = MedusaHeadsConfig.load(directory)
             check_heads_match(heads_config, base_model)
+            if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
+                tree = tuned_tree(directory, model_device(base_model), heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
             heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
@@ -231,15 +253,22 @@ class MedusaModel(nn.Module):
         heads = self.heads if config.use_heads else None
         tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
         needed = prompt_ids.numel() + config.max_new_tokens + tree.size
+        acceptance = config.acceptance_scheme()
 
         def build(max_length: int) -> MedusaDecoder:
-            return MedusaDecoder(self.base_model, heads, tree, make_acceptance(config.acceptance), max_length)
+            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length)
 
         if self.device.type != "cuda":
             return build(needed), None
-        key = (tree.paths, heads is not None, config.acceptance)
+        key = (tree.paths, heads is not None, acceptance)  # schemes hash by their settings, not the seed
         return self._decoder_pool.acquire(
-            key, build, needed, prompt_ids, use_graphs=config.cuda_graphs, compile_step=config.compile
+            key,
+            build,
+            needed,
+            prompt_ids,
+            # One CUDA graph cannot span the devices of a split base model.
+            use_graphs=config.cuda_graphs and not spans_devices(self.base_model),
+            compile_step=config.compile,
         )
 
     def stream(
@@ -259,7 +288,9 @@ class MedusaModel(nn.Module):
             tree = load_tree(tree, self.heads.config.num_heads)
         decoder, graphed_step = self.make_decoder(prompt_ids, config, tree)
         text_tracker = TextTracker(self.tokenizer, config.stop)
-        steps = decode(decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats, step=graphed_step)
+        steps = decode(
+            decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats, step=graphed_step, seed=config.seed
+        )
         for step in steps:
             text, keep, stopped = text_tracker.add(step.tokens)
             if stopped:
@@ -345,6 +376,17 @@ def check_heads_match(config: MedusaHeadsConfig, base_model: PreTrainedModel) ->
         raise MedusaError(f"heads hidden size {config.hidden_size} does not match the base model's {hidden}")
     if config.vocab_size != vocab:
         raise MedusaError(f"heads vocabulary {config.vocab_size} does not match the base model's {vocab}")
+
+
+def heads_device(base_model: PreTrainedModel) -> torch.device:
+    """The heads sit with the base lm_head: on the last device when ``device_map`` splits the base model."""
+    lm_head = base_model.get_output_embeddings()
+    weight = getattr(lm_head, "weight", None)
+    return weight.device if weight is not None else model_device(base_model)
+
+
+def spans_devices(base_model: PreTrainedModel) -> bool:
+    return len({parameter.device for parameter in base_model.parameters()}) > 1
 
 
 def shipped_heads_directory(model_name: str) -> Path | None:

@@ -1,0 +1,95 @@
+"""Choosing the tree size from a cost curve, and the per-device tuned tree that loading picks up."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_tiny_model
+from medusa.errors import MedusaError
+from medusa.model import MedusaModel
+from medusa.tree import Tree
+from medusa.treeopt.tune import CostCurve, choose_size, measure_step_seconds
+from medusa.treeopt.tuned import TUNED_FILE, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
+from treeopt_assets import fresh_heads
+
+EXPECTED = {1: 1.0, 2: 1.6, 4: 2.1, 8: 2.5, 16: 2.8, 32: 3.0}
+
+
+def test_best_size_maximises_expected_tokens_per_second():
+    # flat until 8 nodes, then steeper: tokens/s 100, 160, 200, 227, 200, 150
+    gpu_like = CostCurve({1: 0.010, 2: 0.010, 4: 0.0105, 8: 0.011, 16: 0.014, 32: 0.020})
+    choice = choose_size(EXPECTED, gpu_like)
+    assert choice.nodes == 8
+    assert choice.expected_tokens_per_second == pytest.approx(2.5 / 0.011)
+    assert choice.tokens_per_second[16] == pytest.approx(200)
+    # free nodes: the biggest tree; nodes that cost their full price: no tree at all
+    assert choose_size(EXPECTED, CostCurve({n: 0.01 for n in EXPECTED})).nodes == 32
+    assert choose_size(EXPECTED, CostCurve({n: 0.01 * n for n in EXPECTED})).nodes == 1
+    # a cap on the size, and ties going to the smaller tree
+    assert choose_size(EXPECTED, gpu_like, max_nodes=4).nodes == 4
+    assert choose_size({1: 1.0, 2: 2.0}, CostCurve({1: 1.0, 2: 2.0})).nodes == 1
+
+
+def test_only_sizes_on_both_curves_are_candidates():
+    assert choose_size(EXPECTED, CostCurve({3: 0.001, 8: 0.011, 500: 0.001})).nodes == 8
+    with pytest.raises(MedusaError, match="shares no tree size"):
+        choose_size(EXPECTED, CostCurve({3: 0.01}))
+
+
+def test_cost_curves_load_in_both_formats(tmp_path):
+    ours = tmp_path / "ours.json"
+    CostCurve({1: 0.01, 4: 0.02}, "NVIDIA H100 80GB HBM3").save(ours)
+    assert CostCurve.load(ours) == CostCurve({1: 0.01, 4: 0.02}, "NVIDIA H100 80GB HBM3")
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"meta": {"device": "Intel(R) Xeon(R)", "device_type": "cpu"},
+                                 "points": [{"nodes": 1, "median_ms": 5.0}, {"nodes": 8, "median_ms": 7.5}]}))
+    assert CostCurve.load(bench) == CostCurve({1: 0.005, 8: 0.0075}, "cpu")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"points": [{"nodes": 0, "seconds": 1.0}]}))
+    with pytest.raises(MedusaError, match="nodes must be a positive integer"):
+        CostCurve.load(bad)
+    bad.write_text(json.dumps({"nodes": [1]}))
+    with pytest.raises(MedusaError, match='must be {"points"'):
+        CostCurve.load(bad)
+
+
+def test_tuned_trees_are_kept_per_device_kind(tmp_path):
+    assert device_kind("cpu") == "cpu"
+    write_tuned_tree(tmp_path, "cpu", {"nodes": 3, "topk": 2, "paths": [[0], [1]], "num_heads": 2})
+    write_tuned_tree(tmp_path, "NVIDIA H100 80GB HBM3", {"nodes": 2, "topk": 1, "paths": [[0]], "num_heads": 2})
+    assert set(read_tuned_trees(tmp_path)) == {"cpu", "NVIDIA H100 80GB HBM3"}
+    assert tuned_tree(tmp_path, "cpu", num_heads=2).paths == ((0,), (1,))
+    assert tuned_tree(tmp_path / "elsewhere", "cpu", num_heads=2) is None
+    with pytest.raises(MedusaError, match="tuned for 2 heads, but these heads have 3"):
+        tuned_tree(tmp_path, "cpu", num_heads=3)
+    write_tuned_tree(tmp_path, "cpu", {"topk": 2, "paths": [[0], [1], [0, 0, 0]]})
+    with pytest.raises(MedusaError, match=r"tuned tree for 'cpu'.*3 deep but there are only 2 heads"):
+        tuned_tree(tmp_path, "cpu", num_heads=2)
+
+
+def test_loading_heads_prefers_the_tree_tuned_for_this_device(tmp_path):
+    base = make_tiny_model("llama")
+    heads_dir = tmp_path / "heads"
+    fresh_heads(base, num_heads=2).save_pretrained(heads_dir)
+    (heads_dir / "tree.json").write_text(Tree.from_paths([[0], [0, 0]]).to_json())
+    assert MedusaModel.from_pretrained(base, heads=heads_dir).tree.paths == ((0,), (0, 0))  # no tuned tree yet
+
+    write_tuned_tree(heads_dir, "cpu", {"topk": 3, "paths": [[0], [1], [2], [0, 0]], "num_heads": 2})
+    write_tuned_tree(heads_dir, "Some GPU", {"topk": 1, "paths": [[0]], "num_heads": 2})
+    model = MedusaModel.from_pretrained(base, heads=heads_dir)
+    assert model.tree.paths == ((0,), (1,), (2,), (0, 0)) and model.tree.topk == 3
+    # an explicit tree wins
+    assert MedusaModel.from_pretrained(base, heads=heads_dir, tree="8").tree.size == 8
+    # a broken tuned file is reported, not ignored
+    (heads_dir / TUNED_FILE).write_text("{not json")
+    with pytest.raises(MedusaError, match="tuned trees .* are not valid JSON"):
+        MedusaModel.from_pretrained(base, heads=heads_dir)
+
+
+def test_step_timing_runs_the_real_decoder(tmp_path):
+    base = make_tiny_model("llama")
+    model = MedusaModel.from_pretrained(base, heads=fresh_heads(base, num_heads=2))
+    seconds = measure_step_seconds(model, Tree.from_paths([[0], [1], [0, 0]]), context=8, steps=3, repeats=1)
+    assert 0 < seconds < 1
