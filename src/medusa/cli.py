@@ -12,6 +12,7 @@ from medusa.errors import MedusaError
 COMMANDS = {
     "generate": ("medusa.commands.generate", "generate text with Medusa decoding"),
     "bench": ("medusa.commands.bench", "Spec-Bench against transformers' decoding, or the step cost curve"),
+    "tree": ("medusa.commands.tree", "profile the heads, build the greedy tree, tune its size to this device"),
 }
 
 

@@ -1,0 +1,362 @@
+"""``medusa tree profile|build|tune|evaluate``: the best sparse tree for the heads and for this device.
+
+profile  measure each head's top-k accuracy on held-out conversations  -> HEADS/tree_profile.json
+build    the greedy tree of N nodes from the profile                   -> HEADS/tree.json
+tune     time steps against tree size here, keep the fastest tree      -> HEADS/tuned_trees.json
+evaluate decode prompts with several trees: measured against expected accepted length, tokens/s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medusa.errors import MedusaError
+from medusa.heads import MedusaHeadsConfig
+from medusa.loading import DEFAULT_MODEL_NAME
+
+ESTIMATE_HELP = "joint: how often whole paths were right in the profile (default); paper: product of head accuracies"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="tree_command", required=True)
+
+    profile = sub.add_parser("profile", help="measure head accuracies on held-out conversations")
+    _add_model_arguments(profile)
+    profile.add_argument("--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)")
+    profile.add_argument("--limit", type=int, default=200, help="conversations to use (default 200)")
+    profile.add_argument("--topk", type=int, default=10, help="ranks to measure per head (default 10)")
+    profile.add_argument("--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)")
+    profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
+
+    build = sub.add_parser("build", help="the greedy tree of N nodes from the profile")
+    _add_heads_arguments(build)
+    build.add_argument("--nodes", type=int, required=True, help="tree nodes, root included")
+    build.add_argument("--output", help="tree file (default HEADS/tree.json)")
+    build.add_argument("--plot-dir", help="write the tree's drawing and accepted length against N here")
+
+    tune = sub.add_parser("tune", help="choose the tree size with the most expected tokens/s on this device")
+    _add_model_arguments(tune)
+    tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
+    tune.add_argument("--estimate", choices=("joint", "paper"), default="joint", help=ESTIMATE_HELP)
+    tune.add_argument("--cost-curve", help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) instead of timing here')
+    tune.add_argument("--sizes", help="tree sizes to time (default 1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256)")
+    tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider (default 256)")
+    tune.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps (default 128)")
+    tune.add_argument("--steps", type=int, default=16, help="timed steps per run (default 16)")
+    tune.add_argument("--repeats", type=int, default=3, help="timed runs per size; the median counts (default 3)")
+    tune.add_argument("--device-kind", help="save under this device kind (default: the cost curve's device, else this device)")
+    tune.add_argument("--save-cost-curve", help="also write the measured cost curve here")
+    tune.add_argument("--dry-run", action="store_true", help="report the choice without writing tuned_trees.json")
+    tune.add_argument("--plot-dir", help="write tokens/s and accepted length against N, and the chosen tree, here")
+
+    evaluate = sub.add_parser("evaluate", help="decode prompts with several trees: measured vs expected accepted length")
+    _add_model_arguments(evaluate)
+    evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
+    evaluate.add_argument("--estimate", choices=("joint", "paper"), default="joint", help="estimate used to build the trees: " + ESTIMATE_HELP)
+    evaluate.add_argument("--data", nargs="+", required=True, help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records")
+    evaluate.add_argument("--limit", type=int, default=20, help="prompts to decode per tree (default 20)")
+    evaluate.add_argument("--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)")
+    evaluate.add_argument("--default-trees", action="store_true", help="also decode with the default trees of the same sizes")
+    evaluate.add_argument("--tuned", action="store_true", help="also decode with the tree tuned for this device")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128)
+    evaluate.add_argument("--output", help="write the results as JSON here")
+    evaluate.add_argument("--plot-dir", help="write measured and expected accepted length against N here")
+
+
+def _add_heads_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
+    parser.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
+    parser.add_argument("--estimate", choices=("joint", "paper"), default="joint", help=ESTIMATE_HELP)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"profile": run_profile, "build": run_build, "tune": run_tune, "evaluate": run_evaluate}[args.tree_command](args)
+
+
+# ----- shared -----------------------------------------------------------------------------------
+
+
+def _heads_directory(args: argparse.Namespace) -> Path:
+    from medusa.model import shipped_heads_directory
+
+    if args.heads:
+        directory = Path(args.heads)
+        if not directory.is_dir():
+            raise MedusaError(f"heads directory {directory} does not exist")
+        return directory
+    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME) if getattr(args, "model", None) is None else None
+    if shipped is None:
+        raise MedusaError("give --heads: the heads directory to optimise the tree for")
+    return shipped
+
+
+def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
+    from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
+
+    path = Path(args.profile) if args.profile else directory / PROFILE_FILE
+    profile = HeadProfile.load(path)
+    profile.check_heads(num_heads, heads_fingerprint(directory), origin=f"profile {path}")
+    return profile
+
+
+def _load_model(args: argparse.Namespace, directory: Path):
+    from medusa.model import MedusaModel
+
+    return MedusaModel.from_pretrained(args.model, heads=directory, dtype=args.dtype, device=args.device)
+
+
+def _parse_sizes(text: str, max_nodes: int | None = None) -> list[int]:
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise MedusaError(f"sizes must be a comma-separated list of node counts, got {text!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise MedusaError(f"sizes must be positive node counts, got {text!r}")
+    return [n for n in sizes if max_nodes is None or n <= max_nodes]
+
+
+def _report_skipped(report) -> None:
+    for line in report.skipped[:5]:
+        print(f"skipped {line}", file=sys.stderr)
+    if len(report.skipped) > 5:
+        print(f"... and {len(report.skipped) - 5} more skipped", file=sys.stderr)
+
+
+def _progress(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty())
+
+
+# ----- profile ----------------------------------------------------------------------------------
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from medusa.treeopt.build import expected_lengths
+    from medusa.treeopt.data import read_profile_sequences
+    from medusa.treeopt.profile import PROFILE_FILE, heads_fingerprint, profile_heads
+
+    if args.limit < 1 or args.max_length < 2:
+        raise MedusaError("--limit must be at least 1 and --max-length at least 2")
+    directory = _heads_directory(args)
+    model = _load_model(args, directory)
+    if model.tokenizer is None:
+        raise MedusaError("the base model has no tokenizer to read conversations with")
+    sequences, report = read_profile_sequences(args.data, model.tokenizer, args.limit, args.max_length)
+    _report_skipped(report)
+    if not sequences:
+        raise MedusaError(f"no usable conversation in {', '.join(args.data)}")
+    with _progress(len(sequences), "turn") as bar:
+        profile = profile_heads(model.base_model, model.heads, sequences, args.topk, heads_fingerprint(directory), progress=bar.update)
+    output = Path(args.output) if args.output else directory / PROFILE_FILE
+    profile.save(output)
+    print(f"profiled {profile.num_heads} heads on {profile.samples} positions from {report.used} conversations "
+          f"({len(sequences)} assistant turns); saved {output}")
+    for k, row in enumerate(profile.accuracy):
+        print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  top-{profile.topk} {sum(row):.3f}")
+    if profile.samples:
+        joint, paper = expected_lengths(profile, (8, 16, 32, 64)), expected_lengths(profile, (8, 16, 32, 64), "paper")
+        print("  expected tokens per step of the greedy tree: "
+              + ", ".join(f"{n} nodes {joint[n]:.2f} (paper {paper[n]:.2f})" for n in joint))
+    return 0
+
+
+# ----- build ------------------------------------------------------------------------------------
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from medusa.treeopt.build import build_tree, expected_length, expected_lengths
+
+    if args.nodes < 1:
+        raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
+    directory = _heads_directory(args)
+    config = MedusaHeadsConfig.load(directory)
+    profile = _load_profile(args, directory, config.num_heads)
+    tree = build_tree(profile, args.nodes, args.estimate)
+    output = Path(args.output) if args.output else directory / "tree.json"
+    output.write_text(tree.to_json() + "\n")
+    joint, paper = expected_length(profile, tree, "joint"), expected_length(profile, tree, "paper")
+    print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({args.estimate} estimate); saved {output}")
+    print(f"expected accepted tokens per step: {joint:.3f} (joint), {paper:.3f} (paper's product of accuracies)")
+    if tree.size < args.nodes:
+        print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
+    if args.plot_dir:
+        _plot_build(Path(args.plot_dir), profile, tree, args.estimate, expected_lengths)
+    return 0
+
+
+def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) -> None:
+    from medusa.treeopt.build import node_chances
+    from medusa.treeopt.plots import plot_accept_length, plot_tree
+
+    sizes = list(range(1, 257))
+    curves = {name: expected_lengths(profile, sizes, name) for name in ("joint", "paper")}
+    written = [
+        plot_accept_length(plot_dir / "accept_length.png", curves),
+        plot_tree(plot_dir / f"tree_{tree.size}.png", tree, node_chances(profile, tree, estimate)),
+    ]
+    print("plots: " + ", ".join(map(str, written)))
+
+
+# ----- tune -------------------------------------------------------------------------------------
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    from medusa.treeopt.build import build_tree, expected_lengths
+    from medusa.treeopt.profile import heads_fingerprint
+    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_size, measure_cost_curve
+    from medusa.treeopt.tuned import device_kind, write_tuned_tree
+
+    if args.max_nodes < 1:
+        raise MedusaError(f"--max-nodes must be at least 1, got {args.max_nodes}")
+    directory = _heads_directory(args)
+    config = MedusaHeadsConfig.load(directory)
+    profile = _load_profile(args, directory, config.num_heads)
+    if args.cost_curve:
+        cost = CostCurve.load(args.cost_curve)
+        kind = args.device_kind or cost.device
+        if kind is None:
+            raise MedusaError(f"cost curve {args.cost_curve} names no device: give --device-kind (\"cpu\" or the GPU's name)")
+    else:
+        if min(args.context, args.steps, args.repeats) < 1:
+            raise MedusaError("--context, --steps and --repeats must be at least 1")
+        sizes = _parse_sizes(args.sizes, args.max_nodes) if args.sizes else [n for n in DEFAULT_SIZES if n <= args.max_nodes]
+        model = _load_model(args, directory)
+        trees = {n: build_tree(profile, n, args.estimate) for n in sizes}
+        trees = {tree.size: tree for tree in trees.values()}  # a small profile may not fill the largest sizes
+        print(f"timing {len(trees)} tree sizes on {device_kind(model.device)}", file=sys.stderr)
+        cost = measure_cost_curve(
+            model, trees, args.context, args.steps, args.repeats,
+            progress=lambda n, s: print(f"  {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr),
+        )
+        kind = args.device_kind or cost.device
+        if args.save_cost_curve:
+            cost.save(args.save_cost_curve)
+    expected = expected_lengths(profile, [n for n in cost.points if n <= args.max_nodes], args.estimate)
+    choice = choose_size(expected, cost, args.max_nodes)
+    tree = build_tree(profile, choice.nodes, args.estimate)
+    print(f"{'nodes':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>9}")
+    for n in sorted(choice.tokens_per_second):
+        mark = "  <- chosen" if n == choice.nodes else ""
+        print(f"{n:6d} {expected[n]:12.3f} {cost.points[n] * 1e3:9.2f} {choice.tokens_per_second[n]:9.1f}{mark}")
+    print(f"best tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
+          f"{choice.expected_accept_length:.2f} tokens/step expected, {choice.expected_tokens_per_second:.1f} tokens/s expected")
+    if not args.dry_run:
+        entry = {
+            "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
+            "estimate": args.estimate, "expected_accept_length": round(choice.expected_accept_length, 4),
+            "step_seconds": choice.step_seconds, "expected_tokens_per_second": round(choice.expected_tokens_per_second, 2),
+            "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
+            "cost_curve": cost.to_dict()["points"],
+        }
+        print(f"saved {write_tuned_tree(directory, kind, entry)}")
+    if args.plot_dir:
+        from medusa.treeopt.build import node_chances
+        from medusa.treeopt.plots import plot_accept_length, plot_tokens_per_second, plot_tree
+
+        plot_dir = Path(args.plot_dir)
+        slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
+        sizes = sorted(expected)
+        written = [
+            plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", choice.tokens_per_second, choice.nodes, kind),
+            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {args.estimate: {n: expected[n] for n in sizes}}),
+            plot_tree(plot_dir / f"tuned_tree_{slug}.png", tree, node_chances(profile, tree, args.estimate)),
+        ]
+        print("plots: " + ", ".join(map(str, written)))
+    return 0
+
+
+# ----- evaluate ---------------------------------------------------------------------------------
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from medusa.tree import DEFAULT_TREE_SIZES, default_tree
+    from medusa.treeopt.build import build_tree, expected_length
+    from medusa.treeopt.data import read_prompts
+    from medusa.treeopt.tuned import device_kind, tuned_tree
+
+    if args.limit < 1 or args.max_new_tokens < 1:
+        raise MedusaError("--limit and --max-new-tokens must be at least 1")
+    directory = _heads_directory(args)
+    config = MedusaHeadsConfig.load(directory)
+    profile = _load_profile(args, directory, config.num_heads)
+    prompts, report = read_prompts(args.data, args.limit)
+    _report_skipped(report)
+    if not prompts:
+        raise MedusaError(f"no prompt found in {', '.join(args.data)}")
+    model = _load_model(args, directory)
+    trees = {f"greedy-{n}": build_tree(profile, n, args.estimate) for n in _parse_sizes(args.sizes)}
+    if args.default_trees:
+        trees |= {f"default-{n}": default_tree(n, config.num_heads) for n in _parse_sizes(args.sizes) if n in DEFAULT_TREE_SIZES}
+    if args.tuned:
+        tuned = tuned_tree(directory, model.device, config.num_heads)
+        if tuned is None:
+            raise MedusaError(f"no tree tuned for {device_kind(model.device)!r} beside {directory}: run `medusa tree tune`")
+        trees["tuned"] = tuned
+    results = []
+    for label, tree in trees.items():
+        measured = _decode_prompts(model, prompts, tree, args.max_new_tokens, label)
+        row = {"tree": label, "nodes": tree.size, **measured,
+               "expected_joint": round(expected_length(profile, tree, "joint"), 4),
+               "expected_paper": round(expected_length(profile, tree, "paper"), 4)}
+        results.append(row)
+        error = row["expected_joint"] / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
+        print(f"{label:>12} {tree.size:4d} nodes: measured {row['mean_accepted']:.3f} tokens/step, expected "
+              f"{row['expected_joint']:.3f} joint ({error:+.1%}), {row['expected_paper']:.3f} paper; "
+              f"{row['tokens_per_second']:.1f} tokens/s", flush=True)
+    summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+               "data": list(args.data), "heads": str(directory), "estimate": args.estimate, "results": results}
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"saved {args.output}")
+    if args.plot_dir:
+        _plot_evaluate(Path(args.plot_dir), profile, results, args.estimate)
+    return 0
+
+
+def _decode_prompts(model, prompts, tree, max_new_tokens: int, label: str) -> dict:
+    from medusa.decoding import DecodingStats
+    from medusa.model import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    accepted = steps = tokens = 0
+    seconds = 0.0
+    with _progress(len(prompts), "prompt") as bar:
+        bar.set_description(label)
+        for prompt in prompts:
+            stats = DecodingStats()
+            for _ in model.stream(prompt, config, stats=stats, tree=tree):
+                pass
+            accepted += sum(stats.accepted_per_step)
+            steps += stats.steps
+            tokens += stats.new_tokens
+            seconds += stats.decode_seconds
+            bar.update(1)
+    return {"mean_accepted": round(accepted / steps, 4) if steps else 0.0, "steps": steps, "new_tokens": tokens,
+            "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0}
+
+
+def _plot_evaluate(plot_dir: Path, profile, results: list[dict], estimate: str) -> None:
+    from medusa.treeopt.build import expected_lengths
+    from medusa.treeopt.plots import plot_accept_length
+
+    greedy = [r for r in results if r["tree"].startswith("greedy-")]
+    sizes = list(range(1, 1 + max(256, *(r["nodes"] for r in results))))
+    curves = {
+        f"{estimate}, greedy trees": expected_lengths(profile, sizes, estimate),
+        "paper's product, same trees": {r["nodes"]: r["expected_paper"] for r in greedy},
+    }
+    measured = {r["nodes"]: r["mean_accepted"] for r in greedy}
+    path = plot_accept_length(plot_dir / "accept_length_measured.png", curves, measured)
+    print(f"plot: {path}")

@@ -1,0 +1,81 @@
+"""``medusa tree profile | build | tune | evaluate`` end to end on a saved tiny model and its untrained heads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medusa.cli import main
+from medusa.model import MedusaModel
+from medusa.tree import Tree
+from medusa.treeopt.profile import HeadProfile
+from medusa.treeopt.tuned import read_tuned_trees
+from treeopt_assets import save_tiny_setup, tiny_tokenizer, write_conversations
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("treeopt-cli")
+    model_dir, heads_dir, model = save_tiny_setup(directory, num_heads=3)
+    data = write_conversations(directory / "distilled.jsonl", model, tiny_tokenizer(), count=3, new_tokens=24)
+    return directory, model_dir, heads_dir, data
+
+
+def test_profile_build_tune_evaluate(workspace, capsys):
+    directory, model_dir, heads_dir, data = workspace
+    common = ["--model", str(model_dir), "--heads", str(heads_dir), "--device", "cpu"]
+
+    assert main(["tree", "profile", *common, "--data", str(data), "--topk", "4"]) == 0
+    profile = HeadProfile.load(heads_dir / "tree_profile.json")
+    assert (profile.num_heads, profile.topk, len(profile.accuracy), len(profile.accuracy[0])) == (3, 4, 3, 4)
+    assert profile.samples > 0 and profile.heads_fingerprint.startswith("sha256:")
+    assert "profiled 3 heads" in capsys.readouterr().out
+
+    assert main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
+    out = capsys.readouterr().out
+    tree = Tree.from_paths(json.loads((heads_dir / "tree.json").read_text())["paths"])
+    assert tree.size <= 6 and "expected accepted tokens per step" in out
+    assert (directory / "plots" / "accept_length.png").stat().st_size > 0
+    assert (directory / f"plots/tree_{tree.size}.png").is_file()
+
+    curve = directory / "cost.json"
+    assert main(["tree", "tune", *common, "--sizes", "1,2,4", "--context", "8", "--steps", "2", "--repeats", "1",
+                 "--save-cost-curve", str(curve), "--plot-dir", str(directory / "plots")]) == 0
+    out = capsys.readouterr().out
+    entry = read_tuned_trees(heads_dir)["cpu"]
+    assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
+    assert json.loads(curve.read_text())["device"] == "cpu"
+    assert (directory / "plots" / "tokens_per_second_cpu.png").is_file()
+    loaded = MedusaModel.from_pretrained(str(model_dir), heads=str(heads_dir), device="cpu")
+    assert [list(p) for p in loaded.tree.paths] == entry["paths"]
+
+    # a given cost curve is used as is: free nodes make the largest measured tree the best
+    flat = directory / "flat.json"
+    flat.write_text(json.dumps({"device": "Fancy GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 2, 4)]}))
+    assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat)]) == 0
+    assert read_tuned_trees(heads_dir)["Fancy GPU"]["nodes"] == 4
+    assert read_tuned_trees(heads_dir)["cpu"] == entry  # other devices are kept
+
+    results = directory / "evaluate.json"
+    assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
+                 "--default-trees", "--tuned", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
+    assert set(rows) == {"greedy-4", "greedy-8", "default-8", "tuned"}
+    assert all(row["mean_accepted"] >= 1 and row["new_tokens"] == 16 for row in rows.values())
+
+
+def test_mismatched_profile_or_heads_is_refused(workspace, tmp_path, capsys):
+    directory, model_dir, heads_dir, data = workspace
+    other = tmp_path / "profile.json"
+    other.write_text(json.dumps({"num_heads": 2, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 2}))
+    assert main(["tree", "build", "--heads", str(heads_dir), "--profile", str(other), "--nodes", "4"]) == 2
+    assert "measured on 2 heads, but these heads have 3" in capsys.readouterr().err
+
+    other.write_text(json.dumps({"num_heads": 3, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 3,
+                                 "heads_fingerprint": "sha256:0123456789abcdef"}))
+    assert main(["tree", "build", "--heads", str(heads_dir), "--profile", str(other), "--nodes", "4"]) == 2
+    assert "other heads weights" in capsys.readouterr().err
+
+    assert main(["tree", "build", "--heads", str(tmp_path / "none"), "--nodes", "4"]) == 2
+    assert "does not exist" in capsys.readouterr().err
