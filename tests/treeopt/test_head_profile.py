@@ -9,11 +9,15 @@ import torch
 
 from conftest import make_tiny_model
 from medusa.errors import MedusaError
-from medusa.treeopt.data import ProfileSequence
+from medusa.training.data import Example
 from medusa.treeopt.profile import HeadProfile, heads_fingerprint, profile_heads
 from treeopt_assets import fresh_heads, greedy_continuation
 
 NUM_HEADS, TOPK = 3, 4
+
+
+def answered(prompt: list[int], answer: list[int]) -> Example:
+    return Example(prompt + answer, [False] * len(prompt) + [True] * len(answer))
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +25,7 @@ def setup():
     model = make_tiny_model("llama", seed=1)
     sequences = []
     for prompt in ([5, 9, 17, 33], [40, 41, 42], [100, 7, 7, 7, 200, 12]):
-        sequences.append(ProfileSequence(prompt + greedy_continuation(model, prompt, 40), response_start=len(prompt)))
+        sequences.append(answered(prompt, greedy_continuation(model, prompt, 40)))
     heads = fresh_heads(model, NUM_HEADS)
     return model, heads, sequences
 
@@ -36,15 +40,16 @@ def test_untrained_heads_score_as_often_as_the_base_model_repeats_itself(setup):
     positions = 0
     with torch.inference_mode():
         for sequence in sequences:
-            logits = model(torch.tensor([sequence.token_ids])).logits[0]
+            logits = model(torch.tensor([sequence.input_ids])).logits[0]
             greedy, top = logits.argmax(-1), logits.topk(TOPK, dim=-1).indices
-            for t in range(sequence.response_start - 1, len(sequence.token_ids) - NUM_HEADS - 1):
+            start = sequence.loss_mask.index(True)
+            for t in range(start - 1, len(sequence.input_ids) - NUM_HEADS - 1):
                 positions += 1
                 for k in range(NUM_HEADS):
                     rank = (top[t] == greedy[t + k + 1]).nonzero()
                     if rank.numel():
                         hits[k, rank[0, 0]] += 1
-    assert profile.samples == positions == sum(len(s.token_ids) - s.response_start - NUM_HEADS for s in sequences)
+    assert profile.samples == positions == sum(sum(s.loss_mask) - NUM_HEADS for s in sequences)
     assert len(profile.accuracy) == NUM_HEADS and all(len(row) == TOPK for row in profile.accuracy)
     assert torch.tensor(profile.accuracy) == pytest.approx(hits / positions)
     assert hits[0, 0] > 0 and hits.sum() > hits[:, 0].sum()  # the case is not trivially all zeros
@@ -53,8 +58,8 @@ def test_untrained_heads_score_as_often_as_the_base_model_repeats_itself(setup):
     repeats = sum(
         int(g[t] == g[t + 1])
         for s in sequences
-        for g in [model(torch.tensor([s.token_ids])).logits[0].argmax(-1)]
-        for t in range(s.response_start - 1, len(s.token_ids) - NUM_HEADS - 1)
+        for g in [model(torch.tensor([s.input_ids])).logits[0].argmax(-1)]
+        for t in range(s.loss_mask.index(True) - 1, len(s.input_ids) - NUM_HEADS - 1)
     )
     assert profile.accuracy[0][0] == pytest.approx(repeats / positions)
 
@@ -67,10 +72,16 @@ def test_untrained_heads_score_as_often_as_the_base_model_repeats_itself(setup):
 
 def test_positions_too_close_to_the_end_are_not_measured(setup):
     model, heads, _ = setup
-    short = [ProfileSequence([5, 6, 7, 8, 9], response_start=3)]  # t = 2 needs targets up to 2 + 3 + 1 = 6
+    short = [answered([5, 6, 7], [8, 9])]  # t = 2 needs tokens 3 .. 2 + 3 + 1 = 6 in the answer
     assert profile_heads(model, heads, short, topk=2).samples == 0
-    exact = [ProfileSequence([5, 6, 7, 8, 9, 10, 11], response_start=3)]
+    exact = [answered([5, 6, 7], [8, 9, 10, 11])]
     assert profile_heads(model, heads, exact, topk=2).samples == 1
+    # two answers in one conversation: the window never reaches across the user's turn between them
+    two_turns = Example([5, 6] + [7, 8, 9, 10, 11] + [12, 13] + [14, 15, 16, 17, 18, 19],
+                        [False] * 2 + [True] * 5 + [False] * 2 + [True] * 6)
+    assert profile_heads(model, heads, [two_turns], topk=2).samples == (5 - 3) + (6 - 3)
+    with pytest.raises(MedusaError, match="differ in length"):
+        profile_heads(model, heads, [Example([5, 6, 7], [False, True])], topk=2)
 
 
 def test_profile_round_trips_and_refuses_other_heads(setup, tmp_path):

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(profile)
     profile.add_argument("--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)")
     profile.add_argument("--limit", type=int, default=200, help="conversations to use (default 200)")
+    profile.add_argument("--offset", type=int, default=0, help="skip this many records first (say, those the heads were trained on)")
     profile.add_argument("--topk", type=int, default=10, help="ranks to measure per head (default 10)")
     profile.add_argument("--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)")
     profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     evaluate.add_argument("--estimate", choices=("joint", "paper"), default="joint", help="estimate used to build the trees: " + ESTIMATE_HELP)
     evaluate.add_argument("--data", nargs="+", required=True, help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records")
-    evaluate.add_argument("--limit", type=int, default=20, help="prompts to decode per tree (default 20)")
+    evaluate.add_argument("--limit", type=int, default=10, help="prompts per category (Spec-Bench), else in all (default 10)")
     evaluate.add_argument("--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)")
     evaluate.add_argument("--default-trees", action="store_true", help="also decode with the default trees of the same sizes")
     evaluate.add_argument("--tuned", action="store_true", help="also decode with the tree tuned for this device")
@@ -125,11 +126,11 @@ def _parse_sizes(text: str, max_nodes: int | None = None) -> list[int]:
     return [n for n in sizes if max_nodes is None or n <= max_nodes]
 
 
-def _report_skipped(report) -> None:
-    for line in report.skipped[:5]:
+def _report_skipped(skipped: list[str]) -> None:
+    for line in skipped[:5]:
         print(f"skipped {line}", file=sys.stderr)
-    if len(report.skipped) > 5:
-        print(f"... and {len(report.skipped) - 5} more skipped", file=sys.stderr)
+    if len(skipped) > 5:
+        print(f"... and {len(skipped) - 5} more skipped", file=sys.stderr)
 
 
 def _progress(total: int, unit: str):
@@ -143,25 +144,24 @@ def _progress(total: int, unit: str):
 
 def run_profile(args: argparse.Namespace) -> int:
     from medusa.treeopt.build import expected_lengths
-    from medusa.treeopt.data import read_profile_sequences
+    from medusa.treeopt.data import read_profile_examples
     from medusa.treeopt.profile import PROFILE_FILE, heads_fingerprint, profile_heads
 
-    if args.limit < 1 or args.max_length < 2:
-        raise MedusaError("--limit must be at least 1 and --max-length at least 2")
+    if args.limit < 1 or args.max_length < 2 or args.offset < 0:
+        raise MedusaError("--limit must be at least 1, --max-length at least 2 and --offset at least 0")
     directory = _heads_directory(args)
     model = _load_model(args, directory)
     if model.tokenizer is None:
         raise MedusaError("the base model has no tokenizer to read conversations with")
-    sequences, report = read_profile_sequences(args.data, model.tokenizer, args.limit, args.max_length)
-    _report_skipped(report)
-    if not sequences:
+    examples, skipped = read_profile_examples(args.data, model.tokenizer, args.limit, args.max_length, args.offset)
+    _report_skipped(skipped)
+    if not examples:
         raise MedusaError(f"no usable conversation in {', '.join(args.data)}")
-    with _progress(len(sequences), "turn") as bar:
-        profile = profile_heads(model.base_model, model.heads, sequences, args.topk, heads_fingerprint(directory), progress=bar.update)
+    with _progress(len(examples), "conversation") as bar:
+        profile = profile_heads(model.base_model, model.heads, examples, args.topk, heads_fingerprint(directory), progress=bar.update)
     output = Path(args.output) if args.output else directory / PROFILE_FILE
     profile.save(output)
-    print(f"profiled {profile.num_heads} heads on {profile.samples} positions from {report.used} conversations "
-          f"({len(sequences)} assistant turns); saved {output}")
+    print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; saved {output}")
     for k, row in enumerate(profile.accuracy):
         print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  top-{profile.topk} {sum(row):.3f}")
     if profile.samples:
@@ -290,8 +290,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     directory = _heads_directory(args)
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
-    prompts, report = read_prompts(args.data, args.limit)
-    _report_skipped(report)
+    prompts, skipped = read_prompts(args.data, args.limit)
+    _report_skipped(skipped)
     if not prompts:
         raise MedusaError(f"no prompt found in {', '.join(args.data)}")
     model = _load_model(args, directory)

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
@@ -26,7 +27,9 @@ from transformers import PreTrainedModel
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
 from medusa.heads import WEIGHTS_NAME, MedusaHeads
-from medusa.treeopt.data import ProfileSequence
+
+if TYPE_CHECKING:
+    from medusa.training.data import Example
 
 PROFILE_FILE = "tree_profile.json"
 REFERENCE = "base_argmax"
@@ -148,16 +151,17 @@ def heads_fingerprint(directory: str | Path) -> str:
 def profile_heads(
     base_model: PreTrainedModel,
     heads: MedusaHeads,
-    sequences: Iterable[ProfileSequence],
+    sequences: Iterable[Example],
     topk: int = 10,
     fingerprint: str | None = None,
     chunk: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> HeadProfile:
-    """Measure the heads on every position of every assistant turn that has ``num_heads`` tokens after it.
+    """Measure the heads at every position t of ``sequences`` (each with ``input_ids`` and ``loss_mask``,
+    True on assistant tokens) whose next ``num_heads + 1`` tokens are all assistant tokens.
 
-    Position t is measured from the last prompt token (whose hidden state feeds the first decoding step)
-    up to the last one whose deepest head still aims inside the sequence.
+    So a turn is measured from its prompt's last token (whose hidden state feeds the first decoding step)
+    up to the last position whose deepest head still aims inside the turn.
     """
     num_heads = heads.config.num_heads
     vocab = heads.config.vocab_size
@@ -169,14 +173,20 @@ def profile_heads(
     counts: Counter[tuple[int, ...]] = Counter()
     samples = 0
     for sequence in sequences:
-        ids = torch.as_tensor(sequence.token_ids, dtype=torch.long, device=device)
-        first, last = max(sequence.response_start - 1, 0), ids.numel() - num_heads - 2
-        if last >= first:
+        ids = torch.as_tensor(sequence.input_ids, dtype=torch.long, device=device)
+        answer = torch.as_tensor(sequence.loss_mask, dtype=torch.bool, device=device)
+        if ids.shape != answer.shape:
+            raise MedusaError(f"input_ids and loss_mask differ in length ({ids.numel()} and {answer.numel()})")
+        measured = torch.zeros(0, dtype=torch.long, device=device)
+        if ids.numel() > num_heads + 1:
+            # t is measured when tokens t + 1 .. t + num_heads + 1 all belong to an answer
+            measured = answer[1:].unfold(0, num_heads + 1, 1).all(dim=-1).nonzero().flatten()
+        if measured.numel():
             output = base_model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
             greedy = output.logits[0].argmax(-1)  # [len]: the base model's token after each position
             hidden = output.hidden_states[-1][0]  # [len, hidden]
-            for start in range(first, last + 1, chunk):
-                positions = torch.arange(start, min(start + chunk, last + 1), device=device)
+            for start in range(0, measured.numel(), chunk):
+                positions = measured[start : start + chunk]
                 guesses = heads(hidden[positions]).topk(topk, dim=-1).indices  # [heads, chunk, topk]
                 targets = greedy[positions[None, :] + offsets[:, None]]  # [heads, chunk]
                 match = guesses == targets[..., None]
