@@ -1,0 +1,513 @@
+"""The HTTP side of ``medusa serve``: the OpenAI API subset over FastAPI, in front of an ``Engine``.
+
+Handlers validate, tokenize and check limits on the event loop, so that a bad request is answered at
+once without waiting for the model; the generation itself runs on the engine's worker thread and its
+events come back through an asyncio queue. Every error, FastAPI's own included, is answered in
+OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` so clients show the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from medusa.errors import MedusaError
+from medusa.model import GenerationChunk, GenerationConfig
+from medusa.serve.engine import Engine, EngineStopped, Failed, Finished, Job, QueueFull
+from medusa.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    Usage,
+)
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+# How often a handler waiting on a non-streamed generation looks whether its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class ServeSettings:
+    model_name: str | None = None  # the id clients send as "model" (default: the model's own name)
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
+    max_tokens_cap: int = 4096  # the most tokens one request may ask for
+    max_body_bytes: int = 4 * 1024 * 1024
+    use_heads: bool = True  # False: plain decoding on the same cache (the baseline)
+    cuda_graphs: bool = True
+    compile: bool | str = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_cap < 1:
+            raise MedusaError(f"max_tokens_cap must be a positive integer, got {self.max_tokens_cap}")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+    """The FastAPI app; it starts the engine's worker on startup and stops it on shutdown."""
+    settings = settings or ServeSettings()
+    server = _Server(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="Medusa", description="OpenAI-compatible API over Medusa decoding", lifespan=lifespan)
+    app.add_middleware(_RequestCounter, server=server)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return _validation_error(error.errors()).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        elif error.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = str(error.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return ApiError(error.status_code, message, code=code, headers=getattr(error, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        return ApiError(500, f"internal server error: {type(error).__name__}", type="server_error").response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        server.authorize(request)
+        chat = server.parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
+        prompt_ids = server.encode_chat(chat)
+        return await server.complete(request, chat, prompt_ids, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        server.authorize(request)
+        completion = server.parse(CompletionRequest, await _read_json(request, settings.max_body_bytes))
+        prompt_ids = server.encode_text(completion)
+        return await server.complete(request, completion, prompt_ids, chat=False)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> ModelList:
+        server.authorize(request)
+        return ModelList(data=[server.card])
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> ModelCard:
+        server.authorize(request)
+        server.check_model(model_id, param=None)
+        return server.card
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        body = {"status": "ok" if ok else "stopped", "model": server.model_name,
+                "waiting": engine.waiting, "running": engine.running}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        text = engine.metrics.render(waiting=engine.waiting, running=engine.running)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+class _Server:
+    """What the handlers share: the engine, the settings, and a tokenizer of their own."""
+
+    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        model = engine.model
+        self.model_name = settings.model_name or model.name.rstrip("/").rsplit("/", 1)[-1] or "medusa"
+        self.card = ModelCard(id=self.model_name, created=int(time.time()))
+        # The worker decodes with the model's tokenizer; a copy keeps the two threads from sharing one.
+        self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.vocab_size = model.base_model.get_input_embeddings().weight.shape[0]
+        self.context_length = model.context_length
+        self.config_fields = {field.name for field in dataclasses.fields(GenerationConfig)}
+
+    # ----- checks -------------------------------------------------------------------------------
+
+    def authorize(self, request: Request) -> None:
+        expected = self.settings.api_key
+        if expected is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not header:
+            message = "no API key given: send it in the header 'Authorization: Bearer <key>'"
+        elif scheme.lower() != "bearer" or not token.strip():
+            message = "the Authorization header must read 'Bearer <key>'"
+        elif secrets.compare_digest(token.strip().encode(), expected.encode()):
+            return
+        else:
+            message = "incorrect API key provided"
+        raise ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    def parse(self, model: type[SamplingRequest], body: dict) -> Any:
+        try:
+            request = model.model_validate(body)
+        except ValidationError as error:
+            raise _validation_error(error.errors(), in_body=False) from None
+        self.check_model(request.model, param="model")
+        problem = request.unsupported()
+        if problem is not None:
+            raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
+        return request
+
+    def check_model(self, name: str, param: str | None) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           param=param, code="model_not_found")
+
+    # ----- prompts ------------------------------------------------------------------------------
+
+    def encode_chat(self, request: ChatCompletionRequest) -> list[int]:
+        tokenizer = self.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # templates raise their own errors (e.g. "roles must alternate")
+            raise ApiError(400, f"the model's chat template refused these messages: {error}", param="messages") from None
+        return self.check_ids(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+
+    def encode_text(self, request: CompletionRequest) -> list[int]:
+        if isinstance(request.prompt, list):
+            return self.check_ids(request.prompt, "prompt")
+        if self.tokenizer is None:
+            raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
+        return self.check_ids(self.tokenizer(request.prompt)["input_ids"], "prompt")
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", param=param)
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ApiError(400, f"prompt token ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}",
+                           param=param)
+        return ids
+
+    def max_new_tokens(self, requested: int | None, prompt_len: int, prompt_param: str, limit_param: str) -> int:
+        """The request's token budget, or a 400 naming the limit it breaks."""
+        cap, context = self.settings.max_tokens_cap, self.context_length
+        if requested is not None and requested > cap:
+            raise ApiError(400, f"{limit_param} is {requested}, over this server's limit of {cap} tokens per request",
+                           param=limit_param, code="max_tokens_too_large")
+        if context is None:
+            return requested or cap
+        if prompt_len >= context:
+            raise ApiError(400, f"the prompt has {prompt_len} tokens, over the model's context length of {context} "
+                           "tokens", param=prompt_param, code="context_length_exceeded")
+        room = context - prompt_len
+        if requested is None:
+            return min(cap, room)
+        if requested > room:
+            raise ApiError(400, f"the model's context length is {context} tokens: the prompt has {prompt_len} and "
+                           f"{limit_param} asks for {requested} more; ask for at most {room}",
+                           param=limit_param, code="context_length_exceeded")
+        return requested
+
+    def generation_config(self, request: SamplingRequest, max_new_tokens: int) -> GenerationConfig:
+        """Pass the sampling fields on to ``GenerationConfig`` where it has them."""
+        options: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, stop=request.stop, use_heads=self.settings.use_heads, chat_template=False,
+            cuda_graphs=self.settings.cuda_graphs, compile=self.settings.compile,
+        )
+        sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+                    "seed": request.seed}
+        for name, value in sampling.items():
+            if value is None:
+                continue
+            if name in self.config_fields:
+                options[name] = value
+            elif name == "temperature" and value > 0:
+                raise ApiError(400, "temperature > 0 needs sampling, which this build of medusa does not have; "
+                               "use temperature 0 (greedy)", param="temperature", code="unsupported_parameter")
+        try:
+            return GenerationConfig(**options)
+        except MedusaError as error:
+            raise ApiError(400, str(error)) from None
+
+    # ----- generation ---------------------------------------------------------------------------
+
+    async def complete(self, request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool) -> Any:
+        limit_param = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
+        max_new_tokens = self.max_new_tokens(body.token_limit, len(prompt_ids), "messages" if chat else "prompt",
+                                             limit_param)
+        config = self.generation_config(body, max_new_tokens)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(event: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            job = self.engine.submit(prompt_ids, config, sink)
+        except QueueFull as error:
+            raise ApiError(429, f"the server is busy: {error}; retry later", type="rate_limit_exceeded",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except EngineStopped as error:
+            raise ApiError(503, str(error), type="server_error", code="unavailable") from None
+        reply = _Reply(chat=chat, model=self.model_name, prompt_tokens=len(prompt_ids))
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self.stream(job, events, reply, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finished = False
+        try:
+            texts: list[str] = []
+            while True:
+                event = await self.next_event(job, events, request)
+                if isinstance(event, GenerationChunk):
+                    texts.append(event.text)
+                    continue
+                if isinstance(event, Failed):
+                    raise _failure(event)
+                finished = True
+                return reply.whole("".join(texts), event)
+        finally:
+            if not finished:
+                self.engine.cancel(job)
+
+    async def next_event(self, job: Job, events: asyncio.Queue, request: Request | None) -> Any:
+        """The job's next event; a timeout past its deadline, or a cancel when a waiting client left."""
+        while True:
+            remaining = job.deadline - time.monotonic()
+            if remaining <= 0:
+                return Failed("timeout", self.engine._timeout_message())
+            try:
+                return await asyncio.wait_for(events.get(), timeout=min(remaining, DISCONNECT_POLL_SECONDS))
+            except asyncio.TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    self.engine.cancel(job)
+                    # nginx's "client closed request": nobody reads it, but the metrics count it
+                    raise ApiError(499, "the client closed the request", code="client_closed") from None
+
+    async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events. Starlette cancels this generator when the client disconnects; the
+        ``finally`` then cancels the job, which frees the model after the current step."""
+        done = False
+        try:
+            if reply.chat:
+                yield _sse(reply.chunk(role=True))
+            while True:
+                event = await self.next_event(job, events, None)
+                if isinstance(event, GenerationChunk):
+                    if event.text:
+                        yield _sse(reply.chunk(text=event.text))
+                    continue
+                if isinstance(event, Failed):
+                    error = _failure(event)
+                    yield _sse({"error": {"message": error.message, "type": error.type, "param": None,
+                                          "code": error.code}})
+                    break
+                done = True
+                yield _sse(reply.chunk(finish_reason=event.finish_reason))
+                if include_usage:
+                    yield _sse(reply.usage_chunk(event.completion_tokens))
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:
+                self.engine.cancel(job)
+
+
+@dataclass
+class _Reply:
+    """Builds one request's response bodies, whole or as stream chunks."""
+
+    chat: bool
+    model: str
+    prompt_tokens: int
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=self.prompt_tokens + completion_tokens)
+
+    def whole(self, text: str, finished: Finished) -> BaseModel:
+        usage = self.usage(finished.completion_tokens)
+        if self.chat:
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finished.finish_reason)
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+        choice = CompletionChoice(text=text, finish_reason=finished.finish_reason)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+    def chunk(self, text: str | None = None, role: bool = False, finish_reason: str | None = None) -> dict:
+        if self.chat:
+            delta = Delta(role="assistant", content="") if role else Delta(content=text)
+            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            body = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        else:
+            choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
+            body = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return body.model_dump(exclude_none=True)
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        body = self.chunk()
+        body["choices"] = []
+        body["usage"] = self.usage(completion_tokens).model_dump()
+        return body
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _failure(event: Failed) -> ApiError:
+    if event.reason == "timeout":
+        return ApiError(504, event.message, type="timeout_error", code="request_timeout")
+    if event.reason == "invalid":
+        return ApiError(400, event.message)
+    if event.reason == "shutdown":
+        return ApiError(503, event.message, type="server_error", code="unavailable")
+    return ApiError(500, event.message, type="server_error")
+
+
+async def _read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, whatever the Content-Type says (curl -d sends a form type)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the request body has {declared} bytes, over this server's limit of {limit}",
+                       code="request_too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
+                           code="request_too_large")
+    if not body.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "the request body is not UTF-8 text; send a JSON object", code="invalid_json") from None
+    except json.JSONDecodeError as error:
+        raise ApiError(400, f"the request body is not valid JSON: {error.msg} at line {error.lineno} column "
+                       f"{error.colno}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}",
+                       code="invalid_json")
+    return data
+
+
+def _validation_error(errors: list[dict], in_body: bool = True) -> ApiError:
+    """One 400 naming the first bad field (and up to two more), from pydantic's error list."""
+    messages, params = [], []
+    for error in errors[:3]:
+        location = list(error.get("loc", ()))
+        if in_body and location and location[0] in ("body", "query", "path", "header"):
+            location = location[1:]
+        param = _param_name(location)
+        kind, text = error.get("type", ""), str(error.get("msg", "invalid"))
+        if kind == "json_invalid":
+            messages.append(f"the request body is not valid JSON: {error.get('ctx', {}).get('error', text)}")
+            continue
+        params.append(param)
+        if kind == "missing":
+            messages.append(f"missing required parameter: '{param}'")
+        elif kind == "extra_forbidden":
+            messages.append(f"unrecognized request argument supplied: '{param}'")
+        else:
+            text = text.removeprefix("Value error, ")
+            value = error.get("input")
+            shown = f" (got {json.dumps(value)[:60]})" if isinstance(value, (int, float, str, bool)) else ""
+            messages.append(f"invalid value for '{param}': {text}{shown}")
+    if len(errors) > 3:
+        messages.append(f"and {len(errors) - 3} more")
+    return ApiError(400, "; ".join(messages), param=params[0] if params else None,
+                    code="invalid_value" if params else "invalid_json")
+
+
+def _param_name(location: list) -> str:
+    name = ""
+    for part in location:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+class _RequestCounter:
+    """Pure ASGI middleware counting responses by endpoint and status (streams included, unbuffered)."""
+
+    def __init__(self, app: ASGIApp, server: _Server) -> None:
+        self.app = app
+        self.metrics = server.engine.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = 500
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.record_request(endpoint, status)

@@ -1,0 +1,220 @@
+"""One generation at a time in front of a ``MedusaModel``: a bounded wait line, deadlines and cancellation.
+
+The model is synchronous and holds one sequence's cache, so a single worker thread runs generations
+one after another. Requests beyond the line's capacity are refused at once (the server answers 429)
+rather than left to pile up. ``MedusaModel.stream`` is a generator, so a cancelled or expired request
+is stopped between two decoding steps simply by no longer iterating it: the model is free again after
+at most one step. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medusa.decoding import DecodingStats
+from medusa.errors import MedusaError
+from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
+from medusa.serve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The wait line is full: come back later (HTTP 429)."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more work (HTTP 503)."""
+
+
+@dataclass
+class EngineConfig:
+    max_waiting: int = 16  # requests that may wait while one generates; more are refused
+    request_timeout: float = 300.0  # seconds from arrival to the end of the generation, queueing included
+
+    def __post_init__(self) -> None:
+        if self.max_waiting < 0:
+            raise MedusaError(f"max_waiting must be 0 or more, got {self.max_waiting}")
+        if self.request_timeout <= 0:
+            raise MedusaError(f"request_timeout must be positive, got {self.request_timeout}")
+
+
+@dataclass
+class Finished:
+    finish_reason: str  # "stop" or "length"
+    completion_tokens: int
+    stats: DecodingStats
+
+
+@dataclass
+class Failed:
+    reason: str  # "timeout", "invalid" (a MedusaError), "error", "shutdown"
+    message: str
+
+
+Event = GenerationChunk | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+class Job:
+    """One request's generation. ``sink`` receives its events on the worker thread; it must not block."""
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink, deadline: float) -> None:
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.sink = sink
+        self.submitted = time.monotonic()
+        self.deadline = deadline
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # a broken sink must not take the worker down
+            log.exception("event sink failed")
+
+
+class Engine:
+    def __init__(self, model: MedusaModel, config: EngineConfig | None = None, metrics: Metrics | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.metrics = metrics or Metrics()
+        self._lock = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ----- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="medusa-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, drop the waiting requests, stop the running one after its current step."""
+        with self._lock:
+            self._stopping = True
+            dropped = list(self._waiting)
+            self._waiting.clear()
+            if self._running is not None:
+                self._running._cancelled.set()
+            self._lock.notify_all()
+            thread, self._thread = self._thread, None
+        for job in dropped:
+            job.emit(Failed("shutdown", "the server is shutting down"))
+        if thread is not None:
+            thread.join(timeout)
+
+    # ----- requests -----------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return int(self._running is not None)
+
+    def submit(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink) -> Job:
+        """Queue a generation; raise ``QueueFull`` when the line is full, ``EngineStopped`` when stopping."""
+        job = Job(prompt_ids, config, sink, time.monotonic() + self.config.request_timeout)
+        with self._lock:
+            if self._stopping or self._thread is None:
+                raise EngineStopped("the engine is not running")
+            if len(self._waiting) + self.running > self.config.max_waiting:
+                raise QueueFull(
+                    f"{self.running} generation running and {len(self._waiting)} waiting, "
+                    f"the most this server queues ({self.config.max_waiting} waiting)"
+                )
+            self._waiting.append(job)
+            self._lock.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        """Stop a job: a waiting one leaves the line now, a running one after the current step."""
+        job._cancelled.set()
+        with self._lock:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass
+
+    # ----- the worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                job = self._waiting.popleft()
+                self._running = job
+            try:
+                if job.cancelled:
+                    continue
+                if time.monotonic() > job.deadline:
+                    job.emit(Failed("timeout", self._timeout_message()))
+                    self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
+                    continue
+                self._generate(job)
+            finally:
+                with self._lock:
+                    self._running = None
+
+    def _generate(self, job: Job) -> None:
+        stats = DecodingStats()
+        completion_tokens = 0
+        outcome: str | None = None
+        try:
+            stream = self.model.stream(job.prompt_ids, job.config, stats=stats)
+            try:
+                for chunk in stream:
+                    if chunk.accepted:
+                        self.metrics.record_step(chunk.accepted, len(chunk.token_ids))
+                    if chunk.token_ids and completion_tokens == 0:
+                        self.metrics.record_first_token(time.monotonic() - job.submitted)
+                    completion_tokens += len(chunk.token_ids)
+                    job.emit(chunk)
+                    if job.cancelled:
+                        outcome = "cancelled"
+                        break
+                    if time.monotonic() > job.deadline:
+                        outcome = "timeout"
+                        job.emit(Failed("timeout", self._timeout_message()))
+                        break
+            finally:
+                stream.close()  # runs the generator's cleanup now, on this thread
+        except MedusaError as error:
+            outcome = "invalid"
+            job.emit(Failed("invalid", str(error)))
+        except Exception as error:
+            log.exception("generation failed")
+            outcome = "error"
+            job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
+        if outcome is None:
+            outcome = stats.finish_reason
+            job.emit(Finished(stats.finish_reason, completion_tokens, stats))
+        self.metrics.record_generation(len(job.prompt_ids), outcome, time.monotonic() - job.submitted)
+
+    def _timeout_message(self) -> str:
+        return f"the request took longer than this server's limit of {self.config.request_timeout:g} seconds"

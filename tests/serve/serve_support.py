@@ -1,0 +1,110 @@
+"""Shared by the server tests: a tiny model with a character tokenizer and chat template, and the real
+server on loopback around it. (Not a conftest.py: that name is taken by tests/conftest.py on sys.path.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+import uvicorn
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+from medusa.model import MedusaModel
+from medusa.serve.app import ServeSettings, create_app
+from medusa.serve.engine import Engine, EngineConfig
+from conftest import TINY_VOCAB, make_tiny_model
+
+MODEL_NAME = "tiny"
+CONTEXT = 256
+SPECIALS = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0..4; 3 is the tiny model's EOS
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character: printable ASCII, newline, tab, then Latin-1 letters up to 256 ids."""
+    characters = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    code = 0xA1
+    while len(SPECIALS) + len(characters) < TINY_VOCAB:
+        characters.append(chr(code))
+        code += 1
+    vocab = {token: index for index, token in enumerate(SPECIALS + characters)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(SPECIALS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_model(seed: int = 3) -> MedusaModel:
+    """Seed 3 decodes hundreds of tokens without EOS and accepts about 2 tokens per step."""
+    base = make_tiny_model("llama", seed=seed, max_positions=CONTEXT)
+    return MedusaModel.from_pretrained(base, tokenizer=make_tokenizer(), num_heads=3, tree="8")
+
+
+class RunningServer:
+    """uvicorn on a free loopback port in a background thread."""
+
+    def __init__(self, model: MedusaModel, settings: ServeSettings, engine_config: EngineConfig) -> None:
+        self.engine = Engine(model, engine_config)
+        self.settings = settings
+        app = create_app(self.engine, settings)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.port = self.socket.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> "RunningServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.socket.close()
+
+
+@contextlib.contextmanager
+def running_server(model: MedusaModel, **options) -> Iterator[RunningServer]:
+    engine_options = {k: options.pop(k) for k in ("max_waiting", "request_timeout") if k in options}
+    settings = ServeSettings(model_name=MODEL_NAME, **options)
+    with RunningServer(model, settings, EngineConfig(**engine_options)) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """The tiny model decodes fastest on one thread, and the tests share a 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def serve_model(one_thread) -> MedusaModel:
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def server(serve_model) -> Iterator[RunningServer]:
+    with running_server(serve_model, max_tokens_cap=200) as running:
+        yield running
