@@ -53,6 +53,13 @@ def make_model(seed: int = 3) -> MedusaModel:
     return MedusaModel.from_pretrained(base, tokenizer=make_tokenizer(), num_heads=3, tree="8")
 
 
+def make_slow_model(seconds_per_forward: float) -> MedusaModel:
+    """The tiny model, but each forward pass takes at least this long: long generations on demand."""
+    model = make_model()
+    model.base_model.register_forward_pre_hook(lambda module, args: time.sleep(seconds_per_forward))
+    return model
+
+
 class RunningServer:
     """uvicorn on a free loopback port in a background thread."""
 

@@ -311,35 +311,34 @@ class _Server:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(self.stream(job, events, reply, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        finished = False
+        watcher = asyncio.create_task(self.watch_disconnect(request, job))
         try:
             texts: list[str] = []
             while True:
-                event = await self.next_event(job, events, request)
+                event = await self.next_event(job, events)
                 if isinstance(event, GenerationChunk):
                     texts.append(event.text)
-                    continue
-                if isinstance(event, Failed):
+                elif isinstance(event, Failed):
                     raise _failure(event)
-                finished = True
-                return reply.whole("".join(texts), event)
+                else:
+                    return reply.whole("".join(texts), event)
         finally:
-            if not finished:
-                self.engine.cancel(job)
+            watcher.cancel()
+            self.engine.cancel(job)  # a no-op when it has finished
 
-    async def next_event(self, job: Job, events: asyncio.Queue, request: Request | None) -> Any:
-        """The job's next event; a timeout past its deadline, or a cancel when a waiting client left."""
-        while True:
-            remaining = job.deadline - time.monotonic()
-            if remaining <= 0:
-                return Failed("timeout", self.engine._timeout_message())
-            try:
-                return await asyncio.wait_for(events.get(), timeout=min(remaining, DISCONNECT_POLL_SECONDS))
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    self.engine.cancel(job)
-                    # nginx's "client closed request": nobody reads it, but the metrics count it
-                    raise ApiError(499, "the client closed the request", code="client_closed") from None
+    async def watch_disconnect(self, request: Request, job: Job) -> None:
+        """Cancel a non-streamed job whose client has gone (streams learn it from Starlette)."""
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        self.engine.cancel(job)
+
+    async def next_event(self, job: Job, events: asyncio.Queue) -> Any:
+        """The job's next event, or a timeout once its deadline has passed."""
+        remaining = job.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            return Failed("timeout", self.engine.timeout_message())
 
     async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events. Starlette cancels this generator when the client disconnects; the
@@ -349,7 +348,7 @@ class _Server:
             if reply.chat:
                 yield _sse(reply.chunk(role=True))
             while True:
-                event = await self.next_event(job, events, None)
+                event = await self.next_event(job, events)
                 if isinstance(event, GenerationChunk):
                     if event.text:
                         yield _sse(reply.chunk(text=event.text))
@@ -420,6 +419,8 @@ def _failure(event: Failed) -> ApiError:
         return ApiError(504, event.message, type="timeout_error", code="request_timeout")
     if event.reason == "invalid":
         return ApiError(400, event.message)
+    if event.reason == "cancelled":
+        return ApiError(499, event.message, code="client_closed")
     if event.reason == "shutdown":
         return ApiError(503, event.message, type="server_error", code="unavailable")
     return ApiError(500, event.message, type="server_error")

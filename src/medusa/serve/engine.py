@@ -53,7 +53,7 @@ class Finished:
 
 @dataclass
 class Failed:
-    reason: str  # "timeout", "invalid" (a MedusaError), "error", "shutdown"
+    reason: str  # "timeout", "invalid" (a MedusaError), "error", "cancelled", "shutdown"
     message: str
 
 
@@ -173,7 +173,7 @@ class Engine:
                 if job.cancelled:
                     continue
                 if time.monotonic() > job.deadline:
-                    job.emit(Failed("timeout", self._timeout_message()))
+                    job.emit(Failed("timeout", self.timeout_message()))
                     self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
                     continue
                 self._generate(job)
@@ -197,10 +197,14 @@ class Engine:
                     job.emit(chunk)
                     if job.cancelled:
                         outcome = "cancelled"
+                        if self._stopping:
+                            job.emit(Failed("shutdown", "the server is shutting down"))
+                        else:
+                            job.emit(Failed("cancelled", "the request was cancelled"))
                         break
                     if time.monotonic() > job.deadline:
                         outcome = "timeout"
-                        job.emit(Failed("timeout", self._timeout_message()))
+                        job.emit(Failed("timeout", self.timeout_message()))
                         break
             finally:
                 stream.close()  # runs the generator's cleanup now, on this thread
@@ -216,5 +220,5 @@ class Engine:
             job.emit(Finished(stats.finish_reason, completion_tokens, stats))
         self.metrics.record_generation(len(job.prompt_ids), outcome, time.monotonic() - job.submitted)
 
-    def _timeout_message(self) -> str:
+    def timeout_message(self) -> str:
         return f"the request took longer than this server's limit of {self.config.request_timeout:g} seconds"

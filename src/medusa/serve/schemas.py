@@ -28,7 +28,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Any = None
+    content: Any
     name: str | None = None
     tool_calls: list[Any] | None = None
 
@@ -51,7 +51,7 @@ class ChatMessage(BaseModel):
                     raise ValueError("a text content part needs a string 'text'")
                 texts.append(part["text"])
             return "".join(texts)
-        raise ValueError(f"content must be a string or a list of text parts, got {type(value).__name__}")
+        raise ValueError("content must be a string or a list of text parts")
 
 
 def _stop_strings(value: Any) -> tuple[str, ...]:
