@@ -40,8 +40,10 @@ class MedusaCache(Cache):
         """
         targets = target_start + torch.arange(source_slots.numel(), device=source_slots.device)
         for layer in self.layers:
-            layer.keys.index_copy_(2, targets, layer.keys.index_select(2, source_slots))
-            layer.values.index_copy_(2, targets, layer.values.index_select(2, source_slots))
+            # Each layer's buffers sit on that layer's device when the base model is split over devices.
+            sources, places = source_slots.to(layer.keys.device), targets.to(layer.keys.device)
+            layer.keys.index_copy_(2, places, layer.keys.index_select(2, sources))
+            layer.values.index_copy_(2, places, layer.values.index_select(2, sources))
 
 
 def num_cache_layers(config: PretrainedConfig) -> int:

@@ -47,6 +47,11 @@ class MedusaHeadsConfig:
     def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
         if not Path(directory).is_dir():
             raise MedusaError(f"heads directory {directory} does not exist")
+        from medusa import interop  # the original project's layout and vLLM's read as well
+
+        layout = interop.foreign_layout(directory)
+        if layout is not None:
+            return interop.official_heads_config(directory) if layout == "medusa" else interop.vllm_heads_config(directory)
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise MedusaError(f"no Medusa heads config at {path}")
@@ -121,7 +126,19 @@ class MedusaHeads(nn.Module):
             raise MedusaError("heads share the base lm_head, but none was attached")
         return lm_head(features)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the heads compute: with their projections, or with the base lm_head they share."""
+        if self.projections is not None:
+            return self.projections[0].weight.device
+        lm_head = self._shared_lm_head[0]
+        if lm_head is None:
+            raise MedusaError("heads share the base lm_head, but none was attached")
+        return lm_head.weight.device
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # A base model split over devices hands its last hidden state over from wherever its output lands.
+        hidden = hidden.to(self.device)
         features = torch.stack([block(hidden) for block in self.blocks])  # [heads, ..., hidden]
         if self.projections is None:
             # One matmul against the shared lm_head reads its weight once for all heads.
@@ -142,6 +159,12 @@ class MedusaHeads(nn.Module):
         directory = Path(directory)
         if not directory.is_dir():
             raise MedusaError(f"heads directory {directory} does not exist")
+        from medusa import interop
+
+        layout = interop.foreign_layout(directory)
+        if layout is not None:
+            load = interop.load_official_heads if layout == "medusa" else interop.load_vllm_heads
+            return load(directory, base_lm_head=base_lm_head)
         config = MedusaHeadsConfig.load(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():

@@ -95,8 +95,12 @@ def load_base_model(
     source: str | Path | None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
-    """Load ``(model, tokenizer, name)`` from a directory, a ``.gguf`` file, or the default model (None)."""
+    """Load ``(model, tokenizer, name)`` from a directory, a ``.gguf`` file, or the default model (None).
+
+    ``device_map`` hands placement to accelerate (``"auto"`` splits the layers over the GPUs) instead of ``device``.
+    """
     resolved_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, resolved_device)
     if source is None:
@@ -114,10 +118,11 @@ def load_base_model(
     elif not (path / "config.json").is_file():
         raise MedusaError(f"base model directory {path} has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
         raise MedusaError(f"could not load the base model from {path}: {error}") from None
-    model.to(resolved_device)
+    if device_map is None:
+        model.to(resolved_device)
     model.eval()
     return model, tokenizer, name
