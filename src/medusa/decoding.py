@@ -110,7 +110,7 @@ class MedusaDecoder:
             # A copy: the step overwrites root_token with the next token before it returns these.
             return self.root_token.clone().view(1)
         head_logits = self.heads(self.last_hidden)  # [heads, vocab]
-        top = head_logits.topk(self.tree.topk, dim=-1).indices  # [heads, topk]
+        top = head_logits.topk(self.tree.topk, dim=-1).indices.to(self.device)  # [heads, topk], back from the heads' device
         flat = torch.cat([self.root_token.view(1), top.flatten()])
         return flat[self.tree.candidate_index]
 
