@@ -56,6 +56,18 @@ def make_tiny_model(architecture: str, seed: int = 0, max_positions: int = 512) 
     return model_class(config).eval()
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread: on a busy 2-core machine two threads make them ~10x slower."""
+    if "default_model" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=list(ARCHITECTURES))
 def tiny_model(request):
     return make_tiny_model(request.param)

@@ -1,0 +1,290 @@
+"""Greedy Medusa decoding is lossless: token for token the base model's own ``generate(do_sample=False)``.
+
+Untrained or random heads are rarely right, so most steps accept nothing and would leave the cache
+compaction untested. The oracle decoder fixes that: it proposes the true greedy continuation at random
+top-k ranks of each head, so paths of two to five tokens are accepted, mostly on branches other than
+the first, and their K/V must be moved into place for the next step to be right.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+
+import pytest
+import torch
+
+from conftest import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
+from medusa.acceptance import GreedyAcceptance
+from medusa.decoding import DecodingStats, MedusaDecoder, decode
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.model import GenerationConfig, MedusaModel
+from medusa.tree import Tree, default_tree
+
+NEW_TOKENS = 32
+CUSTOM_TREE = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [2, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0, 0]]
+TREES = {"8": "8", "16": "16", "64": "64", "custom": CUSTOM_TREE}
+
+
+def random_prompts(count: int, seed: int) -> list[list[int]]:
+    """Prompts of 1 to 24 ordinary tokens (ids 0-3 are pad, BOS, unknown and EOS)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(4, TINY_VOCAB) for _ in range(rng.randint(1, 24))] for _ in range(count)]
+
+
+PROMPTS = random_prompts(3, seed=0)  # shared by the tests below, so each reference is computed once
+
+
+def plain_greedy(base, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The reference: transformers' own greedy decoding with its own cache."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = base.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@lru_cache(maxsize=None)
+def reference(architecture: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    return tuple(plain_greedy(make_tiny_model(architecture), list(prompt), max_new_tokens))
+
+
+def architecture_of(model) -> str:
+    return next(name for name, (_, model_class, _) in ARCHITECTURES.items() if isinstance(model, model_class))
+
+
+def perturb(heads: MedusaHeads, seed: int, scale: float = 0.3) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in heads.parameters():
+            parameter.add_(scale * parameter.abs().mean() * torch.randn(parameter.shape, generator=generator))
+            if parameter.abs().sum() == 0:  # zero-initialised blocks: give them a random start
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+# ----- random prompts, trees and head settings ----------------------------------------------------
+
+
+@pytest.mark.parametrize("tree", list(TREES.values()), ids=list(TREES))
+def test_lossless_over_trees(tiny_model, tree):
+    architecture = architecture_of(tiny_model)
+    model = MedusaModel.from_pretrained(tiny_model, tree=tree)
+    accepted = []
+    for prompt in PROMPTS:
+        result = model.generate(prompt, max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS)), prompt
+        accepted += result.stats.accepted_per_step
+    assert sum(accepted) >= len(PROMPTS) * NEW_TOKENS  # every step commits at least the base model's own token
+
+
+HEAD_SETTINGS = {
+    "no-blocks": dict(num_layers=0),
+    "two-blocks": dict(num_layers=2),
+    "shared-lm-head": dict(num_layers=1, share_lm_head=True),
+    "perturbed": dict(num_layers=1, perturb=True),
+    "perturbed-shared-5-heads": dict(num_layers=2, share_lm_head=True, num_heads=5, perturb=True),
+}
+
+
+@pytest.mark.parametrize("settings", list(HEAD_SETTINGS.values()), ids=list(HEAD_SETTINGS))
+def test_lossless_over_head_settings(tiny_model, settings):
+    architecture = architecture_of(tiny_model)
+    settings = dict(settings)
+    scramble = settings.pop("perturb", False)
+    model = MedusaModel.from_pretrained(tiny_model, tree="64", **settings)
+    if scramble:
+        perturb(model.heads, seed=7)
+        probe = torch.randn(tiny_model.config.hidden_size)
+        with torch.no_grad():
+            assert not torch.equal(model.heads(probe)[0], tiny_model.get_output_embeddings()(probe))
+    for prompt in PROMPTS:
+        result = model.generate(prompt, max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS)), prompt
+        assert result.finish_reason == ("stop" if EOS_ID in result.token_ids else "length")
+
+
+def test_plain_decoding_without_heads(tiny_model):
+    architecture = architecture_of(tiny_model)
+    model = MedusaModel.from_pretrained(tiny_model, tree="64")
+    for prompt in PROMPTS:
+        result = model.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS, use_heads=False))
+        assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS))
+        assert result.stats.accepted_per_step == [1] * len(result.token_ids)
+        assert result.stats.steps == result.stats.new_tokens == len(result.token_ids)
+
+
+@pytest.mark.parametrize("position", [0, 3, 12])
+def test_generation_stops_at_eos(tiny_model, position):
+    """Make the token at ``position`` of the greedy answer the EOS token: both decoders stop right after it."""
+    model = MedusaModel.from_pretrained(tiny_model, tree="64")
+    prompt = PROMPTS[position % len(PROMPTS)]
+    unbounded = list(reference(architecture_of(tiny_model), tuple(prompt), NEW_TOKENS))
+    stop_token = unbounded[position]
+    position = unbounded.index(stop_token)  # its first occurrence
+    tiny_model.generation_config.eos_token_id = stop_token
+    expected = plain_greedy(tiny_model, prompt, NEW_TOKENS)
+    assert expected == unbounded[: position + 1]
+    result = model.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert result.token_ids == expected
+    assert result.finish_reason == "stop"
+
+
+# ----- the oracle: proposals that get accepted ----------------------------------------------------
+
+
+class OracleDecoder(MedusaDecoder):
+    """Puts the true greedy continuation at the ranks of a chosen deep tree path, random tokens elsewhere."""
+
+    def __init__(self, *args, truth: list[int], seed: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.truth = truth  # prompt + greedy continuation, longer than what is decoded
+        self.rng = random.Random(seed)
+        self.targets: list[tuple[int, ...]] = []
+        self.deep_paths = [path for path in self.tree.paths if len(path) >= 2]
+
+    def propose(self) -> torch.Tensor:
+        length = int(self.length)
+        # The root is the base model's own token: if decoding were off, it would differ from the truth.
+        assert int(self.root_token) == self.truth[length], f"decoding diverged at position {length}"
+        target = self.rng.choice(self.deep_paths)
+        self.targets.append(target)
+        num_heads, topk = self.heads.config.num_heads, self.tree.topk
+        top = torch.empty(num_heads, topk, dtype=torch.long)
+        for head in range(num_heads):
+            position = length + 1 + head  # head k guesses the token k + 2 ahead of the last committed one
+            true = self.truth[position] if position < len(self.truth) else -1
+            for rank in range(topk):
+                top[head, rank] = (true + self.rng.randrange(1, TINY_VOCAB)) % TINY_VOCAB
+            rank = target[head] if head < len(target) else self.rng.randrange(topk)
+            if true >= 0:
+                top[head, rank] = true
+        flat = torch.cat([self.root_token.view(1), top.flatten()])
+        return flat[self.tree.candidate_index]
+
+
+def oracle_run(
+    base,
+    tree: Tree,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos: set[int],
+    seed: int = 0,
+    num_heads: int = 4,
+    continuation: list[int] | None = None,
+):
+    """Decode with the oracle; return (tokens, stats, decoder). ``continuation``: the base's greedy answer, if known."""
+    if continuation is None:
+        continuation = plain_greedy(base, prompt, max_new_tokens + num_heads + 2)
+    truth = prompt + list(continuation)
+    heads = MedusaHeads(
+        MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=num_heads),
+        base_lm_head=base.get_output_embeddings(),
+    )
+    max_length = len(prompt) + max_new_tokens + tree.size
+    decoder = OracleDecoder(base, heads, tree, GreedyAcceptance(), max_length, truth=truth, seed=seed)
+    stats = DecodingStats()
+    tokens: list[int] = []
+    for step in decode(decoder, torch.tensor(prompt), max_new_tokens, eos, stats):
+        tokens += step.tokens
+    return tokens, stats, decoder
+
+
+def test_oracle_accepts_long_paths_and_stays_lossless(tiny_model):
+    architecture = architecture_of(tiny_model)
+    for index, prompt in enumerate(random_prompts(3, seed=21)):
+        continuation = list(reference(architecture, tuple(prompt), 46))
+        tokens, stats, decoder = oracle_run(
+            tiny_model, default_tree(64), prompt, 40, eos={EOS_ID}, seed=index, continuation=continuation
+        )
+        assert tokens == continuation[:40]
+        if EOS_ID in tokens:
+            continue
+        assert stats.mean_accepted > 2, stats.accepted_per_step
+        assert max(stats.accepted_per_step) == 5  # depth-4 paths: the root and four guesses
+        # Most accepted paths are not the all-zero first branch, so their K/V had to move.
+        assert sum(any(target) for target in decoder.targets) > len(decoder.targets) / 2
+
+
+def test_oracle_on_a_five_deep_custom_tree(tiny_model):
+    architecture = architecture_of(tiny_model)
+    tree = Tree.from_paths([[0], [1], [2], [1, 0], [1, 2], [2, 1], [1, 2, 0], [1, 2, 0, 1], [2, 1, 1], [1, 2, 0, 1, 2]])
+    prompt = random_prompts(1, seed=4)[0]
+    continuation = list(reference(architecture, tuple(prompt), 47))
+    tokens, stats, decoder = oracle_run(tiny_model, tree, prompt, 40, eos={EOS_ID}, num_heads=5, continuation=continuation)
+    assert tokens == continuation[:40]
+    if EOS_ID not in tokens:
+        assert 6 in stats.accepted_per_step
+        assert stats.mean_accepted > 2
+
+
+def test_oracle_hits_max_new_tokens_mid_path():
+    base = make_tiny_model("llama")
+    prompt = random_prompts(1, seed=3)[0]
+    continuation = plain_greedy(base, prompt, 26)
+    expected = continuation[:20]
+    assert EOS_ID not in expected
+    cut_mid_path = 0
+    for max_new_tokens in range(1, 15):
+        tokens, stats, _ = oracle_run(
+            base, default_tree(32), prompt, max_new_tokens, eos={EOS_ID}, seed=max_new_tokens, continuation=continuation
+        )
+        assert tokens == expected[:max_new_tokens]
+        assert stats.new_tokens == max_new_tokens and stats.finish_reason == "length"
+        cut_mid_path += sum(stats.accepted_per_step) > max_new_tokens
+    assert cut_mid_path >= 4
+
+
+def test_oracle_stops_at_eos_inside_an_accepted_path():
+    base = make_tiny_model("qwen2")
+    prompt = random_prompts(1, seed=8)[0]
+    unbounded = plain_greedy(base, prompt, 36)
+    inside = 0
+    for position in range(1, 30, 3):
+        stop_token = unbounded[position]
+        first = unbounded.index(stop_token)
+        tokens, stats, _ = oracle_run(
+            base, default_tree(64), prompt, 30, eos={stop_token}, seed=position, continuation=unbounded
+        )
+        assert tokens == unbounded[: first + 1]
+        assert stats.finish_reason == "stop"
+        inside += stats.accepted_per_step[-1] > 1 and sum(stats.accepted_per_step) > len(tokens)
+    assert inside >= 3  # EOS was mid-path, and the tokens after it were dropped
+
+
+def test_compacted_cache_equals_a_fresh_prefill(tiny_model):
+    """After decoding with long accepted paths, the committed K/V are those of the plain sequence."""
+    prompt = random_prompts(1, seed=13)[0]
+    continuation = list(reference(architecture_of(tiny_model), tuple(prompt), 36))
+    tokens, stats, decoder = oracle_run(tiny_model, default_tree(64), prompt, 30, eos=set(), continuation=continuation)
+    assert stats.mean_accepted > 2
+    committed = int(decoder.length)
+    sequence = torch.tensor([prompt + tokens])[:, :committed]
+    with torch.no_grad():
+        fresh = tiny_model(sequence, use_cache=True).past_key_values
+    for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
+        torch.testing.assert_close(layer.keys[:, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values[:, :, :committed], fresh_layer.values, rtol=1e-4, atol=1e-5)
+
+
+# ----- sliding windows: the window is applied through the mask ------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["mistral", "qwen2", "phi3"])
+def test_lossless_with_a_short_sliding_window(architecture):
+    config_class, model_class, extra = ARCHITECTURES[architecture]
+    base = make_tiny_model(architecture)
+    window = {"sliding_window": 6}
+    if architecture == "qwen2":  # one sliding and one full layer
+        window.update(use_sliding_window=True, max_window_layers=1)
+    settings = {k: v for k, v in base.config.to_dict().items() if k != "layer_types"}  # recomputed from the window
+    config = config_class(**{**settings, **window})
+    torch.manual_seed(0)
+    windowed = model_class(config).eval()
+    prompt = random_prompts(1, seed=2)[0] + [10] * 10
+    expected = plain_greedy(windowed, prompt, NEW_TOKENS)
+    assert expected != plain_greedy(base, prompt, NEW_TOKENS)  # the window matters for this prompt
+    model = MedusaModel.from_pretrained(windowed, tree="64")
+    assert model.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids == expected
+    truth_tokens, _, _ = oracle_run(windowed, default_tree(64), prompt, NEW_TOKENS, eos={EOS_ID})
+    assert truth_tokens == expected
