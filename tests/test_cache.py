@@ -1,0 +1,124 @@
+"""The static cache's path compaction, and the visibility masks that address its slots."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, tree_visibility
+from medusa.tree import Tree
+
+T, F = True, False
+
+
+def filled_cache(num_layers: int = 2, max_length: int = 10) -> MedusaCache:
+    """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer)."""
+    cache = MedusaCache(num_layers, max_length)
+    cache.set_length(torch.tensor(0))
+    for index, layer in enumerate(cache.layers):
+        slots = torch.arange(max_length, dtype=torch.float32) + 100 * index
+        keys = slots.view(1, 1, max_length, 1).expand(1, 2, max_length, 3).clone()
+        layer.update(keys, -keys)
+    return cache
+
+
+def slot_values(cache: MedusaCache, layer: int = 0) -> list[float]:
+    return cache.layers[layer].keys[0, 0, :, 0].tolist()
+
+
+def test_update_writes_after_the_declared_length():
+    cache = filled_cache(num_layers=1)
+    cache.set_length(torch.tensor(4))
+    cache.layers[0].update(torch.full((1, 2, 2, 3), 42.0), torch.full((1, 2, 2, 3), -42.0))
+    assert slot_values(cache) == [0, 1, 2, 3, 42, 42, 6, 7, 8, 9]
+    assert int(cache.layers[0].cumulative_length) == 6
+
+
+def test_commit_moves_the_accepted_path_into_place_on_every_layer():
+    cache = filled_cache()
+    # Committed length 4; the tree was written at slots 4..9; the accepted path is nodes 0, 2, 5.
+    cache.commit(torch.tensor([4, 6, 9]), torch.tensor(4))
+    assert slot_values(cache, 0) == [0, 1, 2, 3, 4, 6, 9, 7, 8, 9]
+    assert slot_values(cache, 1) == [100, 101, 102, 103, 104, 106, 109, 107, 108, 109]
+    assert cache.layers[1].values[0, 1, :, 2].tolist() == [-v for v in slot_values(cache, 1)]
+
+
+def test_commit_reads_every_source_before_writing():
+    cache = filled_cache(num_layers=1)
+    # Target 5 is also a source: it must get slot 5's old value moved to slot 4 ... and slot 8 to 5.
+    cache.commit(torch.tensor([5, 8, 6]), torch.tensor(4))
+    assert slot_values(cache) == [0, 1, 2, 3, 5, 8, 6, 7, 8, 9]
+
+
+def test_set_length_applies_to_all_layers():
+    cache = filled_cache(num_layers=3)
+    cache.set_length(torch.tensor(7))
+    assert [int(layer.cumulative_length) for layer in cache.layers] == [7, 7, 7]
+
+
+def test_chunk_visibility_is_causal_from_the_length():
+    allowed, queries, keys = chunk_visibility(torch.tensor(3), 2, 6)
+    assert allowed.tolist() == [[T, T, T, T, F, F], [T, T, T, T, T, F]]
+    assert queries.tolist() == [3, 4]
+    assert keys.tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_tree_visibility_sees_committed_slots_and_ancestors():
+    tree = Tree.from_paths([[0], [1], [0, 0]])  # nodes: root, [0], [1], [0, 0]
+    allowed, queries, keys = tree_visibility(torch.tensor(2), tree.attention_mask, tree.depths, 8)
+    assert allowed.tolist() == [
+        # committed | root  [0]  [1] [0,0] | unused
+        [T, T, T, F, F, F, F, F],
+        [T, T, T, T, F, F, F, F],
+        [T, T, T, F, T, F, F, F],
+        [T, T, T, T, F, T, F, F],
+    ]
+    assert queries.tolist() == [2, 3, 3, 4]  # positions follow depth, not slot
+    assert keys.tolist() == [0, 1, 2, 3, 3, 4, 6, 7]
+
+
+def additive_to_bool(mask: torch.Tensor) -> list[list[bool]]:
+    assert mask.shape[:2] == (1, 1)
+    return (mask[0, 0] == 0).tolist()
+
+
+def test_full_attention_mask_is_additive():
+    allowed, queries, keys = chunk_visibility(torch.tensor(1), 2, 4)
+    mask = attention_mask_for(LlamaConfig(), allowed, queries, keys, torch.float32)
+    assert mask.dtype == torch.float32
+    assert additive_to_bool(mask) == allowed.tolist()
+    assert mask.min() == torch.finfo(torch.float32).min
+    half = attention_mask_for(LlamaConfig(), allowed, queries, keys, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.min() == torch.finfo(torch.bfloat16).min
+
+
+def test_sliding_window_applies_to_positions():
+    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)  # query at position 4
+    mask = attention_mask_for(MistralConfig(sliding_window=2), allowed, queries, keys, torch.float32)
+    assert additive_to_bool(mask) == [[F, F, F, T, T, F]]
+    # The same tree node at depth 2 sits at position length + 2, whatever its slot.
+    tree = Tree.from_paths([[0], [1], [0, 0]])
+    allowed, queries, keys = tree_visibility(torch.tensor(4), tree.attention_mask, tree.depths, 9)
+    mask = attention_mask_for(MistralConfig(sliding_window=2), allowed, queries, keys, torch.float32)
+    # node [0, 0] (slot 7, position 6) sees position 5 ([0], slot 5) and itself, not the root at 4
+    assert additive_to_bool(mask)[3] == [F, F, F, F, F, T, F, T, F]
+
+
+def test_models_without_a_window_ignore_it():
+    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)
+    for config in (Qwen2Config(sliding_window=2), MistralConfig(sliding_window=None)):
+        mask = attention_mask_for(config, allowed, queries, keys, torch.float32)
+        assert additive_to_bool(mask) == allowed.tolist()
+
+
+def test_mixed_layers_get_one_mask_per_layer_type():
+    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)
+    configs = (
+        Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=1, sliding_window=2),
+        Gemma2Config(num_hidden_layers=2, sliding_window=2),
+    )
+    for config in configs:
+        masks = attention_mask_for(config, allowed, queries, keys, torch.float32)
+        assert set(masks) == {"full_attention", "sliding_attention"}
+        assert additive_to_bool(masks["full_attention"]) == [[T, T, T, T, T, F]]
+        assert additive_to_bool(masks["sliding_attention"]) == [[F, F, F, T, T, F]]
