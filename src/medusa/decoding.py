@@ -37,6 +37,7 @@ class DecodingStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = "length"
+    acceptance: str = ""  # the scheme that ran: greedy, typical or rejection
 
     @property
     def mean_accepted(self) -> float:
@@ -77,6 +78,8 @@ class MedusaDecoder:
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
         # Decoding state lives in fixed buffers updated in place, so a captured step can replay on it.
         self.root_token = torch.zeros((), dtype=torch.long, device=self.device)
+        # Sampling schemes draw from this, never from the global RNG; prefill seeds it.
+        self.generator = torch.Generator(device=self.device)
         hidden_size = base_model.config.get_text_config().hidden_size
         self.last_hidden = torch.zeros(hidden_size, dtype=self.dtype, device=self.device)
 
@@ -93,15 +96,20 @@ class MedusaDecoder:
         )
         return output.logits[0], output.hidden_states[-1][0]
 
-    def prefill(self, prompt_ids: torch.Tensor) -> None:
-        """Run the prompt ``[prompt_len]`` and pick the base model's first token."""
+    def prefill(self, prompt_ids: torch.Tensor, seed: int | None = None) -> None:
+        """Run the prompt ``[prompt_len]`` and pick the base model's first token; ``seed`` (None: a fresh
+        random one) seeds the sampling of this generation."""
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
         self.length.zero_()
         self.cache.set_length(self.length)
         visibility = chunk_visibility(self.length, prompt_ids.numel(), self.max_length)
         logits, hidden = self._forward(prompt_ids, visibility)
         self.length.fill_(prompt_ids.numel())
         self.cache.set_length(self.length)
-        self.root_token.copy_(self.acceptance.first_token(logits[-1]))
+        self.root_token.copy_(self.acceptance.first_token(logits[-1], self.generator))
         self.last_hidden.copy_(hidden[-1])
 
     def propose(self) -> torch.Tensor:
@@ -123,7 +131,7 @@ class MedusaDecoder:
         tree_tokens = self.propose()
         visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, self.max_length)
         logits, hidden = self._forward(tree_tokens, visibility)
-        verdict = self.acceptance.accept(self.tree, tree_tokens, logits)
+        verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         self.cache.commit(self.length + verdict.path, self.length)
         count = verdict.accepted.view(1) + 1
         self.length += count[0]
@@ -141,20 +149,22 @@ def decode(
     eos_token_ids: set[int],
     stats: DecodingStats,
     step: Callable[[], torch.Tensor] | None = None,
+    seed: int | None = None,
 ) -> Iterator[StepOutput]:
     """Yield each step's committed tokens until EOS or ``max_new_tokens``; fills ``stats`` as it goes.
 
     The caller may stop iterating early (stop strings, a client gone); the decoder is then simply dropped.
-    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say).
+    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say). ``seed`` makes sampling reproducible.
     """
     step = step or decoder.step
     started = time.perf_counter()
     # Inference mode is entered per call, not across the yields, so it never leaks into the caller.
     with torch.inference_mode():
-        decoder.prefill(prompt_ids)
+        decoder.prefill(prompt_ids, seed)
         if decoder.device.type == "cuda":
             torch.cuda.synchronize(decoder.device)
     stats.prompt_tokens = prompt_ids.numel()
+    stats.acceptance = decoder.acceptance.name
     stats.prefill_seconds = time.perf_counter() - started
     decode_started = time.perf_counter()
     while stats.new_tokens < max_new_tokens:

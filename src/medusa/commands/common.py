@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
 from medusa.model import MedusaModel
 
 
@@ -14,6 +15,38 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    group.add_argument(
+        "--top-p", type=float, default=1.0, help="keep the likeliest tokens holding this much mass (default 1: off)"
+    )
+    group.add_argument("--top-k", type=int, default=0, help="keep only the k likeliest tokens (default 0: off)")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling (default: random)")
+    group.add_argument(
+        "--acceptance",
+        choices=SCHEMES,
+        default="auto",
+        help="how guesses are accepted: auto (default: greedy at temperature 0, rejection above), greedy, "
+        "rejection (lossless sampling), typical (the paper's typical acceptance: faster, not lossless)",
+    )
+    group.add_argument("--typical-eps", type=float, default=DEFAULT_TYPICAL_EPS, help="typical: hard threshold")
+    group.add_argument("--typical-delta", type=float, default=DEFAULT_TYPICAL_DELTA, help="typical: entropy factor")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The ``GenerationConfig`` fields the sampling flags set."""
+    return {
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "acceptance": args.acceptance,
+        "typical_eps": args.typical_eps,
+        "typical_delta": args.typical_delta,
+    }
 
 
 def load_model(args: argparse.Namespace) -> MedusaModel:
