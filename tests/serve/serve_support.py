@@ -1,5 +1,5 @@
-"""Shared by the server tests: a tiny model with a character tokenizer and chat template, and the real
-server on loopback around it. (Not a conftest.py: that name is taken by tests/conftest.py on sys.path.)
+"""Shared by the server tests: the real server on loopback around the tiny chat model.
+(Not a conftest.py: that name is taken by tests/conftest.py on sys.path.)
 """
 
 from __future__ import annotations
@@ -13,44 +13,13 @@ from collections.abc import Iterator
 import pytest
 import torch
 import uvicorn
-from tokenizers import Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
 
 from medusa.model import MedusaModel
 from medusa.serve.app import ServeSettings, create_app
 from medusa.serve.engine import Engine, EngineConfig
-from conftest import TINY_VOCAB, make_tiny_model
+from tiny_chat import make_chat_model as make_model
 
 MODEL_NAME = "tiny"
-CONTEXT = 256
-SPECIALS = ["<pad>", "<s>", "<|im_start|>", "<|im_end|>", "<unk>"]  # ids 0..4; 3 is the tiny model's EOS
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character: printable ASCII, newline, tab, then Latin-1 letters up to 256 ids."""
-    characters = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-    code = 0xA1
-    while len(SPECIALS) + len(characters) < TINY_VOCAB:
-        characters.append(chr(code))
-        code += 1
-    vocab = {token: index for index, token in enumerate(SPECIALS + characters)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def make_model(seed: int = 3) -> MedusaModel:
-    """Seed 3 decodes hundreds of tokens without EOS and accepts about 2 tokens per step."""
-    base = make_tiny_model("llama", seed=seed, max_positions=CONTEXT)
-    return MedusaModel.from_pretrained(base, tokenizer=make_tokenizer(), num_heads=3, tree="8")
 
 
 def make_slow_model(seconds_per_forward: float) -> MedusaModel:

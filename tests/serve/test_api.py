@@ -131,3 +131,17 @@ def test_api_key(serve_model):
         missing = httpx.get(keyed.url + "/v1/models", timeout=10)
         assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
         assert httpx.get(keyed.url + "/health", timeout=10).status_code == 200  # probes need no key
+
+
+def test_sampling_with_a_seed_is_reproducible(client):
+    def answer(seed: int, **options) -> str:
+        response = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=24, temperature=1.0, seed=seed, **options
+        )
+        return response.choices[0].message.content
+
+    first = answer(7)
+    assert answer(7) == first
+    assert len({answer(seed) for seed in (1, 2, 3)} | {first}) > 1  # sampling really samples
+    greedy = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=24, temperature=0)
+    assert answer(5, top_p=1e-6) == greedy.choices[0].message.content  # top-p that keeps one token is greedy

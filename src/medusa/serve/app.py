@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import secrets
 import time
@@ -59,12 +58,14 @@ class ServeSettings:
     max_tokens_cap: int = 4096  # the most tokens one request may ask for
     max_body_bytes: int = 4 * 1024 * 1024
     use_heads: bool = True  # False: plain decoding on the same cache (the baseline)
+    acceptance: str = "auto"  # greedy at temperature 0, lossless rejection sampling above (see GenerationConfig)
     cuda_graphs: bool = True
     compile: bool | str = False
 
     def __post_init__(self) -> None:
         if self.max_tokens_cap < 1:
             raise MedusaError(f"max_tokens_cap must be a positive integer, got {self.max_tokens_cap}")
+        GenerationConfig(acceptance=self.acceptance)  # refuses an unknown scheme now
 
 
 class ApiError(Exception):
@@ -180,7 +181,6 @@ class _Server:
         self.tokenizer = copy.deepcopy(model.tokenizer)
         self.vocab_size = model.base_model.get_input_embeddings().weight.shape[0]
         self.context_length = model.context_length
-        self.config_fields = {field.name for field in dataclasses.fields(GenerationConfig)}
 
     # ----- checks -------------------------------------------------------------------------------
 
@@ -266,21 +266,19 @@ class _Server:
         return requested
 
     def generation_config(self, request: SamplingRequest, max_new_tokens: int) -> GenerationConfig:
-        """Pass the sampling fields on to ``GenerationConfig`` where it has them."""
+        """The request's settings as a ``GenerationConfig``; unset sampling fields keep its defaults (greedy)."""
         options: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, stop=request.stop, use_heads=self.settings.use_heads, chat_template=False,
-            cuda_graphs=self.settings.cuda_graphs, compile=self.settings.compile,
+            acceptance=self.settings.acceptance, cuda_graphs=self.settings.cuda_graphs, compile=self.settings.compile,
         )
-        sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
-                    "seed": request.seed}
-        for name, value in sampling.items():
-            if value is None:
-                continue
-            if name in self.config_fields:
-                options[name] = value
-            elif name == "temperature" and value > 0:
-                raise ApiError(400, "temperature > 0 needs sampling, which this build of medusa does not have; "
-                               "use temperature 0 (greedy)", param="temperature", code="unsupported_parameter")
+        if request.temperature is not None:
+            options["temperature"] = request.temperature
+        if request.top_p is not None:
+            options["top_p"] = request.top_p
+        if request.top_k is not None:
+            options["top_k"] = max(request.top_k, 0)  # -1 (vLLM's "off") is 0 here
+        if request.seed is not None:
+            options["seed"] = request.seed % 2**63  # OpenAI takes any 64-bit integer
         try:
             return GenerationConfig(**options)
         except MedusaError as error:

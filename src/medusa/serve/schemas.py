@@ -75,7 +75,7 @@ class SamplingRequest(RequestModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)  # not OpenAI's, but common; 0 or -1 disable it
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: Any = ()
     stream: bool = False
     stream_options: StreamOptions | None = None
