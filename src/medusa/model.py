@@ -337,12 +337,16 @@ class TextTracker:
         before = len(self.tokens)
         self.tokens.extend(tokens)
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        found = []
         for stop in self.stop:
             start = self.text.find(stop, max(0, self.emitted - len(stop)))
             if start >= 0:
-                keep = self._tokens_to_reach(before, start + len(stop))
-                self.text = self.text[:start]
-                return self._emit(len(self.text)), keep, True
+                found.append((start, stop))
+        if found:  # one step may complete several stop strings: the earliest wins
+            start, stop = min(found)
+            keep = self._tokens_to_reach(before, start + len(stop))
+            self.text = self.text[:start]
+            return self._emit(len(self.text)), keep, True
         safe = len(self.text)
         while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 character
             safe -= 1

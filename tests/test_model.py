@@ -1,0 +1,262 @@
+"""``MedusaModel`` around the loop: prompts, text out, streaming, stop strings, stats, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from medusa.decoding import DecodingStats
+from medusa.errors import MedusaError
+from medusa.model import GenerationConfig, MedusaModel, TextTracker
+from text_model import make_tokenizer
+
+PROMPT = "Tell me a story."
+
+
+@pytest.fixture(scope="module")
+def model() -> MedusaModel:
+    return MedusaModel.from_pretrained(make_tiny_model("llama", seed=1), tokenizer=make_tokenizer(), tree="16")
+
+
+def plain_greedy(model: MedusaModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.base_model.generate(
+            ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, ids.numel() :].tolist()
+
+
+# ----- prompts ------------------------------------------------------------------------------------
+
+
+def test_text_goes_through_the_chat_template(model):
+    ids = model.encode_prompt(PROMPT)
+    expected = model.tokenizer("<s>user: Tell me a story.\nassistant: ", add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == expected
+    assert model.encode_prompt(PROMPT, chat_template=False).tolist() == model.tokenizer(PROMPT)["input_ids"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    templated = model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert model.encode_prompt(messages).tolist() == model.tokenizer(templated, add_special_tokens=False)["input_ids"]
+    assert model.encode_prompt([5, 6, 7]).tolist() == [5, 6, 7]
+    assert model.encode_prompt(torch.tensor([[5, 6, 7]])).tolist() == [5, 6, 7]
+
+
+# ----- text out, streaming and stats --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def answer(model):
+    return model.generate(PROMPT, max_new_tokens=48)
+
+
+def test_generate_returns_the_base_models_greedy_tokens_and_their_text(model, answer):
+    ids = model.encode_prompt(PROMPT)
+    assert answer.token_ids == plain_greedy(model, ids, 48)
+    assert answer.text == model.tokenizer.decode(answer.token_ids, skip_special_tokens=True)
+    assert answer.finish_reason == "length" and len(answer.token_ids) == 48
+    stats = answer.stats
+    assert stats.prompt_tokens == ids.numel() and stats.new_tokens == 48
+    assert stats.steps == len(stats.accepted_per_step) and sum(stats.accepted_per_step) >= 48
+    assert answer.mean_accepted >= 1 and answer.tokens_per_second > 0
+
+
+def test_stream_chunks_concatenate_to_the_generated_text(model, answer):
+    stats = DecodingStats()
+    chunks = list(model.stream(PROMPT, GenerationConfig(max_new_tokens=48), stats=stats))
+    assert "".join(chunk.text for chunk in chunks) == answer.text
+    assert [token for chunk in chunks for token in chunk.token_ids] == answer.token_ids
+    assert len(chunks) >= stats.steps and stats.new_tokens == 48
+    assert [chunk.accepted for chunk in chunks if chunk.token_ids] == stats.accepted_per_step
+
+
+def test_plain_decoding_gives_the_same_text(model, answer):
+    plain = model.generate(PROMPT, GenerationConfig(max_new_tokens=48, use_heads=False))
+    assert plain.text == answer.text and plain.token_ids == answer.token_ids
+    assert plain.stats.accepted_per_step == [1] * 48
+
+
+def test_one_new_token(model, answer):
+    result = model.generate(PROMPT, max_new_tokens=1)
+    assert result.token_ids == answer.token_ids[:1] and result.finish_reason == "length"
+
+
+# ----- stop strings -------------------------------------------------------------------------------
+
+
+def a_stop_string(text: str) -> str:
+    """Two characters from the middle of the answer: a stop string it is sure to contain."""
+    return text[len(text) // 2 : len(text) // 2 + 2]
+
+
+def test_stop_string_cuts_the_text_before_it(model, answer):
+    stop = a_stop_string(answer.text)
+    first = answer.text.find(stop)
+    result = model.generate(PROMPT, max_new_tokens=48, stop=stop)
+    assert result.text == answer.text[:first]
+    assert result.finish_reason == "stop"
+    # The tokens kept are those that complete the stop string, and no more.
+    assert result.token_ids == answer.token_ids[: len(result.token_ids)]
+    decoded = model.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert decoded.endswith(stop) and stop not in decoded[:-1]
+
+
+def test_streamed_stop_never_shows_the_stop_string(model, answer):
+    stop = a_stop_string(answer.text)
+    chunks = [chunk.text for chunk in model.stream(PROMPT, GenerationConfig(max_new_tokens=48, stop=(stop,)))]
+    assert "".join(chunks) == answer.text[: answer.text.find(stop)]
+
+
+def test_earliest_of_several_stop_strings_wins(model, answer):
+    late, early = answer.text[30:32], answer.text[10:12]
+    cut = min(answer.text.find(late), answer.text.find(early))
+    for stops in ((late, early), (early, late)):
+        result = model.generate(PROMPT, max_new_tokens=48, stop=stops)
+        assert result.text == answer.text[:cut] and result.finish_reason == "stop"
+
+
+def test_stop_string_that_never_comes(model, answer):
+    result = model.generate(PROMPT, max_new_tokens=48, stop=["\u263a never \u263a"])
+    assert result.text == answer.text and result.finish_reason == "length"
+
+
+class ByteTokenizer:
+    """Each id is one byte; decoding replaces unfinished UTF-8 with U+FFFD, like real byte-level tokenizers."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def byte_ids(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def test_tracker_holds_back_an_unfinished_character():
+    tracker = TextTracker(ByteTokenizer(), stop=())
+    e_acute = byte_ids("é")
+    assert tracker.add(byte_ids("caf") + e_acute[:1]) == ("caf", 4, False)
+    assert tracker.add(e_acute[1:]) == ("é", 1, False)
+    assert tracker.flush() == ""
+
+
+def test_tracker_holds_back_a_possible_stop_string_across_steps():
+    tracker = TextTracker(ByteTokenizer(), stop=("END",))
+    assert tracker.add(byte_ids("abc E")) == ("abc ", 5, False)  # "E" may start "END"
+    assert tracker.add(byte_ids("N")) == ("", 1, False)
+    assert tracker.add(byte_ids("D and more")) == ("", 1, True)  # only the token completing "END" is kept
+    assert tracker.flush() == ""
+
+
+def test_tracker_releases_text_that_did_not_become_a_stop_string():
+    tracker = TextTracker(ByteTokenizer(), stop=("END",))
+    assert tracker.add(byte_ids("x EN")) == ("x ", 4, False)
+    assert tracker.add(byte_ids("Dx")[1:]) == ("ENx", 1, False)
+    assert tracker.add(byte_ids("E")) == ("", 1, False)
+    assert tracker.flush() == "E"
+
+
+def test_tracker_stops_at_the_earliest_stop_string_of_a_step():
+    for stops in (("STOP", "END"), ("END", "STOP")):
+        tracker = TextTracker(ByteTokenizer(), stop=stops)
+        assert tracker.add(byte_ids("a END b STOP c")) == ("a ", 5, True)
+
+
+def test_tracker_without_a_tokenizer_only_counts_tokens():
+    tracker = TextTracker(None, stop=("x",))
+    assert tracker.add([1, 2, 3]) == ("", 3, False)
+
+
+# ----- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["", "   \n", [], torch.tensor([], dtype=torch.long)], ids=["empty", "blank", "no-ids", "empty-tensor"])
+def test_empty_prompt(model, prompt):
+    with pytest.raises(MedusaError, match="the prompt is empty"):
+        model.generate(prompt, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5, "8"])
+def test_max_new_tokens_must_be_positive(model, value):
+    with pytest.raises(MedusaError, match=f"max_new_tokens must be a positive integer, got {value!r}"):
+        model.generate(PROMPT, max_new_tokens=value)
+
+
+def test_prompt_longer_than_the_context():
+    short = MedusaModel.from_pretrained(make_tiny_model("qwen2", max_positions=32), tokenizer=make_tokenizer(), tree="8")
+    with pytest.raises(MedusaError, match="the prompt has 40 tokens; the model's context is 32 tokens"):
+        short.generate([7] * 40, max_new_tokens=1)
+    with pytest.raises(MedusaError, match="the prompt has 32 tokens; the model's context is 32 tokens"):
+        short.generate([7] * 32, max_new_tokens=1)
+    with pytest.raises(MedusaError, match=r"the prompt \(20 tokens\) plus max_new_tokens \(20\) exceeds the model's "
+                       r"context of 32 tokens; lower max_new_tokens to at most 12"):
+        short.generate([7] * 20, max_new_tokens=20)
+    with pytest.raises(MedusaError, match="the prompt has 39 tokens"):
+        short.generate("x" * 20, max_new_tokens=4)  # the chat template adds 19 tokens
+    assert len(short.generate([7] * 20, max_new_tokens=12).token_ids) == 12  # exactly fills the context
+
+
+def test_token_ids_outside_the_vocabulary(model):
+    with pytest.raises(MedusaError, match=r"prompt token ids must lie in \[0, 256\), got 5..300"):
+        model.generate([5, 300], max_new_tokens=4)
+    with pytest.raises(MedusaError, match=r"got -1..5"):
+        model.generate([5, -1], max_new_tokens=4)
+
+
+def test_text_without_a_tokenizer():
+    bare = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    with pytest.raises(MedusaError, match="this model has no tokenizer: pass token ids"):
+        bare.generate("hello", max_new_tokens=4)
+    assert len(bare.generate([5, 6], max_new_tokens=4).token_ids) == 4
+
+
+def test_messages_without_a_chat_template():
+    plain = MedusaModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_tokenizer(chat_template=False), tree="8")
+    with pytest.raises(MedusaError, match="messages were given, but the tokenizer has no chat template"):
+        plain.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
+    # Text is then tokenised as it is.
+    assert plain.encode_prompt("hi").tolist() == plain.tokenizer("hi")["input_ids"]
+
+
+@pytest.mark.parametrize("prompt", [3.5, None, [1, "a"], [True]])
+def test_prompt_of_the_wrong_type(model, prompt):
+    with pytest.raises(MedusaError, match="a prompt is text, a list of chat messages or a list of token ids, got"):
+        model.generate(prompt, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("stop", ["", ["ok", ""], [3]])
+def test_bad_stop_strings(model, stop):
+    with pytest.raises(MedusaError, match="stop strings must be non-empty strings"):
+        model.generate(PROMPT, max_new_tokens=4, stop=stop)
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [("12", "no default tree of 12 nodes"), ("[[0], [1, 1]]", r"needs its prefix \[1\]"), ("[[0]", "is not valid JSON")],
+)
+def test_bad_tree(model, tree, message):
+    with pytest.raises(MedusaError, match=message):
+        model.generate(PROMPT, max_new_tokens=4, tree=tree)
+    with pytest.raises(MedusaError, match=message):
+        MedusaModel.from_pretrained(make_tiny_model("llama"), tree=tree)
+
+
+def test_tree_override_per_call_stays_lossless(model, answer):
+    result = model.generate(PROMPT, max_new_tokens=48, tree="[[0], [1], [0, 0], [0, 0, 0]]")
+    assert result.token_ids == answer.token_ids
+
+
+def test_missing_base_model(tmp_path):
+    with pytest.raises(MedusaError, match=f"base model {tmp_path / 'nope'} does not exist"):
+        MedusaModel.from_pretrained(tmp_path / "nope")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(MedusaError, match="is a file but not a .gguf file"):
+        MedusaModel.from_pretrained(tmp_path / "weights.bin")
+    with pytest.raises(MedusaError, match="has no config.json"):
+        MedusaModel.from_pretrained(tmp_path)
+
+
+def test_save_without_heads_is_refused(model, tmp_path):
+    bare = MedusaModel(model.base_model, model.tokenizer, heads=None)
+    with pytest.raises(MedusaError, match="this model has no heads to save"):
+        bare.save_pretrained(tmp_path)
