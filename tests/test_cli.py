@@ -1,0 +1,130 @@
+"""``medusa generate`` end to end on a tiny model saved with its tokenizer: output, stats, and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from medusa.cli import main
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.model import MedusaModel
+from text_model import save_text_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_text_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory):
+    """A model whose context is 32 tokens."""
+    return save_text_model(tmp_path_factory.mktemp("short-model"), architecture="qwen2", max_positions=32)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["generate", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_streams_the_answer_and_reports_stats(capsys, model_dir):
+    code, out, err = run(capsys, "Once upon a time", "--model", model_dir, "--max-new-tokens", 24, "--tree", 16)
+    assert code == 0
+    expected = MedusaModel.from_pretrained(model_dir, tree="16").generate("Once upon a time", max_new_tokens=24)
+    assert out == expected.text + "\n"
+    assert "24 tokens in" in err and "tokens/s" in err and "accepted tokens per step" in err
+    assert "tree of 16 nodes" in err and "finish: length" in err
+
+
+def test_no_heads_prints_the_same_text(capsys, model_dir):
+    _, with_heads, _ = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16)
+    code, plain, err = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16, "--no-heads")
+    assert code == 0 and plain == with_heads
+    assert "1.00 accepted tokens per step over 16 steps" in err and "tree of 1 nodes" in err
+
+
+def test_stop_string_and_raw_prompt(capsys, model_dir):
+    _, full, _ = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 24, "--raw")
+    stop = full[10:12]
+    code, out, err = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 24, "--raw", "--stop", stop)
+    assert code == 0 and out == full[: full.find(stop)] + "\n"
+    assert "finish: stop" in err
+
+
+def test_saved_heads_are_loaded(capsys, model_dir, tmp_path):
+    model = MedusaModel.from_pretrained(model_dir, num_heads=2, tree="[[0], [1], [0, 0]]")
+    model.save_pretrained(tmp_path / "heads")
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 8)
+    assert code == 0 and "tree of 4 nodes" in err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit status 2 and the message on one line at the end (transformers may draw a loading bar before it)."""
+    assert code == 2
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    assert lines[-1].startswith("medusa generate: error: ")
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_empty_prompt(capsys, model_dir):
+    code, out, err = run(capsys, "", "--model", model_dir)
+    assert_one_line_error(code, err, "the prompt is empty")
+    assert out == ""
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_max_new_tokens_below_one(capsys, model_dir, value):
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", value)
+    assert_one_line_error(code, err, f"max_new_tokens must be a positive integer, got {value}")
+
+
+def test_prompt_longer_than_the_context(capsys, short_model_dir):
+    code, _, err = run(capsys, "x" * 30, "--model", short_model_dir, "--max-new-tokens", 1)
+    assert_one_line_error(code, err, "the prompt has 49 tokens; the model's context is 32 tokens")
+    code, _, err = run(capsys, "x", "--model", short_model_dir, "--max-new-tokens", 30)
+    assert_one_line_error(code, err, "exceeds the model's context of 32 tokens; lower max_new_tokens to at most 12")
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ("12", "no default tree of 12 nodes; choose one of 8, 16, 32, 64"),
+        ("[[0], [1, 0]]", "tree path [1, 0] needs its prefix [1], which is missing"),
+        ("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]", "is 5 deep but there are only 4 heads"),
+        ("[[0], [0]]", "tree path [0] appears twice"),
+        ("[[0], [1", "is not valid JSON"),
+        ("no/such/tree.json", "is neither a default size (8, 16, 32, 64), a JSON list of paths, nor an existing file"),
+    ],
+)
+def test_bad_tree(capsys, model_dir, tree, message):
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--tree", tree)
+    assert_one_line_error(code, err, message)
+
+
+def test_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "Hi", "--model", tmp_path / "missing")
+    assert_one_line_error(code, err, f"base model {tmp_path / 'missing'} does not exist")
+
+
+def test_missing_heads(capsys, model_dir, tmp_path):
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "missing")
+    assert_one_line_error(code, err, f"heads directory {tmp_path / 'missing'} does not exist")
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "empty")
+    assert_one_line_error(code, err, "no Medusa heads config at")
+
+
+@pytest.mark.parametrize(
+    "hidden, vocab, message",
+    [
+        (32, 256, "heads hidden size 32 does not match the base model's 64"),
+        (64, 1000, "heads vocabulary 1000 does not match the base model's 256"),
+    ],
+)
+def test_heads_for_another_model(capsys, model_dir, tmp_path, hidden, vocab, message):
+    MedusaHeads(MedusaHeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=2)).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path)
+    assert_one_line_error(code, err, message)
