@@ -1,4 +1,4 @@
-"""Fixtures for training tests: a character-level tokenizer with a ChatML template and a tiny Llama over it."""
+"""Shared by the training tests: a character-level tokenizer with a ChatML template and a tiny Llama over it."""
 
 from __future__ import annotations
 
