@@ -35,7 +35,7 @@ def test_killed_distillation_resumes_without_duplicates_or_gaps(tmp_path, tokeni
     assert work.total == 11 and work.done == 0 and len(work.pending) == 11
     assert len(work.skipped) == 1 and "questions.jsonl:7" in work.skipped[0]
     lengths = [len(ids) for _, ids in work.pending]
-    assert lengths == sorted(lengths, reverse=True)
+    assert lengths == sorted(lengths, reverse=True)  # 11 prompts fit in one window: sorted by length
     for batch in distill(config, work, model, tokenizer):  # "killed" after the first batch is written...
         assert batch.rows == 3 and batch.new_tokens > 0
         break

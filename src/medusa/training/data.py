@@ -250,8 +250,8 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -
     return list(tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"])
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int) -> Example:
-    """Token ids of the whole conversation and a mask of its assistant tokens, cut to ``max_length``."""
+def _assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
     full = _render(tokenizer, messages, False)
     spans = []
     for index, message in enumerate(messages):
@@ -265,37 +265,85 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Messa
             spans.append((len(before), len(upto)))
     if not spans:
         raise RecordError("no assistant turn after a prompt (or the chat template does not render turns as prefixes)")
-    if tokenizer.is_fast:
-        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoded["offset_mapping"]]
-    else:
-        ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
-        mask = [False] * len(ids)
-        for start, end in spans:
-            first = len(tokenizer(full[:start], add_special_tokens=False)["input_ids"])
-            last = len(tokenizer(full[:end], add_special_tokens=False)["input_ids"])
-            mask[first:last] = [True] * (last - first)
+    return full, spans
+
+
+def _example(ids: list[int], mask: list[bool], max_length: int) -> Example:
     ids, mask = ids[:max_length], mask[:max_length]
     if not any(mask[1:]):
         raise RecordError(f"no assistant token within the first {max_length} tokens")
     return Example(ids, mask)
 
 
-def load_examples(paths: Sequence[str | Path], tokenizer: PreTrainedTokenizerBase, max_length: int) -> ReadResult[Example]:
-    """Tokenised conversations with at least one assistant answer; prompt-only records are skipped."""
+def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int, int]]) -> list[bool]:
+    """True for tokens starting inside a span; offsets and spans both run left to right."""
+    mask, span = [], 0
+    for begin, _ in offsets:
+        while span < len(spans) and begin >= spans[span][1]:
+            span += 1
+        mask.append(span < len(spans) and begin >= spans[span][0])
+    return mask
+
+
+def _encode_slow(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Without offsets (a slow tokenizer): token counts of the text up to each span's ends."""
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    mask = [False] * len(ids)
+    for start, end in spans:
+        first = len(tokenizer(full[:start], add_special_tokens=False)["input_ids"])
+        last = len(tokenizer(full[:end], add_special_tokens=False)["input_ids"])
+        mask[first:last] = [True] * (last - first)
+    return ids, mask
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_length: int) -> Example:
+    """Token ids of the whole conversation and a mask of its assistant tokens, cut to ``max_length``."""
+    full, spans = _assistant_spans(tokenizer, messages)
+    if not tokenizer.is_fast:
+        return _example(*_encode_slow(tokenizer, full, spans), max_length)
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    return _example(list(encoded["input_ids"]), _mask_from_offsets(encoded["offset_mapping"], spans), max_length)
+
+
+def load_examples(
+    paths: Sequence[str | Path], tokenizer: PreTrainedTokenizerBase, max_length: int, batch: int = 1024
+) -> ReadResult[Example]:
+    """Tokenised conversations with at least one assistant answer; prompt-only records are skipped.
+
+    Texts are tokenised ``batch`` at a time: the fast tokenizers encode a batch on all cores.
+    """
     result: ReadResult[Example] = ReadResult()
+    rendered: list[tuple[str, str, list[tuple[int, int]]]] = []  # (where, text, spans)
+
+    def flush() -> None:
+        if tokenizer.is_fast:
+            encoded = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+            pairs = [(list(ids), _mask_from_offsets(offsets, spans))
+                     for ids, offsets, (_, _, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered)]
+        else:
+            pairs = [_encode_slow(tokenizer, text, spans) for _, text, spans in rendered]
+        for (where, _, _), (ids, mask) in zip(rendered, pairs):
+            try:
+                example = _example(ids, mask, max_length)
+            except RecordError as error:
+                result.skipped.append(f"{where}: {error}")
+                continue
+            example.where = where
+            result.items.append(example)
+        rendered.clear()
+
     for record in read_records(paths, result.skipped):
         try:
             messages = record_messages(record.value)
             if not any(m["role"] == "assistant" for m in messages):
                 raise RecordError("no assistant answer (prompt-only records are for `medusa distill`)")
-            example = encode_conversation(tokenizer, messages, max_length)
+            rendered.append((record.where, *_assistant_spans(tokenizer, messages)))
         except RecordError as error:
             result.skipped.append(f"{record.where}: {error}")
-            continue
-        example.where = record.where
-        result.items.append(example)
+        if len(rendered) >= batch:
+            flush()
+    if rendered:
+        flush()
     return result
 
 

@@ -2,7 +2,7 @@
 
 Heads trained on the base model's own answers learn the distribution they will be asked to guess
 (paper, section 2.3.2). Generation is batched with left padding through transformers' ``generate``,
-prompts sorted by length so a batch wastes little on padding.
+prompts of similar length together so a batch wastes little on padding.
 
 Rows are ``{"id", "conversations", "finish"}``, keyed by a stable prompt id (file name, index and
 content). Each batch is appended and flushed at once, so a rerun after a kill reads the ids already
@@ -27,12 +27,13 @@ from medusa.loading import load_base_model
 from medusa.training.config import DistillConfig
 from medusa.training.data import Prompt, encode_prompt, read_prompts
 
+WINDOW = 8  # batches whose prompts are sorted by length together
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
 @dataclass
 class DistillPlan:
-    pending: list[tuple[Prompt, list[int]]]  # prompts still to answer, with their token ids, longest first
+    pending: list[tuple[Prompt, list[int]]]  # prompts still to answer, with their token ids, in answering order
     done: int  # rows already in the output
     total: int  # prompts in the pool (after --limit)
     skipped: list[str] = field(default_factory=list)  # "file:line: why"
@@ -98,7 +99,13 @@ def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPl
             skipped.append(f"{prompt.where}: prompt has {len(ids)} tokens, more than --max-prompt-tokens {config.max_prompt_tokens}")
             continue
         pending.append((prompt, ids))
-    pending.sort(key=lambda item: -len(item[1]))  # longest first: a batch too large fails at once
+    # A random but stable order (ids are hashes), so rows written before a kill are a fair sample of the
+    # pool; sorted by length within windows of WINDOW batches, so a batch wastes little on padding and the
+    # longest prompts of a window go first (a batch too large fails early).
+    pending.sort(key=lambda item: item[0].id)
+    window = WINDOW * config.batch_size
+    pending = [item for start in range(0, len(pending), window)
+               for item in sorted(pending[start : start + window], key=lambda item: -len(item[1]))]
     return DistillPlan(pending, done=len(done & seen), total=len(unique), skipped=skipped, repaired=repaired)
 
 

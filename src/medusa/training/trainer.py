@@ -152,7 +152,10 @@ class Trainer:
 
     def _optimizer(self, objective: MedusaObjective) -> torch.optim.Optimizer:
         config = self.config
-        groups = [{"params": [p for p in objective.heads.parameters() if p.requires_grad], "lr": config.learning_rate}]
+        heads = [p for p in objective.heads.parameters() if p.requires_grad]
+        if not heads:
+            raise MedusaError("the heads have nothing to train: with a shared lm_head, num_layers must be at least 1")
+        groups = [{"params": heads, "lr": config.learning_rate}]
         backbone = [p for n, p in objective.base.named_parameters() if p.requires_grad]
         if config.stage == 2:
             if not backbone:
@@ -206,9 +209,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
         start_step, resumed_from = 0, None
-        self.data_shape = {"train_examples": len(train_set), "micro_batches_per_epoch": micro_per_epoch}
+        data_shape = {"train_examples": len(train_set), "micro_batches_per_epoch": micro_per_epoch}
         if found is not None:
-            start_step = self._restore(found, model, optimizer, scheduler)
+            start_step = self._restore(found, model, optimizer, scheduler, data_shape)
             resumed_from = start_step
         if accelerator.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
@@ -237,7 +240,7 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % config.checkpoint_every == 0 or step == total_steps:
-                self._save(accelerator, checkpoints, step, model, optimizer, scheduler)
+                self._save(accelerator, checkpoints, step, model, optimizer, scheduler, data_shape)
             if step % config.log_every == 0 or step == total_steps:
                 report = window.report(accelerator, step, total_steps, step / steps_per_epoch, scheduler.get_last_lr()[0],
                                        config.stage == 2 and train_backbone)
@@ -251,35 +254,40 @@ class Trainer:
         result = TrainResult(output, output / "heads", total_steps, resumed_from, len(train_set), len(held_out),
                              skipped=read.skipped, accuracy=accuracy, main_process=accelerator.is_main_process)
         if accelerator.is_main_process:
-            model.heads.save_pretrained(result.heads_dir)
-            (output / ACCURACY_NAME).write_text(json.dumps(accuracy, indent=2) + "\n")
-            if config.stage == 2:
-                result.adapter_dir = output / "adapter"
-                model.base.save_pretrained(result.adapter_dir, safe_serialization=True)
-                if config.merge:
-                    result.merged_dir = output / "merged"
-                    merged = model.base.merge_and_unload()
-                    merged.save_pretrained(result.merged_dir, safe_serialization=True)
-                    tokenizer.save_pretrained(result.merged_dir)
+            self._save_outputs(model, tokenizer, result)
         accelerator.wait_for_everyone()
         return result
 
+    def _save_outputs(self, model: MedusaObjective, tokenizer, result: TrainResult) -> None:
+        """Heads (float32: a few MB with a shared lm_head), accuracy, and in stage 2 the adapter / merged model."""
+        model.heads.save_pretrained(result.heads_dir)
+        (result.output_dir / ACCURACY_NAME).write_text(json.dumps(result.accuracy, indent=2) + "\n")
+        if self.config.stage == 2:
+            result.adapter_dir = result.output_dir / "adapter"
+            model.base.save_pretrained(result.adapter_dir, safe_serialization=True)
+            if self.config.merge:  # last: merging rewrites the base's weights in place
+                result.merged_dir = result.output_dir / "merged"
+                merged = model.base.merge_and_unload()
+                merged.save_pretrained(result.merged_dir, safe_serialization=True)
+                tokenizer.save_pretrained(result.merged_dir)
+
     # ----- checkpoints, evaluation -------------------------------------------------------------------
 
-    def _save(self, accelerator: Accelerator, root: Path, step: int, model: MedusaObjective, optimizer, scheduler) -> None:
+    def _save(self, accelerator: Accelerator, root: Path, step: int, model: MedusaObjective, optimizer, scheduler,
+              data_shape: dict) -> None:
         if accelerator.is_main_process:
             state = {
                 "scheduler": scheduler.state_dict(),
                 "micro_batches": step * self.config.gradient_accumulation,
                 "parameters": list(self._trainable_state(model)),
                 "config": self.config.to_dict(),
-                "data": self.data_shape,
+                "data": data_shape,
             }
             checkpoint = Checkpoint(step, self._trainable_state(model), optimizer.state_dict(), state, rng_state())
             save_checkpoint(root, checkpoint, keep=self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
-    def _restore(self, directory: Path, model: MedusaObjective, optimizer, scheduler) -> int:
+    def _restore(self, directory: Path, model: MedusaObjective, optimizer, scheduler, data_shape: dict) -> int:
         checkpoint = load_checkpoint(directory)
         saved_config = checkpoint.state.get("config", {})
         current = self.config.to_dict()
@@ -289,10 +297,10 @@ class Trainer:
                 f"checkpoint {directory} was written with different settings ({', '.join(changed)}); "
                 "resume with the same settings, or train into another --output"
             )
-        if checkpoint.state.get("data") != self.data_shape:
+        if checkpoint.state.get("data") != data_shape:
             raise MedusaError(
                 f"checkpoint {directory} was trained on other data ({checkpoint.state.get('data')}, now "
-                f"{self.data_shape}); resume with the same data files"
+                f"{data_shape}); resume with the same data files"
             )
         expected = self._trainable_state(model)
         if list(expected) != checkpoint.state.get("parameters") or set(expected) != set(checkpoint.weights):
