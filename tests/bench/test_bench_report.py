@@ -12,6 +12,7 @@ from medusa.bench.report import (
     equality_line,
     first_difference,
     markdown_summary,
+    merge_reports,
     plot_report,
     report_table,
     token_equality,
@@ -157,3 +158,37 @@ def test_table_markdown_and_plot(tmp_path):
     assert "2 of 3 prompts differ (first: question 2 turn 1, token 3)" in equality_line(report)
     png = plot_report(report, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speedups_use_only_the_prompts_both_methods_ran():
+    records = hand_made_records()
+    del records[1].samples["hf-generate"]  # transformers ran on prompts 1 and 3 only
+    report = build_report(META, records, METHODS)
+    medusa = report["methods"]["medusa"]["overall"]
+    assert medusa["tokens_per_second"] == pytest.approx(160 / 2.5)  # all of its own prompts
+    assert medusa["speedup_vs_hf_generate"] == pytest.approx((110 / 2.0) / (110 / 4.5))  # prompts 1 and 3
+    assert report["methods"]["hf-generate"]["overall"]["prompts"] == 2
+
+
+def test_merging_parts_gives_the_report_of_the_whole():
+    records = hand_made_records()
+    whole = build_report(META, records, METHODS)
+    parts = [build_report(META, records[:2], METHODS), build_report(META, records[2:], METHODS)]
+    merged = merge_reports(parts)
+    validate_report(merged)
+    assert merged["methods"] == whole["methods"]
+    assert merged["questions"] == whole["questions"]
+    assert {k: merged["equality"][k] for k in ("compared", "mismatches", "first_mismatch")} == {
+        k: whole["equality"][k] for k in ("compared", "mismatches", "first_mismatch")
+    }
+    assert merged["equality"]["others"]["hf-generate"]["compared"] == 3
+    assert merged["meta"]["prompts"] == 3 and len(merged["meta"]["merged_from"]) == 2
+
+
+def test_merging_refuses_overlaps_and_other_setups():
+    records = hand_made_records()
+    with pytest.raises(ValueError, match="question 1 turn 1 is in more than one report"):
+        merge_reports([build_report(META, records[:2], METHODS), build_report(META, records[:1], METHODS)])
+    other = dict(META, model="other")
+    with pytest.raises(ValueError, match="differ in model"):
+        merge_reports([build_report(META, records[:2], METHODS), build_report(other, records[2:], METHODS)])

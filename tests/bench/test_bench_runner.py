@@ -85,3 +85,36 @@ def test_planned_runs_counts_warmup_and_second_turns(questions_file):
     questions = select_questions(load_questions(questions_file), limit=1)  # two of four have a second turn
     assert planned_runs(questions, BenchConfig(turns=1, warmup=2)) == (2 + 4) * 4
     assert planned_runs(questions, BenchConfig(turns=2, warmup=0, methods=("medusa",))) == 6
+    every = load_questions(questions_file)  # writing 1, 2; roleplay 3; qa 4, 5; translation 6
+    config = BenchConfig(turns=1, warmup=1, methods=("autoregressive", "hf-generate"), transformers_limit=1)
+    assert planned_runs(every, config) == 2 + 6 + 4
+
+
+def test_transformers_methods_can_run_on_fewer_questions(tiny_model_dir, questions_file, tmp_path, one_thread):
+    code = run_bench(tiny_model_dir, questions_file, tmp_path, "--limit", "2", "--transformers-limit", "1",
+                     "--categories", "writing,qa", "--methods", "autoregressive,hf-generate", "--warmup", "0")
+    assert code == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    ran = {q["id"]: sorted(q["methods"]) for q in report["questions"]}
+    assert ran == {1: ["autoregressive", "hf-generate"], 2: ["autoregressive"], 4: ["autoregressive", "hf-generate"],
+                   5: ["autoregressive"]}
+    assert report["methods"]["hf-generate"]["overall"]["prompts"] == 2
+    assert report["methods"]["autoregressive"]["overall"]["prompts"] == 4
+    assert report["meta"]["transformers_limit_per_category"] == 1
+
+
+def test_runs_in_parts_merge_into_one_report(tiny_model_dir, questions_file, tmp_path, one_thread, capsys):
+    for category in ("qa", "translation"):
+        code = run_bench(tiny_model_dir, questions_file, tmp_path / category, "--categories", category,
+                         "--methods", "autoregressive,medusa", "--warmup", "0")
+        assert code == 0
+    parts = [str(tmp_path / c / "bench.json") for c in ("qa", "translation")]
+    assert main(["bench", "--merge", *parts, "--output-dir", str(tmp_path / "all")]) == 0
+    merged = json.loads((tmp_path / "all" / "bench.json").read_text())
+    assert [q["id"] for q in merged["questions"]] == [4, 6]
+    assert set(merged["methods"]["medusa"]["per_category"]) == {"qa", "translation"}
+    assert merged["equality"]["compared"] == 2 and merged["equality"]["mismatches"] == 0
+    assert (tmp_path / "all" / "bench.png").is_file()
+    capsys.readouterr()
+    assert main(["bench", "--merge", parts[0], parts[0], "--output-dir", str(tmp_path / "bad")]) == 2
+    assert "is in more than one report" in capsys.readouterr().err

@@ -73,7 +73,7 @@ def test_cost_curve_measures_each_size_against_the_floor(one_thread):
     assert result["bandwidth_bytes_per_s"] > 0
     assert result["floor_ms"] == pytest.approx(1e3 * result["weight_bytes"] / result["bandwidth_bytes_per_s"])
     for point in result["points"]:
-        assert 0 < point["min_ms"] <= point["median_ms"] <= point["max_ms"]
+        assert 0 < point["min_ms"] <= point["p10_ms"] <= point["median_ms"] <= point["p90_ms"] <= point["max_ms"]
         assert point["x_floor"] == pytest.approx(point["median_ms"] / result["floor_ms"])
     assert len(messages) == 3
 

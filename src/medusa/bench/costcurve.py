@@ -169,11 +169,14 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
     for size in config.sizes:
         seconds = step_seconds(model, size, config)
         median = statistics.median(seconds)
+        deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
         points.append({
             "nodes": size,
             "depth": tree_of_size(size, model.heads.config.num_heads).max_depth if size > 1 else 0,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(seconds),
+            "p10_ms": 1e3 * deciles[0],
+            "p90_ms": 1e3 * deciles[-1],
             "max_ms": 1e3 * max(seconds),
             "x_floor": median / floor,
         })
@@ -197,7 +200,8 @@ def validate_cost_curve(result: dict) -> None:
         if key not in result:
             raise ValueError(f"cost curve lacks {key}")
     for index, point in enumerate(result["points"]):
-        missing = [k for k in ("nodes", "depth", "median_ms", "min_ms", "max_ms", "x_floor", "x_one_token") if k not in point]
+        missing = [k for k in ("nodes", "depth", "median_ms", "min_ms", "p10_ms", "p90_ms", "max_ms", "x_floor",
+                                     "x_one_token") if k not in point]
         if missing:
             raise ValueError(f"cost curve points[{index}] lacks {', '.join(missing)}")
 
@@ -212,8 +216,8 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
     axis = figure.add_subplot(1, 1, 1)
     nodes = [p["nodes"] for p in result["points"]]
     axis.plot(nodes, [p["median_ms"] for p in result["points"]], marker="o", label="one decoding step (median)")
-    axis.fill_between(nodes, [p["min_ms"] for p in result["points"]], [p["max_ms"] for p in result["points"]],
-                      alpha=0.2, label="min to max")
+    axis.fill_between(nodes, [p["p10_ms"] for p in result["points"]], [p["p90_ms"] for p in result["points"]],
+                      alpha=0.2, label="10th to 90th percentile")
     axis.axhline(result["floor_ms"], color="black", linestyle="--",
                  label=f"memory floor {result['floor_ms']:.3f} ms (weights / bandwidth)")
     axis.set_xscale("log", base=2)

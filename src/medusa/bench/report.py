@@ -136,25 +136,32 @@ def categories_in(rows: Sequence[dict]) -> list[str]:
     return list(dict.fromkeys(row["category"] for row in rows))
 
 
+def speedup(rows: Sequence[dict], method: str, baseline: str) -> float | None:
+    """Tokens/s of ``method`` over ``baseline``'s, on the prompts that both ran."""
+    shared = [row for row in rows if method in row["methods"] and baseline in row["methods"]]
+    rate, base_rate = summarize(shared, method)["tokens_per_second"], summarize(shared, baseline)["tokens_per_second"]
+    return rate / base_rate if rate is not None and base_rate else None
+
+
 def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
     """``{method: {"overall": summary, "per_category": {category: summary}}}`` with speedups.
 
-    ``speedup`` is tokens/s over our autoregressive decoding's on the same group of prompts,
-    ``speedup_vs_hf_generate`` over transformers' eager ``generate``; None where that method did not run.
+    ``speedup`` is tokens/s over our autoregressive decoding's, ``speedup_vs_hf_generate`` over
+    transformers' eager ``generate``, each on the prompts both methods ran; None where the baseline did not.
     """
     groups = {OVERALL: list(rows)} | {c: [r for r in rows if r["category"] == c] for c in categories_in(rows)}
-    summaries = {method: {group: summarize(members, method) for group, members in groups.items()} for method in methods}
-    for group in groups:
+    result: dict = {method: {"overall": None, "per_category": {}} for method in methods}
+    for group, members in groups.items():
         for method in methods:
-            rate = summaries[method][group]["tokens_per_second"]
+            summary = summarize(members, method)
             for key, baseline in (("speedup", AUTOREGRESSIVE), ("speedup_vs_hf_generate", HF_GENERATE)):
-                base_rate = summaries[baseline][group]["tokens_per_second"] if baseline in summaries else None
-                if rate is not None and base_rate:
-                    summaries[method][group][key] = rate / base_rate
-    return {
-        method: {"overall": by_group[OVERALL], "per_category": {g: s for g, s in by_group.items() if g != OVERALL}}
-        for method, by_group in summaries.items()
-    }
+                if baseline in methods:
+                    summary[key] = speedup(members, method, baseline)
+            if group == OVERALL:
+                result[method]["overall"] = summary
+            else:
+                result[method]["per_category"][group] = summary
+    return result
 
 
 # ----- the JSON file ------------------------------------------------------------------------------
@@ -196,6 +203,47 @@ def validate_report(report: dict) -> None:
         for method, sample in row["methods"].items():
             need(sample, SAMPLE_KEYS, f"questions[{index}].methods.{method}")
     need(report["equality"], EQUALITY_KEYS, "equality")
+
+
+def merge_reports(reports: Sequence[dict]) -> dict:
+    """One report from several runs of the same setup on different questions (a long run in parts)."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    first = reports[0]
+    for report in reports:
+        validate_report(report)
+    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads")
+    for report in reports[1:]:
+        differing = [key for key in same if report["meta"].get(key) != first["meta"].get(key)]
+        if differing:
+            raise ValueError(f"reports differ in {', '.join(differing)}; only runs of one setup can be merged")
+    rows = [row for report in reports for row in report["questions"]]
+    keys = [(row["id"], row["turn"]) for row in rows]
+    repeated = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"question {repeated[0][0]} turn {repeated[0][1]} is in more than one report")
+    methods = list(dict.fromkeys(m for report in reports for m in report["methods"]))
+
+    def merged_equality(parts: list[dict]) -> dict:
+        return {
+            "reference": parts[0]["reference"],
+            "method": parts[0]["method"],
+            "compared": sum(p["compared"] for p in parts),
+            "mismatches": sum(p["mismatches"] for p in parts),
+            "first_mismatch": next((p["first_mismatch"] for p in parts if p["first_mismatch"]), None),
+        }
+
+    equality = merged_equality([r["equality"] for r in reports])
+    others = {m for r in reports for m in r["equality"].get("others", {})}
+    equality["others"] = {
+        m: merged_equality([r["equality"]["others"][m] for r in reports if m in r["equality"].get("others", {})])
+        for m in methods if m in others
+    }
+    meta = dict(first["meta"])
+    meta["merged_from"] = [r["meta"]["command"] for r in reports]
+    meta["prompts"] = len(rows)
+    return {"schema": SCHEMA_VERSION, "meta": meta, "methods": aggregate(rows, methods), "questions": rows,
+            "equality": equality}
 
 
 def write_report(report: dict, path: str | Path) -> Path:
@@ -245,13 +293,25 @@ def equality_line(report: dict) -> str:
     return line
 
 
+def _threads_text(meta: dict) -> str:
+    return f" ({meta['cpu_threads']} torch thread(s))" if meta.get("device_type") == "cpu" and meta.get("cpu_threads") else ""
+
+
+def _heads_text(meta: dict) -> str:
+    heads = meta["heads"]
+    if not heads:
+        return "none"
+    text = f"{heads['num_heads']} x {heads['num_layers']} layer(s)" + (", shared lm_head" if heads.get("share_lm_head") else "")
+    return text + (f" ({meta['heads_source']})" if meta.get("heads_source") else "")
+
+
 def markdown_summary(report: dict) -> str:
     """Markdown tables of a report, for docs/benchmarks and the README's performance section."""
     meta = report["meta"]
     methods = list(report["methods"])
     lines = [
-        f"- Device: {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
-        f"- Model: {meta['model']}; heads: {meta['heads']}; tree of {meta['tree_size']} nodes; "
+        f"- Device: {meta['device']}{_threads_text(meta)}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
+        f"- Model: {meta['model']}; heads: {_heads_text(meta)}; tree of {meta['tree_size']} nodes; "
         f"max {meta['max_new_tokens']} new tokens; {meta.get('prompts', len(report['questions']))} prompts.",
         f"- Command: `{meta['command']}`",
         f"- {equality_line(report)}.",
@@ -291,25 +351,23 @@ def plot_report(report: dict, path: str | Path) -> Path:
         picked = [result["per_category"][c] if c != OVERALL else result["overall"] for c in categories]
         return [s[key] if s[key] is not None else 0.0 for s in picked]
 
-    figure = Figure(figsize=(max(8.0, 0.9 * len(categories) * 2), 4.8), layout="constrained")
+    figure = Figure(figsize=(max(7.0, 0.7 * len(categories) + 2.0), 8.0), layout="constrained")
     FigureCanvasAgg(figure)
     width = 0.8 / len(methods)
     positions = range(len(categories))
     meta = report["meta"]
-    for axis_index, (key, label) in enumerate(
+    for row, (key, label) in enumerate(
         (("speedup", "speedup vs our autoregressive decoding"), ("mean_accepted", "accepted tokens per step"))
     ):
-        axis = figure.add_subplot(1, 2, axis_index + 1)
+        axis = figure.add_subplot(2, 1, row + 1)
         for index, method in enumerate(methods):
             offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
             axis.bar(offsets, values(method, key), width, label=method)
         axis.axhline(1.0, color="black", linewidth=0.8)
-        axis.set_xticks(list(positions), categories, rotation=45, ha="right")
+        axis.set_xticks(list(positions), categories, rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
         axis.set_ylabel(label)
-        axis.set_title(label)
-        if axis_index == 0:
-            axis.legend(fontsize="small")
-    figure.suptitle(f"Spec-Bench, {meta['model']} on {meta['device']} ({meta['dtype']})", fontsize="medium")
+    figure.legend(*axis.get_legend_handles_labels(), loc="outside lower center", ncols=len(methods))
+    figure.suptitle(f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

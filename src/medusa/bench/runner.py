@@ -1,9 +1,10 @@
 """The methods ``medusa bench`` compares, and the loop that runs them all on the same prompts.
 
 Every method turns a prompt's token ids into a ``Sample``: the new tokens, prefill and decode time,
-and how many forward passes produced them. Ours go through ``MedusaModel.generate``, so whatever fast
-path it takes (CUDA graphs on a GPU) is what is measured; transformers' methods call
-``base_model.generate`` on the very same weights.
+and how many forward passes produced them. Ours take their decoder from ``MedusaModel.make_decoder``,
+as ``generate`` does, so whatever fast path it picks (CUDA graphs on a GPU) is what is measured;
+transformers' methods call ``base_model.generate`` on the very same weights. No method detokenises
+while it is timed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import transformers
 
 from medusa.bench.environment import synchronize
 from medusa.bench.specbench import Question, messages_as_text, turn_messages
+from medusa.decoding import DecodingStats, decode
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 
@@ -26,6 +28,7 @@ MEDUSA = "medusa"
 HF_GENERATE = "hf-generate"
 PROMPT_LOOKUP = "prompt-lookup"
 METHOD_NAMES = (AUTOREGRESSIVE, MEDUSA, HF_GENERATE, PROMPT_LOOKUP)
+TRANSFORMERS_METHODS = (HF_GENERATE, PROMPT_LOOKUP)
 
 
 @dataclass
@@ -37,6 +40,8 @@ class BenchConfig:
     cuda_graphs: bool = True
     compile: bool | str = False
     prompt_lookup_num_tokens: int = 10
+    # Transformers' eager methods are slow: run them only on the first N questions of each category.
+    transformers_limit: int | None = None
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -51,6 +56,9 @@ class BenchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MedusaError(f"{name} must be a positive integer, got {value!r}")
+        limit = self.transformers_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise MedusaError(f"transformers_limit must be a positive number of questions per category, got {limit!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise MedusaError(f"warmup must be 0 or more prompts, got {self.warmup!r}")
 
@@ -92,7 +100,7 @@ class Method(Protocol):
 
 
 class OurDecoder:
-    """Our loop via ``MedusaModel.generate``: with heads and the tree, or plainly one token per step."""
+    """Our decoding loop: with heads and the tree, or plainly one token per step on the same cache."""
 
     def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig) -> None:
         if use_heads and model.heads is None:
@@ -107,12 +115,18 @@ class OurDecoder:
         )
 
     def run(self, prompt_ids: list[int]) -> Sample:
-        # The decoder syncs the device after prefill and at every step, so its own clocks are exact;
-        # setting up the decoder (and capturing its graph the first time) is left out, as is warm-up.
-        result = self.model.generate(prompt_ids, self.generation)
-        stats = result.stats
+        # The loop of ``MedusaModel.generate`` without its incremental detokenisation (transformers'
+        # methods return ids too): ``make_decoder`` picks the decoder and, on a GPU, its CUDA-graph step,
+        # exactly as ``generate`` does. The loop syncs the device after prefill and at every step, so its
+        # clocks are exact; building the decoder (and capturing its graph the first time) is not timed.
+        prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.model.device)
+        decoder, graphed_step = self.model.make_decoder(prompt, self.generation)
+        stats = DecodingStats()
+        steps = decode(decoder, prompt, self.generation.max_new_tokens, self.model.eos_token_ids(), stats,
+                       step=graphed_step)
+        tokens = [token for step in steps for token in step.tokens]
         return Sample(
-            token_ids=list(result.token_ids),
+            token_ids=tokens,
             prefill_seconds=stats.prefill_seconds,
             decode_seconds=stats.decode_seconds,
             steps=stats.steps,
@@ -211,10 +225,23 @@ def make_methods(model: MedusaModel, config: BenchConfig) -> list[Method]:
     return [makers[name]() for name in config.methods]
 
 
+def _method_plan(questions: Sequence[Question], config: BenchConfig) -> list[tuple[str, ...]]:
+    """Per question, the methods that run on it (transformers' only within ``transformers_limit``)."""
+    seen: dict[str, int] = {}
+    plan = []
+    for question in questions:
+        index = seen.get(question.category, 0)
+        seen[question.category] = index + 1
+        within = config.transformers_limit is None or index < config.transformers_limit
+        plan.append(tuple(m for m in config.methods if within or m not in TRANSFORMERS_METHODS))
+    return plan
+
+
 def planned_runs(questions: Sequence[Question], config: BenchConfig) -> int:
     """How many single generations ``run_benchmark`` will do, warm-up included (for a progress bar)."""
-    prompts = sum(min(config.turns, len(q.turns)) for q in questions)
-    return (min(config.warmup, len(questions)) + prompts) * len(config.methods)
+    warmup = min(config.warmup, len(questions)) * len(config.methods)
+    plan = _method_plan(questions, config)
+    return warmup + sum(min(config.turns, len(q.turns)) * len(names) for q, names in zip(questions, plan))
 
 
 def encode_turn(model: MedusaModel, messages: list[dict]) -> list[int]:
@@ -248,17 +275,18 @@ def run_benchmark(
             method.run(prompt)
             report(f"warm-up {method.name}")
     records: list[Record] = []
-    for question in questions:
+    for question, names in zip(questions, _method_plan(questions, config)):
         answers: list[str] = []
         for turn in range(min(config.turns, len(question.turns))):
             prompt = encode_turn(model, turn_messages(question, turn, answers))
             record = Record(question.question_id, question.category, turn + 1, len(prompt))
             for method in methods:
-                record.samples[method.name] = method.run(prompt)
-                report(f"{question.category} #{question.question_id} turn {turn + 1}: {method.name}")
+                if method.name in names:
+                    record.samples[method.name] = method.run(prompt)
+                    report(f"{question.category} #{question.question_id} turn {turn + 1}: {method.name}")
             records.append(record)
-            reference = record.samples[config.reference].token_ids
-            answers.append(model.tokenizer.decode(reference, skip_special_tokens=True))
+            reference = record.samples.get(config.reference) or next(iter(record.samples.values()))
+            answers.append(model.tokenizer.decode(reference.token_ids, skip_special_tokens=True))
     return records
 
 
@@ -279,5 +307,6 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
+        "transformers_limit_per_category": config.transformers_limit,
         "reference": config.reference,
     }

@@ -15,7 +15,15 @@ import torch
 
 from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
 from medusa.bench.environment import environment
-from medusa.bench.report import build_report, equality_line, markdown_summary, plot_report, report_table, write_report
+from medusa.bench.report import (
+    build_report,
+    equality_line,
+    markdown_summary,
+    merge_reports,
+    plot_report,
+    report_table,
+    write_report,
+)
 from medusa.bench.runner import METHOD_NAMES, BenchConfig, describe_run, planned_runs, run_benchmark
 from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
@@ -37,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
+    bench.add_argument("--transformers-limit", type=int,
+                       help="run hf-generate and prompt-lookup only on the first N questions of each category "
+                            "(they are slow; speedups over them use the prompts both ran)")
+    bench.add_argument("--merge", nargs="+", metavar="JSON",
+                       help="instead of running, merge bench.json files of one setup run on different questions")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
     parser.add_argument("--compile", choices=("off", "on", "max-autotune"), default="off",
                         help="torch.compile our decoding step before capturing it (GPU)")
@@ -61,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         return run_cost_curve(args)
     if args.shape:
         raise MedusaError("--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)")
+    if args.merge:
+        return run_merge(args)
     config = BenchConfig(
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
         max_new_tokens=args.max_new_tokens,
@@ -69,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         compile=_compile_setting(args.compile),
         prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+        transformers_limit=args.transformers_limit,
     )
     questions_file = Path(args.questions) if args.questions else default_questions_path()
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
@@ -91,8 +107,28 @@ def run(args: argparse.Namespace) -> int:
         "limit_per_category": args.limit,
         "prompts": len(records),
     }
-    report = build_report(meta, records, config.methods)
-    output = Path(args.output_dir)
+    return _write_outputs(build_report(meta, records, config.methods), Path(args.output_dir))
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    reports = []
+    for name in args.merge:
+        path = Path(name)
+        if not path.is_file():
+            raise MedusaError(f"benchmark report {path} does not exist")
+        try:
+            reports.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as error:
+            raise MedusaError(f"benchmark report {path} is not valid JSON: {error}") from None
+    try:
+        merged = merge_reports(reports)
+    except ValueError as error:
+        raise MedusaError(f"cannot merge {', '.join(args.merge)}: {error}") from None
+    merged["meta"]["command"] = _command_meta(args)["command"]
+    return _write_outputs(merged, Path(args.output_dir))
+
+
+def _write_outputs(report: dict, output: Path) -> int:
     json_path = write_report(report, output / "bench.json")
     png_path = plot_report(report, output / "bench.png")
     (output / "summary.md").write_text(markdown_summary(report))
@@ -149,7 +185,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     png_path = plot_cost_curve(result, output / "cost_curve.png")
     table = Table(title=f"one decoding step, {model_label}, context {config.context}; memory floor "
-                        f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e9:.2f} GB at "
+                        f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e6:,.1f} MB of weights at "
                         f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
     for column in ("nodes", "depth", "median ms", "min ms", "x floor", "x one token"):
         table.add_column(column, justify="right")
