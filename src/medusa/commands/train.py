@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="conversation files, comma-separated (JSON or JSONL; medusa distill's output)")
     parser.add_argument("--output", required=True, help="output directory: heads/, checkpoints/, train_log.jsonl, head_accuracy.json")
     parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: frozen base (Medusa-1); 2: LoRA on the base too (Medusa-2)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
+                        help="1: frozen base (Medusa-1); 2: LoRA on the base too (Medusa-2)")
     parser.add_argument("--num-heads", type=int, default=4)
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
     parser.add_argument("--share-lm-head", action=argparse.BooleanOptionalAction, default=True,
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     def on_step(report: StepReport) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=report.total_steps, initial=report.step, unit="steps", desc=f"train stage {config.stage}", file=sys.stderr)
+            bar = tqdm(total=report.total_steps, initial=report.step, unit="steps", desc=f"train stage {config.stage}",
+                       file=sys.stderr)
         bar.update(report.step - bar.n)
         heads = " ".join(f"{value:.3f}" for value in report.head_losses)
         backbone = f" backbone {report.backbone_loss:.4f}" if report.backbone_loss is not None else ""

@@ -29,7 +29,8 @@ class _ProjectedLoss(torch.autograd.Function):
             log_probs = F.log_softmax(F.linear(x.to(weight.dtype), weight, bias).float(), dim=-1)  # [chunk, vocab]
             grad = log_probs.exp()
             if teacher is not None:
-                target = F.log_softmax(F.linear(teacher[start:end].to(teacher_weight.dtype), teacher_weight, teacher_bias).float(), dim=-1)
+                teacher_logits = F.linear(teacher[start:end].to(teacher_weight.dtype), teacher_weight, teacher_bias)
+                target = F.log_softmax(teacher_logits.float(), dim=-1)
                 target_probs = target.exp()
                 total += (target_probs * (target - log_probs)).sum()
                 grad -= target_probs

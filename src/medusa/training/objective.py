@@ -53,7 +53,9 @@ class MedusaObjective(nn.Module):
         output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
         return output.hidden_states[-1]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, train_backbone: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, train_backbone: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(hidden, reference)``: the states the heads read, and the original model's (no gradient).
 
         In stage 2 the reference is the base with the adapter switched off, so the backbone is pulled

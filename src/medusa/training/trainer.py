@@ -48,7 +48,7 @@ from medusa.training.checkpoint import (
 from medusa.training.config import TrainConfig
 from medusa.training.data import Collator, Example, LengthBatchSampler, load_examples, split_held_out
 from medusa.training.evaluate import accuracy_report, count_hits
-from medusa.training.objective import MedusaObjective, unwrap_peft
+from medusa.training.objective import MedusaObjective
 
 LOG_NAME = "train_log.jsonl"
 ACCURACY_NAME = "head_accuracy.json"
@@ -102,7 +102,9 @@ def cosine_with_warmup(step: int, warmup: int, total: int, delay: int = 0) -> fl
 class Trainer:
     """Train Medusa heads as ``config`` says. ``base_model``/``tokenizer`` skip loading (tests, notebooks)."""
 
-    def __init__(self, config: TrainConfig, base_model: torch.nn.Module | None = None, tokenizer=None, base_name: str | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, base_model: torch.nn.Module | None = None, tokenizer=None, base_name: str | None = None
+    ) -> None:
         self.config = config
         self.base_model = base_model
         self.tokenizer = tokenizer
