@@ -252,6 +252,8 @@ class MedusaModel(nn.Module):
         """
         heads = self.heads if config.use_heads else None
         tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
+        if tree.size == 1:  # the root alone (a tuned tree may be): plain decoding, not heads run for nothing
+            heads = None
         needed = prompt_ids.numel() + config.max_new_tokens + tree.size
         acceptance = config.acceptance_scheme()
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import make_tiny_model
 from medusa.errors import MedusaError
-from medusa.model import MedusaModel
+from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_size, measure_step_seconds
 from medusa.treeopt.tuned import TUNED_FILE, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
@@ -93,3 +94,13 @@ def test_step_timing_runs_the_real_decoder(tmp_path):
     model = MedusaModel.from_pretrained(base, heads=fresh_heads(base, num_heads=2))
     seconds = measure_step_seconds(model, Tree.from_paths([[0], [1], [0, 0]]), context=8, steps=3, repeats=1)
     assert 0 < seconds < 1
+
+
+def test_a_one_node_tree_decodes_plainly_without_running_the_heads():
+    base = make_tiny_model("llama")
+    model = MedusaModel.from_pretrained(base, heads=fresh_heads(base, num_heads=2), tree=[])
+    prompt = torch.tensor([5, 6, 7])
+    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=4))
+    assert decoder.heads is None and decoder.tree.size == 1
+    plain = model.generate([5, 6, 7], max_new_tokens=6, use_heads=False).token_ids
+    assert model.generate([5, 6, 7], max_new_tokens=6).token_ids == plain

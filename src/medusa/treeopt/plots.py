@@ -23,7 +23,7 @@ def plot_accept_length(
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, curve in expected.items():
         sizes = sorted(curve)
-        axes.plot(sizes, [curve[n] for n in sizes], marker=".", label=f"expected ({label})")
+        axes.plot(sizes, [curve[n] for n in sizes], marker="." if len(sizes) <= 40 else None, label=f"expected ({label})")
     if measured:
         sizes = sorted(measured)
         axes.plot(sizes, [measured[n] for n in sizes], "o", color="black", label="measured (greedy)")
