@@ -27,9 +27,10 @@ class Question:
 
 
 def default_questions_path() -> Path:
-    """``../shared/data/spec_bench/question.jsonl`` beside the checkout (found from this file, else from the cwd)."""
+    """``shared/data/spec_bench/question.jsonl`` beside the checkout (or inside it, or beside/inside the cwd)."""
     relative = Path("shared") / "data" / "spec_bench" / "question.jsonl"
-    candidates = [Path(__file__).resolve().parents[4] / relative, Path.cwd().resolve().parent / relative]
+    checkout, cwd = Path(__file__).resolve().parents[3], Path.cwd().resolve()
+    candidates = [checkout.parent / relative, checkout / relative, cwd.parent / relative, cwd / relative]
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 

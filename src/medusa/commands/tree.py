@@ -176,6 +176,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     from medusa.treeopt.build import build_tree, expected_length, expected_lengths
+    from medusa.treeopt.tuned import read_tuned_trees
 
     if args.nodes < 1:
         raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
@@ -190,6 +191,9 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"expected accepted tokens per step: {joint:.3f} (joint), {paper:.3f} (paper's product of accuracies)")
     if tree.size < args.nodes:
         print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
+    tuned = read_tuned_trees(directory)
+    if tuned and output == directory / "tree.json":
+        print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
     if args.plot_dir:
         _plot_build(Path(args.plot_dir), profile, tree, args.estimate, expected_lengths)
     return 0
@@ -330,6 +334,9 @@ def _decode_prompts(model, prompts, tree, max_new_tokens: int, label: str) -> di
     from medusa.model import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens)
+    if model.device.type == "cuda":  # untimed: first kernels and the graph capture of this tree
+        for _ in model.stream(prompts[0], GenerationConfig(max_new_tokens=min(16, max_new_tokens)), tree=tree):
+            pass
     accepted = steps = tokens = 0
     seconds = 0.0
     with _progress(len(prompts), "prompt") as bar:
