@@ -149,13 +149,13 @@ class OracleDecoder(MedusaDecoder):
         assert int(self.root_token) == self.truth[length], f"decoding diverged at position {length}"
         target = self.rng.choice(self.deep_paths)
         self.targets.append(target)
-        num_heads, topk = self.heads.config.num_heads, self.tree.topk
+        num_heads, topk, vocab = self.heads.config.num_heads, self.tree.topk, self.heads.config.vocab_size
         top = torch.empty(num_heads, topk, dtype=torch.long)
         for head in range(num_heads):
             position = length + 1 + head  # head k guesses the token k + 2 ahead of the last committed one
             true = self.truth[position] if position < len(self.truth) else -1
             for rank in range(topk):
-                top[head, rank] = (true + self.rng.randrange(1, TINY_VOCAB)) % TINY_VOCAB
+                top[head, rank] = (true + self.rng.randrange(1, vocab)) % vocab
             rank = target[head] if head < len(target) else self.rng.randrange(topk)
             if true >= 0:
                 top[head, rank] = true
