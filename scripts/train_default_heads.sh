@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# How the heads shipped for SmolLM2-135M-Instruct were made: self-distillation on the prompt pool, Medusa-1
+# training with a KL loss, then a tree fitted to the heads (profile, build) and to the device (tune), and an
+# evaluation of the trees on Spec-Bench. Run from the checkout's root on a GPU machine:
+#
+#   MODEL=path/to/SmolLM2-135M-Instruct.Q4_1.gguf DATA=../shared/data WORK=runs/default-heads \
+#       scripts/train_default_heads.sh
+#
+# Every step writes into $WORK and a rerun skips what is done (distillation resumes where it stopped).
+# The knobs below are the shipped run's; shrink them for a dry run on the CPU.
+set -euo pipefail
+
+MODEL=${MODEL:?set MODEL to the base model (.gguf file or directory)}
+DATA=${DATA:-../shared/data}
+WORK=${WORK:-runs/default-heads}
+MEDUSA=${MEDUSA:-python3 -m medusa.cli}
+DISTILL_LIMIT=${DISTILL_LIMIT:-6000}          # prompts sampled from the pool
+DISTILL_TOKENS=${DISTILL_TOKENS:-384}         # new tokens per answer
+DISTILL_BATCH=${DISTILL_BATCH:-256}
+DISTILL_SECONDS=${DISTILL_SECONDS:-420}       # distillation stops here; the rows written are a fair sample
+HELDOUT=${HELDOUT:-300}                        # distilled conversations kept out of training, for the profile
+EPOCHS=${EPOCHS:-3}
+TRAIN_BATCH=${TRAIN_BATCH:-32}
+SPEC_LIMIT=${SPEC_LIMIT:-4}                   # Spec-Bench questions per category for the tree evaluation
+EVAL_TOKENS=${EVAL_TOKENS:-128}
+
+mkdir -p "$WORK"
+prompts="$DATA/prompts/gsm8k_train.jsonl,$DATA/prompts/gpteacher_codegen.json,$DATA/prompts/gpteacher_roleplay.json"
+
+echo "== distill $(date +%T)"
+timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" --data "$prompts" --output "$WORK/distilled.jsonl" \
+    --max-new-tokens "$DISTILL_TOKENS" --batch-size "$DISTILL_BATCH" --limit "$DISTILL_LIMIT" \
+    || echo "distillation stopped after ${DISTILL_SECONDS}s with $(wc -l < "$WORK/distilled.jsonl") rows"
+
+echo "== split $(date +%T)"
+total=$(wc -l < "$WORK/distilled.jsonl")
+head -n $((total - HELDOUT)) "$WORK/distilled.jsonl" > "$WORK/train.jsonl"
+tail -n "$HELDOUT" "$WORK/distilled.jsonl" > "$WORK/heldout.jsonl"
+
+echo "== train $(date +%T)"
+if [ ! -f "$WORK/m1/heads/medusa_heads.safetensors" ]; then
+    $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$WORK/m1" --stage 1 --loss kl \
+        --num-heads 4 --num-layers 1 --share-lm-head --epochs "$EPOCHS" --batch-size "$TRAIN_BATCH" --lr 1e-3
+fi
+heads="$WORK/m1/heads"
+cp "$WORK/m1/head_accuracy.json" "$heads/" 2>/dev/null || true
+
+echo "== tree profile/build/tune $(date +%T)"
+$MEDUSA tree profile --model "$MODEL" --heads "$heads" --data "$WORK/heldout.jsonl" --limit "$HELDOUT"
+$MEDUSA tree build --heads "$heads" --nodes 64 --plot-dir "$WORK/plots"
+$MEDUSA tree tune --model "$MODEL" --heads "$heads" --plot-dir "$WORK/plots" --save-cost-curve "$WORK/tune_cost_curve.json"
+
+echo "== tree evaluate $(date +%T)"
+$MEDUSA tree evaluate --model "$MODEL" --heads "$heads" --data "$DATA/spec_bench/question.jsonl" \
+    --limit "$SPEC_LIMIT" --sizes 16,32,64 --default-trees --tuned --max-new-tokens "$EVAL_TOKENS" \
+    --output "$WORK/tree_evaluate.json" --plot-dir "$WORK/plots"
+echo "== done $(date +%T)"
