@@ -61,7 +61,8 @@ def attention_mask_for(
 
     Additive float masks ``[1, 1, queries, slots]`` work for eager and SDPA attention alike. Models that
     mix sliding-window and full layers take a dict keyed by layer type; models whose every layer slides
-    get the window in the single mask.
+    get the window in the single mask. A batch passes ``allowed [batch, queries, slots]`` with positions
+    ``[batch, queries]`` and ``[batch, slots]`` and gets ``[batch, 1, queries, slots]`` masks.
     """
     text_config = config.get_text_config()
     window = getattr(text_config, "sliding_window", None)
@@ -70,10 +71,11 @@ def attention_mask_for(
 
     def additive(visible: torch.Tensor) -> torch.Tensor:
         zero = torch.zeros((), dtype=dtype, device=visible.device)
-        return torch.where(visible, zero, torch.full_like(zero, minimum))[None, None]
+        additive_mask = torch.where(visible, zero, torch.full_like(zero, minimum)).unsqueeze(-3)
+        return additive_mask if additive_mask.dim() == 4 else additive_mask[None]
 
     def windowed() -> torch.Tensor:
-        distance = query_positions[:, None] - key_positions[None, :]
+        distance = query_positions[..., :, None] - key_positions[..., None, :]
         return allowed & (distance < window)
 
     if layer_types is not None and "sliding_attention" in layer_types and window:

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
+from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
 from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool
@@ -306,12 +307,18 @@ class MedusaModel(nn.Module):
 
     def generate(
         self,
-        prompt: Prompt,
+        prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
         **overrides,
-    ) -> GenerationResult:
-        """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...)."""
+    ) -> GenerationResult | list[GenerationResult]:
+        """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...).
+
+        A list of prompts (texts, token-id lists, message lists or tensors) is decoded as one batch
+        (``generate_batch``) and gives a list of results, in order.
+        """
+        if is_prompt_batch(prompt):
+            return self.generate_batch(prompt, config, tree=tree, **overrides)
         stats = DecodingStats()
         texts: list[str] = []
         tokens: list[int] = []
@@ -319,6 +326,79 @@ class MedusaModel(nn.Module):
             texts.append(chunk.text)
             tokens.extend(chunk.token_ids)
         return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
+
+
+    def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
+        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only)."""
+        heads = self.heads if config.use_heads else None
+        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
+        if tree.size == 1:
+            heads = None
+        return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        **overrides,
+    ) -> list[GenerationResult]:
+        """Decode several prompts together, greedy: one forward pass per step verifies every sequence's tree.
+
+        Each sequence accepts its own number of tokens per step and stops at its own EOS, stop string or
+        ``max_new_tokens``; its answer is exactly the one ``generate`` gives it alone. See docs/batching.md.
+        """
+        config = config or GenerationConfig(**overrides)
+        if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
+            raise MedusaError(f"generate_batch takes a list of prompts, got {type(prompts).__name__}")
+        if not prompts:
+            raise MedusaError("no prompts to generate from: the list of prompts is empty")
+        if not config.sampling().greedy:
+            raise MedusaError(
+                f"batched generation is greedy only (temperature 0), got temperature {config.temperature}; "
+                "generate sampled answers one prompt at a time"
+            )
+        encoded = []
+        for index, prompt in enumerate(prompts):
+            try:
+                ids = self.encode_prompt(prompt, config.chat_template)
+                self._check_lengths(ids.numel(), config.max_new_tokens)
+            except MedusaError as error:
+                raise MedusaError(f"prompt {index}: {error}") from None
+            encoded.append(ids)
+        if tree is not None and self.heads is not None:
+            tree = load_tree(tree, self.heads.config.num_heads)
+        runner = BatchRunner(self.batch_decoder(config, tree))
+        eos = frozenset(self.eos_token_ids())
+        sequences = [BatchSequence(ids, config.max_new_tokens, eos) for ids in encoded]
+        trackers = {id(s): TextTracker(self.tokenizer, config.stop) for s in sequences}
+        kept: dict[int, list[int]] = {id(s): [] for s in sequences}
+        texts: dict[int, list[str]] = {id(s): [] for s in sequences}
+        runner.add(sequences)
+        while runner.active:
+            stopped = []
+            for sequence, output in runner.step():
+                text, keep, stop = trackers[id(sequence)].add(output.tokens)
+                texts[id(sequence)].append(text)
+                kept[id(sequence)].extend(output.tokens[:keep])
+                if stop:
+                    sequence.stats.finish_reason = "stop"
+                    stopped.append(sequence)
+            runner.finish(stopped)
+        results = []
+        for sequence in sequences:
+            text = "".join(texts[id(sequence)]) + trackers[id(sequence)].flush()
+            tokens = kept[id(sequence)]
+            results.append(GenerationResult(text, tokens, sequence.stats.finish_reason, sequence.stats))
+        return results
+
+
+def is_prompt_batch(prompt: object) -> bool:
+    """A list whose items are prompts themselves (texts, lists, tensors), not token ids or chat messages."""
+    if isinstance(prompt, (str, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
+        return False
+    return all(isinstance(item, (str, torch.Tensor)) or (isinstance(item, Sequence) and not isinstance(item, dict))
+               for item in prompt)
 
 
 class TextTracker:
