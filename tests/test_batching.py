@@ -9,7 +9,11 @@ the per-row compaction, the holes, the re-layouts and the per-row positions are 
 
 from __future__ import annotations
 
+import json
 import random
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -332,3 +336,18 @@ def test_greedy_batch_agrees_with_the_single_rule():
         count = int(verdict.accepted) + 1
         assert tokens[row][path[row][:count]].tolist() == tokens[row][verdict.path[:count]].tolist()
     assert accepted.max() > 0  # with 8 tokens some guesses match
+
+
+def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    out = tmp_path / "report.json"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "batch_throughput.py"
+    argv = [str(script), "--tiny", "--max-new-tokens", "6", "--batch-sizes", "1,3", "--prompts", "3", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    report = json.loads(out.read_text())
+    assert [row["batch_size"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert row["identical_answers"] == 3  # greedy either way: the same answers
+        assert row["medusa"]["new_tokens"] == row["autoregressive"]["new_tokens"] > 0
+        assert row["autoregressive"]["mean_accepted_per_sequence_step"] == 1
+    assert report["meta"]["cuda_graphs"] is False

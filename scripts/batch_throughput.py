@@ -1,0 +1,149 @@
+"""Total throughput (new tokens/s) of batched Medusa against batched autoregressive decoding.
+
+Both run on the same engine (``MedusaModel.generate_batch``: one shared cache, one forward pass per
+step for the whole batch); autoregressive is the same loop with ``use_heads=False`` (a one-node tree).
+For every batch size the same prompts (first turns of Spec-Bench questions, categories interleaved)
+are decoded in consecutive batches of that size; throughput is all new tokens over all wall time,
+prefill included. Batched steps run eagerly (no CUDA graphs), which the JSON's meta says.
+
+    python scripts/batch_throughput.py --model DIR --heads DIR --questions question.jsonl \
+        --max-new-tokens 256 --batch-sizes 1,4,16,32 --out docs/benchmarks/batch-throughput.json
+    python scripts/batch_throughput.py --tiny --out /tmp/tiny.json      # CPU smoke run, random tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from medusa.bench.environment import environment, synchronize
+from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
+from medusa.model import GenerationConfig, MedusaModel
+
+
+def spec_bench_prompts(path: Path, count: int) -> list[str]:
+    """The first turns of ``count`` questions, taking the categories in turn so every batch is mixed."""
+    questions = load_questions(path)
+    categories = categories_of(questions)
+    chosen = select_questions(questions, limit=math.ceil(count / len(categories)))
+    by_category = {c: [q for q in chosen if q.category == c] for c in categories}
+    interleaved = [q for rank in range(max(map(len, by_category.values())))
+                   for c in categories if rank < len(by_category[c]) for q in [by_category[c][rank]]]
+    return [q.turns[0] for q in interleaved[:count]]
+
+
+def tiny_model() -> tuple[MedusaModel, list[list[int]]]:
+    """A random 4-layer llama with random heads, and random token prompts: a CPU smoke test of the script."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    model = MedusaModel.from_pretrained(LlamaForCausalLM(config).eval(), tree="16")
+    rng = random.Random(0)
+    prompts = [[rng.randrange(4, 512) for _ in range(rng.randint(4, 48))] for _ in range(64)]
+    return model, prompts
+
+
+def measure(model: MedusaModel, prompts: list, batch_size: int, config: GenerationConfig) -> tuple[dict, list]:
+    """Decode ``prompts`` in consecutive batches of ``batch_size``; return the totals and the answers."""
+    answers, steps, accepted, prefill = [], 0, [], 0.0
+    synchronize(model.device)
+    started = time.perf_counter()
+    for first in range(0, len(prompts), batch_size):
+        results = model.generate_batch(prompts[first : first + batch_size], config)
+        answers += [r.token_ids for r in results]
+        steps += max(r.stats.steps for r in results)  # the batch's steps: its longest member's
+        accepted += [a for r in results for a in r.stats.accepted_per_step]
+        prefill += results[0].stats.prefill_seconds
+    synchronize(model.device)
+    seconds = time.perf_counter() - started
+    tokens = sum(map(len, answers))
+    return {
+        "batch_size": batch_size,
+        "sequences": len(prompts),
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "prefill_seconds": prefill,
+        "tokens_per_second": tokens / seconds,
+        "batch_steps": steps,
+        "mean_accepted_per_sequence_step": sum(accepted) / len(accepted),
+    }, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="base model directory or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--heads", help="heads directory (default: the shipped heads)")
+    parser.add_argument("--questions", type=Path, help="Spec-Bench question.jsonl (default: shared/data/...)")
+    parser.add_argument("--tree", help="tree: a default size or a JSON file (default: the heads' own)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="1,4,16,32")
+    parser.add_argument("--prompts", type=int, help="prompts per batch size (default: the largest batch size)")
+    parser.add_argument("--dtype", default="bfloat16", help="on CUDA (the CPU runs float32)")
+    parser.add_argument("--tiny", action="store_true", help="a random tiny model on the CPU: checks the script")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    count = args.prompts or max(sizes)
+
+    if args.tiny:
+        model, prompts = tiny_model()
+        prompts = prompts[:count]
+        name = "tiny random llama (4 layers, hidden 128)"
+    else:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = args.dtype if device == "cuda" else "float32"
+        model = MedusaModel.from_pretrained(args.model, heads=args.heads, tree=args.tree, dtype=dtype, device=device)
+        prompts = [model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)]
+        name = model.name
+
+    medusa = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    plain = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=False)
+    model.generate_batch(prompts[: min(4, len(prompts))], GenerationConfig(max_new_tokens=8))  # warm-up
+    rows = []
+    for size in sizes:
+        medusa_row, medusa_answers = measure(model, prompts, size, medusa)
+        plain_row, plain_answers = measure(model, prompts, size, plain)
+        row = {
+            "batch_size": size,
+            "medusa": medusa_row,
+            "autoregressive": plain_row,
+            "speedup": medusa_row["tokens_per_second"] / plain_row["tokens_per_second"],
+            "identical_answers": sum(a == b for a, b in zip(medusa_answers, plain_answers)),
+        }
+        rows.append(row)
+        print(f"batch {size:3d}: medusa {medusa_row['tokens_per_second']:9.1f} tok/s, "
+              f"autoregressive {plain_row['tokens_per_second']:9.1f} tok/s, speedup {row['speedup']:.2f}x, "
+              f"{row['identical_answers']}/{len(prompts)} answers identical", flush=True)
+    stops_paying = next((r["batch_size"] for r in rows if r["speedup"] < 1), None)
+    report = {
+        "meta": {
+            **environment(model.device),
+            "model": name,
+            "heads": args.heads,
+            "dtype": str(model.base_model.dtype),
+            "tree_size": model.tree.size,
+            "max_new_tokens": args.max_new_tokens,
+            "prompts": len(prompts),
+            "cuda_graphs": False,
+            "note": "batched steps run eagerly (no CUDA graph capture); throughput counts prefill; "
+                    "identical_answers compares batched Medusa with batched autoregressive greedy answers",
+        },
+        "rows": rows,
+        "medusa_stops_paying_at_batch_size": stops_paying,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}; Medusa stops paying at batch size: {stops_paying}")
+
+
+if __name__ == "__main__":
+    main()
