@@ -60,7 +60,7 @@ class RunningServer:
 
 @contextlib.contextmanager
 def running_server(model: MedusaModel, **options) -> Iterator[RunningServer]:
-    engine_options = {k: options.pop(k) for k in ("max_waiting", "request_timeout") if k in options}
+    engine_options = {k: options.pop(k) for k in ("max_waiting", "request_timeout", "max_batch") if k in options}
     settings = ServeSettings(model_name=MODEL_NAME, **options)
     with RunningServer(model, settings, EngineConfig(**engine_options)) as server:
         yield server

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens-cap", type=int, default=4096, help="most tokens one request may ask for (default 4096)")
     group.add_argument("--max-waiting", type=int, default=16,
                        help="requests that may wait while one generates; more get 429 (default 16)")
+    group.add_argument("--max-batch", type=int, default=1,
+                       help="greedy requests decoded together, joining at step boundaries (default 1: one at a time)")
     group.add_argument("--timeout", type=float, default=300.0,
                        help="seconds a request may take, waiting included (default 300)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         use_heads=not args.no_heads, acceptance=args.acceptance, cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile,
     )
-    engine_config = EngineConfig(max_waiting=args.max_waiting, request_timeout=args.timeout)
+    engine_config = EngineConfig(max_waiting=args.max_waiting, request_timeout=args.timeout, max_batch=args.max_batch)
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
     model = load_model(args)

@@ -5,6 +5,11 @@ one after another. Requests beyond the line's capacity are refused at once (the 
 rather than left to pile up. ``MedusaModel.stream`` is a generator, so a cancelled or expired request
 is stopped between two decoding steps simply by no longer iterating it: the model is free again after
 at most one step. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
+
+With ``max_batch`` above 1 the worker batches greedy requests dynamically (``medusa.batching``): at
+every step boundary the requests at the head of the line join the running batch, up to ``max_batch``;
+each leaves at its own EOS, stop string, limit, cancellation or deadline while the others go on.
+Sampled requests are not batched: one runs alone once the batch has drained.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from medusa.batching import BatchRunner, BatchSequence
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
-from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
+from medusa.model import GenerationChunk, GenerationConfig, MedusaModel, TextTracker
 from medusa.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,8 +42,11 @@ class EngineStopped(Exception):
 class EngineConfig:
     max_waiting: int = 16  # requests that may wait while one generates; more are refused
     request_timeout: float = 300.0  # seconds from arrival to the end of the generation, queueing included
+    max_batch: int = 1  # greedy requests decoded together; 1 runs one generation at a time
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise MedusaError(f"max_batch must be a positive integer, got {self.max_batch!r}")
         if self.max_waiting < 0:
             raise MedusaError(f"max_waiting must be 0 or more, got {self.max_waiting}")
         if self.request_timeout <= 0:
@@ -91,6 +100,7 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
+        self._batch: list[Job] = []  # the jobs of the running batch (max_batch > 1)
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -112,6 +122,8 @@ class Engine:
             self._waiting.clear()
             if self._running is not None:
                 self._running._cancelled.set()
+            for job in self._batch:
+                job._cancelled.set()
             self._lock.notify_all()
             thread, self._thread = self._thread, None
         for job in dropped:
@@ -132,7 +144,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        return int(self._running is not None) + len(self._batch)
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink) -> Job:
         """Queue a generation; raise ``QueueFull`` when the line is full, ``EngineStopped`` when stopping."""
@@ -140,7 +152,9 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
-            if len(self._waiting) + self.running > self.config.max_waiting:
+            # With one generation at a time: max_waiting wait behind the running one. A batch also
+            # takes in as many as it has free places at its next step.
+            if len(self._waiting) >= self.config.max_waiting + self.config.max_batch - self.running:
                 raise QueueFull(
                     f"{self.running} generation running and {len(self._waiting)} waiting, "
                     f"the most this server queues ({self.config.max_waiting} waiting)"
@@ -161,6 +175,9 @@ class Engine:
     # ----- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        if self.config.max_batch > 1:
+            self._work_batched()
+            return
         while True:
             with self._lock:
                 while not self._waiting and not self._stopping:
@@ -220,5 +237,141 @@ class Engine:
             job.emit(Finished(stats.finish_reason, completion_tokens, stats))
         self.metrics.record_generation(len(job.prompt_ids), outcome, time.monotonic() - job.submitted)
 
+    # ----- the batched worker -------------------------------------------------------------------
+
+    def _work_batched(self) -> None:
+        runner: BatchRunner | None = None
+        use_heads: bool | None = None
+        active: list[_Member] = []
+        while True:
+            alone: Job | None = None
+            joining: list[Job] = []
+            with self._lock:
+                while not self._waiting and not active and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    for member in active:
+                        member.job.emit(Failed("shutdown", "the server is shutting down"))
+                        self._record_end(member, "cancelled")
+                    self._batch = []
+                    return
+                if not active and self._waiting and not self._waiting[0].config.sampling().greedy:
+                    alone = self._waiting.popleft()
+                    self._running = alone
+                else:
+                    if not active:
+                        use_heads = self._waiting[0].config.use_heads if self._waiting else None
+                    while (self._waiting and len(active) + len(joining) < self.config.max_batch
+                           and self._waiting[0].config.sampling().greedy
+                           and self._waiting[0].config.use_heads == use_heads):
+                        joining.append(self._waiting.popleft())
+                    self._batch = [m.job for m in active] + joining
+            if alone is not None:
+                try:
+                    if not alone.cancelled:
+                        if time.monotonic() > alone.deadline:
+                            alone.emit(Failed("timeout", self.timeout_message()))
+                            self.metrics.record_generation(len(alone.prompt_ids), "timeout",
+                                                           time.monotonic() - alone.submitted)
+                        else:
+                            self._generate(alone)
+                finally:
+                    with self._lock:
+                        self._running = None
+                continue
+            try:
+                if not active:
+                    runner = BatchRunner(self.model.batch_decoder(GenerationConfig(use_heads=bool(use_heads))))
+                active += self._admit(runner, joining)
+                if active:
+                    active = self._step(runner, active)
+            except Exception as error:  # the batch is lost; its jobs are told, the engine goes on
+                log.exception("batched generation failed")
+                self._fail(active, error)
+                active = []
+            with self._lock:
+                self._batch = [m.job for m in active]
+
+    def _admit(self, runner: BatchRunner, jobs: list[Job]) -> list["_Member"]:
+        """Prefill the jobs that are still wanted, together, into the running batch."""
+        members = []
+        for job in jobs:
+            if job.cancelled:
+                continue
+            if time.monotonic() > job.deadline:
+                job.emit(Failed("timeout", self.timeout_message()))
+                self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
+                continue
+            try:
+                ids = self.model.encode_prompt(job.prompt_ids)
+                self.model._check_lengths(ids.numel(), job.config.max_new_tokens)
+            except MedusaError as error:
+                job.emit(Failed("invalid", str(error)))
+                self.metrics.record_generation(len(job.prompt_ids), "invalid", time.monotonic() - job.submitted)
+                continue
+            sequence = BatchSequence(ids, job.config.max_new_tokens, frozenset(self.model.eos_token_ids()))
+            members.append(_Member(job, sequence, TextTracker(self.model.tokenizer, job.config.stop)))
+        if members:
+            try:
+                runner.add([m.sequence for m in members])  # leaves the running rows as they were if it fails
+            except Exception as error:
+                log.exception("prefill failed")
+                self._fail(members, error)
+                return []
+        return members
+
+    def _fail(self, members: list["_Member"], error: Exception) -> None:
+        for member in members:
+            member.job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
+            self._record_end(member, "error")
+
+    def _step(self, runner: BatchRunner, active: list["_Member"]) -> list["_Member"]:
+        """One batched step: each member's chunk goes out; members that are done leave. Returns the rest."""
+        by_sequence = {id(m.sequence): m for m in active}
+        leaving: list[tuple[_Member, str]] = []
+        for sequence, output in runner.step():
+            member = by_sequence[id(sequence)]
+            job = member.job
+            text, keep, stopped = member.tracker.add(output.tokens)
+            chunk = GenerationChunk(text=text, token_ids=output.tokens[:keep], accepted=output.accepted)
+            self.metrics.record_step(output.accepted, len(chunk.token_ids))
+            if chunk.token_ids and member.completion_tokens == 0:
+                self.metrics.record_first_token(time.monotonic() - job.submitted)
+            member.completion_tokens += len(chunk.token_ids)
+            job.emit(chunk)
+            if stopped:
+                sequence.stats.finish_reason = "stop"
+            if job.cancelled:
+                job.emit(Failed("shutdown", "the server is shutting down") if self._stopping
+                         else Failed("cancelled", "the request was cancelled"))
+                leaving.append((member, "cancelled"))
+            elif stopped or sequence.finished:
+                tail = member.tracker.flush()
+                if tail:
+                    job.emit(GenerationChunk(text=tail, token_ids=[], accepted=0))
+                job.emit(Finished(sequence.stats.finish_reason, member.completion_tokens, sequence.stats))
+                leaving.append((member, sequence.stats.finish_reason))
+            elif time.monotonic() > job.deadline:
+                job.emit(Failed("timeout", self.timeout_message()))
+                leaving.append((member, "timeout"))
+        runner.finish([m.sequence for m, _ in leaving])
+        for member, outcome in leaving:
+            self._record_end(member, outcome)
+        gone = {id(m) for m, _ in leaving}
+        return [m for m in active if id(m) not in gone]
+
+    def _record_end(self, member: "_Member", outcome: str) -> None:
+        self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
+
     def timeout_message(self) -> str:
         return f"the request took longer than this server's limit of {self.config.request_timeout:g} seconds"
+
+
+@dataclass(eq=False)
+class _Member:
+    """A job in the running batch: its sequence in the ``BatchRunner``, its text so far."""
+
+    job: Job
+    sequence: BatchSequence | None
+    tracker: TextTracker | None
+    completion_tokens: int = 0

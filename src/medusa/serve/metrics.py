@@ -106,7 +106,7 @@ class Metrics:
                 out.extend(histogram.lines(name))
             _family(out, "medusa_queue_waiting", "gauge", "Requests waiting for the model.")
             out.append(f"medusa_queue_waiting {waiting}")
-            _family(out, "medusa_generation_running", "gauge", "Generations running (at most 1).")
+            _family(out, "medusa_generation_running", "gauge", "Generations running (more than 1 with --max-batch).")
             out.append(f"medusa_generation_running {running}")
             return "\n".join(out) + "\n"
 

@@ -1,0 +1,161 @@
+"""The engine with dynamic batching: greedy requests decoded together, joining and leaving at step
+boundaries, each answer exactly the one the request gets alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from serve_support import make_slow_model, one_thread, running_server, serve_model  # noqa: F401  (fixtures)
+
+from medusa.errors import MedusaError
+from medusa.model import GenerationChunk, GenerationConfig
+from medusa.serve.engine import Engine, EngineConfig, Failed, Finished
+
+PROMPTS = ["hello", "Tell me a long story about a dragon.", "2+2?", "What is the capital of France, and why?"]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list = []
+        self.done = threading.Event()
+
+    def __call__(self, event) -> None:
+        self.events.append(event)
+        if not isinstance(event, GenerationChunk):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, GenerationChunk))
+
+    @property
+    def tokens(self) -> list[int]:
+        return [t for e in self.events if isinstance(e, GenerationChunk) for t in e.token_ids]
+
+
+def ids(model, text: str) -> list[int]:
+    return model.encode_prompt(text).tolist()
+
+
+class ForwardCounter:
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.base_model.register_forward_pre_hook(self)
+
+    def __call__(self, module, args) -> None:
+        self.calls += 1
+
+
+def test_waiting_greedy_requests_run_as_one_batch(serve_model):
+    engine = Engine(serve_model, EngineConfig(max_batch=4))
+    limits = [20, 12, 24, 7]
+    expected = [serve_model.generate(p, max_new_tokens=n) for p, n in zip(PROMPTS, limits)]
+    sinks = [Collector() for _ in PROMPTS]
+    counter = ForwardCounter(serve_model)
+    engine.start()
+    try:
+        for prompt, limit, sink in zip(PROMPTS, limits, sinks):
+            engine.submit(ids(serve_model, prompt), GenerationConfig(max_new_tokens=limit), sink)
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.stop()
+        counter.handle.remove()
+    for sink, result in zip(sinks, expected):
+        finished = sink.events[-1]
+        assert isinstance(finished, Finished), sink.events[-1]
+        assert sink.text == result.text and sink.tokens == result.token_ids
+        assert finished.finish_reason == result.finish_reason and finished.completion_tokens == len(result.token_ids)
+    steps = [sink.events[-1].stats.steps for sink in sinks]
+    # Alone, each would take a prefill and its steps; together the steps are shared.
+    assert counter.calls < sum(steps), (counter.calls, steps)
+    assert engine.metrics.finished.get("length", 0) + engine.metrics.finished.get("stop", 0) == 4
+
+
+def test_a_request_joins_a_running_batch_and_leaves_before_it(one_thread):
+    model = make_slow_model(0.02)
+    engine = Engine(model, EngineConfig(max_batch=4))
+    engine.start()
+    try:
+        long, short = Collector(), Collector()
+        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=60), long)
+        deadline = time.monotonic() + 10
+        while not long.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit(ids(model, PROMPTS[0]), GenerationConfig(max_new_tokens=5), short)
+        assert short.done.wait(30)
+        assert not long.done.is_set()  # the long one is still going
+        assert long.done.wait(60)
+    finally:
+        engine.stop()
+    assert short.tokens == model.generate(PROMPTS[0], max_new_tokens=5).token_ids
+    assert long.tokens == model.generate(PROMPTS[1], max_new_tokens=60).token_ids
+
+
+def test_cancelling_one_member_leaves_the_others_going(one_thread):
+    model = make_slow_model(0.02)
+    engine = Engine(model, EngineConfig(max_batch=3))
+    engine.start()
+    try:
+        sinks = [Collector() for _ in range(3)]
+        jobs = [engine.submit(ids(model, p), GenerationConfig(max_new_tokens=30), s) for p, s in zip(PROMPTS, sinks)]
+        deadline = time.monotonic() + 10
+        while engine.running < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.cancel(jobs[1])
+        for sink in sinks:
+            assert sink.done.wait(30)
+    finally:
+        engine.stop()
+    assert isinstance(sinks[1].events[-1], Failed) and sinks[1].events[-1].reason == "cancelled"
+    for index in (0, 2):
+        assert isinstance(sinks[index].events[-1], Finished)
+        assert sinks[index].tokens == model.generate(PROMPTS[index], max_new_tokens=30).token_ids
+    assert engine.metrics.finished["cancelled"] == 1
+
+
+def test_sampled_requests_and_stop_strings_with_batching(serve_model):
+    engine = Engine(serve_model, EngineConfig(max_batch=4))
+    alone = serve_model.generate(PROMPTS[1], max_new_tokens=24)
+    stop = alone.text[6:8]
+    engine.start()
+    try:
+        sampled, stopped, plain = Collector(), Collector(), Collector()
+        engine.submit(ids(serve_model, PROMPTS[0]), GenerationConfig(max_new_tokens=10, temperature=0.8, seed=1), sampled)
+        engine.submit(ids(serve_model, PROMPTS[1]), GenerationConfig(max_new_tokens=24, stop=(stop,)), stopped)
+        engine.submit(ids(serve_model, PROMPTS[2]), GenerationConfig(max_new_tokens=8), plain)
+        for sink in (sampled, stopped, plain):
+            assert sink.done.wait(30)
+    finally:
+        engine.stop()
+    expected = serve_model.generate(PROMPTS[0], max_new_tokens=10, temperature=0.8, seed=1)
+    assert sampled.text == expected.text
+    with_stop = serve_model.generate(PROMPTS[1], max_new_tokens=24, stop=stop)
+    assert stopped.text == with_stop.text and stopped.events[-1].finish_reason == "stop"
+    assert plain.text == serve_model.generate(PROMPTS[2], max_new_tokens=8).text
+
+
+def test_max_batch_must_be_positive():
+    with pytest.raises(MedusaError, match="max_batch must be a positive integer"):
+        EngineConfig(max_batch=0)
+
+
+def test_concurrent_http_requests_are_batched(serve_model):
+    with running_server(serve_model, max_batch=4) as server:
+        results: dict[int, str] = {}
+
+        def ask(index: int) -> None:
+            body = {"model": "tiny", "prompt": PROMPTS[index], "max_tokens": 12, "temperature": 0}
+            results[index] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()[
+                "choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    for index in range(4):
+        assert results[index] == serve_model.generate(PROMPTS[index], max_new_tokens=12, chat_template=False).text
