@@ -100,8 +100,9 @@ class TypicalAcceptance:
         threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.eps)  # [size]
         parents = tree.parents.clamp_min(0)  # the root's -1 is replaced below
         chance = probs[parents, tree_tokens]  # [size]: p at the parent of each node's own token
-        kept = chance > threshold[parents]
-        kept[0] = True
+        # The root is always kept; an OR with a device mask, as writing a Python True would copy from the
+        # host, which a CUDA graph cannot capture.
+        kept = (chance > threshold[parents]) | (tree.parents < 0)
         on_path = kept[tree.retrieve_paths][:, 1:] & tree.retrieve_valid[:, 1:]  # [leaves, depth]
         accepted_per_path = on_path.long().cumprod(dim=1).sum(dim=1)  # [leaves]
         log_chance = chance.clamp_min(torch.finfo(chance.dtype).tiny).log()[tree.retrieve_paths][:, 1:]

@@ -44,6 +44,9 @@ class GraphedStep:
                 step()
         torch.cuda.current_stream(decoder.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
+        # Sampling draws from the decoder's own seeded generator, not the device's default one; a graph may
+        # only use a generator registered with it, whose offset then advances on every replay.
+        self.graph.register_generator_state(decoder.generator)
         with torch.inference_mode(), torch.cuda.graph(self.graph):
             self.output = step()
 

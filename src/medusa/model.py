@@ -327,7 +327,6 @@ class MedusaModel(nn.Module):
             tokens.extend(chunk.token_ids)
         return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
 
-
     def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
         """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only)."""
         heads = self.heads if config.use_heads else None
