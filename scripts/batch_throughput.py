@@ -8,6 +8,7 @@ prefill included. Batched steps run eagerly (no CUDA graphs), which the JSON's m
 
     python scripts/batch_throughput.py --model DIR --heads DIR --questions question.jsonl \
         --max-new-tokens 256 --batch-sizes 1,4,16,32 --out docs/benchmarks/batch-throughput.json
+    python scripts/batch_throughput.py --plot-only docs/benchmarks/batch-throughput.json   # redraw the plot
     python scripts/batch_throughput.py --tiny --out /tmp/tiny.json      # CPU smoke run, random tiny model
 """
 
@@ -78,6 +79,32 @@ def measure(model: MedusaModel, prompts: list, batch_size: int, config: Generati
     }, answers
 
 
+def plot(report: dict, path: Path) -> None:
+    """Tokens/s of both methods against batch size, and Medusa's speedup, beside the JSON."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [row["batch_size"] for row in report["rows"]]
+    figure, (throughput, speedup) = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("autoregressive", "medusa"):
+        throughput.plot(sizes, [row[method]["tokens_per_second"] for row in report["rows"]], marker="o", label=method)
+    throughput.set(xscale="log", xlabel="batch size", ylabel="total new tokens/s", title="throughput")
+    throughput.set_xticks(sizes, [str(size) for size in sizes])
+    throughput.legend()
+    speedup.plot(sizes, [row["speedup"] for row in report["rows"]], marker="o", color="tab:green")
+    speedup.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    speedup.set(xscale="log", xlabel="batch size", ylabel="medusa / autoregressive", title="speedup")
+    speedup.set_xticks(sizes, [str(size) for size in sizes])
+    meta = report["meta"]
+    figure.suptitle(f"{meta['model']} on {meta['device']}, {meta['dtype'].removeprefix('torch.')}, "
+                    f"tree of {meta['tree_size']}, {meta['max_new_tokens']} new tokens")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="base model directory or .gguf (default: SmolLM2-135M-Instruct)")
@@ -89,8 +116,15 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, help="prompts per batch size (default: the largest batch size)")
     parser.add_argument("--dtype", default="bfloat16", help="on CUDA (the CPU runs float32)")
     parser.add_argument("--tiny", action="store_true", help="a random tiny model on the CPU: checks the script")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, help="the JSON report; the plot goes beside it (.png)")
+    parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        print(f"wrote {args.plot_only.with_suffix('.png')}")
+        return
+    if args.out is None:
+        parser.error("--out is required (or --plot-only JSON)")
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     count = args.prompts or max(sizes)
 
@@ -142,7 +176,8 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}; Medusa stops paying at batch size: {stops_paying}")
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and its plot; Medusa stops paying at batch size: {stops_paying}")
 
 
 if __name__ == "__main__":

@@ -351,3 +351,4 @@ def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
         assert row["medusa"]["new_tokens"] == row["autoregressive"]["new_tokens"] > 0
         assert row["autoregressive"]["mean_accepted_per_sequence_step"] == 1
     assert report["meta"]["cuda_graphs"] is False
+    assert out.with_suffix(".png").stat().st_size > 0
