@@ -1,4 +1,4 @@
-"""``medusa serve``: the OpenAI-compatible HTTP server (see docs/serving.md)."""
+"""``medusa serve``: the OpenAI-compatible HTTP server (see the README's "Serving" section and docs/batching.md)."""
 
 from __future__ import annotations
 
