@@ -30,6 +30,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     profile = HeadProfile.load(heads_dir / "tree_profile.json")
     assert (profile.num_heads, profile.topk, len(profile.accuracy), len(profile.accuracy[0])) == (3, 4, 3, 4)
     assert profile.samples > 0 and profile.heads_fingerprint.startswith("sha256:")
+    assert profile.position_ranks.positions == profile.samples  # kept for the walk estimate
     assert "profiled 3 heads" in capsys.readouterr().out
 
     assert main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
@@ -45,6 +46,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     out = capsys.readouterr().out
     entry = read_tuned_trees(heads_dir)["cpu"]
     assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
+    assert entry["estimate"] == "walk"  # the default, since the profile has the walk data
     assert json.loads(curve.read_text())["device"] == "cpu"
     assert (directory / "plots" / "tokens_per_second_cpu.png").is_file()
     loaded = MedusaModel.from_pretrained(str(model_dir), heads=str(heads_dir), device="cpu")
@@ -63,6 +65,22 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
     assert set(rows) == {"greedy-4", "greedy-8", "default-8", "tuned"}
     assert all(row["mean_accepted"] >= 1 and row["new_tokens"] == 16 for row in rows.values())
+    assert all(row["expected_walk"] >= 1 for row in rows.values())
+
+
+def test_a_profile_without_walk_data_falls_back_to_joint(workspace, tmp_path, capsys):
+    directory, model_dir, heads_dir, data = workspace
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"num_heads": 3, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 3,
+                               "path_counts": [[[0], 5], [[0, 0], 2]]}))
+    common = ["tree", "build", "--heads", str(heads_dir), "--profile", str(old), "--nodes", "3",
+              "--output", str(tmp_path / "tree.json")]
+    assert main(common) == 0
+    captured = capsys.readouterr()
+    assert "predates the walk estimate" in captured.err and "medusa tree profile" in captured.err
+    assert "1.700 (joint)" in captured.out and "(walk)" not in captured.out
+    assert main([*common, "--estimate", "walk"]) == 2
+    assert "run `medusa tree profile` again" in capsys.readouterr().err
 
 
 def test_mismatched_profile_or_heads_is_refused(workspace, tmp_path, capsys):

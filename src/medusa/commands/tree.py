@@ -17,7 +17,13 @@ from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME
 
-ESTIMATE_HELP = "joint: how often whole paths were right in the profile (default); paper: product of head accuracies"
+ESTIMATE_HELP = (
+    "walk (default when the profile has per-position ranks, else joint): replay decoding's walk over the profiled "
+    "answers, each step starting where the last one stopped; joint: how often whole paths were right, averaged over "
+    "all positions (over-predicts: steps start more often on hard text); paper: product of head accuracies. "
+    "Trees are built in the joint order for walk"
+)
+ESTIMATE_CHOICES = ("walk", "joint", "paper")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune = sub.add_parser("tune", help="choose the tree size with the most expected tokens/s on this device")
     _add_model_arguments(tune)
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
-    tune.add_argument("--estimate", choices=("joint", "paper"), default="joint", help=ESTIMATE_HELP)
+    tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
     tune.add_argument("--cost-curve", help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) instead of timing here')
     tune.add_argument("--sizes", help="tree sizes to time (default 1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256)")
     tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider (default 256)")
@@ -56,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate = sub.add_parser("evaluate", help="decode prompts with several trees: measured vs expected accepted length")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
-    evaluate.add_argument("--estimate", choices=("joint", "paper"), default="joint", help="estimate used to build the trees: " + ESTIMATE_HELP)
+    evaluate.add_argument("--estimate", choices=ESTIMATE_CHOICES, help="estimate used to build the trees and to report errors: " + ESTIMATE_HELP)
     evaluate.add_argument("--data", nargs="+", required=True, help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records")
     evaluate.add_argument("--limit", type=int, default=10, help="prompts per category (Spec-Bench), else in all (default 10)")
     evaluate.add_argument("--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)")
@@ -70,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
     parser.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
-    parser.add_argument("--estimate", choices=("joint", "paper"), default="joint", help=ESTIMATE_HELP)
+    parser.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +116,28 @@ def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
     return profile
 
 
+def _estimate(args: argparse.Namespace, profile) -> str:
+    """The estimate asked for, or the default: walk when the profile allows it, else joint with a note."""
+    from medusa.treeopt.build import default_estimate
+
+    if args.estimate is not None:
+        return args.estimate  # walk on a profile without its data is refused, naming the fix
+    estimate = default_estimate(profile)
+    if estimate != "walk":
+        print("note: this profile has no per-position ranks (it predates the walk estimate), so the joint estimate is "
+              "used; it over-predicts measured tokens per step (by 13-18% in docs/benchmarks/cpu-tree-evaluate-pool). "
+              "Run `medusa tree profile` again for the walk estimate", file=sys.stderr)
+    return estimate
+
+
+def _expected_all(profile, tree) -> dict[str, float]:
+    """The tree's expected tokens per step under every estimate the profile allows."""
+    from medusa.treeopt.build import expected_length, has_walk
+
+    names = ("walk", "joint", "paper") if has_walk(profile) else ("joint", "paper")
+    return {name: expected_length(profile, tree, name) for name in names}
+
+
 def _load_model(args: argparse.Namespace, directory: Path):
     from medusa.model import MedusaModel
 
@@ -143,7 +171,7 @@ def _progress(total: int, unit: str):
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import expected_lengths
+    from medusa.treeopt.build import expected_lengths, has_walk
     from medusa.treeopt.data import read_profile_examples
     from medusa.treeopt.profile import PROFILE_FILE, heads_fingerprint, profile_heads
 
@@ -165,9 +193,13 @@ def run_profile(args: argparse.Namespace) -> int:
     for k, row in enumerate(profile.accuracy):
         print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  top-{profile.topk} {sum(row):.3f}")
     if profile.samples:
-        joint, paper = expected_lengths(profile, (8, 16, 32, 64)), expected_lengths(profile, (8, 16, 32, 64), "paper")
-        print("  expected tokens per step of the greedy tree: "
-              + ", ".join(f"{n} nodes {joint[n]:.2f} (paper {paper[n]:.2f})" for n in joint))
+        sizes = (8, 16, 32, 64)
+        curves = {name: expected_lengths(profile, sizes, name) for name in ("walk", "joint", "paper")
+                  if name != "walk" or has_walk(profile)}
+        print(f"  walk data: {profile.position_ranks.positions} positions in {len(profile.position_ranks.segments)} answers"
+              if has_walk(profile) else "  walk data: none")
+        print("  expected tokens per step of the greedy tree: " + ", ".join(
+            f"{n} nodes " + " ".join(f"{curve[n]:.2f} ({name})" for name, curve in curves.items()) for n in sizes))
     return 0
 
 
@@ -175,7 +207,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import build_tree, expected_length, expected_lengths
+    from medusa.treeopt.build import build_tree, expected_lengths
     from medusa.treeopt.tuned import read_tuned_trees
 
     if args.nodes < 1:
@@ -183,28 +215,33 @@ def run_build(args: argparse.Namespace) -> int:
     directory = _heads_directory(args)
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
-    tree = build_tree(profile, args.nodes, args.estimate)
+    estimate = _estimate(args, profile)
+    tree = build_tree(profile, args.nodes, estimate)
     output = Path(args.output) if args.output else directory / "tree.json"
     output.write_text(tree.to_json() + "\n")
-    joint, paper = expected_length(profile, tree, "joint"), expected_length(profile, tree, "paper")
-    print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({args.estimate} estimate); saved {output}")
-    print(f"expected accepted tokens per step: {joint:.3f} (joint), {paper:.3f} (paper's product of accuracies)")
+    expected = _expected_all(profile, tree)
+    order = "joint order" if estimate == "walk" else f"{estimate} estimate"
+    print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
+    labels = {"paper": "paper's product of accuracies"}
+    print("expected accepted tokens per step: "
+          + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items()))
     if tree.size < args.nodes:
         print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
     tuned = read_tuned_trees(directory)
     if tuned and output == directory / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
     if args.plot_dir:
-        _plot_build(Path(args.plot_dir), profile, tree, args.estimate, expected_lengths)
+        _plot_build(Path(args.plot_dir), profile, tree, estimate, expected_lengths)
     return 0
 
 
 def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) -> None:
-    from medusa.treeopt.build import node_chances
+    from medusa.treeopt.build import has_walk, node_chances
     from medusa.treeopt.plots import plot_accept_length, plot_tree
 
     sizes = list(range(1, 257))
-    curves = {name: expected_lengths(profile, sizes, name) for name in ("joint", "paper")}
+    names = ("walk", "joint", "paper") if has_walk(profile) else ("joint", "paper")
+    curves = {name: expected_lengths(profile, sizes, name) for name in names}
     written = [
         plot_accept_length(plot_dir / "accept_length.png", curves),
         plot_tree(plot_dir / f"tree_{tree.size}.png", tree, node_chances(profile, tree, estimate)),
@@ -226,6 +263,7 @@ def run_tune(args: argparse.Namespace) -> int:
     directory = _heads_directory(args)
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
+    estimate = _estimate(args, profile)
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
         kind = args.device_kind or cost.device
@@ -236,7 +274,7 @@ def run_tune(args: argparse.Namespace) -> int:
             raise MedusaError("--context, --steps and --repeats must be at least 1")
         sizes = _parse_sizes(args.sizes, args.max_nodes) if args.sizes else [n for n in DEFAULT_SIZES if n <= args.max_nodes]
         model = _load_model(args, directory)
-        trees = {n: build_tree(profile, n, args.estimate) for n in sizes}
+        trees = {n: build_tree(profile, n, estimate) for n in sizes}
         trees = {tree.size: tree for tree in trees.values()}  # a small profile may not fill the largest sizes
         print(f"timing {len(trees)} tree sizes on {device_kind(model.device)}", file=sys.stderr)
         cost = measure_cost_curve(
@@ -246,19 +284,20 @@ def run_tune(args: argparse.Namespace) -> int:
         kind = args.device_kind or cost.device
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
-    expected = expected_lengths(profile, [n for n in cost.points if n <= args.max_nodes], args.estimate)
+    expected = expected_lengths(profile, [n for n in cost.points if n <= args.max_nodes], estimate)
     choice = choose_size(expected, cost, args.max_nodes)
-    tree = build_tree(profile, choice.nodes, args.estimate)
+    tree = build_tree(profile, choice.nodes, estimate)
     print(f"{'nodes':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>9}")
     for n in sorted(choice.tokens_per_second):
         mark = "  <- chosen" if n == choice.nodes else ""
         print(f"{n:6d} {expected[n]:12.3f} {cost.points[n] * 1e3:9.2f} {choice.tokens_per_second[n]:9.1f}{mark}")
+    print(f"({estimate} estimate of tokens per step)")
     print(f"best tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
           f"{choice.expected_accept_length:.2f} tokens/step expected, {choice.expected_tokens_per_second:.1f} tokens/s expected")
     if not args.dry_run:
         entry = {
             "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
-            "estimate": args.estimate, "expected_accept_length": round(choice.expected_accept_length, 4),
+            "estimate": estimate, "expected_accept_length": round(choice.expected_accept_length, 4),
             "step_seconds": choice.step_seconds, "expected_tokens_per_second": round(choice.expected_tokens_per_second, 2),
             "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
             "cost_curve": cost.to_dict()["points"],
@@ -273,8 +312,8 @@ def run_tune(args: argparse.Namespace) -> int:
         sizes = sorted(expected)
         written = [
             plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", choice.tokens_per_second, choice.nodes, kind),
-            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {args.estimate: {n: expected[n] for n in sizes}}),
-            plot_tree(plot_dir / f"tuned_tree_{slug}.png", tree, node_chances(profile, tree, args.estimate)),
+            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {estimate: {n: expected[n] for n in sizes}}),
+            plot_tree(plot_dir / f"tuned_tree_{slug}.png", tree, node_chances(profile, tree, estimate)),
         ]
         print("plots: " + ", ".join(map(str, written)))
     return 0
@@ -285,7 +324,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from medusa.tree import DEFAULT_TREE_SIZES, default_tree
-    from medusa.treeopt.build import build_tree, expected_length
+    from medusa.treeopt.build import build_tree
     from medusa.treeopt.data import read_prompts
     from medusa.treeopt.tuned import device_kind, tuned_tree
 
@@ -294,12 +333,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     directory = _heads_directory(args)
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
+    estimate = _estimate(args, profile)
     prompts, skipped = read_prompts(args.data, args.limit)
     _report_skipped(skipped)
     if not prompts:
         raise MedusaError(f"no prompt found in {', '.join(args.data)}")
     model = _load_model(args, directory)
-    trees = {f"greedy-{n}": build_tree(profile, n, args.estimate) for n in _parse_sizes(args.sizes)}
+    trees = {f"greedy-{n}": build_tree(profile, n, estimate) for n in _parse_sizes(args.sizes)}
     if args.default_trees:
         trees |= {f"default-{n}": default_tree(n, config.num_heads) for n in _parse_sizes(args.sizes) if n in DEFAULT_TREE_SIZES}
     if args.tuned:
@@ -310,22 +350,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     results = []
     for label, tree in trees.items():
         measured = _decode_prompts(model, prompts, tree, args.max_new_tokens, label)
+        expected = _expected_all(profile, tree)
         row = {"tree": label, "nodes": tree.size, **measured,
-               "expected_joint": round(expected_length(profile, tree, "joint"), 4),
-               "expected_paper": round(expected_length(profile, tree, "paper"), 4)}
+               **{f"expected_{name}": round(value, 4) for name, value in expected.items()}}
         results.append(row)
-        error = row["expected_joint"] / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
+        errors = {name: value / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
+                  for name, value in expected.items()}
         print(f"{label:>12} {tree.size:4d} nodes: measured {row['mean_accepted']:.3f} tokens/step, expected "
-              f"{row['expected_joint']:.3f} joint ({error:+.1%}), {row['expected_paper']:.3f} paper; "
-              f"{row['tokens_per_second']:.1f} tokens/s", flush=True)
+              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%})" for name, value in expected.items())
+              + f"; {row['tokens_per_second']:.1f} tokens/s", flush=True)
     summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "data": list(args.data), "heads": str(directory), "estimate": args.estimate, "results": results}
+               "data": list(args.data), "heads": str(directory), "estimate": estimate, "results": results}
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
         print(f"saved {args.output}")
     if args.plot_dir:
-        _plot_evaluate(Path(args.plot_dir), profile, results, args.estimate)
+        _plot_evaluate(Path(args.plot_dir), profile, results, estimate)
     return 0
 
 
@@ -360,10 +401,10 @@ def _plot_evaluate(plot_dir: Path, profile, results: list[dict], estimate: str) 
 
     greedy = [r for r in results if r["tree"].startswith("greedy-")]
     sizes = list(range(1, 1 + max(256, *(r["nodes"] for r in results))))
-    curves = {
-        f"{estimate}, greedy trees": expected_lengths(profile, sizes, estimate),
-        "paper's product, same trees": {r["nodes"]: r["expected_paper"] for r in greedy},
-    }
+    curves = {f"{estimate}, greedy trees": expected_lengths(profile, sizes, estimate)}
+    for name in ("walk", "joint", "paper"):
+        if name != estimate and all(f"expected_{name}" in r for r in greedy):
+            curves[f"{name}, same trees"] = {r["nodes"]: r[f"expected_{name}"] for r in greedy}
     measured = {r["nodes"]: r["mean_accepted"] for r in greedy}
     path = plot_accept_length(plot_dir / "accept_length_measured.png", curves, measured)
     print(f"plot: {path}")

@@ -1,24 +1,48 @@
 """Trees from a head profile: the greedy construction, and the expected accepted length of any tree.
 
-Two estimates of how often a node is accepted:
-- ``paper``: the product of the heads' accuracies along the node's path (paper, section 2.1.2),
-  which assumes the heads are right or wrong independently of each other;
-- ``joint``: how often the whole path was right at once in the profile, which needs no such assumption.
+Three estimates of a tree's expected tokens per step:
+- ``paper``: 1 + for each node the product of the heads' accuracies along its path (paper, section
+  2.1.2), which assumes the heads are right or wrong independently of each other;
+- ``joint``: 1 + for each node how often its whole path was right at once in the profile, which needs no
+  such assumption. It is the mean of ``1 + a(t)`` over *all* profiled positions t (``a(t)``: the tree
+  tokens a step started at t accepts);
+- ``walk`` (the default for reporting and tuning): the mean over the positions decoding actually starts
+  steps at, found by replaying the walk t -> t + 1 + a(t) over the profiled answers
+  (``medusa.treeopt.walk``). Steps stride over easy text and crawl through hard text, so they sample
+  hard positions more often than a uniform mean does: on the greedy answers to 30 unseen prompts the
+  replayed walk gave exactly the measured tokens per step, while the uniform mean over the same
+  positions was 8-13% higher (docs/tree-optimisation.md). It needs the profile's per-position ranks.
 
-Either way a node's chance never exceeds its parent's, so adding the most likely frontier node first
-yields the best tree of every size for that estimate, and the greedy order of the largest tree lists
-the smaller ones as its prefixes.
+For the first two a node's chance never exceeds its parent's, so adding the most likely frontier node
+first yields the best tree of every size for that estimate, and the greedy order of the largest tree
+lists the smaller ones as its prefixes. ``walk`` has no per-node chance to be greedy about (which
+positions a step starts at depends on the whole tree), so its trees are built in the ``joint`` order:
+the node adding the most accepted tokens over all positions is, to first order, also the one adding
+the most over the positions the walk visits, and that order keeps the trees of all sizes nested.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from medusa.errors import MedusaError
 from medusa.tree import Tree, build_tree_from_accuracies, expected_accept_length
 from medusa.treeopt.profile import HeadProfile, joint_chance, paper_chance
+from medusa.treeopt.walk import accepted_depths, nested_depths, node_ids, visited_positions, walk_lengths
 
-ESTIMATES = ("joint", "paper")
+ESTIMATES = ("walk", "joint", "paper")
+
+
+def has_walk(profile: HeadProfile) -> bool:
+    """Whether the profile keeps the per-position ranks the walk estimate needs (older profiles do not)."""
+    return profile.position_ranks is not None and profile.position_ranks.positions > 0
+
+
+def default_estimate(profile: HeadProfile) -> str:
+    """``walk`` when the profile allows it, else ``joint``."""
+    return "walk" if has_walk(profile) else "joint"
 
 
 def _check(profile: HeadProfile, estimate: str) -> None:
@@ -26,14 +50,22 @@ def _check(profile: HeadProfile, estimate: str) -> None:
         raise MedusaError(f"unknown estimate {estimate!r}; choose one of {', '.join(ESTIMATES)}")
     if profile.samples == 0:
         raise MedusaError("the profile measured no positions: profile on conversations with longer assistant turns")
+    if estimate == "walk" and not has_walk(profile):
+        raise MedusaError(
+            "the walk estimate needs the per-position ranks that `medusa tree profile` now keeps, and this profile "
+            "has none (it was made before them): run `medusa tree profile` again, or use --estimate joint"
+        )
 
 
 def greedy_order(profile: HeadProfile, max_nodes: int, estimate: str = "joint") -> list[tuple[tuple[int, ...], float]]:
     """The first ``max_nodes - 1`` non-root nodes in the order the greedy construction adds them, with their chances.
 
     With ``joint``, paths never seen right in the profile (chance 0) come last, in the paper's order.
+    ``walk`` uses the ``joint`` order and chances (see the module's docstring).
     """
     _check(profile, estimate)
+    if estimate == "walk":
+        estimate = "joint"
     if max_nodes < 1:
         raise MedusaError(f"a tree has at least 1 node (the root), got {max_nodes}")
     wanted = max_nodes - 1
@@ -61,11 +93,19 @@ def build_tree(profile: HeadProfile, nodes: int, estimate: str = "joint") -> Tre
 
 
 def expected_lengths(profile: HeadProfile, sizes: Iterable[int], estimate: str = "joint") -> dict[int, float]:
-    """Expected tokens per step (root included) of the greedy tree of each size."""
+    """Expected tokens per step (root included) of the greedy tree of each size (built in ``estimate``'s order)."""
     sizes = sorted(set(sizes))
     if not sizes:
         return {}
     order = greedy_order(profile, sizes[-1], estimate)
+    if estimate == "walk":
+        walk = profile.position_ranks
+        nodes = node_ids(walk.ranks, [path for path, _ in order], profile.topk)
+        lengths: dict[int, float] = {}
+        for start in range(0, len(sizes), 32):  # bounds the memory of the depths
+            chunk = sizes[start : start + 32]
+            lengths |= zip(chunk, walk_lengths(nested_depths(nodes, chunk), walk.segments).tolist())
+        return lengths
     totals = [1.0]
     for _, chance in order:
         totals.append(totals[-1] + chance)
@@ -79,12 +119,25 @@ def expected_length(profile: HeadProfile, tree: Tree | Sequence[Sequence[int]], 
     profile.check_paths(paths)
     if estimate == "paper":
         return expected_accept_length(paths, profile.accuracy)
+    if estimate == "walk":
+        walk = profile.position_ranks
+        return float(walk_lengths(accepted_depths(walk.ranks, paths, profile.topk), walk.segments)[0])
     return 1.0 + sum(joint_chance(profile, path) for path in paths)
 
 
 def node_chances(profile: HeadProfile, tree: Tree, estimate: str = "joint") -> dict[tuple[int, ...], float]:
-    """Each node's chance of being accepted under the estimate (for drawing the tree)."""
+    """Each node's chance of being accepted under the estimate (for drawing the tree).
+
+    For ``walk``: the share of the steps the walk takes with this tree in which the node is accepted.
+    """
     _check(profile, estimate)
     profile.check_paths(tree.paths)
+    if estimate == "walk":
+        walk = profile.position_ranks
+        paths = sorted(tree.paths, key=len)
+        nodes = node_ids(walk.ranks, paths, profile.topk)
+        steps = nodes[visited_positions((nodes >= 0).sum(axis=1), walk.segments)]
+        accepted = np.bincount(steps[steps >= 0], minlength=len(paths) + 1)
+        return {path: float(accepted[i + 1] / max(len(steps), 1)) for i, path in enumerate(paths)}
     chance = joint_chance if estimate == "joint" else paper_chance
     return {path: chance(profile, path) for path in tree.paths}

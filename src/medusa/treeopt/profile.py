@@ -7,20 +7,29 @@ data that argmax is the data's next token; on other data it is still what decodi
 
 Besides the paper's table (``accuracy[k][r]``), the profile keeps how often each path of ranks is right
 as a whole (``path_counts``): heads are not independent, so the product of their accuracies misjudges
-deep paths, while the joint counts give a tree's expected accepted length directly.
+deep paths, while the joint counts give the mean accepted length over *all* positions.
+
+Decoding does not start a step at every position, though: after accepting 1 + a tokens at t it starts
+the next step at t + 1 + a, so it strides over easy stretches and takes a step per token through hard
+ones, and its tokens per step is lower than that mean. So the profile also keeps, per answer, which
+path of ranks was right at each position (``position_ranks``, up to ``WALK_POSITIONS`` positions);
+``medusa.treeopt.walk`` replays the decoding walk over them for any tree.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel
 
@@ -36,6 +45,66 @@ REFERENCE = "base_argmax"
 # Joint counts kept in the file, most frequent first. A greedy tree of N nodes uses only the N - 1 most
 # frequent paths, so keeping 4096 loses nothing for trees up to 4097 nodes.
 KEPT_PATHS = 4096
+# Positions whose rank paths are kept for the walk estimate (whole answers first; the last one kept may be
+# cut). With 4 heads of top-10 a position takes 4 bytes before compression, well under 1 MB in the file.
+WALK_POSITIONS = 1 << 17
+
+
+@dataclass
+class PositionRanks:
+    """Per measured position, the rank of the accepted token in each head's top-k, in text order.
+
+    ``ranks[i, k]`` is head k's rank at position i, or -1 where head k missed it *or any shallower head
+    missed* (only the path down to the first miss can be accepted, and cutting there compresses well).
+    ``segments`` are the lengths of the runs of consecutive positions, one per measured answer, in order;
+    a run starts at the prompt's last token, where decoding starts its first step.
+    """
+
+    ranks: np.ndarray  # [positions, heads], int16
+    segments: np.ndarray  # [runs], int64, adding up to positions
+
+    @property
+    def positions(self) -> int:
+        return int(self.ranks.shape[0])
+
+    def to_dict(self, topk: int) -> dict:
+        dtype = np.uint8 if topk < 255 else np.uint16
+        miss = np.iinfo(dtype).max
+        stored = np.where(self.ranks < 0, miss, self.ranks).astype(dtype)
+        return {
+            "encoding": f"base64 of zlib of {np.dtype(dtype).name} [positions, heads] row-major, {miss} = missed",
+            "dtype": np.dtype(dtype).name,
+            "positions": self.positions,
+            "segments": [int(n) for n in self.segments],
+            "ranks": base64.b64encode(zlib.compress(np.ascontiguousarray(stored).tobytes(), 9)).decode("ascii"),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object, num_heads: int, topk: int, samples: int, fail: Callable[[str], MedusaError]) -> "PositionRanks":
+        if not isinstance(raw, dict):
+            raise fail("position_ranks must be an object with dtype, positions, segments and ranks")
+        dtype_name, positions, segments = raw.get("dtype"), raw.get("positions"), raw.get("segments")
+        if dtype_name not in ("uint8", "uint16"):
+            raise fail(f"position_ranks dtype must be uint8 or uint16, got {dtype_name!r}")
+        if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions <= samples:
+            raise fail(f"position_ranks positions must be an integer in 0..{samples}, got {positions!r}")
+        if not isinstance(segments, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in segments):
+            raise fail("position_ranks segments must be a list of positive run lengths")
+        if sum(segments) != positions:
+            raise fail(f"position_ranks segments add up to {sum(segments)}, not to its {positions} positions")
+        dtype = np.dtype(dtype_name)
+        try:
+            data = zlib.decompress(base64.b64decode(str(raw.get("ranks", "")), validate=True))
+        except (ValueError, zlib.error) as error:
+            raise fail(f"position_ranks ranks cannot be decoded: {error}") from None
+        if len(data) != positions * num_heads * dtype.itemsize:
+            raise fail(f"position_ranks ranks hold {len(data)} bytes, not {positions} positions x {num_heads} heads of {dtype.name}")
+        stored = np.frombuffer(data, dtype=dtype).reshape(positions, num_heads)
+        miss = np.iinfo(dtype).max
+        if ((stored >= topk) & (stored != miss)).any():
+            raise fail(f"position_ranks holds ranks beyond the profile's top-{topk}")
+        ranks = np.where(stored == miss, -1, stored.astype(np.int16)).astype(np.int16)
+        return cls(ranks, np.asarray(segments, dtype=np.int64))
 
 
 @dataclass
@@ -47,6 +116,7 @@ class HeadProfile:
     heads_fingerprint: str | None = None
     path_counts: dict[tuple[int, ...], int] = field(default_factory=dict)  # positions whose guesses match along the path
     reference: str = REFERENCE
+    position_ranks: PositionRanks | None = None  # None in profiles made before the walk estimate
 
     def check_heads(self, num_heads: int, fingerprint: str | None = None, origin: str = "the profile") -> None:
         """Refuse a profile measured on other heads: a different head count, or other weights."""
@@ -70,6 +140,7 @@ class HeadProfile:
 
     def to_dict(self) -> dict:
         kept = sorted(self.path_counts.items(), key=lambda item: (-item[1], len(item[0]), item[0]))[:KEPT_PATHS]
+        extra = {} if self.position_ranks is None else {"position_ranks": self.position_ranks.to_dict(self.topk)}
         return {
             "num_heads": self.num_heads,
             "topk": self.topk,
@@ -78,6 +149,7 @@ class HeadProfile:
             "heads_fingerprint": self.heads_fingerprint,
             "reference": self.reference,
             "path_counts": [[list(path), count] for path, count in kept],
+            **extra,
         }
 
     def save(self, path: str | Path) -> None:
@@ -131,8 +203,12 @@ class HeadProfile:
                 raise fail(f"path {list(path)} has count {count}, outside 0..{samples}")
             counts[path] = count
         fingerprint = raw.get("heads_fingerprint")
+        position_ranks = None
+        if raw.get("position_ranks") is not None:
+            position_ranks = PositionRanks.from_dict(raw["position_ranks"], num_heads, topk, samples, fail)
         return cls(num_heads, topk, [[float(a) for a in row] for row in accuracy], samples,
-                   fingerprint if isinstance(fingerprint, str) else None, counts, str(raw.get("reference", REFERENCE)))
+                   fingerprint if isinstance(fingerprint, str) else None, counts, str(raw.get("reference", REFERENCE)),
+                   position_ranks)
 
 
 def heads_fingerprint(directory: str | Path) -> str:
@@ -156,12 +232,14 @@ def profile_heads(
     fingerprint: str | None = None,
     chunk: int = 256,
     progress: Callable[[int], None] | None = None,
+    walk_positions: int = WALK_POSITIONS,
 ) -> HeadProfile:
     """Measure the heads at every position t of ``sequences`` (each with ``input_ids`` and ``loss_mask``,
     True on assistant tokens) whose next ``num_heads + 1`` tokens are all assistant tokens.
 
     So a turn is measured from its prompt's last token (whose hidden state feeds the first decoding step)
-    up to the last position whose deepest head still aims inside the turn.
+    up to the last position whose deepest head still aims inside the turn. The rank paths of the first
+    ``walk_positions`` positions are kept as ``position_ranks`` for the walk estimate.
     """
     num_heads = heads.config.num_heads
     vocab = heads.config.vocab_size
@@ -172,12 +250,16 @@ def profile_heads(
     offsets = torch.arange(1, num_heads + 1, device=device)
     counts: Counter[tuple[int, ...]] = Counter()
     samples = 0
+    kept_ranks: list[torch.Tensor] = []  # [positions, heads] per sequence, for the walk
+    kept_segments: list[int] = []
+    kept = 0
     for sequence in sequences:
         ids = torch.as_tensor(sequence.input_ids, dtype=torch.long, device=device)
         answer = torch.as_tensor(sequence.loss_mask, dtype=torch.bool, device=device)
         if ids.shape != answer.shape:
             raise MedusaError(f"input_ids and loss_mask differ in length ({ids.numel()} and {answer.numel()})")
         measured = torch.zeros(0, dtype=torch.long, device=device)
+        kept_before = kept
         if ids.numel() > num_heads + 1:
             # t is measured when tokens t + 1 .. t + num_heads + 1 all belong to an answer
             measured = answer[1:].unfold(0, num_heads + 1, 1).all(dim=-1).nonzero().flatten()
@@ -192,12 +274,28 @@ def profile_heads(
                 match = guesses == targets[..., None]
                 hits += match.sum(dim=1)
                 rank = torch.where(match.any(-1), match.float().argmax(-1), -1)  # [heads, chunk], -1: missed
-                _count_paths(rank.cpu(), counts)
+                rank = rank.cpu()
+                _count_paths(rank, counts)
                 samples += positions.numel()
+                if kept < walk_positions:
+                    take = min(positions.numel(), walk_positions - kept)
+                    alive = (rank[:, :take] >= 0).long().cumprod(dim=0).bool()
+                    kept_ranks.append(torch.where(alive, rank[:, :take], -1).T.to(torch.int16))
+                    kept += take
+            # the runs of consecutive positions (one per answer) among those kept from this sequence
+            kept_here = measured[: kept - kept_before].cpu()
+            if kept_here.numel():
+                breaks = (kept_here.diff() != 1).nonzero().flatten() + 1
+                bounds = [0, *breaks.tolist(), kept_here.numel()]
+                kept_segments += [b - a for a, b in zip(bounds, bounds[1:])]
         if progress is not None:
             progress(1)
     accuracy = (hits.double() / max(samples, 1)).cpu().tolist()
-    return HeadProfile(num_heads, topk, accuracy, samples, fingerprint, dict(counts))
+    position_ranks = None
+    if walk_positions > 0:
+        ranks = torch.cat(kept_ranks).numpy() if kept_ranks else np.zeros((0, num_heads), dtype=np.int16)
+        position_ranks = PositionRanks(ranks, np.asarray(kept_segments, dtype=np.int64))
+    return HeadProfile(num_heads, topk, accuracy, samples, fingerprint, dict(counts), position_ranks=position_ranks)
 
 
 def _count_paths(rank: torch.Tensor, counts: Counter[tuple[int, ...]]) -> None:
