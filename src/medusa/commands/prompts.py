@@ -1,0 +1,49 @@
+"""``medusa prompts``: context-grounded prompts (summarise, answer from documents, ...) from a pool's answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from medusa.errors import MedusaError
+from medusa.training.prompt_tasks import TASKS, PromptTaskConfig, make_prompts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="pool files with answers, comma-separated: JSON or JSONL, any shape medusa train reads")
+    parser.add_argument("--output", required=True, help="JSONL file of {\"prompt\", \"task\"} to write (must not exist)")
+    parser.add_argument("--count", type=int, required=True, help="prompts to make; the tasks take turns")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {', '.join(TASKS)} (default: all)")
+    parser.add_argument("--documents", type=int, default=3, help="context-qa: documents per question, one of them the answer's (default 3)")
+    parser.add_argument("--min-document-chars", type=int, default=200, help="answers shorter than this are no documents (default 200)")
+    parser.add_argument("--max-prompt-chars", type=int, default=4000, help="cut documents so a prompt stays under this (default 4000)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = PromptTaskConfig(
+        data=[path for path in args.data.split(",") if path], count=args.count,
+        tasks=tuple(task for task in args.tasks.split(",") if task), documents_per_question=args.documents,
+        min_document_chars=args.min_document_chars, max_prompt_chars=args.max_prompt_chars, seed=args.seed,
+    )
+    output = Path(args.output)
+    if output.exists():
+        raise MedusaError(f"{output} exists; choose another --output or remove it (prompts are the same for the same seed)")
+    result = make_prompts(config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        for prompt in result.prompts:
+            file.write(json.dumps(prompt, ensure_ascii=False) + "\n")
+    os.replace(temporary, output)
+    for line in result.skipped[:20]:
+        print(f"skipped {line}", file=sys.stderr)
+    counts = ", ".join(f"{task} {n}" for task, n in Counter(p["task"] for p in result.prompts).items())
+    print(f"wrote {len(result.prompts)} prompts to {output} ({counts}) from {result.sources} documents; "
+          f"skipped {len(result.skipped)} records", file=sys.stderr)
+    return 0

@@ -1,0 +1,157 @@
+"""Context-grounded prompts made from a pool's own texts: summarise, answer from documents, list, rewrite.
+
+A pool of short questions (GSM8K, code and role-play instructions) teaches the heads to guess free
+answers, but much real use (summarising, retrieval-augmented answers, extraction) copies from a long
+prompt, and heads that never saw such prompts guess badly there. The pool's reference answers are
+ready-made documents: wrapping them in a few task templates gives long, copy-heavy prompts for
+self-distillation without taking any text from an evaluation set. Only the prompts are used; the
+base model writes the answers (``medusa distill``).
+
+The output is deterministic for a seed, so a rerun of the pipeline makes the same prompts and
+distillation resumes on them.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medusa.errors import MedusaError
+from medusa.training.data import RecordError, read_records, record_messages
+
+SUMMARISE = (
+    "Summarize the following text in a few sentences.",
+    "Write a short summary of this text.",
+    "Give a concise summary of the passage below.",
+    "Summarize the key ideas of the following text in one paragraph.",
+)
+KEY_POINTS = (
+    "List the main points of the following text as bullet points.",
+    "Extract the key facts from the text below as a numbered list.",
+    "What are the most important details in this text? List them.",
+)
+REWRITE = (
+    "Rewrite the following text in simpler words.",
+    "Paraphrase the following text, keeping its meaning.",
+    "Rewrite this text in a more formal tone.",
+)
+CONTEXT_QA = (
+    "Answer the question using the documents below.",
+    "Use the following passages to answer the question at the end.",
+    "Read the documents and answer the question. Base your answer on the documents.",
+)
+TASKS = ("summarize", "key-points", "rewrite", "context-qa")
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
+_FINAL = re.compile(r"\n?#### *(.+)\s*$")  # GSM8K's final-answer line
+
+
+@dataclass(frozen=True)
+class Source:
+    """One pool record: its question and its reference answer, the answer serving as a document."""
+
+    question: str
+    document: str
+    where: str
+
+
+@dataclass
+class PromptTaskConfig:
+    data: list[str]
+    count: int
+    tasks: tuple[str, ...] = TASKS
+    documents_per_question: int = 3  # context-qa: the right document among this many
+    min_document_chars: int = 200  # shorter answers make poor documents
+    max_prompt_chars: int = 4000  # about 1000 tokens for English text
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [task for task in self.tasks if task not in TASKS]
+        if unknown:
+            raise MedusaError(f"unknown prompt task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+        if not self.tasks:
+            raise MedusaError("no prompt tasks given")
+        if self.count < 1:
+            raise MedusaError(f"--count must be at least 1, got {self.count}")
+        if self.documents_per_question < 1:
+            raise MedusaError(f"documents per question must be at least 1, got {self.documents_per_question}")
+
+
+@dataclass
+class PromptTaskResult:
+    prompts: list[dict] = field(default_factory=list)  # {"prompt", "task"}
+    sources: int = 0  # records usable as documents
+    skipped: list[str] = field(default_factory=list)  # "file:line: why"
+
+
+def clean_document(text: str) -> str:
+    """Drop dataset markup a reader would not see (GSM8K's ``<<a*b=c>>`` and ``#### n`` lines)."""
+    text = _CALCULATOR.sub("", text)
+    text = _FINAL.sub(lambda match: f"\nThe answer is {match.group(1).strip()}.", text)
+    return text.strip()
+
+
+def read_sources(paths: Sequence[str | Path], min_document_chars: int) -> tuple[list[Source], list[str]]:
+    """Records that have both a question and an answer long enough to be a document."""
+    skipped: list[str] = []
+    sources = []
+    for record in read_records(paths, skipped):
+        try:
+            messages = record_messages(record.value)
+        except RecordError as error:
+            skipped.append(f"{record.where}: {error}")
+            continue
+        question = next((m["content"] for m in messages if m["role"] == "user"), "")
+        answer = next((m["content"] for m in messages if m["role"] == "assistant"), "")
+        document = clean_document(answer)
+        if not question.strip() or len(document) < min_document_chars:
+            continue  # not an error: a short answer is simply no document
+        sources.append(Source(question.strip(), document, record.where))
+    return sources, skipped
+
+
+def _document_prompt(rng: random.Random, sources: list[Source], instructions: Sequence[str], limit: int) -> str:
+    """An instruction over documents joined up to a random length: real contexts run to many paragraphs."""
+    instruction = rng.choice(instructions)
+    room = limit - len(instruction) - 2
+    target = rng.randint(min(800, room), room)
+    parts = [rng.choice(sources).document]
+    while sum(len(part) + 2 for part in parts) < target:
+        parts.append(rng.choice(sources).document)
+    context = "\n\n".join(parts)[:room]
+    return f"{instruction}\n\n{context}"
+
+
+def _context_qa_prompt(rng: random.Random, sources: list[Source], documents: int, limit: int) -> str:
+    """A question with its own answer as one document among others (the retrieval-augmented shape)."""
+    picked = rng.sample(sources, min(documents, len(sources)))
+    question = picked[0].question
+    rng.shuffle(picked)
+    instruction = rng.choice(CONTEXT_QA)
+    room = max(200, (limit - len(instruction) - len(question) - 40) // len(picked))
+    body = "\n\n".join(f"Document [{number}]: {source.document[:room]}" for number, source in enumerate(picked, start=1))
+    return f"{instruction}\n\n{body}\n\nQuestion: {question}"
+
+
+def make_prompts(config: PromptTaskConfig) -> PromptTaskResult:
+    """``config.count`` prompts, the tasks taking turns, from the pool's documents."""
+    sources, skipped = read_sources(config.data, config.min_document_chars)
+    if len(sources) < config.documents_per_question:
+        raise MedusaError(
+            f"{', '.join(map(str, config.data))}: {len(sources)} records have an answer of at least "
+            f"{config.min_document_chars} characters; context prompts need at least {config.documents_per_question}"
+        )
+    rng = random.Random(config.seed)
+    result = PromptTaskResult(sources=len(sources), skipped=skipped)
+    templates = {"summarize": SUMMARISE, "key-points": KEY_POINTS, "rewrite": REWRITE}
+    for number in range(config.count):
+        task = config.tasks[number % len(config.tasks)]
+        if task == "context-qa":
+            text = _context_qa_prompt(rng, sources, config.documents_per_question, config.max_prompt_chars)
+        else:
+            text = _document_prompt(rng, sources, templates[task], config.max_prompt_chars)
+        result.prompts.append({"prompt": text, "task": task})
+    return result

@@ -1,0 +1,102 @@
+"""Context-grounded prompts from a pool's answers: the tasks, the documents, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from medusa.cli import main
+from medusa.errors import MedusaError
+from medusa.training.data import read_prompts
+from medusa.training.prompt_tasks import TASKS, PromptTaskConfig, clean_document, make_prompts
+
+POOL = [
+    {"question": "Tom has 3 apples and buys 4 more. How many now?",
+     "answer": "Tom buys 4 apples, so he has 3 + 4 = <<3+4=7>>7 apples. That is the number he has after shopping.\n#### 7"},
+    {"instruction": "Describe a lighthouse keeper's morning.", "input": "",
+     "response": "The keeper climbs the spiral stairs before dawn, trims the wick, polishes the great lens and "
+                 "writes the weather in the log while gulls circle the gallery outside."},
+    {"instruction": "Write a Python function that reverses a string.", "input": "",
+     "response": "def reverse(text):\n    \"\"\"Return text backwards.\"\"\"\n    return text[::-1]\n\n"
+                 "print(reverse('medusa'))  # prints 'asudem' and shows slicing with a negative step"},
+    {"instruction": "Say hi.", "input": "", "response": "Hi!"},  # too short to be a document
+]
+
+
+def write_pool(tmp_path):
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in POOL) + "{not json\n")
+    return path
+
+
+def config(path, **overrides):
+    settings = {"data": [str(path)], "count": 8, "min_document_chars": 100, "documents_per_question": 2,
+                "max_prompt_chars": 1200} | overrides
+    return PromptTaskConfig(**settings)
+
+
+def test_gsm8k_markup_is_removed_from_documents():
+    assert clean_document("a = <<2*3=6>>6 so\n#### 6") == "a = 6 so\nThe answer is 6."
+
+
+def test_every_task_quotes_pool_answers_and_reads_back_as_a_prompt(tmp_path):
+    path = write_pool(tmp_path)
+    result = make_prompts(config(path))
+    assert [p["task"] for p in result.prompts] == list(TASKS) * 2  # the tasks take turns
+    assert result.sources == 3  # "Hi!" is too short to be a document
+    assert result.skipped == [f"{path}:5: not valid JSON (Expecting property name enclosed in double quotes)"]
+    documents = [clean_document(row.get("answer", row.get("response"))) for row in POOL[:3]]
+    for prompt in result.prompts:
+        text = prompt["prompt"]
+        assert len(text) <= 1200
+        assert any(document[:80] in text for document in documents), text
+        assert "<<" not in text and "####" not in text
+    qa = [p["prompt"] for p in result.prompts if p["task"] == "context-qa"]
+    for text in qa:
+        question = text.rsplit("Question: ", 1)[1]
+        # the question's own answer is among the documents
+        owner = next(row for row in POOL[:3] if row.get("question", row.get("instruction")) == question)
+        assert clean_document(owner.get("answer", owner.get("response")))[:80] in text
+        assert text.count("Document [") == 2
+    out = tmp_path / "prompts.jsonl"
+    out.write_text("".join(json.dumps(p) + "\n" for p in result.prompts))
+    read = read_prompts([out])
+    assert read.skipped == [] and len(read.items) == 8
+
+
+def test_same_seed_same_prompts_other_seed_other_prompts(tmp_path):
+    path = write_pool(tmp_path)
+    assert make_prompts(config(path)).prompts == make_prompts(config(path)).prompts
+    assert make_prompts(config(path)).prompts != make_prompts(config(path, seed=1)).prompts
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"tasks": ("summarize", "poem")}, "unknown prompt task(s) poem"),
+    ({"tasks": ()}, "no prompt tasks"),
+    ({"count": 0}, "--count must be at least 1"),
+    ({"documents_per_question": 0}, "documents per question must be at least 1"),
+])
+def test_bad_settings_are_refused(tmp_path, overrides, message):
+    with pytest.raises(MedusaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config(write_pool(tmp_path), **overrides)
+
+
+def test_a_pool_without_enough_documents_is_refused(tmp_path):
+    with pytest.raises(MedusaError, match="3 records have an answer of at least 100 characters; context prompts need at least 4"):
+        make_prompts(config(write_pool(tmp_path), documents_per_question=4))
+
+
+def test_cli_writes_the_file_and_never_overwrites_one(tmp_path, capsys):
+    path = write_pool(tmp_path)
+    out = tmp_path / "out" / "prompts.jsonl"
+    assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "4", "--documents", "2",
+                 "--min-document-chars", "100", "--max-prompt-chars", "900"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["task"] for row in rows] == list(TASKS)
+    assert "wrote 4 prompts" in capsys.readouterr().err
+    out.write_text("precious\n")
+    assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "4"]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert out.read_text() == "precious\n"
+    assert not list(out.parent.glob(".*.tmp"))
