@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# How the heads shipped for SmolLM2-135M-Instruct were made: self-distillation on the prompt pool, Medusa-1
-# training with a KL loss, then a tree fitted to the heads (profile, build) and to the device (tune), and an
+# How the heads shipped for SmolLM2-135M-Instruct were made: context-grounded prompts made from the pool's
+# answers, self-distillation on the prompt pool and those prompts, Medusa-1 training with a KL loss, then a tree fitted to the heads (profile, build) and to the device (tune), and an
 # evaluation of the trees on Spec-Bench. Run from the checkout's root on a GPU machine:
 #
 #   MODEL=path/to/SmolLM2-135M-Instruct.Q4_1.gguf DATA=../shared/data WORK=runs/default-heads \
 #       scripts/train_default_heads.sh
 #
 # Every step writes into $WORK and a rerun skips what is done (distillation resumes where it stopped).
-# The knobs below are the shipped run's; shrink them for a dry run on the CPU.
+# The knobs below are the shipped run's (session 4, docs/benchmarks/h100-heads-v2/); shrink them for a dry run on
+# the CPU. The shipped data was made in two rounds: session 3 answered a 6,000-prompt sample of the pool
+# (first round below), session 4 the rest of the pool and the context prompts until its time limit (6,144 rows).
 set -euo pipefail
 
 MODEL=${MODEL:?set MODEL to the base model (.gguf file or directory)}
 DATA=${DATA:-../shared/data}
 WORK=${WORK:-runs/default-heads}
 MEDUSA=${MEDUSA:-python3 -m medusa.cli}
-DISTILL_LIMIT=${DISTILL_LIMIT:-6000}          # prompts sampled from the pool
+CONTEXT_PROMPTS=${CONTEXT_PROMPTS:-6000}      # summarise / key points / rewrite / documents-QA prompts
 DISTILL_TOKENS=${DISTILL_TOKENS:-384}         # new tokens per answer
-DISTILL_BATCH=${DISTILL_BATCH:-256}
-DISTILL_SECONDS=${DISTILL_SECONDS:-420}       # distillation stops here; the rows written are a fair sample
-HELDOUT=${HELDOUT:-300}                        # distilled conversations kept out of training, for the profile
+DISTILL_BATCH=${DISTILL_BATCH:-384}
+DISTILL_SECONDS=${DISTILL_SECONDS:-450}       # distillation stops here; the rows written are a fair sample
+HELDOUT=${HELDOUT:-400}                        # distilled conversations kept out of training, for the profile
+LAYERS=${LAYERS:-2}
 EPOCHS=${EPOCHS:-3}
 TRAIN_BATCH=${TRAIN_BATCH:-32}
 SPEC_LIMIT=${SPEC_LIMIT:-4}                   # Spec-Bench questions per category for the tree evaluation
@@ -27,9 +30,19 @@ EVAL_TOKENS=${EVAL_TOKENS:-128}
 mkdir -p "$WORK"
 prompts="$DATA/prompts/gsm8k_train.jsonl,$DATA/prompts/gpteacher_codegen.json,$DATA/prompts/gpteacher_roleplay.json"
 
-echo "== distill $(date +%T)"
-timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" --data "$prompts" --output "$WORK/distilled.jsonl" \
-    --max-new-tokens "$DISTILL_TOKENS" --batch-size "$DISTILL_BATCH" --limit "$DISTILL_LIMIT" \
+echo "== context prompts $(date +%T)"
+[ -f "$WORK/context_prompts.jsonl" ] || $MEDUSA prompts --data "$prompts" --output "$WORK/context_prompts.jsonl" \
+    --count "$CONTEXT_PROMPTS" --documents 4 --max-prompt-chars 3500
+
+echo "== distill, first round: a sample of the pool $(date +%T)"
+if [ ! -s "$WORK/distilled.jsonl" ]; then
+    timeout 420 $MEDUSA distill --model "$MODEL" --data "$prompts" --output "$WORK/distilled.jsonl" \
+        --max-new-tokens "$DISTILL_TOKENS" --batch-size 256 --limit 6000 || echo "first round stopped after 420s"
+fi
+
+echo "== distill, second round: the rest of the pool and the context prompts $(date +%T)"
+timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" --data "$prompts,$WORK/context_prompts.jsonl" \
+    --output "$WORK/distilled.jsonl" --max-new-tokens "$DISTILL_TOKENS" --batch-size "$DISTILL_BATCH" --max-prompt-tokens 1400 \
     || echo "distillation stopped after ${DISTILL_SECONDS}s with $(wc -l < "$WORK/distilled.jsonl") rows"
 
 echo "== split $(date +%T)"
@@ -40,7 +53,8 @@ tail -n "$HELDOUT" "$WORK/distilled.jsonl" > "$WORK/heldout.jsonl"
 echo "== train $(date +%T)"
 if [ ! -f "$WORK/m1/heads/medusa_heads.safetensors" ]; then
     $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$WORK/m1" --stage 1 --loss kl \
-        --num-heads 4 --num-layers 1 --share-lm-head --epochs "$EPOCHS" --batch-size "$TRAIN_BATCH" --lr 1e-3
+        --num-heads 4 --num-layers "$LAYERS" --share-lm-head --epochs "$EPOCHS" --batch-size "$TRAIN_BATCH" \
+        --max-tokens 40000 --max-length 1900 --lr 1e-3
 fi
 heads="$WORK/m1/heads"
 cp "$WORK/m1/head_accuracy.json" "$heads/" 2>/dev/null || true

