@@ -76,6 +76,7 @@ def test_same_seed_same_prompts_other_seed_other_prompts(tmp_path):
     ({"tasks": ()}, "no prompt tasks"),
     ({"count": 0}, "--count must be at least 1"),
     ({"documents_per_question": 0}, "documents per question must be at least 1"),
+    ({"max_prompt_chars": 100}, "--max-prompt-chars must be at least 400"),
 ])
 def test_bad_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(MedusaError, match=message.replace("(", r"\(").replace(")", r"\)")):

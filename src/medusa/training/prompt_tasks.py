@@ -76,6 +76,8 @@ class PromptTaskConfig:
             raise MedusaError("no prompt tasks given")
         if self.count < 1:
             raise MedusaError(f"--count must be at least 1, got {self.count}")
+        if self.max_prompt_chars < 400:
+            raise MedusaError(f"--max-prompt-chars must be at least 400 (an instruction and some text), got {self.max_prompt_chars}")
         if self.documents_per_question < 1:
             raise MedusaError(f"documents per question must be at least 1, got {self.documents_per_question}")
 
