@@ -17,13 +17,14 @@ from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME
 
+# medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
+ESTIMATE_CHOICES = ("walk", "joint", "paper")
 ESTIMATE_HELP = (
     "walk (default when the profile has per-position ranks, else joint): replay decoding's walk over the profiled "
     "answers, each step starting where the last one stopped; joint: how often whole paths were right, averaged over "
     "all positions (over-predicts: steps start more often on hard text); paper: product of head accuracies. "
     "Trees are built in the joint order for walk"
 )
-ESTIMATE_CHOICES = ("walk", "joint", "paper")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,10 +133,9 @@ def _estimate(args: argparse.Namespace, profile) -> str:
 
 def _expected_all(profile, tree) -> dict[str, float]:
     """The tree's expected tokens per step under every estimate the profile allows."""
-    from medusa.treeopt.build import expected_length, has_walk
+    from medusa.treeopt.build import available_estimates, expected_length
 
-    names = ("walk", "joint", "paper") if has_walk(profile) else ("joint", "paper")
-    return {name: expected_length(profile, tree, name) for name in names}
+    return {name: expected_length(profile, tree, name) for name in available_estimates(profile)}
 
 
 def _load_model(args: argparse.Namespace, directory: Path):
@@ -171,7 +171,7 @@ def _progress(total: int, unit: str):
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import expected_lengths, has_walk
+    from medusa.treeopt.build import available_estimates, expected_lengths, has_walk
     from medusa.treeopt.data import read_profile_examples
     from medusa.treeopt.profile import PROFILE_FILE, heads_fingerprint, profile_heads
 
@@ -194,8 +194,7 @@ def run_profile(args: argparse.Namespace) -> int:
         print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  top-{profile.topk} {sum(row):.3f}")
     if profile.samples:
         sizes = (8, 16, 32, 64)
-        curves = {name: expected_lengths(profile, sizes, name) for name in ("walk", "joint", "paper")
-                  if name != "walk" or has_walk(profile)}
+        curves = {name: expected_lengths(profile, sizes, name) for name in available_estimates(profile)}
         print(f"  walk data: {profile.position_ranks.positions} positions in {len(profile.position_ranks.segments)} answers"
               if has_walk(profile) else "  walk data: none")
         print("  expected tokens per step of the greedy tree: " + ", ".join(
@@ -236,12 +235,11 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) -> None:
-    from medusa.treeopt.build import has_walk, node_chances
+    from medusa.treeopt.build import available_estimates, node_chances
     from medusa.treeopt.plots import plot_accept_length, plot_tree
 
     sizes = list(range(1, 257))
-    names = ("walk", "joint", "paper") if has_walk(profile) else ("joint", "paper")
-    curves = {name: expected_lengths(profile, sizes, name) for name in names}
+    curves = {name: expected_lengths(profile, sizes, name) for name in available_estimates(profile)}
     written = [
         plot_accept_length(plot_dir / "accept_length.png", curves),
         plot_tree(plot_dir / f"tree_{tree.size}.png", tree, node_chances(profile, tree, estimate)),
@@ -396,13 +394,13 @@ def _decode_prompts(model, prompts, tree, max_new_tokens: int, label: str) -> di
 
 
 def _plot_evaluate(plot_dir: Path, profile, results: list[dict], estimate: str) -> None:
-    from medusa.treeopt.build import expected_lengths
+    from medusa.treeopt.build import ESTIMATES, expected_lengths
     from medusa.treeopt.plots import plot_accept_length
 
     greedy = [r for r in results if r["tree"].startswith("greedy-")]
     sizes = list(range(1, 1 + max(256, *(r["nodes"] for r in results))))
     curves = {f"{estimate}, greedy trees": expected_lengths(profile, sizes, estimate)}
-    for name in ("walk", "joint", "paper"):
+    for name in ESTIMATES:
         if name != estimate and all(f"expected_{name}" in r for r in greedy):
             curves[f"{name}, same trees"] = {r["nodes"]: r[f"expected_{name}"] for r in greedy}
     measured = {r["nodes"]: r["mean_accepted"] for r in greedy}

@@ -40,6 +40,11 @@ def has_walk(profile: HeadProfile) -> bool:
     return profile.position_ranks is not None and profile.position_ranks.positions > 0
 
 
+def available_estimates(profile: HeadProfile) -> tuple[str, ...]:
+    """The estimates this profile can give: all three, or ``joint`` and ``paper`` without per-position ranks."""
+    return ESTIMATES if has_walk(profile) else tuple(name for name in ESTIMATES if name != "walk")
+
+
 def default_estimate(profile: HeadProfile) -> str:
     """``walk`` when the profile allows it, else ``joint``."""
     return "walk" if has_walk(profile) else "joint"

@@ -274,13 +274,14 @@ def profile_heads(
                 match = guesses == targets[..., None]
                 hits += match.sum(dim=1)
                 rank = torch.where(match.any(-1), match.float().argmax(-1), -1)  # [heads, chunk], -1: missed
-                rank = rank.cpu()
+                # only the path down to the first miss can be accepted: cut every rank after it
+                alive = (rank >= 0).long().cumprod(dim=0).bool()
+                rank = torch.where(alive, rank, -1).cpu()
                 _count_paths(rank, counts)
                 samples += positions.numel()
                 if kept < walk_positions:
                     take = min(positions.numel(), walk_positions - kept)
-                    alive = (rank[:, :take] >= 0).long().cumprod(dim=0).bool()
-                    kept_ranks.append(torch.where(alive, rank[:, :take], -1).T.to(torch.int16))
+                    kept_ranks.append(rank[:, :take].T.to(torch.int16))
                     kept += take
             # the runs of consecutive positions (one per answer) among those kept from this sequence
             kept_here = measured[: kept - kept_before].cpu()
@@ -299,10 +300,10 @@ def profile_heads(
 
 
 def _count_paths(rank: torch.Tensor, counts: Counter[tuple[int, ...]]) -> None:
-    """Count, for every depth, the rank paths that are right all the way down: ``rank`` is ``[heads, positions]``."""
-    alive = (rank >= 0).long().cumprod(dim=0).bool()  # right at this depth and every shallower one
+    """Count, for every depth, the rank paths that are right all the way down: ``rank`` is ``[heads, positions]``,
+    cut after the first miss (-1 from there on)."""
     for depth in range(rank.shape[0]):
-        columns = alive[depth]
+        columns = rank[depth] >= 0
         if not columns.any():
             break
         paths, numbers = torch.unique(rank[: depth + 1, columns].T, dim=0, return_counts=True)
