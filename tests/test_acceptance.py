@@ -134,14 +134,30 @@ class NextFromFullDistribution(RejectionAcceptance):
 # ----- rejection sampling matches the base model's sampling ---------------------------------------
 
 
-def tree_setup(params: SamplingParams):
-    """The real decoder's tree after the prompt: its tokens, and the exact base logits at every node."""
+def tree_setup(params: SamplingParams, lookup: int = 0):
+    """The real decoder's tree after the prompt: its tokens, and the exact base logits at every node.
+
+    With ``lookup`` nodes, the lookup chain's tokens are set to the likeliest continuation that starts
+    with a token none of the heads proposes at the root, so the lookup branch is the one that wins when
+    that token is sampled (the prompt alone would rarely give such a useful guess).
+    """
     base, heads = stat_model()
-    tree = Tree.from_paths(STAT_TREE)
+    tree = Tree.from_paths(STAT_TREE, lookup=lookup)
     decoder = MedusaDecoder(base, heads, tree, RejectionAcceptance(params), max_length=32)
     with torch.inference_mode():
         decoder.prefill(torch.tensor(PROMPT), seed=0)
         tree_tokens = decoder.propose()
+    if lookup:
+        tree_tokens = tree_tokens.clone()
+        chain = PROMPT + [int(tree_tokens[0])]
+        heads_at_root = {int(tree_tokens[node]) for node in range(1, tree.size) if int(tree.parents[node]) == 0
+                         and node < tree.size - lookup}
+        for node in range(tree.size - lookup, tree.size):
+            probs = reference_probs(base, [chain], params)[0]
+            if node == tree.size - lookup:
+                probs[list(heads_at_root)] = -1
+            chain.append(int(probs.argmax()))
+            tree_tokens[node] = chain[-1]
     node_tokens = []
     for node in range(tree.size):
         chain = []
@@ -154,14 +170,16 @@ def tree_setup(params: SamplingParams):
     return base, tree, tree_tokens, logits
 
 
-def first_two_tokens(scheme, params: SamplingParams, samples: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def first_two_tokens(
+    scheme, params: SamplingParams, samples: int, lookup: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``samples`` verdicts at once; return the two tokens after the root as one cell index
     ``t1 * vocab + t2``, the exact distribution of that pair, and the accepted lengths.
 
     When a verdict stops at t1 (nothing accepted), t2 is completed from the exact conditional: under a
     correct scheme the pair then follows p(t1) p(t2 | t1) exactly.
     """
-    base, tree, tree_tokens, logits = tree_setup(params)
+    base, tree, tree_tokens, logits = tree_setup(params, lookup)
     root = int(tree_tokens[0])
     first = reference_probs(base, [PROMPT + [root]], params)[0]  # [vocab]
     second = reference_probs(base, [PROMPT + [root, t] for t in range(VOCAB)], params)  # [vocab, vocab]
@@ -171,7 +189,7 @@ def first_two_tokens(scheme, params: SamplingParams, samples: int) -> tuple[torc
     t1 = torch.where(accepted >= 1, along[:, 1], next_token)
     completion = torch.multinomial(second[t1], 1, generator=torch.Generator().manual_seed(99))[:, 0]
     t2 = torch.where(accepted >= 2, along[:, 2], torch.where(accepted == 1, next_token, completion))
-    return t1 * VOCAB + t2, (first[:, None] * second).flatten(), accepted
+    return t1 * VOCAB + t2, (first[:, None] * second).flatten(), accepted, paths
 
 
 PARAMS = {
@@ -182,7 +200,7 @@ PARAMS = {
 
 @pytest.mark.parametrize("params", list(PARAMS.values()), ids=list(PARAMS))
 def test_rejection_matches_base_sampling_on_the_tree(params):
-    pairs, exact, accepted = first_two_tokens(RejectionAcceptance(params), params, samples=SAMPLES)
+    pairs, exact, accepted, _ = first_two_tokens(RejectionAcceptance(params), params, samples=SAMPLES)
     statistic, critical = chi_square(pairs, exact)
     assert statistic < critical, (statistic, critical)
     # The heads must be right and wrong often enough for the tree to be exercised.
@@ -199,9 +217,21 @@ BROKEN = {"always-first": AlwaysAcceptFirst, "no-renormalisation": NoResidualRen
 @pytest.mark.parametrize("broken", list(BROKEN.values()), ids=list(BROKEN))
 def test_broken_rules_fail_the_same_test(broken):
     params = PARAMS["t1"]
-    pairs, exact, _ = first_two_tokens(broken(params), params, samples=SAMPLES)
+    pairs, exact, _, _ = first_two_tokens(broken(params), params, samples=SAMPLES)
     statistic, critical = chi_square(pairs, exact)
     assert statistic > 1.5 * critical, (statistic, critical)
+
+
+@pytest.mark.parametrize("params", list(PARAMS.values()), ids=list(PARAMS))
+def test_rejection_with_a_lookup_branch_matches_base_sampling(params):
+    """The lookup chain is one more sibling at the root, tried after the heads' guesses: still lossless."""
+    pairs, exact, accepted, paths = first_two_tokens(RejectionAcceptance(params), params, samples=SAMPLES, lookup=2)
+    statistic, critical = chi_square(pairs, exact)
+    assert statistic < critical, (statistic, critical)
+    lookup_nodes = len(STAT_TREE) + 1  # the first lookup node follows the heads' nodes
+    through_lookup = (paths[:, 1] == lookup_nodes) & (accepted >= 1)
+    assert float(through_lookup.float().mean()) > 0.05
+    assert float((through_lookup & (accepted == 2)).float().mean()) > 0.02  # the whole chain, sometimes
 
 
 def test_rejection_through_the_decoder_matches_base_sampling():

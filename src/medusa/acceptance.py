@@ -126,6 +126,8 @@ class RejectionAcceptance:
     drawn from ``p_res``. Each emitted token therefore has exactly the distribution p given the ones
     before it; the proof is in docs/sampling.md. The candidates are the heads' top-k, a deterministic
     proposal, so min(1, p/q) has q one-hot on each candidate and the heads' probabilities do not enter.
+    The lookup branch's tokens (copied from earlier text) are deterministic too, and are simply one more
+    sibling, tried after the heads' (a token both propose counts once).
     """
 
     sampling: SamplingParams
@@ -151,9 +153,9 @@ class RejectionAcceptance:
         """``samples`` independent verdicts on the same tree: ``(paths [samples, depth + 1], accepted
         [samples], next tokens [samples])``. The decoder asks for one; tests ask for thousands at once."""
         probs = self.sampling.probabilities(logits)  # [size, vocab]
-        children = children_by_rank(tree)  # [size, topk], -1 where a rank has no child
+        children = children_by_rank(tree)  # [size, max_children], -1 where a rank has no child
         device = probs.device
-        uniforms = torch.rand(samples, tree.max_depth, tree.topk, generator=generator, device=device)
+        uniforms = torch.rand(samples, tree.max_depth, tree.max_children, generator=generator, device=device)
         node = torch.zeros(samples, dtype=torch.long, device=device)
         walking = torch.ones(samples, dtype=torch.bool, device=device)
         accepted = torch.zeros(samples, dtype=torch.long, device=device)
@@ -208,14 +210,16 @@ class RejectionAcceptance:
 
 
 def children_by_rank(tree: Tree) -> torch.Tensor:
-    """``[size, topk]`` long: the child of each node at each top-k rank, -1 where there is none."""
-    size, topk = tree.size, tree.topk
+    """``[size, max_children]`` long: the child of each node at each sibling rank, -1 where there is none.
+
+    Siblings are tried in this order: the heads' top-k by rank, then the lookup child.
+    """
+    size, width = tree.size, tree.max_children
     device = tree.parents.device
-    table = torch.full((size * topk,), -1, dtype=torch.long, device=device)
+    table = torch.full((size * width,), -1, dtype=torch.long, device=device)
     if size > 1:
-        ranks = (tree.candidate_index[1:] - 1) % topk
-        table.scatter_(0, tree.parents[1:] * topk + ranks, torch.arange(1, size, device=device))
-    return table.view(size, topk)
+        table.scatter_(0, tree.parents[1:] * width + tree.sibling_rank[1:], torch.arange(1, size, device=device))
+    return table.view(size, width)
 
 
 def check_typical(eps: float, delta: float) -> None:

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from medusa.acceptance import AcceptanceScheme
 from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, num_cache_layers, tree_visibility
 from medusa.heads import MedusaHeads
+from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
 from medusa.tree import Tree
 
 
@@ -62,9 +63,10 @@ class MedusaDecoder:
         tree: Tree,
         acceptance: AcceptanceScheme,
         max_length: int,
+        lookup_ngram: int = DEFAULT_MAX_NGRAM,
     ) -> None:
-        if heads is None and tree.size != 1:
-            raise ValueError("decoding without heads needs the one-node tree")
+        if heads is None and tree.paths:
+            raise ValueError("decoding without heads needs a tree without head paths (the root, or a lookup chain)")
         if heads is not None:
             tree.check_heads(heads.config.num_heads)
         self.base = base_model
@@ -82,6 +84,9 @@ class MedusaDecoder:
         self.generator = torch.Generator(device=self.device)
         hidden_size = base_model.config.get_text_config().hidden_size
         self.last_hidden = torch.zeros(hidden_size, dtype=self.dtype, device=self.device)
+        # The text so far (prompt and committed tokens), for the tree's lookup branch; kept only if it has one.
+        self.lookup_ngram = lookup_ngram
+        self.history = torch.zeros(max_length if tree.lookup else 0, dtype=torch.long, device=self.device)
 
     def _forward(self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         allowed, query_positions, key_positions = visibility
@@ -109,18 +114,25 @@ class MedusaDecoder:
         logits, hidden = self._forward(prompt_ids, visibility)
         self.length.fill_(prompt_ids.numel())
         self.cache.set_length(self.length)
+        if self.tree.lookup:
+            self.history[: prompt_ids.numel()] = prompt_ids
         self.root_token.copy_(self.acceptance.first_token(logits[-1], self.generator))
         self.last_hidden.copy_(hidden[-1])
 
     def propose(self) -> torch.Tensor:
-        """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k."""
-        if self.heads is None:
-            # A copy: the step overwrites root_token with the next token before it returns these.
-            return self.root_token.clone().view(1)
-        head_logits = self.heads(self.last_hidden)  # [heads, vocab]
-        top = head_logits.topk(self.tree.topk, dim=-1).indices.to(self.device)  # [heads, topk], back from the heads' device
-        flat = torch.cat([self.root_token.view(1), top.flatten()])
-        return flat[self.tree.candidate_index]
+        """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k (or lookup guess)."""
+        # A copy: the step overwrites root_token with the next token before it returns these.
+        candidates = [self.root_token.clone().view(1)]
+        if self.tree.lookup:
+            self.history.index_copy_(0, self.length.view(1), self.root_token.view(1))
+            candidates.append(ngram_continuation(self.history, self.length, self.lookup_ngram, self.tree.lookup))
+        if self.heads is not None:
+            head_logits = self.heads(self.last_hidden)  # [heads, vocab]
+            top = head_logits.topk(self.tree.topk, dim=-1).indices.to(self.device)  # [heads, topk], back from the heads' device
+            candidates.append(top.flatten())
+        if len(candidates) == 1:
+            return candidates[0]
+        return torch.cat(candidates)[self.tree.candidate_index]
 
     def step(self) -> torch.Tensor:
         """One propose/verify/accept/commit, all on the device (capturable as a CUDA graph).
@@ -133,6 +145,10 @@ class MedusaDecoder:
         logits, hidden = self._forward(tree_tokens, visibility)
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         self.cache.commit(self.length + verdict.path, self.length)
+        if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
+            span = torch.arange(verdict.path.numel(), device=self.device)
+            slots = (self.length + span).clamp(max=self.history.numel() - 1)
+            self.history.index_copy_(0, slots, tree_tokens[verdict.path])
         count = verdict.accepted.view(1) + 1
         self.length += count[0]
         self.cache.set_length(self.length)

@@ -18,6 +18,7 @@ from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model
+from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
 from medusa.treeopt.tuned import tuned_tree
@@ -47,6 +48,10 @@ class GenerationConfig:
     cuda_graphs: bool = True
     # Also fuse the step's kernels with torch.compile before capture (slow first call, faster steps).
     compile: bool | str = False  # True, or "max-autotune" to also tune the matrix kernels
+    # A lookup branch of this many nodes in the tree: guesses copied from where the text's last tokens
+    # occurred before (medusa.lookup). Without heads it is prompt-lookup decoding on our fast path.
+    lookup: int = 0
+    lookup_ngram: int = DEFAULT_MAX_NGRAM  # the longest suffix searched for
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -57,6 +62,7 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
+        check_lookup(self.lookup, self.lookup_ngram)
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:
@@ -251,19 +257,17 @@ class MedusaModel(nn.Module):
         On the CPU every generation gets a fresh decoder of the exact length; on a GPU decoders and
         their captured steps are pooled and reused across generations.
         """
-        heads = self.heads if config.use_heads else None
-        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
-        if tree.size == 1:  # the root alone (a tuned tree may be): plain decoding, not heads run for nothing
-            heads = None
+        heads, tree = self._heads_and_tree(config, tree)
         needed = prompt_ids.numel() + config.max_new_tokens + tree.size
         acceptance = config.acceptance_scheme()
 
         def build(max_length: int) -> MedusaDecoder:
-            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length)
+            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram)
 
         if self.device.type != "cuda":
             return build(needed), None
-        key = (tree.paths, heads is not None, acceptance)  # schemes hash by their settings, not the seed
+        # Schemes hash by their settings, not the seed.
+        key = (tree.paths, tree.lookup, config.lookup_ngram, heads is not None, acceptance)
         return self._decoder_pool.acquire(
             key,
             build,
@@ -273,6 +277,15 @@ class MedusaModel(nn.Module):
             use_graphs=config.cuda_graphs and not spans_devices(self.base_model),
             compile_step=config.compile,
         )
+
+    def _heads_and_tree(self, config: GenerationConfig, tree: Tree | None) -> tuple[MedusaHeads | None, Tree]:
+        """The heads and tree a generation runs: no heads when the tree has no head paths (a tuned
+        tree may be the root alone), so they are not run for nothing; the config's lookup branch added."""
+        heads = self.heads if config.use_heads else None
+        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
+        if not tree.paths:
+            heads = None
+        return heads, tree.with_lookup(config.lookup)
 
     def stream(
         self,
@@ -329,10 +342,9 @@ class MedusaModel(nn.Module):
 
     def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
         """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only)."""
-        heads = self.heads if config.use_heads else None
-        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
-        if tree.size == 1:
-            heads = None
+        if config.lookup:
+            raise MedusaError("batched generation has no lookup branch yet: set lookup to 0, or generate one prompt at a time")
+        heads, tree = self._heads_and_tree(config, tree)
         return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
 
     def generate_batch(

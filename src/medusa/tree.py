@@ -2,8 +2,9 @@
 
 A tree is a set of paths; each path lists, per depth, which top-k rank of that depth's head it takes:
 ``[0]`` is head 0's best guess, ``[0, 1]`` is head 1's second guess after it. Node 0 is the root, the
-base model's own next token; the other nodes are the paths, ordered by depth. The decoding loop only
-indexes the buffers built here.
+base model's own next token; the other nodes are the paths, ordered by depth. A tree may also carry a
+lookup branch: a chain of ``lookup`` nodes under the root whose tokens are copied from earlier text
+(``medusa.lookup``), after the heads' nodes. The decoding loop only indexes the buffers built here.
 """
 
 from __future__ import annotations
@@ -41,61 +42,96 @@ class Tree:
     attention_mask: torch.Tensor  # [size, size] bool: node i sees node j (an ancestor or itself)
     depths: torch.Tensor  # [size] long, root 0
     parents: torch.Tensor  # [size] long, root -1
-    candidate_index: torch.Tensor  # [size] long into [root, head0 top-k, head1 top-k, ...]
+    # [size] long into [root, lookup guesses (lookup of them), head0 top-k, head1 top-k, ...]
+    candidate_index: torch.Tensor
     retrieve_paths: torch.Tensor  # [leaves, max_depth + 1] long: node ids root to leaf, padded with 0
     retrieve_valid: torch.Tensor  # [leaves, max_depth + 1] bool: False on padding
+    # [size] long: each node's place among its siblings, its top-k rank (the lookup child comes after rank topk - 1)
+    sibling_rank: torch.Tensor
+    lookup: int = 0  # nodes of the lookup chain under the root
 
     @property
     def size(self) -> int:
-        return len(self.paths) + 1
+        return len(self.paths) + self.lookup + 1
 
     @property
     def max_depth(self) -> int:
-        return max((len(p) for p in self.paths), default=0)
+        return max(max((len(p) for p in self.paths), default=0), self.lookup)
+
+    @property
+    def max_children(self) -> int:
+        """Columns of a node-by-sibling-rank table: the top-k, and one more for the lookup child."""
+        return self.topk + (1 if self.lookup else 0)
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Sequence[int]], topk: int | None = None, num_heads: int | None = None) -> "Tree":
+    def from_paths(
+        cls, paths: Sequence[Sequence[int]], topk: int | None = None, num_heads: int | None = None, lookup: int = 0
+    ) -> "Tree":
         normalised = _validate_paths(paths, topk, num_heads)
+        if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
+            raise MedusaError(f"lookup must be a number of nodes, 0 or more, got {lookup!r}")
         needed_topk = 1 + max((max(p) for p in normalised), default=0)
         topk = needed_topk if topk is None else topk
         ordered = sorted(normalised, key=lambda p: (len(p), p))
         node_of = {(): 0} | {path: i + 1 for i, path in enumerate(ordered)}
-        size = len(ordered) + 1
+        heads_size = len(ordered) + 1
+        size = heads_size + lookup
 
         depths = torch.zeros(size, dtype=torch.long)
         parents = torch.full((size,), -1, dtype=torch.long)
         candidate_index = torch.zeros(size, dtype=torch.long)
+        sibling_rank = torch.zeros(size, dtype=torch.long)
         mask = torch.eye(size, dtype=torch.bool)
         for path, node in node_of.items():
             if not path:
                 continue
             depths[node] = len(path)
             parents[node] = node_of[path[:-1]]
-            candidate_index[node] = 1 + (len(path) - 1) * topk + path[-1]
+            candidate_index[node] = 1 + lookup + (len(path) - 1) * topk + path[-1]
+            sibling_rank[node] = path[-1]
             for cut in range(len(path)):
                 mask[node, node_of[path[:cut]]] = True
+        chain = [0] + list(range(heads_size, size))  # the root, then the lookup nodes by depth
+        for depth in range(1, lookup + 1):
+            node = chain[depth]
+            depths[node] = depth
+            parents[node] = chain[depth - 1]
+            candidate_index[node] = depth  # the depth-th lookup guess
+            sibling_rank[node] = topk if depth == 1 else 0  # after the root's head children; alone below
+            mask[node, chain[:depth]] = True
 
         has_child = {path[:-1] for path in ordered}
-        leaves = [path for path in [()] + ordered if path not in has_child]
-        width = 1 + max((len(p) for p in ordered), default=0)
+        leaves = [[node_of[leaf[:cut]] for cut in range(len(leaf) + 1)]
+                  for leaf in [()] + ordered if leaf not in has_child and not (leaf == () and lookup)]
+        if lookup:
+            leaves.append(chain)
+        width = max(len(leaf) for leaf in leaves)
         retrieve = torch.zeros(len(leaves), width, dtype=torch.long)
         valid = torch.zeros(len(leaves), width, dtype=torch.bool)
         for row, leaf in enumerate(leaves):
-            for cut in range(len(leaf) + 1):
-                retrieve[row, cut] = node_of[leaf[:cut]]
-                valid[row, cut] = True
-        return cls(tuple(ordered), topk, mask, depths, parents, candidate_index, retrieve, valid)
+            retrieve[row, : len(leaf)] = torch.tensor(leaf)
+            valid[row, : len(leaf)] = True
+        return cls(tuple(ordered), topk, mask, depths, parents, candidate_index, retrieve, valid, sibling_rank, lookup)
+
+    def with_lookup(self, lookup: int) -> "Tree":
+        """The same head paths with a lookup chain of ``lookup`` nodes (0: none)."""
+        if lookup == self.lookup:
+            return self
+        return Tree.from_paths(self.paths, self.topk, lookup=lookup).to(self.attention_mask.device)
 
     def check_heads(self, num_heads: int) -> None:
-        if self.max_depth > num_heads:
-            raise MedusaError(f"tree is {self.max_depth} deep but there are only {num_heads} heads")
+        """The head paths must not be deeper than the heads; the lookup chain may be (it needs no head)."""
+        deepest = max((len(p) for p in self.paths), default=0)
+        if deepest > num_heads:
+            raise MedusaError(f"tree is {deepest} deep but there are only {num_heads} heads")
 
     def to(self, device: torch.device | str) -> "Tree":
         return Tree(
             self.paths,
             self.topk,
             *(t.to(device) for t in (self.attention_mask, self.depths, self.parents, self.candidate_index,
-                                     self.retrieve_paths, self.retrieve_valid)),
+                                     self.retrieve_paths, self.retrieve_valid, self.sibling_rank)),
+            self.lookup,
         )
 
     def to_json(self) -> str:

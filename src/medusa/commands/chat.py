@@ -15,7 +15,14 @@ from collections.abc import Iterator
 from rich.console import Console
 from rich.markup import escape
 
-from medusa.commands.common import add_model_arguments, add_sampling_arguments, load_model, sampling_options
+from medusa.commands.common import (
+    add_lookup_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model,
+    lookup_options,
+    sampling_options,
+)
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
@@ -29,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer (default 512)")
     parser.add_argument("--no-heads", action="store_true", help="decode plainly, one token per step (the baseline)")
     add_sampling_arguments(parser)
+    add_lookup_arguments(parser)
 
 
 class ChatSession:
@@ -72,7 +80,8 @@ def status_line(stats: DecodingStats, interrupted: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=not args.no_heads, **sampling_options(args))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=not args.no_heads, **sampling_options(args),
+                              **lookup_options(args))
     model = load_model(args)
     session = ChatSession(model, config, system=args.system)
     if sys.stdin.isatty():
@@ -82,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _interactive(session: ChatSession, console: Console) -> int:
     heads = f"{session.model.tree.size}-node tree" if session.config.use_heads else "no heads"
+    if session.config.lookup:
+        heads += f", {session.config.lookup}-node lookup branch"
     console.print(f"[bold]medusa chat[/] with {escape(session.model.name)} ({heads}); {COMMANDS_HELP}.")
     while True:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
+from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES
 from medusa.model import MedusaModel
 
 
@@ -34,6 +35,20 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--typical-eps", type=float, default=DEFAULT_TYPICAL_EPS, help="typical: hard threshold")
     group.add_argument("--typical-delta", type=float, default=DEFAULT_TYPICAL_DELTA, help="typical: entropy factor")
+
+
+def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("lookup branch")
+    group.add_argument("--lookup", type=int, default=0, metavar="N",
+                       help="add N tree nodes guessing by copying: what followed the last tokens where they occurred "
+                            f"earlier in the prompt or answer (0, the default: off; at most {MAX_LOOKUP_NODES})")
+    group.add_argument("--lookup-ngram", type=int, default=DEFAULT_MAX_NGRAM,
+                       help=f"longest run of last tokens searched for (default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
+
+
+def lookup_options(args: argparse.Namespace) -> dict:
+    """The ``GenerationConfig`` fields the lookup flags set."""
+    return {"lookup": args.lookup, "lookup_ngram": args.lookup_ngram}
 
 
 def sampling_options(args: argparse.Namespace) -> dict:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medusa.commands.common import add_model_arguments, add_sampling_arguments, load_model, sampling_options
+from medusa.commands.common import (
+    add_lookup_arguments,
+    add_model_arguments,
+    add_sampling_arguments,
+    load_model,
+    lookup_options,
+    sampling_options,
+)
 from medusa.decoding import DecodingStats
 from medusa.model import GenerationConfig
 
@@ -18,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-heads", action="store_true", help="decode plainly, one token per step, on the same cache")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
     add_sampling_arguments(parser)
+    add_lookup_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         use_heads=not args.no_heads,
         chat_template=not args.raw,
         **sampling_options(args),
+        **lookup_options(args),
     )
     model = load_model(args)
     stats = DecodingStats()
@@ -37,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{stats.new_tokens} tokens in {stats.decode_seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
         f"{stats.mean_accepted:.2f} accepted tokens per step over {stats.steps} steps ({stats.acceptance} acceptance), "
-        f"tree of {model.tree.size if config.use_heads else 1} nodes, finish: {stats.finish_reason}]",
+        f"tree of {(model.tree.size if config.use_heads else 1) + config.lookup} nodes, finish: {stats.finish_reason}]",
         file=sys.stderr,
     )
     return 0
