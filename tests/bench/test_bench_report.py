@@ -8,6 +8,7 @@ import pytest
 
 from medusa.bench.report import (
     aggregate,
+    answer_agreement,
     build_report,
     equality_line,
     first_difference,
@@ -192,3 +193,20 @@ def test_merging_refuses_overlaps_and_other_setups():
     other = dict(META, model="other")
     with pytest.raises(ValueError, match="differ in model"):
         merge_reports([build_report(META, records[:2], METHODS), build_report(other, records[2:], METHODS)])
+
+
+def test_answer_agreement_between_two_runs_kept_with_their_tokens():
+    records = hand_made_records()
+    with_tokens = build_report(META, records, METHODS, keep_tokens=True)
+    assert with_tokens["questions"][1]["methods"]["medusa"]["token_ids"][:4] == [0, 1, 2, 9]
+    assert "token_ids" not in build_report(META, records, METHODS)["questions"][0]["methods"]["medusa"]
+    rows = with_tokens["questions"]
+    # medusa against autoregressive: prompt 1 identical (100), prompt 2 differs at 3 (of 50), prompt 3 at 9 (of 10)
+    result = answer_agreement(rows, "medusa", rows, "autoregressive")
+    assert result["overall"] == {"prompts": 3, "identical": 1, "mean_common_prefix_tokens": (100 + 3 + 9) / 3,
+                                 "mean_reference_tokens": (100 + 50 + 10) / 3}
+    assert result["per_category"]["qa"]["identical"] == 0 and result["per_category"]["writing"]["prompts"] == 2
+    # Only prompts that both runs have count.
+    assert answer_agreement(rows[:1], "medusa", rows, "autoregressive")["overall"]["prompts"] == 1
+    with pytest.raises(ValueError, match="--keep-tokens"):
+        answer_agreement(build_report(META, records, METHODS)["questions"], "medusa", rows, "autoregressive")

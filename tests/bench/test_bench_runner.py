@@ -27,7 +27,7 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     validate_report(report)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| prompt-lookup |" in (tmp_path / "summary.md").read_text()
-    assert list(report["methods"]) == ["autoregressive", "medusa", "hf-generate", "prompt-lookup"]
+    assert list(report["methods"]) == ["autoregressive", "medusa", "hf-generate", "prompt-lookup", "medusa-lookup", "lookup"]
     # One question per category; writing and roleplay have a second turn.
     rows = [(q["id"], q["turn"]) for q in report["questions"]]
     assert rows == [(1, 1), (1, 2), (3, 1), (3, 2), (4, 1), (6, 1)]
@@ -36,10 +36,12 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     # Float32 on the CPU: Medusa and transformers are token for token our plain greedy decoding.
     assert report["equality"]["compared"] == 6
     assert report["equality"]["mismatches"] == 0 and report["equality"]["first_mismatch"] is None
-    assert report["equality"]["others"]["hf-generate"]["mismatches"] == 0
+    for method in ("hf-generate", "medusa-lookup", "lookup"):
+        assert report["equality"]["others"][method] | {"first_mismatch": None} == {
+            "reference": "autoregressive", "method": method, "compared": 6, "mismatches": 0, "first_mismatch": None}
     for question in report["questions"]:
         tokens = {name: sample["tokens"] for name, sample in question["methods"].items()}
-        assert tokens["autoregressive"] == tokens["medusa"] == tokens["hf-generate"]
+        assert tokens["autoregressive"] == tokens["medusa"] == tokens["hf-generate"] == tokens["lookup"]
         assert 1 <= tokens["autoregressive"] <= 12
     overall = {name: result["overall"] for name, result in report["methods"].items()}
     assert overall["autoregressive"]["mean_accepted"] == 1.0 and overall["hf-generate"]["mean_accepted"] == 1.0
@@ -47,6 +49,7 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     assert overall["medusa"]["steps"] <= overall["autoregressive"]["steps"]
     assert set(report["methods"]["medusa"]["per_category"]) == {"writing", "roleplay", "qa", "translation"}
     assert report["meta"]["tree_size"] == 8 and report["meta"]["max_new_tokens"] == 12
+    assert report["meta"]["lookup_nodes"] == 10 and "+10 lookup nodes" in (tmp_path / "summary.md").read_text()
     assert report["meta"]["heads_source"].startswith("untrained")
     out = capsys.readouterr().out
     assert "0 of 6 prompts differ" in out and "bench.json" in out
@@ -76,14 +79,14 @@ def test_config_checks_and_reference():
     assert BenchConfig().reference == "autoregressive"
     assert BenchConfig(methods=("hf-generate", "medusa")).reference == "hf-generate"
     for bad in (dict(turns=3), dict(methods=()), dict(methods=("medusa", "medusa")), dict(max_new_tokens=0),
-                dict(warmup=-1)):
+                dict(warmup=-1), dict(lookup=-1), dict(lookup=99), dict(methods=("lookup",), lookup=0)):
         with pytest.raises(MedusaError):
             BenchConfig(**bad)
 
 
 def test_planned_runs_counts_warmup_and_second_turns(questions_file):
     questions = select_questions(load_questions(questions_file), limit=1)  # two of four have a second turn
-    assert planned_runs(questions, BenchConfig(turns=1, warmup=2)) == (2 + 4) * 4
+    assert planned_runs(questions, BenchConfig(turns=1, warmup=2)) == (2 + 4) * 6  # six methods
     assert planned_runs(questions, BenchConfig(turns=2, warmup=0, methods=("medusa",))) == 6
     every = load_questions(questions_file)  # writing 1, 2; roleplay 3; qa 4, 5; translation 6
     config = BenchConfig(turns=1, warmup=1, methods=("autoregressive", "hf-generate"), transformers_limit=1)

@@ -78,9 +78,9 @@ def equality_section(records: Sequence[Record], methods: Sequence[str]) -> dict:
 
 # ----- aggregation --------------------------------------------------------------------------------
 
-def question_rows(records: Sequence[Record]) -> list[dict]:
-    """The JSON's per-prompt rows: counts and times per method (token ids are not kept)."""
-    return [
+def question_rows(records: Sequence[Record], keep_tokens: bool = False) -> list[dict]:
+    """The JSON's per-prompt rows: counts and times per method, and the token ids if ``keep_tokens``."""
+    rows = [
         {
             "id": record.question_id,
             "category": record.category,
@@ -100,6 +100,38 @@ def question_rows(records: Sequence[Record]) -> list[dict]:
         }
         for record in records
     ]
+    if keep_tokens:
+        for row, record in zip(rows, records):
+            for name, sample in record.samples.items():
+                row["methods"][name]["token_ids"] = list(sample.token_ids)
+    return rows
+
+
+def answer_agreement(rows: Sequence[dict], method: str, other_rows: Sequence[dict], other_method: str) -> dict:
+    """How close two methods' answers are, on the prompts both reports ran with their token ids kept.
+
+    Made for answers of different models (Medusa-2's adapted backbone against the original): the share
+    of identical answers, and how many tokens the answers share before they first differ.
+    """
+    theirs = {(row["id"], row["turn"]): row["methods"].get(other_method) for row in other_rows}
+    per_category: dict[str, list[tuple[bool, int, int]]] = {}
+    for row in rows:
+        mine, other = row["methods"].get(method), theirs.get((row["id"], row["turn"]))
+        if not mine or not other or "token_ids" not in mine or "token_ids" not in other:
+            continue
+        a, b = mine["token_ids"], other["token_ids"]
+        common = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        per_category.setdefault(row["category"], []).append((a == b, common, len(b)))
+
+    def summary(items: list[tuple[bool, int, int]]) -> dict:
+        return {"prompts": len(items), "identical": sum(same for same, _, _ in items),
+                "mean_common_prefix_tokens": statistics.fmean(c for _, c, _ in items) if items else None,
+                "mean_reference_tokens": statistics.fmean(n for _, _, n in items) if items else None}
+
+    every = [item for items in per_category.values() for item in items]
+    if not every:
+        raise ValueError(f"no prompt has token ids for both {method} and {other_method}: run medusa bench --keep-tokens")
+    return {"overall": summary(every), "per_category": {c: summary(items) for c, items in per_category.items()}}
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:
@@ -166,8 +198,8 @@ def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
 
 # ----- the JSON file ------------------------------------------------------------------------------
 
-def build_report(meta: dict, records: Sequence[Record], methods: Sequence[str]) -> dict:
-    rows = question_rows(records)
+def build_report(meta: dict, records: Sequence[Record], methods: Sequence[str], keep_tokens: bool = False) -> dict:
+    rows = question_rows(records, keep_tokens)
     return {
         "schema": SCHEMA_VERSION,
         "meta": dict(meta),
@@ -305,13 +337,18 @@ def _heads_text(meta: dict) -> str:
     return text + (f" ({meta['heads_source']})" if meta.get("heads_source") else "")
 
 
+def _lookup_text(meta: dict) -> str:
+    nodes = meta.get("lookup_nodes")
+    return f" (+{nodes} lookup nodes in the lookup methods)" if nodes else ""
+
+
 def markdown_summary(report: dict) -> str:
     """Markdown tables of a report, for docs/benchmarks and the README's performance section."""
     meta = report["meta"]
     methods = list(report["methods"])
     lines = [
         f"- Device: {meta['device']}{_threads_text(meta)}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
-        f"- Model: {meta['model']}; heads: {_heads_text(meta)}; tree of {meta['tree_size']} nodes; "
+        f"- Model: {meta['model']}; heads: {_heads_text(meta)}; tree of {meta['tree_size']} nodes{_lookup_text(meta)}; "
         f"max {meta['max_new_tokens']} new tokens; {meta.get('prompts', len(report['questions']))} prompts.",
         f"- Command: `{meta['command']}`",
         f"- {equality_line(report)}.",

@@ -21,13 +21,17 @@ from medusa.bench.environment import synchronize
 from medusa.bench.specbench import Question, messages_as_text, turn_messages
 from medusa.decoding import DecodingStats, decode
 from medusa.errors import MedusaError
+from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.model import GenerationConfig, MedusaModel
 
 AUTOREGRESSIVE = "autoregressive"
 MEDUSA = "medusa"
 HF_GENERATE = "hf-generate"
 PROMPT_LOOKUP = "prompt-lookup"
-METHOD_NAMES = (AUTOREGRESSIVE, MEDUSA, HF_GENERATE, PROMPT_LOOKUP)
+# Ours with the tree's lookup branch (medusa.lookup): with the heads' tree, and alone (prompt lookup on our fast path).
+MEDUSA_LOOKUP = "medusa-lookup"
+LOOKUP = "lookup"
+METHOD_NAMES = (AUTOREGRESSIVE, MEDUSA, HF_GENERATE, PROMPT_LOOKUP, MEDUSA_LOOKUP, LOOKUP)
 TRANSFORMERS_METHODS = (HF_GENERATE, PROMPT_LOOKUP)
 
 
@@ -40,6 +44,7 @@ class BenchConfig:
     cuda_graphs: bool = True
     compile: bool | str = False
     prompt_lookup_num_tokens: int = 10
+    lookup: int = 10  # nodes of the lookup branch in medusa-lookup and lookup
     # Transformers' eager methods are slow: run them only on the first N questions of each category.
     transformers_limit: int | None = None
 
@@ -52,6 +57,9 @@ class BenchConfig:
             raise MedusaError(f"benchmark methods repeat: {list(self.methods)}")
         if self.turns not in (1, 2):
             raise MedusaError(f"turns must be 1 or 2, got {self.turns!r}")
+        check_lookup(self.lookup, DEFAULT_MAX_NGRAM)
+        if self.lookup == 0 and {MEDUSA_LOOKUP, LOOKUP} & set(self.methods):
+            raise MedusaError(f"methods {MEDUSA_LOOKUP} and {LOOKUP} need a lookup branch of at least 1 node")
         for name in ("max_new_tokens", "prompt_lookup_num_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -100,18 +108,21 @@ class Method(Protocol):
 
 
 class OurDecoder:
-    """Our decoding loop: with heads and the tree, or plainly one token per step on the same cache."""
+    """Our decoding loop: with heads and the tree, or plainly one token per step on the same cache;
+    either with the tree's lookup branch added."""
 
-    def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig) -> None:
+    def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig, lookup: bool = False) -> None:
+        self.name = {(True, False): MEDUSA, (False, False): AUTOREGRESSIVE,
+                     (True, True): MEDUSA_LOOKUP, (False, True): LOOKUP}[use_heads, lookup]
         if use_heads and model.heads is None:
-            raise MedusaError("the medusa method needs heads, but the model has none")
-        self.name = MEDUSA if use_heads else AUTOREGRESSIVE
+            raise MedusaError(f"the {self.name} method needs heads, but the model has none")
         self.model = model
         self.generation = GenerationConfig(
             max_new_tokens=config.max_new_tokens,
             use_heads=use_heads,
             cuda_graphs=config.cuda_graphs,
             compile=config.compile,
+            lookup=config.lookup if lookup else 0,
         )
 
     def run(self, prompt_ids: list[int]) -> Sample:
@@ -221,6 +232,8 @@ def make_methods(model: MedusaModel, config: BenchConfig) -> list[Method]:
         MEDUSA: lambda: OurDecoder(model, use_heads=True, config=config),
         HF_GENERATE: lambda: TransformersGenerate(model, config, prompt_lookup=False),
         PROMPT_LOOKUP: lambda: TransformersGenerate(model, config, prompt_lookup=True),
+        MEDUSA_LOOKUP: lambda: OurDecoder(model, use_heads=True, config=config, lookup=True),
+        LOOKUP: lambda: OurDecoder(model, use_heads=False, config=config, lookup=True),
     }
     return [makers[name]() for name in config.methods]
 
@@ -307,6 +320,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
+        "lookup_nodes": config.lookup if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
         "transformers_limit_per_category": config.transformers_limit,
         "reference": config.reference,
     }

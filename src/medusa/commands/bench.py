@@ -45,9 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
+    bench.add_argument("--lookup-nodes", type=int, default=10,
+                       help="nodes of the tree's lookup branch in medusa-lookup and lookup (default 10)")
     bench.add_argument("--transformers-limit", type=int,
                        help="run hf-generate and prompt-lookup only on the first N questions of each category "
                             "(they are slow; speedups over them use the prompts both ran)")
+    bench.add_argument("--keep-tokens", action="store_true",
+                       help="also write every answer's token ids into bench.json (to compare answers across runs)")
     bench.add_argument("--merge", nargs="+", metavar="JSON",
                        help="instead of running, merge bench.json files of one setup run on different questions")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         compile=_compile_setting(args.compile),
         prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+        lookup=args.lookup_nodes,
         transformers_limit=args.transformers_limit,
     )
     questions_file = Path(args.questions) if args.questions else default_questions_path()
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         "limit_per_category": args.limit,
         "prompts": len(records),
     }
-    return _write_outputs(build_report(meta, records, config.methods), Path(args.output_dir))
+    return _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), Path(args.output_dir))
 
 
 def run_merge(args: argparse.Namespace) -> int:
