@@ -210,3 +210,19 @@ def test_answer_agreement_between_two_runs_kept_with_their_tokens():
     assert answer_agreement(rows[:1], "medusa", rows, "autoregressive")["overall"]["prompts"] == 1
     with pytest.raises(ValueError, match="--keep-tokens"):
         answer_agreement(build_report(META, records, METHODS)["questions"], "medusa", rows, "autoregressive")
+
+
+def test_equality_line_names_our_lookup_methods_too():
+    records = hand_made_records()
+    for record in records:
+        record.samples["lookup"] = record.samples["autoregressive"]
+    report = build_report(META, records, (*METHODS, "lookup"))
+    line = equality_line(report)
+    assert "medusa vs autoregressive: 2 of 3 prompts differ" in line and "lookup vs autoregressive: 0 of 3" in line
+    assert "hf-generate" not in line  # transformers' methods stay in the JSON
+    for record in records:
+        del record.samples["medusa"]
+    without_medusa = build_report(META, records, ("autoregressive", "lookup"))
+    assert equality_line(without_medusa) == "token equality, lookup vs autoregressive: 0 of 3 prompts differ"
+    alone = build_report(META, records, ("medusa",))
+    assert equality_line(alone).startswith("token equality: not checked")

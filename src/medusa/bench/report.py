@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from medusa.bench.runner import AUTOREGRESSIVE, HF_GENERATE, MEDUSA, Record
+from medusa.bench.runner import AUTOREGRESSIVE, HF_GENERATE, LOOKUP, MEDUSA, MEDUSA_LOOKUP, Record
 
 SCHEMA_VERSION = 1
 OVERALL = "overall"
@@ -316,13 +316,18 @@ def report_table(report: dict) -> Table:
 
 def equality_line(report: dict) -> str:
     eq = report["equality"]
-    if not eq["compared"]:
-        return "token equality: not checked (needs both autoregressive and medusa)"
-    line = f"token equality, {eq['method']} vs {eq['reference']}: {eq['mismatches']} of {eq['compared']} prompts differ"
-    first = eq["first_mismatch"]
-    if first:
-        line += f" (first: question {first['question_id']} turn {first['turn']}, token {first['position']})"
-    return line
+    # Our other lossless methods must match too; transformers' are compared in the JSON only.
+    others = {m: o for m, o in eq.get("others", {}).items() if m in (MEDUSA_LOOKUP, LOOKUP) and o["compared"]}
+    if not eq["compared"] and not others:
+        return "token equality: not checked (needs autoregressive and one of medusa, medusa-lookup, lookup)"
+    parts = []
+    for section in ([eq] if eq["compared"] else []) + list(others.values()):
+        part = f"{section['method']} vs {section['reference']}: {section['mismatches']} of {section['compared']} prompts differ"
+        first = section["first_mismatch"]
+        if first:
+            part += f" (first: question {first['question_id']} turn {first['turn']}, token {first['position']})"
+        parts.append(part)
+    return "token equality, " + "; ".join(parts)
 
 
 def _threads_text(meta: dict) -> str:
