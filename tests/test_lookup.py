@@ -112,9 +112,10 @@ def test_bad_lookup_sizes_are_refused(bad):
             Tree.from_paths([[0]], lookup=bad)
 
 
-def test_bad_ngram_is_refused():
-    with pytest.raises(MedusaError, match="n-gram"):
-        GenerationConfig(lookup=4, lookup_ngram=0)
+@pytest.mark.parametrize("bad", [0, 9, 2.0])
+def test_bad_ngram_is_refused(bad):
+    with pytest.raises(MedusaError, match="n-gram size must be an integer from 1 to 8"):
+        GenerationConfig(lookup=4, lookup_ngram=bad)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))

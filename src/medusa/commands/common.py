@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
-from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES
+from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, MAX_NGRAM
 from medusa.model import MedusaModel
 
 
@@ -43,7 +43,7 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
                        help="add N tree nodes guessing by copying: what followed the last tokens where they occurred "
                             f"earlier in the prompt or answer (0, the default: off; at most {MAX_LOOKUP_NODES})")
     group.add_argument("--lookup-ngram", type=int, default=DEFAULT_MAX_NGRAM,
-                       help=f"longest run of last tokens searched for (default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
+                       help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} (default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
 
 
 def lookup_options(args: argparse.Namespace) -> dict:
