@@ -36,8 +36,11 @@ def generate(model: MedusaModel, **settings) -> list[int]:
         dict(temperature=0.8, acceptance="rejection", seed=1),
         dict(temperature=0.8, acceptance="typical", seed=1),
         dict(temperature=0.8, top_k=20, top_p=0.9, acceptance="rejection", seed=1),
+        dict(lookup=6),
+        dict(lookup=6, temperature=0.8, acceptance="rejection", seed=1),
+        dict(lookup=6, use_heads=False),
     ],
-    ids=["greedy", "rejection", "typical", "rejection-top-k-top-p"],
+    ids=["greedy", "rejection", "typical", "rejection-top-k-top-p", "lookup", "lookup-rejection", "lookup-alone"],
 )
 def test_every_scheme_captures_and_replays_reproducibly(model, settings, caplog):
     with caplog.at_level(logging.WARNING, logger="medusa"):
@@ -50,6 +53,7 @@ def test_every_scheme_captures_and_replays_reproducibly(model, settings, caplog)
 
 def test_greedy_replay_equals_eager_steps(model):
     assert generate(model) == generate(model, cuda_graphs=False)
+    assert generate(model, lookup=6) == generate(model, lookup=6, cuda_graphs=False) == generate(model)
 
 
 def test_sampling_under_graphs_depends_on_the_seed(model):
