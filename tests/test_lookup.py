@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, make_tiny_model
+from medusa.acceptance import GreedyAcceptance
+from medusa.batching import BatchDecoder
 from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
 from medusa.model import GenerationConfig, MedusaModel
@@ -152,3 +154,5 @@ def test_batches_refuse_the_lookup_branch():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     with pytest.raises(MedusaError, match="lookup"):
         model.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=4, lookup=4)
+    with pytest.raises(MedusaError, match="lookup"):  # the decoder itself, not only the model's entry point
+        BatchDecoder(model.base_model, model.heads, model.tree.with_lookup(3), GreedyAcceptance())

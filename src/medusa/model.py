@@ -341,9 +341,7 @@ class MedusaModel(nn.Module):
         return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
 
     def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
-        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only)."""
-        if config.lookup:
-            raise MedusaError("batched generation has no lookup branch yet: set lookup to 0, or generate one prompt at a time")
+        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only) and the lookup branch."""
         heads, tree = self._heads_and_tree(config, tree)
         return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
 
