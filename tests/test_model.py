@@ -260,3 +260,22 @@ def test_save_without_heads_is_refused(model, tmp_path):
     bare = MedusaModel(model.base_model, model.tokenizer, heads=None)
     with pytest.raises(MedusaError, match="this model has no heads to save"):
         bare.save_pretrained(tmp_path)
+
+
+def test_cache_length_sets_the_least_cache_a_decoder_gets(model):
+    prompt = model.encode_prompt(PROMPT)
+    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8))
+    assert decoder.max_length == prompt.numel() + 8 + model.tree.size
+    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=300))
+    assert decoder.max_length == 300
+    # "at least": a generation that needs more still gets what it needs, and decodes the same tokens
+    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=10))
+    assert decoder.max_length == prompt.numel() + 8 + model.tree.size
+    long_cache = model.generate(PROMPT, max_new_tokens=24, cache_length=400)
+    assert long_cache.token_ids == model.generate(PROMPT, max_new_tokens=24).token_ids
+
+
+@pytest.mark.parametrize("value", [0, -5, True, 2.5, "512"])
+def test_cache_length_must_be_a_positive_integer(value):
+    with pytest.raises(MedusaError, match=f"cache_length must be a positive number of slots or None, got {value!r}"):
+        GenerationConfig(cache_length=value)

@@ -37,6 +37,7 @@ class GraphedStep:
         if compile_step:
             options = {"coordinate_descent_tuning": True, "max_autotune": compile_step == "max-autotune"}
             step = torch.compile(decoder.step, dynamic=False, options=options)
+        self.step_function = step  # what the graph captured (compiled or not), for profiling it uncaptured
         side = torch.cuda.Stream(decoder.device)
         side.wait_stream(torch.cuda.current_stream(decoder.device))
         with torch.cuda.stream(side), torch.inference_mode():

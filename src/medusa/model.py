@@ -52,6 +52,9 @@ class GenerationConfig:
     # occurred before (medusa.lookup). Without heads it is prompt-lookup decoding on our fast path.
     lookup: int = 0
     lookup_ngram: int = DEFAULT_MAX_NGRAM  # the longest suffix searched for
+    # Allocate at least this many cache slots, so that one decoder (one CUDA graph, one compiled step)
+    # serves every prompt that fits; longer ones still get a longer cache. None: just what the prompt needs.
+    cache_length: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -63,6 +66,9 @@ class GenerationConfig:
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
         check_lookup(self.lookup, self.lookup_ngram)
+        length = self.cache_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise MedusaError(f"cache_length must be a positive number of slots or None, got {length!r}")
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:
@@ -258,7 +264,7 @@ class MedusaModel(nn.Module):
         their captured steps are pooled and reused across generations.
         """
         heads, tree = self._heads_and_tree(config, tree)
-        needed = prompt_ids.numel() + config.max_new_tokens + tree.size
+        needed = max(prompt_ids.numel() + config.max_new_tokens + tree.size, config.cache_length or 0)
         acceptance = config.acceptance_scheme()
 
         def build(max_length: int) -> MedusaDecoder:

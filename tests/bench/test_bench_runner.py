@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from tiny_bench_assets import one_thread, questions_file, tiny_model_dir  # noqa: F401  (fixtures)
 
 from medusa.bench.report import validate_report
-from medusa.bench.runner import BenchConfig, planned_runs
+from medusa.bench.runner import BenchConfig, encode_turn, planned_runs, resolve_cache_length
+from medusa.bench.specbench import turn_messages
+from medusa.model import MedusaModel
 from medusa.bench.specbench import load_questions, select_questions
 from medusa.cli import main
 from medusa.errors import MedusaError
@@ -71,6 +74,10 @@ def test_user_mistakes_exit_2_with_a_message(tiny_model_dir, questions_file, tmp
     assert "unknown benchmark method(s) ['beam']" in capsys.readouterr().err
     assert run_bench(tiny_model_dir, questions_file, tmp_path, "--categories", "poetry") == 2
     assert "unknown Spec-Bench category 'poetry'" in capsys.readouterr().err
+    assert run_bench(tiny_model_dir, questions_file, tmp_path, "--cache-length", "lots") == 2
+    assert "--cache-length takes a number of slots, auto or none, got 'lots'" in capsys.readouterr().err
+    assert run_bench(tiny_model_dir, questions_file, tmp_path, "--cache-length", "-3") == 2
+    assert "cache_length must be a positive number of slots" in capsys.readouterr().err
     assert main(["bench", "--shape", "tiny"]) == 2
     assert "--shape only applies with --cost-curve" in capsys.readouterr().err
 
@@ -79,9 +86,21 @@ def test_config_checks_and_reference():
     assert BenchConfig().reference == "autoregressive"
     assert BenchConfig(methods=("hf-generate", "medusa")).reference == "hf-generate"
     for bad in (dict(turns=3), dict(methods=()), dict(methods=("medusa", "medusa")), dict(max_new_tokens=0),
-                dict(warmup=-1), dict(lookup=-1), dict(lookup=99), dict(methods=("lookup",), lookup=0)):
+                dict(warmup=-1), dict(lookup=-1), dict(lookup=99), dict(methods=("lookup",), lookup=0),
+                dict(cache_length=0), dict(cache_length="big"), dict(cache_length=True)):
         with pytest.raises(MedusaError):
             BenchConfig(**bad)
+
+
+def test_auto_cache_length_fits_every_first_turn_only_when_compiling(tiny_model_dir, questions_file):
+    model = MedusaModel.from_pretrained(str(tiny_model_dir))
+    questions = load_questions(questions_file)
+    assert resolve_cache_length(model, questions, BenchConfig()) is None  # not compiling: what each prompt needs
+    assert resolve_cache_length(model, questions, BenchConfig(cache_length=700)) == 700
+    longest = max(len(encode_turn(model, turn_messages(q, 0, []))) for q in questions)
+    compiled = BenchConfig(compile=True, max_new_tokens=16, lookup=5)
+    assert resolve_cache_length(model, questions, compiled) == longest + 16 + model.tree.size + 5
+    assert resolve_cache_length(model, questions, replace(compiled, cache_length=None)) is None
 
 
 def test_planned_runs_counts_warmup_and_second_turns(questions_file):

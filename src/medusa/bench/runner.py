@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -47,6 +47,9 @@ class BenchConfig:
     lookup: int = 10  # nodes of the lookup branch in medusa-lookup and lookup
     # Transformers' eager methods are slow: run them only on the first N questions of each category.
     transformers_limit: int | None = None
+    # Cache slots our decoders allocate at least: "auto" is enough for every first-turn prompt when
+    # compiling (one compilation per method instead of one per cache size), else just what each prompt needs.
+    cache_length: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         self.methods = tuple(self.methods)
@@ -69,6 +72,9 @@ class BenchConfig:
             raise MedusaError(f"transformers_limit must be a positive number of questions per category, got {limit!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise MedusaError(f"warmup must be 0 or more prompts, got {self.warmup!r}")
+        length = self.cache_length
+        if length not in ("auto", None) and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise MedusaError(f"cache_length must be a positive number of slots, 'auto' or None, got {length!r}")
 
     @property
     def reference(self) -> str:
@@ -123,6 +129,7 @@ class OurDecoder:
             cuda_graphs=config.cuda_graphs,
             compile=config.compile,
             lookup=config.lookup if lookup else 0,
+            cache_length=config.cache_length if isinstance(config.cache_length, int) else None,
         )
 
     def run(self, prompt_ids: list[int]) -> Sample:
@@ -267,6 +274,23 @@ def encode_turn(model: MedusaModel, messages: list[dict]) -> list[int]:
     return model.encode_prompt(messages_as_text(messages), chat_template=False).tolist()
 
 
+def resolve_cache_length(model: MedusaModel, questions: Sequence[Question], config: BenchConfig) -> int | None:
+    """``config.cache_length`` with "auto" made a number (or None).
+
+    Compiling specialises the step to its cache length, and a compilation takes far longer than a
+    generation, so when compiling "auto" sizes one cache for every first turn: the longest first-turn
+    prompt, the new tokens, and the largest tree (heads and lookup branch). Second turns that need more
+    still get a longer cache, compiled once for it.
+    """
+    if config.cache_length != "auto":
+        return config.cache_length
+    if not config.compile:
+        return None
+    longest = max(len(encode_turn(model, turn_messages(question, 0, []))) for question in questions)
+    largest_tree = (model.tree.size if model.heads is not None else 1) + config.lookup
+    return longest + config.max_new_tokens + largest_tree
+
+
 def run_benchmark(
     model: MedusaModel,
     questions: Sequence[Question],
@@ -280,6 +304,7 @@ def run_benchmark(
     """
     if not questions:
         raise MedusaError("no questions to run: check --categories and --limit")
+    config = replace(config, cache_length=resolve_cache_length(model, questions, config))
     methods = make_methods(model, config)
     report = progress or (lambda _: None)
     for question in questions[: config.warmup]:
@@ -319,6 +344,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "warmup_prompts": config.warmup,
         "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
+        "cache_length": config.cache_length,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
         "lookup_nodes": config.lookup if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
         "transformers_limit_per_category": config.transformers_limit,

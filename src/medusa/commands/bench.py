@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -24,7 +25,14 @@ from medusa.bench.report import (
     report_table,
     write_report,
 )
-from medusa.bench.runner import METHOD_NAMES, BenchConfig, describe_run, planned_runs, run_benchmark
+from medusa.bench.runner import (
+    METHOD_NAMES,
+    BenchConfig,
+    describe_run,
+    planned_runs,
+    resolve_cache_length,
+    run_benchmark,
+)
 from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.errors import MedusaError
@@ -57,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
     parser.add_argument("--compile", choices=("off", "on", "max-autotune"), default="off",
                         help="torch.compile our decoding step before capturing it (GPU)")
+    bench.add_argument("--cache-length", default="auto",
+                       help="cache slots our decoders allocate at least (auto: one size for every first-turn prompt "
+                            "when compiling, so each method compiles once; none: what each prompt needs)")
     parser.add_argument("--output-dir", default="bench-results", help="where the JSON, PNG and summary go")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     curve = parser.add_argument_group("cost curve (--cost-curve)")
@@ -90,11 +101,13 @@ def run(args: argparse.Namespace) -> int:
         prompt_lookup_num_tokens=args.prompt_lookup_tokens,
         lookup=args.lookup_nodes,
         transformers_limit=args.transformers_limit,
+        cache_length=_cache_length_setting(args.cache_length),
     )
     questions_file = Path(args.questions) if args.questions else default_questions_path()
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select_questions(load_questions(questions_file), categories, args.limit)
     model = load_model(args)
+    config = replace(config, cache_length=resolve_cache_length(model, questions, config))
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
@@ -208,6 +221,15 @@ def _sizes(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise MedusaError(f"--sizes takes comma-separated node counts such as 1,8,64, got {text!r}") from None
+
+
+def _cache_length_setting(value: str) -> int | str | None:
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        return int(value)
+    except ValueError:
+        raise MedusaError(f"--cache-length takes a number of slots, auto or none, got {value!r}") from None
 
 
 def _compile_setting(value: str) -> bool | str:
