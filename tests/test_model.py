@@ -279,3 +279,13 @@ def test_cache_length_sets_the_least_cache_a_decoder_gets(model):
 def test_cache_length_must_be_a_positive_integer(value):
     with pytest.raises(MedusaError, match=f"cache_length must be a positive number of slots or None, got {value!r}"):
         GenerationConfig(cache_length=value)
+
+
+def test_a_model_object_moves_to_the_dtype_and_device_asked_for():
+    base = make_tiny_model("llama", seed=3)
+    model = MedusaModel.from_pretrained(base, dtype="bfloat16", device="cpu", tree="8")
+    assert model.base_model.dtype == torch.bfloat16 and model.device.type == "cpu"
+    assert {p.dtype for p in model.heads.parameters()} == {torch.bfloat16}
+    assert len(model.generate([5, 6, 7], max_new_tokens=4, chat_template=False).token_ids) == 4
+    with pytest.raises(MedusaError, match="device_map applies when loading a model from a path"):
+        MedusaModel.from_pretrained(base, device_map="auto")

@@ -17,7 +17,7 @@ from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
-from medusa.loading import DEFAULT_MODEL_NAME, load_base_model
+from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
@@ -149,7 +149,13 @@ class MedusaModel(nn.Module):
         several; a model object passed in may come split already. Either way the heads go with the lm_head.
         """
         if isinstance(base, PreTrainedModel):
+            if device_map is not None:
+                raise MedusaError("device_map applies when loading a model from a path; place a model object yourself")
             base_model, name = base, getattr(base.config, "_name_or_path", None)
+            if device is not None or dtype is not None:  # asked for, so honoured: the model moves (in place)
+                target_device = resolve_device(device) if device is not None else None
+                target_dtype = resolve_dtype(dtype, target_device or model_device(base_model)) if dtype is not None else None
+                base_model.to(device=target_device, dtype=target_dtype)
         else:
             base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device, device_map=device_map)
             tokenizer = tokenizer or loaded_tokenizer
