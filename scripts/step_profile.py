@@ -1,4 +1,4 @@
-"""Where a decoding step's GPU time goes: kernels of one step, eager and compiled, grouped by kind.
+"""Where a decoding step's GPU time goes: the kernels of one step, eager or compiled, by GPU time.
 
 A diagnostic, not a benchmark: on a small model the step is bound by how many kernels it launches and
 how long the small ones take, so the question is which parts (the base model's matrix products,
@@ -97,22 +97,27 @@ def main() -> None:
                                       compile=compile_step, cache_length=args.cache_length)
             with attention():  # the backend is chosen when the step is traced and captured
                 decoder, graphed = model.make_decoder(prompt, config, tree)
-            step = graphed.step_function  # the compiled step when compiling (GraphedStep compiled it)
+            # the compiled step when compiling (GraphedStep compiled it); eager if capture failed (logged)
+            step = graphed.step_function if graphed else decoder.step
 
-            def rewound(step=step, decoder=decoder):
+            span = decoder.span_for(args.context)  # the attention span decoding uses at this context
+
+            def rewound(step=step, decoder=decoder, span=span):
                 decoder.length.fill_(args.context)
                 decoder.cache.set_length(decoder.length)
-                return step()
+                return step(span)
 
             with attention():
                 total_us, rows = kernel_table(rewound, args.repeats)
             graph_ms = replay_ms(lambda: (decoder.length.fill_(args.context), decoder.cache.set_length(decoder.length),
-                                          graphed()), 50) if graphed else None
-            result = {"nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa, "kernel_us_per_step": total_us,
+                                          graphed(span)), 50) if graphed else None
+            result = {"nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa, "attention_span": span,
+                      "kernel_us_per_step": total_us,
                       "kernels_per_step": sum(r["calls_per_step"] for r in rows), "graph_replay_ms": graph_ms,
                       "top": rows[: args.top]}
             results.append(result)
-            print(f"\n== {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}: graph replay {graph_ms} ms; "
+            print(f"\n== {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
+                  f"graph replay {graph_ms} ms; "
                   f"kernel time {total_us:.0f} us in {result['kernels_per_step']:.0f} kernels per step")
             for row in rows[: args.top]:
                 print(f"{row['us_per_step']:8.1f} us {row['calls_per_step']:6.1f}x  {row['kernel']}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -48,6 +49,29 @@ def test_commit_reads_every_source_before_writing():
     # Target 5 is also a source: it must get slot 5's old value moved to slot 4 ... and slot 8 to 5.
     cache.commit(torch.tensor([5, 8, 6]), torch.tensor(4))
     assert slot_values(cache) == [0, 1, 2, 3, 5, 8, 6, 7, 8, 9]
+
+
+def test_a_prefix_views_the_first_slots_and_shares_writes_and_lengths():
+    cache = filled_cache(num_layers=2, max_length=10)
+    cache.set_length(torch.tensor(3))
+    prefix = cache.prefix(6)
+    assert prefix.max_length == 6 and [layer.keys.shape[2] for layer in prefix.layers] == [6, 6]
+    assert slot_values(prefix, 1) == [100, 101, 102, 103, 104, 105]
+    # a write through the prefix lands in the whole cache, after the shared committed length
+    prefix.layers[1].update(torch.full((1, 2, 2, 3), 7.0), torch.full((1, 2, 2, 3), -7.0))
+    assert slot_values(cache, 1) == [100, 101, 102, 7, 7, 105, 106, 107, 108, 109]
+    assert cache.layers[1].values[0, 0, 3:5, 0].tolist() == [-7.0, -7.0]
+    cache.set_length(torch.tensor(2))
+    assert [int(layer.cumulative_length) for layer in prefix.layers] == [2, 2]
+    assert cache.prefix(10).max_length == 10
+
+
+def test_a_prefix_needs_buffers_and_must_fit():
+    with pytest.raises(ValueError, match="run the prefill first"):
+        MedusaCache(2, 10).prefix(5)
+    for length in (0, 11):
+        with pytest.raises(ValueError, match=f"a prefix of {length} slots does not fit a cache of 10"):
+            filled_cache().prefix(length)
 
 
 def test_set_length_applies_to_all_layers():

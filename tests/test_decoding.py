@@ -16,7 +16,7 @@ import torch
 
 from conftest import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
-from medusa.decoding import DecodingStats, MedusaDecoder, decode
+from medusa.decoding import DecodingStats, MedusaDecoder, attention_spans, decode
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree, default_tree
@@ -172,8 +172,11 @@ def oracle_run(
     seed: int = 0,
     num_heads: int = 4,
     continuation: list[int] | None = None,
+    span_step: int | None = None,
+    spare_slots: int = 0,
 ):
-    """Decode with the oracle; return (tokens, stats, decoder). ``continuation``: the base's greedy answer, if known."""
+    """Decode with the oracle; return (tokens, stats, decoder). ``continuation``: the base's greedy answer, if known;
+    ``span_step``: attention spans of that many slots; ``spare_slots``: cache slots beyond what is needed."""
     if continuation is None:
         continuation = plain_greedy(base, prompt, max_new_tokens + num_heads + 2)
     truth = prompt + list(continuation)
@@ -181,8 +184,9 @@ def oracle_run(
         MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=num_heads),
         base_lm_head=base.get_output_embeddings(),
     )
-    max_length = len(prompt) + max_new_tokens + tree.size
-    decoder = OracleDecoder(base, heads, tree, GreedyAcceptance(), max_length, truth=truth, seed=seed)
+    max_length = len(prompt) + max_new_tokens + tree.size + spare_slots
+    decoder = OracleDecoder(base, heads, tree, GreedyAcceptance(), max_length, span_step=span_step, truth=truth,
+                            seed=seed)
     stats = DecodingStats()
     tokens: list[int] = []
     for step in decode(decoder, torch.tensor(prompt), max_new_tokens, eos, stats):
@@ -265,6 +269,59 @@ def test_compacted_cache_equals_a_fresh_prefill(tiny_model):
     for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
         torch.testing.assert_close(layer.keys[:, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.values[:, :, :committed], fresh_layer.values, rtol=1e-4, atol=1e-5)
+
+
+# ----- attention spans: a step attends over the cache's first slots only ---------------------------
+
+
+def test_attention_spans_and_the_span_a_step_takes():
+    assert attention_spans(1000, 70, 256) == (256, 512, 768, 1000)
+    assert attention_spans(1000, 300, 256) == (512, 768, 1000)
+    assert attention_spans(1000, 70, None) == (1000,)
+    assert attention_spans(200, 70, 256) == (200,)
+    base = make_tiny_model("llama")
+    decoder = MedusaDecoder(base, None, Tree.from_paths([]), GreedyAcceptance(), 100, span_step=16)
+    assert decoder.spans == (16, 32, 48, 64, 80, 96, 100)  # one node, two warm-up steps: 3 slots fit in 16
+    assert [decoder.span_for(length) for length in (0, 15, 16, 50, 95, 99)] == [16, 16, 32, 64, 96, 100]
+    tree = default_tree(16)
+    decoder = MedusaDecoder(base, None, Tree.from_paths([]).with_lookup(5), GreedyAcceptance(), 100, span_step=16)
+    # a 5-node lookup chain: 6 nodes, and two warm-up steps of up to 6 committed slots each, need 18 slots
+    assert decoder.spans[0] == 32 and decoder.span_for(26) == 32 and decoder.span_for(27) == 48
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4))
+    decoder = MedusaDecoder(base, heads, tree, GreedyAcceptance(), 100, span_step=16)
+    # 16 nodes plus two warm-up steps of up to depth + 1 committed slots each must fit the first span
+    assert decoder.spans[0] == 32 and decoder.span_for(16) == 32 and decoder.span_for(17) == 48
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma", "mistral"])
+def test_oracle_with_short_attention_spans_stays_lossless(architecture):
+    """Spans of 16 slots: steps move through several spans, their K/V written through views of the cache."""
+    base = make_tiny_model(architecture)
+    prompt = random_prompts(1, seed=31)[0]
+    continuation = list(reference(architecture, tuple(prompt), 46))
+    tokens, stats, decoder = oracle_run(base, default_tree(16), prompt, 40, eos=set(), continuation=continuation,
+                                        span_step=16, spare_slots=50)
+    assert tokens == continuation[:40]
+    assert stats.mean_accepted > 2
+    assert len(decoder._span_caches) >= 2  # the steps used at least two spans short of the whole cache
+    committed = int(decoder.length)  # the last step may commit past the 40 tokens returned
+    sequence = torch.tensor([prompt + continuation])[:, :committed]
+    with torch.no_grad():
+        fresh = base(sequence, use_cache=True).past_key_values
+    for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
+        torch.testing.assert_close(layer.keys[:, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
+
+
+def test_a_long_cache_decodes_the_same_tokens_through_spans():
+    """A model's generation on a cache much longer than needed: its steps take short spans, same tokens."""
+    base = make_tiny_model("qwen2")
+    model = MedusaModel.from_pretrained(base, heads=MedusaHeadsConfig(
+        hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4), tree="16")
+    prompt = random_prompts(1, seed=5)[0]
+    decoder, _ = model.make_decoder(torch.tensor(prompt), GenerationConfig(max_new_tokens=24, cache_length=500))
+    assert decoder.spans == (256, 500) and decoder.span_for(len(prompt)) == 256
+    result = model.generate(prompt, max_new_tokens=24, cache_length=500)
+    assert result.token_ids == list(reference("qwen2", tuple(prompt), 24))
 
 
 # ----- sliding windows: the window is applied through the mask ------------------------------------

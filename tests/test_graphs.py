@@ -59,3 +59,15 @@ def test_greedy_replay_equals_eager_steps(model):
 def test_sampling_under_graphs_depends_on_the_seed(model):
     answers = {tuple(generate(model, temperature=1.0, acceptance="rejection", seed=seed)) for seed in range(4)}
     assert len(answers) == 4
+
+
+def test_each_attention_span_is_captured_and_decodes_as_eagerly(model):
+    """At least 600 slots: the pool's 768-slot bucket plus 64, so spans of 256, 512, 768 and 832 slots, one graph
+    each; a long answer crosses them."""
+    settings = dict(max_new_tokens=300, chat_template=False, cache_length=600)
+    decoder, step = model.make_decoder(torch.tensor(PROMPT, device="cuda"), GenerationConfig(**settings))
+    assert decoder.spans == (256, 512, 768, 832)
+    assert set(step.graphs) == set(decoder.spans)
+    graphed = model.generate(PROMPT, **settings)
+    assert graphed.token_ids == model.generate(PROMPT, cuda_graphs=False, **settings).token_ids
+    assert len(PROMPT) + graphed.stats.new_tokens > 256 or graphed.finish_reason == "stop"

@@ -32,6 +32,24 @@ class MedusaCache(Cache):
             else:
                 layer.cumulative_length = length.detach().clone()
 
+    def prefix(self, length: int) -> MedusaCache:
+        """A cache over the first ``length`` slots of this one: views of the same buffers, the same lengths.
+
+        A step whose tree ends before slot ``length`` can attend through it and read only those slots,
+        instead of every slot of the cache; what it writes lands in this cache's buffers. The buffers
+        must exist (they are allocated by the first forward pass, the prefill).
+        """
+        if not 0 < length <= self.max_length:
+            raise ValueError(f"a prefix of {length} slots does not fit a cache of {self.max_length}")
+        view = MedusaCache(len(self.layers), length)
+        for part, whole in zip(view.layers, self.layers):
+            if not whole.is_initialized:
+                raise ValueError("the cache has no buffers yet: run the prefill first")
+            part.__dict__.update({k: v for k, v in vars(whole).items() if k not in ("keys", "values", "max_cache_len")})
+            part.keys = whole.keys[:, :, :length]
+            part.values = whole.values[:, :, :length]
+        return view
+
     def commit(self, source_slots: torch.Tensor, target_start: torch.Tensor) -> None:
         """Copy the K/V at ``source_slots`` to the contiguous slots from ``target_start`` on.
 

@@ -23,6 +23,26 @@ from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
 from medusa.tree import Tree
 
 
+# Steps attend over the cache's first 256, 512, ... slots, the fewest that hold the tree: attention then
+# reads the text so far, not every preallocated slot (each span is its own CUDA graph).
+ATTENTION_SPAN_STEP = 256
+# Cache slots a CUDA-graph capture's warm-up steps may advance through, per step (graphs.WARMUP_STEPS of them).
+WARMUP_STEPS = 2
+
+
+def warmup_advance(tree: Tree) -> int:
+    """Slots the warm-up steps before a capture may commit, from slot 0."""
+    return WARMUP_STEPS * (tree.max_depth + 1)
+
+
+def attention_spans(max_length: int, least: int, step: int | None) -> tuple[int, ...]:
+    """Multiples of ``step`` from ``least`` up, then ``max_length`` (only that without a step)."""
+    if step is None:
+        return (max_length,)
+    first = -(-least // step) * step
+    return (*range(first, max_length, step), max_length)
+
+
 @dataclass
 class StepOutput:
     tokens: list[int]  # the tokens this step commits, after EOS / length truncation
@@ -64,6 +84,7 @@ class MedusaDecoder:
         acceptance: AcceptanceScheme,
         max_length: int,
         lookup_ngram: int = DEFAULT_MAX_NGRAM,
+        span_step: int | None = ATTENTION_SPAN_STEP,
     ) -> None:
         if heads is None and tree.paths:
             raise ValueError("decoding without heads needs a tree without head paths (the root, or a lookup chain)")
@@ -87,15 +108,31 @@ class MedusaDecoder:
         # The text so far (prompt and committed tokens), for the tree's lookup branch; kept only if it has one.
         self.lookup_ngram = lookup_ngram
         self.history = torch.zeros(max_length if tree.lookup else 0, dtype=torch.long, device=self.device)
+        self.spans = attention_spans(max_length, tree.size + warmup_advance(tree), span_step)
+        self._span_caches: dict[int, MedusaCache] = {}
 
-    def _forward(self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def span_for(self, length: int) -> int:
+        """The shortest attention span that holds a step's tree written at slot ``length`` (host-side)."""
+        end = length + self.tree.size
+        return next((span for span in self.spans if span >= end), self.max_length)
+
+    def _cache_over(self, span: int) -> MedusaCache:
+        if span == self.max_length:
+            return self.cache
+        if span not in self._span_caches:
+            self._span_caches[span] = self.cache.prefix(span)
+        return self._span_caches[span]
+
+    def _forward(
+        self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...], cache: MedusaCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
         output = self.base(
             input_ids=input_ids[None],
             position_ids=query_positions[None],
             attention_mask=mask,
-            past_key_values=self.cache,
+            past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
         )
@@ -111,7 +148,7 @@ class MedusaDecoder:
         self.length.zero_()
         self.cache.set_length(self.length)
         visibility = chunk_visibility(self.length, prompt_ids.numel(), self.max_length)
-        logits, hidden = self._forward(prompt_ids, visibility)
+        logits, hidden = self._forward(prompt_ids, visibility, self.cache)
         self.length.fill_(prompt_ids.numel())
         self.cache.set_length(self.length)
         if self.tree.lookup:
@@ -134,15 +171,17 @@ class MedusaDecoder:
             return candidates[0]
         return torch.cat(candidates)[self.tree.candidate_index]
 
-    def step(self) -> torch.Tensor:
+    def step(self, span: int | None = None) -> torch.Tensor:
         """One propose/verify/accept/commit, all on the device (capturable as a CUDA graph).
 
-        Returns ``[1 + depth + 1]``: how many tokens the step commits, then the chosen path's tokens
-        (only that many of them count).
+        ``span``: attend over only the first ``span`` cache slots (one of ``spans``, at least
+        ``span_for(length)``; None: all of them). Returns ``[1 + depth + 1]``: how many tokens the step
+        commits, then the chosen path's tokens (only that many of them count).
         """
+        span = span or self.max_length
         tree_tokens = self.propose()
-        visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, self.max_length)
-        logits, hidden = self._forward(tree_tokens, visibility)
+        visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, span)
+        logits, hidden = self._forward(tree_tokens, visibility, self._cache_over(span))
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         self.cache.commit(self.length + verdict.path, self.length)
         if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
@@ -164,16 +203,18 @@ def decode(
     max_new_tokens: int,
     eos_token_ids: set[int],
     stats: DecodingStats,
-    step: Callable[[], torch.Tensor] | None = None,
+    step: Callable[[int], torch.Tensor] | None = None,
     seed: int | None = None,
 ) -> Iterator[StepOutput]:
     """Yield each step's committed tokens until EOS or ``max_new_tokens``; fills ``stats`` as it goes.
 
     The caller may stop iterating early (stop strings, a client gone); the decoder is then simply dropped.
-    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say). ``seed`` makes sampling reproducible.
+    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say) and takes the same attention span.
+    ``seed`` makes sampling reproducible.
     """
     step = step or decoder.step
     started = time.perf_counter()
+    length = prompt_ids.numel()  # committed slots, known on the host from the counts each step returns
     # Inference mode is entered per call, not across the yields, so it never leaks into the caller.
     with torch.inference_mode():
         decoder.prefill(prompt_ids, seed)
@@ -186,8 +227,9 @@ def decode(
     while stats.new_tokens < max_new_tokens:
         with torch.inference_mode():
             # The one host sync of the step: how many tokens were accepted, and which.
-            values = step().tolist()
+            values = step(decoder.span_for(length)).tolist()
         accepted, tokens = values[0], values[1 : 1 + values[0]]
+        length += accepted
         tokens = tokens[: max_new_tokens - stats.new_tokens]
         for index, token in enumerate(tokens):
             if token in eos_token_ids:

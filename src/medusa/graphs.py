@@ -2,8 +2,8 @@
 
 A Medusa step is dozens of small kernels per layer; launched one by one from Python the GPU idles
 between them and a 135M or even 7B model runs CPU-bound. The step has static shapes (fixed tree,
-preallocated cache, state in fixed buffers), so it is captured once per (cache length, tree) and
-replayed. Prefill stays eager: it runs once per generation.
+preallocated cache, state in fixed buffers), so it is captured once per (cache length, tree, attention
+span) and replayed. Prefill stays eager: it runs once per generation.
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-from medusa.decoding import MedusaDecoder
+from medusa.decoding import WARMUP_STEPS, MedusaDecoder
 
 logger = logging.getLogger("medusa")
 
 CACHE_BUCKET = 256  # cache lengths are rounded up to this, so one capture serves many prompts
-WARMUP_STEPS = 2
 
 
 class GraphedStep:
-    """``decoder.step`` captured as a CUDA graph; calling it replays the graph on the decoder's buffers.
+    """``decoder.step`` captured as CUDA graphs, one per attention span; calling it replays the span's graph
+    on the decoder's buffers.
 
-    The decoder must be prefilled (its cache allocated). Warm-up steps advance its state, so prefill
-    again before decoding for real.
+    The decoder must be prefilled (its cache allocated). Capturing rewinds and advances its state, so
+    prefill again before decoding for real. The graphs share one memory pool: they never run at once.
     """
 
     def __init__(self, decoder: MedusaDecoder, compile_step: bool | str = False) -> None:
@@ -37,28 +37,37 @@ class GraphedStep:
         if compile_step:
             options = {"coordinate_descent_tuning": True, "max_autotune": compile_step == "max-autotune"}
             step = torch.compile(decoder.step, dynamic=False, options=options)
-        self.step_function = step  # what the graph captured (compiled or not), for profiling it uncaptured
+        self.step_function = step  # what the graphs captured (compiled or not), for profiling it uncaptured
+        self.decoder = decoder
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        for span in decoder.spans:
+            self._capture(step, span, pool)
+
+    def _capture(self, step: Callable[[int], torch.Tensor], span: int, pool: tuple) -> None:
+        decoder = self.decoder
         side = torch.cuda.Stream(decoder.device)
         side.wait_stream(torch.cuda.current_stream(decoder.device))
         with torch.cuda.stream(side), torch.inference_mode():
+            # From slot 0, so that the warm-up steps' trees stay inside the span (decoder.spans allows for them).
+            decoder.length.zero_()
+            decoder.cache.set_length(decoder.length)
             for _ in range(WARMUP_STEPS):
-                step()
+                step(span)
         torch.cuda.current_stream(decoder.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         # Sampling draws from the decoder's own seeded generator, not the device's default one; a graph may
         # only use a generator registered with it, whose offset then advances on every replay.
-        self.graph.register_generator_state(decoder.generator)
-        with torch.inference_mode(), torch.cuda.graph(self.graph):
-            self.output = step()
+        graph.register_generator_state(decoder.generator)
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+            self.outputs[span] = step(span)
+        self.graphs[span] = graph
 
-    def __call__(self) -> torch.Tensor:
-        self.graph.replay()
-        return self.output
-
-
-def warmup_slots(decoder: MedusaDecoder) -> int:
-    """Cache slots the capture's warm-up steps may advance through."""
-    return WARMUP_STEPS * (decoder.tree.max_depth + 1)
+    def __call__(self, span: int | None = None) -> torch.Tensor:
+        span = span or self.decoder.max_length
+        self.graphs[span].replay()
+        return self.outputs[span]
 
 
 class DecoderPool:
@@ -87,7 +96,7 @@ class DecoderPool:
         if full_key in self.entries:
             self.entries.move_to_end(full_key)
             return self.entries[full_key]
-        decoder = build(bucket + 64)  # room for the warm-up steps of a capture
+        decoder = build(bucket + 64)  # room for a capture's warm-up steps, which run from slot 0
         step = None
         if use_graphs and decoder.device.type == "cuda" and key not in self.refused:
             step = self._capture(decoder, prompt_ids, key, compile_step)

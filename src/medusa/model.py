@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
 from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
-from medusa.decoding import DecodingStats, MedusaDecoder, decode, model_device
+from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
@@ -273,8 +273,11 @@ class MedusaModel(nn.Module):
         needed = max(prompt_ids.numel() + config.max_new_tokens + tree.size, config.cache_length or 0)
         acceptance = config.acceptance_scheme()
 
+        # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
+        span_step = None if config.compile else ATTENTION_SPAN_STEP
+
         def build(max_length: int) -> MedusaDecoder:
-            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram)
+            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram, span_step)
 
         if self.device.type != "cuda":
             return build(needed), None

@@ -141,7 +141,11 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> list
     generation = GenerationConfig(max_new_tokens=1, use_heads=use_heads, cuda_graphs=config.cuda_graphs,
                                   compile=config.compile)
     decoder, graphed = model.make_decoder(prompt, generation, tree)
-    step = graphed or decoder.step
+    span = decoder.span_for(config.context)  # the attention span decoding would use at this context
+    replay = graphed or decoder.step
+
+    def step() -> torch.Tensor:
+        return replay(span)
 
     def rewind() -> None:  # back to the same context, so every timed step does the same work
         decoder.length.fill_(config.context)
