@@ -196,6 +196,9 @@ def test_merging_refuses_overlaps_and_other_setups():
     with pytest.raises(ValueError, match="differ in lookup_nodes"):
         merge_reports([build_report(dict(META, lookup_nodes=10), records[:2], METHODS),
                        build_report(dict(META, lookup_nodes=4), records[2:], METHODS)])
+    with pytest.raises(ValueError, match="differ in compile"):  # a compiled part is faster: not one setup
+        merge_reports([build_report(dict(META, compile=True), records[:2], METHODS),
+                       build_report(dict(META, compile=False), records[2:], METHODS)])
 
 
 def test_answer_agreement_between_two_runs_kept_with_their_tokens():

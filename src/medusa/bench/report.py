@@ -244,7 +244,7 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     first = reports[0]
     for report in reports:
         validate_report(report)
-    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads", "lookup_nodes")
+    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads", "lookup_nodes", "cuda_graphs", "compile")
     for report in reports[1:]:
         differing = [key for key in same if report["meta"].get(key) != first["meta"].get(key)]
         if differing:
