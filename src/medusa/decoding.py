@@ -26,7 +26,7 @@ from medusa.tree import Tree
 # Steps attend over the cache's first 256, 512, ... slots, the fewest that hold the tree: attention then
 # reads the text so far, not every preallocated slot (each span is its own CUDA graph).
 ATTENTION_SPAN_STEP = 256
-# Cache slots a CUDA-graph capture's warm-up steps may advance through, per step (graphs.WARMUP_STEPS of them).
+# Eager steps a CUDA-graph capture runs first (graphs.GraphedStep), from slot 0: every span leaves room for them.
 WARMUP_STEPS = 2
 
 
@@ -185,8 +185,8 @@ class MedusaDecoder:
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         self.cache.commit(self.length + verdict.path, self.length)
         if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
-            span = torch.arange(verdict.path.numel(), device=self.device)
-            slots = (self.length + span).clamp(max=self.history.numel() - 1)
+            offsets = torch.arange(verdict.path.numel(), device=self.device)
+            slots = (self.length + offsets).clamp(max=self.history.numel() - 1)
             self.history.index_copy_(0, slots, tree_tokens[verdict.path])
         count = verdict.accepted.view(1) + 1
         self.length += count[0]

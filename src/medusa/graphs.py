@@ -78,7 +78,7 @@ class DecoderPool:
 
     def __init__(self, capacity: int = 3) -> None:
         self.capacity = capacity
-        self.entries: OrderedDict[Hashable, tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]] = OrderedDict()
+        self.entries: OrderedDict[Hashable, tuple[MedusaDecoder, GraphedStep | None]] = OrderedDict()
         self.refused: set[Hashable] = set()
 
     def acquire(
@@ -89,7 +89,7 @@ class DecoderPool:
         prompt_ids: torch.Tensor,
         use_graphs: bool,
         compile_step: bool | str = False,
-    ) -> tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]:
+    ) -> tuple[MedusaDecoder, GraphedStep | None]:
         """A decoder with at least ``needed_length`` slots, and its graphed step when capture is on and works."""
         bucket = -(-needed_length // CACHE_BUCKET) * CACHE_BUCKET
         full_key = (key, bucket, use_graphs, compile_step)
@@ -107,7 +107,7 @@ class DecoderPool:
 
     def _capture(
         self, decoder: MedusaDecoder, prompt_ids: torch.Tensor, key: Hashable, compile_step: bool | str
-    ) -> Callable[[], torch.Tensor] | None:
+    ) -> GraphedStep | None:
         try:
             with torch.inference_mode():
                 decoder.prefill(prompt_ids)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, Accept
 from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
 from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device
 from medusa.errors import MedusaError
-from medusa.graphs import DecoderPool
+from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
@@ -263,7 +263,7 @@ class MedusaModel(nn.Module):
 
     def make_decoder(
         self, prompt_ids: torch.Tensor, config: GenerationConfig, tree: Tree | None = None
-    ) -> tuple[MedusaDecoder, Callable[[], torch.Tensor] | None]:
+    ) -> tuple[MedusaDecoder, GraphedStep | None]:
         """A decoder for this prompt, and its CUDA-graph step when on a GPU (None: step eagerly).
 
         On the CPU every generation gets a fresh decoder of the exact length; on a GPU decoders and
