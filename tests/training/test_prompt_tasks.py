@@ -9,7 +9,9 @@ import pytest
 from medusa.cli import main
 from medusa.errors import MedusaError
 from medusa.training.data import read_prompts
-from medusa.training.prompt_tasks import TASKS, PromptTaskConfig, clean_document, make_prompts
+from medusa.training.prompt_tasks import (
+    ARTICLE, TASKS, TOPIC_TEMPLATES, PromptTaskConfig, clean_document, default_topics_path, make_prompts, read_topics,
+)
 
 POOL = [
     {"question": "Tom has 3 apples and buys 4 more. How many now?",
@@ -101,3 +103,68 @@ def test_cli_writes_the_file_and_never_overwrites_one(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     assert out.read_text() == "precious\n"
     assert not list(out.parent.glob(".*.tmp"))
+
+
+# ----- topic prompts ----------------------------------------------------------------------------------
+
+
+def write_topics(tmp_path, *topics):
+    path = tmp_path / "topics.txt"
+    path.write_text("# a comment\n\n" + "\n".join(topics) + "\n")
+    return path
+
+
+def test_topic_tasks_need_no_pool_and_fill_every_template_with_a_listed_topic(tmp_path):
+    topics = write_topics(tmp_path, "volcanoes", "tea", "chess")
+    result = make_prompts(PromptTaskConfig(data=[], count=12, tasks=("ask", "instruct", "article"), topics=str(topics)))
+    assert [p["task"] for p in result.prompts] == ["ask", "instruct", "article"] * 4
+    texts = [p["prompt"] for p in result.prompts]
+    assert len(set(texts)) == 12  # distinct pairings, never a repeat
+    for prompt in result.prompts:
+        text = prompt["prompt"]
+        assert "{" not in text and text[0].isupper()
+        assert any(topic in text.lower() for topic in ("volcanoes", "tea", "chess")), text
+        templates = TOPIC_TEMPLATES[prompt["task"]]
+        assert any(text.lower().startswith(t.split("{")[0].lower()) for t in templates), text
+    again = make_prompts(PromptTaskConfig(data=[], count=12, tasks=("ask", "instruct", "article"), topics=str(topics)))
+    assert again.prompts == result.prompts
+
+
+def test_the_packaged_topics_are_read_without_comments():
+    topics = read_topics(default_topics_path())
+    assert len(topics) > 200 and "photosynthesis" in topics
+    assert not any(topic.startswith("#") or not topic for topic in topics)
+
+
+def test_topic_and_document_tasks_mix(tmp_path):
+    path = write_pool(tmp_path)
+    result = make_prompts(config(path, tasks=("summarize", "ask"), count=4, topics=str(write_topics(tmp_path, "tea", "chess"))))
+    assert [p["task"] for p in result.prompts] == ["summarize", "ask"] * 2
+    assert result.sources == 3
+
+
+def test_asking_more_topic_prompts_than_pairings_exist_is_refused(tmp_path):
+    topics = write_topics(tmp_path, "tea", "chess")
+    with pytest.raises(MedusaError, match=rf"200 'article' prompts asked for, but {len(ARTICLE)} templates x 2 topics make only {2 * len(ARTICLE)}"):
+        make_prompts(PromptTaskConfig(data=[], count=200, tasks=("article",), topics=str(topics)))
+
+
+@pytest.mark.parametrize("contents, message", [
+    (None, "topics file .* does not exist"),
+    ("# only a comment\ntea\n", "holds 1 topic\\(s\\); topic prompts need at least 2"),
+])
+def test_bad_topics_files_are_refused(tmp_path, contents, message):
+    path = tmp_path / "topics.txt"
+    if contents is not None:
+        path.write_text(contents)
+    with pytest.raises(MedusaError, match=message):
+        make_prompts(PromptTaskConfig(data=[], count=2, tasks=("ask",), topics=str(path)))
+
+
+def test_document_tasks_without_a_pool_are_refused_by_the_cli(tmp_path, capsys):
+    out = tmp_path / "prompts.jsonl"
+    assert main(["prompts", "--tasks", "ask,summarize", "--output", str(out), "--count", "4"]) == 2
+    assert "tasks summarize need --data" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["prompts", "--tasks", "ask,article", "--output", str(out), "--count", "4"]) == 0
+    assert [json.loads(line)["task"] for line in out.read_text().splitlines()] == ["ask", "article"] * 2

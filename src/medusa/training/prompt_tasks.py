@@ -7,6 +7,12 @@ ready-made documents: wrapping them in a few task templates gives long, copy-hea
 self-distillation without taking any text from an evaluation set. Only the prompts are used; the
 base model writes the answers (``medusa distill``).
 
+Topic prompts (``ask``, ``instruct``, ``article``) need no pool: templates over a list of everyday
+subjects (``medusa/assets/topics.txt``) give questions, writing tasks and articles on far broader ground
+than a pool of math, code and role-play prompts. The base model was tried as the writer of such prompts
+and failed (asked for a question, it offers to answer one), so templates write them. Distilled answers
+to ``article`` and ``ask`` prompts then serve as documents for the document tasks in a second round.
+
 The output is deterministic for a seed, so a rerun of the pipeline makes the same prompts and
 distillation resumes on them.
 """
@@ -43,7 +49,50 @@ CONTEXT_QA = (
     "Use the following passages to answer the question at the end.",
     "Read the documents and answer the question. Base your answer on the documents.",
 )
-TASKS = ("summarize", "key-points", "rewrite", "context-qa")
+TASKS = ("summarize", "key-points", "rewrite", "context-qa")  # over a pool's documents
+
+# Topic prompts: {topic} is a subject, {other} a second one.
+ASK = (
+    "What is {topic}?",
+    "How does {topic} work?",
+    "Why is {topic} important?",
+    "Can you explain {topic} in simple terms?",
+    "What is the history of {topic}?",
+    "What are common misconceptions about {topic}?",
+    "How has {topic} changed over the last hundred years?",
+    "What are the advantages and disadvantages of {topic}?",
+    "Who are some of the most important people connected with {topic}?",
+    "I want to learn about {topic}. Where should a beginner start?",
+    "What is the difference between {topic} and {other}?",
+    "Give me three interesting facts about {topic}.",
+    "What questions about {topic} are still open today?",
+    "How would you describe {topic} to someone who has never heard of it?",
+)
+INSTRUCT = (
+    "Write a short poem about {topic}.",
+    "Write a persuasive paragraph arguing that {topic} deserves more attention.",
+    "Write an email to a friend telling them about {topic}.",
+    "Write a short story in which {topic} plays a central role.",
+    "Pretend you are a teacher and explain {topic} to a class of ten-year-olds.",
+    "Write the introduction of a blog post about {topic}.",
+    "Describe {topic} as if you were a tour guide.",
+    "Write a dialogue between two people discussing {topic}.",
+    "Give five tips for someone who wants to get started with {topic}.",
+    "Write a product description for a book about {topic}.",
+    "Summarize the main debates around {topic} in a balanced way.",
+    "Create a short quiz with three questions about {topic}, with the answers.",
+    "Write a short speech for a school event about {topic}.",
+    "Explain how {topic} and {other} are related, if at all.",
+)
+ARTICLE = (
+    "Write a short news article about {topic}.",
+    "Write an encyclopedia-style entry about {topic}.",
+    "Write a report on recent developments in {topic}.",
+    "Write an informative essay about {topic}.",
+    "Write a magazine feature about {topic}.",
+)
+TOPIC_TEMPLATES = {"ask": ASK, "instruct": INSTRUCT, "article": ARTICLE}
+ALL_TASKS = TASKS + tuple(TOPIC_TEMPLATES)
 
 _CALCULATOR = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations
 _FINAL = re.compile(r"\n?#### *(.+)\s*$")  # GSM8K's final-answer line
@@ -58,22 +107,44 @@ class Source:
     where: str
 
 
+def default_topics_path() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "topics.txt"
+
+
+def read_topics(path: str | Path) -> list[str]:
+    """One subject per line; blank lines and ``#`` comments are skipped, repeats kept once."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedusaError(f"topics file {path} does not exist")
+    topics = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        topic = line.strip()
+        if topic and not topic.startswith("#") and topic not in topics:
+            topics.append(topic)
+    if len(topics) < 2:
+        raise MedusaError(f"topics file {path} holds {len(topics)} topic(s); topic prompts need at least 2")
+    return topics
+
+
 @dataclass
 class PromptTaskConfig:
     data: list[str]
     count: int
     tasks: tuple[str, ...] = TASKS
+    topics: str | None = None  # topic tasks: a file of subjects, one per line (default: the packaged list)
     documents_per_question: int = 3  # context-qa: the right document among this many
     min_document_chars: int = 200  # shorter answers make poor documents
     max_prompt_chars: int = 4000  # about 1000 tokens for English text
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = [task for task in self.tasks if task not in TASKS]
+        unknown = [task for task in self.tasks if task not in ALL_TASKS]
         if unknown:
-            raise MedusaError(f"unknown prompt task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+            raise MedusaError(f"unknown prompt task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
         if not self.tasks:
             raise MedusaError("no prompt tasks given")
+        if not self.data and any(task in TASKS for task in self.tasks):
+            raise MedusaError(f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)")
         if self.count < 1:
             raise MedusaError(f"--count must be at least 1, got {self.count}")
         if self.max_prompt_chars < 400:
@@ -138,20 +209,48 @@ def _context_qa_prompt(rng: random.Random, sources: list[Source], documents: int
     return f"{instruction}\n\n{body}\n\nQuestion: {question}"
 
 
-def make_prompts(config: PromptTaskConfig) -> PromptTaskResult:
-    """``config.count`` prompts, the tasks taking turns, from the pool's documents."""
-    sources, skipped = read_sources(config.data, config.min_document_chars)
-    if len(sources) < config.documents_per_question:
+def topic_prompts(task: str, topics: list[str], count: int, rng: random.Random) -> list[str]:
+    """``count`` distinct prompts of a topic task: every template and subject pairing, in a seeded order."""
+    pairs = [(template, topic) for template in TOPIC_TEMPLATES[task] for topic in topics]
+    if count > len(pairs):
         raise MedusaError(
-            f"{', '.join(map(str, config.data))}: {len(sources)} records have an answer of at least "
-            f"{config.min_document_chars} characters; context prompts need at least {config.documents_per_question}"
+            f"{count} '{task}' prompts asked for, but {len(TOPIC_TEMPLATES[task])} templates x {len(topics)} topics "
+            f"make only {len(pairs)} distinct ones; lower --count or give more --topics"
         )
+    rng.shuffle(pairs)
+    prompts = []
+    for template, topic in pairs[:count]:
+        other = rng.choice([t for t in topics if t != topic]) if "{other}" in template else ""
+        text = template.format(topic=topic, other=other)
+        prompts.append(text[0].upper() + text[1:])
+    return prompts
+
+
+def make_prompts(config: PromptTaskConfig) -> PromptTaskResult:
+    """``config.count`` prompts, the tasks taking turns: document tasks from the pool, topic tasks from templates."""
     rng = random.Random(config.seed)
-    result = PromptTaskResult(sources=len(sources), skipped=skipped)
+    result = PromptTaskResult()
+    sources: list[Source] = []
+    if any(task in TASKS for task in config.tasks):
+        sources, result.skipped = read_sources(config.data, config.min_document_chars)
+        result.sources = len(sources)
+        if len(sources) < config.documents_per_question:
+            raise MedusaError(
+                f"{', '.join(map(str, config.data))}: {len(sources)} records have an answer of at least "
+                f"{config.min_document_chars} characters; context prompts need at least {config.documents_per_question}"
+            )
+    per_task = {task: len(range(number, config.count, len(config.tasks))) for number, task in enumerate(config.tasks)}
+    topical = {}
+    if any(task in TOPIC_TEMPLATES for task in config.tasks):
+        topics = read_topics(config.topics or default_topics_path())
+        topical = {task: iter(topic_prompts(task, topics, per_task[task], rng))
+                   for task in config.tasks if task in TOPIC_TEMPLATES}
     templates = {"summarize": SUMMARISE, "key-points": KEY_POINTS, "rewrite": REWRITE}
     for number in range(config.count):
         task = config.tasks[number % len(config.tasks)]
-        if task == "context-qa":
+        if task in topical:
+            text = next(topical[task])
+        elif task == "context-qa":
             text = _context_qa_prompt(rng, sources, config.documents_per_question, config.max_prompt_chars)
         else:
             text = _document_prompt(rng, sources, templates[task], config.max_prompt_chars)
