@@ -40,7 +40,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert (directory / "plots" / "accept_length.png").stat().st_size > 0
     assert (directory / f"plots/tree_{tree.size}.png").is_file()
 
-    curve = directory / "cost.json"
+    curve = directory / "curves" / "cost.json"  # a folder that does not exist yet is made, not a crash after timing
     assert main(["tree", "tune", *common, "--sizes", "1,2,4", "--context", "8", "--steps", "2", "--repeats", "1",
                  "--save-cost-curve", str(curve), "--plot-dir", str(directory / "plots")]) == 0
     out = capsys.readouterr().out

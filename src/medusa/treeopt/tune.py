@@ -38,7 +38,9 @@ class CostCurve:
         return {"device": self.device, "points": [{"nodes": n, "seconds": s} for n, s in sorted(self.points.items())]}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a measured curve took minutes: never lose it to a missing folder
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "CostCurve":
