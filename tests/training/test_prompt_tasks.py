@@ -76,6 +76,7 @@ def test_same_seed_same_prompts_other_seed_other_prompts(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     ({"tasks": ("summarize", "poem")}, "unknown prompt task(s) poem"),
     ({"tasks": ()}, "no prompt tasks"),
+    ({"tasks": ("summarize", "summarize")}, "prompt task(s) summarize given more than once"),
     ({"count": 0}, "--count must be at least 1"),
     ({"documents_per_question": 0}, "documents per question must be at least 1"),
     ({"max_prompt_chars": 100}, "--max-prompt-chars must be at least 400"),

@@ -11,7 +11,7 @@ Topic prompts (``ask``, ``instruct``, ``article``) need no pool: templates over 
 subjects (``medusa/assets/topics.txt``) give questions, writing tasks and articles on far broader ground
 than a pool of math, code and role-play prompts. The base model was tried as the writer of such prompts
 and failed (asked for a question, it offers to answer one), so templates write them. Distilled answers
-to ``article`` and ``ask`` prompts then serve as documents for the document tasks in a second round.
+to topic prompts then serve as documents for the document tasks in a second round.
 
 The output is deterministic for a seed, so a rerun of the pipeline makes the same prompts and
 distillation resumes on them.
@@ -143,6 +143,9 @@ class PromptTaskConfig:
             raise MedusaError(f"unknown prompt task(s) {', '.join(unknown)}; choose from {', '.join(ALL_TASKS)}")
         if not self.tasks:
             raise MedusaError("no prompt tasks given")
+        repeated = sorted({task for task in self.tasks if self.tasks.count(task) > 1})
+        if repeated:
+            raise MedusaError(f"prompt task(s) {', '.join(repeated)} given more than once")
         if not self.data and any(task in TASKS for task in self.tasks):
             raise MedusaError(f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)")
         if self.count < 1:
