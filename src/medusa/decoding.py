@@ -108,6 +108,8 @@ class MedusaDecoder:
         # The text so far (prompt and committed tokens), for the tree's lookup branch; kept only if it has one.
         self.lookup_ngram = lookup_ngram
         self.history = torch.zeros(max_length if tree.lookup else 0, dtype=torch.long, device=self.device)
+        # Offsets of a path's nodes from the committed length (a verdict's path is always max_depth + 1 long).
+        self.path_offsets = torch.arange(self.tree.max_depth + 1, device=self.device)
         self.spans = attention_spans(max_length, tree.size + warmup_advance(tree), span_step)
         self._span_caches: dict[int, MedusaCache] = {}
 
@@ -185,8 +187,7 @@ class MedusaDecoder:
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         self.cache.commit(self.length + verdict.path, self.length)
         if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
-            offsets = torch.arange(verdict.path.numel(), device=self.device)
-            slots = (self.length + offsets).clamp(max=self.history.numel() - 1)
+            slots = (self.length + self.path_offsets).clamp(max=self.history.numel() - 1)
             self.history.index_copy_(0, slots, tree_tokens[verdict.path])
         count = verdict.accepted.view(1) + 1
         self.length += count[0]
