@@ -219,3 +219,73 @@ def test_walk_positions_are_capped_and_runs_follow_the_answers():
                 break
             counts[tuple(row[: depth + 1])] += 1
     assert dict(counts) == full.path_counts
+
+
+def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
+    """The profile's lookup depths are the decoder's own lookup guesses: the walk taking the longer of the
+    heads' path and the chain gives decoding's accepted tokens, step by step."""
+    model = make_tiny_model("llama", seed=1)
+    heads = fresh_heads(model, 3)
+    medusa = MedusaModel(model, None, heads)
+    # repeats in the prompts give the lookup something to copy; the tiny model's greedy answers loop too
+    prompts = ([5, 9, 17, 33, 5, 9, 17], [100, 7, 7, 7, 200, 12, 100, 7], [40, 41, 42, 40, 41])
+    examples = []
+    for prompt in prompts:
+        answer = greedy_continuation(model, prompt, 96)
+        examples.append(Example(prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    profile = profile_heads(model, heads, examples, topk=4, chunk=16)
+    walk = profile.position_ranks
+    assert walk.lookup is not None and walk.lookup.shape == (walk.positions,)
+    heads_only = Tree.from_paths([[0], [1], [0, 0]])
+    for lookup in (3, 10):
+        tree = heads_only.with_lookup(lookup)
+        depths = np.maximum(accepted_depths(walk.ranks, tree.paths, 4), np.minimum(walk.lookup, lookup))
+        assert (np.minimum(walk.lookup, lookup) > accepted_depths(walk.ranks, tree.paths, 4)).any()  # the chain matters
+        start = 0
+        for prompt, length in zip(prompts, walk.segments.tolist()):
+            # near its end the answer cannot confirm a long chain that decoding (writing on) accepts
+            t, walked = start, []
+            while t < start + length - lookup:
+                walked.append(1 + int(depths[t]))
+                t += walked[-1]
+            start += length
+            stats = DecodingStats()
+            ids = torch.tensor(prompt)
+            decoder, _ = medusa.make_decoder(ids, GenerationConfig(max_new_tokens=96, chat_template=False, lookup=lookup), tree)
+            for _ in decode(decoder, ids, 96, set(), stats):
+                pass
+            assert len(walked) > 8 and stats.accepted_per_step[: len(walked)] == walked, lookup
+        tokens, steps = walk_steps(depths, walk.segments)
+        assert expected_length(profile, tree, "walk") == pytest.approx(tokens[0] / steps[0])
+        greedy = build_tree(profile, 4, "walk").with_lookup(lookup)
+        assert expected_lengths(profile, [4], "walk", lookup=lookup)[4] == pytest.approx(expected_length(profile, greedy, "walk"))
+        assert expected_length(profile, tree, "walk") > expected_length(profile, heads_only, "walk")
+
+
+def test_lookup_depths_round_trip_and_profiles_without_them_refuse_a_lookup_branch(tmp_path):
+    profile = clustered_profile(positions=2000)
+    rng = np.random.default_rng(3)
+    profile.position_ranks.lookup = rng.integers(0, 25, size=2000).astype(np.uint8)
+    profile.save(tmp_path / "profile.json")
+    loaded = HeadProfile.load(tmp_path / "profile.json")
+    assert np.array_equal(loaded.position_ranks.lookup, profile.position_ranks.lookup)
+    assert loaded.position_ranks.lookup_ngram == 3
+    tree = build_tree(profile, 8, "walk").with_lookup(5)
+    assert expected_length(loaded, tree, "walk") == expected_length(profile, tree, "walk")
+    with pytest.raises(MedusaError, match="only be estimated by the walk estimate"):
+        expected_length(profile, tree, "joint")
+
+    raw = json.loads((tmp_path / "profile.json").read_text())
+    broken = json.loads(json.dumps(raw))
+    broken["position_ranks"]["lookup_ngram"] = 0
+    with pytest.raises(MedusaError, match="lookup_ngram must be a positive integer"):
+        HeadProfile.from_dict(broken)
+    broken["position_ranks"].update(lookup_ngram=3, positions=1000, segments=[1000])
+    with pytest.raises(MedusaError, match="bytes, not 1000 positions"):
+        HeadProfile.from_dict(broken)
+
+    without = clustered_profile(positions=2000)  # made before the lookup was profiled
+    assert without.position_ranks.lookup is None
+    with pytest.raises(MedusaError, match="did not measure the lookup branch"):
+        expected_lengths(without, [8], "walk", lookup=4)
+    assert expected_lengths(without, [8], "walk") == expected_lengths(profile, [8], "walk")

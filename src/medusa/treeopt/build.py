@@ -13,6 +13,10 @@ Three estimates of a tree's expected tokens per step:
   replayed walk gave exactly the measured tokens per step, while the uniform mean over the same
   positions was 8-13% higher (docs/tree-optimisation.md). It needs the profile's per-position ranks.
 
+A tree with a lookup branch (``Tree.lookup``) accepts, at each position, the longer of its heads' path
+and its lookup chain; only ``walk`` can say how long that is, from the profile's per-position lookup
+depths, so a lookup branch needs the walk estimate.
+
 For the first two a node's chance never exceeds its parent's, so adding the most likely frontier node
 first yields the best tree of every size for that estimate, and the greedy order of the largest tree
 lists the smaller ones as its prefixes. ``walk`` has no per-node chance to be greedy about (which
@@ -62,6 +66,25 @@ def _check(profile: HeadProfile, estimate: str) -> None:
         )
 
 
+def has_lookup(profile: HeadProfile) -> bool:
+    """Whether the profile measured the lookup branch at its positions (profiles before it did not)."""
+    return has_walk(profile) and profile.position_ranks.lookup is not None
+
+
+def _lookup_depths(profile: HeadProfile, estimate: str, lookup: int) -> np.ndarray | None:
+    """``[positions]``: tokens a lookup chain of ``lookup`` nodes accepts at each profiled position (None: no chain)."""
+    if lookup == 0:
+        return None
+    if estimate != "walk":
+        raise MedusaError(f"a tree with a lookup branch can only be estimated by the walk estimate, not {estimate!r}")
+    if not has_lookup(profile):
+        raise MedusaError(
+            "this profile did not measure the lookup branch (it was made before the lookup was profiled): run "
+            "`medusa tree profile` again, or leave the lookup branch out"
+        )
+    return np.minimum(profile.position_ranks.lookup, lookup)
+
+
 def greedy_order(profile: HeadProfile, max_nodes: int, estimate: str = "joint") -> list[tuple[tuple[int, ...], float]]:
     """The first ``max_nodes - 1`` non-root nodes in the order the greedy construction adds them, with their chances.
 
@@ -97,51 +120,75 @@ def build_tree(profile: HeadProfile, nodes: int, estimate: str = "joint") -> Tre
     return Tree.from_paths([path for path, _ in order], num_heads=profile.num_heads)
 
 
-def expected_lengths(profile: HeadProfile, sizes: Iterable[int], estimate: str = "joint") -> dict[int, float]:
-    """Expected tokens per step (root included) of the greedy tree of each size (built in ``estimate``'s order)."""
-    sizes = sorted(set(sizes))
-    if not sizes:
+def expected_lengths(profile: HeadProfile, sizes: Iterable[int], estimate: str = "joint", lookup: int = 0) -> dict[int, float]:
+    """Expected tokens per step (root included) of the greedy tree of each size (built in ``estimate``'s order),
+    each with a lookup chain of ``lookup`` nodes besides its ``size`` nodes (walk estimate only)."""
+    return {n: value for (n, _), value in expected_grid(profile, sizes, [lookup], estimate).items()}
+
+
+def expected_grid(
+    profile: HeadProfile, sizes: Iterable[int], lookups: Iterable[int], estimate: str = "walk"
+) -> dict[tuple[int, int], float]:
+    """Expected tokens per step for every pair (greedy tree of ``size`` nodes, lookup chain of ``lookup`` nodes)."""
+    _check(profile, estimate)
+    sizes, lookups = sorted(set(sizes)), sorted(set(lookups))
+    if not sizes or not lookups:
         return {}
     order = greedy_order(profile, sizes[-1], estimate)
     if estimate == "walk":
         walk = profile.position_ranks
         nodes = node_ids(walk.ranks, [path for path, _ in order], profile.topk)
-        lengths: dict[int, float] = {}
-        for start in range(0, len(sizes), 32):  # bounds the memory of the depths
-            chunk = sizes[start : start + 32]
-            lengths |= zip(chunk, walk_lengths(nested_depths(nodes, chunk), walk.segments).tolist())
+        lengths: dict[tuple[int, int], float] = {}
+        for lookup in lookups:
+            chain = _lookup_depths(profile, estimate, lookup)
+            for start in range(0, len(sizes), 32):  # bounds the memory of the depths
+                chunk = sizes[start : start + 32]
+                depths = nested_depths(nodes, chunk)
+                if chain is not None:
+                    depths = np.maximum(depths, chain[None, :].astype(depths.dtype))
+                lengths |= {(n, lookup): value for n, value in zip(chunk, walk_lengths(depths, walk.segments).tolist())}
         return lengths
+    if lookups != [0]:
+        _lookup_depths(profile, estimate, max(lookups))  # refused, with the reason
     totals = [1.0]
     for _, chance in order:
         totals.append(totals[-1] + chance)
-    return {n: totals[min(n - 1, len(totals) - 1)] for n in sizes}
+    return {(n, 0): totals[min(n - 1, len(totals) - 1)] for n in sizes}
 
 
 def expected_length(profile: HeadProfile, tree: Tree | Sequence[Sequence[int]], estimate: str = "joint") -> float:
-    """Expected tokens per step of any tree (root included): 1 + the chances of its nodes."""
+    """Expected tokens per step of any tree (root included): 1 + the chances of its nodes; a tree's lookup
+    branch counts under the walk estimate."""
     _check(profile, estimate)
     paths = tree.paths if isinstance(tree, Tree) else [tuple(p) for p in tree]
     profile.check_paths(paths)
+    chain = _lookup_depths(profile, estimate, tree.lookup if isinstance(tree, Tree) else 0)
     if estimate == "paper":
         return expected_accept_length(paths, profile.accuracy)
     if estimate == "walk":
         walk = profile.position_ranks
-        return float(walk_lengths(accepted_depths(walk.ranks, paths, profile.topk), walk.segments)[0])
+        depths = accepted_depths(walk.ranks, paths, profile.topk)
+        if chain is not None:
+            depths = np.maximum(depths, chain)
+        return float(walk_lengths(depths, walk.segments)[0])
     return 1.0 + sum(joint_chance(profile, path) for path in paths)
 
 
 def node_chances(profile: HeadProfile, tree: Tree, estimate: str = "joint") -> dict[tuple[int, ...], float]:
     """Each node's chance of being accepted under the estimate (for drawing the tree).
 
-    For ``walk``: the share of the steps the walk takes with this tree in which the node is accepted.
+    For ``walk``: the share of the steps the walk takes with this tree (lookup branch included) in which
+    the node's guess is right.
     """
     _check(profile, estimate)
     profile.check_paths(tree.paths)
+    chain = _lookup_depths(profile, estimate, tree.lookup)
     if estimate == "walk":
         walk = profile.position_ranks
         paths = sorted(tree.paths, key=len)
         nodes = node_ids(walk.ranks, paths, profile.topk)
-        steps = nodes[visited_positions((nodes >= 0).sum(axis=1), walk.segments)]
+        depths = (nodes >= 0).sum(axis=1)
+        steps = nodes[visited_positions(depths if chain is None else np.maximum(depths, chain), walk.segments)]
         accepted = np.bincount(steps[steps >= 0], minlength=len(paths) + 1)
         return {path: float(accepted[i + 1] / max(len(steps), 1)) for i, path in enumerate(paths)}
     chance = joint_chance if estimate == "joint" else paper_chance

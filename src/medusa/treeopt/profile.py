@@ -14,6 +14,10 @@ the next step at t + 1 + a, so it strides over easy stretches and takes a step p
 ones, and its tokens per step is lower than that mean. So the profile also keeps, per answer, which
 path of ranks was right at each position (``position_ranks``, up to ``WALK_POSITIONS`` positions);
 ``medusa.treeopt.walk`` replays the decoding walk over them for any tree.
+
+The tree's lookup branch (``medusa.lookup``) guesses from the text alone, so its guesses at a position
+are known from the conversation too: the profile also keeps how many of them verification would accept
+there (``PositionRanks.lookup``), and the walk can take the longer of the two branches, as decoding does.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from transformers import PreTrainedModel
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
 from medusa.heads import WEIGHTS_NAME, MedusaHeads
+from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, check_lookup, ngram_continuation
 
 if TYPE_CHECKING:
     from medusa.training.data import Example
@@ -58,10 +63,15 @@ class PositionRanks:
     missed* (only the path down to the first miss can be accepted, and cutting there compresses well).
     ``segments`` are the lengths of the runs of consecutive positions, one per measured answer, in order;
     a run starts at the prompt's last token, where decoding starts its first step.
+    ``lookup[i]``, when measured, is how many of a lookup chain's guesses (searching suffixes of up to
+    ``lookup_ngram`` tokens) a step started at position i accepts, up to ``MAX_LOOKUP_NODES``; a chain of
+    N nodes accepts ``min(lookup[i], N)`` of them.
     """
 
     ranks: np.ndarray  # [positions, heads], int16
     segments: np.ndarray  # [runs], int64, adding up to positions
+    lookup: np.ndarray | None = None  # [positions], uint8; None where the profile did not measure it
+    lookup_ngram: int = DEFAULT_MAX_NGRAM
 
     @property
     def positions(self) -> int:
@@ -71,12 +81,16 @@ class PositionRanks:
         dtype = np.uint8 if topk < 255 else np.uint16
         miss = np.iinfo(dtype).max
         stored = np.where(self.ranks < 0, miss, self.ranks).astype(dtype)
+        extra = {}
+        if self.lookup is not None:
+            extra = {"lookup_ngram": self.lookup_ngram, "lookup": _pack(self.lookup.astype(np.uint8))}
         return {
             "encoding": f"base64 of zlib of {np.dtype(dtype).name} [positions, heads] row-major, {miss} = missed",
             "dtype": np.dtype(dtype).name,
             "positions": self.positions,
             "segments": [int(n) for n in self.segments],
-            "ranks": base64.b64encode(zlib.compress(np.ascontiguousarray(stored).tobytes(), 9)).decode("ascii"),
+            "ranks": _pack(stored),
+            **extra,
         }
 
     @classmethod
@@ -93,10 +107,7 @@ class PositionRanks:
         if sum(segments) != positions:
             raise fail(f"position_ranks segments add up to {sum(segments)}, not to its {positions} positions")
         dtype = np.dtype(dtype_name)
-        try:
-            data = zlib.decompress(base64.b64decode(str(raw.get("ranks", "")), validate=True))
-        except (ValueError, zlib.error) as error:
-            raise fail(f"position_ranks ranks cannot be decoded: {error}") from None
+        data = _unpack(raw.get("ranks"), "ranks", fail)
         if len(data) != positions * num_heads * dtype.itemsize:
             raise fail(f"position_ranks ranks hold {len(data)} bytes, not {positions} positions x {num_heads} heads of {dtype.name}")
         stored = np.frombuffer(data, dtype=dtype).reshape(positions, num_heads)
@@ -104,7 +115,28 @@ class PositionRanks:
         if ((stored >= topk) & (stored != miss)).any():
             raise fail(f"position_ranks holds ranks beyond the profile's top-{topk}")
         ranks = np.where(stored == miss, -1, stored.astype(np.int16)).astype(np.int16)
-        return cls(ranks, np.asarray(segments, dtype=np.int64))
+        lookup, lookup_ngram = None, DEFAULT_MAX_NGRAM
+        if raw.get("lookup") is not None:
+            lookup_ngram = raw.get("lookup_ngram")
+            if isinstance(lookup_ngram, bool) or not isinstance(lookup_ngram, int) or lookup_ngram < 1:
+                raise fail(f"position_ranks lookup_ngram must be a positive integer, got {lookup_ngram!r}")
+            lookup = np.frombuffer(_unpack(raw["lookup"], "lookup", fail), dtype=np.uint8).copy()
+            if lookup.size != positions:
+                raise fail(f"position_ranks lookup holds {lookup.size} depths, not one per each of its {positions} positions")
+            if lookup.size and lookup.max() > MAX_LOOKUP_NODES:
+                raise fail(f"position_ranks lookup holds depths beyond the longest lookup chain, {MAX_LOOKUP_NODES}")
+        return cls(ranks, np.asarray(segments, dtype=np.int64), lookup, lookup_ngram)
+
+
+def _pack(array: np.ndarray) -> str:
+    return base64.b64encode(zlib.compress(np.ascontiguousarray(array).tobytes(), 9)).decode("ascii")
+
+
+def _unpack(text: object, name: str, fail: Callable[[str], MedusaError]) -> bytes:
+    try:
+        return zlib.decompress(base64.b64decode(str(text or ""), validate=True))
+    except (ValueError, zlib.error) as error:
+        raise fail(f"position_ranks {name} cannot be decoded: {error}") from None
 
 
 @dataclass
@@ -233,14 +265,18 @@ def profile_heads(
     chunk: int = 256,
     progress: Callable[[int], None] | None = None,
     walk_positions: int = WALK_POSITIONS,
+    lookup_ngram: int | None = DEFAULT_MAX_NGRAM,
 ) -> HeadProfile:
     """Measure the heads at every position t of ``sequences`` (each with ``input_ids`` and ``loss_mask``,
     True on assistant tokens) whose next ``num_heads + 1`` tokens are all assistant tokens.
 
     So a turn is measured from its prompt's last token (whose hidden state feeds the first decoding step)
     up to the last position whose deepest head still aims inside the turn. The rank paths of the first
-    ``walk_positions`` positions are kept as ``position_ranks`` for the walk estimate.
+    ``walk_positions`` positions are kept as ``position_ranks`` for the walk estimate, with what a lookup
+    branch searching suffixes of up to ``lookup_ngram`` tokens accepts there (None: not measured).
     """
+    if lookup_ngram is not None:
+        check_lookup(MAX_LOOKUP_NODES, lookup_ngram)
     num_heads = heads.config.num_heads
     vocab = heads.config.vocab_size
     if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= vocab:
@@ -251,6 +287,7 @@ def profile_heads(
     counts: Counter[tuple[int, ...]] = Counter()
     samples = 0
     kept_ranks: list[torch.Tensor] = []  # [positions, heads] per sequence, for the walk
+    kept_lookup: list[torch.Tensor] = []  # [positions] per sequence: the lookup branch's accepted depth
     kept_segments: list[int] = []
     kept = 0
     for sequence in sequences:
@@ -284,6 +321,8 @@ def profile_heads(
                     kept_ranks.append(rank[:, :take].T.to(torch.int16))
                     kept += take
             # the runs of consecutive positions (one per answer) among those kept from this sequence
+            if lookup_ngram is not None and kept > kept_before:
+                kept_lookup.append(lookup_depths(ids, greedy, answer, measured[: kept - kept_before], lookup_ngram).cpu())
             kept_here = measured[: kept - kept_before].cpu()
             if kept_here.numel():
                 breaks = (kept_here.diff() != 1).nonzero().flatten() + 1
@@ -295,8 +334,37 @@ def profile_heads(
     position_ranks = None
     if walk_positions > 0:
         ranks = torch.cat(kept_ranks).numpy() if kept_ranks else np.zeros((0, num_heads), dtype=np.int16)
-        position_ranks = PositionRanks(ranks, np.asarray(kept_segments, dtype=np.int64))
+        lookup = None
+        if lookup_ngram is not None:
+            lookup = torch.cat(kept_lookup).numpy() if kept_lookup else np.zeros(0, dtype=np.uint8)
+        position_ranks = PositionRanks(ranks, np.asarray(kept_segments, dtype=np.int64), lookup,
+                                       lookup_ngram or DEFAULT_MAX_NGRAM)
     return HeadProfile(num_heads, topk, accuracy, samples, fingerprint, dict(counts), position_ranks=position_ranks)
+
+
+def lookup_depths(
+    ids: torch.Tensor, greedy: torch.Tensor, answer: torch.Tensor, positions: torch.Tensor, max_ngram: int
+) -> torch.Tensor:
+    """``[positions]`` uint8: how many lookup guesses a step started at each position t accepts, up to
+    ``MAX_LOOKUP_NODES``, by the decoder's own search (``ngram_continuation``).
+
+    At t the decoder's text ends with the step's root, the base model's token after t (``greedy[t]``);
+    the guess at depth i aims at position t + 1 + i and is accepted, the path above it being right,
+    when it equals ``greedy[t + i]``. Guesses past the answer's end do not count.
+    """
+    length = ids.numel()
+    offsets = torch.arange(1, MAX_LOOKUP_NODES + 1, device=ids.device)
+    spare = torch.zeros(MAX_LOOKUP_NODES, dtype=ids.dtype, device=ids.device)  # the decoder's buffer is never shorter than its chain
+    depths = []
+    for t in positions.tolist():
+        history = torch.cat((ids[: t + 1], greedy[t : t + 1], spare))
+        guesses = ngram_continuation(history, torch.tensor(t + 1, device=ids.device), max_ngram, MAX_LOOKUP_NODES)
+        aims = t + 1 + offsets  # the positions the guesses are for
+        inside = aims < length
+        aims = aims.clamp_max(length - 1)
+        right = inside & answer[aims] & (guesses == greedy[(t + offsets).clamp_max(length - 1)])
+        depths.append(right.long().cumprod(0).sum())
+    return torch.stack(depths).to(torch.uint8) if depths else torch.zeros(0, dtype=torch.uint8)
 
 
 def _count_paths(rank: torch.Tensor, counts: Counter[tuple[int, ...]]) -> None:
