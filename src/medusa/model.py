@@ -50,7 +50,9 @@ class GenerationConfig:
     compile: bool | str = False  # True, or "max-autotune" to also tune the matrix kernels
     # A lookup branch of this many nodes in the tree: guesses copied from where the text's last tokens
     # occurred before (medusa.lookup). Without heads it is prompt-lookup decoding on our fast path.
-    lookup: int = 0
+    # None: the model's own tree as it is, with the lookup chain `medusa tree tune` chose for this device
+    # if it chose one (never with use_heads=False: that is the plain baseline).
+    lookup: int | None = None
     lookup_ngram: int = DEFAULT_MAX_NGRAM  # the longest suffix searched for
     # Allocate at least this many cache slots, so that one decoder (one CUDA graph, one compiled step)
     # serves every prompt that fits; longer ones still get a longer cache. None: just what the prompt needs.
@@ -65,7 +67,7 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
-        check_lookup(self.lookup, self.lookup_ngram)
+        check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
         length = self.cache_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise MedusaError(f"cache_length must be a positive number of slots or None, got {length!r}")
@@ -109,7 +111,10 @@ class MedusaModel(nn.Module):
         heads: MedusaHeads | None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
         name: str | None = None,
+        plain_tree: Tree | None = None,
     ) -> None:
+        """``tree`` decodes one sequence by default and may carry a lookup chain; ``plain_tree`` (default:
+        ``tree`` without its chain) serves batches and ``lookup=0``."""
         super().__init__()
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -123,6 +128,10 @@ class MedusaModel(nn.Module):
         self.heads = heads
         self._decoder_pool = DecoderPool()
         self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
+        if plain_tree is not None and heads is not None:
+            self.plain_tree = load_tree(plain_tree, heads.config.num_heads).with_lookup(0)
+        else:
+            self.plain_tree = self.tree.with_lookup(0)
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -175,16 +184,19 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        elif isinstance(heads, (str, Path)):
+        plain_tree = None
+        if isinstance(heads, (str, Path)):
             directory = Path(heads)
             heads_config = MedusaHeadsConfig.load(directory)
             check_heads_match(heads_config, base_model)
             if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
-                tree = tuned_tree(directory, model_device(base_model), heads_config.num_heads)
+                device = model_device(base_model)
+                tree = tuned_tree(directory, device, heads_config.num_heads, lookup=True)
+                plain_tree = tuned_tree(directory, device, heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
             heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
-        return cls(base_model, tokenizer, heads, tree=tree, name=name)
+        return cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""
@@ -192,7 +204,7 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no heads to save")
         directory = Path(directory)
         self.heads.save_pretrained(directory)
-        (directory / TREE_FILE).write_text(self.tree.to_json() + "\n")
+        (directory / TREE_FILE).write_text(self.plain_tree.to_json() + "\n")
 
     # ----- generation ---------------------------------------------------------------------------
 
@@ -293,14 +305,25 @@ class MedusaModel(nn.Module):
             compile_step=config.compile,
         )
 
+    def tree_for(self, config: GenerationConfig) -> Tree:
+        """The tree a generation with these settings runs, lookup chain included (the root alone without heads)."""
+        return self._heads_and_tree(config, None)[1]
+
     def _heads_and_tree(self, config: GenerationConfig, tree: Tree | None) -> tuple[MedusaHeads | None, Tree]:
         """The heads and tree a generation runs: no heads when the tree has no head paths (a tuned
-        tree may be the root alone), so they are not run for nothing; the config's lookup branch added."""
+        tree may be the root alone), so they are not run for nothing; the config's lookup branch set.
+
+        ``lookup=None`` keeps the tree's own chain (the tuned one, for the model's tree); ``lookup=0`` on
+        the model's tree takes the tree tuned without a chain.
+        """
         heads = self.heads if config.use_heads else None
-        tree = (tree or self.tree) if heads is not None else Tree.from_paths([])
+        if heads is None:
+            return None, Tree.from_paths([]).with_lookup(config.lookup or 0)
+        if tree is None:
+            tree = self.plain_tree if config.lookup == 0 else self.tree
         if not tree.paths:
             heads = None
-        return heads, tree.with_lookup(config.lookup)
+        return heads, tree if config.lookup is None else tree.with_lookup(config.lookup)
 
     def stream(
         self,
@@ -356,7 +379,10 @@ class MedusaModel(nn.Module):
         return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
 
     def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
-        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only) and the lookup branch."""
+        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only) and a lookup branch
+        asked for (``lookup=None`` runs the tree tuned without one)."""
+        if tree is None and config.lookup is None:
+            tree = self.plain_tree
         heads, tree = self._heads_and_tree(config, tree)
         return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
 

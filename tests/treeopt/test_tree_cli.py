@@ -97,3 +97,38 @@ def test_mismatched_profile_or_heads_is_refused(workspace, tmp_path, capsys):
 
     assert main(["tree", "build", "--heads", str(tmp_path / "none"), "--nodes", "4"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
+    directory, model_dir, heads_dir, data = workspace
+    common = ["--model", str(model_dir), "--heads", str(heads_dir), "--device", "cpu"]
+    profile_path = tmp_path / "profile.json"
+    assert main(["tree", "profile", *common, "--data", str(data), "--topk", "4", "--output", str(profile_path)]) == 0
+    assert "with a 10-node lookup chain besides (walk)" in capsys.readouterr().out
+    assert HeadProfile.load(profile_path).position_ranks.lookup is not None
+
+    heads = ["--heads", str(heads_dir), "--profile", str(profile_path)]
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"device": "Chain GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 4, 8)]}))
+    assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "4"]) == 0
+    out = capsys.readouterr().out
+    entry = read_tuned_trees(heads_dir)["Chain GPU"]
+    assert "chain" in out and "best with a lookup chain" in out
+    chained = entry["lookup"]
+    assert chained["lookup"] == 4 and chained["nodes"] in (4, 8) and len(chained["paths"]) + 1 + 4 == chained["nodes"]
+    assert entry["nodes"] == 8 and "lookup" not in Tree.from_paths(entry["paths"]).to_json()
+
+    assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "0"]) == 0
+    assert "lookup" not in read_tuned_trees(heads_dir)["Chain GPU"] and "chain" not in capsys.readouterr().out
+    assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "99"]) == 2
+    assert "--lookup must be auto or a number of nodes from 0 to 24, got 99" in capsys.readouterr().err
+
+    results = tmp_path / "evaluate.json"
+    assert main(["tree", "evaluate", *common, "--profile", str(profile_path), "--data", str(data), "--limit", "2",
+                 "--sizes", "4", "--lookup", "0,3", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
+    assert set(rows) == {"greedy-4", "greedy-4+lookup-3"} and rows["greedy-4+lookup-3"]["nodes"] == rows["greedy-4"]["nodes"] + 3
+    assert rows["greedy-4+lookup-3"]["expected_walk"] >= rows["greedy-4"]["expected_walk"]
+    assert "expected_joint" not in rows["greedy-4+lookup-3"]
+    assert main(["tree", "evaluate", *common, "--data", str(data), "--lookup", "2,x"]) == 2
+    assert "--lookup must list chain lengths" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from conftest import make_tiny_model
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from medusa.treeopt.tune import CostCurve, choose_size, measure_step_seconds
+from medusa.treeopt.tune import CostCurve, choose_size, choose_tree, measure_step_seconds
 from medusa.treeopt.tuned import TUNED_FILE, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
 from treeopt_assets import fresh_heads
 
@@ -104,3 +104,53 @@ def test_a_one_node_tree_decodes_plainly_without_running_the_heads():
     assert decoder.heads is None and decoder.tree.size == 1
     plain = model.generate([5, 6, 7], max_new_tokens=6, use_heads=False).token_ids
     assert model.generate([5, 6, 7], max_new_tokens=6).token_ids == plain
+
+
+def test_a_lookup_chain_is_chosen_when_its_nodes_pay_on_the_cost_curve():
+    # (heads' tree nodes, chain nodes) -> tokens per step; the cost depends on the total only
+    expected = {(8, 0): 2.5, (16, 0): 2.8, (4, 4): 2.6, (8, 8): 3.4, (12, 4): 3.0, (1, 8): 2.0, (4, 12): 3.3}
+    flat = CostCurve({8: 0.010, 16: 0.011})
+    choice = choose_tree(expected, flat)
+    assert (choice.nodes, choice.lookup, choice.total_nodes) == (8, 8, 16)
+    assert choice.expected_tokens_per_second == pytest.approx(3.4 / 0.011)
+    assert choice.tokens_per_second == pytest.approx({8: 250, 16: 2.8 / 0.011})  # heads' trees alone
+    assert choice.lookup_tokens_per_second[16] == (8, pytest.approx(3.4 / 0.011))  # the best chain of 16 nodes
+    assert choice.lookup_tokens_per_second[8] == (4, pytest.approx(260))
+    # where every node costs its full price, the chain does not pay either
+    steep = CostCurve({1: 0.01, 8: 0.08, 9: 0.09, 16: 0.16})
+    assert choose_tree(expected | {(1, 0): 1.0}, steep).total_nodes == 1
+    # ties go to fewer nodes, then to the shorter chain
+    assert choose_tree({(4, 4): 2.0, (8, 0): 2.0, (2, 2): 1.0}, CostCurve({4: 0.01, 8: 0.02})).lookup == 2
+    assert (lambda c: (c.nodes, c.lookup))(choose_tree({(4, 4): 2.0, (8, 0): 2.0}, flat)) == (8, 0)
+
+
+def test_the_tuned_lookup_tree_drives_single_sequence_decoding_and_batches_keep_the_plain_one(tmp_path):
+    base = make_tiny_model("llama")
+    heads_dir = tmp_path / "heads"
+    fresh_heads(base, num_heads=2).save_pretrained(heads_dir)
+    entry = {"topk": 2, "paths": [[0], [1], [0, 0]], "num_heads": 2,
+             "lookup": {"topk": 1, "paths": [[0]], "lookup": 6, "nodes": 8}}
+    write_tuned_tree(heads_dir, "cpu", entry)
+    assert tuned_tree(heads_dir, "cpu", num_heads=2).lookup == 0
+    chained = tuned_tree(heads_dir, "cpu", num_heads=2, lookup=True)
+    assert (chained.paths, chained.lookup, chained.size) == (((0,),), 6, 8)
+
+    model = MedusaModel.from_pretrained(base, heads=heads_dir)
+    assert model.tree.lookup == 6 and model.plain_tree.paths == ((0,), (1,), (0, 0)) and model.plain_tree.lookup == 0
+    prompt = torch.tensor([5, 6, 7])
+    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4))[0].tree.lookup == 6
+    plain = model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, lookup=0))[0].tree
+    assert (plain.paths, plain.lookup) == (((0,), (1,), (0, 0)), 0)
+    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, lookup=3))[0].tree.lookup == 3
+    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, use_heads=False))[0].tree.size == 1
+    assert model.batch_decoder(GenerationConfig()).tree.paths == ((0,), (1,), (0, 0))
+    with pytest.raises(MedusaError, match="lookup"):
+        model.batch_decoder(GenerationConfig(lookup=4))
+    # every tree decodes the same greedy text
+    reference = model.generate([5, 6, 7], max_new_tokens=12, use_heads=False).token_ids
+    for lookup in (None, 0, 3):
+        assert model.generate([5, 6, 7], max_new_tokens=12, lookup=lookup).token_ids == reference
+
+    write_tuned_tree(heads_dir, "cpu", entry | {"lookup": {"paths": [[0]], "lookup": 40}})
+    with pytest.raises(MedusaError, match=r"its lookup tree.*lookup nodes must be an integer from 0"):
+        tuned_tree(heads_dir, "cpu", num_heads=2, lookup=True)

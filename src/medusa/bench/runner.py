@@ -31,6 +31,7 @@ PROMPT_LOOKUP = "prompt-lookup"
 # Ours with the tree's lookup branch (medusa.lookup): with the heads' tree, and alone (prompt lookup on our fast path).
 MEDUSA_LOOKUP = "medusa-lookup"
 LOOKUP = "lookup"
+DEFAULT_LOOKUP_NODES = 10  # the lookup branch's nodes when none was tuned for the device
 METHOD_NAMES = (AUTOREGRESSIVE, MEDUSA, HF_GENERATE, PROMPT_LOOKUP, MEDUSA_LOOKUP, LOOKUP)
 TRANSFORMERS_METHODS = (HF_GENERATE, PROMPT_LOOKUP)
 
@@ -44,7 +45,9 @@ class BenchConfig:
     cuda_graphs: bool = True
     compile: bool | str = False
     prompt_lookup_num_tokens: int = 10
-    lookup: int = 10  # nodes of the lookup branch in medusa-lookup and lookup
+    # Nodes of the lookup branch in medusa-lookup and lookup; None: the chain tuned for this device
+    # (`medusa tree tune`), else DEFAULT_LOOKUP_NODES.
+    lookup: int | None = None
     # Transformers' eager methods are slow: run them only on the first N questions of each category.
     transformers_limit: int | None = None
     # Cache slots our decoders allocate at least: "auto" is enough for every first-turn prompt when
@@ -60,7 +63,7 @@ class BenchConfig:
             raise MedusaError(f"benchmark methods repeat: {list(self.methods)}")
         if self.turns not in (1, 2):
             raise MedusaError(f"turns must be 1 or 2, got {self.turns!r}")
-        check_lookup(self.lookup, DEFAULT_MAX_NGRAM)
+        check_lookup(DEFAULT_LOOKUP_NODES if self.lookup is None else self.lookup, DEFAULT_MAX_NGRAM)
         if self.lookup == 0 and {MEDUSA_LOOKUP, LOOKUP} & set(self.methods):
             raise MedusaError(f"methods {MEDUSA_LOOKUP} and {LOOKUP} need a lookup branch of at least 1 node")
         for name in ("max_new_tokens", "prompt_lookup_num_tokens"):
@@ -113,6 +116,13 @@ class Method(Protocol):
         """Generate greedily from ``prompt_ids`` (batch 1) and time it."""
 
 
+def lookup_nodes(model: MedusaModel, config: BenchConfig) -> int:
+    """The lookup chain medusa-lookup and lookup run: the one asked for, else the one tuned for this device."""
+    if config.lookup is not None:
+        return config.lookup
+    return (model.tree.lookup if model.heads is not None else 0) or DEFAULT_LOOKUP_NODES
+
+
 class OurDecoder:
     """Our decoding loop: with heads and the tree, or plainly one token per step on the same cache;
     either with the tree's lookup branch added."""
@@ -128,7 +138,7 @@ class OurDecoder:
             use_heads=use_heads,
             cuda_graphs=config.cuda_graphs,
             compile=config.compile,
-            lookup=config.lookup if lookup else 0,
+            lookup=lookup_nodes(model, config) if lookup else 0,
             cache_length=config.cache_length if isinstance(config.cache_length, int) else None,
         )
 
@@ -287,7 +297,8 @@ def resolve_cache_length(model: MedusaModel, questions: Sequence[Question], conf
     if not config.compile:
         return None
     longest = max(len(encode_turn(model, turn_messages(question, 0, []))) for question in questions)
-    largest_tree = (model.tree.size if model.heads is not None else 1) + config.lookup
+    chain = lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else 0
+    largest_tree = (model.plain_tree.size if model.heads is not None else 1) + chain
     return longest + config.max_new_tokens + largest_tree
 
 
@@ -337,7 +348,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "heads": None if heads is None else {
             "num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head,
         },
-        "tree_size": model.tree.size if model.heads is not None else 1,
+        "tree_size": model.plain_tree.size if model.heads is not None else 1,
         "max_new_tokens": config.max_new_tokens,
         "turns": config.turns,
         "methods": list(config.methods),
@@ -346,7 +357,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "compile": config.compile,
         "cache_length": config.cache_length,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
-        "lookup_nodes": config.lookup if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
+        "lookup_nodes": lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
         "transformers_limit_per_category": config.transformers_limit,
         "reference": config.reference,
     }

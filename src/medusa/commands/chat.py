@@ -90,9 +90,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _interactive(session: ChatSession, console: Console) -> int:
-    heads = f"{session.model.tree.size}-node tree" if session.config.use_heads else "no heads"
-    if session.config.lookup:
-        heads += f", {session.config.lookup}-node lookup branch"
+    tree = session.model.tree_for(session.config)
+    heads = f"{tree.size - tree.lookup}-node tree" if session.config.use_heads else "no heads"
+    if tree.lookup:
+        heads += f", {tree.lookup}-node lookup branch"
     console.print(f"[bold]medusa chat[/] with {escape(session.model.name)} ({heads}); {COMMANDS_HELP}.")
     while True:
         try:

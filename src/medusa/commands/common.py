@@ -39,9 +39,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("lookup branch")
-    group.add_argument("--lookup", type=int, default=0, metavar="N",
+    group.add_argument("--lookup", type=int, default=None, metavar="N",
                        help="add N tree nodes guessing by copying: what followed the last tokens where they occurred "
-                            f"earlier in the prompt or answer (0, the default: off; at most {MAX_LOOKUP_NODES})")
+                            f"earlier in the prompt or answer (0: off; at most {MAX_LOOKUP_NODES}; default: the chain "
+                            "`medusa tree tune` chose for this device, if any)")
     group.add_argument("--lookup-ngram", type=int, default=DEFAULT_MAX_NGRAM,
                        help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} (default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
 

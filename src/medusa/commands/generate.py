@@ -46,7 +46,13 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{stats.new_tokens} tokens in {stats.decode_seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
         f"{stats.mean_accepted:.2f} accepted tokens per step over {stats.steps} steps ({stats.acceptance} acceptance), "
-        f"tree of {(model.tree.size if config.use_heads else 1) + config.lookup} nodes, finish: {stats.finish_reason}]",
+        f"{_tree_words(model.tree_for(config))}, finish: {stats.finish_reason}]",
         file=sys.stderr,
     )
     return 0
+
+
+def _tree_words(tree) -> str:
+    if not tree.lookup:
+        return f"tree of {tree.size} nodes"
+    return f"tree of {tree.size} nodes ({tree.lookup} of them a lookup chain)"

@@ -51,7 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
     tune.add_argument("--cost-curve", help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) instead of timing here')
     tune.add_argument("--sizes", help="tree sizes to time (default 1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256)")
-    tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider (default 256)")
+    tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider, lookup chain included (default 256)")
+    tune.add_argument("--lookup", default="auto",
+                      help="auto (default): also try lookup chains of 2 to 24 nodes beside each heads' tree, when the profile "
+                           "measured the lookup branch, and keep one if it is faster; 0: no lookup branch; N: tune the heads' "
+                           "tree for a chain of N nodes")
     tune.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps (default 128)")
     tune.add_argument("--steps", type=int, default=16, help="timed steps per run (default 16)")
     tune.add_argument("--repeats", type=int, default=3, help="timed runs per size; the median counts (default 3)")
@@ -67,8 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--data", nargs="+", required=True, help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records")
     evaluate.add_argument("--limit", type=int, default=10, help="prompts per category (Spec-Bench), else in all (default 10)")
     evaluate.add_argument("--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)")
+    evaluate.add_argument("--lookup", default="0",
+                          help="lookup chains to add to each greedy tree, comma-separated node counts (default 0: none); "
+                               "0 among them keeps the trees without a chain")
     evaluate.add_argument("--default-trees", action="store_true", help="also decode with the default trees of the same sizes")
-    evaluate.add_argument("--tuned", action="store_true", help="also decode with the tree tuned for this device")
+    evaluate.add_argument("--tuned", action="store_true",
+                          help="also decode with the tree tuned for this device (and its lookup tree, if it has one)")
     evaluate.add_argument("--max-new-tokens", type=int, default=128)
     evaluate.add_argument("--output", help="write the results as JSON here")
     evaluate.add_argument("--plot-dir", help="write measured and expected accepted length against N here")
@@ -132,9 +140,11 @@ def _estimate(args: argparse.Namespace, profile) -> str:
 
 
 def _expected_all(profile, tree) -> dict[str, float]:
-    """The tree's expected tokens per step under every estimate the profile allows."""
-    from medusa.treeopt.build import available_estimates, expected_length
+    """The tree's expected tokens per step under every estimate the profile allows (only walk counts a lookup chain)."""
+    from medusa.treeopt.build import available_estimates, expected_length, has_lookup
 
+    if tree.lookup:
+        return {"walk": expected_length(profile, tree, "walk")} if has_lookup(profile) else {}
     return {name: expected_length(profile, tree, name) for name in available_estimates(profile)}
 
 
@@ -154,6 +164,18 @@ def _parse_sizes(text: str, max_nodes: int | None = None) -> list[int]:
     return [n for n in sizes if max_nodes is None or n <= max_nodes]
 
 
+def _parse_chains(text: str) -> list[int]:
+    from medusa.lookup import MAX_LOOKUP_NODES
+
+    try:
+        chains = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        chains = []
+    if not chains or chains[0] < 0 or chains[-1] > MAX_LOOKUP_NODES:
+        raise MedusaError(f"--lookup must list chain lengths from 0 to {MAX_LOOKUP_NODES}, comma-separated, got {text!r}")
+    return chains
+
+
 def _report_skipped(skipped: list[str]) -> None:
     for line in skipped[:5]:
         print(f"skipped {line}", file=sys.stderr)
@@ -171,7 +193,7 @@ def _progress(total: int, unit: str):
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import available_estimates, expected_lengths, has_walk
+    from medusa.treeopt.build import available_estimates, expected_lengths, has_lookup, has_walk
     from medusa.treeopt.data import read_profile_examples
     from medusa.treeopt.profile import PROFILE_FILE, heads_fingerprint, profile_heads
 
@@ -199,6 +221,9 @@ def run_profile(args: argparse.Namespace) -> int:
               if has_walk(profile) else "  walk data: none")
         print("  expected tokens per step of the greedy tree: " + ", ".join(
             f"{n} nodes " + " ".join(f"{curve[n]:.2f} ({name})" for name, curve in curves.items()) for n in sizes))
+        if has_lookup(profile):
+            chained = expected_lengths(profile, sizes, "walk", lookup=10)
+            print("  with a 10-node lookup chain besides (walk): " + ", ".join(f"{n} nodes {chained[n]:.2f}" for n in sizes))
     return 0
 
 
@@ -251,9 +276,9 @@ def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) 
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import build_tree, expected_lengths
+    from medusa.treeopt.build import build_tree, expected_grid, has_lookup
     from medusa.treeopt.profile import heads_fingerprint
-    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_size, measure_cost_curve
+    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_tree, measure_cost_curve
     from medusa.treeopt.tuned import device_kind, write_tuned_tree
 
     if args.max_nodes < 1:
@@ -262,6 +287,7 @@ def run_tune(args: argparse.Namespace) -> int:
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
+    chains = _lookup_choices(args.lookup, profile, estimate, has_lookup)
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
         kind = args.device_kind or cost.device
@@ -282,24 +308,44 @@ def run_tune(args: argparse.Namespace) -> int:
         kind = args.device_kind or cost.device
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
-    expected = expected_lengths(profile, [n for n in cost.points if n <= args.max_nodes], estimate)
-    choice = choose_size(expected, cost, args.max_nodes)
-    tree = build_tree(profile, choice.nodes, estimate)
-    print(f"{'nodes':>6} {'tokens/step':>12} {'ms/step':>9} {'tokens/s':>9}")
-    for n in sorted(choice.tokens_per_second):
-        mark = "  <- chosen" if n == choice.nodes else ""
-        print(f"{n:6d} {expected[n]:12.3f} {cost.points[n] * 1e3:9.2f} {choice.tokens_per_second[n]:9.1f}{mark}")
+    totals = [n for n in cost.points if n <= args.max_nodes]
+    pairs = {(total - chain, chain) for total in totals for chain in chains if total - chain >= 1}
+    grid = expected_grid(profile, {n for n, _ in pairs}, chains, estimate)
+    grid = {pair: value for pair, value in grid.items() if pair in pairs}
+    plain = choose_tree({pair: v for pair, v in grid.items() if pair[1] == 0}, cost, args.max_nodes)
+    chained = [pair for pair in grid if pair[1] > 0]
+    best = plain
+    if chained:
+        with_chain = choose_tree({pair: grid[pair] for pair in chained}, cost, args.max_nodes)
+        fixed = args.lookup != "auto"
+        if fixed or with_chain.expected_tokens_per_second > plain.expected_tokens_per_second:
+            best = with_chain
+    _print_tune_table(plain, best, grid, cost)
     print(f"({estimate} estimate of tokens per step)")
-    print(f"best tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
-          f"{choice.expected_accept_length:.2f} tokens/step expected, {choice.expected_tokens_per_second:.1f} tokens/s expected")
+    tree = build_tree(profile, plain.nodes, estimate)
+    print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
+          f"{plain.expected_accept_length:.2f} tokens/step expected, {plain.expected_tokens_per_second:.1f} tokens/s expected")
+    chain_tree = None
+    if best.lookup:
+        chain_tree = build_tree(profile, best.nodes, estimate).with_lookup(best.lookup)
+        print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a {best.lookup}-node "
+              f"chain): {best.expected_accept_length:.2f} tokens/step expected, {best.expected_tokens_per_second:.1f} tokens/s "
+              f"expected{'; decoding uses it by default here' if best is not plain else ''}")
     if not args.dry_run:
         entry = {
             "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
-            "estimate": estimate, "expected_accept_length": round(choice.expected_accept_length, 4),
-            "step_seconds": choice.step_seconds, "expected_tokens_per_second": round(choice.expected_tokens_per_second, 2),
+            "estimate": estimate, "expected_accept_length": round(plain.expected_accept_length, 4),
+            "step_seconds": plain.step_seconds, "expected_tokens_per_second": round(plain.expected_tokens_per_second, 2),
             "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
             "cost_curve": cost.to_dict()["points"],
         }
+        if chain_tree is not None:
+            entry["lookup"] = {
+                "nodes": chain_tree.size, "lookup": best.lookup, "lookup_ngram": profile.position_ranks.lookup_ngram,
+                "topk": chain_tree.topk, "paths": [list(p) for p in chain_tree.paths],
+                "expected_accept_length": round(best.expected_accept_length, 4), "step_seconds": best.step_seconds,
+                "expected_tokens_per_second": round(best.expected_tokens_per_second, 2),
+            }
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
         from medusa.treeopt.build import node_chances
@@ -307,14 +353,56 @@ def run_tune(args: argparse.Namespace) -> int:
 
         plot_dir = Path(args.plot_dir)
         slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
-        sizes = sorted(expected)
+        heads_sizes = sorted(n for n, chain in grid if chain == 0)
+        lookup_rates = {total: rate for total, (_, rate) in best.lookup_tokens_per_second.items()} if best.lookup else None
+        shown = chain_tree or tree
         written = [
-            plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", choice.tokens_per_second, choice.nodes, kind),
-            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {estimate: {n: expected[n] for n in sizes}}),
-            plot_tree(plot_dir / f"tuned_tree_{slug}.png", tree, node_chances(profile, tree, estimate)),
+            plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", plain.tokens_per_second, best.total_nodes,
+                                   kind, lookup_rates=lookup_rates),
+            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {estimate: {n: grid[n, 0] for n in heads_sizes}}),
+            plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, estimate)),
         ]
         print("plots: " + ", ".join(map(str, written)))
     return 0
+
+
+def _lookup_choices(text: str, profile, estimate: str, has_lookup) -> tuple[int, ...]:
+    """The lookup chains ``--lookup`` asks the tuner to try, 0 (none) always among them."""
+    from medusa.lookup import MAX_LOOKUP_NODES
+    from medusa.treeopt.tune import LOOKUP_CHOICES
+
+    if text == "auto":
+        if estimate == "walk" and has_lookup(profile):
+            return LOOKUP_CHOICES
+        print("note: this profile did not measure the lookup branch (or the estimate is not walk), so no lookup chain is "
+              "tried; run `medusa tree profile` again to include it", file=sys.stderr)
+        return (0,)
+    try:
+        chain = int(text)
+    except ValueError:
+        raise MedusaError(f"--lookup must be auto or a number of nodes from 0 to {MAX_LOOKUP_NODES}, got {text!r}") from None
+    if not 0 <= chain <= MAX_LOOKUP_NODES:
+        raise MedusaError(f"--lookup must be auto or a number of nodes from 0 to {MAX_LOOKUP_NODES}, got {chain}")
+    return (0, chain) if chain else (0,)
+
+
+def _print_tune_table(plain, best, grid: dict, cost) -> None:
+    """Per total size: the heads' tree alone, and (when chains were tried) the best tree with a lookup chain."""
+    chains = bool(best.lookup_tokens_per_second)
+    header = f"{'nodes':>6} {'ms/step':>9} {'tokens/step':>12} {'tokens/s':>9}"
+    print(header + (f" | {'chain':>6} {'tokens/step':>12} {'tokens/s':>9}" if chains else ""))
+    for total in sorted(set(plain.tokens_per_second) | set(best.lookup_tokens_per_second)):
+        line = f"{total:6d} {cost.points[total] * 1e3:9.2f} "
+        if total in plain.tokens_per_second:
+            line += f"{grid[total, 0]:12.3f} {plain.tokens_per_second[total]:9.1f}"
+        else:
+            line += " " * 22
+        if total in best.lookup_tokens_per_second:
+            chain, rate = best.lookup_tokens_per_second[total]
+            line += f" | {chain:6d} {grid[total - chain, chain]:12.3f} {rate:9.1f}"
+        if total == best.total_nodes:
+            line += "  <- chosen"
+        print(line)
 
 
 # ----- evaluate ---------------------------------------------------------------------------------
@@ -336,8 +424,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _report_skipped(skipped)
     if not prompts:
         raise MedusaError(f"no prompt found in {', '.join(args.data)}")
+    chains = _parse_chains(args.lookup)
     model = _load_model(args, directory)
-    trees = {f"greedy-{n}": build_tree(profile, n, estimate) for n in _parse_sizes(args.sizes)}
+    trees = {}
+    for n in _parse_sizes(args.sizes):
+        greedy = build_tree(profile, n, estimate)
+        trees |= {f"greedy-{n}" + (f"+lookup-{chain}" if chain else ""): greedy.with_lookup(chain) for chain in chains}
     if args.default_trees:
         trees |= {f"default-{n}": default_tree(n, config.num_heads) for n in _parse_sizes(args.sizes) if n in DEFAULT_TREE_SIZES}
     if args.tuned:
@@ -345,6 +437,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if tuned is None:
             raise MedusaError(f"no tree tuned for {device_kind(model.device)!r} beside {directory}: run `medusa tree tune`")
         trees["tuned"] = tuned
+        chained = tuned_tree(directory, model.device, config.num_heads, lookup=True)
+        if chained.lookup:
+            trees["tuned+lookup"] = chained
     results = []
     for label, tree in trees.items():
         measured = _decode_prompts(model, prompts, tree, args.max_new_tokens, label)
@@ -397,7 +492,9 @@ def _plot_evaluate(plot_dir: Path, profile, results: list[dict], estimate: str) 
     from medusa.treeopt.build import ESTIMATES, expected_lengths
     from medusa.treeopt.plots import plot_accept_length
 
-    greedy = [r for r in results if r["tree"].startswith("greedy-")]
+    greedy = [r for r in results if r["tree"].startswith("greedy-") and "+lookup" not in r["tree"]]
+    if not greedy:
+        return
     sizes = list(range(1, 1 + max(256, *(r["nodes"] for r in results))))
     curves = {f"{estimate}, greedy trees": expected_lengths(profile, sizes, estimate)}
     for name in ESTIMATES:

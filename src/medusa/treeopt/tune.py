@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,8 @@ from medusa.tree import Tree
 from medusa.treeopt.tuned import device_kind
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+# Lookup chains the tuner tries beside each heads tree (0: none); medusa.lookup.MAX_LOOKUP_NODES is the longest.
+LOOKUP_CHOICES = (0, 2, 4, 6, 8, 10, 12, 16, 20, 24)
 
 
 @dataclass
@@ -74,14 +76,21 @@ class CostCurve:
 
 @dataclass
 class TuneChoice:
-    nodes: int
+    nodes: int  # the heads' tree, root included
     expected_accept_length: float  # tokens per step, root included
     step_seconds: float
-    tokens_per_second: dict[int, float]  # expected, for every size both curves know
+    tokens_per_second: dict[int, float]  # expected, for every size both curves know, without a lookup branch
+    lookup: int = 0  # nodes of the lookup chain besides the heads' tree
+    # for every total size: the best lookup chain (> 0 nodes) in a tree of that many nodes, and its tokens/s
+    lookup_tokens_per_second: dict[int, tuple[int, float]] = field(default_factory=dict)
+
+    @property
+    def total_nodes(self) -> int:
+        return self.nodes + self.lookup
 
     @property
     def expected_tokens_per_second(self) -> float:
-        return self.tokens_per_second[self.nodes]
+        return self.expected_accept_length / self.step_seconds
 
 
 def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None) -> TuneChoice:
@@ -90,15 +99,39 @@ def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | No
     Only sizes the cost curve measured are candidates: step latency jumps at hardware tile sizes, so
     it is not interpolated.
     """
-    sizes = sorted(n for n in cost.points if n in expected and (max_nodes is None or n <= max_nodes))
-    if not sizes:
+    return choose_tree({(n, 0): value for n, value in expected.items()}, cost, max_nodes)
+
+
+def choose_tree(
+    expected: dict[tuple[int, int], float], cost: CostCurve, max_nodes: int | None = None
+) -> TuneChoice:
+    """The (heads tree, lookup chain) pair with the most expected tokens per second; ``expected`` maps
+    ``(tree nodes, chain nodes)`` to tokens per step. Among equals the fewest nodes, then the shortest chain.
+
+    A step costs what the cost curve measured for its total node count, heads' nodes and chain alike
+    (the chain's search adds a few small kernels, not counted). Totals the curve did not measure are
+    not candidates.
+    """
+    rates = {
+        (n, lookup): value / cost.points[n + lookup]
+        for (n, lookup), value in expected.items()
+        if n + lookup in cost.points and (max_nodes is None or n + lookup <= max_nodes)
+    }
+    if not rates:
+        totals = sorted({n + lookup for n, lookup in expected})
         raise MedusaError(
             f"the cost curve ({', '.join(map(str, sorted(cost.points)))} nodes) shares no tree size with the "
-            f"profile's trees ({', '.join(map(str, sorted(expected)))} nodes)"
+            f"profile's trees ({', '.join(map(str, totals))} nodes)"
         )
-    rates = {n: expected[n] / cost.points[n] for n in sizes}
-    best = max(sizes, key=lambda n: (rates[n], -n))
-    return TuneChoice(best, expected[best], cost.points[best], rates)
+    best = max(rates, key=lambda pair: (rates[pair], -(pair[0] + pair[1]), -pair[1]))
+    plain = {n: rate for (n, lookup), rate in rates.items() if lookup == 0}
+    chained: dict[int, tuple[int, float]] = {}
+    for (n, lookup), rate in rates.items():
+        total = n + lookup
+        if lookup and (total not in chained or rate > chained[total][1]):
+            chained[total] = (lookup, rate)
+    n, lookup = best
+    return TuneChoice(n, expected[best], cost.points[n + lookup], plain, lookup, chained)
 
 
 def measure_step_seconds(
