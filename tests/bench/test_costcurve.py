@@ -78,6 +78,29 @@ def test_cost_curve_measures_each_size_against_the_floor(one_thread):
     assert len(messages) == 3
 
 
+def test_cost_curve_with_a_lookup_chain_times_trees_holding_it(one_thread, monkeypatch):
+    from medusa.bench import costcurve
+
+    built = []
+    real = MedusaModel.make_decoder
+
+    def spy(self, prompt, config, tree=None):
+        decoder, graphed = real(self, prompt, config, tree)
+        built.append(decoder.tree)
+        return decoder, graphed
+
+    monkeypatch.setattr(MedusaModel, "make_decoder", spy)
+    config = CostCurveConfig(sizes=(5, 12), context=32, repeats=2, warmup=0, lookup=4)
+    result = costcurve.cost_curve(tiny_medusa(), config)
+    assert [(p["nodes"], p["lookup"], p["depth"]) for p in result["points"]] == [(5, 4, 4), (12, 4, 4)]
+    assert [(tree.size, tree.lookup) for tree in built] == [(5, 4), (12, 4)]
+    assert built[0].paths == () and len(built[1].paths) == 7  # 5 nodes: the root and the chain alone
+    with pytest.raises(MedusaError, match="every tree size must exceed 4"):
+        CostCurveConfig(sizes=(4, 8), lookup=4)
+    with pytest.raises(MedusaError, match="lookup nodes must be an integer from 0"):
+        CostCurveConfig(lookup=99)
+
+
 def test_cost_curve_refuses_a_context_beyond_the_model():
     config = CostCurveConfig(sizes=(1, 8), context=SHAPES["tiny"]["max_position_embeddings"], repeats=1, warmup=0)
     with pytest.raises(MedusaError, match="exceeds the model's"):

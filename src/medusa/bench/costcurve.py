@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from medusa.bench.environment import synchronize
 from medusa.errors import MedusaError
+from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import GENERIC_HEAD_ACCURACY, Tree, build_tree_from_accuracies
 
@@ -49,11 +50,16 @@ class CostCurveConfig:
     warmup: int = 5
     cuda_graphs: bool = True
     compile: bool | str = False
+    lookup: int = 0  # nodes of each tree that are a lookup chain (its search runs in the step too)
 
     def __post_init__(self) -> None:
         self.sizes = tuple(sorted(set(self.sizes)))
         if not self.sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes):
             raise MedusaError(f"tree sizes must be positive integers, got {list(self.sizes)}")
+        check_lookup(self.lookup, DEFAULT_MAX_NGRAM)
+        if self.sizes[0] <= self.lookup:
+            raise MedusaError(f"with a {self.lookup}-node lookup chain every tree size must exceed {self.lookup} "
+                              f"(the root and the chain), got {self.sizes[0]}")
         for name, least in (("context", 1), ("repeats", 1), ("warmup", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -130,16 +136,19 @@ def tree_of_size(size: int, num_heads: int) -> Tree:
 
 
 def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> list[float]:
-    """Timed decoding steps with a ``size``-node tree, every one at ``config.context`` committed tokens."""
-    use_heads = size > 1
+    """Timed decoding steps with a ``size``-node tree (``config.lookup`` of its nodes a lookup chain), every
+    one at ``config.context`` committed tokens."""
+    heads_size = size - config.lookup
+    use_heads = heads_size > 1
     if use_heads and model.heads is None:
         raise MedusaError("a tree of more than one node needs heads, but the model has none")
-    tree = tree_of_size(size, model.heads.config.num_heads) if use_heads else None
+    tree = tree_of_size(heads_size, model.heads.config.num_heads) if use_heads else Tree.from_paths([])
+    tree = tree.with_lookup(config.lookup)
     vocab = model.base_model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(size)
     prompt = torch.randint(0, vocab, (config.context,), generator=generator).to(model.device)
     generation = GenerationConfig(max_new_tokens=1, use_heads=use_heads, cuda_graphs=config.cuda_graphs,
-                                  compile=config.compile)
+                                  compile=config.compile, lookup=config.lookup)
     decoder, graphed = model.make_decoder(prompt, generation, tree)
     span = decoder.span_for(config.context)  # the attention span decoding would use at this context
     replay = graphed or decoder.step
@@ -176,7 +185,9 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
         deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
         points.append({
             "nodes": size,
-            "depth": tree_of_size(size, model.heads.config.num_heads).max_depth if size > 1 else 0,
+            "depth": max(tree_of_size(size - config.lookup, model.heads.config.num_heads).max_depth
+                         if size - config.lookup > 1 else 0, config.lookup),
+            "lookup": config.lookup,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(seconds),
             "p10_ms": 1e3 * deciles[0],

@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
-    bench.add_argument("--lookup-nodes", type=int, default=10,
-                       help="nodes of the tree's lookup branch in medusa-lookup and lookup (default 10)")
+    bench.add_argument("--lookup-nodes", type=int, default=None,
+                       help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
+                            "tune` chose for this device, else 10)")
     bench.add_argument("--transformers-limit", type=int,
                        help="run hf-generate and prompt-lookup only on the first N questions of each category "
                             "(they are slow; speedups over them use the prompts both ran)")
@@ -76,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     curve.add_argument("--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model")
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
+    curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
+                       help="make N nodes of every tree a lookup chain, its search included in the step (default 0)")
     curve.add_argument("--repeats", type=int, default=50, help="timed steps per size (the median is reported)")
     curve.add_argument("--step-warmup", type=int, default=5, help="untimed steps per size first")
 
@@ -164,6 +167,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         warmup=args.step_warmup,
         cuda_graphs=not args.no_cuda_graphs,
         compile=_compile_setting(args.compile),
+        lookup=args.curve_lookup,
     )
     if args.shape:
         if args.model or args.heads:
