@@ -52,7 +52,8 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     assert overall["medusa"]["steps"] <= overall["autoregressive"]["steps"]
     assert set(report["methods"]["medusa"]["per_category"]) == {"writing", "roleplay", "qa", "translation"}
     assert report["meta"]["tree_size"] == 8 and report["meta"]["max_new_tokens"] == 12
-    assert report["meta"]["lookup_nodes"] == 10 and "+10 lookup nodes" in (tmp_path / "summary.md").read_text()
+    assert report["meta"]["lookup_nodes"] == 10 and report["meta"]["lookup_tree_size"] == 18
+    assert "medusa-lookup: 18 nodes, 10 of them a lookup chain" in (tmp_path / "summary.md").read_text()
     assert report["meta"]["heads_source"].startswith("untrained")
     out = capsys.readouterr().out
     assert "0 of 6 prompts differ" in out and "bench.json" in out
@@ -140,3 +141,17 @@ def test_runs_in_parts_merge_into_one_report(tiny_model_dir, questions_file, tmp
     capsys.readouterr()
     assert main(["bench", "--merge", parts[0], parts[0], "--output-dir", str(tmp_path / "bad")]) == 2
     assert "is in more than one report" in capsys.readouterr().err
+
+
+def test_lookup_methods_run_the_chain_tuned_for_the_device_unless_told():
+    from conftest import TINY_VOCAB, make_tiny_model
+    from medusa.bench.runner import lookup_nodes
+    from medusa.heads import MedusaHeads, MedusaHeadsConfig
+    from medusa.tree import Tree
+
+    base = make_tiny_model("llama")
+    config = MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=2)
+    heads = MedusaHeads(config, base_lm_head=base.get_output_embeddings())
+    tuned = MedusaModel(base, None, heads, tree=Tree.from_paths([[0], [1]], lookup=6))
+    assert lookup_nodes(tuned, BenchConfig()) == 6 and lookup_nodes(tuned, BenchConfig(lookup=3)) == 3
+    assert lookup_nodes(MedusaModel(base, None, heads, tree=[[0]]), BenchConfig()) == 10  # none tuned: the default

@@ -289,3 +289,17 @@ def test_lookup_depths_round_trip_and_profiles_without_them_refuse_a_lookup_bran
     with pytest.raises(MedusaError, match="did not measure the lookup branch"):
         expected_lengths(without, [8], "walk", lookup=4)
     assert expected_lengths(without, [8], "walk") == expected_lengths(profile, [8], "walk")
+
+
+def test_the_walk_reads_only_as_many_positions_of_each_answer_as_decoding_generates():
+    profile = ranks_profile(HAND, num_heads=2, topk=2)
+    profile.position_ranks.lookup = np.arange(11, dtype=np.uint8)
+    short = profile.for_new_tokens(2)
+    assert short.position_ranks.segments.tolist() == [2, 2, 2]
+    assert short.position_ranks.lookup.tolist() == [0, 1, 6, 7, 9, 10]  # each answer's first two positions
+    # depths [2, 2 | 1, 2 | 2, 0]: one step of 3 ends the first answer, one of 2 the second, one of 3 the third
+    assert expected_length(short, TREE, "walk") == pytest.approx(8 / 3)
+    assert (short.samples, short.path_counts) == (profile.samples, profile.path_counts)  # joint counts are untouched
+    assert profile.for_new_tokens(None) is profile and profile.for_new_tokens(100).position_ranks.positions == 11
+    with pytest.raises(MedusaError, match="positive integer"):
+        profile.position_ranks.first(0)

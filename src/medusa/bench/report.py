@@ -244,7 +244,8 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     first = reports[0]
     for report in reports:
         validate_report(report)
-    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads", "lookup_nodes", "cuda_graphs", "compile")
+    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads", "lookup_nodes", "lookup_tree_size",
+            "cuda_graphs", "compile")
     for report in reports[1:]:
         differing = [key for key in same if report["meta"].get(key) != first["meta"].get(key)]
         if differing:
@@ -344,7 +345,12 @@ def _heads_text(meta: dict) -> str:
 
 def _lookup_text(meta: dict) -> str:
     nodes = meta.get("lookup_nodes")
-    return f" (+{nodes} lookup nodes in the lookup methods)" if nodes else ""
+    if not nodes:
+        return ""
+    total = meta.get("lookup_tree_size")
+    if total:  # the lookup methods' own tree: the one tuned with its chain, or the heads' tree and the chain
+        return f" (medusa-lookup: {total} nodes, {nodes} of them a lookup chain)"
+    return f" (+{nodes} lookup nodes in the lookup methods)"
 
 
 def markdown_summary(report: dict) -> str:

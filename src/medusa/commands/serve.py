@@ -61,7 +61,11 @@ def run(args: argparse.Namespace) -> int:
                                                  acceptance=settings.acceptance, cuda_graphs=settings.cuda_graphs,
                                                  compile=settings.compile))
     app = create_app(Engine(model, engine_config), settings)
-    heads = f"Medusa heads, {model.tree.size}-node tree" if settings.use_heads and model.heads else "no heads"
+    heads = "no heads"
+    if settings.use_heads and model.heads:
+        heads = f"Medusa heads, {model.plain_tree.size}-node tree"
+        if model.tree.lookup and args.max_batch == 1:  # batches have no lookup branch
+            heads += f" ({model.tree.size} nodes with its {model.tree.lookup}-node lookup chain)"
     print(f"medusa serve: {model.name} ({heads}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not _is_loopback(args.host) and api_key is None:
         print(f"medusa serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(tune)
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
+    _add_answer_length_argument(tune)
     tune.add_argument("--cost-curve", help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) instead of timing here')
     tune.add_argument("--sizes", help="tree sizes to time (default 1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256)")
     tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider, lookup chain included (default 256)")
@@ -77,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument("--default-trees", action="store_true", help="also decode with the default trees of the same sizes")
     evaluate.add_argument("--tuned", action="store_true",
                           help="also decode with the tree tuned for this device (and its lookup tree, if it has one)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=128)
+    evaluate.add_argument("--max-new-tokens", type=int, default=128,
+                          help="new tokens per prompt (default 128); the walk estimate reads as many positions of each profiled answer")
     evaluate.add_argument("--output", help="write the results as JSON here")
     evaluate.add_argument("--plot-dir", help="write measured and expected accepted length against N here")
 
@@ -86,6 +88,13 @@ def _add_heads_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
     parser.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     parser.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
+    _add_answer_length_argument(parser)
+
+
+def _add_answer_length_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="estimate for generations of this many new tokens: the walk reads only the first N positions "
+                             "of each profiled answer (default 256; 0: whole answers)")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,12 +126,16 @@ def _heads_directory(args: argparse.Namespace) -> Path:
 
 
 def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
+    """The profile for these heads, its walk data cut to the generation length estimated for (--max-new-tokens)."""
     from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
 
     path = Path(args.profile) if args.profile else directory / PROFILE_FILE
     profile = HeadProfile.load(path)
     profile.check_heads(num_heads, heads_fingerprint(directory), origin=f"profile {path}")
-    return profile
+    tokens = getattr(args, "max_new_tokens", 0)
+    if tokens < 0:
+        raise MedusaError(f"--max-new-tokens must be 0 (whole answers) or more, got {tokens}")
+    return profile.for_new_tokens(tokens or None)
 
 
 def _estimate(args: argparse.Namespace, profile) -> str:
@@ -321,7 +334,8 @@ def run_tune(args: argparse.Namespace) -> int:
         if fixed or with_chain.expected_tokens_per_second > plain.expected_tokens_per_second:
             best = with_chain
     _print_tune_table(plain, best, grid, cost)
-    print(f"({estimate} estimate of tokens per step)")
+    length = f", over the first {args.max_new_tokens} tokens of each answer" if args.max_new_tokens and estimate == "walk" else ""
+    print(f"({estimate} estimate of tokens per step{length})")
     tree = build_tree(profile, plain.nodes, estimate)
     print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
           f"{plain.expected_accept_length:.2f} tokens/step expected, {plain.expected_tokens_per_second:.1f} tokens/s expected")
@@ -337,7 +351,7 @@ def run_tune(args: argparse.Namespace) -> int:
             "estimate": estimate, "expected_accept_length": round(plain.expected_accept_length, 4),
             "step_seconds": plain.step_seconds, "expected_tokens_per_second": round(plain.expected_tokens_per_second, 2),
             "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
-            "cost_curve": cost.to_dict()["points"],
+            "max_new_tokens": args.max_new_tokens or None, "cost_curve": cost.to_dict()["points"],
         }
         if chain_tree is not None:
             entry["lookup"] = {

@@ -29,7 +29,7 @@ import math
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -76,6 +76,20 @@ class PositionRanks:
     @property
     def positions(self) -> int:
         return int(self.ranks.shape[0])
+
+    def first(self, tokens: int) -> "PositionRanks":
+        """The first ``tokens`` positions of each answer: what decoding ``tokens`` new tokens walks over.
+
+        Answers change as they go on (a small model drifts into repeating itself, which the lookup branch
+        copies), so an estimate for 256-token generations should not read positions 257 onwards.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+            raise MedusaError(f"tokens per answer must be a positive integer, got {tokens!r}")
+        starts = np.cumsum(self.segments) - self.segments
+        kept = np.minimum(self.segments, tokens)
+        index = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, kept)]) if len(kept) else np.zeros(0, dtype=np.int64)
+        lookup = None if self.lookup is None else self.lookup[index]
+        return PositionRanks(self.ranks[index], kept.astype(np.int64), lookup, self.lookup_ngram)
 
     def to_dict(self, topk: int) -> dict:
         dtype = np.uint8 if topk < 255 else np.uint16
@@ -149,6 +163,15 @@ class HeadProfile:
     path_counts: dict[tuple[int, ...], int] = field(default_factory=dict)  # positions whose guesses match along the path
     reference: str = REFERENCE
     position_ranks: PositionRanks | None = None  # None in profiles made before the walk estimate
+
+    def for_new_tokens(self, tokens: int | None) -> "HeadProfile":
+        """This profile with its walk data cut to the first ``tokens`` positions of each answer (None: whole answers).
+
+        Only the walk estimate reads it; the joint counts and accuracies stay those of whole answers.
+        """
+        if tokens is None or self.position_ranks is None:
+            return self
+        return replace(self, position_ranks=self.position_ranks.first(tokens))
 
     def check_heads(self, num_heads: int, fingerprint: str | None = None, origin: str = "the profile") -> None:
         """Refuse a profile measured on other heads: a different head count, or other weights."""
