@@ -328,12 +328,13 @@ def run_tune(args: argparse.Namespace) -> int:
     plain = choose_tree({pair: v for pair, v in grid.items() if pair[1] == 0}, cost, args.max_nodes)
     chained = [pair for pair in grid if pair[1] > 0]
     best = plain
+    with_chain = None
     if chained:
         with_chain = choose_tree({pair: grid[pair] for pair in chained}, cost, args.max_nodes)
         fixed = args.lookup != "auto"
         if fixed or with_chain.expected_tokens_per_second > plain.expected_tokens_per_second:
             best = with_chain
-    _print_tune_table(plain, best, grid, cost)
+    _print_tune_table(plain, with_chain, best.total_nodes, grid, cost)
     length = f", over the first {args.max_new_tokens} tokens of each answer" if args.max_new_tokens and estimate == "walk" else ""
     print(f"({estimate} estimate of tokens per step{length})")
     tree = build_tree(profile, plain.nodes, estimate)
@@ -368,7 +369,9 @@ def run_tune(args: argparse.Namespace) -> int:
         plot_dir = Path(args.plot_dir)
         slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
         heads_sizes = sorted(n for n, chain in grid if chain == 0)
-        lookup_rates = {total: rate for total, (_, rate) in best.lookup_tokens_per_second.items()} if best.lookup else None
+        lookup_rates = None
+        if with_chain is not None:  # what the chains would give, chosen or not
+            lookup_rates = {total: rate for total, (_, rate) in with_chain.lookup_tokens_per_second.items()}
         shown = chain_tree or tree
         written = [
             plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", plain.tokens_per_second, best.total_nodes,
@@ -400,21 +403,21 @@ def _lookup_choices(text: str, profile, estimate: str, has_lookup) -> tuple[int,
     return (0, chain) if chain else (0,)
 
 
-def _print_tune_table(plain, best, grid: dict, cost) -> None:
+def _print_tune_table(plain, with_chain, chosen: int, grid: dict, cost) -> None:
     """Per total size: the heads' tree alone, and (when chains were tried) the best tree with a lookup chain."""
-    chains = bool(best.lookup_tokens_per_second)
+    chained = with_chain.lookup_tokens_per_second if with_chain is not None else {}
     header = f"{'nodes':>6} {'ms/step':>9} {'tokens/step':>12} {'tokens/s':>9}"
-    print(header + (f" | {'chain':>6} {'tokens/step':>12} {'tokens/s':>9}" if chains else ""))
-    for total in sorted(set(plain.tokens_per_second) | set(best.lookup_tokens_per_second)):
+    print(header + (f" | {'chain':>6} {'tokens/step':>12} {'tokens/s':>9}" if chained else ""))
+    for total in sorted(set(plain.tokens_per_second) | set(chained)):
         line = f"{total:6d} {cost.points[total] * 1e3:9.2f} "
         if total in plain.tokens_per_second:
             line += f"{grid[total, 0]:12.3f} {plain.tokens_per_second[total]:9.1f}"
         else:
             line += " " * 22
-        if total in best.lookup_tokens_per_second:
-            chain, rate = best.lookup_tokens_per_second[total]
+        if total in chained:
+            chain, rate = chained[total]
             line += f" | {chain:6d} {grid[total - chain, chain]:12.3f} {rate:9.1f}"
-        if total == best.total_nodes:
+        if total == chosen:
             line += "  <- chosen"
         print(line)
 
