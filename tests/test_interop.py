@@ -304,6 +304,16 @@ def test_exported_projections_do_not_alias_the_base_weight(tmp_path):
     assert not torch.equal(back.heads.projections[0].weight, base.get_output_embeddings().weight)
 
 
+def test_export_writes_the_tree_without_its_lookup_chain(tmp_path):
+    from medusa.tree import Tree
+
+    base, heads = random_heads(num_heads=2)
+    chained = Tree.from_paths([[0], [0, 0]], lookup=5)
+    plain = Tree.from_paths([[0], [1], [0, 0]])
+    export_heads(MedusaModel(base, None, heads, tree=chained, plain_tree=plain), tmp_path, format="medusa")
+    assert json.loads((tmp_path / "tree.json").read_text())["paths"] == [[0], [1], [0, 0]]
+
+
 def test_export_casts_to_the_requested_dtype(tmp_path):
     base, heads = random_heads(num_heads=2)
     export_heads(MedusaModel(base, None, heads), tmp_path, format="vllm", dtype=torch.bfloat16)
