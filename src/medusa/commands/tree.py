@@ -345,7 +345,7 @@ def run_tune(args: argparse.Namespace) -> int:
         chain_tree = build_tree(profile, best.nodes, estimate).with_lookup(best.lookup)
         print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a {best.lookup}-node "
               f"chain): {best.expected_accept_length:.2f} tokens/step expected, {best.expected_tokens_per_second:.1f} tokens/s "
-              f"expected{'; decoding uses it by default here' if best is not plain else ''}")
+              f"expected{'; decoding uses it by default here' if best is not plain and not args.dry_run else ''}")
     if not args.dry_run:
         entry = {
             "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
