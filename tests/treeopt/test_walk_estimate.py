@@ -167,17 +167,31 @@ def test_a_profile_without_walk_data_still_loads(tmp_path):
     assert expected_lengths(shipped, [8], default_estimate(shipped))[8] > 1
 
 
+def self_distilled(model, prompts, new_tokens: int) -> list[Example]:
+    """The model's own greedy answers to ``prompts``, as profiling examples."""
+    examples = []
+    for prompt in prompts:
+        answer = greedy_continuation(model, prompt, new_tokens)
+        examples.append(Example(prompt + answer, [False] * len(prompt) + [True] * len(answer)))
+    return examples
+
+
+def walked_steps(depths, start: int, stop: int) -> list[int]:
+    """Tokens each step of the walk accepts, for steps starting at ``start`` up to before ``stop``."""
+    t, walked = start, []
+    while t < stop:
+        walked.append(1 + int(depths[t]))
+        t += walked[-1]
+    return walked
+
+
 def test_walk_over_a_profile_replays_greedy_decoding_step_by_step():
     """On answers the model wrote greedily, the walk's steps are decoding's steps with the same tree."""
     model = make_tiny_model("llama", seed=1)
     heads = fresh_heads(model, 3)
     medusa = MedusaModel(model, None, heads)
     prompts = ([5, 9, 17, 33], [100, 7, 7, 7, 200, 12], [40, 41, 42])
-    examples = []
-    for prompt in prompts:
-        answer = greedy_continuation(model, prompt, 48)
-        examples.append(Example(prompt + answer, [False] * len(prompt) + [True] * len(answer)))
-    profile = profile_heads(model, heads, examples, topk=4, chunk=16)
+    profile = profile_heads(model, heads, self_distilled(model, prompts, 48), topk=4, chunk=16)
     walk = profile.position_ranks
     assert walk.segments.tolist() == [48 - 3] * 3 and walk.positions == profile.samples
     tree = Tree.from_paths([[0], [1], [0, 0], [0, 1], [0, 0, 0], [2]])
@@ -185,10 +199,7 @@ def test_walk_over_a_profile_replays_greedy_decoding_step_by_step():
     assert depths.max() >= 2  # the case is not trivial: decoding does accept deep paths here
     start = 0
     for prompt, length in zip(prompts, walk.segments.tolist()):
-        t, walked = start, []
-        while t < start + length:
-            walked.append(1 + int(depths[t]))
-            t += walked[-1]
+        walked = walked_steps(depths, start, start + length)
         start += length
         stats = DecodingStats()
         ids = torch.tensor(prompt)
@@ -229,11 +240,7 @@ def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
     medusa = MedusaModel(model, None, heads)
     # repeats in the prompts give the lookup something to copy; the tiny model's greedy answers loop too
     prompts = ([5, 9, 17, 33, 5, 9, 17], [100, 7, 7, 7, 200, 12, 100, 7], [40, 41, 42, 40, 41])
-    examples = []
-    for prompt in prompts:
-        answer = greedy_continuation(model, prompt, 96)
-        examples.append(Example(prompt + answer, [False] * len(prompt) + [True] * len(answer)))
-    profile = profile_heads(model, heads, examples, topk=4, chunk=16)
+    profile = profile_heads(model, heads, self_distilled(model, prompts, 96), topk=4, chunk=16)
     walk = profile.position_ranks
     assert walk.lookup is not None and walk.lookup.shape == (walk.positions,)
     heads_only = Tree.from_paths([[0], [1], [0, 0]])
@@ -244,10 +251,7 @@ def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
         start = 0
         for prompt, length in zip(prompts, walk.segments.tolist()):
             # near its end the answer cannot confirm a long chain that decoding (writing on) accepts
-            t, walked = start, []
-            while t < start + length - lookup:
-                walked.append(1 + int(depths[t]))
-                t += walked[-1]
+            walked = walked_steps(depths, start, start + length - lookup)
             start += length
             stats = DecodingStats()
             ids = torch.tensor(prompt)

@@ -289,7 +289,7 @@ def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) 
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import build_tree, expected_grid, has_lookup
+    from medusa.treeopt.build import build_tree, expected_grid
     from medusa.treeopt.profile import heads_fingerprint
     from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_tree, measure_cost_curve
     from medusa.treeopt.tuned import device_kind, write_tuned_tree
@@ -300,7 +300,7 @@ def run_tune(args: argparse.Namespace) -> int:
     config = MedusaHeadsConfig.load(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
-    chains = _lookup_choices(args.lookup, profile, estimate, has_lookup)
+    chains = _lookup_choices(args.lookup, profile, estimate)
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
         kind = args.device_kind or cost.device
@@ -383,9 +383,10 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lookup_choices(text: str, profile, estimate: str, has_lookup) -> tuple[int, ...]:
+def _lookup_choices(text: str, profile, estimate: str) -> tuple[int, ...]:
     """The lookup chains ``--lookup`` asks the tuner to try, 0 (none) always among them."""
     from medusa.lookup import MAX_LOOKUP_NODES
+    from medusa.treeopt.build import has_lookup
     from medusa.treeopt.tune import LOOKUP_CHOICES
 
     if text == "auto":
