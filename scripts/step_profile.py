@@ -86,7 +86,9 @@ def main() -> None:
     model = MedusaModel.from_pretrained(base, heads=heads)
     prompt = torch.randint(0, text.vocab_size, (args.context,), device=device)
     results = []
-    backends = None if args.sdpa == "default" else [getattr(SDPBackend, name.upper()) for name in args.sdpa.split(",")]
+    names = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    backends = None if args.sdpa == "default" else [names[name] for name in args.sdpa.split(",")]
     attention = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
     for size in (int(n) for n in args.nodes.split(",")):
         lookup = args.lookup if size > 1 else 0

@@ -12,13 +12,15 @@ from medusa.tree import Tree
 T, F = True, False
 
 
-def filled_cache(num_layers: int = 2, max_length: int = 10) -> MedusaCache:
-    """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer)."""
-    cache = MedusaCache(num_layers, max_length)
+def filled_cache(num_layers: int = 2, max_length: int = 10, one_store: bool = False, heads: tuple[int, ...] = ()) -> MedusaCache:
+    """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer); layer l has
+    ``heads[l]`` K/V heads (2 by default)."""
+    cache = MedusaCache(num_layers, max_length, one_store=one_store)
     cache.set_length(torch.tensor(0))
     for index, layer in enumerate(cache.layers):
         slots = torch.arange(max_length, dtype=torch.float32) + 100 * index
-        keys = slots.view(1, 1, max_length, 1).expand(1, 2, max_length, 3).clone()
+        width = heads[index] if heads else 2
+        keys = slots.view(1, 1, max_length, 1).expand(1, width, max_length, 3).clone()
         layer.update(keys, -keys)
     return cache
 
@@ -35,8 +37,9 @@ def test_update_writes_after_the_declared_length():
     assert int(cache.layers[0].cumulative_length) == 6
 
 
-def test_commit_moves_the_accepted_path_into_place_on_every_layer():
-    cache = filled_cache()
+@pytest.mark.parametrize("one_store", [False, True])
+def test_commit_moves_the_accepted_path_into_place_on_every_layer(one_store):
+    cache = filled_cache(one_store=one_store)
     # Committed length 4; the tree was written at slots 4..9; the accepted path is nodes 0, 2, 5.
     cache.commit(torch.tensor([4, 6, 9]), torch.tensor(4))
     assert slot_values(cache, 0) == [0, 1, 2, 3, 4, 6, 9, 7, 8, 9]
@@ -44,15 +47,39 @@ def test_commit_moves_the_accepted_path_into_place_on_every_layer():
     assert cache.layers[1].values[0, 1, :, 2].tolist() == [-v for v in slot_values(cache, 1)]
 
 
-def test_commit_reads_every_source_before_writing():
-    cache = filled_cache(num_layers=1)
+@pytest.mark.parametrize("one_store", [False, True])
+def test_commit_reads_every_source_before_writing(one_store):
+    cache = filled_cache(num_layers=1, one_store=one_store)
     # Target 5 is also a source: it must get slot 5's old value moved to slot 4 ... and slot 8 to 5.
     cache.commit(torch.tensor([5, 8, 6]), torch.tensor(4))
     assert slot_values(cache) == [0, 1, 2, 3, 5, 8, 6, 7, 8, 9]
 
 
-def test_a_prefix_views_the_first_slots_and_shares_writes_and_lengths():
-    cache = filled_cache(num_layers=2, max_length=10)
+def test_one_store_holds_every_layer_and_layer_writes_land_in_it():
+    cache = filled_cache(num_layers=3, one_store=True)
+    store = cache.store.buffer
+    assert store.shape == (3, 2, 1, 2, 10, 3) and cache.store.members == {0, 1, 2}
+    assert store[2, 0, 0, 1, :, 0].tolist() == slot_values(cache, 2)
+    assert store[1, 1, 0, 0, 4, 2].item() == -104.0
+    cache.set_length(torch.tensor(5))
+    cache.layers[1].update(torch.full((1, 2, 1, 3), 9.0), torch.full((1, 2, 1, 3), -9.0))
+    assert store[1, 0, 0, 0, 5, 0].item() == 9.0 and store[1, 1, 0, 1, 5, 1].item() == -9.0
+
+
+def test_a_layer_of_another_shape_keeps_its_own_buffers_and_still_commits():
+    cache = filled_cache(num_layers=3, one_store=True, heads=(2, 4, 2))
+    assert cache.store.members == {0, 2}
+    assert cache.layers[1].keys.shape == (1, 4, 10, 3)
+    cache.commit(torch.tensor([4, 6, 9]), torch.tensor(4))
+    for layer in range(3):
+        base = 100 * layer
+        assert slot_values(cache, layer) == [base + slot for slot in (0, 1, 2, 3, 4, 6, 9, 7, 8, 9)]
+    assert cache.layers[1].values[0, 3, :, 0].tolist() == [-v for v in slot_values(cache, 1)]
+
+
+@pytest.mark.parametrize("one_store", [False, True])
+def test_a_prefix_views_the_first_slots_and_shares_writes_and_lengths(one_store):
+    cache = filled_cache(num_layers=2, max_length=10, one_store=one_store)
     cache.set_length(torch.tensor(3))
     prefix = cache.prefix(6)
     assert prefix.max_length == 6 and [layer.keys.shape[2] for layer in prefix.layers] == [6, 6]

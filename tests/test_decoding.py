@@ -262,6 +262,8 @@ def test_compacted_cache_equals_a_fresh_prefill(tiny_model):
     continuation = list(reference(architecture_of(tiny_model), tuple(prompt), 36))
     tokens, stats, decoder = oracle_run(tiny_model, default_tree(64), prompt, 30, eos=set(), continuation=continuation)
     assert stats.mean_accepted > 2
+    # every layer's K/V sit in the one store, so each commit moved them with one gather and one scatter
+    assert decoder.cache.store.members == set(range(len(decoder.cache.layers)))
     committed = int(decoder.length)
     sequence = torch.tensor([prompt + tokens])[:, :committed]
     with torch.no_grad():

@@ -73,6 +73,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def spans_devices(base_model: torch.nn.Module) -> bool:
+    return len({parameter.device for parameter in base_model.parameters()}) > 1
+
+
 class MedusaDecoder:
     """State of one generation (batch 1) on a preallocated cache of ``max_length`` slots."""
 
@@ -85,7 +89,10 @@ class MedusaDecoder:
         max_length: int,
         lookup_ngram: int = DEFAULT_MAX_NGRAM,
         span_step: int | None = ATTENTION_SPAN_STEP,
+        one_store: bool = True,
     ) -> None:
+        """``one_store``: keep every layer's K/V in one buffer so a commit is two kernels (``MedusaCache``);
+        never for a base model split over devices."""
         if heads is None and tree.paths:
             raise ValueError("decoding without heads needs a tree without head paths (the root, or a lookup chain)")
         if heads is not None:
@@ -97,7 +104,9 @@ class MedusaDecoder:
         self.dtype = base_model.dtype
         self.tree = tree.to(self.device)
         self.max_length = max_length
-        self.cache = MedusaCache(num_cache_layers(base_model.config), max_length)
+        self.cache = MedusaCache(
+            num_cache_layers(base_model.config), max_length, one_store=one_store and not spans_devices(base_model)
+        )
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
         # Decoding state lives in fixed buffers updated in place, so a captured step can replay on it.
         self.root_token = torch.zeros((), dtype=torch.long, device=self.device)
@@ -185,7 +194,8 @@ class MedusaDecoder:
         visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, span)
         logits, hidden = self._forward(tree_tokens, visibility, self._cache_over(span))
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
-        self.cache.commit(self.length + verdict.path, self.length)
+        if self.tree.size > 1:  # a one-node tree's token is already in place: nothing to move
+            self.cache.commit(self.length + verdict.path, self.length)
         if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
             slots = (self.length + self.path_offsets).clamp(max=self.history.numel() - 1)
             self.history.index_copy_(0, slots, tree_tokens[verdict.path])

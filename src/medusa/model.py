@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
 from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
-from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device
+from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device, spans_devices
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
@@ -289,7 +289,9 @@ class MedusaModel(nn.Module):
         span_step = None if config.compile else ATTENTION_SPAN_STEP
 
         def build(max_length: int) -> MedusaDecoder:
-            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram, span_step)
+            # Compiled steps keep per-layer buffers: one store aliased by every layer's views is untested under inductor.
+            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram, span_step,
+                                 one_store=not config.compile)
 
         if self.device.type != "cuda":
             return build(needed), None
@@ -519,10 +521,6 @@ def heads_device(base_model: PreTrainedModel) -> torch.device:
     lm_head = base_model.get_output_embeddings()
     weight = getattr(lm_head, "weight", None)
     return weight.device if weight is not None else model_device(base_model)
-
-
-def spans_devices(base_model: PreTrainedModel) -> bool:
-    return len({parameter.device for parameter in base_model.parameters()}) > 1
 
 
 def shipped_heads_directory(model_name: str) -> Path | None:
