@@ -267,11 +267,24 @@ def _method_plan(questions: Sequence[Question], config: BenchConfig) -> list[tup
     return plan
 
 
-def planned_runs(questions: Sequence[Question], config: BenchConfig) -> int:
+def planned_runs(questions: Sequence[Question], config: BenchConfig, done: Sequence[Record] = ()) -> int:
     """How many single generations ``run_benchmark`` will do, warm-up included (for a progress bar)."""
+    plan = [(q, names) for q, names in zip(questions, _method_plan(questions, config)) if not _finished(q, config, done)]
+    if not plan:
+        return 0
     warmup = min(config.warmup, len(questions)) * len(config.methods)
-    plan = _method_plan(questions, config)
-    return warmup + sum(min(config.turns, len(q.turns)) * len(names) for q, names in zip(questions, plan))
+    return warmup + sum(min(config.turns, len(q.turns)) * len(names) for q, names in plan)
+
+
+def _turns_run(question: Question, config: BenchConfig) -> int:
+    return min(config.turns, len(question.turns))
+
+
+def _finished(question: Question, config: BenchConfig, done: Sequence[Record]) -> list[Record] | None:
+    """The records of ``done`` for every turn of ``question`` this run takes, or None if one is missing."""
+    turns = {record.turn: record for record in done if record.question_id == question.question_id}
+    wanted = range(1, _turns_run(question, config) + 1)
+    return [turns[turn] for turn in wanted] if all(turn in turns for turn in wanted) else None
 
 
 def encode_turn(model: MedusaModel, messages: list[dict]) -> list[int]:
@@ -307,26 +320,37 @@ def run_benchmark(
     questions: Sequence[Question],
     config: BenchConfig,
     progress: Callable[[str], None] | None = None,
+    done: Sequence[Record] = (),
+    on_record: Callable[[Record], None] | None = None,
+    records: list[Record] | None = None,
 ) -> list[Record]:
     """Run every method on every chosen prompt, question by question, methods in the given order.
 
     A second turn's prompt holds the reference method's first answer, the same for every method.
-    ``progress`` is called after each generation with a short description.
+    ``progress`` is called after each generation with a short description. ``done``: records of an
+    earlier, stopped run (``medusa.bench.journal``); questions they cover whole are not run again.
+    ``on_record`` gets each new record as soon as it is measured. ``records``: the list to fill (the
+    caller keeps what was measured if the run is stopped); returned, in question order.
     """
     if not questions:
         raise MedusaError("no questions to run: check --categories and --limit")
     config = replace(config, cache_length=resolve_cache_length(model, questions, config))
-    methods = make_methods(model, config)
+    records = [] if records is None else records
+    plan = [(question, names, _finished(question, config, done))
+            for question, names in zip(questions, _method_plan(questions, config))]
+    methods = make_methods(model, config) if any(finished is None for _, _, finished in plan) else []
     report = progress or (lambda _: None)
-    for question in questions[: config.warmup]:
+    for question in questions[: config.warmup] if methods else ():
         prompt = encode_turn(model, turn_messages(question, 0, []))
         for method in methods:
             method.run(prompt)
             report(f"warm-up {method.name}")
-    records: list[Record] = []
-    for question, names in zip(questions, _method_plan(questions, config)):
+    for question, names, finished in plan:
+        if finished is not None:
+            records.extend(finished)
+            continue
         answers: list[str] = []
-        for turn in range(min(config.turns, len(question.turns))):
+        for turn in range(_turns_run(question, config)):
             prompt = encode_turn(model, turn_messages(question, turn, answers))
             record = Record(question.question_id, question.category, turn + 1, len(prompt))
             for method in methods:
@@ -334,6 +358,8 @@ def run_benchmark(
                     record.samples[method.name] = method.run(prompt)
                     report(f"{question.category} #{question.question_id} turn {turn + 1}: {method.name}")
             records.append(record)
+            if on_record is not None:
+                on_record(record)
             reference = record.samples.get(config.reference) or next(iter(record.samples.values()))
             answers.append(model.tokenizer.decode(reference.token_ids, skip_special_tokens=True))
     return records

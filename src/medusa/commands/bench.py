@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +20,7 @@ import torch
 
 from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
 from medusa.bench.environment import environment
+from medusa.bench.journal import Journal, journal_path, load_journal, resume_settings
 from medusa.bench.report import (
     build_report,
     equality_line,
@@ -28,6 +33,7 @@ from medusa.bench.report import (
 from medusa.bench.runner import (
     METHOD_NAMES,
     BenchConfig,
+    Record,
     describe_run,
     planned_runs,
     resolve_cache_length,
@@ -61,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(they are slow; speedups over them use the prompts both ran)")
     bench.add_argument("--keep-tokens", action="store_true",
                        help="also write every answer's token ids into bench.json (to compare answers across runs)")
+    bench.add_argument("--resume", action="store_true",
+                       help="continue a run that stopped before its end, from --output-dir's records.jsonl "
+                            "(every finished prompt is journaled there as it is measured); the settings must match")
     bench.add_argument("--merge", nargs="+", metavar="JSON",
                        help="instead of running, merge bench.json files of one setup run on different questions")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
@@ -109,26 +118,69 @@ def run(args: argparse.Namespace) -> int:
     questions_file = Path(args.questions) if args.questions else default_questions_path()
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select_questions(load_questions(questions_file), categories, args.limit)
+    output = Path(args.output_dir)
+    journal_file = journal_path(output)
+    if journal_file.is_file() and not args.resume:
+        raise MedusaError(
+            f"{journal_file} holds the prompts of a benchmark that stopped before its end; pass --resume to continue "
+            f"it, or choose another --output-dir (remove the file to discard them)"
+        )
     model = load_model(args)
     config = replace(config, cache_length=resolve_cache_length(model, questions, config))
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("Spec-Bench", total=planned_runs(questions, config))
-        records = run_benchmark(
-            model, questions, config, progress=lambda text: progress.update(task, advance=1, description=text)
-        )
     meta = {
         **_command_meta(args),
         **environment(model.device),
         **describe_run(model, config),
         "heads_source": _heads_source(args),
-        "questions_file": str(questions_file),
+        "questions_file": str(questions_file.resolve()),
         "categories": categories,
         "limit_per_category": args.limit,
-        "prompts": len(records),
     }
-    return _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), Path(args.output_dir))
+    done: list[Record] = []
+    if args.resume and journal_file.is_file():
+        done, notes = load_journal(journal_file, resume_settings(meta))
+        for note in notes:
+            print(note, file=sys.stderr)
+        print(f"resuming {journal_file}: {len(done)} prompts already measured", file=sys.stderr)
+    elif args.resume:
+        print(f"nothing to resume in {output} (no {journal_file.name}): starting afresh", file=sys.stderr)
+    journal = Journal(journal_file, resume_settings(meta), done)
+    records: list[Record] = []
+    console = Console(stderr=True)
+    try:
+        with _sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                               TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("Spec-Bench", total=planned_runs(questions, config, done))
+            run_benchmark(model, questions, config, progress=lambda text: progress.update(task, advance=1, description=text),
+                          done=done, on_record=journal.append, records=records)
+    except KeyboardInterrupt:
+        print(f"stopped after {len(records)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
+              f"to continue", file=sys.stderr)
+        if records:
+            meta.update(prompts=len(records), complete=False)
+            _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
+        return 130
+    meta.update(prompts=len(records), complete=True)
+    status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
+    journal.remove()  # the report holds it all now
+    return status
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM (``timeout``, a job scheduler) like Ctrl-C, so a stopped run still writes its report."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_merge(args: argparse.Namespace) -> int:

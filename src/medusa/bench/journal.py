@@ -1,0 +1,122 @@
+"""The benchmark's journal: each finished prompt is appended to ``records.jsonl`` as soon as it is measured.
+
+A long benchmark can be stopped before it writes its report: a time limit, a machine taken back, Ctrl-C.
+Its prompts are then not lost: the journal holds every one that finished, ``medusa bench --resume``
+continues from there, and the interrupted run still writes a report of what it has. The first line
+holds the run's settings, so a resumed run cannot mix in prompts measured another way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from medusa.bench.runner import Record, Sample
+from medusa.errors import MedusaError
+
+JOURNAL_NAME = "records.jsonl"
+# Settings (keys of the report's meta) that must match for a run to resume a journal.
+RESUME_SETTINGS = ("model", "dtype", "device", "heads", "tree_size", "lookup_tree_size", "max_new_tokens", "turns",
+                   "methods", "cuda_graphs", "compile", "prompt_lookup_num_tokens", "lookup_nodes",
+                   "transformers_limit_per_category", "questions_file")
+
+
+def journal_path(output_dir: str | Path) -> Path:
+    return Path(output_dir) / JOURNAL_NAME
+
+
+def record_to_json(record: Record) -> dict:
+    return {
+        "id": record.question_id,
+        "category": record.category,
+        "turn": record.turn,
+        "prompt_tokens": record.prompt_tokens,
+        "samples": {
+            name: {"token_ids": list(sample.token_ids), "prefill_seconds": sample.prefill_seconds,
+                   "decode_seconds": sample.decode_seconds, "steps": sample.steps, "accepted": sample.accepted}
+            for name, sample in record.samples.items()
+        },
+    }
+
+
+def record_from_json(raw: dict) -> Record:
+    """The inverse of ``record_to_json``; ``KeyError``/``TypeError``/``ValueError`` on a malformed row."""
+    record = Record(raw["id"], str(raw["category"]), int(raw["turn"]), int(raw["prompt_tokens"]))
+    for name, sample in raw["samples"].items():
+        record.samples[name] = Sample(
+            token_ids=[int(token) for token in sample["token_ids"]],
+            prefill_seconds=float(sample["prefill_seconds"]),
+            decode_seconds=float(sample["decode_seconds"]),
+            steps=int(sample["steps"]),
+            accepted=int(sample["accepted"]),
+        )
+    return record
+
+
+def resume_settings(meta: dict) -> dict:
+    return {key: meta.get(key) for key in RESUME_SETTINGS}
+
+
+class Journal:
+    """Appends records to ``path``, each line flushed to disk before the next prompt starts."""
+
+    def __init__(self, path: Path, settings: dict, records: Sequence[Record] = ()) -> None:
+        """Start a journal at ``path`` holding ``settings`` and the ``records`` kept from an earlier one."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w") as handle:
+            handle.write(json.dumps({"settings": settings}) + "\n")
+            for record in records:
+                handle.write(json.dumps(record_to_json(record)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)  # the earlier journal stays whole until the new one is
+        self.path = path
+
+    def append(self, record: Record) -> None:
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record_to_json(record)) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
+    """The records of an earlier run with the same ``settings``, and notes on what was dropped.
+
+    A last line cut short (the run was killed while writing it) is dropped with a note; any other
+    malformed line, or settings that differ, is an error naming it.
+    """
+    lines = path.read_text().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise MedusaError(f"{path} is empty: it is not a benchmark journal (remove it to start afresh)")
+    try:
+        header = json.loads(lines[0])
+        recorded = header["settings"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise MedusaError(f"{path}, line 1: not a benchmark journal's settings line (remove it to start afresh)") from None
+    differing = [key for key in RESUME_SETTINGS if recorded.get(key) != settings.get(key)]
+    if differing:
+        key = differing[0]
+        raise MedusaError(
+            f"cannot resume {path}: it was measured with {key}={recorded.get(key)!r}, this run has "
+            f"{key}={settings.get(key)!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
+            + "; use the same settings, or another --output-dir"
+        )
+    records: list[Record] = []
+    notes: list[str] = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            records.append(record_from_json(json.loads(line)))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+            if number == len(lines):
+                notes.append(f"{path}, line {number}: cut short (the run stopped while writing it); that prompt runs again")
+                break
+            raise MedusaError(f"{path}, line {number}: malformed record ({error}); the journal cannot be resumed") from None
+    return records, notes
