@@ -91,7 +91,10 @@ def test_a_run_stopped_by_sigterm_writes_what_it_has_and_resume_finishes_it(
     # Warm-up: 2 generations; questions 1 and 3: 4 more; the 7th (question 4) is stopped.
     stop_at = 7
     assert bench(tiny_model_dir, questions_file, tmp_path) == 130
-    assert "stopped after 2 prompts" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "stopped after 2 prompts" in err
+    # not a terminal: a line per finished generation, so a log shows how far the run got
+    assert "] roleplay #3 turn 1: medusa" in err and "[6/10, " in err and "[7/10" not in err
     partial = json.loads((tmp_path / "bench.json").read_text())
     validate_report(partial)
     assert partial["meta"]["complete"] is False and [q["id"] for q in partial["questions"]] == [1, 3]

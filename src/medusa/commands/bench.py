@@ -9,7 +9,8 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -146,13 +147,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to resume in {output} (no {journal_file.name}): starting afresh", file=sys.stderr)
     journal = Journal(journal_file, resume_settings(meta), done)
     records: list[Record] = []
-    console = Console(stderr=True)
     try:
-        with _sigterm_as_interrupt(), Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                               TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("Spec-Bench", total=planned_runs(questions, config, done))
-            run_benchmark(model, questions, config, progress=lambda text: progress.update(task, advance=1, description=text),
-                          done=done, on_record=journal.append, records=records)
+        with _sigterm_as_interrupt(), _progress(planned_runs(questions, config, done)) as advance:
+            run_benchmark(model, questions, config, progress=advance, done=done, on_record=journal.append,
+                          records=records)
     except KeyboardInterrupt:
         print(f"stopped after {len(records)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
               f"to continue", file=sys.stderr)
@@ -164,6 +162,28 @@ def run(args: argparse.Namespace) -> int:
     status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
     journal.remove()  # the report holds it all now
     return status
+
+
+@contextlib.contextmanager
+def _progress(total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar on a terminal; elsewhere (a log, a remote job) a plain line per generation, so that
+    a run cut short still shows how far it got."""
+    console = Console(stderr=True)
+    if console.is_terminal:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("Spec-Bench", total=total)
+            yield lambda text: progress.update(task, advance=1, description=text)
+        return
+    started = time.perf_counter()
+    count = 0
+
+    def line(text: str) -> None:
+        nonlocal count
+        count += 1
+        print(f"[{count}/{total}, {time.perf_counter() - started:.0f} s] {text}", file=sys.stderr, flush=True)
+
+    yield line
 
 
 @contextlib.contextmanager
