@@ -7,8 +7,8 @@ can be captured as a CUDA graph.
 
 A decoder's cache keeps every layer's K/V in one store ``[layers, 2, batch, kv_heads, slots, head_dim]``
 when the layers' shapes agree, so that ``commit`` is one gather and one scatter for the whole model
-instead of four small kernels per layer: on a GPU those per-layer kernels were about a tenth of a
-135M model's step.
+instead of four small kernels per layer: on the H100, dropping those made a 135M model's tree step
+9-10% cheaper (docs/benchmarks/h100-one-store).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ class KVStore:
     """One buffer for the K/V of every layer of a cache, allocated when the first layer is.
 
     A layer takes views of it when its K/V match the first layer's shape, dtype and device; one that does
-    not (a model split over devices, layers of different widths) keeps buffers of its own.
+    not (layers of different widths) keeps buffers of its own, and its slice of the store goes unused.
     """
 
     def __init__(self, num_layers: int) -> None:

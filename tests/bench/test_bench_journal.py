@@ -75,21 +75,31 @@ def bench(tiny_model_dir, questions_file, output, *extra):
                  "--keep-tokens", "--output-dir", str(output), *extra])
 
 
-def test_a_run_stopped_by_sigterm_writes_what_it_has_and_resume_finishes_it(
-    tiny_model_dir, questions_file, tmp_path, one_thread, monkeypatch, capsys
-):
-    generations = []
+@pytest.fixture
+def generations(monkeypatch):
+    """Our decoders' generations, in order; set ``generations.stop_at = N`` to SIGTERM the process at the Nth."""
+
+    class Generations(list):
+        stop_at: int | None = None
+
+    made = Generations()
     original_run = runner.OurDecoder.run
 
     def counted_run(self, prompt_ids):
-        generations.append(self.name)
-        if stop_at and len(generations) == stop_at:
+        made.append(self.name)
+        if made.stop_at and len(made) == made.stop_at:
             os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` does; the generation in progress is lost
         return original_run(self, prompt_ids)
 
     monkeypatch.setattr(runner.OurDecoder, "run", counted_run)
+    return made
+
+
+def test_a_run_stopped_by_sigterm_writes_what_it_has_and_resume_finishes_it(
+    tiny_model_dir, questions_file, tmp_path, one_thread, generations, capsys
+):
     # Warm-up: 2 generations; questions 1 and 3: 4 more; the 7th (question 4) is stopped.
-    stop_at = 7
+    generations.stop_at = 7
     assert bench(tiny_model_dir, questions_file, tmp_path) == 130
     err = capsys.readouterr().err
     assert "stopped after 2 prompts" in err
@@ -102,7 +112,7 @@ def test_a_run_stopped_by_sigterm_writes_what_it_has_and_resume_finishes_it(
     assert [json.loads(line).get("id") for line in journal.read_text().splitlines()] == [None, 1, 3]
 
     # A fresh run into the same directory would lose them: refused, before the model is even loaded.
-    stop_at = None
+    generations.stop_at = None
     generations.clear()
     assert bench(tiny_model_dir, questions_file, tmp_path) == 2
     assert "holds the prompts of a benchmark that stopped before its end; pass --resume" in capsys.readouterr().err
@@ -119,3 +129,22 @@ def test_a_run_stopped_by_sigterm_writes_what_it_has_and_resume_finishes_it(
     assert report["equality"]["compared"] == 4 and report["equality"]["mismatches"] == 0
     assert not journal.exists()  # the report holds everything now; the next run starts afresh
     assert bench(tiny_model_dir, questions_file, tmp_path, "--categories", "qa") == 0
+
+
+def test_resuming_a_subset_keeps_the_journal_for_the_questions_it_left_out(
+    tiny_model_dir, questions_file, tmp_path, one_thread, generations, capsys
+):
+    generations.stop_at = 7  # as above: questions 1 and 3 measured
+    assert bench(tiny_model_dir, questions_file, tmp_path) == 130
+    capsys.readouterr()
+    generations.stop_at = None
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume", "--categories", "qa") == 0
+    assert [q["id"] for q in json.loads((tmp_path / "bench.json").read_text())["questions"]] == [4]
+    assert "it holds 2 prompts of questions this run did not select" in capsys.readouterr().err
+    assert [json.loads(line).get("id") for line in journal_path(tmp_path).read_text().splitlines()] == [None, 1, 3, 4]
+    # Stopped again before anything new: the partial report holds every chosen question measured so far.
+    generations.clear()
+    generations.stop_at = 1
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume") == 130
+    assert "stopped after 3 prompts" in capsys.readouterr().err
+    assert [q["id"] for q in json.loads((tmp_path / "bench.json").read_text())["questions"]] == [1, 3, 4]

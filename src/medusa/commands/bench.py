@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from medusa.bench.runner import (
     resolve_cache_length,
     run_benchmark,
 )
-from medusa.bench.specbench import default_questions_path, load_questions, select_questions
+from medusa.bench.specbench import Question, default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
@@ -152,16 +152,31 @@ def run(args: argparse.Namespace) -> int:
             run_benchmark(model, questions, config, progress=advance, done=done, on_record=journal.append,
                           records=records)
     except KeyboardInterrupt:
-        print(f"stopped after {len(records)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
+        measured = _with_earlier(records, done, questions)
+        print(f"stopped after {len(measured)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
               f"to continue", file=sys.stderr)
-        if records:
-            meta.update(prompts=len(records), complete=False)
-            _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
+        if measured:
+            meta.update(prompts=len(measured), complete=False)
+            _write_outputs(build_report(meta, measured, config.methods, args.keep_tokens), output)
         return 130
     meta.update(prompts=len(records), complete=True)
     status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
-    journal.remove()  # the report holds it all now
+    reported = {(record.question_id, record.turn) for record in records}
+    left_out = [record for record in done if (record.question_id, record.turn) not in reported]
+    if left_out:
+        print(f"kept {journal_file}: it holds {len(left_out)} prompts of questions this run did not select",
+              file=sys.stderr)
+    else:
+        journal.remove()  # the report holds it all now
     return status
+
+
+def _with_earlier(records: list[Record], done: list[Record], questions: Sequence[Question]) -> list[Record]:
+    """A stopped run's records and the earlier run's for the chosen questions it had not reached, in question order."""
+    order = {question.question_id: index for index, question in enumerate(questions)}
+    seen = {(record.question_id, record.turn) for record in records}
+    earlier = [r for r in done if r.question_id in order and (r.question_id, r.turn) not in seen]
+    return sorted([*records, *earlier], key=lambda record: (order[record.question_id], record.turn))
 
 
 @contextlib.contextmanager
