@@ -18,9 +18,9 @@ from medusa.errors import MedusaError
 
 JOURNAL_NAME = "records.jsonl"
 # Settings (keys of the report's meta) that must match for a run to resume a journal.
-RESUME_SETTINGS = ("model", "dtype", "device", "heads", "heads_source", "tree_size", "lookup_tree_size", "max_new_tokens", "turns",
-                   "methods", "cuda_graphs", "compile", "prompt_lookup_num_tokens", "lookup_nodes",
-                   "transformers_limit_per_category", "questions_file")
+RESUME_SETTINGS = ("model", "dtype", "device", "heads", "heads_source", "tree_size", "lookup_tree_size",
+                   "max_new_tokens", "turns", "methods", "cuda_graphs", "compile", "prompt_lookup_num_tokens",
+                   "lookup_nodes", "transformers_limit_per_category", "questions_file")
 
 
 def journal_path(output_dir: str | Path) -> Path:
