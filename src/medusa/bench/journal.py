@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from medusa.bench.report import question_rows
 from medusa.bench.runner import Record, Sample
 from medusa.errors import MedusaError
 
@@ -28,23 +29,14 @@ def journal_path(output_dir: str | Path) -> Path:
 
 
 def record_to_json(record: Record) -> dict:
-    return {
-        "id": record.question_id,
-        "category": record.category,
-        "turn": record.turn,
-        "prompt_tokens": record.prompt_tokens,
-        "samples": {
-            name: {"token_ids": list(sample.token_ids), "prefill_seconds": sample.prefill_seconds,
-                   "decode_seconds": sample.decode_seconds, "steps": sample.steps, "accepted": sample.accepted}
-            for name, sample in record.samples.items()
-        },
-    }
+    """The record as a row of the report's ``questions``, token ids included."""
+    return question_rows([record], keep_tokens=True)[0]
 
 
 def record_from_json(raw: dict) -> Record:
     """The inverse of ``record_to_json``; ``KeyError``/``TypeError``/``ValueError`` on a malformed row."""
     record = Record(raw["id"], str(raw["category"]), int(raw["turn"]), int(raw["prompt_tokens"]))
-    for name, sample in raw["samples"].items():
+    for name, sample in raw["methods"].items():
         record.samples[name] = Sample(
             token_ids=[int(token) for token in sample["token_ids"]],
             prefill_seconds=float(sample["prefill_seconds"]),
