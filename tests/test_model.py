@@ -281,6 +281,24 @@ def test_cache_length_must_be_a_positive_integer(value):
         GenerationConfig(cache_length=value)
 
 
+@pytest.mark.parametrize("value", [0, -128, False, 64.0])
+def test_attention_span_step_must_be_a_positive_integer_or_none(value):
+    with pytest.raises(MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"):
+        GenerationConfig(attention_span_step=value)
+
+
+def test_the_attention_span_step_sets_the_decoders_spans_and_keeps_the_tokens(model):
+    prompt = model.encode_prompt(PROMPT)
+    spans = {}
+    for step in (64, None):
+        decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=300, attention_span_step=step))
+        spans[step] = decoder.spans
+    assert spans[64] == (64, 128, 192, 256, 300) and spans[None] == (300,)
+    outputs = [model.generate(PROMPT, max_new_tokens=24, cache_length=300, attention_span_step=step).token_ids
+               for step in (64, None)]
+    assert outputs[0] == outputs[1]
+
+
 def test_a_model_object_moves_to_the_dtype_and_device_asked_for():
     base = make_tiny_model("llama", seed=3)
     model = MedusaModel.from_pretrained(base, dtype="bfloat16", device="cpu", tree="8")

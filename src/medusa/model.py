@@ -57,6 +57,9 @@ class GenerationConfig:
     # Allocate at least this many cache slots, so that one decoder (one CUDA graph, one compiled step)
     # serves every prompt that fits; longer ones still get a longer cache. None: just what the prompt needs.
     cache_length: int | None = None
+    # Uncompiled GPU steps attend over the cache's first multiple of this many slots that holds the tree
+    # (one CUDA graph per span), not over every preallocated slot. None: always every slot.
+    attention_span_step: int | None = ATTENTION_SPAN_STEP
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -71,6 +74,9 @@ class GenerationConfig:
         length = self.cache_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise MedusaError(f"cache_length must be a positive number of slots or None, got {length!r}")
+        step = self.attention_span_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+            raise MedusaError(f"attention_span_step must be a positive number of slots or None, got {step!r}")
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:
@@ -286,7 +292,7 @@ class MedusaModel(nn.Module):
         acceptance = config.acceptance_scheme()
 
         # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
-        span_step = None if config.compile else ATTENTION_SPAN_STEP
+        span_step = None if config.compile else config.attention_span_step
 
         def build(max_length: int) -> MedusaDecoder:
             # Compiled steps keep per-layer buffers: one store aliased by every layer's views is untested under inductor.
@@ -296,7 +302,7 @@ class MedusaModel(nn.Module):
         if self.device.type != "cuda":
             return build(needed), None
         # Schemes hash by their settings, not the seed.
-        key = (tree.paths, tree.lookup, config.lookup_ngram, heads is not None, acceptance)
+        key = (tree.paths, tree.lookup, config.lookup_ngram, heads is not None, acceptance, span_step)
         return self._decoder_pool.acquire(
             key,
             build,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -101,6 +102,24 @@ def test_cost_curve_with_a_lookup_chain_times_trees_holding_it(one_thread, monke
         CostCurveConfig(lookup=99)
 
 
+def test_cost_curve_steps_attend_over_the_span_its_step_sets(one_thread, monkeypatch):
+    real = MedusaModel.make_decoder
+    decoders = []
+
+    def spy(self, prompt, config, tree=None):
+        # A longer cache than the CPU's exact fit, so that the span step shows in the spans.
+        decoder, graphed = real(self, prompt, replace(config, cache_length=700), tree)
+        decoders.append(decoder)
+        return decoder, graphed
+
+    monkeypatch.setattr(MedusaModel, "make_decoder", spy)
+    for span_step, spans, attended in ((128, (128, 256, 384, 512, 640, 700), 256), (None, (700,), 700)):
+        config = CostCurveConfig(sizes=(1,), context=200, repeats=1, warmup=0, span_step=span_step)
+        point = cost_curve(tiny_medusa(), config)["points"][0]
+        assert decoders[-1].spans == spans
+        assert point["attention_span"] == attended  # 201 slots in use at context 200
+
+
 def test_cost_curve_refuses_a_context_beyond_the_model():
     config = CostCurveConfig(sizes=(1, 8), context=SHAPES["tiny"]["max_position_embeddings"], repeats=1, warmup=0)
     with pytest.raises(MedusaError, match="exceeds the model's"):
@@ -112,6 +131,8 @@ def test_config_checks():
         CostCurveConfig(sizes=(0, 4))
     with pytest.raises(MedusaError, match="repeats"):
         CostCurveConfig(repeats=0)
+    with pytest.raises(MedusaError, match="span_step must be a positive number of slots or None, got -4"):
+        CostCurveConfig(span_step=-4)
 
 
 def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from medusa.bench.environment import synchronize
+from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.model import GenerationConfig, MedusaModel
@@ -51,6 +52,7 @@ class CostCurveConfig:
     cuda_graphs: bool = True
     compile: bool | str = False
     lookup: int = 0  # nodes of each tree that are a lookup chain (its search runs in the step too)
+    span_step: int | None = ATTENTION_SPAN_STEP  # GenerationConfig.attention_span_step
 
     def __post_init__(self) -> None:
         self.sizes = tuple(sorted(set(self.sizes)))
@@ -64,6 +66,9 @@ class CostCurveConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise MedusaError(f"{name} must be an integer of at least {least}, got {value!r}")
+        step = self.span_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+            raise MedusaError(f"span_step must be a positive number of slots or None, got {step!r}")
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
@@ -135,9 +140,9 @@ def tree_of_size(size: int, num_heads: int) -> Tree:
     return Tree.from_paths(paths)
 
 
-def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> list[float]:
+def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> tuple[list[float], int]:
     """Timed decoding steps with a ``size``-node tree (``config.lookup`` of its nodes a lookup chain), every
-    one at ``config.context`` committed tokens."""
+    one at ``config.context`` committed tokens, and the cache slots they attended over."""
     heads_size = size - config.lookup
     use_heads = heads_size > 1
     if use_heads and model.heads is None:
@@ -148,7 +153,7 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> list
     generator = torch.Generator().manual_seed(size)
     prompt = torch.randint(0, vocab, (config.context,), generator=generator).to(model.device)
     generation = GenerationConfig(max_new_tokens=1, use_heads=use_heads, cuda_graphs=config.cuda_graphs,
-                                  compile=config.compile, lookup=config.lookup)
+                                  compile=config.compile, lookup=config.lookup, attention_span_step=config.span_step)
     decoder, graphed = model.make_decoder(prompt, generation, tree)
     span = decoder.span_for(config.context)  # the attention span decoding would use at this context
     replay = graphed or decoder.step
@@ -165,7 +170,7 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> list
         _time_calls(step, model.device, config.warmup, before=rewind)
         seconds = _time_calls(step, model.device, config.repeats, before=rewind)
     synchronize(model.device)
-    return seconds
+    return seconds, span
 
 
 def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -180,7 +185,7 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
     floor = weight_bytes / bandwidth
     points = []
     for size in config.sizes:
-        seconds = step_seconds(model, size, config)
+        seconds, span = step_seconds(model, size, config)
         median = statistics.median(seconds)
         deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
         points.append({
@@ -188,6 +193,7 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
             "depth": max(tree_of_size(size - config.lookup, model.heads.config.num_heads).max_depth
                          if size - config.lookup > 1 else 0, config.lookup),
             "lookup": config.lookup,
+            "attention_span": span,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(seconds),
             "p10_ms": 1e3 * deciles[0],

@@ -42,6 +42,7 @@ from medusa.bench.runner import (
 )
 from medusa.bench.specbench import Question, default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
+from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
@@ -89,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
     curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
                        help="make N nodes of every tree a lookup chain, its search included in the step (default 0)")
+    curve.add_argument("--span-step", type=int, default=ATTENTION_SPAN_STEP, metavar="SLOTS",
+                       help="steps attend over the cache's first multiple of SLOTS that holds the tree; 0: over "
+                            f"every slot (default {ATTENTION_SPAN_STEP}; compiled steps always attend over every slot)")
     curve.add_argument("--repeats", type=int, default=50, help="timed steps per size (the median is reported)")
     curve.add_argument("--step-warmup", type=int, default=5, help="untimed steps per size first")
 
@@ -255,6 +259,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         cuda_graphs=not args.no_cuda_graphs,
         compile=_compile_setting(args.compile),
         lookup=args.curve_lookup,
+        span_step=args.span_step or None,
     )
     if args.shape:
         if args.model or args.heads:
@@ -285,6 +290,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         "warmup_steps": config.warmup,
         "cuda_graphs": config.cuda_graphs,
         "compile": config.compile,
+        "span_step": config.span_step,
         "tree_prior": "medusa.tree.GENERIC_HEAD_ACCURACY, greedy layout (build_tree_from_accuracies)",
     }
     validate_cost_curve(result)
