@@ -57,6 +57,9 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     flat.write_text(json.dumps({"device": "Fancy GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 2, 4)]}))
     assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat)]) == 0
     assert read_tuned_trees(heads_dir)["Fancy GPU"]["nodes"] == 4
+    # a size limit is kept with the choice it bounded
+    assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat), "--max-nodes", "2"]) == 0
+    assert {k: read_tuned_trees(heads_dir)["Fancy GPU"][k] for k in ("nodes", "max_nodes")} == {"nodes": 2, "max_nodes": 2}
     assert read_tuned_trees(heads_dir)["cpu"] == entry  # other devices are kept
 
     results = directory / "evaluate.json"

@@ -352,7 +352,8 @@ def run_tune(args: argparse.Namespace) -> int:
             "estimate": estimate, "expected_accept_length": round(plain.expected_accept_length, 4),
             "step_seconds": plain.step_seconds, "expected_tokens_per_second": round(plain.expected_tokens_per_second, 2),
             "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
-            "max_new_tokens": args.max_new_tokens or None, "cost_curve": cost.to_dict()["points"],
+            "max_new_tokens": args.max_new_tokens or None, "max_nodes": args.max_nodes,
+            "cost_curve": cost.to_dict()["points"],
         }
         if chain_tree is not None:
             entry["lookup"] = {
