@@ -154,7 +154,7 @@ def test_table_markdown_and_plot(tmp_path):
     table = report_table(report)
     assert table.row_count == 3 * len(METHODS)  # two categories and overall
     markdown = markdown_summary(report)
-    assert "| medusa | 64.0 | " in markdown and "2.00x" in markdown
+    assert "| medusa | 3 | 64.0 | " in markdown and "2.00x" in markdown
     assert "| writing | 2 | 37.5 (1.00x, 1.00) | 100.0 (2.67x, 2.53) |" in markdown
     assert "2 of 3 prompts differ (first: question 2 turn 1, token 3)" in equality_line(report)
     png = plot_report(report, tmp_path / "plot.png")

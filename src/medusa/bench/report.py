@@ -353,8 +353,24 @@ def _lookup_text(meta: dict) -> str:
     return f" (+{nodes} lookup nodes in the lookup methods)"
 
 
+def overall_markdown_table(report: dict) -> str:
+    """Each method's overall row: the table the README's performance section shows for a run."""
+    lines = [
+        "| method | prompts | tokens/s | median tokens/s per prompt | accepted tokens/step | speedup vs autoregressive "
+        "| speedup vs hf-generate |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, result in report["methods"].items():
+        s = result["overall"]
+        lines.append(
+            f"| {method} | {s['prompts']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['median_tokens_per_second'])} | "
+            f"{_fmt(s['mean_accepted'], 2)} | {_fmt(s['speedup'], 2, 'x')} | {_fmt(s['speedup_vs_hf_generate'], 2, 'x')} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown_summary(report: dict) -> str:
-    """Markdown tables of a report, for docs/benchmarks and the README's performance section."""
+    """Markdown tables of a report, for its summary.md in docs/benchmarks."""
     meta = report["meta"]
     methods = list(report["methods"])
     lines = [
@@ -364,15 +380,8 @@ def markdown_summary(report: dict) -> str:
         f"- Command: `{meta['command']}`",
         f"- {equality_line(report)}.",
         "",
-        "| method | tokens/s | median tokens/s per prompt | accepted tokens/step | speedup vs autoregressive | speedup vs hf-generate |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        overall_markdown_table(report),
     ]
-    for method in methods:
-        s = report["methods"][method]["overall"]
-        lines.append(
-            f"| {method} | {_fmt(s['tokens_per_second'])} | {_fmt(s['median_tokens_per_second'])} | "
-            f"{_fmt(s['mean_accepted'], 2)} | {_fmt(s['speedup'], 2, 'x')} | {_fmt(s['speedup_vs_hf_generate'], 2, 'x')} |"
-        )
     lines += ["", "Per category: tokens/s (speedup vs autoregressive, accepted tokens per step).", "",
               "| category | prompts | " + " | ".join(methods) + " |",
               "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
