@@ -57,7 +57,7 @@ class GenerationConfig:
     # Allocate at least this many cache slots, so that one decoder (one CUDA graph, one compiled step)
     # serves every prompt that fits; longer ones still get a longer cache. None: just what the prompt needs.
     cache_length: int | None = None
-    # Uncompiled GPU steps attend over the cache's first multiple of this many slots that holds the tree
+    # Uncompiled steps attend over the cache's first multiple of this many slots that holds the tree
     # (one CUDA graph per span), not over every preallocated slot. None: always every slot.
     attention_span_step: int | None = ATTENTION_SPAN_STEP
 

@@ -49,6 +49,8 @@ def test_bad_blocks_are_refused_by_line(run):
     unclosed = "x\n<!-- bench-table: runs/a/bench.json -->\nold\n" + page("runs/a/bench.json")
     with pytest.raises(MedusaError, match="line 2: a bench-table block is not closed"):
         refresh_tables(unclosed, run)
+    with pytest.raises(MedusaError, match="line 4: cannot read .*runs"):
+        refresh_tables(page("runs"), run)  # a folder, not a file
     (run / "notes.json").write_text('{"meta": {}}')
     with pytest.raises(MedusaError, match="line 4: .*notes.json is not a medusa bench report: report lacks"):
         refresh_tables(page("notes.json"), run)

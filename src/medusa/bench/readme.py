@@ -34,6 +34,8 @@ def _table_for(path: str, root: Path, line: int) -> str:
         report = json.loads(file.read_text())
     except FileNotFoundError:
         raise MedusaError(f"line {line}: bench-table block names {path.strip()!r}, which does not exist under {root}") from None
+    except OSError as error:
+        raise MedusaError(f"line {line}: cannot read {file}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
         raise MedusaError(f"line {line}: {file} is not valid JSON ({error})") from None
     try:
