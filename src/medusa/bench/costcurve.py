@@ -140,9 +140,16 @@ def tree_of_size(size: int, num_heads: int) -> Tree:
     return Tree.from_paths(paths)
 
 
-def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> tuple[list[float], int]:
+@dataclass
+class StepTiming:
+    seconds: list[float]  # one per timed step
+    depth: int  # the tree's depth, lookup chain included
+    attention_span: int  # the cache slots the steps attended over
+
+
+def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> StepTiming:
     """Timed decoding steps with a ``size``-node tree (``config.lookup`` of its nodes a lookup chain), every
-    one at ``config.context`` committed tokens, and the cache slots they attended over."""
+    one at ``config.context`` committed tokens."""
     heads_size = size - config.lookup
     use_heads = heads_size > 1
     if use_heads and model.heads is None:
@@ -170,7 +177,7 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> tupl
         _time_calls(step, model.device, config.warmup, before=rewind)
         seconds = _time_calls(step, model.device, config.repeats, before=rewind)
     synchronize(model.device)
-    return seconds, span
+    return StepTiming(seconds, tree.max_depth, span)
 
 
 def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[str], None] | None = None) -> dict:
@@ -185,15 +192,15 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
     floor = weight_bytes / bandwidth
     points = []
     for size in config.sizes:
-        seconds, span = step_seconds(model, size, config)
+        timing = step_seconds(model, size, config)
+        seconds = timing.seconds
         median = statistics.median(seconds)
         deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
         points.append({
             "nodes": size,
-            "depth": max(tree_of_size(size - config.lookup, model.heads.config.num_heads).max_depth
-                         if size - config.lookup > 1 else 0, config.lookup),
+            "depth": timing.depth,
             "lookup": config.lookup,
-            "attention_span": span,
+            "attention_span": timing.attention_span,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * min(seconds),
             "p10_ms": 1e3 * deciles[0],

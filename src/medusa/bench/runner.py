@@ -273,7 +273,7 @@ def planned_runs(questions: Sequence[Question], config: BenchConfig, done: Seque
     if not plan:
         return 0
     warmup = min(config.warmup, len(questions)) * len(config.methods)
-    return warmup + sum(min(config.turns, len(q.turns)) * len(names) for q, names in plan)
+    return warmup + sum(_turns_run(q, config) * len(names) for q, names in plan)
 
 
 def _turns_run(question: Question, config: BenchConfig) -> int:

@@ -138,14 +138,13 @@ def expected_grid(
     if estimate == "walk":
         walk = profile.position_ranks
         nodes = node_ids(walk.ranks, [path for path, _ in order], profile.topk)
+        chains = {lookup: _lookup_depths(profile, estimate, lookup) for lookup in lookups}
         lengths: dict[tuple[int, int], float] = {}
-        for lookup in lookups:
-            chain = _lookup_depths(profile, estimate, lookup)
-            for start in range(0, len(sizes), 32):  # bounds the memory of the depths
-                chunk = sizes[start : start + 32]
-                depths = nested_depths(nodes, chunk)
-                if chain is not None:
-                    depths = np.maximum(depths, chain[None, :].astype(depths.dtype))
+        for start in range(0, len(sizes), 32):  # bounds the memory of the depths
+            chunk = sizes[start : start + 32]
+            heads_depths = nested_depths(nodes, chunk)  # once per chunk, whatever chain is beside the tree
+            for lookup, chain in chains.items():
+                depths = heads_depths if chain is None else np.maximum(heads_depths, chain[None, :].astype(heads_depths.dtype))
                 lengths |= {(n, lookup): value for n, value in zip(chunk, walk_lengths(depths, walk.segments).tolist())}
         return lengths
     if lookups != [0]:
