@@ -127,6 +127,17 @@ def test_report_has_the_documented_schema_and_survives_json(tmp_path):
     assert loaded["equality"]["others"]["hf-generate"]["mismatches"] == 0
 
 
+def test_kept_token_ids_take_one_line_each_and_read_back_unchanged(tmp_path):
+    report = build_report(META, hand_made_records(), METHODS)
+    report["questions"][0]["methods"]["medusa"]["token_ids"] = [12, 7, 49151, 0]
+    report["meta"]["scores"] = [0.5, 2]  # a list that is not all integers keeps its layout
+    path = write_report(report, tmp_path / "bench.json")
+    text = path.read_text()
+    assert '"token_ids": [12, 7, 49151, 0]' in text
+    assert '"scores": [\n' in text
+    assert json.loads(text) == json.loads(json.dumps(report))
+
+
 @pytest.mark.parametrize("path", [("meta", "device"), ("equality", "first_mismatch"), ("schema",)])
 def test_validation_names_what_is_missing(path):
     report = build_report(META, hand_made_records(), METHODS)

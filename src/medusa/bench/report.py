@@ -9,6 +9,7 @@ median is given beside it.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -279,11 +280,20 @@ def merge_reports(reports: Sequence[dict]) -> dict:
             "equality": equality}
 
 
+_INTEGER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
+
+
+def report_json(report: dict) -> str:
+    """Indented JSON with lists of integers on one line: kept token ids would otherwise take a line each."""
+    text = json.dumps(report, indent=1)
+    return _INTEGER_LIST.sub(lambda match: "[" + ", ".join(match.group(1).replace(",", " ").split()) + "]", text) + "\n"
+
+
 def write_report(report: dict, path: str | Path) -> Path:
     validate_report(report)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
+    path.write_text(report_json(report))
     return path
 
 
