@@ -71,3 +71,11 @@ def test_each_attention_span_is_captured_and_decodes_as_eagerly(model):
     graphed = model.generate(PROMPT, **settings)
     assert graphed.token_ids == model.generate(PROMPT, cuda_graphs=False, **settings).token_ids
     assert len(PROMPT) + graphed.stats.new_tokens > 256 or graphed.finish_reason == "stop"
+
+
+def test_compiled_greedy_steps_decode_as_eager_steps(model, caplog):
+    """torch.compile fuses the step's kernels before capture; what it decodes must not change."""
+    with caplog.at_level(logging.WARNING, logger="medusa"):
+        compiled = generate(model, compile=True, lookup=6)
+    assert "capture failed" not in caplog.text
+    assert compiled == generate(model, lookup=6, cuda_graphs=False)
