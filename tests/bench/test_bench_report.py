@@ -131,6 +131,7 @@ def test_kept_token_ids_take_one_line_each_and_read_back_unchanged(tmp_path):
     report = build_report(META, hand_made_records(), METHODS)
     report["questions"][0]["methods"]["medusa"]["token_ids"] = [12, 7, 49151, 0]
     report["meta"]["scores"] = [0.5, 2]  # a list that is not all integers keeps its layout
+    report["meta"]["command"] = "medusa bench --tree [[0],[1,2]]"  # and text that looks like one is left alone
     path = write_report(report, tmp_path / "bench.json")
     text = path.read_text()
     assert '"token_ids": [12, 7, 49151, 0]' in text

@@ -285,8 +285,12 @@ _INTEGER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
 
 def report_json(report: dict) -> str:
     """Indented JSON with lists of integers on one line: kept token ids would otherwise take a line each."""
-    text = json.dumps(report, indent=1)
-    return _INTEGER_LIST.sub(lambda match: "[" + ", ".join(match.group(1).replace(",", " ").split()) + "]", text) + "\n"
+    def one_line(match: re.Match) -> str:
+        if "\n" not in match.group(0):  # inside a string (indented JSON breaks lines only between values)
+            return match.group(0)
+        return "[" + ", ".join(match.group(1).replace(",", " ").split()) + "]"
+
+    return _INTEGER_LIST.sub(one_line, json.dumps(report, indent=1)) + "\n"
 
 
 def write_report(report: dict, path: str | Path) -> Path:
