@@ -10,8 +10,8 @@ category. Scoring the reference's own greedy answers gives the yardstick.
         --out docs/benchmarks/DIR/score_medusa2.json
 
 The bench.json must come from ``medusa bench --keep-tokens``; prompts are rebuilt from the questions file
-exactly as the benchmark built them (first turns; a second turn's prompt needs the first turn's answer,
-taken from the same run).
+exactly as the benchmark built them: a second turn's prompt holds the first answer of the run's reference
+method (``meta.reference``), as ``medusa.bench.runner`` feeds it back.
 """
 
 from __future__ import annotations
@@ -54,24 +54,28 @@ def main() -> None:
     report = json.loads(args.bench.read_text())
     questions = {q.question_id: q for q in load_questions(args.questions or default_questions_path())}
     model = MedusaModel.from_pretrained(args.model, heads=None, dtype=args.dtype, device=args.device)
-    answers: dict[tuple[int, int], list[int]] = {}
+    rows = {(r["id"], r["turn"]): r for r in report["questions"]}
     records = [r for r in report["questions"] if args.method in r["methods"]]
     missing = [r["id"] for r in records if "token_ids" not in r["methods"][args.method]]
     if missing:
         raise SystemExit(f"{args.bench}: {len(missing)} of {len(records)} {args.method} answers have no kept tokens "
                          "(ran without --keep-tokens?)")
-    for record in records:
-        answers[(record["id"], record["turn"])] = record["methods"][args.method]["token_ids"]
+
+    def fed_back(question_id: int, turn: int) -> str:
+        """The answer the run put into later turns' prompts: its reference method's, else the row's first."""
+        methods = rows[(question_id, turn)]["methods"]
+        sample = methods.get(report["meta"].get("reference")) or next(iter(methods.values()))
+        return model.tokenizer.decode(sample["token_ids"], skip_special_tokens=True)
+
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for index, record in enumerate(records[: args.limit]):
         question = questions[record["id"]]
-        earlier = [model.tokenizer.decode(answers[(record["id"], turn)], skip_special_tokens=True)
-                   for turn in range(1, record["turn"])]
+        earlier = [fed_back(record["id"], turn) for turn in range(1, record["turn"])]
         prompt = encode_turn(model, turn_messages(question, record["turn"] - 1, earlier))
         if len(prompt) != record["prompt_tokens"]:
             raise SystemExit(f"question {record['id']} turn {record['turn']}: the rebuilt prompt has {len(prompt)} "
                              f"tokens, the run's had {record['prompt_tokens']}: another tokenizer or template?")
-        answer = answers[(record["id"], record["turn"])]
+        answer = record["methods"][args.method]["token_ids"]
         if not answer:
             continue
         chosen, nll = score(model, prompt, answer)
