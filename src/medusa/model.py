@@ -29,6 +29,12 @@ TREE_FILE = "tree.json"
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 
 
+def check_slots(name: str, value: object) -> None:
+    """Refuse a cache-slot setting that is neither None nor a positive integer (bools are not counts)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MedusaError(f"{name} must be a positive number of slots or None, got {value!r}")
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 256
@@ -71,12 +77,8 @@ class GenerationConfig:
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
-        length = self.cache_length
-        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
-            raise MedusaError(f"cache_length must be a positive number of slots or None, got {length!r}")
-        step = self.attention_span_step
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-            raise MedusaError(f"attention_span_step must be a positive number of slots or None, got {step!r}")
+        check_slots("cache_length", self.cache_length)
+        check_slots("attention_span_step", self.attention_span_step)
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:

@@ -24,7 +24,7 @@ from medusa.bench.environment import synchronize
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.model import GenerationConfig, MedusaModel, check_slots
 from medusa.tree import GENERIC_HEAD_ACCURACY, Tree, build_tree_from_accuracies
 
 # Published dimensions; weights are random, which is all a timing needs. "tiny" is for smoke tests.
@@ -66,9 +66,7 @@ class CostCurveConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise MedusaError(f"{name} must be an integer of at least {least}, got {value!r}")
-        step = self.span_step
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-            raise MedusaError(f"span_step must be a positive number of slots or None, got {step!r}")
+        check_slots("span_step", self.span_step)
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
