@@ -53,13 +53,15 @@ def main() -> None:
 
     report = json.loads(args.bench.read_text())
     questions = {q.question_id: q for q in load_questions(args.questions or default_questions_path())}
-    model = MedusaModel.from_pretrained(args.model, heads=None, dtype=args.dtype, device=args.device)
     rows = {(r["id"], r["turn"]): r for r in report["questions"]}
     records = [r for r in report["questions"] if args.method in r["methods"]]
+    if not records:
+        raise SystemExit(f"{args.bench}: no answers of method {args.method!r}; it holds {', '.join(report['methods'])}")
     missing = [r["id"] for r in records if "token_ids" not in r["methods"][args.method]]
     if missing:
         raise SystemExit(f"{args.bench}: {len(missing)} of {len(records)} {args.method} answers have no kept tokens "
                          "(ran without --keep-tokens?)")
+    model = MedusaModel.from_pretrained(args.model, heads=None, dtype=args.dtype, device=args.device)
 
     def fed_back(question_id: int, turn: int) -> str:
         """The answer the run put into later turns' prompts: its reference method's, else the row's first."""
