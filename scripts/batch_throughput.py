@@ -1,10 +1,11 @@
 """Total throughput (new tokens/s) of batched Medusa against batched autoregressive decoding.
 
-Both run on the same engine (``MedusaModel.generate_batch``: one shared cache, one forward pass per
-step for the whole batch); autoregressive is the same loop with ``use_heads=False`` (a one-node tree).
-For every batch size the same prompts (first turns of Spec-Bench questions, categories interleaved)
-are decoded in consecutive batches of that size; throughput is all new tokens over all wall time,
-prefill included. Batched steps run eagerly (no CUDA graphs), which the JSON's meta says.
+Both run on the same engine (``MedusaModel.generate_batch``: one cache, one forward pass per step for
+the whole batch, CUDA graphs on a GPU); autoregressive is the same engine with ``use_heads=False`` (a
+one-node tree). Medusa runs the tree each batch bucket is given (tuned per batch size, else the model's
+tree cut to a node budget). For every batch size the same prompts (first turns of Spec-Bench questions,
+categories interleaved) are decoded in consecutive batches of that size; throughput is all new tokens
+over all wall time, prefill included, and decode throughput leaves the prefills out.
 
     python scripts/batch_throughput.py --model DIR --heads DIR --questions question.jsonl \
         --max-new-tokens 256 --batch-sizes 1,4,16,32 --out docs/benchmarks/batch-throughput.json
@@ -25,6 +26,7 @@ import torch
 
 from medusa.bench.environment import environment, synchronize
 from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel
 
 
@@ -53,13 +55,16 @@ def tiny_model() -> tuple[MedusaModel, list[list[int]]]:
     return model, prompts
 
 
-def measure(model: MedusaModel, prompts: list, batch_size: int, config: GenerationConfig) -> tuple[dict, list]:
+def measure(
+    model: MedusaModel, prompts: list, batch_size: int, config: GenerationConfig, options: EngineOptions
+) -> tuple[dict, list]:
     """Decode ``prompts`` in consecutive batches of ``batch_size``; return the totals and the answers."""
     answers, steps, accepted, prefill = [], 0, [], 0.0
+    model.generate_batch(prompts[:batch_size], GenerationConfig(max_new_tokens=4), options=options)  # capture
     synchronize(model.device)
     started = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
-        results = model.generate_batch(prompts[first : first + batch_size], config)
+        results = model.generate_batch(prompts[first : first + batch_size], config, options=options)
         answers += [r.token_ids for r in results]
         steps += max(r.stats.steps for r in results)  # the batch's steps: its longest member's
         accepted += [a for r in results for a in r.stats.accepted_per_step]
@@ -74,6 +79,8 @@ def measure(model: MedusaModel, prompts: list, batch_size: int, config: Generati
         "seconds": seconds,
         "prefill_seconds": prefill,
         "tokens_per_second": tokens / seconds,
+        "decode_tokens_per_second": tokens / (seconds - prefill),
+        "tree_size": model.tree_for(options, batch_size).size,
         "batch_steps": steps,
         "mean_accepted_per_sequence_step": sum(accepted) / len(accepted),
     }, answers
@@ -99,7 +106,7 @@ def plot(report: dict, path: Path) -> None:
     speedup.set_xticks(sizes, [str(size) for size in sizes])
     meta = report["meta"]
     figure.suptitle(f"{meta['model']} on {meta['device']}, {meta['dtype'].removeprefix('torch.')}, "
-                    f"tree of {meta['tree_size']}, {meta['max_new_tokens']} new tokens")
+                    f"trees per batch size, {meta['max_new_tokens']} new tokens")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -139,13 +146,12 @@ def main() -> None:
         prompts = [model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)]
         name = model.name
 
-    medusa = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    plain = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=False)
-    model.generate_batch(prompts[: min(4, len(prompts))], GenerationConfig(max_new_tokens=8))  # warm-up
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    medusa, plain = EngineOptions(), EngineOptions(use_heads=False)
     rows = []
     for size in sizes:
-        medusa_row, medusa_answers = measure(model, prompts, size, medusa)
-        plain_row, plain_answers = measure(model, prompts, size, plain)
+        medusa_row, medusa_answers = measure(model, prompts, size, config, medusa)
+        plain_row, plain_answers = measure(model, prompts, size, config, plain)
         row = {
             "batch_size": size,
             "medusa": medusa_row,
@@ -165,11 +171,12 @@ def main() -> None:
             "heads": args.heads,
             "dtype": str(model.base_model.dtype),
             "tree_size": model.tree.size,
+            "trees_by_batch": {str(size): model.tree_for(medusa, size).size for size in sizes},
             "max_new_tokens": args.max_new_tokens,
             "prompts": len(prompts),
-            "cuda_graphs": False,
-            "note": "batched steps run eagerly (no CUDA graph capture); throughput counts prefill; "
-                    "identical_answers compares batched Medusa with batched autoregressive greedy answers",
+            "cuda_graphs": model.device.type == "cuda",
+            "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
+                    "compares batched Medusa with batched autoregressive greedy answers",
         },
         "rows": rows,
         "medusa_stops_paying_at_batch_size": stops_paying,

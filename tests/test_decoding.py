@@ -1,9 +1,6 @@
 """Greedy Medusa decoding is lossless: token for token the base model's own ``generate(do_sample=False)``.
 
-Untrained or random heads are rarely right, so most steps accept nothing and would leave the cache
-compaction untested. The oracle decoder fixes that: it proposes the true greedy continuation at random
-top-k ranks of each head, so paths of two to five tokens are accepted, mostly on branches other than
-the first, and their K/V must be moved into place for the next step to be right.
+The oracle (``oracle_support``) makes long paths get accepted, so the cache compaction is exercised too.
 """
 
 from __future__ import annotations
@@ -15,11 +12,12 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
-from medusa.acceptance import GreedyAcceptance
-from medusa.decoding import DecodingStats, MedusaDecoder, attention_spans, decode
+from medusa.decoding import attention_spans
+from medusa.engine import EngineOptions
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree, default_tree
+from oracle_support import oracle_run, plain_greedy
 
 NEW_TOKENS = 32
 CUSTOM_TREE = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [2, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0, 0]]
@@ -33,16 +31,6 @@ def random_prompts(count: int, seed: int) -> list[list[int]]:
 
 
 PROMPTS = random_prompts(3, seed=0)  # shared by the tests below, so each reference is computed once
-
-
-def plain_greedy(base, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The reference: transformers' own greedy decoding with its own cache."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = base.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
 
 
 @lru_cache(maxsize=None)
@@ -108,7 +96,7 @@ def test_plain_decoding_without_heads(tiny_model):
     architecture = architecture_of(tiny_model)
     model = MedusaModel.from_pretrained(tiny_model, tree="64")
     for prompt in PROMPTS:
-        result = model.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS, use_heads=False))
+        result = model.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS), options=EngineOptions(use_heads=False))
         assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS))
         assert result.stats.accepted_per_step == [1] * len(result.token_ids)
         assert result.stats.steps == result.stats.new_tokens == len(result.token_ids)
@@ -133,73 +121,12 @@ def test_generation_stops_at_eos(tiny_model, position):
 # ----- the oracle: proposals that get accepted ----------------------------------------------------
 
 
-class OracleDecoder(MedusaDecoder):
-    """Puts the true greedy continuation at the ranks of a chosen deep tree path, random tokens elsewhere."""
-
-    def __init__(self, *args, truth: list[int], seed: int, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.truth = truth  # prompt + greedy continuation, longer than what is decoded
-        self.rng = random.Random(seed)
-        self.targets: list[tuple[int, ...]] = []
-        self.deep_paths = [path for path in self.tree.paths if len(path) >= 2]
-
-    def propose(self) -> torch.Tensor:
-        length = int(self.length)
-        # The root is the base model's own token: if decoding were off, it would differ from the truth.
-        assert int(self.root_token) == self.truth[length], f"decoding diverged at position {length}"
-        target = self.rng.choice(self.deep_paths)
-        self.targets.append(target)
-        num_heads, topk, vocab = self.heads.config.num_heads, self.tree.topk, self.heads.config.vocab_size
-        top = torch.empty(num_heads, topk, dtype=torch.long)
-        for head in range(num_heads):
-            position = length + 1 + head  # head k guesses the token k + 2 ahead of the last committed one
-            true = self.truth[position] if position < len(self.truth) else -1
-            for rank in range(topk):
-                top[head, rank] = (true + self.rng.randrange(1, vocab)) % vocab
-            rank = target[head] if head < len(target) else self.rng.randrange(topk)
-            if true >= 0:
-                top[head, rank] = true
-        flat = torch.cat([self.root_token.view(1), top.flatten()])
-        return flat[self.tree.candidate_index]
-
-
-def oracle_run(
-    base,
-    tree: Tree,
-    prompt: list[int],
-    max_new_tokens: int,
-    eos: set[int],
-    seed: int = 0,
-    num_heads: int = 4,
-    continuation: list[int] | None = None,
-    span_step: int | None = None,
-    spare_slots: int = 0,
-):
-    """Decode with the oracle; return (tokens, stats, decoder). ``continuation``: the base's greedy answer, if known;
-    ``span_step``: attention spans of that many slots; ``spare_slots``: cache slots beyond what is needed."""
-    if continuation is None:
-        continuation = plain_greedy(base, prompt, max_new_tokens + num_heads + 2)
-    truth = prompt + list(continuation)
-    heads = MedusaHeads(
-        MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=num_heads),
-        base_lm_head=base.get_output_embeddings(),
-    )
-    max_length = len(prompt) + max_new_tokens + tree.size + spare_slots
-    decoder = OracleDecoder(base, heads, tree, GreedyAcceptance(), max_length, span_step=span_step, truth=truth,
-                            seed=seed)
-    stats = DecodingStats()
-    tokens: list[int] = []
-    for step in decode(decoder, torch.tensor(prompt), max_new_tokens, eos, stats):
-        tokens += step.tokens
-    return tokens, stats, decoder
-
-
 def test_oracle_accepts_long_paths_and_stays_lossless(tiny_model):
     architecture = architecture_of(tiny_model)
     for index, prompt in enumerate(random_prompts(3, seed=21)):
         continuation = list(reference(architecture, tuple(prompt), 46))
-        tokens, stats, decoder = oracle_run(
-            tiny_model, default_tree(64), prompt, 40, eos={EOS_ID}, seed=index, continuation=continuation
+        tokens, stats, engine = oracle_run(
+            tiny_model, default_tree(64), prompt, 40, eos={EOS_ID}, continuation=continuation
         )
         assert tokens == continuation[:40]
         if EOS_ID in tokens:
@@ -207,7 +134,8 @@ def test_oracle_accepts_long_paths_and_stays_lossless(tiny_model):
         assert stats.mean_accepted > 2, stats.accepted_per_step
         assert max(stats.accepted_per_step) == 5  # depth-4 paths: the root and four guesses
         # Most accepted paths are not the all-zero first branch, so their K/V had to move.
-        assert sum(any(target) for target in decoder.targets) > len(decoder.targets) / 2
+        targets = engine.decoder.targets
+        assert sum(any(target) for target in targets) > len(targets) / 2
 
 
 def test_oracle_on_a_five_deep_custom_tree(tiny_model):
@@ -215,7 +143,7 @@ def test_oracle_on_a_five_deep_custom_tree(tiny_model):
     tree = Tree.from_paths([[0], [1], [2], [1, 0], [1, 2], [2, 1], [1, 2, 0], [1, 2, 0, 1], [2, 1, 1], [1, 2, 0, 1, 2]])
     prompt = random_prompts(1, seed=4)[0]
     continuation = list(reference(architecture, tuple(prompt), 47))
-    tokens, stats, decoder = oracle_run(tiny_model, tree, prompt, 40, eos={EOS_ID}, num_heads=5, continuation=continuation)
+    tokens, stats, _ = oracle_run(tiny_model, tree, prompt, 40, eos={EOS_ID}, num_heads=5, continuation=continuation)
     assert tokens == continuation[:40]
     if EOS_ID not in tokens:
         assert 6 in stats.accepted_per_step
@@ -231,7 +159,7 @@ def test_oracle_hits_max_new_tokens_mid_path():
     cut_mid_path = 0
     for max_new_tokens in range(1, 15):
         tokens, stats, _ = oracle_run(
-            base, default_tree(32), prompt, max_new_tokens, eos={EOS_ID}, seed=max_new_tokens, continuation=continuation
+            base, default_tree(32), prompt, max_new_tokens, eos={EOS_ID}, continuation=continuation
         )
         assert tokens == expected[:max_new_tokens]
         assert stats.new_tokens == max_new_tokens and stats.finish_reason == "length"
@@ -248,7 +176,7 @@ def test_oracle_stops_at_eos_inside_an_accepted_path():
         stop_token = unbounded[position]
         first = unbounded.index(stop_token)
         tokens, stats, _ = oracle_run(
-            base, default_tree(64), prompt, 30, eos={stop_token}, seed=position, continuation=unbounded
+            base, default_tree(64), prompt, 30, eos={stop_token}, continuation=unbounded
         )
         assert tokens == unbounded[: first + 1]
         assert stats.finish_reason == "stop"
@@ -260,17 +188,18 @@ def test_compacted_cache_equals_a_fresh_prefill(tiny_model):
     """After decoding with long accepted paths, the committed K/V are those of the plain sequence."""
     prompt = random_prompts(1, seed=13)[0]
     continuation = list(reference(architecture_of(tiny_model), tuple(prompt), 36))
-    tokens, stats, decoder = oracle_run(tiny_model, default_tree(64), prompt, 30, eos=set(), continuation=continuation)
+    tokens, stats, engine = oracle_run(tiny_model, default_tree(64), prompt, 30, eos=set(), continuation=continuation)
     assert stats.mean_accepted > 2
+    cache = engine.decoder.cache
     # every layer's K/V sit in the one store, so each commit moved them with one gather and one scatter
-    assert decoder.cache.store.members == set(range(len(decoder.cache.layers)))
-    committed = int(decoder.length)
-    sequence = torch.tensor([prompt + tokens])[:, :committed]
+    assert cache.store.members == set(range(len(cache.layers)))
+    committed = len(prompt) + sum(stats.accepted_per_step)  # the last step may commit past the tokens returned
+    sequence = torch.tensor([prompt + continuation])[:, :committed]
     with torch.no_grad():
         fresh = tiny_model(sequence, use_cache=True).past_key_values
-    for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
-        torch.testing.assert_close(layer.keys[:, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(layer.values[:, :, :committed], fresh_layer.values, rtol=1e-4, atol=1e-5)
+    for layer, fresh_layer in zip(cache.layers, fresh.layers):
+        torch.testing.assert_close(layer.keys[:1, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values[:1, :, :committed], fresh_layer.values, rtol=1e-4, atol=1e-5)
 
 
 # ----- attention spans: a step attends over the cache's first slots only ---------------------------
@@ -282,17 +211,13 @@ def test_attention_spans_and_the_span_a_step_takes():
     assert attention_spans(1000, 70, None) == (1000,)
     assert attention_spans(200, 70, 256) == (200,)
     base = make_tiny_model("llama")
-    decoder = MedusaDecoder(base, None, Tree.from_paths([]), GreedyAcceptance(), 100, span_step=16)
-    assert decoder.spans == (16, 32, 48, 64, 80, 96, 100)  # one node, two warm-up steps: 3 slots fit in 16
-    assert [decoder.span_for(length) for length in (0, 15, 16, 50, 95, 99)] == [16, 16, 32, 64, 96, 100]
-    tree = default_tree(16)
-    decoder = MedusaDecoder(base, None, Tree.from_paths([]).with_lookup(5), GreedyAcceptance(), 100, span_step=16)
-    # a 5-node lookup chain: 6 nodes, and two warm-up steps of up to 6 committed slots each, need 18 slots
-    assert decoder.spans[0] == 32 and decoder.span_for(26) == 32 and decoder.span_for(27) == 48
-    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4))
-    decoder = MedusaDecoder(base, heads, tree, GreedyAcceptance(), 100, span_step=16)
-    # 16 nodes plus two warm-up steps of up to depth + 1 committed slots each must fit the first span
-    assert decoder.spans[0] == 32 and decoder.span_for(16) == 32 and decoder.span_for(17) == 48
+    model = MedusaModel.from_pretrained(base, tree="16")
+    engine = model.engine(EngineOptions(attention_span_step=16), max_length=100)
+    assert engine.spans == (16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240, 256, 272)
+    generation = model.prepare(list(range(4, 20)), GenerationConfig(max_new_tokens=4))  # 16 prompt tokens
+    engine.add([generation])
+    assert engine.step_shape()[1] == 32  # 16 committed slots and a 16-node tree end at slot 32
+    engine.finish([generation])
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma", "mistral"])
@@ -301,17 +226,17 @@ def test_oracle_with_short_attention_spans_stays_lossless(architecture):
     base = make_tiny_model(architecture)
     prompt = random_prompts(1, seed=31)[0]
     continuation = list(reference(architecture, tuple(prompt), 46))
-    tokens, stats, decoder = oracle_run(base, default_tree(16), prompt, 40, eos=set(), continuation=continuation,
-                                        span_step=16, spare_slots=50)
+    tokens, stats, engine = oracle_run(base, default_tree(16), prompt, 40, eos=set(), continuation=continuation,
+                                       span_step=16, spare_slots=50)
     assert tokens == continuation[:40]
     assert stats.mean_accepted > 2
-    assert len(decoder._span_caches) >= 2  # the steps used at least two spans short of the whole cache
-    committed = int(decoder.length)  # the last step may commit past the 40 tokens returned
+    assert len(engine.decoder._views) >= 2  # the steps used at least two spans short of the whole cache
+    committed = len(prompt) + sum(stats.accepted_per_step)  # the last step may commit past the 40 tokens returned
     sequence = torch.tensor([prompt + continuation])[:, :committed]
     with torch.no_grad():
         fresh = base(sequence, use_cache=True).past_key_values
-    for layer, fresh_layer in zip(decoder.cache.layers, fresh.layers):
-        torch.testing.assert_close(layer.keys[:, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
+    for layer, fresh_layer in zip(engine.decoder.cache.layers, fresh.layers):
+        torch.testing.assert_close(layer.keys[:1, :, :committed], fresh_layer.keys, rtol=1e-4, atol=1e-5)
 
 
 def test_a_long_cache_decodes_the_same_tokens_through_spans():
@@ -320,9 +245,10 @@ def test_a_long_cache_decodes_the_same_tokens_through_spans():
     model = MedusaModel.from_pretrained(base, heads=MedusaHeadsConfig(
         hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4), tree="16")
     prompt = random_prompts(1, seed=5)[0]
-    decoder, _ = model.make_decoder(torch.tensor(prompt), GenerationConfig(max_new_tokens=24, cache_length=500))
-    assert decoder.spans == (256, 500) and decoder.span_for(len(prompt)) == 256
+    engine = model.engine(EngineOptions(cache_length=500), max_length=len(prompt) + 24)
+    assert engine.spans == (256, 512, 528)  # 500 slots round up to 512, plus room for the 16-node tree
     result = model.generate(prompt, max_new_tokens=24, cache_length=500)
+    assert result.stats.steps > 1
     assert result.token_ids == list(reference("qwen2", tuple(prompt), 24))
 
 

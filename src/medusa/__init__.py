@@ -1,6 +1,7 @@
 """Medusa: multiple decoding heads and tree attention for any Hugging Face causal LM (Cai et al., 2024)."""
 
-from medusa.decoding import DecodingStats, MedusaDecoder
+from medusa.decoding import DecodingStats
+from medusa.engine import DecodingEngine, EngineOptions, Generation
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, GenerationResult, MedusaModel
@@ -10,7 +11,9 @@ __all__ = [
     "DecodingStats",
     "GenerationConfig",
     "GenerationResult",
-    "MedusaDecoder",
+    "DecodingEngine",
+    "EngineOptions",
+    "Generation",
     "MedusaError",
     "MedusaHeads",
     "MedusaHeadsConfig",

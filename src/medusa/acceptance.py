@@ -1,8 +1,9 @@
 """Acceptance schemes: which of the tree's candidate paths the base model agrees with.
 
-Each scheme turns the base model's logits at every tree node into one accepted path, how many tokens
-beyond the root it keeps, and the base model's own next token after it. Everything stays on the device:
-loops run over tree depth and sibling rank, never over the vocabulary, and never read a value back.
+Every row of a batch gets one accepted path, how many tokens beyond the root it keeps, and the base
+model's own next token after it, by its own scheme: one function (``accept``) serves a batch whose rows
+mix schemes and settings, with a leading batch dimension throughout. Everything stays on the device, with
+no loop over rows or the vocabulary and no value read back.
 
 - ``greedy`` (temperature 0): the longest path that matches the base model's argmax. Lossless.
 - ``rejection``: multi-candidate rejection sampling on the tree. Lossless: the answer follows exactly
@@ -14,12 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
 from medusa.errors import MedusaError
-from medusa.sampling import SamplingParams, sample
+from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, position_gumbel
 from medusa.tree import Tree
 
 SCHEMES = ("auto", "greedy", "typical", "rejection")
@@ -29,21 +28,34 @@ DEFAULT_TYPICAL_DELTA = 0.3  # the paper's entropy-scaled threshold delta, sqrt(
 
 @dataclass
 class Verdict:
-    path: torch.Tensor  # [max_depth + 1] node ids from the root, padded
-    accepted: torch.Tensor  # scalar long: tokens accepted beyond the root
-    next_token: torch.Tensor  # scalar long: the base model's token after the last accepted node
+    """Every row's verdict on its tree (the glossary: the *root* is the token the previous step chose, the
+    *accepted* guesses are the tree tokens kept after it, the *next token* is the base model's own token after
+    the last accepted node, which becomes the next tree's root)."""
+
+    path: torch.Tensor  # [rows, max_depth + 1] node ids from the root, padded with 0 past the accepted ones
+    accepted: torch.Tensor  # [rows] long: guesses accepted beyond the root
+    next_token: torch.Tensor  # [rows] long
 
 
-class AcceptanceScheme(Protocol):
-    name: str
+@dataclass(frozen=True)
+class StepKind:
+    """What a step's rows ask of acceptance, known on the host; each kind is its own captured graph, so a
+    greedy batch never pays for sampling, nor a batch without top-k/top-p for the vocabulary sort."""
 
-    def first_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The base model's token from ``logits [vocab]``: the root of the next tree."""
+    sample: bool = False  # some row samples (rejection or typical)
+    filtered: bool = False  # some row has top-k or top-p
+    typical: bool = False  # some row uses typical acceptance
+    logprobs: int = -1  # -1: no log-probabilities; k >= 0: each token's and the top k alternatives'
 
-    def accept(
-        self, tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None = None
-    ) -> Verdict:
-        """Choose a path given the tree's tokens ``[size]`` and the base logits at each node ``[size, vocab]``."""
+    @classmethod
+    def of(cls, schemes: "list[AcceptanceScheme]", logprobs: int = -1) -> "StepKind":
+        sampling = [s.sampling for s in schemes if s.sampling is not None]
+        return cls(
+            sample=bool(sampling),
+            filtered=any(p.top_k > 0 or p.top_p < 1 for p in sampling),
+            typical=any(s.scheme_id == TYPICAL for s in schemes),
+            logprobs=logprobs,
+        )
 
 
 @dataclass(frozen=True)
@@ -51,23 +63,29 @@ class GreedyAcceptance:
     """Keep the longest path whose every token is the base model's argmax at its parent: lossless greedy."""
 
     name = "greedy"
+    scheme_id = GREEDY
+    sampling = None
+    eps = DEFAULT_TYPICAL_EPS
+    delta = DEFAULT_TYPICAL_DELTA
 
-    def first_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return logits.argmax(-1)
 
-    def accept(
-        self, tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None = None
-    ) -> Verdict:
-        predicted = logits.argmax(-1)  # [size]
-        candidates = tree_tokens[tree.retrieve_paths]  # [leaves, depth + 1]
-        parent_prediction = predicted[tree.retrieve_paths]
-        matches = (candidates[:, 1:] == parent_prediction[:, :-1]) & tree.retrieve_valid[:, 1:]
-        accepted_per_path = matches.long().cumprod(dim=1).sum(dim=1)  # [leaves]
-        best = accepted_per_path.argmax().view(1)  # indexing by 1-element tensors avoids host syncs
-        path = tree.retrieve_paths.index_select(0, best)[0]
-        accepted = accepted_per_path.index_select(0, best)[0]
-        next_token = predicted.index_select(0, path.index_select(0, accepted.view(1)))[0]
-        return Verdict(path=path, accepted=accepted, next_token=next_token)
+@dataclass(frozen=True)
+class RejectionAcceptance:
+    """Lossless speculative sampling on a tree of deterministic candidates.
+
+    Each position's token is sampled once, by the Gumbel-max trick with noise fixed by the row's seed and
+    the position (``medusa.sampling``), and a candidate is accepted exactly when it equals that sample. At a
+    node with target distribution p the children are thereby accepted with probability ``p(x_j)`` each,
+    and when none is, the next token follows p without them: the same law as trying the children in rank
+    order with ``p_res`` (the proof is in docs/sampling.md). The heads' probabilities never enter, as the
+    candidates are a deterministic proposal; the lookup branch's tokens are one more sibling.
+    """
+
+    sampling: SamplingParams
+    name = "rejection"
+    scheme_id = REJECTION
+    eps = DEFAULT_TYPICAL_EPS
+    delta = DEFAULT_TYPICAL_DELTA
 
 
 @dataclass(frozen=True)
@@ -85,141 +103,111 @@ class TypicalAcceptance:
     eps: float = DEFAULT_TYPICAL_EPS
     delta: float = DEFAULT_TYPICAL_DELTA
     name = "typical"
+    scheme_id = TYPICAL
 
     def __post_init__(self) -> None:
         check_typical(self.eps, self.delta)
 
-    def first_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return sample(self.sampling.probabilities(logits), generator)
 
-    def accept(
-        self, tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None = None
-    ) -> Verdict:
-        probs = self.sampling.probabilities(logits)  # [size, vocab]
-        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [size]
-        threshold = torch.clamp(self.delta * torch.exp(-entropy), max=self.eps)  # [size]
-        parents = tree.parents.clamp_min(0)  # the root's -1 is replaced below
-        chance = probs[parents, tree_tokens]  # [size]: p at the parent of each node's own token
-        # The root is always kept; an OR with a device mask, as writing a Python True would copy from the
-        # host, which a CUDA graph cannot capture.
-        kept = (chance > threshold[parents]) | (tree.parents < 0)
-        on_path = kept[tree.retrieve_paths][:, 1:] & tree.retrieve_valid[:, 1:]  # [leaves, depth]
-        accepted_per_path = on_path.long().cumprod(dim=1).sum(dim=1)  # [leaves]
-        log_chance = chance.clamp_min(torch.finfo(chance.dtype).tiny).log()[tree.retrieve_paths][:, 1:]
-        likelihood = (log_chance * on_path.long().cumprod(dim=1)).sum(dim=1)  # of the accepted prefix
-        longest = accepted_per_path == accepted_per_path.max()
-        best = torch.where(longest, likelihood, -math.inf).argmax().view(1)
-        path = tree.retrieve_paths.index_select(0, best)[0]
-        accepted = accepted_per_path.index_select(0, best)[0]
-        last = path.index_select(0, accepted.view(1))
-        next_token = sample(probs.index_select(0, last), generator)[0]
-        return Verdict(path=path, accepted=accepted, next_token=next_token)
+AcceptanceScheme = GreedyAcceptance | RejectionAcceptance | TypicalAcceptance
 
 
-@dataclass(frozen=True)
-class RejectionAcceptance:
-    """Lossless speculative sampling on a tree of deterministic candidates.
+def target_tokens(
+    logits: torch.Tensor, rows: RowSampling, positions: torch.Tensor, depths: torch.Tensor, kind: StepKind
+) -> torch.Tensor:
+    """Each node's sampled next token ``[rows, nodes]``: the argmax on greedy rows, else the argmax of the
+    processed logits plus the Gumbel noise of the position the token would take.
 
-    At an accepted node with target distribution p the children are tried in rank order: child token x
-    is accepted with probability ``p_res(x)``, where ``p_res`` starts as p and loses each rejected
-    token (zeroed, renormalised). When every child is rejected (or there is none) the next token is
-    drawn from ``p_res``. Each emitted token therefore has exactly the distribution p given the ones
-    before it; the proof is in docs/sampling.md. The candidates are the heads' top-k, a deterministic
-    proposal, so min(1, p/q) has q one-hot on each candidate and the heads' probabilities do not enter.
-    The lookup branch's tokens (copied from earlier text) are deterministic too, and are simply one more
-    sibling, tried after the heads' (a token both propose counts once).
+    ``logits [rows, nodes, vocab]``; ``positions [rows, max_depth + 1]``: the position a token after a node
+    of each depth takes; ``depths [nodes]``.
     """
-
-    sampling: SamplingParams
-    name = "rejection"
-
-    def first_token(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return sample(self.sampling.probabilities(logits), generator)
-
-    def accept(
-        self, tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None = None
-    ) -> Verdict:
-        path, accepted, next_token = self.sample_paths(tree, tree_tokens, logits, generator, samples=1)
-        return Verdict(path=path[0], accepted=accepted[0], next_token=next_token[0])
-
-    def sample_paths(
-        self,
-        tree: Tree,
-        tree_tokens: torch.Tensor,
-        logits: torch.Tensor,
-        generator: torch.Generator | None,
-        samples: int = 1,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``samples`` independent verdicts on the same tree: ``(paths [samples, depth + 1], accepted
-        [samples], next tokens [samples])``. The decoder asks for one; tests ask for thousands at once."""
-        probs = self.sampling.probabilities(logits)  # [size, vocab]
-        children = children_by_rank(tree)  # [size, max_children], -1 where a rank has no child
-        device = probs.device
-        uniforms = torch.rand(samples, tree.max_depth, tree.max_children, generator=generator, device=device)
-        node = torch.zeros(samples, dtype=torch.long, device=device)
-        walking = torch.ones(samples, dtype=torch.bool, device=device)
-        accepted = torch.zeros(samples, dtype=torch.long, device=device)
-        path = [node]
-        for depth in range(tree.max_depth):
-            row = probs.index_select(0, node)  # [samples, vocab]: p at each sample's current node
-            kids, exists, p_kids = self._children(children, tree_tokens, row, node)
-            chance = self.child_chances(p_kids, row.sum(-1, keepdim=True))
-            hit = (uniforms[:, depth] < chance) & exists & walking[:, None]  # [samples, topk]
-            found = hit.any(dim=1)
-            first = hit.long().argmax(dim=1, keepdim=True)  # the first accepted rank: siblings go in order
-            node = torch.where(found, kids.gather(1, first)[:, 0], node)
-            walking = walking & found
-            accepted = accepted + found.long()
-            path.append(torch.where(found, node, 0))
-        # Every child of the last accepted node was tried and rejected (a leaf has none).
-        row = probs.index_select(0, node)
-        kids, exists, _ = self._children(children, tree_tokens, row, node)
-        next_token = sample(self.residual(row, tree_tokens[kids], exists), generator)
-        return torch.stack(path, dim=1), accepted, next_token
-
-    def _children(
-        self, children: torch.Tensor, tree_tokens: torch.Tensor, row: torch.Tensor, node: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For each sample's node: its children ``[samples, topk]``, which exist, and p (``row``) of their tokens.
-
-        A token repeated among siblings (possible with hand-made proposals, not with a head's top-k)
-        counts once: after its first rejection its residual probability is 0.
-        """
-        kids = children.index_select(0, node)
-        exists = kids >= 0
-        kids = kids.clamp_min(0)
-        tokens = tree_tokens[kids]
-        ranks = torch.arange(kids.shape[1], device=kids.device)
-        earlier = (tokens[:, :, None] == tokens[:, None, :]) & exists[:, None, :] & (ranks[None, :] < ranks[:, None])
-        first_of_token = ~earlier.any(dim=2)
-        p_kids = row.gather(1, tokens) * (exists & first_of_token)
-        return kids, exists, p_kids
-
-    def child_chances(self, p_kids: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-        """Probability of accepting each child ``[samples, topk]`` once every earlier sibling is rejected:
-        ``p(x_j) / (1 - p(x_1) - ... - p(x_{j-1}))``, which is ``p_res(x_j)``."""
-        remaining = total - (p_kids.cumsum(dim=1) - p_kids)
-        return (p_kids / remaining.clamp_min(torch.finfo(p_kids.dtype).tiny)).clamp(max=1.0)
-
-    def residual(self, row: torch.Tensor, rejected_tokens: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-        """``p_res``: ``row [samples, vocab]`` without the rejected tokens (unnormalised; sampling does not care)."""
-        hits = torch.zeros_like(row).scatter_add_(1, rejected_tokens, rejected.to(row.dtype))
-        residual = row.masked_fill(hits > 0, 0.0)
-        # In exact arithmetic some mass is left; rounding may leave none after a near-certain rejection.
-        return torch.where(residual.sum(-1, keepdim=True) > 0, residual, row)
+    if not kind.sample:
+        return logits.argmax(-1)
+    processed = rows.process(logits, kind.filtered)  # [rows, nodes, vocab]
+    noise = position_gumbel(rows.seed, positions, logits.shape[-1])  # [rows, depth + 1, vocab]
+    sampled = (rows.scheme != GREEDY)[:, None, None]
+    return (processed + torch.where(sampled, noise.index_select(1, depths), 0.0)).argmax(-1)
 
 
-def children_by_rank(tree: Tree) -> torch.Tensor:
-    """``[size, max_children]`` long: the child of each node at each sibling rank, -1 where there is none.
+def verify(tree: Tree, tree_tokens: torch.Tensor, targets: torch.Tensor) -> Verdict:
+    """The longest path whose every token is its parent's target, per row (the first of equals).
 
-    Siblings are tried in this order: the heads' top-k by rank, then the lookup child.
+    ``tree_tokens [rows, size]``, ``targets [rows, size]``. Lossless for greedy targets and for sampled ones.
     """
-    size, width = tree.size, tree.max_children
-    device = tree.parents.device
-    table = torch.full((size * width,), -1, dtype=torch.long, device=device)
-    if size > 1:
-        table.scatter_(0, tree.parents[1:] * width + tree.sibling_rank[1:], torch.arange(1, size, device=device))
-    return table.view(size, width)
+    candidates = tree_tokens[:, tree.retrieve_paths]  # [rows, leaves, depth + 1]
+    parent_target = targets[:, tree.retrieve_paths]
+    matches = (candidates[:, :, 1:] == parent_target[:, :, :-1]) & tree.retrieve_valid[None, :, 1:]
+    accepted_per_path = matches.long().cumprod(dim=2).sum(dim=2)  # [rows, leaves]
+    best = accepted_per_path.argmax(dim=1)  # [rows]
+    return _verdict(tree, targets, best, accepted_per_path)
+
+
+def _verdict(tree: Tree, targets: torch.Tensor, best: torch.Tensor, accepted_per_path: torch.Tensor) -> Verdict:
+    path = tree.retrieve_paths.index_select(0, best)  # [rows, depth + 1]
+    accepted = accepted_per_path.gather(1, best[:, None])[:, 0]
+    last = path.gather(1, accepted[:, None])  # [rows, 1]
+    next_token = targets.gather(1, last)[:, 0]
+    valid = torch.arange(path.shape[1], device=path.device)[None, :] <= accepted[:, None]
+    return Verdict(path=path * valid, accepted=accepted, next_token=next_token)
+
+
+def typical_verdict(
+    tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, rows: RowSampling, targets: torch.Tensor,
+    filtered: bool,
+) -> Verdict:
+    """Typical acceptance per row: the longest path of typical tokens, ties to the likelier; the next token is
+    the node's sampled target (a sample from p)."""
+    probs = rows.process(logits, filtered).softmax(-1)  # [rows, size, vocab]
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)  # [rows, size]
+    threshold = torch.minimum(rows.typical_delta[:, None] * torch.exp(-entropy), rows.typical_eps[:, None])
+    parents = tree.parents.clamp_min(0)  # the root's -1 is replaced below
+    chance = probs[:, parents].gather(2, tree_tokens[:, :, None])[:, :, 0]  # [rows, size]: p of each node's token
+    # The root is always kept; an OR with a device mask, as writing a Python True would copy from the host.
+    kept = (chance > threshold[:, parents]) | (tree.parents < 0)[None]
+    on_path = kept[:, tree.retrieve_paths][:, :, 1:] & tree.retrieve_valid[None, :, 1:]  # [rows, leaves, depth]
+    prefix = on_path.long().cumprod(dim=2)
+    accepted_per_path = prefix.sum(dim=2)  # [rows, leaves]
+    log_chance = chance.clamp_min(torch.finfo(chance.dtype).tiny).log()[:, tree.retrieve_paths][:, :, 1:]
+    likelihood = (log_chance * prefix).sum(dim=2)
+    longest = accepted_per_path == accepted_per_path.max(dim=1, keepdim=True).values
+    best = torch.where(longest, likelihood, -math.inf).argmax(dim=1)
+    return _verdict(tree, targets, best, accepted_per_path)
+
+
+def accept(
+    tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, rows: RowSampling, positions: torch.Tensor,
+    kind: StepKind,
+) -> Verdict:
+    """Every row's verdict by its own scheme: greedy and rejection rows verify against their targets,
+    typical rows by their thresholds. ``positions [rows, depth + 1]`` as ``target_tokens`` takes them."""
+    targets = target_tokens(logits, rows, positions, tree.depths, kind)
+    verdict = verify(tree, tree_tokens, targets)
+    if not kind.typical:
+        return verdict
+    typical = typical_verdict(tree, tree_tokens, logits, rows, targets, kind.filtered)
+    is_typical = rows.scheme == TYPICAL
+    return Verdict(
+        path=torch.where(is_typical[:, None], typical.path, verdict.path),
+        accepted=torch.where(is_typical, typical.accepted, verdict.accepted),
+        next_token=torch.where(is_typical, typical.next_token, verdict.next_token),
+    )
+
+
+def token_logprobs(
+    logits: torch.Tensor, nodes: torch.Tensor, tokens: torch.Tensor, top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base model's own log-probabilities (no temperature or filters) of ``tokens`` chosen at ``nodes``.
+
+    ``logits [rows, size, vocab]``, ``nodes [rows, n]``, ``tokens [rows, n]`` -> ``(logprob [rows, n],
+    top ids [rows, n, top], top logprobs [rows, n, top])``.
+    """
+    picked = logits.gather(1, nodes[:, :, None].expand(-1, -1, logits.shape[-1])).float().log_softmax(-1)
+    chosen = picked.gather(2, tokens[:, :, None])[:, :, 0]
+    best = picked.topk(top, dim=-1) if top > 0 else None
+    if best is None:
+        empty = torch.zeros(*tokens.shape, 0, device=logits.device)
+        return chosen, empty.long(), empty
+    return chosen, best.indices, best.values
 
 
 def check_typical(eps: float, delta: float) -> None:

@@ -1,9 +1,10 @@
 """A preallocated KV cache for a whole generation, and the attention masks that address it.
 
-Every layer is a transformers ``StaticLayer`` of ``max_length`` slots: a step writes the tree's K/V
-after the committed tokens, then ``commit`` moves the accepted path's entries into place. Slots past the
-committed length are never read: the masks built here hide them. Lengths live on the device so a step
-can be captured as a CUDA graph.
+Every layer is a transformers ``StaticLayer`` of ``max_length`` slots per row: row b's committed tokens sit
+in slots ``[0, length_b)``, a step writes its tree's K/V at ``[length_b, length_b + size)``, then ``commit``
+moves the accepted path's entries into place. Rows are independent (each has its own length), so rows join
+and leave a running batch without moving the others. Slots past a row's committed length are never read:
+the masks built here hide them. Lengths live on the device so a step can be captured as a CUDA graph.
 
 A decoder's cache keeps every layer's K/V in one store ``[layers, 2, batch, kv_heads, slots, head_dim]``
 when the layers' shapes agree, so that ``commit`` is one gather and one scatter for the whole model
@@ -42,86 +43,130 @@ class KVStore:
         return self.buffer[index, 0], self.buffer[index, 1]
 
 
-class StoredStaticLayer(StaticLayer):
-    """A ``StaticLayer`` whose buffers are views of its cache's ``KVStore`` where the shapes allow."""
+class RowLayer(StaticLayer):
+    """A ``StaticLayer`` that writes each row at its own length (``write_at [rows]``, shared by the cache's
+    layers), and whose buffers are views of the cache's ``KVStore`` where the shapes allow."""
 
-    def __init__(self, max_cache_len: int, store: KVStore, index: int) -> None:
+    def __init__(self, max_cache_len: int, write_at: "RowLengths", store: KVStore | None, index: int) -> None:
         super().__init__(max_cache_len=max_cache_len)
+        self.write_at = write_at
         self.store = store
         self.index = index
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        views = self.store.claim(self.index, self.keys, self.values)
+        views = self.store.claim(self.index, self.keys, self.values) if self.store is not None else None
         if views is not None:
             self.keys, self.values = views  # the layer's own zeros are freed
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.keys)
                 torch._dynamo.mark_static_address(self.values)
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write ``key_states [rows, kv_heads, n, dim]`` at slots ``write_at[row] + [0, n)`` of each row."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, heads, count, _ = key_states.shape
+        slots = self.write_at.value.to(self.keys.device)[:, None] + torch.arange(count, device=self.keys.device)
+        for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+            index = slots[:, None, :, None].expand(rows, heads, count, states.shape[-1])
+            buffer.scatter_(2, index, states.to(buffer.dtype))
+        return self.keys, self.values
+
+
+class RowLengths:
+    """The tensor ``[rows]`` of each row's committed length, shared by every layer of a cache (and its views)."""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value
+
 
 class MedusaCache(Cache):
-    """Static K/V buffers ``[batch, kv_heads, max_length, head_dim]`` per layer, full length on every layer.
+    """Static K/V buffers ``[rows, kv_heads, max_length, head_dim]`` per layer, full length on every layer;
+    row b writes at its own length ``lengths[b]``.
 
     Sliding-window layers get full-length buffers too: the window is applied by the mask, which keeps
     slot i at position i and makes compaction a plain copy. ``one_store``: keep the layers' buffers in
-    one ``KVStore`` (see the module's docstring).
+    one ``KVStore`` (see the module's docstring). ``lengths [rows]`` is the tensor the layers write at,
+    updated in place by the decoder.
     """
 
-    def __init__(self, num_layers: int, max_length: int, one_store: bool = False) -> None:
+    def __init__(self, num_layers: int, max_length: int, lengths: torch.Tensor, one_store: bool = False) -> None:
         self.store = KVStore(num_layers) if one_store else None
-        if self.store is None:
-            layers = [StaticLayer(max_cache_len=max_length) for _ in range(num_layers)]
-        else:
-            layers = [StoredStaticLayer(max_length, self.store, index) for index in range(num_layers)]
+        self.lengths = RowLengths(lengths)
+        layers = [RowLayer(max_length, self.lengths, self.store, index) for index in range(num_layers)]
         super().__init__(layers=layers)
         self.max_length = max_length
 
-    def set_length(self, length: torch.Tensor) -> None:
-        """Declare the first ``length`` slots committed; the next write goes right after them."""
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.copy_(length)
-            else:
-                layer.cumulative_length = length.detach().clone()
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Rows differ in length; a model asking one number (to place its own positions, which we pass) gets 0."""
+        return 0
 
-    def prefix(self, length: int) -> MedusaCache:
-        """A cache over the first ``length`` slots of this one: views of the same buffers, the same lengths.
+    def view(self, rows: int, span: int) -> MedusaCache:
+        """A cache over the first ``rows`` rows and ``span`` slots of this one: views of the same buffers.
 
-        A step whose tree ends before slot ``length`` can attend through it and read only those slots,
-        instead of every slot of the cache; what it writes lands in this cache's buffers. The buffers
-        must exist (they are allocated by the first forward pass, the prefill).
+        A step over a smaller batch bucket, whose trees end before slot ``span``, attends through it and reads
+        only those slots; what it writes lands in this cache's buffers. The buffers must exist (the first
+        prefill allocates them).
         """
-        if not 0 < length <= self.max_length:
-            raise ValueError(f"a prefix of {length} slots does not fit a cache of {self.max_length}")
-        view = MedusaCache(len(self.layers), length)
+        if not 0 < span <= self.max_length:
+            raise ValueError(f"a view of {span} slots does not fit a cache of {self.max_length}")
+        view = MedusaCache(len(self.layers), span, self.lengths.value[:rows])
         for part, whole in zip(view.layers, self.layers):
             if not whole.is_initialized:
                 raise ValueError("the cache has no buffers yet: run the prefill first")
-            part.__dict__.update({k: v for k, v in vars(whole).items() if k not in ("keys", "values", "max_cache_len")})
-            part.keys = whole.keys[:, :, :length]
-            part.values = whole.values[:, :, :length]
+            keep = ("keys", "values", "max_cache_len", "write_at", "store")
+            part.__dict__.update({k: v for k, v in vars(whole).items() if k not in keep})
+            part.keys = whole.keys[:rows, :, :span]
+            part.values = whole.values[:rows, :, :span]
         return view
 
-    def commit(self, source_slots: torch.Tensor, target_start: torch.Tensor) -> None:
-        """Copy the K/V at ``source_slots`` to the contiguous slots from ``target_start`` on.
+    def commit(self, source_slots: torch.Tensor) -> None:
+        """Copy each row's K/V at ``source_slots [rows, depth + 1]`` to the slots from its length on.
 
-        ``source_slots`` has a fixed length (the tree's depth + 1) so the copy has a static shape; entries
-        past the accepted length land beyond the committed length, where nothing reads them.
+        The copy has a static shape (the tree's depth + 1); entries past a row's accepted length land
+        beyond its committed length, where nothing reads them.
         """
-        targets = target_start + torch.arange(source_slots.numel(), device=source_slots.device)
+        rows, count = source_slots.shape
+        lengths = self.lengths.value
+        targets = lengths[:, None] + torch.arange(count, device=lengths.device)  # [rows, depth + 1]
         stored = set()
-        if self.store is not None and self.store.buffer is not None:
-            buffer, stored = self.store.buffer, self.store.members
-            sources, places = source_slots.to(buffer.device), targets.to(buffer.device)
-            buffer.index_copy_(4, places, buffer.index_select(4, sources))
+        if self.store is not None and self.store.buffer is not None and self.store.members:
+            buffer, stored = self.store.buffer, self.store.members  # [layers, 2, rows, kv_heads, slots, dim]
+            shape = (buffer.shape[0], 2, rows, buffer.shape[3], count, buffer.shape[5])
+            source = source_slots.to(buffer.device)[None, None, :, None, :, None].expand(shape)
+            target = targets.to(buffer.device)[None, None, :, None, :, None].expand(shape)
+            rows_of = buffer[:, :, :rows]
+            rows_of.scatter_(4, target, rows_of.gather(4, source))
         for index, layer in enumerate(self.layers):
             if index in stored:
                 continue
             # Each layer's buffers sit on that layer's device when the base model is split over devices.
-            sources, places = source_slots.to(layer.keys.device), targets.to(layer.keys.device)
-            layer.keys.index_copy_(2, places, layer.keys.index_select(2, sources))
-            layer.values.index_copy_(2, places, layer.values.index_select(2, sources))
+            for buffer in (layer.keys, layer.values):
+                shape = (rows, buffer.shape[1], count, buffer.shape[3])
+                source = source_slots.to(buffer.device)[:, None, :, None].expand(shape)
+                target = targets.to(buffer.device)[:, None, :, None].expand(shape)
+                part = buffer[:rows]
+                part.scatter_(2, target, part.gather(2, source))
+
+    def copy_rows(self, source: MedusaCache, rows: torch.Tensor, slots: int) -> None:
+        """Put ``source``'s rows (a prefill's cache) into rows ``rows`` of this cache, slots ``[0, slots)``."""
+        for mine, theirs in zip(self.layers, source.layers):
+            if not mine.is_initialized:
+                mine.lazy_initialization(
+                    theirs.keys.new_empty((self.lengths.value.shape[0], *theirs.keys.shape[1:])),
+                    theirs.values.new_empty((self.lengths.value.shape[0], *theirs.values.shape[1:])),
+                )
+            here = rows.to(mine.keys.device)
+            mine.keys[:, :, :slots].index_copy_(0, here, theirs.keys[:, :, :slots])
+            mine.values[:, :, :slots].index_copy_(0, here, theirs.values[:, :, :slots])
+
+    def move_rows(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy whole rows ``sources`` to rows ``targets`` (compacting a batch after rows leave)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                for buffer in (layer.keys, layer.values):
+                    buffer.index_copy_(0, targets.to(buffer.device), buffer.index_select(0, sources.to(buffer.device)))
 
 
 def num_cache_layers(config: PretrainedConfig) -> int:
@@ -163,32 +208,36 @@ def attention_mask_for(
     return additive(allowed)
 
 
-def chunk_visibility(length: torch.Tensor, num_queries: int, max_length: int) -> tuple[torch.Tensor, ...]:
-    """Causal visibility for ``num_queries`` consecutive tokens written at slot ``length`` on.
+def chunk_visibility(starts: torch.Tensor, num_queries: int, max_length: int) -> tuple[torch.Tensor, ...]:
+    """Causal visibility for ``num_queries`` consecutive tokens per row, written from slot ``starts[row]`` on.
 
-    Returns ``(allowed [queries, slots], query_positions, key_positions)``.
+    ``starts [rows]`` -> ``(allowed [rows, queries, slots], query_positions [rows, queries], key_positions
+    [rows, slots])``: slot i holds position i.
     """
-    device = length.device
+    device = starts.device
     slots = torch.arange(max_length, device=device)
-    query_positions = length + torch.arange(num_queries, device=device)
-    allowed = slots[None, :] <= query_positions[:, None]
-    return allowed, query_positions, slots
+    query_positions = starts[:, None] + torch.arange(num_queries, device=device)  # [rows, queries]
+    allowed = slots[None, None, :] <= query_positions[:, :, None]
+    return allowed, query_positions, slots.expand(starts.shape[0], -1)
 
 
 def tree_visibility(
-    length: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor, max_length: int
+    lengths: torch.Tensor, tree_mask: torch.Tensor, depths: torch.Tensor, max_length: int
 ) -> tuple[torch.Tensor, ...]:
-    """Tree visibility: every node sees the committed slots and its own ancestors (tree slots from ``length``).
+    """Tree visibility per row: every node sees the row's committed slots and its own ancestors (tree slots from
+    ``lengths[row]`` on).
 
-    Returns ``(allowed [nodes, slots], query_positions, key_positions)``; positions are depth-based.
+    ``lengths [rows]`` -> ``(allowed [rows, nodes, slots], query_positions [rows, nodes], key_positions
+    [rows, slots])``; positions are depth-based.
     """
-    device = length.device
+    device = lengths.device
     size = tree_mask.shape[0]
     slots = torch.arange(max_length, device=device)
-    relative = slots - length
+    relative = slots[None, :] - lengths[:, None]  # [rows, slots]
     in_tree = (relative >= 0) & (relative < size)
-    tree_part = tree_mask[:, relative.clamp(0, size - 1)] & in_tree[None, :]
-    allowed = (slots < length)[None, :] | tree_part
-    query_positions = length + depths
-    key_positions = torch.where(in_tree, length + depths[relative.clamp(0, size - 1)], slots)
+    node = relative.clamp(0, size - 1)
+    tree_part = tree_mask[:, node].permute(1, 0, 2) & in_tree[:, None, :]  # [rows, nodes, slots]
+    allowed = (relative < 0)[:, None, :] | tree_part
+    query_positions = lengths[:, None] + depths[None, :]
+    key_positions = torch.where(in_tree, lengths[:, None] + depths[node], slots[None, :])
     return allowed, query_positions, key_positions

@@ -1,38 +1,39 @@
-"""The Medusa decoding loop (paper, section 2.1): propose -> verify -> accept -> commit.
+"""The Medusa step (paper, section 2.1) for a batch of generations: propose -> verify -> accept -> commit.
 
-One ``MedusaDecoder`` holds one sequence's cache and device state. Each step proposes a tree of
-candidates from the heads, verifies the whole tree in one forward pass of the base model, keeps the
-longest accepted path and compacts its K/V. The only host sync per step reads the accepted tokens.
-Without heads the same loop with a one-node tree is plain autoregressive decoding on the same cache,
-which is the honest baseline.
+A ``Decoder`` holds the device state of up to ``max_rows`` generations on one preallocated cache. Each row
+has its own committed length, sampling settings and seed, so rows join (``prefill``) and leave between
+steps without touching the others. A step runs the first ``rows`` rows (a batch bucket: rows past the
+running ones are masked off) with that bucket's tree: it proposes each row's tree from the heads (and the
+lookup branch), verifies every row's tree in one forward pass of the base model, keeps each row's longest
+accepted path and compacts its K/V. A single sequence is the batch of one. Without heads the same step
+with a one-node tree is plain autoregressive decoding on the same cache, which is the honest baseline.
+
+Everything in a step stays on the device with static shapes, so it is captured as a CUDA graph
+(``medusa.graphs``); the only host sync per step is the engine's read of the accepted tokens.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel
 
-from medusa.acceptance import AcceptanceScheme
+from medusa.acceptance import AcceptanceScheme, StepKind, accept, target_tokens, token_logprobs
 from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, num_cache_layers, tree_visibility
+from medusa.devices import model_device, spans_devices
 from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
+from medusa.sampling import RowSampling
 from medusa.tree import Tree
 
-
-# Steps attend over the cache's first 256, 512, ... slots, the fewest that hold the tree: attention then
-# reads the text so far, not every preallocated slot (each span is its own CUDA graph).
+# Steps attend over the cache's first 256, 512, ... slots, the fewest that hold every row's tree: attention
+# then reads the text so far, not every preallocated slot (each span is its own CUDA graph).
 ATTENTION_SPAN_STEP = 256
-# Eager steps a CUDA-graph capture runs first (graphs.GraphedStep), from slot 0: every span leaves room for them.
-WARMUP_STEPS = 2
-
-
-def warmup_advance(tree: Tree) -> int:
-    """Slots the warm-up steps before a capture may commit, from slot 0."""
-    return WARMUP_STEPS * (tree.max_depth + 1)
+MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's limit)
+PAD_TOKEN = 0  # fills a prefill's rows past their prompt; those positions are never read
 
 
 def attention_spans(max_length: int, least: int, step: int | None) -> tuple[int, ...]:
@@ -45,8 +46,12 @@ def attention_spans(max_length: int, least: int, step: int | None) -> tuple[int,
 
 @dataclass
 class StepOutput:
-    tokens: list[int]  # the tokens this step commits, after EOS / length truncation
+    tokens: list[int]  # the tokens this step commits, after EOS / length / stop-string truncation
     accepted: int  # tokens the step committed before truncation: 1 (the base token) + accepted guesses
+    text: str = ""  # new text (when the generation has a detokenizer)
+    # Per kept token: the base model's log-probability, and its top alternatives as (token, logprob).
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -69,188 +74,241 @@ class DecodingStats:
         return self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+class Decoder:
+    """Device state of up to ``max_rows`` generations on a cache of ``max_length`` slots per row.
 
-
-def spans_devices(base_model: torch.nn.Module) -> bool:
-    return len({parameter.device for parameter in base_model.parameters()}) > 1
-
-
-class MedusaDecoder:
-    """State of one generation (batch 1) on a preallocated cache of ``max_length`` slots."""
+    ``trees`` maps each batch bucket (the ``rows`` a step runs) to its tree; a tree without head paths
+    runs no heads. Row state lives in fixed buffers updated in place, so a captured step replays on it.
+    """
 
     def __init__(
         self,
         base_model: PreTrainedModel,
         heads: MedusaHeads | None,
-        tree: Tree,
-        acceptance: AcceptanceScheme,
+        trees: Mapping[int, Tree],
+        max_rows: int,
         max_length: int,
         lookup_ngram: int = DEFAULT_MAX_NGRAM,
-        span_step: int | None = ATTENTION_SPAN_STEP,
         one_store: bool = True,
     ) -> None:
         """``one_store``: keep every layer's K/V in one buffer so a commit is two kernels (``MedusaCache``);
         never for a base model split over devices."""
-        if heads is None and tree.paths:
-            raise ValueError("decoding without heads needs a tree without head paths (the root, or a lookup chain)")
-        if heads is not None:
-            tree.check_heads(heads.config.num_heads)
+        for tree in trees.values():
+            if heads is None and tree.paths:
+                raise ValueError("decoding without heads needs trees without head paths (the root, or a lookup chain)")
+            if heads is not None:
+                tree.check_heads(heads.config.num_heads)
         self.base = base_model
         self.heads = heads
-        self.acceptance = acceptance
         self.device = model_device(base_model)
         self.dtype = base_model.dtype
-        self.tree = tree.to(self.device)
+        self.trees = {rows: tree.to(self.device) for rows, tree in trees.items()}
+        self.max_rows = max_rows
         self.max_length = max_length
-        self.cache = MedusaCache(
-            num_cache_layers(base_model.config), max_length, one_store=one_store and not spans_devices(base_model)
-        )
-        self.length = torch.zeros((), dtype=torch.long, device=self.device)
-        # Decoding state lives in fixed buffers updated in place, so a captured step can replay on it.
-        self.root_token = torch.zeros((), dtype=torch.long, device=self.device)
-        # Sampling schemes draw from this, never from the global RNG; prefill seeds it.
-        self.generator = torch.Generator(device=self.device)
-        hidden_size = base_model.config.get_text_config().hidden_size
-        self.last_hidden = torch.zeros(hidden_size, dtype=self.dtype, device=self.device)
-        # The text so far (prompt and committed tokens), for the tree's lookup branch; kept only if it has one.
         self.lookup_ngram = lookup_ngram
-        self.history = torch.zeros(max_length if tree.lookup else 0, dtype=torch.long, device=self.device)
-        # Offsets of a path's nodes from the committed length (a verdict's path is always max_depth + 1 long).
-        self.path_offsets = torch.arange(self.tree.max_depth + 1, device=self.device)
-        self.spans = attention_spans(max_length, tree.size + warmup_advance(tree), span_step)
-        self._span_caches: dict[int, MedusaCache] = {}
+        device = self.device
+        self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)  # committed slots per row
+        self.one_store = one_store and not spans_devices(base_model)
+        self.cache = MedusaCache(num_cache_layers(base_model.config), max_length, self.lengths, self.one_store)
+        self.active = torch.zeros(max_rows, dtype=torch.bool, device=device)  # rows past the running ones: False
+        self.root_token = torch.zeros(max_rows, dtype=torch.long, device=device)  # each row's next token
+        hidden_size = base_model.config.get_text_config().hidden_size
+        self.last_hidden = torch.zeros(max_rows, hidden_size, dtype=self.dtype, device=device)
+        self.sampling = RowSampling.empty(max_rows, device)
+        # The root token's log-probability and top alternatives, computed by the step that chose it.
+        self.root_logprob = torch.zeros(max_rows, device=device)
+        self.root_top_ids = torch.zeros(max_rows, MAX_TOP_LOGPROBS, dtype=torch.long, device=device)
+        self.root_top_logprobs = torch.zeros(max_rows, MAX_TOP_LOGPROBS, device=device)
+        # Each row's text so far (prompt and committed tokens), for the lookup branch; kept only if a tree has one.
+        has_lookup = any(tree.lookup for tree in trees.values())
+        self.history = torch.zeros(max_rows, max_length if has_lookup else 0, dtype=torch.long, device=device)
+        self._views: dict[tuple[int, int], MedusaCache] = {}
+        self._keeps_some_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
 
-    def span_for(self, length: int) -> int:
-        """The shortest attention span that holds a step's tree written at slot ``length`` (host-side)."""
-        end = length + self.tree.size
-        return next((span for span in self.spans if span >= end), self.max_length)
+    # ----- what a step needs, known on the host ---------------------------------------------------
 
-    def _cache_over(self, span: int) -> MedusaCache:
-        if span == self.max_length:
-            return self.cache
-        if span not in self._span_caches:
-            self._span_caches[span] = self.cache.prefix(span)
-        return self._span_caches[span]
+    def tree_for(self, rows: int) -> Tree:
+        return self.trees[rows]
+
+    def largest_tree(self) -> int:
+        return max(tree.size for tree in self.trees.values())
+
+    def deepest_tree(self) -> int:
+        return max(tree.max_depth for tree in self.trees.values())
+
+    def _cache_view(self, rows: int, span: int) -> MedusaCache:
+        if (rows, span) not in self._views:
+            self._views[rows, span] = self.cache.view(rows, span)
+        return self._views[rows, span]
 
     def _forward(
-        self, input_ids: torch.Tensor, visibility: tuple[torch.Tensor, ...], cache: MedusaCache
+        self,
+        input_ids: torch.Tensor,
+        visibility: tuple[torch.Tensor, ...],
+        cache: MedusaCache,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: only each row's query ``keep[row]``."""
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
+        extra = {}
+        if keep is not None and self._keeps_some_logits:
+            extra["logits_to_keep"] = keep  # logits at those positions for every row: [rows, rows, vocab]
         output = self.base(
-            input_ids=input_ids[None],
-            position_ids=query_positions[None],
+            input_ids=input_ids,
+            position_ids=query_positions,
             attention_mask=mask,
             past_key_values=cache,
             use_cache=True,
             output_hidden_states=True,
+            **extra,
         )
-        return output.logits[0], output.hidden_states[-1][0]
+        hidden = output.hidden_states[-1].to(self.device)
+        logits = output.logits.to(self.device)
+        if keep is None:
+            return logits, hidden
+        rows = torch.arange(keep.numel(), device=self.device)
+        picked = logits[rows, rows] if extra else logits[rows, keep]
+        return picked[:, None], hidden[rows, keep][:, None]
 
-    def prefill(self, prompt_ids: torch.Tensor, seed: int | None = None) -> None:
-        """Run the prompt ``[prompt_len]`` and pick the base model's first token; ``seed`` (None: a fresh
-        random one) seeds the sampling of this generation."""
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-        self.length.zero_()
-        self.cache.set_length(self.length)
-        visibility = chunk_visibility(self.length, prompt_ids.numel(), self.max_length)
-        logits, hidden = self._forward(prompt_ids, visibility, self.cache)
-        self.length.fill_(prompt_ids.numel())
-        self.cache.set_length(self.length)
-        if self.tree.lookup:
-            self.history[: prompt_ids.numel()] = prompt_ids
-        self.root_token.copy_(self.acceptance.first_token(logits[-1], self.generator))
-        self.last_hidden.copy_(hidden[-1])
+    # ----- joining: the prefill -------------------------------------------------------------------
 
-    def propose(self) -> torch.Tensor:
-        """Tree tokens ``[size]``: the root, then each node's rank of its depth's head top-k (or lookup guess)."""
+    def prefill(
+        self,
+        rows: Sequence[int],
+        prompts: Sequence[torch.Tensor],
+        schemes: Sequence[AcceptanceScheme],
+        seeds: Sequence[int],
+    ) -> None:
+        """Run ``prompts`` (1-D token ids) together into rows ``rows`` and choose each one's first token.
+
+        The prompts are right-padded into a cache of their own whose rows are then copied into place, so
+        the running rows are untouched. Each row's sampling settings and seed are set here.
+        """
+        count = len(rows)
+        lengths = [int(prompt.numel()) for prompt in prompts]
+        longest = max(lengths)
+        device = self.device
+        ids = torch.full((count, longest), PAD_TOKEN, dtype=torch.long, device=device)
+        for index, prompt in enumerate(prompts):
+            ids[index, : lengths[index]] = prompt.to(device)
+        row_index = torch.tensor(list(rows), device=device)
+        for row, scheme, seed in zip(rows, schemes, seeds):
+            self.sampling.write(row, scheme.scheme_id, scheme.sampling or _UNIT, scheme.eps, scheme.delta, seed)
+        starts = torch.zeros(count, dtype=torch.long, device=device)
+        cache = MedusaCache(len(self.cache.layers), longest, starts.clone(), self.one_store)
+        last = torch.tensor([n - 1 for n in lengths], device=device)
+        logits, hidden = self._forward(ids, chunk_visibility(starts, longest, longest), cache, keep=last)
+        settings = RowSampling(*(getattr(self.sampling, name)[row_index] for name in RowSampling.__dataclass_fields__))
+        positions = (last + 1)[:, None]  # the first new token's position
+        kind = StepKind.of(list(schemes))
+        first = target_tokens(logits, settings, positions, torch.zeros(1, dtype=torch.long, device=device), kind)
+        logprob, top_ids, top_logprobs = token_logprobs(logits, torch.zeros_like(first), first, MAX_TOP_LOGPROBS)
+        self.cache.copy_rows(cache, row_index, longest)
+        self.lengths.index_copy_(0, row_index, last + 1)
+        self.root_token.index_copy_(0, row_index, first[:, 0])
+        self.last_hidden.index_copy_(0, row_index, hidden[:, 0].to(self.dtype))
+        self.root_logprob.index_copy_(0, row_index, logprob[:, 0])
+        self.root_top_ids.index_copy_(0, row_index, top_ids[:, 0])
+        self.root_top_logprobs.index_copy_(0, row_index, top_logprobs[:, 0])
+        self.active.index_fill_(0, row_index, True)
+        if self.history.shape[1]:
+            self.history[row_index, :longest] = ids
+
+    def release(self, rows: Sequence[int]) -> None:
+        """Rows leave: they stop committing, and their length returns to 0 so their tree stays inside any span."""
+        index = torch.tensor(list(rows), device=self.device)
+        self.active.index_fill_(0, index, False)
+        self.lengths.index_fill_(0, index, 0)
+
+    def move(self, sources: Sequence[int], targets: Sequence[int]) -> None:
+        """Move running rows ``sources`` to free rows ``targets`` (so running rows fill a small bucket)."""
+        source = torch.tensor(list(sources), device=self.device)
+        target = torch.tensor(list(targets), device=self.device)
+        self.cache.move_rows(source, target)
+        for buffer in (self.lengths, self.active, self.root_token, self.last_hidden, self.root_logprob,
+                       self.root_top_ids, self.root_top_logprobs, self.history, *vars(self.sampling).values()):
+            buffer.index_copy_(0, target, buffer.index_select(0, source))
+        self.release(sources)
+
+    # ----- the step -------------------------------------------------------------------------------
+
+    def propose(self, rows: int, tree: Tree) -> torch.Tensor:
+        """Tree tokens ``[rows, size]``: each row's root, then its lookup guesses and heads' top-k at each node."""
+        root = self.root_token[:rows]
+        if self.history.shape[1]:
+            self.history[:rows].scatter_(1, self.lengths[:rows, None], root[:, None])
         # A copy: the step overwrites root_token with the next token before it returns these.
-        candidates = [self.root_token.clone().view(1)]
-        if self.tree.lookup:
-            self.history.index_copy_(0, self.length.view(1), self.root_token.view(1))
-            candidates.append(ngram_continuation(self.history, self.length, self.lookup_ngram, self.tree.lookup))
-        if self.heads is not None:
-            head_logits = self.heads(self.last_hidden)  # [heads, vocab]
-            top = head_logits.topk(self.tree.topk, dim=-1).indices.to(self.device)  # [heads, topk], back from the heads' device
-            candidates.append(top.flatten())
+        candidates = [root[:, None].clone()]
+        if tree.lookup:
+            history, lengths = self.history[:rows], self.lengths[:rows]
+            candidates.append(ngram_continuation(history, lengths, self.lookup_ngram, tree.lookup))
+        if tree.paths:
+            head_logits = self.heads(self.last_hidden[:rows])  # [heads, rows, vocab]
+            top = head_logits.topk(tree.topk, dim=-1).indices.to(self.device)  # [heads, rows, topk]
+            candidates.append(top.permute(1, 0, 2).flatten(1))
         if len(candidates) == 1:
             return candidates[0]
-        return torch.cat(candidates)[self.tree.candidate_index]
+        return torch.cat(candidates, dim=1)[:, tree.candidate_index]
 
-    def step(self, span: int | None = None) -> torch.Tensor:
-        """One propose/verify/accept/commit, all on the device (capturable as a CUDA graph).
+    def step(self, rows: int, span: int, kind: StepKind = StepKind()) -> tuple[torch.Tensor, ...]:
+        """One propose/verify/accept/commit for the first ``rows`` rows, all on the device (capturable).
 
-        ``span``: attend over only the first ``span`` cache slots (one of ``spans``, at least
-        ``span_for(length)``; None: all of them). Returns ``[1 + depth + 1]``: how many tokens the step
-        commits, then the chosen path's tokens (only that many of them count).
+        ``span``: attend over only the first ``span`` cache slots (every running row's tree must end inside
+        it). Returns ``counts_and_tokens [rows, 1 + depth + 1]``: how many tokens each row commits (0 on rows
+        not running), then its chosen path's tokens; with ``kind.logprobs >= 0`` also each of those tokens'
+        log-probability ``[rows, depth + 1]`` and top alternatives ``[rows, depth + 1, MAX_TOP_LOGPROBS]`` (ids,
+        then log-probabilities).
         """
-        span = span or self.max_length
-        tree_tokens = self.propose()
-        visibility = tree_visibility(self.length, self.tree.attention_mask, self.tree.depths, span)
-        logits, hidden = self._forward(tree_tokens, visibility, self._cache_over(span))
-        verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
-        if self.tree.size > 1:  # a one-node tree's token is already in place: nothing to move
-            self.cache.commit(self.length + verdict.path, self.length)
-        if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
-            slots = (self.length + self.path_offsets).clamp(max=self.history.numel() - 1)
-            self.history.index_copy_(0, slots, tree_tokens[verdict.path])
-        count = verdict.accepted.view(1) + 1
-        self.length += count[0]
-        self.cache.set_length(self.length)
-        last_node = verdict.path.index_select(0, verdict.accepted.view(1))
-        self.last_hidden.copy_(hidden.index_select(0, last_node)[0])
-        self.root_token.copy_(verdict.next_token)
-        return torch.cat([count, tree_tokens[verdict.path]])
+        tree = self.trees[rows]
+        lengths = self.lengths[:rows]
+        tree_tokens = self.propose(rows, tree)
+        visibility = tree_visibility(lengths, tree.attention_mask, tree.depths, span)
+        logits, hidden = self._forward(tree_tokens, visibility, self._cache_view(rows, span))
+        offsets = torch.arange(tree.max_depth + 1, device=self.device)
+        positions = lengths[:, None] + offsets + 1  # the position a token after a node of each depth takes
+        verdict = accept(tree, tree_tokens, logits, self.sampling.rows(rows), positions, kind)
+        running = self.active[:rows]
+        counts = (verdict.accepted + 1) * running
+        if tree.size > 1:  # a one-node tree's token is already in place: nothing to move
+            self._cache_view(rows, span).commit(lengths[:, None] + verdict.path)
+        path_tokens = tree_tokens.gather(1, verdict.path)  # [rows, depth + 1]
+        if self.history.shape[1]:  # slots past the accepted ones are rewritten later
+            slots = (lengths[:, None] + offsets).clamp(max=self.history.shape[1] - 1)
+            self.history[:rows].scatter_(1, slots, path_tokens)
+        outputs = [torch.cat([counts[:, None], path_tokens], dim=1)]
+        if kind.logprobs >= 0:
+            outputs += self._logprobs(rows, logits, verdict, tree_tokens)
+        lengths += counts
+        last_node = verdict.path.gather(1, verdict.accepted[:, None])  # [rows, 1]
+        self.last_hidden[:rows] = hidden.gather(1, last_node[:, :, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        self.root_token[:rows] = verdict.next_token
+        return tuple(outputs)
+
+    def _logprobs(self, rows: int, logits: torch.Tensor, verdict, tree_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Log-probabilities of the tokens a step commits: the root's from the step that chose it, each guess's
+        from its parent's logits here; the next root's are kept for the next step."""
+        depth = verdict.path.shape[1]
+        offsets = torch.arange(depth, device=self.device)
+        child = tree_tokens.gather(1, verdict.path[:, 1:].clamp_min(0)) if depth > 1 else tree_tokens[:, :0]
+        # The token after each path node: the next path token, or the next root after the last accepted one.
+        following = torch.cat([child, verdict.next_token[:, None]], dim=1)
+        following = torch.where(offsets[None] == verdict.accepted[:, None], verdict.next_token[:, None], following)
+        logprob, top_ids, top_logprobs = token_logprobs(logits, verdict.path, following, MAX_TOP_LOGPROBS)
+        emitted = torch.cat([self.root_logprob[:rows, None], logprob[:, :-1]], dim=1)
+        emitted_ids = torch.cat([self.root_top_ids[:rows, None], top_ids[:, :-1]], dim=1)
+        emitted_top = torch.cat([self.root_top_logprobs[:rows, None], top_logprobs[:, :-1]], dim=1)
+        last = verdict.accepted[:, None]
+        self.root_logprob[:rows] = logprob.gather(1, last)[:, 0]
+        self.root_top_ids[:rows] = top_ids.gather(1, last[:, :, None].expand(-1, 1, MAX_TOP_LOGPROBS))[:, 0]
+        self.root_top_logprobs[:rows] = top_logprobs.gather(1, last[:, :, None].expand(-1, 1, MAX_TOP_LOGPROBS))[:, 0]
+        return [emitted, emitted_ids, emitted_top]
 
 
-def decode(
-    decoder: MedusaDecoder,
-    prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    eos_token_ids: set[int],
-    stats: DecodingStats,
-    step: Callable[[int], torch.Tensor] | None = None,
-    seed: int | None = None,
-) -> Iterator[StepOutput]:
-    """Yield each step's committed tokens until EOS or ``max_new_tokens``; fills ``stats`` as it goes.
+class _Unit:
+    """Stands in for a greedy row's sampling settings: temperature 1, no filters (the argmax is unchanged)."""
 
-    The caller may stop iterating early (stop strings, a client gone); the decoder is then simply dropped.
-    ``step`` replaces ``decoder.step`` (a CUDA-graph replay of it, say) and takes the same attention span.
-    ``seed`` makes sampling reproducible.
-    """
-    step = step or decoder.step
-    started = time.perf_counter()
-    length = prompt_ids.numel()  # committed slots, known on the host from the counts each step returns
-    # Inference mode is entered per call, not across the yields, so it never leaks into the caller.
-    with torch.inference_mode():
-        decoder.prefill(prompt_ids, seed)
-        if decoder.device.type == "cuda":
-            torch.cuda.synchronize(decoder.device)
-    stats.prompt_tokens = prompt_ids.numel()
-    stats.acceptance = decoder.acceptance.name
-    stats.prefill_seconds = time.perf_counter() - started
-    decode_started = time.perf_counter()
-    while stats.new_tokens < max_new_tokens:
-        with torch.inference_mode():
-            # The one host sync of the step: how many tokens were accepted, and which.
-            values = step(decoder.span_for(length)).tolist()
-        accepted, tokens = values[0], values[1 : 1 + values[0]]
-        length += accepted
-        tokens = tokens[: max_new_tokens - stats.new_tokens]
-        for index, token in enumerate(tokens):
-            if token in eos_token_ids:
-                tokens = tokens[: index + 1]
-                stats.finish_reason = "stop"
-                break
-        stats.steps += 1
-        stats.accepted_per_step.append(accepted)
-        stats.new_tokens += len(tokens)
-        stats.decode_seconds = time.perf_counter() - decode_started
-        yield StepOutput(tokens=tokens, accepted=accepted)
-        if stats.finish_reason == "stop":
-            return
+    temperature, top_k, top_p = 1.0, 0, 1.0
+
+
+_UNIT = _Unit()

@@ -29,28 +29,30 @@ def check_lookup(nodes: int, max_ngram: int) -> None:
 
 
 def ngram_continuation(history: torch.Tensor, last: torch.Tensor, max_ngram: int, count: int) -> torch.Tensor:
-    """``count`` guesses for the tokens after ``history[last]``, from an earlier occurrence of its suffix.
+    """``count`` guesses per row ``[rows, count]`` for the tokens after ``history[row, last[row]]``, from an
+    earlier occurrence of its suffix.
 
-    ``history [slots]`` holds the text so far in ``history[: last + 1]`` (``last`` a 0-dim long tensor;
-    what lies beyond is ignored). The longest suffix of up to ``max_ngram`` tokens that occurred before
+    ``history [rows, slots]`` holds each row's text so far in ``history[row, : last[row] + 1]`` (``last [rows]``
+    long; what lies beyond is ignored). The longest suffix of up to ``max_ngram`` tokens that occurred before
     wins, and among its occurrences the most recent. The guesses are the tokens that followed it; where
     those run past the end of the text, the text is taken to repeat with the period between the two
     occurrences, which is what a loop does. With no occurrence at all the guesses are arbitrary tokens
     of the text (verification rejects them).
     """
-    slots = history.shape[0]
+    rows, slots = history.shape
     positions = torch.arange(slots, device=history.device)
-    best = torch.full((), -1, dtype=torch.long, device=history.device)
+    last = last[:, None]  # [rows, 1]
+    best = torch.full((rows, 1), -1, dtype=torch.long, device=history.device)
     for n in range(1, min(max_ngram, slots - 1) + 1):
-        suffix = history[(last - n + 1 + positions[:n]).clamp_min(0)]  # [n]
-        windows = history.unfold(0, n, 1)  # [slots - n + 1, n]: the n-gram starting at each slot
-        starts = positions[: windows.shape[0]]
+        suffix = history.gather(1, (last - n + 1 + positions[:n]).clamp_min(0))  # [rows, n]
+        windows = history.unfold(1, n, 1)  # [rows, slots - n + 1, n]: the n-gram starting at each slot
+        starts = positions[: windows.shape[1]][None, :]
         # The occurrence must end before the suffix does, so at least one known token follows it.
         usable = (starts + n <= last) & (last + 1 >= n)
-        found = (windows == suffix).all(dim=1) & usable
+        found = (windows == suffix[:, None, :]).all(dim=2) & usable
         # Longer n-grams outrank shorter ones, later starts earlier ones: one max picks the winner.
-        best = torch.maximum(best, torch.where(found, n * slots + starts, -1).max())
+        best = torch.maximum(best, torch.where(found, n * slots + starts, -1).max(dim=1, keepdim=True).values)
     size = (best // slots).clamp_min(1)
     follow = torch.where(best >= 0, best % slots + size, last)  # first copied slot, at most ``last``
     period = last + 1 - follow
-    return history[follow + positions[:count] % period.clamp_min(1)]
+    return history.gather(1, follow + positions[:count][None, :] % period.clamp_min(1))

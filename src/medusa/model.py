@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -12,35 +12,29 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
-from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
-from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device, spans_devices
+from medusa.decoding import MAX_TOP_LOGPROBS, DecodingStats
+from medusa.devices import model_device
+from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for
 from medusa.errors import MedusaError
-from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
-from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
 from medusa.treeopt.tuned import tuned_tree
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
+NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
 TREE_FILE = "tree.json"
 
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 
 
-def check_slots(name: str, value: object) -> None:
-    """Refuse a cache-slot setting that is neither None nor a positive integer (bools are not counts)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise MedusaError(f"{name} must be a positive number of slots or None, got {value!r}")
-
-
 @dataclass
 class GenerationConfig:
+    """What one request asks for; how the engine runs is ``EngineOptions``."""
+
     max_new_tokens: int = 256
     stop: tuple[str, ...] = ()
-    # False decodes plainly, one token per step, on the same cache: the honest baseline.
-    use_heads: bool = True
     # "auto": greedy at temperature 0, lossless rejection sampling above; or "greedy", "typical", "rejection".
     acceptance: str = "auto"
     temperature: float = 0.0  # 0 is greedy
@@ -50,22 +44,9 @@ class GenerationConfig:
     typical_eps: float = DEFAULT_TYPICAL_EPS
     typical_delta: float = DEFAULT_TYPICAL_DELTA
     chat_template: bool = True
-    # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
-    cuda_graphs: bool = True
-    # Also fuse the step's kernels with torch.compile before capture (slow first call, faster steps).
-    compile: bool | str = False  # True, or "max-autotune" to also tune the matrix kernels
-    # A lookup branch of this many nodes in the tree: guesses copied from where the text's last tokens
-    # occurred before (medusa.lookup). Without heads it is prompt-lookup decoding on our fast path.
-    # None: the model's own tree as it is, with the lookup chain `medusa tree tune` chose for this device
-    # if it chose one (never with use_heads=False: that is the plain baseline).
-    lookup: int | None = None
-    lookup_ngram: int = DEFAULT_MAX_NGRAM  # the longest suffix searched for
-    # Allocate at least this many cache slots, so that one decoder (one CUDA graph, one compiled step)
-    # serves every prompt that fits; longer ones still get a longer cache. None: just what the prompt needs.
-    cache_length: int | None = None
-    # Uncompiled steps attend over the cache's first multiple of this many slots that holds the tree
-    # (one CUDA graph per span), not over every preallocated slot. None: always every slot.
-    attention_span_step: int | None = ATTENTION_SPAN_STEP
+    # None: no log-probabilities; k (0 to 20): each token's log-probability under the base model and its top k
+    # alternatives, from the verification pass.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -76,9 +57,11 @@ class GenerationConfig:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
-        check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
-        check_slots("cache_length", self.cache_length)
-        check_slots("attention_span_step", self.attention_span_step)
+        if self.logprobs is not None and (
+            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+            or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
+        ):
+            raise MedusaError(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:
@@ -88,11 +71,34 @@ class GenerationConfig:
         return make_acceptance(self.acceptance, self.sampling(), self.typical_eps, self.typical_delta)
 
 
+REQUEST_FIELDS = frozenset(f.name for f in fields(GenerationConfig))
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineOptions))
+
+
+def split_settings(
+    config: GenerationConfig | None, options: EngineOptions | None, overrides: dict
+) -> tuple[GenerationConfig, EngineOptions]:
+    """Keyword settings go to the request or the engine by name; a name that is neither is refused."""
+    unknown = set(overrides) - REQUEST_FIELDS - ENGINE_FIELDS
+    if unknown:
+        raise MedusaError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
+    request = {k: v for k, v in overrides.items() if k in REQUEST_FIELDS}
+    engine = {k: v for k, v in overrides.items() if k in ENGINE_FIELDS}
+    if config is not None and request:
+        raise MedusaError("pass request settings either as a GenerationConfig or as keywords, not both")
+    if options is not None and engine:
+        raise MedusaError("pass engine settings either as EngineOptions or as keywords, not both")
+    return config or GenerationConfig(**request), options or EngineOptions(**engine)
+
+
 @dataclass
 class GenerationChunk:
     text: str  # new text since the last chunk
     token_ids: list[int]
     accepted: int  # tokens this step committed (1 + accepted guesses)
+    # With ``logprobs`` asked for: each token's log-probability under the base model, and its top alternatives.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -101,6 +107,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     stats: DecodingStats = field(default_factory=DecodingStats)
+    logprobs: list[float] | None = None  # with ``logprobs`` asked for, as ``GenerationChunk``'s
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     @property
     def mean_accepted(self) -> float:
@@ -134,7 +142,11 @@ class MedusaModel(nn.Module):
             heads.attach_lm_head(base_model.get_output_embeddings())
             heads.eval()
         self.heads = heads
-        self._decoder_pool = DecoderPool()
+        self._engines: OrderedDict[tuple, DecodingEngine] = OrderedDict()  # least recently used first
+        # Trees tuned per batch bucket (``medusa tree tune --batch-sizes``); buckets without one cut the model's
+        # tree so that rows x nodes stays within ``node_budget`` (a batch fills the matrix units by itself).
+        self.batch_trees: dict[int, Tree] = {}
+        self.node_budget = NODE_BUDGET
         self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
         if plain_tree is not None and heads is not None:
             self.plain_tree = load_tree(plain_tree, heads.config.num_heads).with_lookup(0)
@@ -269,7 +281,8 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no tokenizer: pass token ids, or a tokenizer to from_pretrained")
         return self.tokenizer
 
-    def _check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
+    def check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Refuse a prompt that, with its new tokens, would not fit the model's context."""
         context = self.context_length
         if context is None:
             return
@@ -281,59 +294,73 @@ class MedusaModel(nn.Module):
                 f"context of {context} tokens; lower max_new_tokens to at most {context - prompt_len}"
             )
 
-    def make_decoder(
-        self, prompt_ids: torch.Tensor, config: GenerationConfig, tree: Tree | None = None
-    ) -> tuple[MedusaDecoder, GraphedStep | None]:
-        """A decoder for this prompt, and its CUDA-graph step when on a GPU (None: step eagerly).
+    # ----- engines ------------------------------------------------------------------------------
 
-        On the CPU every generation gets a fresh decoder of the exact length; on a GPU decoders and
-        their captured steps are pooled and reused across generations.
-        """
-        heads, tree = self._heads_and_tree(config, tree)
-        needed = max(prompt_ids.numel() + config.max_new_tokens + tree.size, config.cache_length or 0)
-        acceptance = config.acceptance_scheme()
+    def engine(
+        self, options: EngineOptions = EngineOptions(), tree: Tree | None = None, max_rows: int = 1,
+        max_length: int = 0,
+    ) -> DecodingEngine:
+        """An engine for these options (kept and reused: it owns a KV cache and, on a GPU, captured steps),
+        with room for ``max_rows`` rows of ``max_length`` slots. ``tree`` replaces the model's trees."""
+        key = (options, None if tree is None else (tree.paths, tree.topk, tree.lookup))
+        engine = self._engines.get(key)
+        if engine is None or engine.active:
+            engine = DecodingEngine(self.base_model, self.heads, self._tree_chooser(options, tree), options,
+                                    max_rows=max_rows, max_length=max_length)
+            self._engines[key] = engine
+            while len(self._engines) > 3:
+                self._engines.popitem(last=False)
+        self._engines.move_to_end(key)
+        engine.reserve(max_rows, max_length)
+        return engine
 
-        # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
-        span_step = None if config.compile else config.attention_span_step
+    def tree_for(self, options: EngineOptions = EngineOptions(), rows: int = 1) -> Tree:
+        """The tree a batch bucket of ``rows`` runs with these options (the root alone without heads)."""
+        return self._tree_chooser(options, None)(bucket_for(rows))
 
-        def build(max_length: int) -> MedusaDecoder:
-            # Compiled steps keep per-layer buffers: one store aliased by every layer's views is untested under inductor.
-            return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram, span_step,
-                                 one_store=not config.compile)
-
-        if self.device.type != "cuda":
-            return build(needed), None
-        # Schemes hash by their settings, not the seed.
-        key = (tree.paths, tree.lookup, config.lookup_ngram, heads is not None, acceptance, span_step)
-        return self._decoder_pool.acquire(
-            key,
-            build,
-            needed,
-            prompt_ids,
-            # One CUDA graph cannot span the devices of a split base model.
-            use_graphs=config.cuda_graphs and not spans_devices(self.base_model),
-            compile_step=config.compile,
-        )
-
-    def tree_for(self, config: GenerationConfig) -> Tree:
-        """The tree a generation with these settings runs, lookup chain included (the root alone without heads)."""
-        return self._heads_and_tree(config, None)[1]
-
-    def _heads_and_tree(self, config: GenerationConfig, tree: Tree | None) -> tuple[MedusaHeads | None, Tree]:
-        """The heads and tree a generation runs: no heads when the tree has no head paths (a tuned
-        tree may be the root alone), so they are not run for nothing; the config's lookup branch set.
+    def _tree_chooser(self, options: EngineOptions, tree: Tree | None):
+        """Each batch bucket's tree: the heads' tree (``tree``, else the model's), with the options' lookup chain.
 
         ``lookup=None`` keeps the tree's own chain (the tuned one, for the model's tree); ``lookup=0`` on
-        the model's tree takes the tree tuned without a chain.
+        the model's tree takes the tree tuned without a chain. Without heads: the root, and a chain if asked.
         """
-        heads = self.heads if config.use_heads else None
-        if heads is None:
-            return None, Tree.from_paths([]).with_lookup(config.lookup or 0)
-        if tree is None:
-            tree = self.plain_tree if config.lookup == 0 else self.tree
-        if not tree.paths:
-            heads = None
-        return heads, tree if config.lookup is None else tree.with_lookup(config.lookup)
+
+        def choose(bucket: int) -> Tree:
+            if not options.use_heads or self.heads is None:
+                return Tree.from_paths([]).with_lookup(options.lookup or 0)
+            chosen = tree
+            if chosen is None:
+                chosen = self.batch_trees.get(bucket)
+                if chosen is None:  # not tuned for this batch size: keep rows x nodes within a budget
+                    chosen = (self.plain_tree if options.lookup == 0 else self.tree).first_nodes(
+                        self.node_budget // bucket)
+            return chosen if options.lookup is None else chosen.with_lookup(options.lookup)
+
+        return choose
+
+    def _generation(self, prompt_ids: torch.Tensor, config: GenerationConfig) -> Generation:
+        return Generation(
+            prompt_ids=prompt_ids,
+            max_new_tokens=config.max_new_tokens,
+            acceptance=config.acceptance_scheme(),
+            seed=config.seed,
+            eos_token_ids=frozenset(self.eos_token_ids()),
+            detokenizer=TextTracker(self.tokenizer, config.stop),
+            logprobs=config.logprobs,
+        )
+
+    def prepare(self, prompt: Prompt, config: GenerationConfig) -> Generation:
+        """Encode a prompt, check its length, and make it a ``Generation`` the engine can run."""
+        prompt_ids = self.encode_prompt(prompt, config.chat_template)
+        self.check_lengths(prompt_ids.numel(), config.max_new_tokens)
+        return self._generation(prompt_ids, config)
+
+    def _resolve_tree(self, tree: Tree | str | Sequence[Sequence[int]] | int | None) -> Tree | None:
+        if tree is None or self.heads is None:
+            return None
+        return load_tree(tree, self.heads.config.num_heads)
+
+    # ----- generation ---------------------------------------------------------------------------
 
     def stream(
         self,
@@ -341,28 +368,23 @@ class MedusaModel(nn.Module):
         config: GenerationConfig | None = None,
         stats: DecodingStats | None = None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        options: EngineOptions | None = None,
         **overrides,
     ) -> Iterator[GenerationChunk]:
-        """Yield text as it is produced. ``stats`` (if given) is filled in as decoding goes."""
-        config = config or GenerationConfig(**overrides)
-        stats = stats if stats is not None else DecodingStats()
-        prompt_ids = self.encode_prompt(prompt, config.chat_template)
-        self._check_lengths(prompt_ids.numel(), config.max_new_tokens)
-        if tree is not None and self.heads is not None:
-            tree = load_tree(tree, self.heads.config.num_heads)
-        decoder, graphed_step = self.make_decoder(prompt_ids, config, tree)
-        text_tracker = TextTracker(self.tokenizer, config.stop)
-        steps = decode(
-            decoder, prompt_ids, config.max_new_tokens, self.eos_token_ids(), stats, step=graphed_step, seed=config.seed
-        )
-        for step in steps:
-            text, keep, stopped = text_tracker.add(step.tokens)
-            if stopped:
-                stats.finish_reason = "stop"
-            yield GenerationChunk(text=text, token_ids=step.tokens[:keep], accepted=step.accepted)
-            if stopped:
-                break
-        tail = text_tracker.flush()
+        """Yield text as it is produced. ``stats`` (if given) is filled in as decoding goes.
+
+        Keywords fill the request (``GenerationConfig``) and the engine settings (``EngineOptions``) by name.
+        """
+        config, options = split_settings(config, options, overrides)
+        generation = self.prepare(prompt, config)
+        if stats is not None:
+            generation.stats = stats
+        engine = self.engine(options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens)
+        for outputs in engine.run([generation]):
+            for _, output in outputs:
+                yield GenerationChunk(text=output.text, token_ids=output.tokens, accepted=output.accepted,
+                                      logprobs=output.logprobs, top_logprobs=output.top_logprobs)
+        tail = generation.finish_text()
         if tail:
             yield GenerationChunk(text=tail, token_ids=[], accepted=0)
 
@@ -371,86 +393,74 @@ class MedusaModel(nn.Module):
         prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        options: EngineOptions | None = None,
         **overrides,
     ) -> GenerationResult | list[GenerationResult]:
-        """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...).
+        """Generate a whole answer. Keywords fill a ``GenerationConfig`` (max_new_tokens, stop, temperature, ...)
+        and ``EngineOptions`` (use_heads, lookup, cuda_graphs, ...) by name.
 
         A list of prompts (texts, token-id lists, message lists or tensors) is decoded as one batch
         (``generate_batch``) and gives a list of results, in order.
         """
         if is_prompt_batch(prompt):
-            return self.generate_batch(prompt, config, tree=tree, **overrides)
-        stats = DecodingStats()
-        texts: list[str] = []
-        tokens: list[int] = []
-        for chunk in self.stream(prompt, config, stats=stats, tree=tree, **overrides):
-            texts.append(chunk.text)
-            tokens.extend(chunk.token_ids)
-        return GenerationResult(text="".join(texts), token_ids=tokens, finish_reason=stats.finish_reason, stats=stats)
-
-    def batch_decoder(self, config: GenerationConfig, tree: Tree | None = None) -> BatchDecoder:
-        """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only) and a lookup branch
-        asked for (``lookup=None`` runs the tree tuned without one)."""
-        if tree is None and config.lookup is None:
-            tree = self.plain_tree
-        heads, tree = self._heads_and_tree(config, tree)
-        return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
+            return self.generate_batch(prompt, config, tree=tree, options=options, **overrides)
+        config, options = split_settings(config, options, overrides)
+        generation = self.prepare(prompt, config)
+        engine = self.engine(options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens)
+        for _ in engine.run([generation]):
+            pass
+        generation.finish_text()
+        return generation_result(generation)
 
     def generate_batch(
         self,
         prompts: Sequence[Prompt],
-        config: GenerationConfig | None = None,
+        config: GenerationConfig | Sequence[GenerationConfig] | None = None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        options: EngineOptions | None = None,
         **overrides,
     ) -> list[GenerationResult]:
-        """Decode several prompts together, greedy: one forward pass per step verifies every sequence's tree.
+        """Decode several prompts together: one forward pass per step verifies every row's tree.
 
-        Each sequence accepts its own number of tokens per step and stops at its own EOS, stop string or
-        ``max_new_tokens``; its answer is exactly the one ``generate`` gives it alone. See docs/batching.md.
+        ``config`` may be one per prompt (each row its own sampling settings and seed). Each row accepts its
+        own number of tokens per step and stops at its own EOS, stop string or ``max_new_tokens``; a greedy
+        or seeded row's answer is exactly the one ``generate`` gives it alone. See docs/batching.md.
         """
-        config = config or GenerationConfig(**overrides)
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
             raise MedusaError(f"generate_batch takes a list of prompts, got {type(prompts).__name__}")
         if not prompts:
             raise MedusaError("no prompts to generate from: the list of prompts is empty")
-        if not config.sampling().greedy:
-            raise MedusaError(
-                f"batched generation is greedy only (temperature 0), got temperature {config.temperature}; "
-                "generate sampled answers one prompt at a time"
-            )
-        encoded = []
-        for index, prompt in enumerate(prompts):
+        configs = list(config) if isinstance(config, Sequence) else None
+        if configs is not None and len(configs) != len(prompts):
+            raise MedusaError(f"{len(configs)} configs for {len(prompts)} prompts: give one per prompt, or one for all")
+        shared, options = split_settings(None if configs is not None else config, options, overrides)
+        configs = configs or [shared] * len(prompts)
+        generations = []
+        for index, (prompt, row_config) in enumerate(zip(prompts, configs)):
             try:
-                ids = self.encode_prompt(prompt, config.chat_template)
-                self._check_lengths(ids.numel(), config.max_new_tokens)
+                generations.append(self.prepare(prompt, row_config))
             except MedusaError as error:
                 raise MedusaError(f"prompt {index}: {error}") from None
-            encoded.append(ids)
-        if tree is not None and self.heads is not None:
-            tree = load_tree(tree, self.heads.config.num_heads)
-        runner = BatchRunner(self.batch_decoder(config, tree))
-        eos = frozenset(self.eos_token_ids())
-        sequences = [BatchSequence(ids, config.max_new_tokens, eos) for ids in encoded]
-        trackers = {id(s): TextTracker(self.tokenizer, config.stop) for s in sequences}
-        kept: dict[int, list[int]] = {id(s): [] for s in sequences}
-        texts: dict[int, list[str]] = {id(s): [] for s in sequences}
-        runner.add(sequences)
-        while runner.active:
-            stopped = []
-            for sequence, output in runner.step():
-                text, keep, stop = trackers[id(sequence)].add(output.tokens)
-                texts[id(sequence)].append(text)
-                kept[id(sequence)].extend(output.tokens[:keep])
-                if stop:
-                    sequence.stats.finish_reason = "stop"
-                    stopped.append(sequence)
-            runner.finish(stopped)
-        results = []
-        for sequence in sequences:
-            text = "".join(texts[id(sequence)]) + trackers[id(sequence)].flush()
-            tokens = kept[id(sequence)]
-            results.append(GenerationResult(text, tokens, sequence.stats.finish_reason, sequence.stats))
-        return results
+        longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
+        engine = self.engine(options, self._resolve_tree(tree), min(len(generations), BATCH_BUCKETS[-1]), longest)
+        for start in range(0, len(generations), engine.capacity):
+            for _ in engine.run(generations[start : start + engine.capacity]):
+                pass
+        for generation in generations:
+            generation.finish_text()
+        return [generation_result(generation) for generation in generations]
+
+
+def generation_result(generation: Generation) -> GenerationResult:
+    asked = generation.logprobs is not None
+    return GenerationResult(
+        text=generation.text,
+        token_ids=generation.tokens,
+        finish_reason=generation.stats.finish_reason,
+        stats=generation.stats,
+        logprobs=generation.token_logprobs if asked else None,
+        top_logprobs=generation.token_top_logprobs if asked else None,
+    )
 
 
 def is_prompt_batch(prompt: object) -> bool:

@@ -3,8 +3,15 @@
 Temperature, then top-k, then top-p, in the order transformers' ``generate`` applies them, so "the
 base model's own sampling" means the same thing here as there. Every acceptance scheme that samples
 draws from (or, for rejection sampling, reproduces exactly) ``SamplingParams.probabilities``.
-Temperature 0 is greedy decoding. All of it is tensor work on the device; sampling uses a
-``torch.Generator`` so a seed reproduces an answer.
+Temperature 0 is greedy decoding. All of it is tensor work on the device.
+
+Randomness is counter-based: the noise for a row's token at sequence position t is a hash of (the row's
+seed, t, the token id), never a draw from a shared generator. So a seeded request gives the same answer
+alone or beside other requests, with or without heads, whatever tree verified it: sampling a token is
+"greedy decoding on Gumbel-perturbed logits" (``argmax(logits / T + G)``, the Gumbel-max trick), and the
+perturbation at each position is fixed by the seed before any tree is built. Verification then keeps a
+candidate exactly when it equals that position's sample, which accepts sibling j with probability
+``p(x_j)``: the same as multi-candidate rejection sampling with deterministic candidates (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -59,6 +66,94 @@ class SamplingParams:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """The distribution ``[..., vocab]`` (float32) that sampling with these settings follows."""
         return self.process(logits).softmax(dim=-1)
+
+
+# Scheme ids of a row, as the step's per-row buffers hold them.
+GREEDY, REJECTION, TYPICAL = 0, 1, 2
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic: it copies the sign bit)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2**64, as the hash needs)."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def position_gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel noise ``[*positions.shape, vocab]`` (float32) fixed by each row's seed and sequence position.
+
+    ``seeds [rows]`` long, ``positions [rows, P]`` long: the position of the token the noise samples.
+    """
+    key = _mix(_mix(seeds * _GOLDEN + 1)[:, None] + positions * _GOLDEN)  # [rows, P]
+    ids = torch.arange(vocab, device=positions.device)
+    bits = _mix(key[..., None] + ids * _GOLDEN)  # [rows, P, vocab]
+    uniform = (_shift_right(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+@dataclass
+class RowSampling:
+    """Each row's sampling settings as tensors ``[rows]``, so one step serves rows that sample differently."""
+
+    scheme: torch.Tensor  # long: GREEDY, REJECTION or TYPICAL
+    temperature: torch.Tensor  # float32; 1 on greedy rows (unused there)
+    top_k: torch.Tensor  # long, 0: off
+    top_p: torch.Tensor  # float32, 1: off
+    typical_eps: torch.Tensor  # float32
+    typical_delta: torch.Tensor  # float32
+    seed: torch.Tensor  # long
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device | str) -> "RowSampling":
+        def zeros(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(rows, dtype=dtype, device=device)
+
+        settings = cls(zeros(torch.long), zeros(torch.float32), zeros(torch.long), zeros(torch.float32),
+                       zeros(torch.float32), zeros(torch.float32), zeros(torch.long))
+        settings.temperature.fill_(1.0)
+        settings.top_p.fill_(1.0)
+        return settings
+
+    def rows(self, count: int) -> "RowSampling":
+        """Views of the first ``count`` rows (a step over a smaller batch bucket reads these)."""
+        return RowSampling(*(getattr(self, name)[:count] for name in self.__dataclass_fields__))
+
+    def write(self, row: int, scheme: int, params: "SamplingParams", eps: float, delta: float, seed: int) -> None:
+        """Set one row's settings in place (between steps; a captured step reads these buffers)."""
+        self.scheme[row] = scheme
+        self.temperature[row] = params.temperature if params.temperature > 0 else 1.0
+        self.top_k[row] = params.top_k
+        self.top_p[row] = params.top_p
+        self.typical_eps[row] = eps
+        self.typical_delta[row] = delta
+        # The hash reads the seed as a signed 64-bit integer; seeds lie in [0, 2**63).
+        self.seed[row] = seed
+
+    def process(self, logits: torch.Tensor, filtered: bool) -> torch.Tensor:
+        """Float32 logits ``[rows, nodes, vocab]`` after each row's temperature, then top-k and top-p
+        (``filtered``; a step with no row filtering skips the sort); filtered tokens get -inf."""
+        logits = logits.float() / self.temperature[:, None, None]
+        if not filtered:
+            return logits
+        ordered, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        kth = ordered.gather(-1, (self.top_k.clamp(1, vocab) - 1)[:, None, None].expand(*ordered.shape[:2], 1))
+        kept_by_k = (self.top_k == 0)[:, None, None] | (ordered >= kth)  # ties with the k-th are kept
+        ordered = ordered.masked_fill(~kept_by_k, -math.inf)
+        probs = ordered.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_sorted = (mass_before >= self.top_p[:, None, None]) | ~kept_by_k  # never the top token
+        drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+        return logits.masked_fill(drop, -math.inf)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -119,6 +119,16 @@ class Tree:
             return self
         return Tree.from_paths(self.paths, self.topk, lookup=lookup).to(self.attention_mask.device)
 
+    def first_nodes(self, size: int) -> "Tree":
+        """The tree cut to its first ``size`` nodes: the root, then head paths in depth order (each path's parent
+        comes before it, so any cut is a tree), then the lookup chain's first nodes if room is left."""
+        size = max(1, size)
+        if size >= self.size:
+            return self
+        heads_nodes = min(len(self.paths), size - 1)
+        lookup = min(self.lookup, size - 1 - heads_nodes)
+        return Tree.from_paths(self.paths[:heads_nodes], self.topk, lookup=lookup).to(self.attention_mask.device)
+
     def check_heads(self, num_heads: int) -> None:
         """The head paths must not be deeper than the heads; the lookup chain may be (it needs no head)."""
         deepest = max((len(p) for p in self.paths), default=0)

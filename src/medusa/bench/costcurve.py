@@ -3,10 +3,11 @@
 At batch 1 a step reads every weight once, so a step cannot be faster than weight bytes over memory
 bandwidth; until the tree's tokens make the matrix products compute-bound, verifying more nodes should
 cost almost nothing more. Where the curve leaves the floor says how big a tree is worth verifying,
-which is what the tree-optimisation issue needs. A point is one full ``MedusaDecoder`` step (propose
-with the heads, verify the tree in one forward pass, accept, commit) at a fixed context length, taken
-through ``MedusaModel.make_decoder`` so that it runs as a CUDA graph where the decoder does; one node
-is the plain autoregressive step, without heads.
+which is what the tree-optimisation issue needs. A point is one full step of ``batch`` rows (propose
+with the heads, verify every row's tree in one forward pass, accept, commit) at a fixed context length,
+taken through the engine ``MedusaModel.generate`` uses, so that it runs as a CUDA graph where decoding
+does; one node is the plain autoregressive step, without heads. Over batch sizes the curve says where
+speculation stops paying: a larger batch fills the matrix units with rows instead of tree nodes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from medusa.bench.environment import synchronize
 from medusa.decoding import ATTENTION_SPAN_STEP
+from medusa.engine import BATCH_BUCKETS, EngineOptions, check_slots
 from medusa.errors import MedusaError
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
-from medusa.model import GenerationConfig, MedusaModel, check_slots
+from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import GENERIC_HEAD_ACCURACY, Tree, build_tree_from_accuracies
 
 # Published dimensions; weights are random, which is all a timing needs. "tiny" is for smoke tests.
@@ -52,9 +54,14 @@ class CostCurveConfig:
     cuda_graphs: bool = True
     compile: bool | str = False
     lookup: int = 0  # nodes of each tree that are a lookup chain (its search runs in the step too)
-    span_step: int | None = ATTENTION_SPAN_STEP  # GenerationConfig.attention_span_step
+    span_step: int | None = ATTENTION_SPAN_STEP  # EngineOptions.attention_span_step
+    batch_sizes: tuple[int, ...] = (1,)  # rows decoded together; each a batch bucket
 
     def __post_init__(self) -> None:
+        self.batch_sizes = tuple(sorted(set(self.batch_sizes)))
+        if not self.batch_sizes or any(b not in BATCH_BUCKETS for b in self.batch_sizes):
+            raise MedusaError(f"batch sizes must be batch buckets ({', '.join(map(str, BATCH_BUCKETS))}), "
+                              f"got {list(self.batch_sizes)}")
         self.sizes = tuple(sorted(set(self.sizes)))
         if not self.sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes):
             raise MedusaError(f"tree sizes must be positive integers, got {list(self.sizes)}")
@@ -145,9 +152,9 @@ class StepTiming:
     attention_span: int  # the cache slots the steps attended over
 
 
-def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> StepTiming:
-    """Timed decoding steps with a ``size``-node tree (``config.lookup`` of its nodes a lookup chain), every
-    one at ``config.context`` committed tokens."""
+def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig, batch: int = 1) -> StepTiming:
+    """Timed steps of ``batch`` rows with a ``size``-node tree (``config.lookup`` of its nodes a lookup chain),
+    every row at ``config.context`` committed tokens and every step the same (rows are rewound to it)."""
     heads_size = size - config.lookup
     use_heads = heads_size > 1
     if use_heads and model.heads is None:
@@ -156,25 +163,29 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig) -> Step
     tree = tree.with_lookup(config.lookup)
     vocab = model.base_model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(size)
-    prompt = torch.randint(0, vocab, (config.context,), generator=generator).to(model.device)
-    generation = GenerationConfig(max_new_tokens=1, use_heads=use_heads, cuda_graphs=config.cuda_graphs,
-                                  compile=config.compile, lookup=config.lookup, attention_span_step=config.span_step)
-    decoder, graphed = model.make_decoder(prompt, generation, tree)
-    span = decoder.span_for(config.context)  # the attention span decoding would use at this context
-    replay = graphed or decoder.step
+    options = EngineOptions(use_heads=use_heads, cuda_graphs=config.cuda_graphs, compile=config.compile,
+                            lookup=config.lookup, attention_span_step=config.span_step)
+    engine = model.engine(options, tree if use_heads else None, max_rows=batch, max_length=config.context + 1)
+    request = GenerationConfig(max_new_tokens=1)
+    prompts = [torch.randint(0, vocab, (config.context,), generator=generator).to(model.device) for _ in range(batch)]
+    generations = [model.prepare(prompt, request) for prompt in prompts]
+    engine.add(generations)
+    rows, span, kind = engine.step_shape()
+    decoder = engine.decoder
 
-    def step() -> torch.Tensor:
-        return replay(span)
+    def step() -> tuple[torch.Tensor, ...]:
+        return engine._run(rows, span, kind)
 
     def rewind() -> None:  # back to the same context, so every timed step does the same work
-        decoder.length.fill_(config.context)
-        decoder.cache.set_length(decoder.length)
+        decoder.lengths[:batch].fill_(config.context)
 
-    with torch.inference_mode():
-        decoder.prefill(prompt)
-        _time_calls(step, model.device, config.warmup, before=rewind)
-        seconds = _time_calls(step, model.device, config.repeats, before=rewind)
-    synchronize(model.device)
+    try:
+        with torch.inference_mode():
+            _time_calls(step, model.device, config.warmup, before=rewind)
+            seconds = _time_calls(step, model.device, config.repeats, before=rewind)
+        synchronize(model.device)
+    finally:
+        engine.finish(generations)
     return StepTiming(seconds, tree.max_depth, span)
 
 
@@ -189,12 +200,13 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
     bandwidth = measure_bandwidth(model.device)
     floor = weight_bytes / bandwidth
     points = []
-    for size in config.sizes:
-        timing = step_seconds(model, size, config)
+    for batch, size in ((b, n) for b in config.batch_sizes for n in config.sizes):
+        timing = step_seconds(model, size, config, batch)
         seconds = timing.seconds
         median = statistics.median(seconds)
         deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
         points.append({
+            "batch": batch,
             "nodes": size,
             "depth": timing.depth,
             "lookup": config.lookup,
@@ -207,9 +219,9 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
             "x_floor": median / floor,
         })
         if progress is not None:
-            progress(f"{size} nodes: {1e3 * median:.3f} ms")
-    one_node = next((p["median_ms"] for p in points if p["nodes"] == 1), None)
+            progress(f"batch {batch}, {size} nodes: {1e3 * median:.3f} ms")
     for point in points:
+        one_node = next((p["median_ms"] for p in points if p["nodes"] == 1 and p["batch"] == point["batch"]), None)
         point["x_one_token"] = point["median_ms"] / one_node if one_node else None
     return {
         "weight_bytes": weight_bytes,
@@ -240,10 +252,15 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
     figure = Figure(figsize=(7.0, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axis = figure.add_subplot(1, 1, 1)
-    nodes = [p["nodes"] for p in result["points"]]
-    axis.plot(nodes, [p["median_ms"] for p in result["points"]], marker="o", label="one decoding step (median)")
-    axis.fill_between(nodes, [p["p10_ms"] for p in result["points"]], [p["p90_ms"] for p in result["points"]],
-                      alpha=0.2, label="10th to 90th percentile")
+    batches = sorted({p.get("batch", 1) for p in result["points"]})
+    for batch in batches:
+        points = [p for p in result["points"] if p.get("batch", 1) == batch]
+        nodes = [p["nodes"] for p in points]
+        label = "one decoding step (median)" if len(batches) == 1 else f"batch {batch} (median step)"
+        axis.plot(nodes, [p["median_ms"] for p in points], marker="o", label=label)
+        axis.fill_between(nodes, [p["p10_ms"] for p in points], [p["p90_ms"] for p in points], alpha=0.2,
+                          label="10th to 90th percentile" if len(batches) == 1 else None)
+    nodes = sorted({p["nodes"] for p in result["points"]})
     axis.axhline(result["floor_ms"], color="black", linestyle="--",
                  label=f"memory floor {result['floor_ms']:.3f} ms (weights / bandwidth)")
     axis.set_xscale("log", base=2)

@@ -1,7 +1,7 @@
 """The methods ``medusa bench`` compares, and the loop that runs them all on the same prompts.
 
 Every method turns a prompt's token ids into a ``Sample``: the new tokens, prefill and decode time,
-and how many forward passes produced them. Ours take their decoder from ``MedusaModel.make_decoder``,
+and how many forward passes produced them. Ours take their engine from ``MedusaModel.engine``,
 as ``generate`` does, so whatever fast path it picks (CUDA graphs on a GPU) is what is measured;
 transformers' methods call ``base_model.generate`` on the very same weights. No method detokenises
 while it is timed.
@@ -19,7 +19,7 @@ import transformers
 
 from medusa.bench.environment import synchronize
 from medusa.bench.specbench import Question, messages_as_text, turn_messages
-from medusa.decoding import DecodingStats, decode
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.model import GenerationConfig, MedusaModel
@@ -133,8 +133,8 @@ class OurDecoder:
         if use_heads and model.heads is None:
             raise MedusaError(f"the {self.name} method needs heads, but the model has none")
         self.model = model
-        self.generation = GenerationConfig(
-            max_new_tokens=config.max_new_tokens,
+        self.generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
+        self.options = EngineOptions(
             use_heads=use_heads,
             cuda_graphs=config.cuda_graphs,
             compile=config.compile,
@@ -143,18 +143,19 @@ class OurDecoder:
         )
 
     def run(self, prompt_ids: list[int]) -> Sample:
-        # The loop of ``MedusaModel.generate`` without its incremental detokenisation (transformers'
-        # methods return ids too): ``make_decoder`` picks the decoder and, on a GPU, its CUDA-graph step,
-        # exactly as ``generate`` does. The loop syncs the device after prefill and at every step, so its
-        # clocks are exact; building the decoder (and capturing its graph the first time) is not timed.
+        # The engine ``MedusaModel.generate`` runs, without its incremental detokenisation (transformers'
+        # methods return ids too): on a GPU its CUDA-graph steps, exactly as ``generate`` does. The engine
+        # syncs the device after prefill and at every step, so its clocks are exact; building the engine
+        # (and capturing its graphs the first time) is not timed.
         prompt = torch.tensor(prompt_ids, dtype=torch.long, device=self.model.device)
-        decoder, graphed_step = self.model.make_decoder(prompt, self.generation)
-        stats = DecodingStats()
-        steps = decode(decoder, prompt, self.generation.max_new_tokens, self.model.eos_token_ids(), stats,
-                       step=graphed_step)
-        tokens = [token for step in steps for token in step.tokens]
+        generation = self.model.prepare(prompt, self.generation)
+        generation.detokenizer = None
+        engine = self.model.engine(self.options, max_length=prompt.numel() + self.generation.max_new_tokens)
+        for _ in engine.run([generation]):
+            pass
+        stats = generation.stats
         return Sample(
-            token_ids=tokens,
+            token_ids=generation.tokens,
             prefill_seconds=stats.prefill_seconds,
             decode_seconds=stats.decode_seconds,
             steps=stats.steps,

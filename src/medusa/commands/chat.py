@@ -24,6 +24,7 @@ from medusa.commands.common import (
     sampling_options,
 )
 from medusa.decoding import DecodingStats
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
 
@@ -42,12 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class ChatSession:
     """The conversation so far, and one turn at a time through the model's chat template."""
 
-    def __init__(self, model: MedusaModel, config: GenerationConfig, system: str | None = None) -> None:
+    def __init__(
+        self, model: MedusaModel, config: GenerationConfig, system: str | None = None,
+        options: EngineOptions = EngineOptions(),
+    ) -> None:
         tokenizer = model.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise MedusaError("medusa chat needs a tokenizer with a chat template; this model has none")
         self.model = model
         self.config = config
+        self.options = options
         self.system = system
         self.messages: list[dict] = []
         self.reset()
@@ -62,7 +67,7 @@ class ChatSession:
         """
         messages = self.messages + [{"role": "user", "content": text}]
         parts: list[str] = []
-        stream = self.model.stream(messages, self.config, stats=stats)
+        stream = self.model.stream(messages, self.config, stats=stats, options=self.options)
         try:
             for chunk in stream:
                 parts.append(chunk.text)
@@ -80,18 +85,18 @@ def status_line(stats: DecodingStats, interrupted: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=not args.no_heads, **sampling_options(args),
-                              **lookup_options(args))
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling_options(args))
+    options = EngineOptions(use_heads=not args.no_heads, **lookup_options(args))
     model = load_model(args)
-    session = ChatSession(model, config, system=args.system)
+    session = ChatSession(model, config, system=args.system, options=options)
     if sys.stdin.isatty():
         return _interactive(session, Console(highlight=False))
     return _scripted(session)
 
 
 def _interactive(session: ChatSession, console: Console) -> int:
-    tree = session.model.tree_for(session.config)
-    heads = f"{tree.size - tree.lookup}-node tree" if session.config.use_heads else "no heads"
+    tree = session.model.tree_for(session.options)
+    heads = f"{tree.size - tree.lookup}-node tree" if session.options.use_heads else "no heads"
     if tree.lookup:
         heads += f", {tree.lookup}-node lookup branch"
     console.print(f"[bold]medusa chat[/] with {escape(session.model.name)} ({heads}); {COMMANDS_HELP}.")

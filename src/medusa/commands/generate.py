@@ -14,6 +14,7 @@ from medusa.commands.common import (
     sampling_options,
 )
 from medusa.decoding import DecodingStats
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig
 
 
@@ -32,21 +33,20 @@ def run(args: argparse.Namespace) -> int:
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,
         stop=tuple(args.stop),
-        use_heads=not args.no_heads,
         chat_template=not args.raw,
         **sampling_options(args),
-        **lookup_options(args),
     )
+    options = EngineOptions(use_heads=not args.no_heads, **lookup_options(args))
     model = load_model(args)
     stats = DecodingStats()
-    for chunk in model.stream(args.prompt, config, stats=stats):
+    for chunk in model.stream(args.prompt, config, stats=stats, options=options):
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     print(
         f"[{stats.new_tokens} tokens in {stats.decode_seconds:.2f} s: {stats.tokens_per_second:.1f} tokens/s, "
         f"{stats.mean_accepted:.2f} accepted tokens per step over {stats.steps} steps ({stats.acceptance} acceptance), "
-        f"{_tree_words(model.tree_for(config))}, finish: {stats.finish_reason}]",
+        f"{_tree_words(model.tree_for(options))}, finish: {stats.finish_reason}]",
         file=sys.stderr,
     )
     return 0

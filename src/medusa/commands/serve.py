@@ -10,7 +10,10 @@ import sys
 from medusa.acceptance import SCHEMES
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.errors import MedusaError
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig
+
+GPU_MAX_BATCH = 32  # Medusa with the per-batch tuned trees still paid at 32 on the H100 (docs/batching.md)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens-cap", type=int, default=4096, help="most tokens one request may ask for (default 4096)")
     group.add_argument("--max-waiting", type=int, default=16,
                        help="requests that may wait while one generates; more get 429 (default 16)")
-    group.add_argument("--max-batch", type=int, default=1,
-                       help="greedy requests decoded together, joining at step boundaries (default 1: one at a time)")
+    group.add_argument("--max-batch", type=int, default=None,
+                       help="requests decoded together, joining and leaving at step boundaries (continuous batching; "
+                       f"default {GPU_MAX_BATCH} on a GPU, 1 on the CPU: one at a time)")
+    group.add_argument("--cache-length", type=int, default=2048,
+                       help="slots of KV cache per running request: prompt plus max_tokens must fit (default 2048)")
     group.add_argument("--timeout", type=float, default=300.0,
                        help="seconds a request may take, waiting included (default 300)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
@@ -49,24 +55,29 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("MEDUSA_API_KEY") or None
     settings = ServeSettings(
         model_name=args.served_model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
-        use_heads=not args.no_heads, acceptance=args.acceptance, cuda_graphs=not args.no_cuda_graphs,
-        compile=args.compile,
+        acceptance=args.acceptance,
     )
-    engine_config = EngineConfig(max_waiting=args.max_waiting, request_timeout=args.timeout, max_batch=args.max_batch)
+    options = EngineOptions(use_heads=not args.no_heads, cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
     model = load_model(args)
-    if not args.no_warmup:
-        model.generate("Hello", GenerationConfig(max_new_tokens=8, use_heads=settings.use_heads,
-                                                 acceptance=settings.acceptance, cuda_graphs=settings.cuda_graphs,
-                                                 compile=settings.compile))
-    app = create_app(Engine(model, engine_config), settings)
-    heads = "no heads"
-    if settings.use_heads and model.heads:
-        heads = f"Medusa heads, {model.plain_tree.size}-node tree"
-        if model.tree.lookup and args.max_batch == 1:  # batches have no lookup branch
-            heads += f" ({model.tree.size} nodes with its {model.tree.lookup}-node lookup chain)"
-    print(f"medusa serve: {model.name} ({heads}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    max_batch = args.max_batch or (GPU_MAX_BATCH if model.device.type == "cuda" else 1)
+    engine_config = EngineConfig(max_waiting=args.max_waiting, request_timeout=args.timeout, max_batch=max_batch,
+                                 options=options, cache_length=args.cache_length)
+    engine = Engine(model, engine_config)
+    if not args.no_warmup:  # builds the running batch's engine and captures its first graph
+        decoding = engine.decoding_engine()
+        generation = model.prepare("Hello", GenerationConfig(max_new_tokens=8))
+        for _ in decoding.run([generation]):
+            pass
+    app = create_app(engine, settings)
+    if options.use_heads and model.heads:
+        trees = {bucket: model.tree_for(options, bucket).size for bucket in (1, max_batch)}
+        heads = "Medusa heads, " + ", ".join(f"{size}-node tree at batch {bucket}" for bucket, size in trees.items())
+    else:
+        heads = "no heads"
+    print(f"medusa serve: {model.name} ({heads}, up to {max_batch} requests at once) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     if not _is_loopback(args.host) and api_key is None:
         print(f"medusa serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)

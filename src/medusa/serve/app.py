@@ -57,10 +57,7 @@ class ServeSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_tokens_cap: int = 4096  # the most tokens one request may ask for
     max_body_bytes: int = 4 * 1024 * 1024
-    use_heads: bool = True  # False: plain decoding on the same cache (the baseline)
     acceptance: str = "auto"  # greedy at temperature 0, lossless rejection sampling above (see GenerationConfig)
-    cuda_graphs: bool = True
-    compile: bool | str = False
 
     def __post_init__(self) -> None:
         if self.max_tokens_cap < 1:
@@ -268,8 +265,7 @@ class _Server:
     def generation_config(self, request: SamplingRequest, max_new_tokens: int) -> GenerationConfig:
         """The request's settings as a ``GenerationConfig``; unset sampling fields keep its defaults (greedy)."""
         options: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, stop=request.stop, use_heads=self.settings.use_heads, chat_template=False,
-            acceptance=self.settings.acceptance, cuda_graphs=self.settings.cuda_graphs, compile=self.settings.compile,
+            max_new_tokens=max_new_tokens, stop=request.stop, chat_template=False, acceptance=self.settings.acceptance,
         )
         if request.temperature is not None:
             options["temperature"] = request.temperature

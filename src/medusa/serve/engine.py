@@ -1,15 +1,11 @@
-"""One generation at a time in front of a ``MedusaModel``: a bounded wait line, deadlines and cancellation.
+"""Continuous batching in front of a ``MedusaModel``: a bounded wait line, deadlines and cancellation.
 
-The model is synchronous and holds one sequence's cache, so a single worker thread runs generations
-one after another. Requests beyond the line's capacity are refused at once (the server answers 429)
-rather than left to pile up. ``MedusaModel.stream`` is a generator, so a cancelled or expired request
-is stopped between two decoding steps simply by no longer iterating it: the model is free again after
-at most one step. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
-
-With ``max_batch`` above 1 the worker batches greedy requests dynamically (``medusa.batching``): at
-every step boundary the requests at the head of the line join the running batch, up to ``max_batch``;
-each leaves at its own EOS, stop string, limit, cancellation or deadline while the others go on.
-Sampled requests are not batched: one runs alone once the batch has drained.
+One worker thread owns a ``DecodingEngine`` (``medusa.engine``) and runs every request through it: at
+each step boundary the requests at the head of the line join the running batch, up to ``max_batch``,
+greedy and sampled alike (each row has its own settings and seed), and each leaves at its own EOS, stop
+string, limit, cancellation or deadline while the others go on. With ``max_batch`` 1 requests run one
+at a time. Requests beyond the line's capacity are refused at once (the server answers 429) rather than
+left to pile up. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
 """
 
 from __future__ import annotations
@@ -19,12 +15,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from medusa.batching import BatchRunner, BatchSequence
 from medusa.decoding import DecodingStats
+from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation
 from medusa.errors import MedusaError
-from medusa.model import GenerationChunk, GenerationConfig, MedusaModel, TextTracker
+from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
 from medusa.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -40,13 +36,17 @@ class EngineStopped(Exception):
 
 @dataclass
 class EngineConfig:
-    max_waiting: int = 16  # requests that may wait while one generates; more are refused
+    max_waiting: int = 16  # requests that may wait beyond the running batch; more are refused
     request_timeout: float = 300.0  # seconds from arrival to the end of the generation, queueing included
-    max_batch: int = 1  # greedy requests decoded together; 1 runs one generation at a time
+    max_batch: int = 1  # requests decoded together (continuous batching); 1 runs one generation at a time
+    options: EngineOptions = field(default_factory=EngineOptions)  # how the decoding engine runs
+    cache_length: int = 2048  # slots per row the running batch keeps (prompt plus new tokens)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or not 1 <= self.max_batch:
             raise MedusaError(f"max_batch must be a positive integer, got {self.max_batch!r}")
+        if self.max_batch > BATCH_BUCKETS[-1]:
+            raise MedusaError(f"max_batch must be at most {BATCH_BUCKETS[-1]}, got {self.max_batch}")
         if self.max_waiting < 0:
             raise MedusaError(f"max_waiting must be 0 or more, got {self.max_waiting}")
         if self.request_timeout <= 0:
@@ -99,10 +99,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self._lock = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
-        self._batch: list[Job] = []  # the jobs of the running batch (max_batch > 1)
+        self._batch: list[Job] = []  # the jobs of the running batch
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._decoder: DecodingEngine | None = None
 
     # ----- life cycle ---------------------------------------------------------------------------
 
@@ -115,13 +115,11 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, drop the waiting requests, stop the running one after its current step."""
+        """Refuse new work, drop the waiting requests, stop the running ones after the current step."""
         with self._lock:
             self._stopping = True
             dropped = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running._cancelled.set()
             for job in self._batch:
                 job._cancelled.set()
             self._lock.notify_all()
@@ -130,6 +128,13 @@ class Engine:
             job.emit(Failed("shutdown", "the server is shutting down"))
         if thread is not None:
             thread.join(timeout)
+
+    def decoding_engine(self) -> DecodingEngine:
+        """The engine the worker decodes with, built on first use with room for the whole batch."""
+        if self._decoder is None:
+            self._decoder = self.model.engine(self.config.options, max_rows=self.config.max_batch,
+                                              max_length=self.config.cache_length)
+        return self._decoder
 
     # ----- requests -----------------------------------------------------------------------------
 
@@ -144,7 +149,7 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return int(self._running is not None) + len(self._batch)
+        return len(self._batch)
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink) -> Job:
         """Queue a generation; raise ``QueueFull`` when the line is full, ``EngineStopped`` when stopping."""
@@ -152,11 +157,10 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
-            # With one generation at a time: max_waiting wait behind the running one. A batch also
-            # takes in as many as it has free places at its next step.
+            # max_waiting wait beyond the running batch; the batch also takes in as many as it has free places.
             if len(self._waiting) >= self.config.max_waiting + self.config.max_batch - self.running:
                 raise QueueFull(
-                    f"{self.running} generation running and {len(self._waiting)} waiting, "
+                    f"{self.running} generations running and {len(self._waiting)} waiting, "
                     f"the most this server queues ({self.config.max_waiting} waiting)"
                 )
             self._waiting.append(job)
@@ -175,76 +179,8 @@ class Engine:
     # ----- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        if self.config.max_batch > 1:
-            self._work_batched()
-            return
-        while True:
-            with self._lock:
-                while not self._waiting and not self._stopping:
-                    self._lock.wait()
-                if self._stopping:
-                    return
-                job = self._waiting.popleft()
-                self._running = job
-            try:
-                if job.cancelled:
-                    continue
-                if time.monotonic() > job.deadline:
-                    job.emit(Failed("timeout", self.timeout_message()))
-                    self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
-                    continue
-                self._generate(job)
-            finally:
-                with self._lock:
-                    self._running = None
-
-    def _generate(self, job: Job) -> None:
-        stats = DecodingStats()
-        completion_tokens = 0
-        outcome: str | None = None
-        try:
-            stream = self.model.stream(job.prompt_ids, job.config, stats=stats)
-            try:
-                for chunk in stream:
-                    if chunk.accepted:
-                        self.metrics.record_step(chunk.accepted, len(chunk.token_ids))
-                    if chunk.token_ids and completion_tokens == 0:
-                        self.metrics.record_first_token(time.monotonic() - job.submitted)
-                    completion_tokens += len(chunk.token_ids)
-                    job.emit(chunk)
-                    if job.cancelled:
-                        outcome = "cancelled"
-                        if self._stopping:
-                            job.emit(Failed("shutdown", "the server is shutting down"))
-                        else:
-                            job.emit(Failed("cancelled", "the request was cancelled"))
-                        break
-                    if time.monotonic() > job.deadline:
-                        outcome = "timeout"
-                        job.emit(Failed("timeout", self.timeout_message()))
-                        break
-            finally:
-                stream.close()  # runs the generator's cleanup now, on this thread
-        except MedusaError as error:
-            outcome = "invalid"
-            job.emit(Failed("invalid", str(error)))
-        except Exception as error:
-            log.exception("generation failed")
-            outcome = "error"
-            job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
-        if outcome is None:
-            outcome = stats.finish_reason
-            job.emit(Finished(stats.finish_reason, completion_tokens, stats))
-        self.metrics.record_generation(len(job.prompt_ids), outcome, time.monotonic() - job.submitted)
-
-    # ----- the batched worker -------------------------------------------------------------------
-
-    def _work_batched(self) -> None:
-        runner: BatchRunner | None = None
-        use_heads: bool | None = None
         active: list[_Member] = []
         while True:
-            alone: Job | None = None
             joining: list[Job] = []
             with self._lock:
                 while not self._waiting and not active and not self._stopping:
@@ -255,44 +191,25 @@ class Engine:
                         self._record_end(member, "cancelled")
                     self._batch = []
                     return
-                if not active and self._waiting and not self._waiting[0].config.sampling().greedy:
-                    alone = self._waiting.popleft()
-                    self._running = alone
-                else:
-                    if not active:
-                        use_heads = self._waiting[0].config.use_heads if self._waiting else None
-                    while (self._waiting and len(active) + len(joining) < self.config.max_batch
-                           and self._waiting[0].config.sampling().greedy
-                           and self._waiting[0].config.use_heads == use_heads):
-                        joining.append(self._waiting.popleft())
-                    self._batch = [m.job for m in active] + joining
-            if alone is not None:
-                try:
-                    if not alone.cancelled:
-                        if time.monotonic() > alone.deadline:
-                            alone.emit(Failed("timeout", self.timeout_message()))
-                            self.metrics.record_generation(len(alone.prompt_ids), "timeout",
-                                                           time.monotonic() - alone.submitted)
-                        else:
-                            self._generate(alone)
-                finally:
-                    with self._lock:
-                        self._running = None
-                continue
+                while self._waiting and len(active) + len(joining) < self.config.max_batch:
+                    joining.append(self._waiting.popleft())
+                self._batch = [m.job for m in active] + joining
             try:
-                if not active:
-                    runner = BatchRunner(self.model.batch_decoder(GenerationConfig(use_heads=bool(use_heads))))
-                active += self._admit(runner, joining)
+                engine = self.decoding_engine()
+                active += self._admit(engine, joining)
                 if active:
-                    active = self._step(runner, active)
+                    active = self._step(engine, active)
             except Exception as error:  # the batch is lost; its jobs are told, the engine goes on
                 log.exception("batched generation failed")
                 self._fail(active, error)
+                if self._decoder is not None:
+                    self._decoder.finish([m.generation for m in active])
                 active = []
             with self._lock:
                 self._batch = [m.job for m in active]
+            self.metrics.record_batch(len(active))
 
-    def _admit(self, runner: BatchRunner, jobs: list[Job]) -> list["_Member"]:
+    def _admit(self, engine: DecodingEngine, jobs: list[Job]) -> list["_Member"]:
         """Prefill the jobs that are still wanted, together, into the running batch."""
         members = []
         for job in jobs:
@@ -303,19 +220,24 @@ class Engine:
                 self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
                 continue
             try:
-                ids = self.model.encode_prompt(job.prompt_ids)
-                self.model._check_lengths(ids.numel(), job.config.max_new_tokens)
+                generation = self.model.prepare(job.prompt_ids, job.config)
+                if not engine.fits(generation.prompt_ids.numel() + job.config.max_new_tokens):
+                    raise MedusaError(
+                        f"the prompt ({generation.prompt_ids.numel()} tokens) plus max_tokens "
+                        f"({job.config.max_new_tokens}) exceeds this server's {self.config.cache_length} slots per "
+                        "request (--cache-length)"
+                    )
             except MedusaError as error:
                 job.emit(Failed("invalid", str(error)))
                 self.metrics.record_generation(len(job.prompt_ids), "invalid", time.monotonic() - job.submitted)
                 continue
-            sequence = BatchSequence(ids, job.config.max_new_tokens, frozenset(self.model.eos_token_ids()))
-            members.append(_Member(job, sequence, TextTracker(self.model.tokenizer, job.config.stop)))
+            members.append(_Member(job, generation))
         if members:
             try:
-                runner.add([m.sequence for m in members])  # leaves the running rows as they were if it fails
+                engine.add([m.generation for m in members])
             except Exception as error:
                 log.exception("prefill failed")
+                engine.finish([m.generation for m in members])
                 self._fail(members, error)
                 return []
         return members
@@ -325,36 +247,34 @@ class Engine:
             member.job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
             self._record_end(member, "error")
 
-    def _step(self, runner: BatchRunner, active: list["_Member"]) -> list["_Member"]:
+    def _step(self, engine: DecodingEngine, active: list["_Member"]) -> list["_Member"]:
         """One batched step: each member's chunk goes out; members that are done leave. Returns the rest."""
-        by_sequence = {id(m.sequence): m for m in active}
+        by_generation = {id(m.generation): m for m in active}
         leaving: list[tuple[_Member, str]] = []
-        for sequence, output in runner.step():
-            member = by_sequence[id(sequence)]
+        for generation, output in engine.step():
+            member = by_generation[id(generation)]
             job = member.job
-            text, keep, stopped = member.tracker.add(output.tokens)
-            chunk = GenerationChunk(text=text, token_ids=output.tokens[:keep], accepted=output.accepted)
+            chunk = GenerationChunk(text=output.text, token_ids=output.tokens, accepted=output.accepted,
+                                    logprobs=output.logprobs, top_logprobs=output.top_logprobs)
             self.metrics.record_step(output.accepted, len(chunk.token_ids))
             if chunk.token_ids and member.completion_tokens == 0:
                 self.metrics.record_first_token(time.monotonic() - job.submitted)
             member.completion_tokens += len(chunk.token_ids)
             job.emit(chunk)
-            if stopped:
-                sequence.stats.finish_reason = "stop"
             if job.cancelled:
                 job.emit(Failed("shutdown", "the server is shutting down") if self._stopping
                          else Failed("cancelled", "the request was cancelled"))
                 leaving.append((member, "cancelled"))
-            elif stopped or sequence.finished:
-                tail = member.tracker.flush()
+            elif generation.finished:
+                tail = generation.finish_text()
                 if tail:
                     job.emit(GenerationChunk(text=tail, token_ids=[], accepted=0))
-                job.emit(Finished(sequence.stats.finish_reason, member.completion_tokens, sequence.stats))
-                leaving.append((member, sequence.stats.finish_reason))
+                job.emit(Finished(generation.stats.finish_reason, member.completion_tokens, generation.stats))
+                leaving.append((member, generation.stats.finish_reason))
             elif time.monotonic() > job.deadline:
                 job.emit(Failed("timeout", self.timeout_message()))
                 leaving.append((member, "timeout"))
-        runner.finish([m.sequence for m, _ in leaving])
+        engine.finish([m.generation for m, _ in leaving])
         for member, outcome in leaving:
             self._record_end(member, outcome)
         gone = {id(m) for m, _ in leaving}
@@ -369,9 +289,8 @@ class Engine:
 
 @dataclass(eq=False)
 class _Member:
-    """A job in the running batch: its sequence in the ``BatchRunner``, its text so far."""
+    """A job in the running batch, and its generation in the ``DecodingEngine``."""
 
     job: Job
-    sequence: BatchSequence | None
-    tracker: TextTracker | None
+    generation: Generation
     completion_tokens: int = 0

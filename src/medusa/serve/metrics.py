@@ -13,6 +13,7 @@ from collections.abc import Sequence
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ACCEPTED_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Histogram:
@@ -55,6 +56,13 @@ class Metrics:
         self.accepted_per_step = Histogram(ACCEPTED_BUCKETS)
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)  # running rows, observed once per batched step
+
+    def record_batch(self, rows: int) -> None:
+        """The running batch after a step (0 when it emptied)."""
+        if rows:
+            with self._lock:
+                self.batch_size.observe(rows)
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -101,12 +109,13 @@ class Metrics:
                 ("medusa_time_to_first_token_seconds", self.time_to_first_token,
                  "From request arrival to its first generated token."),
                 ("medusa_request_latency_seconds", self.latency, "From request arrival to the end of its generation."),
+                ("medusa_batch_size", self.batch_size, "Generations in the running batch, once per decoding step."),
             ):
                 _family(out, name, "histogram", text)
                 out.extend(histogram.lines(name))
             _family(out, "medusa_queue_waiting", "gauge", "Requests waiting for the model.")
             out.append(f"medusa_queue_waiting {waiting}")
-            _family(out, "medusa_generation_running", "gauge", "Generations running (more than 1 with --max-batch).")
+            _family(out, "medusa_generation_running", "gauge", "Generations in the running batch now.")
             out.append(f"medusa_generation_running {running}")
             return "\n".join(out) + "\n"
 

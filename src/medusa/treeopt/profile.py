@@ -381,7 +381,8 @@ def lookup_depths(
     depths = []
     for t in positions.tolist():
         history = torch.cat((ids[: t + 1], greedy[t : t + 1], spare))
-        guesses = ngram_continuation(history, torch.tensor(t + 1, device=ids.device), max_ngram, MAX_LOOKUP_NODES)
+        last = torch.tensor([t + 1], device=ids.device)
+        guesses = ngram_continuation(history[None], last, max_ngram, MAX_LOOKUP_NODES)[0]
         aims = t + 1 + offsets  # the positions the guesses are for
         inside = aims < length
         aims = aims.clamp_max(length - 1)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from medusa.decoding import DecodingStats, decode
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
@@ -135,28 +136,35 @@ def choose_tree(
 
 
 def measure_step_seconds(
-    model: MedusaModel, tree: Tree, context: int = 128, steps: int = 16, repeats: int = 3, seed: int = 0
+    model: MedusaModel, tree: Tree, context: int = 128, steps: int = 16, repeats: int = 3, seed: int = 0,
+    batch: int = 1,
 ) -> float:
-    """Median seconds per decoding step with this tree, after a warm-up run (which captures the graph on GPUs).
+    """Median seconds per decoding step of ``batch`` rows with this tree, after a warm-up run (which captures
+    the graph on GPUs).
 
-    The prompt is ``context`` random tokens and EOS is ignored, so every run takes the same steps.
+    The prompts are ``context`` random tokens and EOS is ignored, so every run takes the same steps.
     """
     if model.heads is None:
         raise MedusaError("timing trees needs heads")
     vocab = model.base_model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (context,), generator=generator).to(model.device)
     config = GenerationConfig(max_new_tokens=steps * (tree.max_depth + 1), chat_template=False)
-    model._check_lengths(context, config.max_new_tokens + tree.size)
+    model.check_lengths(context, config.max_new_tokens + tree.size)
+    engine = model.engine(EngineOptions(), tree, max_rows=batch, max_length=context + config.max_new_tokens)
     timings = []
     for run in range(repeats + 1):
-        decoder, graphed_step = model.make_decoder(prompt, config, tree)
-        stats = DecodingStats()
-        for _ in decode(decoder, prompt, config.max_new_tokens, set(), stats, step=graphed_step):
-            if stats.steps >= steps:
-                break
+        prompts = [torch.randint(0, vocab, (context,), generator=generator).to(model.device) for _ in range(batch)]
+        generations = [model.prepare(prompt, config) for prompt in prompts]
+        for generation in generations:
+            generation.eos_token_ids, generation.detokenizer = frozenset(), None
+        engine.add(generations)
+        started = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        seconds = time.perf_counter() - started
+        engine.finish(generations)
         if run > 0:  # the first run warms up (and captures the CUDA graph)
-            timings.append(stats.decode_seconds / stats.steps)
+            timings.append(seconds / steps)
     return statistics.median(timings)
 
 

@@ -1,0 +1,343 @@
+"""The decoding engine: generations join and leave a running batch between steps, on one ``Decoder``.
+
+Every way of generating goes through here: ``MedusaModel.generate`` and ``stream`` (a batch of one),
+batched ``generate``, the server's continuous batching. The engine keeps the running rows packed into
+the first rows of the decoder, runs each step in the smallest batch bucket that holds them (1, 2, 4, ...,
+with that bucket's tree), replays the step as a CUDA graph on a GPU, and does the host bookkeeping that
+every caller shares: EOS, stop strings, length limits, log-probabilities and statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedModel
+
+from medusa.acceptance import AcceptanceScheme, StepKind
+from medusa.decoding import ATTENTION_SPAN_STEP, Decoder, DecodingStats, StepOutput, attention_spans
+from medusa.devices import spans_devices, synchronize
+from medusa.errors import MedusaError
+from medusa.graphs import StepGraphs
+from medusa.heads import MedusaHeads
+from medusa.lookup import DEFAULT_MAX_NGRAM
+from medusa.tree import Tree
+
+logger = logging.getLogger("medusa")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # a step runs the smallest that holds the running rows
+CACHE_BUCKET = 256  # slots per row are rounded up to this, so one engine (and its graphs) serves many prompts
+PREFILL_GROUP = 8  # joining prompts prefilled together (their logits cost rows x rows x vocabulary)
+
+
+def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
+    """The smallest batch bucket that holds ``rows`` running rows."""
+    for bucket in buckets:
+        if bucket >= rows:
+            return bucket
+    raise MedusaError(f"{rows} rows do not fit the largest batch bucket, {buckets[-1]}")
+
+
+def check_slots(name: str, value: object) -> None:
+    """Refuse a cache-slot setting that is neither None nor a positive integer (bools are not counts)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise MedusaError(f"{name} must be a positive number of slots or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs, apart from what any one request asks; frozen and hashable, it is the key under
+    which a model keeps its engines."""
+
+    # False decodes plainly, one token per step, on the same cache: the honest baseline.
+    use_heads: bool = True
+    # A lookup branch of this many nodes in the tree: guesses copied from where the text's last tokens
+    # occurred before (medusa.lookup). None: the trees as tuned (with the chain `medusa tree tune` chose).
+    lookup: int | None = None
+    lookup_ngram: int = DEFAULT_MAX_NGRAM  # the longest suffix searched for
+    # Replay each step as a CUDA graph on GPUs (falls back to eager, with one warning, if capture fails).
+    cuda_graphs: bool = True
+    # Also fuse the step's kernels with torch.compile before capture (slow first call, faster steps).
+    compile: bool | str = False  # True, or "max-autotune" to also tune the matrix kernels
+    # Allocate at least this many cache slots per row, so that one engine (its CUDA graphs, its compiled
+    # steps) serves every prompt that fits; longer ones still get a longer cache when the engine is idle.
+    cache_length: int | None = None
+    # Uncompiled steps attend over the cache's first multiple of this many slots that holds every tree
+    # (one CUDA graph per span), not over every preallocated slot. None: always every slot.
+    attention_span_step: int | None = ATTENTION_SPAN_STEP
+
+    def __post_init__(self) -> None:
+        from medusa.lookup import check_lookup
+
+        check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
+        check_slots("cache_length", self.cache_length)
+        check_slots("attention_span_step", self.attention_span_step)
+        if self.compile not in (False, True, "max-autotune"):
+            raise MedusaError(f"compile must be False, True or 'max-autotune', got {self.compile!r}")
+
+
+class Detokenizer(Protocol):
+    """Turns a generation's tokens into text as they come, and finds its stop strings (``TextTracker``)."""
+
+    def add(self, tokens: list[int]) -> tuple[str, int, bool]: ...  # (new text, tokens to keep, stopped)
+
+    def flush(self) -> str: ...
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request in the engine, seen from the host: what it asked, its tokens so far, its statistics."""
+
+    prompt_ids: torch.Tensor  # [prompt_len]
+    max_new_tokens: int
+    acceptance: AcceptanceScheme
+    seed: int | None = None  # None: a fresh random one
+    eos_token_ids: frozenset[int] = frozenset()
+    detokenizer: Detokenizer | None = None
+    logprobs: int | None = None  # None: none; k: each token's log-probability and its top k alternatives
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    token_logprobs: list[float] = field(default_factory=list)
+    token_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    stats: DecodingStats = field(default_factory=DecodingStats)
+    finished: bool = False
+    started: float = 0.0  # when its decoding began (after its prefill)
+    row: int = -1
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - self.stats.new_tokens
+
+    def absorb(self, accepted: int, tokens: list[int], logprobs=None, top=None) -> StepOutput:
+        """Bookkeeping after a step: cut at EOS, ``max_new_tokens`` and stop strings; count; finish."""
+        tokens = tokens[: self.remaining]
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                tokens = tokens[: index + 1]
+                self.stats.finish_reason = "stop"
+                self.finished = True
+                break
+        text = ""
+        if self.detokenizer is not None:
+            text, keep, stopped = self.detokenizer.add(tokens)
+            tokens = tokens[:keep]
+            if stopped:
+                self.stats.finish_reason = "stop"
+                self.finished = True
+        self.tokens.extend(tokens)
+        self.text += text
+        self.stats.steps += 1
+        self.stats.accepted_per_step.append(accepted)
+        self.stats.new_tokens += len(tokens)
+        self.stats.decode_seconds = time.perf_counter() - self.started
+        if self.remaining <= 0:
+            self.finished = True
+        output = StepOutput(tokens=tokens, accepted=accepted, text=text)
+        if self.logprobs is not None and logprobs is not None:
+            output.logprobs = logprobs[: len(tokens)]
+            ids, values = top
+            output.top_logprobs = [list(zip(ids[i][: self.logprobs], values[i][: self.logprobs]))
+                                   for i in range(len(tokens))]
+            self.token_logprobs.extend(output.logprobs)
+            self.token_top_logprobs.extend(output.top_logprobs)
+        return output
+
+    def finish_text(self) -> str:
+        """The text held back at the end (an unfinished stop-string prefix that never completed)."""
+        tail = self.detokenizer.flush() if self.detokenizer is not None else ""
+        self.text += tail
+        return tail
+
+
+class DecodingEngine:
+    """Generations decoded together on one ``Decoder``; ``add`` and ``finish`` act between steps.
+
+    ``trees`` gives the tree a batch bucket runs (``trees(bucket)``); the running rows always sit in the
+    decoder's first rows, so a step runs the smallest bucket that holds them.
+    """
+
+    decoder_class = Decoder  # what holds the device state (tests substitute a decoder with planted guesses)
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        heads: MedusaHeads | None,
+        trees: Callable[[int], Tree],
+        options: EngineOptions = EngineOptions(),
+        max_rows: int = 1,
+        max_length: int = CACHE_BUCKET,
+    ) -> None:
+        self.base = base_model
+        self.heads = heads
+        self.tree_of_bucket = trees
+        self.options = options
+        self.decoder: Decoder | None = None
+        self.graphs: StepGraphs | None = None
+        self.graphs_refused = False
+        self.generations: list[Generation] = []  # row i of the decoder runs generations[i]
+        self.lengths: list[int] = []  # each running row's committed length, known on the host
+        self._build(max_rows, max_length)
+
+    # ----- sizing ---------------------------------------------------------------------------------
+
+    def _build(self, max_rows: int, max_length: int) -> None:
+        rows = bucket_for(max_rows)
+        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= rows]
+        trees = {bucket: self.tree_of_bucket(bucket) for bucket in buckets}
+        heads = self.heads if any(tree.paths for tree in trees.values()) else None
+        largest = max(tree.size for tree in trees.values())
+        slots = -(-max(max_length, self.options.cache_length or 0, 1) // CACHE_BUCKET) * CACHE_BUCKET
+        self.decoder = self.decoder_class(self.base, heads, trees, rows, slots + largest, self.options.lookup_ngram,
+                               one_store=not self.options.compile)
+        # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
+        span_step = None if self.options.compile else self.options.attention_span_step
+        self.spans = attention_spans(self.decoder.max_length, largest, span_step)
+        self.graphs = None
+        use_graphs = self.options.cuda_graphs and self.decoder.device.type == "cuda" and not spans_devices(self.base)
+        if use_graphs and not self.graphs_refused:
+            self.graphs = StepGraphs(self.decoder, self.options.compile)
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` running rows of up to ``length`` slots each; only an idle engine is rebuilt."""
+        decoder = self.decoder
+        if rows <= decoder.max_rows and length + decoder.largest_tree() <= decoder.max_length:
+            return
+        if self.generations:
+            raise MedusaError(
+                f"the running batch has room for {decoder.max_rows} rows of {decoder.max_length} slots; "
+                f"a request needing {length} slots must wait for it to empty"
+            )
+        self._build(max(rows, decoder.max_rows), max(length, decoder.max_length - decoder.largest_tree()))
+
+    def fits(self, length: int) -> bool:
+        """Whether a row of ``length`` slots (prompt plus new tokens) fits the running cache."""
+        return length + self.decoder.largest_tree() <= self.decoder.max_length
+
+    @property
+    def active(self) -> int:
+        return len(self.generations)
+
+    @property
+    def capacity(self) -> int:
+        return self.decoder.max_rows
+
+    # ----- joining and leaving --------------------------------------------------------------------
+
+    def add(self, generations: Sequence[Generation]) -> None:
+        """Prefill ``generations`` and let them join the running batch (between steps)."""
+        for generation in generations:
+            if generation.max_new_tokens < 1:
+                raise MedusaError(f"max_new_tokens must be a positive integer, got {generation.max_new_tokens!r}")
+            if generation.prompt_ids.numel() < 1:
+                raise MedusaError("the prompt is empty")
+            if generation.seed is None:
+                generation.seed = random.randrange(2**63)
+        longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
+        self.reserve(self.active + len(generations), longest)
+        for start in range(0, len(generations), PREFILL_GROUP):
+            self._prefill(generations[start : start + PREFILL_GROUP])
+
+    def _prefill(self, generations: Sequence[Generation]) -> None:
+        started = time.perf_counter()
+        rows = list(range(self.active, self.active + len(generations)))
+        with torch.inference_mode():
+            self.decoder.prefill(rows, [g.prompt_ids for g in generations], [g.acceptance for g in generations],
+                                 [g.seed for g in generations])
+            synchronize(self.decoder.device)
+        now = time.perf_counter()
+        for row, generation in zip(rows, generations):
+            generation.row = row
+            generation.stats.prompt_tokens = int(generation.prompt_ids.numel())
+            generation.stats.acceptance = generation.acceptance.name
+            generation.stats.prefill_seconds = now - started
+            generation.started = now
+            self.generations.append(generation)
+            self.lengths.append(int(generation.prompt_ids.numel()))
+
+    def finish(self, generations: Iterable[Generation], reason: str | None = None) -> None:
+        """Take generations out of the batch now (between steps); ``reason`` overrides their finish reason.
+
+        The last running rows move into the rows freed, so the running rows stay the first ones.
+        """
+        leaving = {id(g) for g in generations}
+        rows = [row for row, g in enumerate(self.generations) if id(g) in leaving]
+        if not rows:
+            return
+        for row in rows:
+            self.generations[row].finished = True
+            if reason is not None:
+                self.generations[row].stats.finish_reason = reason
+        keep = [row for row in range(self.active) if row not in rows]
+        holes = [row for row in range(len(keep)) if row in rows]
+        movers = [row for row in keep if row >= len(keep)]
+        with torch.inference_mode():
+            self.decoder.release(rows)
+            if movers:
+                self.decoder.move(movers, holes)
+        order = {hole: mover for hole, mover in zip(holes, movers)}
+        survivors = [self.generations[order.get(row, row)] for row in range(len(keep))]
+        lengths = [self.lengths[order.get(row, row)] for row in range(len(keep))]
+        for row, generation in enumerate(survivors):
+            generation.row = row
+        self.generations, self.lengths = survivors, lengths
+
+    # ----- the step -------------------------------------------------------------------------------
+
+    def step_shape(self) -> tuple[int, int, StepKind]:
+        """The bucket, attention span and step kind the next step runs (host-side)."""
+        rows = bucket_for(self.active)
+        tree = self.decoder.tree_for(rows)
+        end = max(self.lengths) + tree.size
+        span = next((s for s in self.spans if s >= end), self.decoder.max_length)
+        wanted = [g.logprobs for g in self.generations if g.logprobs is not None]
+        kind = StepKind.of([g.acceptance for g in self.generations], logprobs=max(wanted) if wanted else -1)
+        return rows, span, kind
+
+    def _run(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+        if self.graphs is not None:
+            try:
+                return self.graphs(rows, span, kind)
+            except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
+                self.graphs, self.graphs_refused = None, True
+                logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
+        return self.decoder.step(rows, span, kind)
+
+    def step(self) -> list[tuple[Generation, StepOutput]]:
+        """One step of every running generation; finished ones leave the batch before this returns."""
+        if not self.generations:
+            return []
+        rows, span, kind = self.step_shape()
+        with torch.inference_mode():
+            outputs = self._run(rows, span, kind)
+            # The one host sync of the step: every row's accepted tokens (and log-probabilities, if asked).
+            values = [tensor.tolist() for tensor in outputs]
+        results = []
+        for row, generation in enumerate(self.generations):
+            counts_and_tokens = values[0][row]
+            accepted = counts_and_tokens[0]
+            self.lengths[row] += accepted
+            logprobs = top = None
+            if len(values) > 1:
+                logprobs, top = values[1][row][:accepted], (values[2][row], values[3][row])
+            output = generation.absorb(accepted, counts_and_tokens[1 : 1 + accepted], logprobs, top)
+            results.append((generation, output))
+        self.finish([g for g in self.generations if g.finished])
+        return results
+
+    def run(self, generations: Sequence[Generation]) -> Iterable[list[tuple[Generation, StepOutput]]]:
+        """Add ``generations`` and step until all of them are done, yielding each step's outputs."""
+        self.add(generations)
+        try:
+            while any(not g.finished for g in generations):
+                yield self.step()
+        finally:  # the caller stopped early (a client gone, a stop string): free the rows
+            self.finish([g for g in generations if not g.finished])
+
+    def capture_report(self):
+        return self.graphs.report if self.graphs is not None else None
+
