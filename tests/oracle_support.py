@@ -83,8 +83,9 @@ def oracle_heads(base, num_heads: int = 4) -> MedusaHeads:
 
 
 def oracle_engine(base, tree: Tree, num_heads: int = 4, max_rows: int = 1, max_length: int = 64,
-                  span_step: int | None = None) -> OracleEngine:
-    engine = OracleEngine(base, oracle_heads(base, num_heads), lambda bucket: tree,
+                  span_step: int | None = None, heads: MedusaHeads | None = None) -> OracleEngine:
+    """An engine whose steps propose with the oracle; ``heads`` (default: fresh ones) only set the shapes."""
+    engine = OracleEngine(base, heads or oracle_heads(base, num_heads), lambda bucket: tree,
                           EngineOptions(attention_span_step=span_step), max_rows=max_rows, max_length=max_length)
     engine.truth_of = {}
     return engine

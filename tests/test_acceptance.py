@@ -26,15 +26,19 @@ from transformers.generation.logits_process import (
 from medusa.acceptance import (
     GreedyAcceptance,
     RejectionAcceptance,
+    StepKind,
     TypicalAcceptance,
-    children_by_rank,
+    accept,
     make_acceptance,
+    target_tokens,
+    verify,
 )
-from medusa.decoding import DecodingStats, MedusaDecoder, decode
+from medusa.engine import DecodingEngine, EngineOptions, Generation
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
-from medusa.sampling import SamplingParams
+from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, position_gumbel
 from medusa.tree import Tree
+from oracle_support import oracle_engine, oracle_generation
 
 VOCAB = 16  # small enough to enumerate every pair (and triple) of tokens exactly
 HIDDEN = 32
@@ -107,31 +111,60 @@ def chi_square(samples: torch.Tensor, expected: torch.Tensor) -> tuple[float, fl
     return statistic, critical
 
 
+# ----- drawing many verdicts at once: one row per sample, each with its own seed ----------------------
+
+
+def rows_of(samples: int, params: SamplingParams, scheme: int = REJECTION, first_seed: int = 0) -> RowSampling:
+    rows = RowSampling.empty(samples, "cpu")
+    rows.scheme.fill_(scheme)
+    rows.temperature.fill_(params.temperature if params.temperature > 0 else 1.0)
+    rows.top_k.fill_(params.top_k)
+    rows.top_p.fill_(params.top_p)
+    rows.typical_eps.fill_(0.09)
+    rows.typical_delta.fill_(0.3)
+    rows.seed.copy_(torch.arange(first_seed, first_seed + samples))
+    return rows
+
+
+def draw(tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, params: SamplingParams, samples: int,
+         targets=target_tokens, scheme: int = REJECTION):
+    """``samples`` verdicts on the same tree ``[size]`` tokens and ``[size, vocab]`` logits, each row its own seed:
+    ``(paths [samples, depth + 1], accepted [samples], next tokens [samples])``."""
+    rows = rows_of(samples, params, scheme)
+    positions = (len(PROMPT) + 1 + torch.arange(tree.max_depth + 1)).expand(samples, -1)
+    kind = StepKind(sample=True, filtered=params.top_k > 0 or params.top_p < 1, typical=scheme == TYPICAL)
+    tokens = tree_tokens.expand(samples, -1)
+    expanded = logits.expand(samples, -1, -1)
+    if targets is target_tokens:
+        verdict = accept(tree, tokens, expanded, rows, positions, kind)
+    else:
+        verdict = verify(tree, tokens, targets(expanded, rows, positions, tree.depths, kind, tree, tokens))
+    return verdict.path, verdict.accepted, verdict.next_token
+
+
 # ----- deliberately broken rules ------------------------------------------------------------------
 
 
-class AlwaysAcceptFirst(RejectionAcceptance):
-    """Broken: takes every node's first child, whatever the base model thinks of it."""
-
-    def child_chances(self, p_kids, total):
-        return torch.ones_like(p_kids)
-
-
-class NoResidualRenormalisation(RejectionAcceptance):
-    """Broken, subtly: accepts child j with p(x_j) instead of p_res(x_j) after its siblings' rejection."""
-
-    def child_chances(self, p_kids, total):
-        return p_kids / total
+def always_first_child(logits, rows, positions, depths, kind, tree, tokens):
+    """Broken: every node's target is its first child's token, whatever the base model thinks of it."""
+    targets = target_tokens(logits, rows, positions, depths, kind)
+    for node in range(1, tree.size):
+        parent = int(tree.parents[node])
+        if int(tree.sibling_rank[node]) == 0:
+            targets[:, parent] = tokens[:, node]
+    return targets
 
 
-class NextFromFullDistribution(RejectionAcceptance):
-    """Broken, subtly: after rejecting the children it samples from p, not from p with them removed."""
-
-    def residual(self, row, rejected_tokens, rejected):
-        return row
+def one_noise_for_every_position(logits, rows, positions, depths, kind, tree, tokens):
+    """Broken, subtly: every depth reuses the first position's noise, so successive tokens are correlated."""
+    return target_tokens(logits, rows, positions[:, :1].expand_as(positions), depths, kind)
 
 
-# ----- rejection sampling matches the base model's sampling ---------------------------------------
+def uniform_instead_of_gumbel(logits, rows, positions, depths, kind, tree, tokens):
+    """Broken, subtly: uniform noise instead of Gumbel noise: argmax(logits + U) is not a sample of p."""
+    noise = position_gumbel(rows.seed, positions, logits.shape[-1])
+    uniform = torch.exp(-torch.exp(-noise))  # back to the uniform the Gumbel draw came from
+    return (rows.process(logits, kind.filtered) + uniform.index_select(1, depths)).argmax(-1)
 
 
 def tree_setup(params: SamplingParams, lookup: int = 0):
@@ -143,10 +176,10 @@ def tree_setup(params: SamplingParams, lookup: int = 0):
     """
     base, heads = stat_model()
     tree = Tree.from_paths(STAT_TREE, lookup=lookup)
-    decoder = MedusaDecoder(base, heads, tree, RejectionAcceptance(params), max_length=32)
+    engine = DecodingEngine(base, heads, lambda bucket: tree, max_length=32)
+    engine.add([Generation(torch.tensor(PROMPT), 4, RejectionAcceptance(params), seed=0)])
     with torch.inference_mode():
-        decoder.prefill(torch.tensor(PROMPT), seed=0)
-        tree_tokens = decoder.propose()
+        tree_tokens = engine.decoder.propose(1, engine.decoder.trees[1])[0]
     if lookup:
         tree_tokens = tree_tokens.clone()
         chain = PROMPT + [int(tree_tokens[0])]
@@ -171,7 +204,7 @@ def tree_setup(params: SamplingParams, lookup: int = 0):
 
 
 def first_two_tokens(
-    scheme, params: SamplingParams, samples: int, lookup: int = 0
+    targets, params: SamplingParams, samples: int, lookup: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw ``samples`` verdicts at once; return the two tokens after the root as one cell index
     ``t1 * vocab + t2``, the exact distribution of that pair, and the accepted lengths.
@@ -183,8 +216,7 @@ def first_two_tokens(
     root = int(tree_tokens[0])
     first = reference_probs(base, [PROMPT + [root]], params)[0]  # [vocab]
     second = reference_probs(base, [PROMPT + [root, t] for t in range(VOCAB)], params)  # [vocab, vocab]
-    generator = torch.Generator().manual_seed(1234)
-    paths, accepted, next_token = scheme.sample_paths(tree, tree_tokens, logits, generator, samples=samples)
+    paths, accepted, next_token = draw(tree, tree_tokens, logits, params, samples, targets)
     along = tree_tokens[paths]  # [samples, depth + 1]
     t1 = torch.where(accepted >= 1, along[:, 1], next_token)
     completion = torch.multinomial(second[t1], 1, generator=torch.Generator().manual_seed(99))[:, 0]
@@ -200,7 +232,7 @@ PARAMS = {
 
 @pytest.mark.parametrize("params", list(PARAMS.values()), ids=list(PARAMS))
 def test_rejection_matches_base_sampling_on_the_tree(params):
-    pairs, exact, accepted, _ = first_two_tokens(RejectionAcceptance(params), params, samples=SAMPLES)
+    pairs, exact, accepted, _ = first_two_tokens(target_tokens, params, samples=SAMPLES)
     statistic, critical = chi_square(pairs, exact)
     assert statistic < critical, (statistic, critical)
     # The heads must be right and wrong often enough for the tree to be exercised.
@@ -210,14 +242,14 @@ def test_rejection_matches_base_sampling_on_the_tree(params):
     assert 0.5 * float((observed - exact.double()).abs().sum()) < 0.02  # total variation
 
 
-BROKEN = {"always-first": AlwaysAcceptFirst, "no-renormalisation": NoResidualRenormalisation,
-          "next-from-p": NextFromFullDistribution}
+BROKEN = {"always-first": always_first_child, "one-noise": one_noise_for_every_position,
+          "uniform-noise": uniform_instead_of_gumbel}
 
 
 @pytest.mark.parametrize("broken", list(BROKEN.values()), ids=list(BROKEN))
 def test_broken_rules_fail_the_same_test(broken):
     params = PARAMS["t1"]
-    pairs, exact, _, _ = first_two_tokens(broken(params), params, samples=SAMPLES)
+    pairs, exact, _, _ = first_two_tokens(broken, params, samples=SAMPLES)
     statistic, critical = chi_square(pairs, exact)
     assert statistic > 1.5 * critical, (statistic, critical)
 
@@ -225,7 +257,7 @@ def test_broken_rules_fail_the_same_test(broken):
 @pytest.mark.parametrize("params", list(PARAMS.values()), ids=list(PARAMS))
 def test_rejection_with_a_lookup_branch_matches_base_sampling(params):
     """The lookup chain is one more sibling at the root, tried after the heads' guesses: still lossless."""
-    pairs, exact, accepted, paths = first_two_tokens(RejectionAcceptance(params), params, samples=SAMPLES, lookup=2)
+    pairs, exact, accepted, paths = first_two_tokens(target_tokens, params, samples=SAMPLES, lookup=2)
     statistic, critical = chi_square(pairs, exact)
     assert statistic < critical, (statistic, critical)
     lookup_nodes = len(STAT_TREE) + 1  # the first lookup node follows the heads' nodes
@@ -234,51 +266,37 @@ def test_rejection_with_a_lookup_branch_matches_base_sampling(params):
     assert float((through_lookup & (accepted == 2)).float().mean()) > 0.02  # the whole chain, sometimes
 
 
-def test_rejection_through_the_decoder_matches_base_sampling():
-    """End to end on the real decoder: prefill samples the root, one step accepts guesses and samples
-    the next token. The first three tokens (completed exactly where the step stopped short) are compared
-    with p(t1) p(t2 | t1) p(t3 | t1, t2); then the same run with a broken rule must fail."""
+def test_rejection_through_the_engine_matches_base_sampling():
+    """End to end on the real engine: prefill samples the root, one step accepts guesses and samples the next
+    token, each generation its own seed, eight rows at a time. The first three tokens (completed exactly where
+    the step stopped short) are compared with p(t1) p(t2 | t1) p(t3 | t1, t2)."""
     base, heads = stat_model()
     params = PARAMS["t1"]
     first = reference_probs(base, [PROMPT], params)[0]
     second = reference_probs(base, [PROMPT + [a] for a in range(VOCAB)], params)
     third = reference_probs(base, [PROMPT + [a, b] for a in range(VOCAB) for b in range(VOCAB)], params)
     exact = (first[:, None, None] * second[:, :, None] * third.view(VOCAB, VOCAB, VOCAB)).flatten()
-
-    def triples(scheme, samples: int) -> tuple[torch.Tensor, list[int]]:
-        decoder = MedusaDecoder(base, heads, Tree.from_paths(STAT_TREE), scheme, max_length=32)
-        completion = torch.Generator().manual_seed(7)
-        cells, counts = [], []
-        with torch.inference_mode():
-            for seed in range(samples):
-                decoder.prefill(torch.tensor(PROMPT), seed=seed)
-                out = decoder.step()
-                count = int(out[0])
-                tokens = out[1 : 1 + count].tolist() + [int(decoder.root_token)]
-                if len(tokens) < 3:
-                    tokens.append(int(torch.multinomial(third[tokens[0] * VOCAB + tokens[1]], 1, generator=completion)))
-                cells.append(tokens[0] * VOCAB**2 + tokens[1] * VOCAB + tokens[2])
-                counts.append(count)
-        return torch.tensor(cells), counts
-
-    cells, counts = triples(RejectionAcceptance(params), samples=600)
-    statistic, critical = chi_square(cells, exact)
+    tree = Tree.from_paths(STAT_TREE)
+    engine = DecodingEngine(base, heads, lambda bucket: tree, max_rows=8, max_length=32)
+    completion = torch.Generator().manual_seed(7)
+    cells, counts = [], []
+    for start in range(0, 600, 8):
+        generations = [Generation(torch.tensor(PROMPT), 8, RejectionAcceptance(params), seed=seed)
+                       for seed in range(start, start + 8)]
+        engine.add(generations)
+        for generation, output in engine.step():
+            tokens = output.tokens + [int(engine.decoder.root_token[generation.row])]
+            if len(tokens) < 3:
+                tokens.append(int(torch.multinomial(third[tokens[0] * VOCAB + tokens[1]], 1, generator=completion)))
+            cells.append(tokens[0] * VOCAB**2 + tokens[1] * VOCAB + tokens[2])
+            counts.append(output.accepted)
+        engine.finish(generations)
+    statistic, critical = chi_square(torch.tensor(cells), exact)
     assert statistic < critical, (statistic, critical)
     assert min(counts.count(k) for k in (1, 2, 3)) > 25, [counts.count(k) for k in range(1, 5)]
 
-    cells, _ = triples(AlwaysAcceptFirst(params), samples=150)
-    statistic, critical = chi_square(cells, exact)
-    assert statistic > critical, (statistic, critical)
-
 
 # ----- the rule on hand-made trees ----------------------------------------------------------------
-
-
-def test_children_by_rank():
-    tree = Tree.from_paths([[0], [2], [0, 1], [2, 0], [0, 1, 0]])
-    # nodes: 1=[0] 2=[2] 3=[0,1] 4=[2,0] 5=[0,1,0]
-    expected = [[1, -1, 2], [-1, 3, -1], [4, -1, -1], [5, -1, -1], [-1, -1, -1], [-1, -1, -1]]
-    assert children_by_rank(tree).tolist() == expected
 
 
 def test_rejection_keeps_certain_guesses_and_never_impossible_ones():
@@ -289,8 +307,7 @@ def test_rejection_keeps_certain_guesses_and_never_impossible_ones():
     logits[0, 3] = 0.0  # the root's distribution is certain of token 3 (node 1)
     logits[1, [5, 6]] = 0.0  # after it, tokens 5 (node 3) and 6 are equally likely
     logits[2:, 1] = 0.0
-    scheme = RejectionAcceptance(SamplingParams(temperature=1.0))
-    paths, accepted, next_token = scheme.sample_paths(tree, tokens, logits, torch.Generator().manual_seed(0), 4000)
+    paths, accepted, next_token = draw(tree, tokens, logits, SamplingParams(temperature=1.0), 4000)
     assert bool((paths[:, 1] == 1).all())
     took_5 = accepted == 2
     assert abs(float(took_5.float().mean()) - 0.5) < 0.04
@@ -301,23 +318,31 @@ def test_rejection_keeps_certain_guesses_and_never_impossible_ones():
 def test_rejection_on_a_one_node_tree_is_plain_sampling():
     tree = Tree.from_paths([])
     logits = torch.tensor([[0.0, 1.0, 2.0, -math.inf]])
-    scheme = RejectionAcceptance(SamplingParams(temperature=1.0))
-    paths, accepted, next_token = scheme.sample_paths(tree, torch.tensor([2]), logits, torch.Generator().manual_seed(0), 20_000)
+    paths, accepted, next_token = draw(tree, torch.tensor([2]), logits, SamplingParams(temperature=1.0), 20_000)
     assert paths.shape == (20_000, 1) and not bool(accepted.any())
     statistic, critical = chi_square(next_token, logits[0].softmax(-1))
     assert statistic < critical
 
 
-def test_verdict_shapes_match_greedy():
+def test_greedy_rows_ignore_the_noise_beside_sampled_rows():
+    """One step over rows of every scheme: the greedy rows' verdicts are exactly the greedy rule's."""
     tree = Tree.from_paths(STAT_TREE)
-    tokens = torch.arange(tree.size) % VOCAB
-    logits = torch.randn(tree.size, VOCAB, generator=torch.Generator().manual_seed(3))
-    greedy = GreedyAcceptance().accept(tree, tokens, logits)
-    for scheme in (RejectionAcceptance(SamplingParams(1.0)), TypicalAcceptance(SamplingParams(1.0))):
-        verdict = scheme.accept(tree, tokens, logits, torch.Generator().manual_seed(0))
-        assert verdict.path.shape == greedy.path.shape and verdict.path.dtype == torch.long
-        assert verdict.accepted.shape == () and verdict.next_token.shape == ()
-        assert int(verdict.path[0]) == 0
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (6, tree.size), generator=generator)
+    logits = torch.randn(6, tree.size, VOCAB, generator=generator)
+    rows = rows_of(6, SamplingParams(1.0))
+    rows.scheme.copy_(torch.tensor([GREEDY, REJECTION, TYPICAL, GREEDY, TYPICAL, REJECTION]))
+    positions = 10 + torch.arange(tree.max_depth + 1).expand(6, -1)
+    verdict = accept(tree, tokens, logits, rows, positions, StepKind(sample=True, typical=True))
+    greedy = verify(tree, tokens, logits.argmax(-1))
+    for row in (0, 3):
+        assert verdict.path[row].tolist() == greedy.path[row].tolist()
+        assert int(verdict.next_token[row]) == int(greedy.next_token[row])
+    assert verdict.path.shape == (6, tree.max_depth + 1) and verdict.accepted.shape == (6,)
+    assert bool((verdict.path[:, 0] == 0).all())
+    # past a row's accepted guesses its path is padded with the root
+    for row in range(6):
+        assert verdict.path[row, int(verdict.accepted[row]) + 1 :].tolist() == [0] * (tree.max_depth - int(verdict.accepted[row]))
 
 
 # ----- typical acceptance -------------------------------------------------------------------------
@@ -332,9 +357,18 @@ def test_typical_threshold_by_hand():
     tree = Tree.from_paths([[0]])
     tokens = torch.tensor([0, 2])
     params = SamplingParams(temperature=1.0)
-    assert int(TypicalAcceptance(params).accept(tree, tokens, logits).accepted) == 1
-    assert int(TypicalAcceptance(params, eps=0.25).accept(tree, tokens, logits).accepted) == 1
-    assert int(TypicalAcceptance(params, eps=0.25, delta=1.0).accept(tree, tokens, logits).accepted) == 0
+
+    def accepted(eps: float, delta: float) -> int:
+        rows = rows_of(1, params, TYPICAL)
+        rows.typical_eps.fill_(eps)
+        rows.typical_delta.fill_(delta)
+        positions = torch.tensor([[5, 6]])
+        kind = StepKind(sample=True, typical=True)
+        return int(accept(tree, tokens[None], logits[None], rows, positions, kind).accepted[0])
+
+    assert accepted(0.09, 0.3) == 1
+    assert accepted(0.25, 0.3) == 1
+    assert accepted(0.25, 1.0) == 0
 
 
 def test_typical_prefers_the_longest_then_likeliest_path():
@@ -343,9 +377,11 @@ def test_typical_prefers_the_longest_then_likeliest_path():
     logits = torch.full((5, 4), -1e9)
     logits[0, [1, 2]] = torch.tensor([0.0, 0.5])  # token 2 (node 2) is likelier than token 1 (node 1)
     logits[1:, 3] = 0.0  # both depth-1 nodes are sure of token 3
-    verdict = TypicalAcceptance(SamplingParams(1.0)).accept(tree, tokens, logits, torch.Generator().manual_seed(0))
-    assert int(verdict.accepted) == 2
-    assert verdict.path.tolist() == [0, 2, 4]
+    rows = rows_of(1, SamplingParams(1.0), TYPICAL)
+    positions = torch.tensor([[5, 6, 7]])
+    verdict = accept(tree, tokens[None], logits[None], rows, positions, StepKind(sample=True, typical=True))
+    assert int(verdict.accepted[0]) == 2
+    assert verdict.path[0].tolist() == [0, 2, 4]
 
 
 def seeded_generations(model, prompts, **config):
@@ -353,26 +389,6 @@ def seeded_generations(model, prompts, **config):
 
 
 PROMPTS = [PROMPT, [9, 3, 11], [4, 4, 12, 13, 14, 6]]
-
-
-class GreedyOracle(MedusaDecoder):
-    """Proposes the base model's greedy continuation at a rank that varies with the position (and leaves
-    it out now and then), unlikely tokens elsewhere: long paths, often not the first, pass under greedy."""
-
-    def __init__(self, *args, truth: list[int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.truth = truth
-
-    def propose(self) -> torch.Tensor:
-        length, topk = int(self.length), self.tree.topk
-        top = torch.empty(self.heads.config.num_heads, topk, dtype=torch.long)
-        for head in range(top.shape[0]):
-            position = length + 1 + head  # head k guesses the token k + 2 after the last committed one
-            true = self.truth[position]
-            top[head] = (true + 1 + torch.arange(topk) * 5) % VOCAB
-            if position % 5 != 4:
-                top[head, (position * 7 + head) % topk] = true
-        return torch.cat([self.root_token.view(1), top.flatten()])[self.tree.candidate_index]
 
 
 def test_typical_at_very_low_temperature_is_greedy():
@@ -383,15 +399,18 @@ def test_typical_at_very_low_temperature_is_greedy():
     for prompt in PROMPTS:
         with torch.no_grad():
             ids = torch.tensor([prompt])
-            greedy = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False, pad_token_id=0)
-        truth = greedy[0].tolist()
+            greedy = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                   pad_token_id=0)
+        truth = greedy[0, len(prompt) :].tolist()
         runs = []
         for scheme in (GreedyAcceptance(), TypicalAcceptance(SamplingParams(temperature=1e-4))):
-            decoder = GreedyOracle(base, heads, tree, scheme, max_length=len(prompt) + 40, truth=truth)
-            stats = DecodingStats()
-            tokens = [t for step in decode(decoder, torch.tensor(prompt), 30, set(), stats, seed=0) for t in step.tokens]
-            runs.append((tokens, stats.accepted_per_step))
-        assert runs[0][0] == truth[len(prompt) : len(prompt) + 30]
+            engine = oracle_engine(base, tree, max_length=len(prompt) + 40, heads=heads)
+            generation = oracle_generation(engine, prompt, truth, 30, set())
+            generation.acceptance, generation.seed = scheme, 0
+            for _ in engine.run([generation]):
+                pass
+            runs.append((generation.tokens, generation.stats.accepted_per_step))
+        assert runs[0][0] == truth[:30]
         assert runs[1] == runs[0]
         accepted += runs[0][1]
     assert sum(accepted) / len(accepted) > 2  # long paths were accepted, so the schemes were really compared

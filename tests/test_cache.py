@@ -12,38 +12,45 @@ from medusa.tree import Tree
 T, F = True, False
 
 
-def filled_cache(num_layers: int = 2, max_length: int = 10, one_store: bool = False, heads: tuple[int, ...] = ()) -> MedusaCache:
-    """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer); layer l has
-    ``heads[l]`` K/V heads (2 by default)."""
-    cache = MedusaCache(num_layers, max_length, one_store=one_store)
-    cache.set_length(torch.tensor(0))
+def filled_cache(
+    num_layers: int = 2, max_length: int = 10, one_store: bool = False, heads: tuple[int, ...] = (), rows: int = 1
+) -> MedusaCache:
+    """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer, per row by 1000 * row);
+    layer l has ``heads[l]`` K/V heads (2 by default)."""
+    cache = MedusaCache(num_layers, max_length, torch.zeros(rows, dtype=torch.long), one_store=one_store)
     for index, layer in enumerate(cache.layers):
         slots = torch.arange(max_length, dtype=torch.float32) + 100 * index
         width = heads[index] if heads else 2
-        keys = slots.view(1, 1, max_length, 1).expand(1, width, max_length, 3).clone()
+        keys = torch.stack([(slots + 1000 * row).view(1, max_length, 1).expand(width, max_length, 3)
+                            for row in range(rows)])
         layer.update(keys, -keys)
     return cache
 
 
-def slot_values(cache: MedusaCache, layer: int = 0) -> list[float]:
-    return cache.layers[layer].keys[0, 0, :, 0].tolist()
+def slot_values(cache: MedusaCache, layer: int = 0, row: int = 0) -> list[float]:
+    return [value - 1000 * row for value in cache.layers[layer].keys[row, 0, :, 0].tolist()]
 
 
-def test_update_writes_after_the_declared_length():
-    cache = filled_cache(num_layers=1)
-    cache.set_length(torch.tensor(4))
-    cache.layers[0].update(torch.full((1, 2, 2, 3), 42.0), torch.full((1, 2, 2, 3), -42.0))
-    assert slot_values(cache) == [0, 1, 2, 3, 42, 42, 6, 7, 8, 9]
-    assert int(cache.layers[0].cumulative_length) == 6
+def test_each_row_writes_after_its_own_length():
+    cache = filled_cache(num_layers=1, rows=2)
+    cache.lengths.value.copy_(torch.tensor([4, 7]))
+    cache.layers[0].update(torch.full((2, 2, 2, 3), 42.0), torch.full((2, 2, 2, 3), -42.0))
+    assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 42, 42, 6, 7, 8, 9]
+    assert cache.layers[0].keys[1, 1, :, 2].tolist() == [1000, 1001, 1002, 1003, 1004, 1005, 1006, 42, 42, 1009]
+    assert cache.layers[0].values[1, 0, 7, 0].item() == -42.0
+    assert cache.get_seq_length() == 0  # rows differ: the model is given positions instead
 
 
 @pytest.mark.parametrize("one_store", [False, True])
-def test_commit_moves_the_accepted_path_into_place_on_every_layer(one_store):
-    cache = filled_cache(one_store=one_store)
-    # Committed length 4; the tree was written at slots 4..9; the accepted path is nodes 0, 2, 5.
-    cache.commit(torch.tensor([4, 6, 9]), torch.tensor(4))
+def test_commit_moves_each_rows_accepted_path_into_place_on_every_layer(one_store):
+    cache = filled_cache(one_store=one_store, rows=2)
+    # Row 0: committed length 4, the tree at slots 4..9, accepted nodes 0, 2, 5.
+    # Row 1: committed length 2, the tree at slots 2..7, accepted nodes 0, 1, 3 (the rest: padding, ignored).
+    cache.lengths.value.copy_(torch.tensor([4, 2]))
+    cache.commit(torch.tensor([[4, 6, 9], [2, 3, 5]]))
     assert slot_values(cache, 0) == [0, 1, 2, 3, 4, 6, 9, 7, 8, 9]
     assert slot_values(cache, 1) == [100, 101, 102, 103, 104, 106, 109, 107, 108, 109]
+    assert slot_values(cache, 0, row=1) == [0, 1, 2, 3, 5, 5, 6, 7, 8, 9]
     assert cache.layers[1].values[0, 1, :, 2].tolist() == [-v for v in slot_values(cache, 1)]
 
 
@@ -51,7 +58,8 @@ def test_commit_moves_the_accepted_path_into_place_on_every_layer(one_store):
 def test_commit_reads_every_source_before_writing(one_store):
     cache = filled_cache(num_layers=1, one_store=one_store)
     # Target 5 is also a source: it must get slot 5's old value moved to slot 4 ... and slot 8 to 5.
-    cache.commit(torch.tensor([5, 8, 6]), torch.tensor(4))
+    cache.lengths.value.fill_(4)
+    cache.commit(torch.tensor([[5, 8, 6]]))
     assert slot_values(cache) == [0, 1, 2, 3, 5, 8, 6, 7, 8, 9]
 
 
@@ -61,7 +69,7 @@ def test_one_store_holds_every_layer_and_layer_writes_land_in_it():
     assert store.shape == (3, 2, 1, 2, 10, 3) and cache.store.members == {0, 1, 2}
     assert store[2, 0, 0, 1, :, 0].tolist() == slot_values(cache, 2)
     assert store[1, 1, 0, 0, 4, 2].item() == -104.0
-    cache.set_length(torch.tensor(5))
+    cache.lengths.value.fill_(5)
     cache.layers[1].update(torch.full((1, 2, 1, 3), 9.0), torch.full((1, 2, 1, 3), -9.0))
     assert store[1, 0, 0, 0, 5, 0].item() == 9.0 and store[1, 1, 0, 1, 5, 1].item() == -9.0
 
@@ -70,7 +78,8 @@ def test_a_layer_of_another_shape_keeps_its_own_buffers_and_still_commits():
     cache = filled_cache(num_layers=3, one_store=True, heads=(2, 4, 2))
     assert cache.store.members == {0, 2}
     assert cache.layers[1].keys.shape == (1, 4, 10, 3)
-    cache.commit(torch.tensor([4, 6, 9]), torch.tensor(4))
+    cache.lengths.value.fill_(4)
+    cache.commit(torch.tensor([[4, 6, 9]]))
     for layer in range(3):
         base = 100 * layer
         assert slot_values(cache, layer) == [base + slot for slot in (0, 1, 2, 3, 4, 6, 9, 7, 8, 9)]
@@ -78,92 +87,100 @@ def test_a_layer_of_another_shape_keeps_its_own_buffers_and_still_commits():
 
 
 @pytest.mark.parametrize("one_store", [False, True])
-def test_a_prefix_views_the_first_slots_and_shares_writes_and_lengths(one_store):
-    cache = filled_cache(num_layers=2, max_length=10, one_store=one_store)
-    cache.set_length(torch.tensor(3))
-    prefix = cache.prefix(6)
-    assert prefix.max_length == 6 and [layer.keys.shape[2] for layer in prefix.layers] == [6, 6]
-    assert slot_values(prefix, 1) == [100, 101, 102, 103, 104, 105]
-    # a write through the prefix lands in the whole cache, after the shared committed length
-    prefix.layers[1].update(torch.full((1, 2, 2, 3), 7.0), torch.full((1, 2, 2, 3), -7.0))
+def test_a_view_sees_the_first_rows_and_slots_and_shares_writes_and_lengths(one_store):
+    cache = filled_cache(num_layers=2, max_length=10, one_store=one_store, rows=3)
+    cache.lengths.value.copy_(torch.tensor([3, 1, 5]))
+    view = cache.view(2, 6)
+    assert view.max_length == 6 and [layer.keys.shape[:3] for layer in view.layers] == [(2, 2, 6)] * 2
+    assert slot_values(view, 1) == [100, 101, 102, 103, 104, 105]
+    # a write through the view lands in the whole cache, after each row's shared committed length
+    view.layers[1].update(torch.full((2, 2, 2, 3), 7.0), torch.full((2, 2, 2, 3), -7.0))
     assert slot_values(cache, 1) == [100, 101, 102, 7, 7, 105, 106, 107, 108, 109]
-    assert cache.layers[1].values[0, 0, 3:5, 0].tolist() == [-7.0, -7.0]
-    cache.set_length(torch.tensor(2))
-    assert [int(layer.cumulative_length) for layer in prefix.layers] == [2, 2]
-    assert cache.prefix(10).max_length == 10
+    assert cache.layers[1].keys[1, 0, :4, 0].tolist() == [1100, 7, 7, 1103]
+    assert slot_values(cache, 1, row=2) == [100 + slot for slot in range(10)]  # outside the view: untouched
+    cache.lengths.value[0] = 2
+    assert view.lengths.value.tolist() == [2, 1]
+    view.commit(torch.tensor([[3, 4], [1, 2]]))  # commits move within the rows of the view
+    assert slot_values(cache, 1)[2:5] == [7, 7, 7]
 
 
-def test_a_prefix_needs_buffers_and_must_fit():
+def test_a_view_needs_buffers_and_must_fit():
     with pytest.raises(ValueError, match="run the prefill first"):
-        MedusaCache(2, 10).prefix(5)
+        MedusaCache(2, 10, torch.zeros(1, dtype=torch.long)).view(1, 5)
     for length in (0, 11):
-        with pytest.raises(ValueError, match=f"a prefix of {length} slots does not fit a cache of 10"):
-            filled_cache().prefix(length)
+        with pytest.raises(ValueError, match=f"a view of {length} slots does not fit a cache of 10"):
+            filled_cache().view(1, length)
 
 
-def test_set_length_applies_to_all_layers():
-    cache = filled_cache(num_layers=3)
-    cache.set_length(torch.tensor(7))
-    assert [int(layer.cumulative_length) for layer in cache.layers] == [7, 7, 7]
+def test_rows_move_and_copy_in():
+    cache = filled_cache(num_layers=2, rows=3, one_store=True)
+    cache.move_rows(torch.tensor([2]), torch.tensor([0]))
+    assert cache.layers[1].keys[0, 0, 3, 0].item() == 2103
+    prefill = filled_cache(num_layers=2, max_length=4, rows=1)
+    cache.copy_rows(prefill, torch.tensor([1]), 4)
+    assert cache.layers[0].keys[1, 0, :6, 0].tolist() == [0, 1, 2, 3, 1004, 1005]
 
 
-def test_chunk_visibility_is_causal_from_the_length():
-    allowed, queries, keys = chunk_visibility(torch.tensor(3), 2, 6)
-    assert allowed.tolist() == [[T, T, T, T, F, F], [T, T, T, T, T, F]]
-    assert queries.tolist() == [3, 4]
-    assert keys.tolist() == [0, 1, 2, 3, 4, 5]
+def test_chunk_visibility_is_causal_from_each_rows_start():
+    allowed, queries, keys = chunk_visibility(torch.tensor([3, 0]), 2, 6)
+    assert allowed[0].tolist() == [[T, T, T, T, F, F], [T, T, T, T, T, F]]
+    assert allowed[1].tolist() == [[T, F, F, F, F, F], [T, T, F, F, F, F]]
+    assert queries.tolist() == [[3, 4], [0, 1]]
+    assert keys.tolist() == [[0, 1, 2, 3, 4, 5]] * 2
 
 
-def test_tree_visibility_sees_committed_slots_and_ancestors():
+def test_tree_visibility_sees_each_rows_committed_slots_and_ancestors():
     tree = Tree.from_paths([[0], [1], [0, 0]])  # nodes: root, [0], [1], [0, 0]
-    allowed, queries, keys = tree_visibility(torch.tensor(2), tree.attention_mask, tree.depths, 8)
-    assert allowed.tolist() == [
+    allowed, queries, keys = tree_visibility(torch.tensor([2, 3]), tree.attention_mask, tree.depths, 8)
+    assert allowed[0].tolist() == [
         # committed | root  [0]  [1] [0,0] | unused
         [T, T, T, F, F, F, F, F],
         [T, T, T, T, F, F, F, F],
         [T, T, T, F, T, F, F, F],
         [T, T, T, T, F, T, F, F],
     ]
-    assert queries.tolist() == [2, 3, 3, 4]  # positions follow depth, not slot
-    assert keys.tolist() == [0, 1, 2, 3, 3, 4, 6, 7]
+    assert allowed[1, 3].tolist() == [T, T, T, T, T, F, T, F]
+    assert queries.tolist() == [[2, 3, 3, 4], [3, 4, 4, 5]]  # positions follow depth, not slot
+    assert keys[0].tolist() == [0, 1, 2, 3, 3, 4, 6, 7]
+    assert keys[1].tolist() == [0, 1, 2, 3, 4, 4, 5, 7]
 
 
 def additive_to_bool(mask: torch.Tensor) -> list[list[bool]]:
-    assert mask.shape[:2] == (1, 1)
+    assert mask.shape[:2] == (1, 1)  # [rows, 1, queries, slots]
     return (mask[0, 0] == 0).tolist()
 
 
 def test_full_attention_mask_is_additive():
-    allowed, queries, keys = chunk_visibility(torch.tensor(1), 2, 4)
+    allowed, queries, keys = chunk_visibility(torch.tensor([1]), 2, 4)
     mask = attention_mask_for(LlamaConfig(), allowed, queries, keys, torch.float32)
     assert mask.dtype == torch.float32
-    assert additive_to_bool(mask) == allowed.tolist()
+    assert additive_to_bool(mask) == allowed[0].tolist()
     assert mask.min() == torch.finfo(torch.float32).min
     half = attention_mask_for(LlamaConfig(), allowed, queries, keys, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and half.min() == torch.finfo(torch.bfloat16).min
 
 
 def test_sliding_window_applies_to_positions():
-    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)  # query at position 4
+    allowed, queries, keys = chunk_visibility(torch.tensor([4]), 1, 6)  # query at position 4
     mask = attention_mask_for(MistralConfig(sliding_window=2), allowed, queries, keys, torch.float32)
     assert additive_to_bool(mask) == [[F, F, F, T, T, F]]
     # The same tree node at depth 2 sits at position length + 2, whatever its slot.
     tree = Tree.from_paths([[0], [1], [0, 0]])
-    allowed, queries, keys = tree_visibility(torch.tensor(4), tree.attention_mask, tree.depths, 9)
+    allowed, queries, keys = tree_visibility(torch.tensor([4]), tree.attention_mask, tree.depths, 9)
     mask = attention_mask_for(MistralConfig(sliding_window=2), allowed, queries, keys, torch.float32)
     # node [0, 0] (slot 7, position 6) sees position 5 ([0], slot 5) and itself, not the root at 4
     assert additive_to_bool(mask)[3] == [F, F, F, F, F, T, F, T, F]
 
 
 def test_models_without_a_window_ignore_it():
-    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)
+    allowed, queries, keys = chunk_visibility(torch.tensor([4]), 1, 6)
     for config in (Qwen2Config(sliding_window=2), MistralConfig(sliding_window=None)):
         mask = attention_mask_for(config, allowed, queries, keys, torch.float32)
-        assert additive_to_bool(mask) == allowed.tolist()
+        assert additive_to_bool(mask) == allowed[0].tolist()
 
 
 def test_mixed_layers_get_one_mask_per_layer_type():
-    allowed, queries, keys = chunk_visibility(torch.tensor(4), 1, 6)
+    allowed, queries, keys = chunk_visibility(torch.tensor([4]), 1, 6)
     configs = (
         Qwen2Config(num_hidden_layers=2, use_sliding_window=True, max_window_layers=1, sliding_window=2),
         Gemma2Config(num_hidden_layers=2, sliding_window=2),

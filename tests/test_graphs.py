@@ -1,8 +1,8 @@
 """CUDA graphs of the decoding step (GPU only: skipped on the CPU, run on the lent GPU machine).
 
 Every acceptance scheme must capture (a failed capture falls back to eager with a warning, silently slow),
-and a replayed step must decode what the eager step decodes: greedy token for token, sampling reproducibly
-from a seed.
+and a replayed step must decode what the eager step decodes: greedy token for token, sampling the same
+tokens from a seed. Batches capture one graph per (bucket, span, kind); rows join and leave without one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -47,8 +48,9 @@ def test_every_scheme_captures_and_replays_reproducibly(model, settings, caplog)
         first = generate(model, **settings)
         again = generate(model, **settings)
     assert "capture failed" not in caplog.text
-    assert not model._decoder_pool.refused
+    assert not any(engine.graphs_refused for engine in model._engines.values())
     assert first == again
+    assert first == generate(model, cuda_graphs=False, **settings)  # seeded sampling too: the noise is the seed's
 
 
 def test_greedy_replay_equals_eager_steps(model):
@@ -65,12 +67,25 @@ def test_each_attention_span_is_captured_and_decodes_as_eagerly(model):
     """At least 600 slots: the pool's 768-slot bucket plus 64, so spans of 256, 512, 768 and 832 slots, one graph
     each; a long answer crosses them."""
     settings = dict(max_new_tokens=300, chat_template=False, cache_length=600)
-    decoder, step = model.make_decoder(torch.tensor(PROMPT, device="cuda"), GenerationConfig(**settings))
-    assert decoder.spans == (256, 512, 768, 832)
-    assert set(step.graphs) == set(decoder.spans)
     graphed = model.generate(PROMPT, **settings)
+    engine = model.engine(EngineOptions(cache_length=600), max_length=len(PROMPT) + 300)
+    assert engine.spans == (256, 512, 768 + model.tree.size)
+    assert {span for _, span, _ in engine.graphs.graphs} >= {256, 512}
     assert graphed.token_ids == model.generate(PROMPT, cuda_graphs=False, **settings).token_ids
     assert len(PROMPT) + graphed.stats.new_tokens > 256 or graphed.finish_reason == "stop"
+
+
+def test_batches_replay_one_graph_per_bucket_as_rows_join_and_leave(model):
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11], [12, 13]]
+    configs = [GenerationConfig(max_new_tokens=n, chat_template=False) for n in (40, 7, 25, 33, 12)]
+    configs[2] = GenerationConfig(max_new_tokens=25, chat_template=False, temperature=0.8, seed=3)
+    graphed = model.generate_batch(prompts, configs)
+    eager = model.generate_batch(prompts, configs, cuda_graphs=False)
+    assert [r.token_ids for r in graphed] == [r.token_ids for r in eager]
+    assert graphed[0].token_ids == generate(model)[:40]
+    engine = model.engine(EngineOptions(), max_rows=8, max_length=64)
+    report = engine.capture_report()
+    assert report.graphs >= 2 and report.seconds > 0
 
 
 def test_compiled_greedy_steps_decode_as_eager_steps(model, caplog):

@@ -102,11 +102,13 @@ def vllm_head_logits(state: dict, config: dict, hidden: torch.Tensor) -> torch.T
 def behaviour(model: MedusaModel) -> tuple:
     """What a user sees and what the heads decide: tokens, tokens accepted per step, first proposal, head logits."""
     result = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, chat_template=False)
-    decoder, _ = model.make_decoder(torch.tensor(PROMPT), GenerationConfig(max_new_tokens=NEW_TOKENS))
+    engine = model.engine(max_length=len(PROMPT) + NEW_TOKENS)
+    generation = model.prepare(PROMPT, GenerationConfig(max_new_tokens=NEW_TOKENS, chat_template=False))
+    engine.add([generation])
     with torch.inference_mode():
-        decoder.prefill(torch.tensor(PROMPT))
-        proposal = decoder.propose().tolist()
-        logits = model.heads(decoder.last_hidden)
+        proposal = engine.decoder.propose(1, engine.decoder.trees[1]).tolist()
+        logits = model.heads(engine.decoder.last_hidden[:1])
+    engine.finish([generation])
     return result.token_ids, result.stats.accepted_per_step, proposal, logits
 
 

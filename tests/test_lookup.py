@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from conftest import ARCHITECTURES, make_tiny_model
-from medusa.acceptance import GreedyAcceptance
-from medusa.batching import BatchDecoder
 from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.engine import EngineOptions
+from medusa.model import MedusaModel
 from medusa.tree import Tree
 from test_decoding import PROMPTS, reference
 
@@ -22,7 +21,7 @@ T, F = True, False
 def continuation(text: list[int], max_ngram: int, count: int, garbage: int = 3) -> list[int]:
     """The search on ``text``, with ``garbage`` junk slots after it that it must ignore."""
     history = torch.tensor(text + [99] * garbage)
-    return ngram_continuation(history, torch.tensor(len(text) - 1), max_ngram, count).tolist()
+    return ngram_continuation(history[None], torch.tensor([len(text) - 1]), max_ngram, count)[0].tolist()
 
 
 def plain_continuation(text: list[int], max_ngram: int, count: int) -> list[int] | None:
@@ -53,7 +52,18 @@ def test_by_hand():
     # Slots past the text never match, even when they would make a longer one.
     assert continuation([5, 6, 5], max_ngram=3, count=3, garbage=0) == [6, 5, 6]
     history = torch.tensor([5, 6, 5, 6, 5, 6, 1])
-    assert ngram_continuation(history, torch.tensor(2), 3, 3).tolist() == [6, 5, 6]
+    assert ngram_continuation(history[None], torch.tensor([2]), 3, 3)[0].tolist() == [6, 5, 6]
+
+
+def test_rows_search_their_own_text():
+    """A batch of rows, each its own text and length: the same guesses as each row searched alone."""
+    texts = [[5, 6, 7, 8, 5, 6], [1, 2, 3, 7, 9, 2, 3, 8, 1, 2, 3], [3, 9, 9], [4, 5, 1, 4, 6, 2, 4]]
+    history = torch.full((len(texts), 16), 99)
+    for row, text in enumerate(texts):
+        history[row, : len(text)] = torch.tensor(text)
+    last = torch.tensor([len(text) - 1 for text in texts])
+    batched = ngram_continuation(history, last, 3, 4).tolist()
+    assert batched == [continuation(text, 3, 4) for text in texts]
 
 
 def test_no_match_guesses_something_from_the_text():
@@ -108,7 +118,7 @@ def test_lookup_chain_alone_and_deeper_than_the_heads():
 @pytest.mark.parametrize("bad", [-1, MAX_LOOKUP_NODES + 1, 1.5, True])
 def test_bad_lookup_sizes_are_refused(bad):
     with pytest.raises(MedusaError, match="lookup"):
-        GenerationConfig(lookup=bad)
+        EngineOptions(lookup=bad)
     if not isinstance(bad, float) and bad is not True and bad < 0:
         with pytest.raises(MedusaError, match="lookup"):
             Tree.from_paths([[0]], lookup=bad)
@@ -117,7 +127,7 @@ def test_bad_lookup_sizes_are_refused(bad):
 @pytest.mark.parametrize("bad", [0, 9, 2.0])
 def test_bad_ngram_is_refused(bad):
     with pytest.raises(MedusaError, match="n-gram size must be an integer from 1 to 8"):
-        GenerationConfig(lookup=4, lookup_ngram=bad)
+        EngineOptions(lookup=4, lookup_ngram=bad)
 
 
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
@@ -148,11 +158,3 @@ def test_sampling_with_lookup_is_reproducible():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     runs = [model.generate(PROMPTS[1], max_new_tokens=24, temperature=0.8, seed=3, lookup=4).token_ids for _ in range(2)]
     assert runs[0] == runs[1] and runs[0]
-
-
-def test_batches_refuse_the_lookup_branch():
-    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
-    with pytest.raises(MedusaError, match="lookup"):
-        model.generate([PROMPTS[0], PROMPTS[1]], max_new_tokens=4, lookup=4)
-    with pytest.raises(MedusaError, match="lookup"):  # the decoder itself, not only the model's entry point
-        BatchDecoder(model.base_model, model.heads, model.tree.with_lookup(3), GreedyAcceptance())

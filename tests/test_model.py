@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_model
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel, TextTracker
 from text_model import make_tokenizer
 
@@ -72,7 +73,7 @@ def test_stream_chunks_concatenate_to_the_generated_text(model, answer):
 
 
 def test_plain_decoding_gives_the_same_text(model, answer):
-    plain = model.generate(PROMPT, GenerationConfig(max_new_tokens=48, use_heads=False))
+    plain = model.generate(PROMPT, GenerationConfig(max_new_tokens=48), options=EngineOptions(use_heads=False))
     assert plain.text == answer.text and plain.token_ids == answer.token_ids
     assert plain.stats.accepted_per_step == [1] * 48
 
@@ -262,15 +263,17 @@ def test_save_without_heads_is_refused(model, tmp_path):
         bare.save_pretrained(tmp_path)
 
 
-def test_cache_length_sets_the_least_cache_a_decoder_gets(model):
+def test_cache_length_sets_the_least_cache_an_engine_gets(model):
     prompt = model.encode_prompt(PROMPT)
-    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8))
-    assert decoder.max_length == prompt.numel() + 8 + model.tree.size
-    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=300))
-    assert decoder.max_length == 300
+    needed = prompt.numel() + 8
+    rounded = -(-needed // 256) * 256
+    engine = model.engine(EngineOptions(), max_length=needed)
+    assert engine.decoder.max_length == rounded + model.tree.size
+    engine = model.engine(EngineOptions(cache_length=300), max_length=needed)
+    assert engine.decoder.max_length == 512 + model.tree.size
     # "at least": a generation that needs more still gets what it needs, and decodes the same tokens
-    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=10))
-    assert decoder.max_length == prompt.numel() + 8 + model.tree.size
+    engine = model.engine(EngineOptions(cache_length=10), max_length=needed)
+    assert engine.decoder.max_length == rounded + model.tree.size
     long_cache = model.generate(PROMPT, max_new_tokens=24, cache_length=400)
     assert long_cache.token_ids == model.generate(PROMPT, max_new_tokens=24).token_ids
 
@@ -278,25 +281,48 @@ def test_cache_length_sets_the_least_cache_a_decoder_gets(model):
 @pytest.mark.parametrize("value", [0, -5, True, 2.5, "512"])
 def test_cache_length_must_be_a_positive_integer(value):
     with pytest.raises(MedusaError, match=f"cache_length must be a positive number of slots or None, got {value!r}"):
-        GenerationConfig(cache_length=value)
+        EngineOptions(cache_length=value)
 
 
 @pytest.mark.parametrize("value", [0, -128, False, 64.0])
 def test_attention_span_step_must_be_a_positive_integer_or_none(value):
     with pytest.raises(MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"):
-        GenerationConfig(attention_span_step=value)
+        EngineOptions(attention_span_step=value)
 
 
-def test_the_attention_span_step_sets_the_decoders_spans_and_keeps_the_tokens(model):
-    prompt = model.encode_prompt(PROMPT)
+def test_the_attention_span_step_sets_the_engines_spans_and_keeps_the_tokens(model):
     spans = {}
     for step in (64, None):
-        decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=300, attention_span_step=step))
-        spans[step] = decoder.spans
-    assert spans[64] == (64, 128, 192, 256, 300) and spans[None] == (300,)
+        spans[step] = model.engine(EngineOptions(cache_length=300, attention_span_step=step), max_length=8).spans
+    size = model.tree.size
+    assert spans[64] == (64 * -(-size // 64), *range(64 * -(-size // 64) + 64, 512 + size, 64), 512 + size)
+    assert spans[None] == (512 + size,)
     outputs = [model.generate(PROMPT, max_new_tokens=24, cache_length=300, attention_span_step=step).token_ids
                for step in (64, None)]
     assert outputs[0] == outputs[1]
+
+
+def test_logprobs_are_the_base_models_own(model, answer):
+    """Greedy and sampled: each token's log-probability and top alternatives equal the base model's log-softmax."""
+    for config in (GenerationConfig(max_new_tokens=12, logprobs=3),
+                   GenerationConfig(max_new_tokens=12, logprobs=2, temperature=0.9, seed=4)):
+        result = model.generate(PROMPT, config)
+        prompt = model.encode_prompt(PROMPT).tolist()
+        with torch.no_grad():
+            logits = model.base_model(torch.tensor([prompt + result.token_ids])).logits[0].log_softmax(-1)
+        expected = [logits[len(prompt) - 1 + i, token].item() for i, token in enumerate(result.token_ids)]
+        assert result.logprobs == pytest.approx(expected, abs=1e-4)
+        for i, top in enumerate(result.top_logprobs):
+            values, ids = logits[len(prompt) - 1 + i].topk(config.logprobs)
+            assert [t for t, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert model.generate(PROMPT, max_new_tokens=4).logprobs is None
+
+
+@pytest.mark.parametrize("value", [-1, 21, True, 2.5])
+def test_logprobs_must_be_none_or_0_to_20(value):
+    with pytest.raises(MedusaError, match="logprobs must be None or an integer from 0 to 20"):
+        GenerationConfig(logprobs=value)
 
 
 def test_a_model_object_moves_to_the_dtype_and_device_asked_for():

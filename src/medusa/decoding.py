@@ -116,9 +116,11 @@ class Decoder:
         self.last_hidden = torch.zeros(max_rows, hidden_size, dtype=self.dtype, device=device)
         self.sampling = RowSampling.empty(max_rows, device)
         # The root token's log-probability and top alternatives, computed by the step that chose it.
+        vocab = base_model.get_output_embeddings().weight.shape[0]
+        self.top_logprobs = min(MAX_TOP_LOGPROBS, vocab)
         self.root_logprob = torch.zeros(max_rows, device=device)
-        self.root_top_ids = torch.zeros(max_rows, MAX_TOP_LOGPROBS, dtype=torch.long, device=device)
-        self.root_top_logprobs = torch.zeros(max_rows, MAX_TOP_LOGPROBS, device=device)
+        self.root_top_ids = torch.zeros(max_rows, self.top_logprobs, dtype=torch.long, device=device)
+        self.root_top_logprobs = torch.zeros(max_rows, self.top_logprobs, device=device)
         # Each row's text so far (prompt and committed tokens), for the lookup branch; kept only if a tree has one.
         has_lookup = any(tree.lookup for tree in trees.values())
         self.history = torch.zeros(max_rows, max_length if has_lookup else 0, dtype=torch.long, device=device)
@@ -203,7 +205,7 @@ class Decoder:
         positions = (last + 1)[:, None]  # the first new token's position
         kind = StepKind.of(list(schemes))
         first = target_tokens(logits, settings, positions, torch.zeros(1, dtype=torch.long, device=device), kind)
-        logprob, top_ids, top_logprobs = token_logprobs(logits, torch.zeros_like(first), first, MAX_TOP_LOGPROBS)
+        logprob, top_ids, top_logprobs = token_logprobs(logits, torch.zeros_like(first), first, self.top_logprobs)
         self.cache.copy_rows(cache, row_index, longest)
         self.lengths.index_copy_(0, row_index, last + 1)
         self.root_token.index_copy_(0, row_index, first[:, 0])
@@ -257,7 +259,7 @@ class Decoder:
         ``span``: attend over only the first ``span`` cache slots (every running row's tree must end inside
         it). Returns ``counts_and_tokens [rows, 1 + depth + 1]``: how many tokens each row commits (0 on rows
         not running), then its chosen path's tokens; with ``kind.logprobs >= 0`` also each of those tokens'
-        log-probability ``[rows, depth + 1]`` and top alternatives ``[rows, depth + 1, MAX_TOP_LOGPROBS]`` (ids,
+        log-probability ``[rows, depth + 1]`` and top alternatives ``[rows, depth + 1, top_logprobs]`` (ids,
         then log-probabilities).
         """
         tree = self.trees[rows]
@@ -294,14 +296,15 @@ class Decoder:
         # The token after each path node: the next path token, or the next root after the last accepted one.
         following = torch.cat([child, verdict.next_token[:, None]], dim=1)
         following = torch.where(offsets[None] == verdict.accepted[:, None], verdict.next_token[:, None], following)
-        logprob, top_ids, top_logprobs = token_logprobs(logits, verdict.path, following, MAX_TOP_LOGPROBS)
+        logprob, top_ids, top_logprobs = token_logprobs(logits, verdict.path, following, self.top_logprobs)
         emitted = torch.cat([self.root_logprob[:rows, None], logprob[:, :-1]], dim=1)
         emitted_ids = torch.cat([self.root_top_ids[:rows, None], top_ids[:, :-1]], dim=1)
         emitted_top = torch.cat([self.root_top_logprobs[:rows, None], top_logprobs[:, :-1]], dim=1)
         last = verdict.accepted[:, None]
         self.root_logprob[:rows] = logprob.gather(1, last)[:, 0]
-        self.root_top_ids[:rows] = top_ids.gather(1, last[:, :, None].expand(-1, 1, MAX_TOP_LOGPROBS))[:, 0]
-        self.root_top_logprobs[:rows] = top_logprobs.gather(1, last[:, :, None].expand(-1, 1, MAX_TOP_LOGPROBS))[:, 0]
+        pick = last[:, :, None].expand(-1, 1, self.top_logprobs)
+        self.root_top_ids[:rows] = top_ids.gather(1, pick)[:, 0]
+        self.root_top_logprobs[:rows] = top_logprobs.gather(1, pick)[:, 0]
         return [emitted, emitted_ids, emitted_top]
 
 

@@ -22,6 +22,7 @@ from medusa.bench.costcurve import (
 from medusa.cli import main
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
+from medusa.engine import EngineOptions
 from medusa.model import MedusaModel
 
 
@@ -83,14 +84,14 @@ def test_cost_curve_with_a_lookup_chain_times_trees_holding_it(one_thread, monke
     from medusa.bench import costcurve
 
     built = []
-    real = MedusaModel.make_decoder
+    real = MedusaModel.engine
 
-    def spy(self, prompt, config, tree=None):
-        decoder, graphed = real(self, prompt, config, tree)
-        built.append(decoder.tree)
-        return decoder, graphed
+    def spy(self, options=EngineOptions(), tree=None, max_rows=1, max_length=0):
+        engine = real(self, options, tree, max_rows, max_length)
+        built.append(engine.decoder.trees[1])
+        return engine
 
-    monkeypatch.setattr(MedusaModel, "make_decoder", spy)
+    monkeypatch.setattr(MedusaModel, "engine", spy)
     config = CostCurveConfig(sizes=(5, 12), context=32, repeats=2, warmup=0, lookup=4)
     result = costcurve.cost_curve(tiny_medusa(), config)
     assert [(p["nodes"], p["lookup"], p["depth"]) for p in result["points"]] == [(5, 4, 4), (12, 4, 4)]
@@ -102,22 +103,21 @@ def test_cost_curve_with_a_lookup_chain_times_trees_holding_it(one_thread, monke
         CostCurveConfig(lookup=99)
 
 
-def test_cost_curve_steps_attend_over_the_span_its_step_sets(one_thread, monkeypatch):
-    real = MedusaModel.make_decoder
-    decoders = []
+def test_cost_curve_over_batch_sizes(one_thread):
+    config = CostCurveConfig(sizes=(1, 4), context=16, repeats=2, warmup=0, batch_sizes=(1, 4))
+    result = cost_curve(tiny_medusa(), config)
+    assert [(p["batch"], p["nodes"]) for p in result["points"]] == [(1, 1), (1, 4), (4, 1), (4, 4)]
+    assert all(p["x_one_token"] == pytest.approx(p["median_ms"] / next(
+        q["median_ms"] for q in result["points"] if q["batch"] == p["batch"] and q["nodes"] == 1)) for p in result["points"])
+    with pytest.raises(MedusaError, match="batch sizes must be batch buckets"):
+        CostCurveConfig(batch_sizes=(3,))
 
-    def spy(self, prompt, config, tree=None):
-        # A longer cache than the CPU's exact fit, so that the span step shows in the spans.
-        decoder, graphed = real(self, prompt, replace(config, cache_length=700), tree)
-        decoders.append(decoder)
-        return decoder, graphed
 
-    monkeypatch.setattr(MedusaModel, "make_decoder", spy)
-    for span_step, spans, attended in ((128, (128, 256, 384, 512, 640, 700), 256), (None, (700,), 700)):
+def test_cost_curve_steps_attend_over_the_span_its_step_sets(one_thread):
+    for span_step, attended in ((128, 256), (None, 256 + 1)):
         config = CostCurveConfig(sizes=(1,), context=200, repeats=1, warmup=0, span_step=span_step)
         point = cost_curve(tiny_medusa(), config)["points"][0]
-        assert decoders[-1].spans == spans
-        assert point["attention_span"] == attended  # 201 slots in use at context 200
+        assert point["attention_span"] == attended  # 201 slots in use at context 200; 256 slots and the root
 
 
 def test_cost_curve_refuses_a_context_beyond_the_model():

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from conftest import SPEC_BENCH
-from medusa.acceptance import GreedyAcceptance
 from medusa.cli import main
-from medusa.decoding import DecodingStats, decode
-from test_decoding import OracleDecoder
+from medusa.model import GenerationConfig
+from oracle_support import oracle_engine, oracle_generation
 
 pytestmark = pytest.mark.integration
 
@@ -54,25 +53,37 @@ def test_plain_decoding_equals_plain_greedy(default_model, cases):
     assert result.token_ids == expected and result.stats.steps == len(expected)
 
 
+def test_batched_greedy_equals_each_rows_own_greedy(default_model, cases):
+    """All ten questions in one batch (bucket 16), through the engine the server uses."""
+    results = default_model.generate([ids for ids, _ in cases], max_new_tokens=NEW_TOKENS)
+    for (ids, expected), result in zip(cases, results):
+        assert result.token_ids == expected, default_model.tokenizer.decode(ids)
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_a_batch(default_model, cases):
+    config = GenerationConfig(max_new_tokens=24, temperature=0.8, top_p=0.95, seed=7)
+    alone = default_model.generate(cases[3][0], config).token_ids
+    configs = [GenerationConfig(max_new_tokens=24)] * 3 + [config]
+    batched = default_model.generate_batch([ids for ids, _ in cases[:4]], configs)
+    assert batched[3].token_ids == alone
+    assert [r.token_ids for r in batched[:3]] == [expected[:24] for _, expected in cases[:3]]
+
+
 def test_long_accepted_paths_on_the_real_model(default_model, cases):
-    """The oracle proposes the true continuation at random ranks: long paths are accepted and compacted."""
-    for index in (0, 7):  # a short prompt, and a long article
-        ids, expected = cases[index]
-        truth = ids.tolist() + expected
-        decoder = OracleDecoder(
-            default_model.base_model,
-            default_model.heads,
-            default_model.tree,
-            GreedyAcceptance(),
-            ids.numel() + NEW_TOKENS + default_model.tree.size,
-            truth=truth,
-            seed=index,
-        )
-        limit = len(expected) - default_model.heads.config.num_heads - 1  # the oracle knows this far
-        stats = DecodingStats()
-        tokens = [t for step in decode(decoder, ids, limit, default_model.eos_token_ids(), stats) for t in step.tokens]
-        assert tokens == expected[: len(tokens)] and len(tokens) == limit
-        assert stats.mean_accepted > 2
+    """The oracle proposes the true continuation at random ranks: long paths are accepted and compacted, two rows
+    of very different lengths in one batch."""
+    limit = NEW_TOKENS - default_model.heads.config.num_heads - 1  # the oracle knows this far
+    longest = max(cases[i][0].numel() for i in (0, 7))
+    engine = oracle_engine(default_model.base_model, default_model.tree, max_rows=2, max_length=longest + NEW_TOKENS,
+                           heads=default_model.heads)
+    eos = default_model.eos_token_ids()
+    generations = [oracle_generation(engine, cases[i][0].tolist(), cases[i][1], limit, eos) for i in (0, 7)]
+    for _ in engine.run(generations):
+        pass
+    for generation, index in zip(generations, (0, 7)):
+        expected = cases[index][1]
+        assert generation.tokens == expected[: len(generation.tokens)] and len(generation.tokens) == limit
+        assert generation.stats.mean_accepted > 2
 
 
 def test_cli_on_the_default_model(capsys, default_model):

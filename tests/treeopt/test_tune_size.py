@@ -9,6 +9,7 @@ import torch
 
 from conftest import make_tiny_model
 from medusa.errors import MedusaError
+from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_size, choose_tree, measure_step_seconds
@@ -99,9 +100,8 @@ def test_step_timing_runs_the_real_decoder(tmp_path):
 def test_a_one_node_tree_decodes_plainly_without_running_the_heads():
     base = make_tiny_model("llama")
     model = MedusaModel.from_pretrained(base, heads=fresh_heads(base, num_heads=2), tree=[])
-    prompt = torch.tensor([5, 6, 7])
-    decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=4))
-    assert decoder.heads is None and decoder.tree.size == 1
+    engine = model.engine(EngineOptions(), max_length=8)
+    assert engine.decoder.heads is None and engine.decoder.trees[1].size == 1
     plain = model.generate([5, 6, 7], max_new_tokens=6, use_heads=False).token_ids
     assert model.generate([5, 6, 7], max_new_tokens=6).token_ids == plain
 
@@ -124,7 +124,7 @@ def test_a_lookup_chain_is_chosen_when_its_nodes_pay_on_the_cost_curve():
     assert (lambda c: (c.nodes, c.lookup))(choose_tree({(4, 4): 2.0, (8, 0): 2.0}, flat)) == (8, 0)
 
 
-def test_the_tuned_lookup_tree_drives_single_sequence_decoding_and_batches_keep_the_plain_one(tmp_path):
+def test_the_tuned_lookup_tree_drives_decoding_and_lookup_0_takes_the_plain_one(tmp_path):
     base = make_tiny_model("llama")
     heads_dir = tmp_path / "heads"
     fresh_heads(base, num_heads=2).save_pretrained(heads_dir)
@@ -137,15 +137,12 @@ def test_the_tuned_lookup_tree_drives_single_sequence_decoding_and_batches_keep_
 
     model = MedusaModel.from_pretrained(base, heads=heads_dir)
     assert model.tree.lookup == 6 and model.plain_tree.paths == ((0,), (1,), (0, 0)) and model.plain_tree.lookup == 0
-    prompt = torch.tensor([5, 6, 7])
-    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4))[0].tree.lookup == 6
-    plain = model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, lookup=0))[0].tree
+    assert model.tree_for(EngineOptions()).lookup == 6
+    plain = model.tree_for(EngineOptions(lookup=0))
     assert (plain.paths, plain.lookup) == (((0,), (1,), (0, 0)), 0)
-    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, lookup=3))[0].tree.lookup == 3
-    assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, use_heads=False))[0].tree.size == 1
-    assert model.batch_decoder(GenerationConfig()).tree.paths == ((0,), (1,), (0, 0))
-    with pytest.raises(MedusaError, match="lookup"):
-        model.batch_decoder(GenerationConfig(lookup=4))
+    assert model.tree_for(EngineOptions(lookup=3)).lookup == 3
+    assert model.tree_for(EngineOptions(use_heads=False)).size == 1
+    assert model.tree_for(EngineOptions(lookup=0), rows=4).paths == ((0,), (1,), (0, 0))
     # every tree decodes the same greedy text
     reference = model.generate([5, 6, 7], max_new_tokens=12, use_heads=False).token_ids
     for lookup in (None, 0, 3):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from medusa.decoding import DecodingStats, decode
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.training.data import Example
@@ -201,15 +201,21 @@ def test_walk_over_a_profile_replays_greedy_decoding_step_by_step():
     for prompt, length in zip(prompts, walk.segments.tolist()):
         walked = walked_steps(depths, start, start + length)
         start += length
-        stats = DecodingStats()
-        ids = torch.tensor(prompt)
-        decoder, _ = medusa.make_decoder(ids, GenerationConfig(max_new_tokens=48, chat_template=False), tree)
-        for _ in decode(decoder, ids, 48, set(), stats):
-            pass
+        stats = decoded_stats(medusa, prompt, 48, tree)
         assert stats.accepted_per_step[: len(walked)] == walked
     # and the profile's estimate is the same ratio
     tokens, steps = walk_steps(depths, walk.segments)
     assert expected_length(profile, tree, "walk") == pytest.approx(tokens[0] / steps[0])
+
+
+def decoded_stats(medusa: MedusaModel, prompt: list[int], max_new_tokens: int, tree: Tree):
+    """Decoding's statistics with this tree (its lookup chain included), EOS ignored as in the profile."""
+    generation = medusa.prepare(prompt, GenerationConfig(max_new_tokens=max_new_tokens, chat_template=False))
+    generation.eos_token_ids = frozenset()
+    engine = medusa.engine(EngineOptions(), tree, max_length=len(prompt) + max_new_tokens)
+    for _ in engine.run([generation]):
+        pass
+    return generation.stats
 
 
 def test_walk_positions_are_capped_and_runs_follow_the_answers():
@@ -253,11 +259,7 @@ def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
             # near its end the answer cannot confirm a long chain that decoding (writing on) accepts
             walked = walked_steps(depths, start, start + length - lookup)
             start += length
-            stats = DecodingStats()
-            ids = torch.tensor(prompt)
-            decoder, _ = medusa.make_decoder(ids, GenerationConfig(max_new_tokens=96, chat_template=False, lookup=lookup), tree)
-            for _ in decode(decoder, ids, 96, set(), stats):
-                pass
+            stats = decoded_stats(medusa, prompt, 96, tree)
             assert len(walked) > 8 and stats.accepted_per_step[: len(walked)] == walked, lookup
         tokens, steps = walk_steps(depths, walk.segments)
         assert expected_length(profile, tree, "walk") == pytest.approx(tokens[0] / steps[0])

@@ -385,7 +385,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "cache_length": config.cache_length,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
         "lookup_nodes": lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
-        "lookup_tree_size": (model.tree_for(GenerationConfig(lookup=lookup_nodes(model, config))).size
+        "lookup_tree_size": (model.tree_for(EngineOptions(lookup=lookup_nodes(model, config))).size
                              if MEDUSA_LOOKUP in config.methods and model.heads is not None else None),
         "transformers_limit_per_category": config.transformers_limit,
         "reference": config.reference,
