@@ -15,6 +15,7 @@ from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, Accept
 from medusa.batching import BatchDecoder, BatchRunner, BatchSequence
 from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, decode, model_device, spans_devices
 from medusa.errors import MedusaError
+from medusa.files import write_text
 from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
@@ -212,7 +213,7 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no heads to save")
         directory = Path(directory)
         self.heads.save_pretrained(directory)
-        (directory / TREE_FILE).write_text(self.plain_tree.to_json() + "\n")
+        write_text(directory / TREE_FILE, self.plain_tree.to_json() + "\n")
 
     # ----- generation ---------------------------------------------------------------------------
 
