@@ -57,6 +57,14 @@ ACCURACY_NAME = "head_accuracy.json"
 CONFIG_NAME = "train_config.json"
 
 
+class ResumeMismatch(MedusaError):
+    """A resume asked with a setting that differs from the run it continues; ``setting`` names it."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
 @dataclass
 class StepReport:
     step: int
@@ -298,10 +306,11 @@ class Trainer:
         conflict = self.config.resume_conflict(read_state(directory).get("config", {}))
         if conflict is not None:
             name, saved, now = conflict
-            raise MedusaError(
+            raise ResumeMismatch(
                 f"checkpoint {directory} was written with different settings: {name} was {saved!r}, now {now!r}. "
                 f"Every setting that changes the result must match to resume (only {', '.join(RESUMABLE_CHANGES)} "
-                "may change); resume with the same settings, or train into another --output"
+                "may change); resume with the same settings, or train into another --output",
+                setting=name,
             )
 
     def _restore(self, directory: Path, model: MedusaObjective, optimizer, scheduler, data_shape: dict) -> int:
