@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, GreedyAcceptance
-from medusa.cache import MedusaCache, attention_mask_for, num_cache_layers
+from medusa.cache import MedusaCache, attention_mask_for, cache_keyword, num_cache_layers
 from medusa.decoding import DecodingStats, StepOutput, model_device
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeads
@@ -72,6 +72,7 @@ class BatchDecoder:
         if heads is not None:
             tree.check_heads(heads.config.num_heads)
         self.base = base_model
+        self.cache_keyword = cache_keyword(base_model)  # once: the step may be compiled
         self.heads = heads
         self.device = model_device(base_model)
         self.dtype = base_model.dtype
@@ -229,7 +230,7 @@ class BatchDecoder:
             input_ids=input_ids,
             position_ids=query_positions,
             attention_mask=mask,
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             use_cache=True,
             output_hidden_states=True,
             **extra,

@@ -17,7 +17,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme
-from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, num_cache_layers, tree_visibility
+from medusa.cache import MedusaCache, attention_mask_for, cache_keyword, chunk_visibility, num_cache_layers, tree_visibility
 from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
 from medusa.tree import Tree
@@ -98,6 +98,7 @@ class MedusaDecoder:
         if heads is not None:
             tree.check_heads(heads.config.num_heads)
         self.base = base_model
+        self.cache_keyword = cache_keyword(base_model)  # once: the step may be compiled
         self.heads = heads
         self.acceptance = acceptance
         self.device = model_device(base_model)
@@ -143,7 +144,7 @@ class MedusaDecoder:
             input_ids=input_ids[None],
             position_ids=query_positions[None],
             attention_mask=mask,
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             use_cache=True,
             output_hidden_states=True,
         )
