@@ -47,8 +47,11 @@ def fsync_directory(directory: str | Path) -> None:
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -144,7 +147,7 @@ def append_text(path: str | Path, text: str) -> None:
 
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is a temporary left by a writer here (or by the writers this module replaced)."""
-    return name.startswith(".") and TEMPORARY_MARK in name or bool(_LEGACY_TEMPORARY.search(name))
+    return (name.startswith(".") and TEMPORARY_MARK in name) or bool(_LEGACY_TEMPORARY.search(name))
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
