@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, tree_visibility
+from medusa.cache import (
+    MedusaCache,
+    attention_mask_for,
+    cache_keyword,
+    chunk_visibility,
+    tree_visibility,
+)
 from medusa.tree import Tree
 
 T, F = True, False
@@ -190,3 +198,39 @@ def test_mixed_layers_get_one_mask_per_layer_type():
         assert set(masks) == {"full_attention", "sliding_attention"}
         assert additive_to_bool(masks["full_attention"]) == [[T, T, T, T, T, F]]
         assert additive_to_bool(masks["sliding_attention"]) == [[F, F, F, T, T, F]]
+
+
+# ----- handing the cache to the model --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2", "gemma", "phi3"])
+def test_decoding_passes_the_cache_the_way_the_installed_transformers_expects(architecture):
+    """transformers 5.25 renamed ``past_key_values`` to ``cache`` and warns on every call with the old name;
+    older 5.x know only ``past_key_values``. Single and batched decoding must not trip either."""
+    from conftest import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+    from medusa.heads import MedusaHeads, MedusaHeadsConfig
+    from medusa.model import MedusaModel
+
+    base = make_tiny_model(architecture)
+    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=TINY_HIDDEN, vocab_size=TINY_VOCAB, num_heads=2),
+                        base_lm_head=base.get_output_embeddings())
+    model = MedusaModel(base, None, heads, tree="8")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        single = model.generate([5, 6, 7], max_new_tokens=6, chat_template=False)
+        batch = model.generate([[5, 6, 7], [9, 8]], max_new_tokens=6, chat_template=False)
+    assert len(single.token_ids) == 6 and batch[0].token_ids == single.token_ids
+    assert [str(w.message) for w in caught if "past_key_values" in str(w.message) or "cache" in str(w.message)] == []
+
+
+def test_the_cache_keyword_follows_the_forward_signature():
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return past_key_values
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, use_cache=None, **kwargs):
+            return cache
+
+    assert cache_keyword(Old()) == "past_key_values"
+    assert cache_keyword(New()) == "cache"

@@ -189,3 +189,20 @@ def test_weights_that_do_not_match_their_config(tmp_path):
     (directory / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(MedusaError, match=r"heads weight blocks.0.0.linear.bias has shape \(64,\), config implies \(32,\)"):
         MedusaHeads.from_pretrained(directory)
+
+
+def test_saving_heads_writes_the_weights_before_the_config_that_describes_them(tmp_path, monkeypatch):
+    """A save that dies while writing the weights leaves the previous heads whole, config and weights alike."""
+    base = make_tiny_model("llama")
+    heads_for(base, num_heads=2).save_pretrained(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing the weights
+
+    monkeypatch.setattr("medusa.heads.save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        heads_for(base, num_heads=3).save_pretrained(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+    assert MedusaHeads.from_pretrained(tmp_path).config.num_heads == 2

@@ -275,7 +275,7 @@ def test_official_heads_for_another_model_are_rejected(tmp_path):
 def test_round_trip_ours_official_ours(tmp_path, num_layers, share_lm_head):
     base, heads = random_heads(num_heads=3, num_layers=num_layers, share_lm_head=share_lm_head)
     ours = MedusaModel(base, None, heads, tree="16")
-    export_heads(ours, tmp_path / "official", format="medusa")
+    export_heads(ours, tmp_path / "official", format="medusa", allow_lossy=num_layers > 1)
 
     written = load_file(str(tmp_path / "official" / OFFICIAL_SAFETENSORS))
     expected_names = {f"{i}.{j}.linear.{p}" for i in range(3) for j in range(num_layers) for p in ("weight", "bias")}
@@ -284,7 +284,8 @@ def test_round_trip_ours_official_ours(tmp_path, num_layers, share_lm_head):
     config = json.loads((tmp_path / "official" / "config.json").read_text())
     assert config["medusa_num_heads"] == 3 and config["medusa_num_layers"] == num_layers
     assert config["base_model_name_or_path"] == "tiny-llama"
-    assert not (tmp_path / "official" / OFFICIAL_PICKLE).exists()  # TensorRT-LLM would prefer a .pt
+    pickled = torch.load(tmp_path / "official" / OFFICIAL_PICKLE, weights_only=True)  # the same tensors
+    assert pickled.keys() == written.keys() and all(torch.equal(pickled[k], written[k]) for k in written)
 
     back = MedusaModel.from_pretrained(base, heads=tmp_path / "official")
     assert back.tree.paths == ours.tree.paths
@@ -295,6 +296,57 @@ def test_round_trip_ours_official_ours(tmp_path, num_layers, share_lm_head):
         projection = lm_weight if share_lm_head else ours.heads.projections[i].weight
         assert torch.equal(back.heads.projections[i].weight, projection)
     assert_same_behaviour(ours, back)
+
+
+class OriginalResBlock(torch.nn.Module):
+    """FasterDecoding/Medusa's ``ResBlock``: ``x + SiLU(linear(x))``."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, hidden_size)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+def original_loader(directory: Path, hidden: int, vocab: int) -> torch.nn.ModuleList:
+    """What the original ``MedusaModel`` does with a heads directory: build ``medusa_head`` from the config
+    (one ``ResBlock`` repeated ``medusa_num_layers`` times per head) and load ``medusa_lm_head.pt`` into it."""
+    config = json.loads((directory / "config.json").read_text())
+    heads, layers = config["medusa_num_heads"], config["medusa_num_layers"]
+    medusa_head = torch.nn.ModuleList(
+        [torch.nn.Sequential(*([OriginalResBlock(hidden)] * layers), torch.nn.Linear(hidden, vocab, bias=False))
+         for _ in range(heads)]
+    )
+    medusa_head.load_state_dict(torch.load(directory / OFFICIAL_PICKLE, map_location="cpu"), strict=True)
+    return medusa_head
+
+
+@pytest.mark.parametrize("share_lm_head", [False, True], ids=["own-projections", "shared-lm-head"])
+def test_the_original_loader_reads_our_export_exactly(tmp_path, share_lm_head):
+    base, heads = random_heads(num_heads=3, num_layers=1, share_lm_head=share_lm_head)
+    export_heads(MedusaModel(base, None, heads), tmp_path, format="medusa")
+    medusa_head = original_loader(tmp_path, TINY_HIDDEN, TINY_VOCAB)
+    hidden = torch.randn(2, 5, TINY_HIDDEN)
+    with torch.no_grad():
+        theirs = torch.stack([head(hidden) for head in medusa_head])
+        torch.testing.assert_close(theirs, heads(hidden), rtol=0, atol=1e-5)
+
+
+def test_heads_the_original_code_cannot_hold_are_refused_unless_allowed_then_warned(tmp_path):
+    base, heads = random_heads(num_heads=2, num_layers=2)
+    model = MedusaModel(base, None, heads)
+    with pytest.raises(MedusaError, match="2 layers each.*shares one block.*--allow-lossy"):
+        export_heads(model, tmp_path / "refused", format="medusa")
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+    with pytest.warns(UserWarning, match="only each head's last block"):
+        export_heads(model, tmp_path / "lossy", format="medusa", allow_lossy=True)
+    medusa_head = original_loader(tmp_path / "lossy", TINY_HIDDEN, TINY_VOCAB)  # loads, but not our heads:
+    hidden = torch.randn(2, 5, TINY_HIDDEN)
+    with torch.no_grad():
+        assert not torch.allclose(torch.stack([head(hidden) for head in medusa_head]), heads(hidden), atol=1e-3)
+    export_heads(model, tmp_path / "vllm", format="vllm")  # vLLM's layout holds every layer: no question asked
 
 
 def test_exported_projections_do_not_alias_the_base_weight(tmp_path):
@@ -377,7 +429,7 @@ def test_official_export_maps_onto_vllm_names(tmp_path):
     """vLLM 0.32 also serves the original layout (method "medusa"): its key remap must land on its own names."""
     base, heads = random_heads(num_heads=2, num_layers=2)
     model = MedusaModel(base, None, heads)
-    export_heads(model, tmp_path / "official", format="medusa")
+    export_heads(model, tmp_path / "official", format="medusa", allow_lossy=True)  # lossy for the original code only
     export_heads(model, tmp_path / "vllm", format="vllm")
 
     def remap(name: str) -> str:  # vLLM's documented rule for old FasterDecoding keys
@@ -418,6 +470,17 @@ def test_cli_export_round_trip(tmp_path, tiny_dir, capsys):
     assert main(args) == 2
     assert "already holds files; pass --force" in capsys.readouterr().err
     assert main(args + ["--force"]) == 0
+
+
+def test_cli_export_of_deep_heads_needs_allow_lossy_and_warns(tmp_path, tiny_dir, capsys):
+    _, heads = random_heads(num_heads=2, num_layers=2, share_lm_head=True)
+    heads.save_pretrained(tmp_path / "ours")
+    args = ["export", "--heads", str(tmp_path / "ours"), "--model", str(tiny_dir), "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "--allow-lossy" in capsys.readouterr().err
+    assert main(args + ["--allow-lossy"]) == 0
+    assert "warning: exporting in the original Medusa layout" in capsys.readouterr().err
+    assert (tmp_path / "out" / OFFICIAL_PICKLE).is_file()
 
 
 def test_cli_export_names_a_missing_heads_directory(tmp_path, tiny_dir, capsys):

@@ -14,6 +14,9 @@ instead of four small kernels per layer: on the H100, dropping those made a 135M
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, StaticLayer
@@ -167,6 +170,19 @@ class MedusaCache(Cache):
             if layer.is_initialized:
                 for buffer in (layer.keys, layer.values):
                     buffer.index_copy_(0, targets.to(buffer.device), buffer.index_select(0, sources.to(buffer.device)))
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which ``model``'s forward takes a cache object: ``cache`` from transformers 5.25 on
+    (where ``past_key_values`` warns on every call), ``past_key_values`` before. Read from the forward's
+    signature, not the version, so models that follow either convention work; a peft wrapper's is its base's."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_keyword_of(type(target))
+
+
+@functools.cache
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def num_cache_layers(config: PretrainedConfig) -> int:

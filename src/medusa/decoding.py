@@ -22,7 +22,14 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind, accept, target_tokens, token_logprobs
-from medusa.cache import MedusaCache, attention_mask_for, chunk_visibility, num_cache_layers, tree_visibility
+from medusa.cache import (
+    MedusaCache,
+    attention_mask_for,
+    cache_keyword,
+    chunk_visibility,
+    num_cache_layers,
+    tree_visibility,
+)
 from medusa.devices import model_device, spans_devices
 from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
@@ -99,6 +106,7 @@ class Decoder:
             if heads is not None:
                 tree.check_heads(heads.config.num_heads)
         self.base = base_model
+        self.cache_keyword = cache_keyword(base_model)  # once: the step may be compiled
         self.heads = heads
         self.device = model_device(base_model)
         self.dtype = base_model.dtype
@@ -160,7 +168,7 @@ class Decoder:
             input_ids=input_ids,
             position_ids=query_positions,
             attention_mask=mask,
-            past_key_values=cache,
+            **{self.cache_keyword: cache},
             use_cache=True,
             output_hidden_states=True,
             **extra,

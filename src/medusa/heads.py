@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa.errors import MedusaError
+from medusa.files import atomic_path, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
@@ -40,8 +41,7 @@ class MedusaHeadsConfig:
             raise MedusaError(f"heads config: num_layers must be 0 or more, got {self.num_layers}")
 
     def save(self, directory: str | Path) -> None:
-        path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps({"model_type": "medusa_heads", **asdict(self)}, indent=2) + "\n")
+        write_json(Path(directory) / CONFIG_NAME, {"model_type": "medusa_heads", **asdict(self)})
 
     @classmethod
     def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
@@ -146,13 +146,12 @@ class MedusaHeads(nn.Module):
         return torch.stack([projection(features[k]) for k, projection in enumerate(self.projections)])
 
     def save_pretrained(self, directory: str | Path) -> None:
+        """Weights, then the config that describes them, each written atomically (``medusa.files``)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        temporary = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(temporary), metadata={"format": "pt"})
-        temporary.replace(directory / WEIGHTS_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+        self.config.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> "MedusaHeads":

@@ -16,15 +16,16 @@ reads the same files). A ``.pt`` file is a pickle, and unpickling runs code, so 
 model (``vllm/model_executor/models/medusa.py`` up to vLLM 0.32.0) reads a config with
 ``model_type: medusa`` and the names above; its blocks carry a bias only when ``medusa_fc_bias`` is set.
 Heads that share the base ``lm_head`` have no projection of their own, so export copies the base
-weight in (once for vLLM, whose ``original_lm_head`` shares one projection across heads).
+weight in (once for vLLM, whose ``original_lm_head`` shares one projection across heads). The original
+layout is exported as both files, since the original project's loader reads only ``medusa_lm_head.pt``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import MedusaError
+from medusa.files import atomic_path, write_json, write_text
 from medusa.heads import CONFIG_NAME, MedusaHeads, MedusaHeadsConfig
 
 if TYPE_CHECKING:
@@ -354,25 +356,60 @@ def _require_heads(model: MedusaModel) -> MedusaHeads:
     return model.heads
 
 
+def lossy_for_the_original(model: MedusaModel) -> str | None:
+    """Why the original project's code cannot hold these heads exactly, or None when it can.
+
+    It builds a head's blocks as ``[ResBlock(H)] * L``: one block object repeated, so loading a checkpoint
+    with ``L > 1`` different blocks keeps only the last block's weights, in every position.
+    """
+    layers = _require_heads(model).config.num_layers
+    if layers <= 1:
+        return None
+    return (
+        f"the heads have {layers} layers each, and the original Medusa code shares one block across a head's "
+        f"layers ([ResBlock] * medusa_num_layers): it would load only each head's last block. TensorRT-LLM and "
+        "vLLM read every layer of the same files exactly"
+    )
+
+
 def export_heads(
-    model: MedusaModel, directory: str | Path, format: str = "medusa", dtype: torch.dtype | None = None
+    model: MedusaModel,
+    directory: str | Path,
+    format: str = "medusa",
+    dtype: torch.dtype | None = None,
+    allow_lossy: bool = False,
 ) -> Path:
     """Write ``model``'s heads in the original layout (``"medusa"``) or vLLM's (``"vllm"``); returns the directory.
 
-    The tree goes along as ``tree.json``: neither project reads it, but loading the directory back here does.
-    It is the tree without a lookup chain (``plain_tree``), since ``tree.json`` holds head paths only.
+    The original layout is written twice, as ``medusa_lm_head.safetensors`` and as ``medusa_lm_head.pt`` (a
+    plain tensor state dict, ``torch.save``), because the original project's loader reads only the ``.pt``.
+    Heads the original code cannot hold exactly (``lossy_for_the_original``) are refused unless
+    ``allow_lossy``, and then exported with a warning. The tree goes along as ``tree.json``: neither project
+    reads it, but loading the directory back here does. It is the tree without a lookup chain
+    (``plain_tree``), since ``tree.json`` holds head paths only. Weights are written before the config that
+    describes them, each file atomically.
     """
     if format not in FORMATS:
         raise MedusaError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     directory = Path(directory)
     if format == "medusa":
-        state, config, weights_name = official_state(model, dtype), official_config(model), OFFICIAL_SAFETENSORS
+        lossy = lossy_for_the_original(model)
+        if lossy is not None and not allow_lossy:
+            raise MedusaError(
+                f"refusing to export in the original Medusa layout: {lossy}. Pass --allow-lossy (allow_lossy=True) "
+                "to write it anyway, or use --format vllm for vLLM"
+            )
+        if lossy is not None:
+            warnings.warn(f"exporting in the original Medusa layout: {lossy}", UserWarning, stacklevel=2)
+        state, config = official_state(model, dtype), official_config(model)
+        with atomic_path(directory / OFFICIAL_SAFETENSORS) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+        with atomic_path(directory / OFFICIAL_PICKLE) as temporary:
+            torch.save(state, temporary)
     else:
-        state, config, weights_name = vllm_state(model, dtype), vllm_config(model, dtype), VLLM_WEIGHTS
-    directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / f"{weights_name}.tmp{os.getpid()}"
-    save_file(state, str(temporary), metadata={"format": "pt"})
-    temporary.replace(directory / weights_name)
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    (directory / TREE_FILE).write_text(model.plain_tree.to_json() + "\n")
+        state, config = vllm_state(model, dtype), vllm_config(model, dtype)
+        with atomic_path(directory / VLLM_WEIGHTS) as temporary:
+            save_file(state, str(temporary), metadata={"format": "pt"})
+    write_json(directory / CONFIG_NAME, config)
+    write_text(directory / TREE_FILE, model.plain_tree.to_json() + "\n")
     return directory

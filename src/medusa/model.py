@@ -16,6 +16,7 @@ from medusa.decoding import MAX_TOP_LOGPROBS, DecodingStats
 from medusa.devices import model_device
 from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for
 from medusa.errors import MedusaError
+from medusa.files import write_text
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.sampling import SamplingParams, check_seed
@@ -224,7 +225,7 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no heads to save")
         directory = Path(directory)
         self.heads.save_pretrained(directory)
-        (directory / TREE_FILE).write_text(self.plain_tree.to_json() + "\n")
+        write_text(directory / TREE_FILE, self.plain_tree.to_json() + "\n")
 
     # ----- generation ---------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -86,3 +87,28 @@ def test_only_the_newest_checkpoints_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
     assert latest_checkpoint(tmp_path).name == "step-00000004"
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_every_file_of_a_checkpoint_and_its_pointer_is_fsynced(tmp_path, monkeypatch):
+    seen = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        seen.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    save_checkpoint(tmp_path, make_checkpoint(4))
+    for name in ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"):
+        assert name in seen
+    assert any(name.startswith(".latest.json") for name in seen)  # the pointer, before its rename
+    assert tmp_path.name in seen  # the directory, after the renames
+
+
+def test_a_killed_save_of_another_step_leaves_nothing_after_the_next_save(tmp_path):
+    save_checkpoint(tmp_path, make_checkpoint(2))
+    (tmp_path / ".step-00000004.tmp").mkdir()  # a run killed while writing step 4, resumed from step 2
+    (tmp_path / ".step-00000004.tmp" / "trainable.safetensors").write_bytes(b"half")
+    (tmp_path / "latest.json.tmp").write_text('{"step": 4')
+    save_checkpoint(tmp_path, make_checkpoint(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest.json", "step-00000002", "step-00000003"]

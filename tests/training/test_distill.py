@@ -98,3 +98,9 @@ def test_cli_distills_then_trains_from_a_model_directory(tmp_path, tokenizer, pr
     assert main(["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out), "--max-steps", "2",
                  "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu"]) == 2
     assert "--resume" in capsys.readouterr().err
+    # A resume with another warm-up or head decay is refused, naming the setting and its flag.
+    for flag, value, setting in (("--warmup-steps", "1", "warmup_steps"), ("--head-decay", "0.5", "head_weight_decay")):
+        assert main(["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out), "--max-steps",
+                     "2", "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu",
+                     "--resume", flag, value]) == 2
+        assert f"{setting} was" in (error := capsys.readouterr().err) and f"set by {flag}" in error

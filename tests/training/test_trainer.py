@@ -134,3 +134,41 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, tokenizer, da
         Trainer(config(data_file, tmp_path / "killed", max_steps=6, checkpoint_every=2, batch_size=8, warmup_steps=2,
                        gradient_accumulation=accumulation),
                 base_model=make_base(tokenizer), tokenizer=tokenizer).train(resume=True)
+
+
+def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_path, tokenizer, data_file):
+    """Another warm-up or head decay would change the schedule or loss of the run being continued."""
+    output = tmp_path / "run"
+
+    def trainer(**changes):
+        settings = dict(max_steps=4, checkpoint_every=2, batch_size=4, warmup_steps=2) | changes
+        return Trainer(config(data_file, output, **settings), base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny")
+
+    def on_step(report):
+        if report.step == 3:
+            raise KeyboardInterrupt  # killed after step 3: its checkpoint is step 2's
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer().train(on_step=on_step)
+    written = (output / "train_config.json").read_text()
+    for name, value in [("warmup_steps", 1), ("head_weight_decay", 0.5), ("max_grad_norm", 0.5),
+                        ("lora", {"rank": 8})]:
+        with pytest.raises(MedusaError, match=rf"{name}(\.rank)? was .*, now "):
+            trainer(**{name: value}).train(resume=True)
+        assert (output / "train_config.json").read_text() == written  # not overwritten by the refused run
+    # Logging and checkpointing may change: they do not change the result.
+    resumed = trainer(log_every=2, checkpoint_every=3, keep_checkpoints=3).train(resume=True)
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+
+
+def test_a_run_starts_by_removing_what_a_killed_run_was_writing(tmp_path, tokenizer, data_file):
+    output = tmp_path / "run"
+    settings = config(data_file, output, max_steps=2, checkpoint_every=1, batch_size=4)
+    Trainer(settings, base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny").train()
+    leftovers = [output / "checkpoints" / ".step-00000003.tmp", output / "heads" / "medusa_heads.safetensors.tmp",
+                 output / ".train_log.jsonl.partial-7-0123abcd.jsonl"]
+    leftovers[0].mkdir()
+    for path in leftovers[1:]:
+        path.write_text("half")
+    Trainer(settings, base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny").train(resume=True)
+    assert not any(path.exists() for path in leftovers)

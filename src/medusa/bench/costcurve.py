@@ -25,6 +25,7 @@ from medusa.bench.environment import synchronize
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.engine import BATCH_BUCKETS, EngineOptions, check_slots
 from medusa.errors import MedusaError
+from medusa.files import atomic_path
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import GENERIC_HEAD_ACCURACY, Tree, build_tree_from_accuracies
@@ -273,6 +274,7 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
     axis.legend(fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)
     return path
 

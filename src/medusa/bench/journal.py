@@ -9,13 +9,13 @@ holds the run's settings, so a resumed run cannot mix in prompts measured anothe
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from medusa.bench.report import question_rows
 from medusa.bench.runner import Record, Sample
 from medusa.errors import MedusaError
+from medusa.files import append_text, write_text
 
 JOURNAL_NAME = "records.jsonl"
 # Settings (keys of the report's meta) that must match for a run to resume a journal.
@@ -56,22 +56,12 @@ class Journal:
 
     def __init__(self, path: Path, settings: dict, records: Sequence[Record] = ()) -> None:
         """Start a journal at ``path`` holding ``settings`` and the ``records`` kept from an earlier one."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("w") as handle:
-            handle.write(json.dumps({"settings": settings}) + "\n")
-            for record in records:
-                handle.write(json.dumps(record_to_json(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)  # the earlier journal stays whole until the new one is
+        lines = [json.dumps({"settings": settings})] + [json.dumps(record_to_json(record)) for record in records]
+        write_text(path, "".join(line + "\n" for line in lines))  # the earlier journal stays whole until the new one is
         self.path = path
 
     def append(self, record: Record) -> None:
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record_to_json(record)) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        append_text(self.path, json.dumps(record_to_json(record)) + "\n")
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medusa.bench.report import overall_markdown_table, validate_report
 from medusa.errors import MedusaError
+from medusa.files import write_text
 
 OPENING = "<!-- bench-table:"
 # A block's body never holds another opening, so an unclosed block cannot swallow the next one.
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if refreshed != text:
             stale.append(file)
             if not args.check:
-                file.write_text(refreshed)
+                write_text(file, refreshed)
     verb = "stale" if args.check else "rewritten"
     for file in stale:
         print(f"{file}: bench tables {verb}")

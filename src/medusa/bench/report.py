@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.table import Table
 
 from medusa.bench.runner import AUTOREGRESSIVE, HF_GENERATE, LOOKUP, MEDUSA, MEDUSA_LOOKUP, Record
+from medusa.files import atomic_path, write_text
 
 SCHEMA_VERSION = 1
 OVERALL = "overall"
@@ -297,7 +298,7 @@ def write_report(report: dict, path: str | Path) -> Path:
     validate_report(report)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report_json(report))
+    write_text(path, report_json(report))
     return path
 
 
@@ -441,5 +442,6 @@ def plot_report(report: dict, path: str | Path) -> Path:
     figure.suptitle(f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)
     return path

@@ -44,6 +44,7 @@ from medusa.bench.specbench import Question, default_questions_path, load_questi
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
+from medusa.files import write_json, write_text
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
 from medusa.model import MedusaModel, shipped_heads_directory
@@ -243,7 +244,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def _write_outputs(report: dict, output: Path) -> int:
     json_path = write_report(report, output / "bench.json")
     png_path = plot_report(report, output / "bench.png")
-    (output / "summary.md").write_text(markdown_summary(report))
+    write_text(output / "summary.md", markdown_summary(report))
     Console().print(report_table(report))
     print(equality_line(report))
     print(f"wrote {json_path}, {png_path} and {output / 'summary.md'}")
@@ -297,7 +298,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     json_path = output / "cost_curve.json"
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(json_path, result, indent=1)
     png_path = plot_cost_curve(result, output / "cost_curve.png")
     table = Table(title=f"one decoding step, {model_label}, context {config.context}; memory floor "
                         f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e6:,.1f} MB of weights at "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,12 +26,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         choices=FORMATS,
         default="medusa",
-        help="medusa: the original project's config.json + medusa_lm_head.safetensors (TensorRT-LLM, vLLM); "
+        help="medusa: the original project's config.json + medusa_lm_head.safetensors and .pt (the original code, "
+        "TensorRT-LLM, vLLM); "
         "vllm: vLLM's Medusa draft model (config.json + model.safetensors). Default: medusa",
     )
     parser.add_argument("--output", required=True, help="directory to write (created; must be empty unless --force)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 for the written tensors")
     parser.add_argument("--force", action="store_true", help="write into a directory that already holds files")
+    parser.add_argument(
+        "--allow-lossy",
+        action="store_true",
+        help="--format medusa: export heads of more than one layer, which the original code cannot hold exactly "
+        "(it shares one block across a head's layers); TensorRT-LLM and vLLM still read them exactly",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
     # The base model loads on the CPU in the export dtype, so shared projections are copied in it too.
     dtype = resolve_dtype(args.dtype, torch.device("cpu"))
     model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=dtype, device="cpu")
-    export_heads(model, output, format=args.format, dtype=dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_heads(model, output, format=args.format, dtype=dtype, allow_lossy=args.allow_lossy)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     heads = model.heads.config
     print(
         f"wrote {heads.num_heads} heads ({heads.num_layers} residual block(s) each, hidden {heads.hidden_size}, "

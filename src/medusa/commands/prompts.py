@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from medusa.errors import MedusaError
+from medusa.files import write_text
 from medusa.training.prompt_tasks import TASKS, TOPIC_TEMPLATES, PromptTaskConfig, make_prompts
 
 
@@ -39,12 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if output.exists():
         raise MedusaError(f"{output} exists; choose another --output or remove it (prompts are the same for the same seed)")
     result = make_prompts(config)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        for prompt in result.prompts:
-            file.write(json.dumps(prompt, ensure_ascii=False) + "\n")
-    os.replace(temporary, output)
+    write_text(output, "".join(json.dumps(prompt, ensure_ascii=False) + "\n" for prompt in result.prompts))
     for line in result.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)
     counts = ", ".join(f"{task} {n}" for task, n in Counter(p["task"] for p in result.prompts).items())

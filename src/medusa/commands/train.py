@@ -10,8 +10,14 @@ import sys
 
 from tqdm import tqdm
 
+from medusa.errors import MedusaError
 from medusa.training.config import LoraSettings, TrainConfig
-from medusa.training.trainer import StepReport, Trainer
+from medusa.training.trainer import ResumeMismatch, StepReport, Trainer
+
+# The flag behind each TrainConfig setting whose name differs from it (errors name the flag a user typed).
+FLAGS = {"output_dir": "--output", "head_weight_decay": "--head-decay", "learning_rate": "--lr",
+         "backbone_learning_rate": "--backbone-lr", "gradient_accumulation": "--grad-accum",
+         "lora.target_modules": "--lora-target"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +91,12 @@ def run(args: argparse.Namespace) -> int:
         backbone = f" backbone {report.backbone_loss:.4f}" if report.backbone_loss is not None else ""
         bar.set_postfix_str(f"loss {report.loss:.4f} heads [{heads}]{backbone} {report.tokens_per_second:,.0f} tok/s")
 
-    result = trainer.train(resume=args.resume, on_step=on_step)
+    try:
+        result = trainer.train(resume=args.resume, on_step=on_step)
+    except ResumeMismatch as error:
+        dest = error.setting.replace(".", "_")
+        flag = FLAGS.get(error.setting) or ("--" + dest.replace("_", "-") if hasattr(args, dest) else None)
+        raise MedusaError(f"{error} [{error.setting} is set by {flag}]" if flag else str(error)) from None
     if bar is not None:
         bar.close()
     if not result.main_process:

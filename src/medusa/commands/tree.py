@@ -9,11 +9,11 @@ evaluate decode prompts with several trees: measured against expected accepted l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from medusa.errors import MedusaError
+from medusa.files import write_json, write_text
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME
 
@@ -255,7 +255,7 @@ def run_build(args: argparse.Namespace) -> int:
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
     output = Path(args.output) if args.output else directory / "tree.json"
-    output.write_text(tree.to_json() + "\n")
+    write_text(output, tree.to_json() + "\n")
     expected = _expected_all(profile, tree)
     order = "joint order" if estimate == "walk" else f"{estimate} estimate"
     print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
@@ -474,8 +474,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "data": list(args.data), "heads": str(directory), "estimate": estimate, "results": results}
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(summary, indent=1) + "\n")
+        write_json(args.output, summary, indent=1)
         print(f"saved {args.output}")
     if args.plot_dir:
         _plot_evaluate(Path(args.plot_dir), profile, results, estimate)

@@ -26,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from medusa.errors import MedusaError
+from medusa.files import write_json
 
 BUILTIN_PROMPTS = (
     "Explain how a hash map works and when it is a poor choice.",
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loadtest: error: {error}", file=sys.stderr)
         return 2
     if args.output:
-        Path(args.output).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        write_json(args.output, asdict(result))
     print(markdown_table([asdict(result)]))
     for error in result.errors:
         print(f"  {error}", file=sys.stderr)

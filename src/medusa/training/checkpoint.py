@@ -2,15 +2,15 @@
 
 A checkpoint is a directory ``step-NNNNNNNN`` holding the trainable weights, the optimizer's tensors
 (flattened to ``state.<param>.<name>`` keys; its scalars and param groups go to JSON), the RNG states
-and ``state.json`` (step, data position, scheduler, config). It is written under a temporary name and
-renamed into place, then ``latest.json`` is replaced to point at it: a kill at any moment leaves the
-previous checkpoint intact and no partial checkpoint behind a final name.
+and ``state.json`` (step, data position, scheduler, config). It is written under a temporary name,
+fsynced and renamed into place (``medusa.files``), then ``latest.json`` is replaced to point at it: a kill
+at any moment leaves the previous checkpoint intact and no partial checkpoint behind a final name; the
+temporaries a kill leaves are removed before the next save (and when a training run starts).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import MedusaError
+from medusa.files import atomic_directory, remove_stale_temporaries, write_json
 
 LATEST = "latest.json"
 WEIGHTS = "trainable.safetensors"
@@ -82,36 +83,23 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json(path: Path, value: object) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def save_checkpoint(root: str | Path, checkpoint: Checkpoint, keep: int = 2) -> Path:
     """Write ``root/step-N`` atomically, point ``latest.json`` at it, keep the newest ``keep`` checkpoints."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
     name = f"step-{checkpoint.step:08d}"
     final = root / name
-    temporary = root / f".{name}.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        temporary.mkdir()
+    # The same step written again (a resumed run's end) replaces the old directory only once the new one is whole.
+    with atomic_directory(final) as temporary:
         weights = {key: value.detach().contiguous().cpu() for key, value in checkpoint.weights.items()}
         save_file(weights, str(temporary / WEIGHTS), metadata={"format": "pt"})
         optimizer_tensors, optimizer_structure = flatten_optimizer_state(checkpoint.optimizer)
         save_file(optimizer_tensors, str(temporary / OPTIMIZER), metadata={"format": "pt"})
         save_file({k: v.contiguous() for k, v in checkpoint.rng.items()}, str(temporary / RNG))
         state = {"step": checkpoint.step, "optimizer": optimizer_structure, **checkpoint.state}
-        (temporary / STATE).write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():  # the same step written again (a resumed run's end): replace it
-            shutil.rmtree(final)
-        os.replace(temporary, final)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    _write_json(root / LATEST, {"step": checkpoint.step, "directory": name})
+        (temporary / STATE).write_text(json.dumps(state, indent=2) + "\n")  # the whole directory is fsynced
+    write_json(root / LATEST, {"step": checkpoint.step, "directory": name})
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in steps[:-keep]:
         if old != final:
@@ -133,10 +121,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return directory
 
 
+def read_state(directory: str | Path) -> dict:
+    """A checkpoint's ``state.json`` alone (step, scheduler, the run's config): cheap, for checks before loading."""
+    path = Path(directory) / STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise MedusaError(f"checkpoint {directory} is unreadable: {error}") from None
+    if not isinstance(state, dict):
+        raise MedusaError(f"checkpoint {path} does not hold a JSON object")
+    return state
+
+
 def load_checkpoint(directory: str | Path) -> Checkpoint:
     directory = Path(directory)
+    state = read_state(directory)
     try:
-        state = json.loads((directory / STATE).read_text())
         weights = load_file(str(directory / WEIGHTS))
         optimizer = unflatten_optimizer_state(load_file(str(directory / OPTIMIZER)), state.pop("optimizer"))
         rng = load_file(str(directory / RNG))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from medusa.errors import MedusaError
 
@@ -115,6 +116,50 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resume_conflict(self, saved: dict) -> tuple[str, object, object] | None:
+        """The first setting (in field order) that differs from ``saved``, the run a resume continues, as
+        ``(name, saved value, this value)``; None when every setting that changes the result matches.
+
+        Only ``RESUMABLE_CHANGES`` may differ. A setting the saved run does not record predates it, so that
+        run had its default. Nested settings are named with a dot (``lora.rank``).
+        """
+        current = _flat(json.loads(json.dumps(self.to_dict())))  # as the saved JSON holds it (tuples as lists)
+        defaults = _flat(_defaults(TrainConfig))
+        before = _flat(saved)
+        for name, value in current.items():
+            if name.split(".")[0] in RESUMABLE_CHANGES:
+                continue
+            old = before.get(name, defaults.get(name))
+            if old != value:
+                return name, old, value
+        return None
+
+
+# Settings a resumed run may change: they decide how often the run logs and checkpoints, where it is and what
+# is written beside its result, not the result. Every other TrainConfig setting must match (docs/training.md).
+RESUMABLE_CHANGES = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "merge")
+
+
+def _defaults(cls: type) -> dict:
+    values = {}
+    for item in fields(cls):
+        if item.default is not MISSING:
+            values[item.name] = item.default
+        elif item.default_factory is not MISSING:
+            made = item.default_factory()
+            values[item.name] = asdict(made) if hasattr(made, "__dataclass_fields__") else made
+    return values
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[prefix + name] = value
+    return flat
 
 
 def _positive(config: object, *names: str) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.errors import MedusaError
+from medusa.files import append_text
 from medusa.loading import load_base_model
 from medusa.training.config import DistillConfig
 from medusa.training.data import Prompt, encode_prompt, read_prompts
@@ -171,21 +171,18 @@ def distill(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("a", encoding="utf-8") as handle:
-        for number, start in enumerate(range(0, len(work.pending), config.batch_size)):
-            batch = work.pending[start : start + config.batch_size]
-            torch.manual_seed(config.seed + number)
-            started = time.perf_counter()
-            answers, stopped = generate_batch(model, tokenizer, [ids for _, ids in batch], config, eos_ids, pad_id)
-            seconds = time.perf_counter() - started
-            lines = []
-            for (prompt, _), tokens, stop in zip(batch, answers, stopped):
-                answer = tokenizer.decode(tokens, skip_special_tokens=True)
-                lines.append(json.dumps(_row(prompt, answer, "stop" if stop else "length"), ensure_ascii=False) + "\n")
-            handle.write("".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())
-            yield DistillBatch(rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds)
+    for number, start in enumerate(range(0, len(work.pending), config.batch_size)):
+        batch = work.pending[start : start + config.batch_size]
+        torch.manual_seed(config.seed + number)
+        started = time.perf_counter()
+        answers, stopped = generate_batch(model, tokenizer, [ids for _, ids in batch], config, eos_ids, pad_id)
+        seconds = time.perf_counter() - started
+        lines = []
+        for (prompt, _), tokens, stop in zip(batch, answers, stopped):
+            answer = tokenizer.decode(tokens, skip_special_tokens=True)
+            lines.append(json.dumps(_row(prompt, answer, "stop" if stop else "length"), ensure_ascii=False) + "\n")
+        append_text(output, "".join(lines))
+        yield DistillBatch(rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds)
 
 
 def load_for_distill(config: DistillConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:

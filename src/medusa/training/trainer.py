@@ -34,18 +34,20 @@ from accelerate.utils import DistributedDataParallelKwargs
 from torch.utils.data import DataLoader
 
 from medusa.errors import MedusaError
+from medusa.files import append_text, atomic_directory, remove_stale_temporaries, write_json, write_text
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.loading import load_base_model
 from medusa.training.checkpoint import (
     Checkpoint,
     latest_checkpoint,
     load_checkpoint,
+    read_state,
     restore_optimizer,
     restore_rng,
     rng_state,
     save_checkpoint,
 )
-from medusa.training.config import TrainConfig
+from medusa.training.config import RESUMABLE_CHANGES, TrainConfig
 from medusa.training.data import Collator, Example, LengthBatchSampler, load_examples, split_held_out
 from medusa.training.evaluate import accuracy_report, count_hits
 from medusa.training.objective import MedusaObjective
@@ -53,10 +55,14 @@ from medusa.training.objective import MedusaObjective
 LOG_NAME = "train_log.jsonl"
 ACCURACY_NAME = "head_accuracy.json"
 CONFIG_NAME = "train_config.json"
-# Settings that must match for a checkpoint to be resumed: they shape the weights, data or schedule.
-RESUME_KEYS = ("stage", "num_heads", "num_layers", "share_lm_head", "loss", "batch_size", "max_tokens",
-               "gradient_accumulation", "max_length", "seed", "eval_fraction", "learning_rate",
-               "backbone_learning_rate", "max_steps", "epochs", "heads_warmup_steps", "lora")
+
+
+class ResumeMismatch(MedusaError):
+    """A resume asked with a setting that differs from the run it continues; ``setting`` names it."""
+
+    def __init__(self, message: str, setting: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 @dataclass
@@ -181,7 +187,12 @@ class Trainer:
         found = latest_checkpoint(checkpoints)
         if found is not None and not resume:
             raise MedusaError(f"{output} already holds checkpoints; pass --resume to continue, or choose another --output")
+        if found is not None:
+            self._check_resume(found)  # before loading anything, and before train_config.json is rewritten
         accelerator = self._accelerator()
+        if accelerator.is_main_process:
+            for directory in (output, checkpoints, output / "heads"):
+                remove_stale_temporaries(directory)  # what a killed run was writing
         base, tokenizer, name = self._load_base(accelerator)
         if tokenizer is None:
             raise MedusaError("training needs a tokenizer to apply the chat template")
@@ -217,7 +228,7 @@ class Trainer:
             resumed_from = start_step
         if accelerator.is_main_process:
             output.mkdir(parents=True, exist_ok=True)
-            (output / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            write_json(output / CONFIG_NAME, config.to_dict())
             _trim_log(output / LOG_NAME, start_step)
         accelerator.wait_for_everyone()
 
@@ -247,8 +258,7 @@ class Trainer:
                 report = window.report(accelerator, step, total_steps, step / steps_per_epoch, scheduler.get_last_lr()[0],
                                        config.stage == 2 and train_backbone)
                 if accelerator.is_main_process:
-                    with (output / LOG_NAME).open("a") as log:
-                        log.write(json.dumps(report.__dict__) + "\n")
+                    append_text(output / LOG_NAME, json.dumps(report.__dict__) + "\n")
                 if on_step is not None and accelerator.is_main_process:
                     on_step(report)
 
@@ -263,15 +273,17 @@ class Trainer:
     def _save_outputs(self, model: MedusaObjective, tokenizer, result: TrainResult) -> None:
         """Heads (float32: a few MB with a shared lm_head), accuracy, and in stage 2 the adapter / merged model."""
         model.heads.save_pretrained(result.heads_dir)
-        (result.output_dir / ACCURACY_NAME).write_text(json.dumps(result.accuracy, indent=2) + "\n")
+        write_json(result.output_dir / ACCURACY_NAME, result.accuracy)
         if self.config.stage == 2:
             result.adapter_dir = result.output_dir / "adapter"
-            model.base.save_pretrained(result.adapter_dir, safe_serialization=True)
+            with atomic_directory(result.adapter_dir) as directory:
+                model.base.save_pretrained(directory, safe_serialization=True)
             if self.config.merge:  # last: merging rewrites the base's weights in place
                 result.merged_dir = result.output_dir / "merged"
                 merged = model.base.merge_and_unload()
-                merged.save_pretrained(result.merged_dir, safe_serialization=True)
-                tokenizer.save_pretrained(result.merged_dir)
+                with atomic_directory(result.merged_dir) as directory:
+                    merged.save_pretrained(directory, safe_serialization=True)
+                    tokenizer.save_pretrained(directory)
 
     # ----- checkpoints, evaluation -------------------------------------------------------------------
 
@@ -289,16 +301,20 @@ class Trainer:
             save_checkpoint(root, checkpoint, keep=self.config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
+    def _check_resume(self, directory: Path) -> None:
+        """Refuse to continue a run with settings that would change its result (RESUMABLE_CHANGES may differ)."""
+        conflict = self.config.resume_conflict(read_state(directory).get("config", {}))
+        if conflict is not None:
+            name, saved, now = conflict
+            raise ResumeMismatch(
+                f"checkpoint {directory} was written with different settings: {name} was {saved!r}, now {now!r}. "
+                f"Every setting that changes the result must match to resume (only {', '.join(RESUMABLE_CHANGES)} "
+                "may change); resume with the same settings, or train into another --output",
+                setting=name,
+            )
+
     def _restore(self, directory: Path, model: MedusaObjective, optimizer, scheduler, data_shape: dict) -> int:
         checkpoint = load_checkpoint(directory)
-        saved_config = checkpoint.state.get("config", {})
-        current = self.config.to_dict()
-        changed = [key for key in RESUME_KEYS if key in saved_config and saved_config[key] != current[key]]
-        if changed:
-            raise MedusaError(
-                f"checkpoint {directory} was written with different settings ({', '.join(changed)}); "
-                "resume with the same settings, or train into another --output"
-            )
         if checkpoint.state.get("data") != data_shape:
             raise MedusaError(
                 f"checkpoint {directory} was trained on other data ({checkpoint.state.get('data')}, now "
@@ -396,4 +412,4 @@ def _trim_log(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text(path, "".join(line + "\n" for line in kept))

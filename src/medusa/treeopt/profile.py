@@ -39,6 +39,7 @@ from transformers import PreTrainedModel
 
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
+from medusa.files import write_json
 from medusa.heads import WEIGHTS_NAME, MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, check_lookup, ngram_continuation
 
@@ -208,10 +209,7 @@ class HeadProfile:
         }
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text(json.dumps(self.to_dict()) + "\n")
-        temporary.replace(path)
+        write_json(path, self.to_dict(), indent=None)
 
     @classmethod
     def load(cls, path: str | Path) -> "HeadProfile":

@@ -18,6 +18,7 @@ import torch
 
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
+from medusa.files import write_json
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tuned import device_kind
@@ -43,7 +44,7 @@ class CostCurve:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)  # a measured curve took minutes: never lose it to a missing folder
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> "CostCurve":

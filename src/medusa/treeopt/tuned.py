@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from medusa.errors import MedusaError
+from medusa.files import write_json
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.tree import Tree
 
@@ -49,9 +50,7 @@ def write_tuned_tree(directory: str | Path, kind: str, entry: dict) -> Path:
     path = Path(directory) / TUNED_FILE
     devices = read_tuned_trees(directory)
     devices[kind] = entry
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"devices": devices}, indent=1) + "\n")
-    temporary.replace(path)
+    write_json(path, {"devices": devices}, indent=1)
     return path
 
 
