@@ -29,6 +29,8 @@ from medusa.interop import (
     VLLM_WEIGHTS,
     export_heads,
     foreign_layout,
+    load_heads,
+    load_heads_config,
     read_pickled_weights,
 )
 from medusa.model import GenerationConfig, MedusaModel, heads_device
@@ -181,18 +183,26 @@ def test_official_checkpoint_loads_and_matches_our_format(tmp_path, num_layers, 
     assert_same_behaviour(official, MedusaModel.from_pretrained(base, heads=tmp_path / "ours"))
 
 
-def test_medusa_heads_from_pretrained_reads_the_official_layout(tmp_path):
+def test_load_heads_reads_the_official_layout(tmp_path):
     state = official_fixture(tmp_path, num_heads=2, num_layers=1)
-    heads = MedusaHeads.from_pretrained(tmp_path)
+    heads = load_heads(tmp_path)
     assert torch.equal(heads.blocks[1][0].linear.bias, state["1.0.linear.bias"])
     assert torch.equal(heads.projections[0].weight, state["0.1.weight"])
-    assert MedusaHeadsConfig.load(tmp_path) == heads.config
+    assert load_heads_config(tmp_path) == heads.config
+
+
+def test_medusa_heads_reads_only_our_layout_and_names_the_loader_for_the_others(tmp_path):
+    official_fixture(tmp_path, num_heads=2, num_layers=1)
+    with pytest.raises(MedusaError, match="original Medusa project's layout.*medusa.interop.load_heads"):
+        MedusaHeads.from_pretrained(tmp_path)
+    with pytest.raises(MedusaError, match="original Medusa project's layout.*medusa.interop.load_heads"):
+        MedusaHeadsConfig.load(tmp_path)
 
 
 def test_safetensors_wins_over_pt_when_both_are_there(tmp_path):
     state = official_fixture(tmp_path, num_heads=2, num_layers=1)
     torch.save({name: torch.zeros_like(tensor) for name, tensor in state.items()}, tmp_path / OFFICIAL_PICKLE)
-    heads = MedusaHeads.from_pretrained(tmp_path)
+    heads = load_heads(tmp_path)
     assert torch.equal(heads.projections[1].weight, state["1.1.weight"])
 
 
@@ -201,7 +211,7 @@ def test_heads_beyond_the_config_are_ignored(tmp_path):
     official_fixture(tmp_path, num_heads=4, num_layers=1)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 2}))
-    assert MedusaHeads.from_pretrained(tmp_path).config.num_heads == 2
+    assert load_heads(tmp_path).config.num_heads == 2
 
 
 class RunsCode:
@@ -244,11 +254,11 @@ def test_missing_and_misshapen_official_tensors_are_named(tmp_path):
     del state["1.0.linear.bias"]
     save_file(state, str(tmp_path / OFFICIAL_SAFETENSORS))
     with pytest.raises(MedusaError, match=r"lacks tensor '1.0.linear.bias' \(expected shape \[64\]\)"):
-        MedusaHeads.from_pretrained(tmp_path)
+        load_heads(tmp_path)
     state["1.0.linear.bias"] = torch.zeros(3)
     save_file(state, str(tmp_path / OFFICIAL_SAFETENSORS))
     with pytest.raises(MedusaError, match=r"'1.0.linear.bias' has shape \[3\], expected \[64\]"):
-        MedusaHeads.from_pretrained(tmp_path)
+        load_heads(tmp_path)
 
 
 def test_official_config_without_weights_names_both_files(tmp_path):

@@ -26,17 +26,19 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import MedusaError
-from medusa.heads import CONFIG_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.files import read_json
+from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.tree import Tree
 
 if TYPE_CHECKING:
-    from medusa.model import MedusaModel
+    from transformers import PreTrainedModel
 
 OFFICIAL_SAFETENSORS = "medusa_lm_head.safetensors"
 OFFICIAL_PICKLE = "medusa_lm_head.pt"
@@ -45,15 +47,25 @@ TREE_FILE = "tree.json"
 FORMATS = ("medusa", "vllm")
 
 
+class ExportedModel(Protocol):
+    """What exporting reads from a ``medusa.model.MedusaModel``.
+
+    Spelled out here because loading (in ``medusa.model``) uses this module: importing the class back would
+    tie the two modules in a cycle.
+    """
+
+    heads: MedusaHeads | None
+    base_model: PreTrainedModel
+    name: str
+    plain_tree: Tree
+
+
 # ----- which layout a directory holds -----------------------------------------------------------
 
 
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"heads config {path} is not valid JSON: {error}") from None
+    raw = read_json(path, "heads config")
     if not isinstance(raw, dict):
         raise MedusaError(f"heads config {path} is not a JSON object")
     return raw
@@ -69,11 +81,35 @@ def foreign_layout(directory: str | Path) -> str | None:
         return "medusa"
     if raw.get("model_type") == "medusa" and "num_heads" in raw:
         return "vllm"
-    if not (directory / "medusa_heads.safetensors").is_file() and any(
+    if not (directory / WEIGHTS_NAME).is_file() and any(
         (directory / name).is_file() for name in (OFFICIAL_SAFETENSORS, OFFICIAL_PICKLE)
     ):
         return "medusa"
     return None
+
+
+def load_heads_config(directory: str | Path) -> MedusaHeadsConfig:
+    """The heads' config from any layout we read: ours, the original project's or vLLM's."""
+    if not Path(directory).is_dir():
+        raise MedusaError(f"heads directory {directory} does not exist")
+    layout = foreign_layout(directory)
+    if layout == "medusa":
+        return official_heads_config(directory)
+    if layout == "vllm":
+        return vllm_heads_config(directory)
+    return MedusaHeadsConfig.load(directory)
+
+
+def load_heads(directory: str | Path, base_lm_head: torch.nn.Module | None = None) -> MedusaHeads:
+    """Heads from any layout we read: ours, the original project's or vLLM's, told apart by their config."""
+    if not Path(directory).is_dir():
+        raise MedusaError(f"heads directory {directory} does not exist")
+    layout = foreign_layout(directory)
+    if layout == "medusa":
+        return load_official_heads(directory, base_lm_head=base_lm_head)
+    if layout == "vllm":
+        return load_vllm_heads(directory, base_lm_head=base_lm_head)
+    return MedusaHeads.from_pretrained(directory, base_lm_head=base_lm_head)
 
 
 # ----- reading the original layout --------------------------------------------------------------
@@ -259,7 +295,7 @@ def load_vllm_heads(directory: str | Path, base_lm_head: torch.nn.Module | None 
 # ----- writing -----------------------------------------------------------------------------------
 
 
-def _projection_weights(model: MedusaModel) -> list[torch.Tensor]:
+def _projection_weights(model: ExportedModel) -> list[torch.Tensor]:
     """Each head's ``[V, H]`` projection; heads that share the base lm_head get its weight."""
     heads = model.heads
     if heads.projections is not None:
@@ -279,7 +315,7 @@ def _cpu(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).clone().contiguous()
 
 
-def official_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def official_state(model: ExportedModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The heads under the original project's names, projections materialised."""
     heads = _require_heads(model)
     layers = heads.config.num_layers
@@ -292,7 +328,7 @@ def official_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict
     return state
 
 
-def official_config(model: MedusaModel) -> dict:
+def official_config(model: ExportedModel) -> dict:
     """The original ``MedusaConfig`` fields, plus the sizes and bias flag vLLM needs to serve the same files."""
     heads = _require_heads(model)
     config = heads.config
@@ -307,7 +343,7 @@ def official_config(model: MedusaModel) -> dict:
     }
 
 
-def vllm_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def vllm_state(model: ExportedModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The heads under vLLM's ``Medusa`` parameter names; shared heads write one ``lm_head.weight``."""
     heads = _require_heads(model)
     state = {}
@@ -324,7 +360,7 @@ def vllm_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str
     return state
 
 
-def vllm_config(model: MedusaModel, dtype: torch.dtype | None = None) -> dict:
+def vllm_config(model: ExportedModel, dtype: torch.dtype | None = None) -> dict:
     """The fields vLLM's ``MedusaConfig`` and ``Medusa`` read.
 
     vLLM renames every config key holding both "num" and "heads" (or "layers") to ``num_heads``
@@ -348,14 +384,14 @@ def vllm_config(model: MedusaModel, dtype: torch.dtype | None = None) -> dict:
     }
 
 
-def _require_heads(model: MedusaModel) -> MedusaHeads:
+def _require_heads(model: ExportedModel) -> MedusaHeads:
     if model.heads is None:
         raise MedusaError("this model has no heads to export")
     return model.heads
 
 
 def export_heads(
-    model: MedusaModel, directory: str | Path, format: str = "medusa", dtype: torch.dtype | None = None
+    model: ExportedModel, directory: str | Path, format: str = "medusa", dtype: torch.dtype | None = None
 ) -> Path:
     """Write ``model``'s heads in the original layout (``"medusa"``) or vLLM's (``"vllm"``); returns the directory.
 

@@ -17,11 +17,12 @@ from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, d
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.interop import load_heads, load_heads_config
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
-from medusa.treeopt.tuned import tuned_tree
+from medusa.tuned_trees import tuned_tree
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 TREE_FILE = "tree.json"
@@ -195,15 +196,15 @@ class MedusaModel(nn.Module):
         plain_tree = None
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
-            heads_config = MedusaHeadsConfig.load(directory)
+            heads_config = load_heads_config(directory)
             check_heads_match(heads_config, base_model)
             if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
                 device = model_device(base_model)
-                tree = tuned_tree(directory, device, heads_config.num_heads, lookup=True)
+                tree = tuned_tree(directory, device, heads_config.num_heads, chained=True)
                 plain_tree = tuned_tree(directory, device, heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
-            heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
+            heads = load_heads(directory, base_lm_head=lm_head)
         return cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -10,8 +10,13 @@ from medusa.cli import main
 from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.profile import HeadProfile
-from medusa.treeopt.tuned import read_tuned_trees
+from medusa.tuned_trees import TUNED_FILE
 from treeopt_assets import save_tiny_setup, tiny_tokenizer, write_conversations
+
+
+def tuned_entries(heads_dir) -> dict[str, dict]:
+    """The tuned trees as written on disk: the file format, not its reader, is what later releases must read."""
+    return json.loads((heads_dir / TUNED_FILE).read_text())["devices"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +49,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert main(["tree", "tune", *common, "--sizes", "1,2,4", "--context", "8", "--steps", "2", "--repeats", "1",
                  "--save-cost-curve", str(curve), "--plot-dir", str(directory / "plots")]) == 0
     out = capsys.readouterr().out
-    entry = read_tuned_trees(heads_dir)["cpu"]
+    entry = tuned_entries(heads_dir)["cpu"]
     assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
     assert entry["estimate"] == "walk"  # the default, since the profile has the walk data
     assert json.loads(curve.read_text())["device"] == "cpu"
@@ -56,11 +61,11 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     flat = directory / "flat.json"
     flat.write_text(json.dumps({"device": "Fancy GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 2, 4)]}))
     assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat)]) == 0
-    assert read_tuned_trees(heads_dir)["Fancy GPU"]["nodes"] == 4
+    assert tuned_entries(heads_dir)["Fancy GPU"]["nodes"] == 4
     # a size limit is kept with the choice it bounded
     assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat), "--max-nodes", "2"]) == 0
-    assert {k: read_tuned_trees(heads_dir)["Fancy GPU"][k] for k in ("nodes", "max_nodes")} == {"nodes": 2, "max_nodes": 2}
-    assert read_tuned_trees(heads_dir)["cpu"] == entry  # other devices are kept
+    assert {k: tuned_entries(heads_dir)["Fancy GPU"][k] for k in ("nodes", "max_nodes")} == {"nodes": 2, "max_nodes": 2}
+    assert tuned_entries(heads_dir)["cpu"] == entry  # other devices are kept
 
     results = directory / "evaluate.json"
     assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
@@ -115,14 +120,14 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     curve.write_text(json.dumps({"device": "Chain GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 4, 8)]}))
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "4"]) == 0
     out = capsys.readouterr().out
-    entry = read_tuned_trees(heads_dir)["Chain GPU"]
+    entry = tuned_entries(heads_dir)["Chain GPU"]
     assert "chain" in out and "best with a lookup chain" in out
     chained = entry["lookup"]
     assert chained["lookup"] == 4 and chained["nodes"] in (4, 8) and len(chained["paths"]) + 1 + 4 == chained["nodes"]
     assert entry["nodes"] == 8 and "lookup" not in Tree.from_paths(entry["paths"]).to_json()
 
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "0"]) == 0
-    assert "lookup" not in read_tuned_trees(heads_dir)["Chain GPU"] and "chain" not in capsys.readouterr().out
+    assert "lookup" not in tuned_entries(heads_dir)["Chain GPU"] and "chain" not in capsys.readouterr().out
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "99"]) == 2
     assert "--lookup must be auto or a number of nodes from 0 to 24, got 99" in capsys.readouterr().err
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from medusa.errors import MedusaError
-from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
@@ -245,12 +244,13 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def run_build(args: argparse.Namespace) -> int:
     from medusa.treeopt.build import build_tree, expected_lengths
-    from medusa.treeopt.tuned import read_tuned_trees
+    from medusa.interop import load_heads_config
+    from medusa.tuned_trees import read_tuned_trees
 
     if args.nodes < 1:
         raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
@@ -289,98 +289,54 @@ def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) 
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import build_tree, expected_grid
+    from medusa.interop import load_heads_config
     from medusa.treeopt.profile import heads_fingerprint
-    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_tree, measure_cost_curve
-    from medusa.treeopt.tuned import device_kind, write_tuned_tree
+    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, greedy_trees, measure_cost_curve, tune_tree
+    from medusa.tuned_trees import device_kind, write_tuned_tree
 
     if args.max_nodes < 1:
         raise MedusaError(f"--max-nodes must be at least 1, got {args.max_nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     chains = _lookup_choices(args.lookup, profile, estimate)
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
-        kind = args.device_kind or cost.device
-        if kind is None:
+        if (args.device_kind or cost.device) is None:
             raise MedusaError(f"cost curve {args.cost_curve} names no device: give --device-kind (\"cpu\" or the GPU's name)")
     else:
         if min(args.context, args.steps, args.repeats) < 1:
             raise MedusaError("--context, --steps and --repeats must be at least 1")
         sizes = _parse_sizes(args.sizes, args.max_nodes) if args.sizes else [n for n in DEFAULT_SIZES if n <= args.max_nodes]
         model = _load_model(args, directory)
-        trees = {n: build_tree(profile, n, estimate) for n in sizes}
-        trees = {tree.size: tree for tree in trees.values()}  # a small profile may not fill the largest sizes
+        trees = greedy_trees(profile, sizes, estimate)
         print(f"timing {len(trees)} tree sizes on {device_kind(model.device)}", file=sys.stderr)
         cost = measure_cost_curve(
             model, trees, args.context, args.steps, args.repeats,
             progress=lambda n, s: print(f"  {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr),
         )
-        kind = args.device_kind or cost.device
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
-    totals = [n for n in cost.points if n <= args.max_nodes]
-    pairs = {(total - chain, chain) for total in totals for chain in chains if total - chain >= 1}
-    grid = expected_grid(profile, {n for n, _ in pairs}, chains, estimate)
-    grid = {pair: value for pair, value in grid.items() if pair in pairs}
-    plain = choose_tree({pair: v for pair, v in grid.items() if pair[1] == 0}, cost, args.max_nodes)
-    chained = [pair for pair in grid if pair[1] > 0]
-    best = plain
-    with_chain = None
-    if chained:
-        with_chain = choose_tree({pair: grid[pair] for pair in chained}, cost, args.max_nodes)
-        fixed = args.lookup != "auto"
-        if fixed or with_chain.expected_tokens_per_second > plain.expected_tokens_per_second:
-            best = with_chain
-    _print_tune_table(plain, with_chain, best.total_nodes, grid, cost)
+    kind = args.device_kind or cost.device
+    tuning = tune_tree(profile, cost, estimate, chains, args.max_nodes, keep_chain=args.lookup != "auto")
+    heads, best, tree, chain_tree = tuning.heads_choice, tuning.best, tuning.tree, tuning.chained_tree
+    _print_tune_table(heads, tuning.chain_choice, best.total_nodes, tuning.grid, cost)
     length = f", over the first {args.max_new_tokens} tokens of each answer" if args.max_new_tokens and estimate == "walk" else ""
     print(f"({estimate} estimate of tokens per step{length})")
-    tree = build_tree(profile, plain.nodes, estimate)
     print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
-          f"{plain.expected_accept_length:.2f} tokens/step expected, {plain.expected_tokens_per_second:.1f} tokens/s expected")
-    chain_tree = None
-    if best.lookup:
-        chain_tree = build_tree(profile, best.nodes, estimate).with_lookup(best.lookup)
+          f"{heads.expected_accept_length:.2f} tokens/step expected, {heads.expected_tokens_per_second:.1f} tokens/s expected")
+    if chain_tree is not None:
         print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a {best.lookup}-node "
               f"chain): {best.expected_accept_length:.2f} tokens/step expected, {best.expected_tokens_per_second:.1f} tokens/s "
-              f"expected{'; decoding uses it by default here' if best is not plain and not args.dry_run else ''}")
+              f"expected{'; decoding uses it by default here' if best is not heads and not args.dry_run else ''}")
     if not args.dry_run:
-        entry = {
-            "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
-            "estimate": estimate, "expected_accept_length": round(plain.expected_accept_length, 4),
-            "step_seconds": plain.step_seconds, "expected_tokens_per_second": round(plain.expected_tokens_per_second, 2),
-            "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
-            "max_new_tokens": args.max_new_tokens or None, "max_nodes": args.max_nodes,
-            "cost_curve": cost.to_dict()["points"],
-        }
-        if chain_tree is not None:
-            entry["lookup"] = {
-                "nodes": chain_tree.size, "lookup": best.lookup, "lookup_ngram": profile.position_ranks.lookup_ngram,
-                "topk": chain_tree.topk, "paths": [list(p) for p in chain_tree.paths],
-                "expected_accept_length": round(best.expected_accept_length, 4), "step_seconds": best.step_seconds,
-                "expected_tokens_per_second": round(best.expected_tokens_per_second, 2),
-            }
+        entry = tuning.tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
-        from medusa.treeopt.build import node_chances
-        from medusa.treeopt.plots import plot_accept_length, plot_tokens_per_second, plot_tree
+        from medusa.treeopt.plots import plot_tuning
 
-        plot_dir = Path(args.plot_dir)
-        slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
-        heads_sizes = sorted(n for n, chain in grid if chain == 0)
-        lookup_rates = None
-        if with_chain is not None:  # what the chains would give, chosen or not
-            lookup_rates = {total: rate for total, (_, rate) in with_chain.lookup_tokens_per_second.items()}
-        shown = chain_tree or tree
-        written = [
-            plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", plain.tokens_per_second, best.total_nodes,
-                                   kind, lookup_rates=lookup_rates),
-            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {estimate: {n: grid[n, 0] for n in heads_sizes}}),
-            plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, estimate)),
-        ]
-        print("plots: " + ", ".join(map(str, written)))
+        print("plots: " + ", ".join(map(str, plot_tuning(args.plot_dir, tuning, profile, kind))))
     return 0
 
 
@@ -431,12 +387,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from medusa.tree import DEFAULT_TREE_SIZES, default_tree
     from medusa.treeopt.build import build_tree
     from medusa.treeopt.data import read_prompts
-    from medusa.treeopt.tuned import device_kind, tuned_tree
+    from medusa.interop import load_heads_config
+    from medusa.tuned_trees import device_kind, tuned_tree
 
     if args.limit < 1 or args.max_new_tokens < 1:
         raise MedusaError("--limit and --max-new-tokens must be at least 1")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     prompts, skipped = read_prompts(args.data, args.limit)
@@ -456,7 +413,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if tuned is None:
             raise MedusaError(f"no tree tuned for {device_kind(model.device)!r} beside {directory}: run `medusa tree tune`")
         trees["tuned"] = tuned
-        chained = tuned_tree(directory, model.device, config.num_heads, lookup=True)
+        chained = tuned_tree(directory, model.device, config.num_heads, chained=True)
         if chained.lookup:
             trees["tuned+lookup"] = chained
     results = []

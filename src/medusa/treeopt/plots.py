@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 from medusa.tree import Tree  # noqa: E402
+
+if TYPE_CHECKING:
+    from medusa.treeopt.profile import HeadProfile
+    from medusa.treeopt.tune import TreeTuning
 
 
 def plot_accept_length(
@@ -129,3 +134,23 @@ def _save(figure, path: str | Path) -> Path:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_tuning(plot_dir: str | Path, tuning: TreeTuning, profile: HeadProfile, kind: str) -> list[Path]:
+    """Tokens/s and accepted length against N for one device's tuning, and the tree it chose (with its chain)."""
+    from medusa.treeopt.build import node_chances
+
+    plot_dir = Path(plot_dir)
+    slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
+    heads_sizes = sorted(n for n, chain in tuning.grid if chain == 0)
+    lookup_rates = None
+    if tuning.chain_choice is not None:  # what the chains would give, chosen or not
+        lookup_rates = {total: rate for total, (_, rate) in tuning.chain_choice.lookup_tokens_per_second.items()}
+    shown = tuning.chained_tree or tuning.tree
+    return [
+        plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", tuning.heads_choice.tokens_per_second,
+                               tuning.best.total_nodes, kind, lookup_rates=lookup_rates),
+        plot_accept_length(plot_dir / f"accept_length_{slug}.png",
+                           {tuning.estimate: {n: tuning.grid[n, 0] for n in heads_sizes}}),
+        plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, tuning.estimate)),
+    ]
