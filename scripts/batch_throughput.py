@@ -25,6 +25,7 @@ import torch
 
 from medusa.bench.environment import environment, synchronize
 from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
+from medusa.files import read_json
 from medusa.model import GenerationConfig, MedusaModel
 
 
@@ -120,7 +121,7 @@ def main() -> None:
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
     if args.plot_only:
-        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        plot(read_json(args.plot_only, "batch throughput results"), args.plot_only.with_suffix(".png"))
         print(f"wrote {args.plot_only.with_suffix('.png')}")
         return
     if args.out is None:

@@ -23,7 +23,7 @@ def parse_json(text: str, what: str) -> Any:
 def read_json(path: str | Path, what: str) -> Any:
     """The JSON file at ``path``; ``what`` says what it holds ("cost curve"), and every error names it and the path."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise MedusaError(f"{what} {path} does not exist")
     try:
         text = path.read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medusa.errors import MedusaError
+from medusa.files import parse_json
 
 # Probability that head k's rank-r guess is the right token, a generic prior shaped like the head
 # accuracies the paper reports. Only used to lay out the default trees; `medusa tree` builds trees
@@ -248,10 +249,7 @@ def load_tree(spec: str | Path | Tree | Sequence[Sequence[int]] | None, num_head
 
 
 def _tree_from_json(text: str, origin: str, num_heads: int) -> Tree:
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"tree {origin} is not valid JSON: {error}") from None
+    raw = parse_json(text, f"tree {origin}")
     if isinstance(raw, dict):
         if "paths" not in raw:
             raise MedusaError(f"tree {origin} has no 'paths' list")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medusa.bench.report import overall_markdown_table, validate_report
 from medusa.errors import MedusaError
+from medusa.files import read_json
 
 OPENING = "<!-- bench-table:"
 # A block's body never holds another opening, so an unclosed block cannot swallow the next one.
@@ -30,14 +31,12 @@ BLOCK = re.compile(r"<!-- bench-table: (?P<path>[^>]*?) -->\n(?P<body>(?:(?!<!--
 
 def _table_for(path: str, root: Path, line: int) -> str:
     file = root / path.strip()
+    if not file.exists():
+        raise MedusaError(f"line {line}: bench-table block names {path.strip()!r}, which does not exist under {root}")
     try:
-        report = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise MedusaError(f"line {line}: bench-table block names {path.strip()!r}, which does not exist under {root}") from None
-    except OSError as error:
-        raise MedusaError(f"line {line}: cannot read {file}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"line {line}: {file} is not valid JSON ({error})") from None
+        report = read_json(file, "benchmark report")
+    except MedusaError as error:
+        raise MedusaError(f"line {line}: {error}") from None
     try:
         validate_report(report)
     except ValueError as error:

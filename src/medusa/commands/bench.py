@@ -44,6 +44,7 @@ from medusa.bench.specbench import Question, default_questions_path, load_questi
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
+from medusa.files import read_json
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
 from medusa.model import MedusaModel, shipped_heads_directory
@@ -225,13 +226,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def run_merge(args: argparse.Namespace) -> int:
     reports = []
     for name in args.merge:
-        path = Path(name)
-        if not path.is_file():
-            raise MedusaError(f"benchmark report {path} does not exist")
-        try:
-            reports.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"benchmark report {path} is not valid JSON: {error}") from None
+        reports.append(read_json(name, "benchmark report"))
     try:
         merged = merge_reports(reports)
     except ValueError as error:

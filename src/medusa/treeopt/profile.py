@@ -39,6 +39,7 @@ from transformers import PreTrainedModel
 
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
+from medusa.files import read_json
 from medusa.heads import WEIGHTS_NAME, MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, check_lookup, ngram_continuation
 
@@ -218,11 +219,7 @@ class HeadProfile:
         path = Path(path)
         if not path.is_file():
             raise MedusaError(f"no tree profile at {path}; run `medusa tree profile` first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"tree profile {path} is not valid JSON: {error}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json(path, "tree profile"), str(path))
 
     @classmethod
     def from_dict(cls, raw: object, origin: str = "tree profile") -> "HeadProfile":
