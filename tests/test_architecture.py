@@ -113,3 +113,17 @@ def test_the_checker_sees_function_level_imports_and_cycles(tmp_path):
     assert find_cycle({"a": {"b"}, "b": set()}) is None
     assert is_core("medusa.model") and is_core("medusa")
     assert not is_core("medusa.cli") and not is_core("medusa.serve") and not is_core("medusa.serve.app")
+
+
+def test_test_modules_import_no_other_test_module():
+    """Shared test code lives in tests/helpers and fixtures in conftest.py files, so each test module stands alone."""
+    tests = Path(__file__).resolve().parent
+    wrong = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            wrong += [f"{path.relative_to(tests)} imports {name}" for name in names
+                      if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"]
+    assert not wrong, "; ".join(wrong)

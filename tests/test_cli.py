@@ -7,7 +7,7 @@ import pytest
 from medusa.cli import main
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
-from text_model import save_text_model
+from helpers.text_model import save_text_model
 
 
 @pytest.fixture(scope="module")

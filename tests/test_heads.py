@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+from helpers.models import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.errors import MedusaError
 from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel

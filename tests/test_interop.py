@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import EOS_ID, TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+from helpers.models import EOS_ID, TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.cli import main
 from medusa.errors import MedusaError
 from medusa.heads import WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig

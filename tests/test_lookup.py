@@ -7,14 +7,14 @@ import random
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, make_tiny_model
+from helpers.models import ARCHITECTURES, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
 from medusa.batching import BatchDecoder
 from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from test_decoding import PROMPTS, reference
+from helpers.decoding import PROMPTS, reference
 
 T, F = True, False
 

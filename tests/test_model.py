@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel, TextTracker
-from text_model import make_tokenizer
+from helpers.text_model import make_tokenizer
 
 PROMPT = "Tell me a story."
 

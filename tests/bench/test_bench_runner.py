@@ -6,7 +6,6 @@ import json
 from dataclasses import replace
 
 import pytest
-from tiny_bench_assets import one_thread, questions_file, tiny_model_dir  # noqa: F401  (fixtures)
 
 from medusa.bench.report import validate_report
 from medusa.bench.runner import BenchConfig, encode_turn, planned_runs, resolve_cache_length
@@ -144,7 +143,7 @@ def test_runs_in_parts_merge_into_one_report(tiny_model_dir, questions_file, tmp
 
 
 def test_lookup_methods_run_the_chain_tuned_for_the_device_unless_told():
-    from conftest import TINY_VOCAB, make_tiny_model
+    from helpers.models import TINY_VOCAB, make_tiny_model
     from medusa.bench.runner import lookup_nodes
     from medusa.heads import MedusaHeads, MedusaHeadsConfig
     from medusa.tree import Tree

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_bench_report import META, METHODS, hand_made_records
+from helpers.bench import META, METHODS, hand_made_records
 
 from medusa.bench.readme import main, refresh_tables
 from medusa.bench.report import build_report, write_report

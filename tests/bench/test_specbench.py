@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tiny_bench_assets import QUESTIONS, questions_file  # noqa: F401  (fixture)
+from helpers.bench import QUESTIONS
 
-from conftest import SPEC_BENCH
+from helpers.models import SPEC_BENCH
 from medusa.bench.specbench import (
     MT_BENCH_CATEGORIES,
     default_questions_path,

@@ -9,7 +9,7 @@ import time
 
 import httpx
 import pytest
-from serve_support import MODEL_NAME, make_slow_model, one_thread, running_server, serve_model  # noqa: F401
+from helpers.serve import MODEL_NAME, make_slow_model, running_server
 
 CLIENTS = 32
 PROMPT = "Tell me a story."

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_assets import make_base, tokenizer  # noqa: F401  (fixture)
+from helpers.training import make_base
 
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeads

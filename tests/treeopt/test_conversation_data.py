@@ -8,7 +8,7 @@ import pytest
 
 from medusa.errors import MedusaError
 from medusa.treeopt.data import read_profile_examples, read_prompts
-from treeopt_assets import tiny_tokenizer
+from helpers.treeopt import tiny_tokenizer
 
 
 def test_conversations_are_tokenised_with_their_answers_marked(tmp_path):

@@ -11,7 +11,7 @@ from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.profile import HeadProfile
 from medusa.tuned_trees import TUNED_FILE
-from treeopt_assets import save_tiny_setup, tiny_tokenizer, write_conversations
+from helpers.treeopt import save_tiny_setup, tiny_tokenizer, write_conversations
 
 
 def tuned_entries(heads_dir) -> dict[str, dict]:

@@ -8,13 +8,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_size, choose_tree, measure_step_seconds
 from medusa.tuned_trees import TUNED_FILE, ChainedTree, TunedTree, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
-from treeopt_assets import fresh_heads
+from helpers.treeopt import fresh_heads
 
 EXPECTED = {1: 1.0, 2: 1.6, 4: 2.1, 8: 2.5, 16: 2.8, 32: 3.0}
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
 from medusa.decoding import DecodingStats, decode
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
@@ -20,7 +20,7 @@ from medusa.tree import Tree
 from medusa.treeopt.build import build_tree, default_estimate, expected_length, expected_lengths, has_walk, node_chances
 from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, PositionRanks, profile_heads
 from medusa.treeopt.walk import accepted_depths, walk_steps
-from treeopt_assets import fresh_heads, greedy_continuation
+from helpers.treeopt import fresh_heads, greedy_continuation
 
 SHIPPED_PROFILE = Path(__file__).resolve().parents[2] / "src/medusa/assets/heads/smollm2-135m-instruct" / PROFILE_FILE
 

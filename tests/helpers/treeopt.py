@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import EOS_ID, TINY_VOCAB, make_tiny_model
+from helpers.models import EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 
 SPECIALS = ["<pad>", "<s>", "<unk>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]  # </s> is id 3, the EOS
