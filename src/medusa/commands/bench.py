@@ -21,7 +21,7 @@ import torch
 
 from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
 from medusa.bench.environment import environment
-from medusa.bench.journal import Journal, journal_path, load_journal, resume_settings
+from medusa.bench.journal import refuse_unfinished, start_journal, unreported, with_earlier
 from medusa.bench.report import (
     build_report,
     equality_line,
@@ -109,28 +109,16 @@ def run(args: argparse.Namespace) -> int:
         raise MedusaError("--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)")
     if args.merge:
         return run_merge(args)
-    config = BenchConfig(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        max_new_tokens=args.max_new_tokens,
-        turns=args.turns,
-        warmup=args.warmup,
-        cuda_graphs=not args.no_cuda_graphs,
-        compile=_compile_setting(args.compile),
-        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
-        lookup=args.lookup_nodes,
-        transformers_limit=args.transformers_limit,
-        cache_length=_cache_length_setting(args.cache_length),
-    )
+    return run_spec_bench(args)
+
+
+def run_spec_bench(args: argparse.Namespace) -> int:
+    config = _bench_config(args)
     questions_file = Path(args.questions) if args.questions else default_questions_path()
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select_questions(load_questions(questions_file), categories, args.limit)
     output = Path(args.output_dir)
-    journal_file = journal_path(output)
-    if journal_file.is_file() and not args.resume:
-        raise MedusaError(
-            f"{journal_file} holds the prompts of a benchmark that stopped before its end; pass --resume to continue "
-            f"it, or choose another --output-dir (remove the file to discard them)"
-        )
+    refuse_unfinished(output, args.resume)
     model = load_model(args)
     config = replace(config, cache_length=resolve_cache_length(model, questions, config))
     meta = {
@@ -142,23 +130,17 @@ def run(args: argparse.Namespace) -> int:
         "categories": categories,
         "limit_per_category": args.limit,
     }
-    done: list[Record] = []
-    if args.resume and journal_file.is_file():
-        done, notes = load_journal(journal_file, resume_settings(meta))
-        for note in notes:
-            print(note, file=sys.stderr)
-        print(f"resuming {journal_file}: {len(done)} prompts already measured", file=sys.stderr)
-    elif args.resume:
-        print(f"nothing to resume in {output} (no {journal_file.name}): starting afresh", file=sys.stderr)
-    journal = Journal(journal_file, resume_settings(meta), done)
+    journal, done, notes = start_journal(output, meta, args.resume)
+    for note in notes:
+        print(note, file=sys.stderr)
     records: list[Record] = []
     try:
         with _sigterm_as_interrupt(), _progress(planned_runs(questions, config, done)) as advance:
             run_benchmark(model, questions, config, progress=advance, done=done, on_record=journal.append,
                           records=records)
     except KeyboardInterrupt:
-        measured = _with_earlier(records, done, questions)
-        print(f"stopped after {len(measured)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
+        measured = with_earlier(records, done, questions)
+        print(f"stopped after {len(measured)} prompts; {journal.path} keeps every prompt measured: rerun with --resume "
               f"to continue", file=sys.stderr)
         if measured:
             meta.update(prompts=len(measured), complete=False)
@@ -166,22 +148,28 @@ def run(args: argparse.Namespace) -> int:
         return 130
     meta.update(prompts=len(records), complete=True)
     status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
-    reported = {(record.question_id, record.turn) for record in records}
-    left_out = [record for record in done if (record.question_id, record.turn) not in reported]
+    left_out = unreported(records, done)
     if left_out:
-        print(f"kept {journal_file}: it holds {len(left_out)} prompts of questions this run did not select",
+        print(f"kept {journal.path}: it holds {len(left_out)} prompts of questions this run did not select",
               file=sys.stderr)
     else:
         journal.remove()  # the report holds it all now
     return status
 
 
-def _with_earlier(records: list[Record], done: list[Record], questions: Sequence[Question]) -> list[Record]:
-    """A stopped run's records and the earlier run's for the chosen questions it had not reached, in question order."""
-    order = {question.question_id: index for index, question in enumerate(questions)}
-    seen = {(record.question_id, record.turn) for record in records}
-    earlier = [r for r in done if r.question_id in order and (r.question_id, r.turn) not in seen]
-    return sorted([*records, *earlier], key=lambda record: (order[record.question_id], record.turn))
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        max_new_tokens=args.max_new_tokens,
+        turns=args.turns,
+        warmup=args.warmup,
+        cuda_graphs=not args.no_cuda_graphs,
+        compile=_compile_setting(args.compile),
+        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+        lookup=args.lookup_nodes,
+        transformers_limit=args.transformers_limit,
+        cache_length=_cache_length_setting(args.cache_length),
+    )
 
 
 @contextlib.contextmanager
