@@ -320,7 +320,7 @@ def test_export_writes_the_tree_without_its_lookup_chain(tmp_path):
     base, heads = random_heads(num_heads=2)
     chained = Tree.from_paths([[0], [0, 0]], lookup=5)
     plain = Tree.from_paths([[0], [1], [0, 0]])
-    export_heads(MedusaModel(base, None, heads, tree=chained, plain_tree=plain), tmp_path, format="medusa")
+    export_heads(MedusaModel(base, None, heads, tree=chained, heads_tree=plain), tmp_path, format="medusa")
     assert json.loads((tmp_path / "tree.json").read_text())["paths"] == [[0], [1], [0, 0]]
 
 

@@ -57,7 +57,7 @@ class ExportedModel(Protocol):
     heads: MedusaHeads | None
     base_model: PreTrainedModel
     name: str
-    plain_tree: Tree
+    heads_tree: Tree
 
 
 # ----- which layout a directory holds -----------------------------------------------------------
@@ -396,7 +396,7 @@ def export_heads(
     """Write ``model``'s heads in the original layout (``"medusa"``) or vLLM's (``"vllm"``); returns the directory.
 
     The tree goes along as ``tree.json``: neither project reads it, but loading the directory back here does.
-    It is the tree without a lookup chain (``plain_tree``), since ``tree.json`` holds head paths only.
+    It is the heads' tree, without a lookup chain (``heads_tree``), since ``tree.json`` holds head paths only.
     """
     if format not in FORMATS:
         raise MedusaError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -410,5 +410,5 @@ def export_heads(
     save_file(state, str(temporary), metadata={"format": "pt"})
     temporary.replace(directory / weights_name)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    (directory / TREE_FILE).write_text(model.plain_tree.to_json() + "\n")
+    (directory / TREE_FILE).write_text(model.heads_tree.to_json() + "\n")
     return directory

@@ -120,10 +120,10 @@ class MedusaModel(nn.Module):
         heads: MedusaHeads | None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
         name: str | None = None,
-        plain_tree: Tree | None = None,
+        heads_tree: Tree | None = None,
     ) -> None:
-        """``tree`` decodes one sequence by default and may carry a lookup chain; ``plain_tree`` (default:
-        ``tree`` without its chain) serves batches and ``lookup=0``."""
+        """``tree`` decodes one sequence by default and may carry a lookup chain; ``heads_tree``, the tree of
+        head paths only (default: ``tree`` without its chain), serves batches and ``lookup=0``."""
         super().__init__()
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -137,10 +137,10 @@ class MedusaModel(nn.Module):
         self.heads = heads
         self._decoder_pool = DecoderPool()
         self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
-        if plain_tree is not None and heads is not None:
-            self.plain_tree = load_tree(plain_tree, heads.config.num_heads).with_lookup(0)
+        if heads_tree is not None and heads is not None:
+            self.heads_tree = load_tree(heads_tree, heads.config.num_heads).with_lookup(0)
         else:
-            self.plain_tree = self.tree.with_lookup(0)
+            self.heads_tree = self.tree.with_lookup(0)
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -193,7 +193,7 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        plain_tree = None
+        heads_tree = None
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
             heads_config = load_heads_config(directory)
@@ -201,11 +201,11 @@ class MedusaModel(nn.Module):
             if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
                 device = model_device(base_model)
                 tree = tuned_tree(directory, device, heads_config.num_heads, chained=True)
-                plain_tree = tuned_tree(directory, device, heads_config.num_heads)
+                heads_tree = tuned_tree(directory, device, heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
             heads = load_heads(directory, base_lm_head=lm_head)
-        return cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
+        return cls(base_model, tokenizer, heads, tree=tree, name=name, heads_tree=heads_tree)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""
@@ -213,7 +213,7 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no heads to save")
         directory = Path(directory)
         self.heads.save_pretrained(directory)
-        (directory / TREE_FILE).write_text(self.plain_tree.to_json() + "\n")
+        (directory / TREE_FILE).write_text(self.heads_tree.to_json() + "\n")
 
     # ----- generation ---------------------------------------------------------------------------
 
@@ -331,7 +331,7 @@ class MedusaModel(nn.Module):
         if heads is None:
             return None, Tree.from_paths([]).with_lookup(config.lookup or 0)
         if tree is None:
-            tree = self.plain_tree if config.lookup == 0 else self.tree
+            tree = self.heads_tree if config.lookup == 0 else self.tree
         if not tree.paths:
             heads = None
         return heads, tree if config.lookup is None else tree.with_lookup(config.lookup)
@@ -393,7 +393,7 @@ class MedusaModel(nn.Module):
         """A ``BatchDecoder`` for these settings; it refuses sampling (batches are greedy only) and a lookup branch
         asked for (``lookup=None`` runs the tree tuned without one)."""
         if tree is None and config.lookup is None:
-            tree = self.plain_tree
+            tree = self.heads_tree
         heads, tree = self._heads_and_tree(config, tree)
         return BatchDecoder(self.base_model, heads, tree, config.acceptance_scheme())
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medusa.errors import MedusaError
-from medusa.treeopt.data import read_profile_examples, read_prompts
+from medusa.treeopt.data import read_profile_examples, read_evaluation_prompts
 from helpers.treeopt import tiny_tokenizer
 
 
@@ -50,7 +50,7 @@ def test_prompts_come_from_spec_bench_conversations_and_instructions(tmp_path):
         {"nothing": 1},
         {"question_id": 4, "turns": []},
     ]))
-    prompts, skipped = read_prompts([path])
+    prompts, skipped = read_evaluation_prompts([path])
     assert prompts == [
         [{"role": "user", "content": "first"}],
         [{"role": "user", "content": "again"}],
@@ -60,7 +60,7 @@ def test_prompts_come_from_spec_bench_conversations_and_instructions(tmp_path):
     ]
     assert len(skipped) == 2 and "'turns' must be" in skipped[1]
     # the limit counts per category, so every Spec-Bench task stays represented
-    limited, _ = read_prompts([path], limit=1)
+    limited, _ = read_evaluation_prompts([path], limit=1)
     assert [p[-1]["content"] for p in limited] == ["first", "why?", "hi"]
     with pytest.raises(MedusaError, match="does not exist"):
-        read_prompts([tmp_path / "missing.jsonl"])
+        read_evaluation_prompts([tmp_path / "missing.jsonl"])

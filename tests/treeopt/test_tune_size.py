@@ -12,11 +12,16 @@ from helpers.models import make_tiny_model
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from medusa.treeopt.tune import CostCurve, choose_size, choose_tree, measure_step_seconds
+from medusa.treeopt.tune import CostCurve, choose_tree, measure_step_seconds
 from medusa.tuned_trees import TUNED_FILE, ChainedTree, TunedTree, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
 from helpers.treeopt import fresh_heads
 
 EXPECTED = {1: 1.0, 2: 1.6, 4: 2.1, 8: 2.5, 16: 2.8, 32: 3.0}
+
+
+def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None):
+    """The best heads' tree without a lookup chain: ``choose_tree`` over (nodes, 0) pairs."""
+    return choose_tree({(n, 0): value for n, value in expected.items()}, cost, max_nodes)
 
 
 def test_best_size_maximises_expected_tokens_per_second():
@@ -137,7 +142,7 @@ def test_the_tuned_lookup_tree_drives_single_sequence_decoding_and_batches_keep_
     assert (chained.paths, chained.lookup, chained.size) == (((0,),), 6, 8)
 
     model = MedusaModel.from_pretrained(base, heads=heads_dir)
-    assert model.tree.lookup == 6 and model.plain_tree.paths == ((0,), (1,), (0, 0)) and model.plain_tree.lookup == 0
+    assert model.tree.lookup == 6 and model.heads_tree.paths == ((0,), (1,), (0, 0)) and model.heads_tree.lookup == 0
     prompt = torch.tensor([5, 6, 7])
     assert model.make_decoder(prompt, GenerationConfig(max_new_tokens=4))[0].tree.lookup == 6
     plain = model.make_decoder(prompt, GenerationConfig(max_new_tokens=4, lookup=0))[0].tree

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(Engine(model, engine_config), settings)
     heads = "no heads"
     if settings.use_heads and model.heads:
-        heads = f"Medusa heads, {model.plain_tree.size}-node tree"
+        heads = f"Medusa heads, {model.heads_tree.size}-node tree"
         if model.tree.lookup and args.max_batch == 1:  # batches have no lookup branch
             heads += f" ({model.tree.size} nodes with its {model.tree.lookup}-node lookup chain)"
     print(f"medusa serve: {model.name} ({heads}) on http://{args.host}:{args.port}/v1", file=sys.stderr)

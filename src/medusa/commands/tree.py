@@ -386,7 +386,7 @@ def _print_tune_table(plain, with_chain, chosen: int, grid: dict, cost) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from medusa.tree import DEFAULT_TREE_SIZES, default_tree
     from medusa.treeopt.build import build_tree
-    from medusa.treeopt.data import read_prompts
+    from medusa.treeopt.data import read_evaluation_prompts
     from medusa.interop import load_heads_config
     from medusa.tuned_trees import device_kind, tuned_tree
 
@@ -396,7 +396,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
-    prompts, skipped = read_prompts(args.data, args.limit)
+    prompts, skipped = read_evaluation_prompts(args.data, args.limit)
     _report_skipped(skipped)
     if not prompts:
         raise MedusaError(f"no prompt found in {', '.join(args.data)}")

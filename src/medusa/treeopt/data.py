@@ -45,7 +45,7 @@ def read_profile_examples(
     return examples, skipped
 
 
-def read_prompts(
+def read_evaluation_prompts(
     paths: Sequence[str | Path], limit: int | None = None
 ) -> tuple[list[list[dict[str, str]]], list[str]]:
     """First requests as chat messages: Spec-Bench ``turns`` (first turn) or any record the data reader knows.

@@ -91,15 +91,6 @@ class TuneChoice:
         return self.expected_accept_length / self.step_seconds
 
 
-def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None) -> TuneChoice:
-    """The size with the most expected tokens per second; among equals, the smallest.
-
-    Only sizes the cost curve measured are candidates: step latency jumps at hardware tile sizes, so
-    it is not interpolated.
-    """
-    return choose_tree({(n, 0): value for n, value in expected.items()}, cost, max_nodes)
-
-
 def choose_tree(
     expected: dict[tuple[int, int], float], cost: CostCurve, max_nodes: int | None = None
 ) -> TuneChoice:
@@ -108,7 +99,7 @@ def choose_tree(
 
     A step costs what the cost curve measured for its total node count, heads' nodes and chain alike
     (the chain's search adds a few small kernels, not counted). Totals the curve did not measure are
-    not candidates.
+    not candidates: step latency jumps at hardware tile sizes, so it is not interpolated.
     """
     rates = {
         (n, lookup): value / cost.points[n + lookup]
