@@ -137,7 +137,9 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = args.dtype if device == "cuda" else "float32"
         model = MedusaModel.from_pretrained(args.model, heads=args.heads, tree=args.tree, dtype=dtype, device=device)
-        prompts = [model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)]
+        prompts = [
+            model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)
+        ]
         name = model.name
 
     medusa = GenerationConfig(max_new_tokens=args.max_new_tokens)

@@ -29,7 +29,11 @@ def main() -> None:
     reference = read_json(args.reference, "benchmark report")
     other = read_json(args.other, "benchmark report")
     result = answer_agreement(other["questions"], args.other_method, reference["questions"], args.reference_method)
-    result["reference"] = {"file": args.reference, "method": args.reference_method, "command": reference["meta"]["command"]}
+    result["reference"] = {
+        "file": args.reference,
+        "method": args.reference_method,
+        "command": reference["meta"]["command"],
+    }
     result["compared"] = {"file": args.other, "method": args.other_method, "command": other["meta"]["command"]}
     for name, s in [("overall", result["overall"]), *result["per_category"].items()]:
         print(f"{name:>16}: {s['identical']:4d} of {s['prompts']:4d} identical, mean common prefix "

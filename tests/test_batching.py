@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.decoding import CUSTOM_TREE, architecture_of, plain_greedy, random_prompts, reference
 from helpers.models import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
+from helpers.text_model import make_tokenizer
 from medusa.acceptance import GreedyAcceptance, RejectionAcceptance
 from medusa.batching import BatchDecoder, BatchRunner, BatchSequence, greedy_batch
 from medusa.errors import MedusaError
@@ -26,8 +28,6 @@ from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel, is_prompt_batch
 from medusa.sampling import SamplingParams
 from medusa.tree import Tree, default_tree
-from helpers.decoding import CUSTOM_TREE, architecture_of, plain_greedy, random_prompts, reference
-from helpers.text_model import make_tokenizer
 
 NEW_TOKENS = 16
 # Mixed lengths, a one-token prompt among them; references are shared with test_decoding's cache.

@@ -8,13 +8,18 @@ the first, and their K/V must be moved into place for the next step to be right.
 
 from __future__ import annotations
 
-import random
-from functools import lru_cache
-
 import pytest
 import torch
 
-from helpers.decoding import CUSTOM_TREE, PROMPTS, OracleDecoder, architecture_of, plain_greedy, random_prompts, reference
+from helpers.decoding import (
+    CUSTOM_TREE,
+    PROMPTS,
+    OracleDecoder,
+    architecture_of,
+    plain_greedy,
+    random_prompts,
+    reference,
+)
 from helpers.models import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
 from medusa.decoding import DecodingStats, MedusaDecoder, attention_spans, decode

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from helpers.models import EOS_ID, TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.cli import main
 from medusa.errors import MedusaError
-from medusa.heads import WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.interop import (
     OFFICIAL_PICKLE,
     OFFICIAL_SAFETENSORS,
@@ -271,7 +271,9 @@ def test_official_heads_for_another_model_are_rejected(tmp_path):
     official_fixture(tmp_path, num_heads=2, num_layers=1)
     base = make_tiny_model("llama")
     base.resize_token_embeddings(TINY_VOCAB + 64)
-    with pytest.raises(MedusaError, match=f"heads vocabulary {TINY_VOCAB} does not match the base model's {TINY_VOCAB + 64}"):
+    with pytest.raises(
+        MedusaError, match=f"heads vocabulary {TINY_VOCAB} does not match the base model's {TINY_VOCAB + 64}"
+    ):
         MedusaModel.from_pretrained(base, heads=tmp_path)
 
 
@@ -358,7 +360,9 @@ def test_vllm_export_has_exactly_what_vllm_reads(tmp_path, num_layers, share_lm_
     assert [k for k in config if "num" in k and ("heads" in k or "layers" in k)] == ["num_heads", "num_hidden_layers"]
 
     state = load_file(str(tmp_path / VLLM_WEIGHTS))
-    expected = {f"blocks.{i}.layers.{j}.weight": (TINY_HIDDEN, TINY_HIDDEN) for i in range(3) for j in range(num_layers)}
+    expected = {
+        f"blocks.{i}.layers.{j}.weight": (TINY_HIDDEN, TINY_HIDDEN) for i in range(3) for j in range(num_layers)
+    }
     expected |= {f"blocks.{i}.layers.{j}.bias": (TINY_HIDDEN,) for i in range(3) for j in range(num_layers)}
     if share_lm_head:
         expected["lm_head.weight"] = (TINY_VOCAB, TINY_HIDDEN)
@@ -429,7 +433,9 @@ def test_cli_export_round_trip(tmp_path, tiny_dir, capsys):
 
 
 def test_cli_export_names_a_missing_heads_directory(tmp_path, tiny_dir, capsys):
-    code = main(["export", "--heads", str(tmp_path / "nope"), "--model", str(tiny_dir), "--output", str(tmp_path / "o")])
+    code = main(
+        ["export", "--heads", str(tmp_path / "nope"), "--model", str(tiny_dir), "--output", str(tmp_path / "o")]
+    )
     assert code == 2
     assert f"heads directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 

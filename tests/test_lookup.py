@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from helpers.decoding import PROMPTS, reference
 from helpers.models import ARCHITECTURES, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
 from medusa.batching import BatchDecoder
@@ -14,7 +15,6 @@ from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from helpers.decoding import PROMPTS, reference
 
 T, F = True, False
 
@@ -146,7 +146,9 @@ def test_lookup_accepts_copied_text():
 
 def test_sampling_with_lookup_is_reproducible():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
-    runs = [model.generate(PROMPTS[1], max_new_tokens=24, temperature=0.8, seed=3, lookup=4).token_ids for _ in range(2)]
+    runs = [
+        model.generate(PROMPTS[1], max_new_tokens=24, temperature=0.8, seed=3, lookup=4).token_ids for _ in range(2)
+    ]
     assert runs[0] == runs[1] and runs[0]
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from helpers.models import make_tiny_model
+from helpers.text_model import make_tokenizer
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel, TextTracker
-from helpers.text_model import make_tokenizer
 
 PROMPT = "Tell me a story."
 

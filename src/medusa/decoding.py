@@ -22,7 +22,6 @@ from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
 from medusa.tree import Tree
 
-
 # Steps attend over the cache's first 256, 512, ... slots, the fewest that hold the tree: attention then
 # reads the text so far, not every preallocated slot (each span is its own CUDA graph).
 ATTENTION_SPAN_STEP = 256

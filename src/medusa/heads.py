@@ -45,7 +45,7 @@ class MedusaHeadsConfig:
         path.write_text(json.dumps({"model_type": "medusa_heads", **asdict(self)}, indent=2) + "\n")
 
     @classmethod
-    def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
+    def load(cls, directory: str | Path) -> MedusaHeadsConfig:
         """Our own layout only; ``medusa.interop.load_heads_config`` reads the other projects' layouts too."""
         if not Path(directory).is_dir():
             raise MedusaError(f"heads directory {directory} does not exist")
@@ -156,7 +156,7 @@ class MedusaHeads(nn.Module):
         temporary.replace(directory / WEIGHTS_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> "MedusaHeads":
+    def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> MedusaHeads:
         """Our own layout only; ``medusa.interop.load_heads`` reads the other projects' layouts too."""
         directory = Path(directory)
         config = MedusaHeadsConfig.load(directory)

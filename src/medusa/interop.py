@@ -251,7 +251,8 @@ def vllm_heads_config(directory: str | Path) -> MedusaHeadsConfig:
     truncated = raw.get("truncated_vocab_size") or raw["vocab_size"]
     if truncated != raw["vocab_size"]:
         raise MedusaError(
-            f"{directory}: heads with a truncated vocabulary ({truncated} of {raw['vocab_size']} tokens) are not supported"
+            f"{directory}: heads with a truncated vocabulary ({truncated} of {raw['vocab_size']} tokens) "
+            "are not supported"
         )
     return MedusaHeadsConfig(
         hidden_size=raw["hidden_size"],
@@ -277,7 +278,9 @@ def load_vllm_heads(directory: str | Path, base_lm_head: torch.nn.Module | None 
     ours = {}
     for i in range(config.num_heads):
         for j in range(config.num_layers):
-            ours[f"blocks.{i}.{j}.linear.weight"] = _take(state, f"blocks.{i}.layers.{j}.weight", (hidden, hidden), path)
+            ours[f"blocks.{i}.{j}.linear.weight"] = _take(
+                state, f"blocks.{i}.layers.{j}.weight", (hidden, hidden), path
+            )
             ours[f"blocks.{i}.{j}.linear.bias"] = (
                 _take(state, f"blocks.{i}.layers.{j}.bias", (hidden,), path) if with_bias else torch.zeros(hidden)
             )

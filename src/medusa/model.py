@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +157,7 @@ class MedusaModel(nn.Module):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
-    ) -> "MedusaModel":
+    ) -> MedusaModel:
         """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
 
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from helpers.bench import META, METHODS, hand_made_records
 from medusa.bench.report import (
     aggregate,
     answer_agreement,
@@ -20,8 +21,6 @@ from medusa.bench.report import (
     validate_report,
     write_report,
 )
-from helpers.bench import META, METHODS, hand_made_records, sample
-from medusa.bench.runner import Record, Sample
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def sample(tokens, decode, prefill=0.5, steps=None, accepted=None, token_ids=None):
     ids = token_ids if token_ids is not None else list(range(tokens))
-    return Sample(ids, prefill, decode, steps if steps is not None else tokens, accepted if accepted is not None else tokens)
+    return Sample(
+        ids, prefill, decode, steps if steps is not None else tokens, accepted if accepted is not None else tokens
+    )
 
 
 def hand_made_records() -> list[Record]:

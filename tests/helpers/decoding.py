@@ -9,7 +9,7 @@ the first, and their K/V must be moved into place for the next step to be right.
 from __future__ import annotations
 
 import random
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -38,7 +38,7 @@ def plain_greedy(base, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(architecture: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
     return tuple(plain_greedy(make_tiny_model(architecture), list(prompt), max_new_tokens))
 

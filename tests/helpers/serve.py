@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
+from helpers.tiny_chat import make_chat_model as make_model
 from medusa.model import MedusaModel
 from medusa.serve.app import ServeSettings, create_app
 from medusa.serve.engine import Engine, EngineConfig
-from helpers.tiny_chat import make_chat_model as make_model
 
 MODEL_NAME = "tiny"
 
@@ -36,10 +36,12 @@ class RunningServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

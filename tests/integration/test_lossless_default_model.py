@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
+from helpers.decoding import OracleDecoder
 from helpers.models import SPEC_BENCH
 from medusa.acceptance import GreedyAcceptance
 from medusa.cli import main
 from medusa.decoding import DecodingStats, decode
-from helpers.decoding import OracleDecoder
 
 pytestmark = pytest.mark.integration
 

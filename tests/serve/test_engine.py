@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-from helpers.serve import make_slow_model
 
+from helpers.serve import make_slow_model
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, EngineStopped, Failed, Finished, QueueFull
 

@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
-from helpers.serve import make_slow_model, running_server
 
+from helpers.serve import make_slow_model, running_server
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, Failed, Finished

@@ -7,6 +7,7 @@ import json
 
 import httpx
 import pytest
+
 from helpers.serve import MODEL_NAME
 
 CHAT = "/v1/chat/completions"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+
 from helpers.serve import RunningServer
 from medusa.serve import EngineConfig, ServeSettings
 

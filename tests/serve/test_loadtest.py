@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict
 
 import pytest
-from helpers.serve import running_server
 
+from helpers.serve import running_server
 from medusa.errors import MedusaError
 from medusa.serve import loadtest
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-
 from medusa.errors import MedusaError
 from medusa.training.data import (
     Collator,

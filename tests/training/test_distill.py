@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers.training import make_base
 
+from helpers.training import make_base
 from medusa.cli import main
 from medusa.training.config import DistillConfig
 from medusa.training.data import read_prompts

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from helpers.models import make_tiny_model
+from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.errors import MedusaError
 from medusa.training.data import Example
 from medusa.treeopt.profile import HeadProfile, heads_fingerprint, profile_heads
-from helpers.treeopt import fresh_heads, greedy_continuation
 
 NUM_HEADS, TOPK = 3, 4
 

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from helpers.treeopt import save_tiny_setup, tiny_tokenizer, write_conversations
 from medusa.cli import main
 from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.profile import HeadProfile
 from medusa.tuned_trees import TUNED_FILE
-from helpers.treeopt import save_tiny_setup, tiny_tokenizer, write_conversations
 
 
 def tuned_entries(heads_dir) -> dict[str, dict]:
@@ -38,7 +38,9 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert profile.position_ranks.positions == profile.samples  # kept for the walk estimate
     assert "profiled 3 heads" in capsys.readouterr().out
 
-    assert main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
+    assert (
+        main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
+    )
     out = capsys.readouterr().out
     tree = Tree.from_paths(json.loads((heads_dir / "tree.json").read_text())["paths"])
     assert tree.size <= 6 and "expected accepted tokens per step" in out
@@ -135,7 +137,10 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     assert main(["tree", "evaluate", *common, "--profile", str(profile_path), "--data", str(data), "--limit", "2",
                  "--sizes", "4", "--lookup", "0,3", "--max-new-tokens", "8", "--output", str(results)]) == 0
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
-    assert set(rows) == {"greedy-4", "greedy-4+lookup-3"} and rows["greedy-4+lookup-3"]["nodes"] == rows["greedy-4"]["nodes"] + 3
+    assert (
+        set(rows) == {"greedy-4", "greedy-4+lookup-3"}
+        and rows["greedy-4+lookup-3"]["nodes"] == rows["greedy-4"]["nodes"] + 3
+    )
     assert rows["greedy-4+lookup-3"]["expected_walk"] >= rows["greedy-4"]["expected_walk"]
     assert "expected_joint" not in rows["greedy-4+lookup-3"]
     assert main(["tree", "evaluate", *common, "--data", str(data), "--lookup", "2,x"]) == 2

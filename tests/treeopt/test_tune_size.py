@@ -9,12 +9,20 @@ import pytest
 import torch
 
 from helpers.models import make_tiny_model
+from helpers.treeopt import fresh_heads
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_tree, measure_step_seconds
-from medusa.tuned_trees import TUNED_FILE, ChainedTree, TunedTree, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
-from helpers.treeopt import fresh_heads
+from medusa.tuned_trees import (
+    TUNED_FILE,
+    ChainedTree,
+    TunedTree,
+    device_kind,
+    read_tuned_trees,
+    tuned_tree,
+    write_tuned_tree,
+)
 
 EXPECTED = {1: 1.0, 2: 1.6, 4: 2.1, 8: 2.5, 16: 2.8, 32: 3.0}
 
@@ -171,7 +179,9 @@ def test_the_shipped_tuned_trees_read_and_write_back_unchanged(tmp_path):
     written = json.loads((shipped / TUNED_FILE).read_text())["devices"]
     for kind, tuned in read_tuned_trees(shipped).items():
         entry = tuned.to_json()
-        assert {key: value for key, value in entry.items() if key in written[kind] or value is not None} == written[kind]
+        assert {key: value for key, value in entry.items() if key in written[kind] or value is not None} == written[
+            kind
+        ]
         write_tuned_tree(tmp_path, kind, tuned)
     assert read_tuned_trees(tmp_path) == read_tuned_trees(shipped)
     assert tuned_tree(tmp_path, "cpu", num_heads=4) == tuned_tree(shipped, "cpu", num_heads=4)

@@ -93,7 +93,9 @@ def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
         header = json.loads(lines[0])
         recorded = header["settings"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise MedusaError(f"{path}, line 1: not a benchmark journal's settings line (remove it to start afresh)") from None
+        raise MedusaError(
+            f"{path}, line 1: not a benchmark journal's settings line (remove it to start afresh)"
+        ) from None
     differing = [key for key in RESUME_SETTINGS if recorded.get(key) != settings.get(key)]
     if differing:
         key = differing[0]
@@ -109,9 +111,13 @@ def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
             records.append(record_from_json(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             if number == len(lines):
-                notes.append(f"{path}, line {number}: cut short (the run stopped while writing it); that prompt runs again")
+                notes.append(
+                    f"{path}, line {number}: cut short (the run stopped while writing it); that prompt runs again"
+                )
                 break
-            raise MedusaError(f"{path}, line {number}: malformed record ({error}); the journal cannot be resumed") from None
+            raise MedusaError(
+                f"{path}, line {number}: malformed record ({error}); the journal cannot be resumed"
+            ) from None
     return records, notes
 
 

@@ -14,7 +14,6 @@ rewrites every block from its JSON, so a number in the README cannot drift from 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -25,8 +24,9 @@ from medusa.files import read_json
 
 OPENING = "<!-- bench-table:"
 # A block's body never holds another opening, so an unclosed block cannot swallow the next one.
-BLOCK = re.compile(r"<!-- bench-table: (?P<path>[^>]*?) -->\n(?P<body>(?:(?!<!-- bench-table:).)*?)<!-- /bench-table -->",
-                   re.DOTALL)
+BLOCK = re.compile(
+    r"<!-- bench-table: (?P<path>[^>]*?) -->\n(?P<body>(?:(?!<!-- bench-table:).)*?)<!-- /bench-table -->", re.DOTALL
+)
 
 
 def _table_for(path: str, root: Path, line: int) -> str:
@@ -66,7 +66,9 @@ def refresh_tables(text: str, root: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medusa.bench.readme", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="markdown files; block paths are relative to each file's folder")
+    parser.add_argument(
+        "files", nargs="+", type=Path, help="markdown files; block paths are relative to each file's folder"
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
     args = parser.parse_args(argv)
     stale = []

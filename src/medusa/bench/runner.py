@@ -58,7 +58,9 @@ class BenchConfig:
         self.methods = tuple(self.methods)
         unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown or not self.methods:
-            raise MedusaError(f"unknown benchmark method(s) {unknown or '(none given)'}; choose among {', '.join(METHOD_NAMES)}")
+            raise MedusaError(
+                f"unknown benchmark method(s) {unknown or '(none given)'}; choose among {', '.join(METHOD_NAMES)}"
+            )
         if len(set(self.methods)) != len(self.methods):
             raise MedusaError(f"benchmark methods repeat: {list(self.methods)}")
         if self.turns not in (1, 2):
@@ -269,7 +271,9 @@ def _method_plan(questions: Sequence[Question], config: BenchConfig) -> list[tup
 
 def planned_runs(questions: Sequence[Question], config: BenchConfig, done: Sequence[Record] = ()) -> int:
     """How many single generations ``run_benchmark`` will do, warm-up included (for a progress bar)."""
-    plan = [(q, names) for q, names in zip(questions, _method_plan(questions, config)) if not _finished(q, config, done)]
+    plan = [
+        (q, names) for q, names in zip(questions, _method_plan(questions, config)) if not _finished(q, config, done)
+    ]
     if not plan:
         return 0
     warmup = min(config.warmup, len(questions)) * len(config.methods)

@@ -10,16 +10,23 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-import torch
 
-from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
+from medusa.bench.costcurve import (
+    SHAPES,
+    CostCurveConfig,
+    cost_curve,
+    plot_cost_curve,
+    random_model,
+    validate_cost_curve,
+)
 from medusa.bench.environment import environment
 from medusa.bench.journal import refuse_unfinished, start_journal, unreported, with_earlier
 from medusa.bench.report import (
@@ -40,7 +47,7 @@ from medusa.bench.runner import (
     resolve_cache_length,
     run_benchmark,
 )
-from medusa.bench.specbench import Question, default_questions_path, load_questions, select_questions
+from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
@@ -53,18 +60,29 @@ from medusa.model import MedusaModel, shipped_heads_directory
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     bench = parser.add_argument_group("Spec-Bench (the default mode)")
-    bench.add_argument("--questions", help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl beside the checkout)")
+    bench.add_argument(
+        "--questions",
+        help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl beside the checkout)",
+    )
     bench.add_argument("--categories", help="comma-separated categories (mt_bench means its eight; default: all)")
     bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
     bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
                        help="2 also runs the MT-bench second turns, after the reference method's first answer")
     bench.add_argument("--max-new-tokens", type=int, default=256)
-    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
+    bench.add_argument(
+        "--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}"
+    )
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
-    bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
-    bench.add_argument("--lookup-nodes", type=int, default=None,
-                       help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
-                            "tune` chose for this device, else 10)")
+    bench.add_argument(
+        "--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup"
+    )
+    bench.add_argument(
+        "--lookup-nodes",
+        type=int,
+        default=None,
+        help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
+        "tune` chose for this device, else 10)",
+    )
     bench.add_argument("--transformers-limit", type=int,
                        help="run hf-generate and prompt-lookup only on the first N questions of each category "
                             "(they are slow; speedups over them use the prompts both ran)")
@@ -86,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     curve = parser.add_argument_group("cost curve (--cost-curve)")
     curve.add_argument("--cost-curve", action="store_true",
                        help="instead of Spec-Bench, time one decoding step against the tree's size")
-    curve.add_argument("--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model")
+    curve.add_argument(
+        "--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model"
+    )
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
     curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
@@ -106,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
     if args.cost_curve:
         return run_cost_curve(args)
     if args.shape:
-        raise MedusaError("--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)")
+        raise MedusaError(
+            "--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)"
+        )
     if args.merge:
         return run_merge(args)
     return run_spec_bench(args)
@@ -327,8 +349,12 @@ def _heads_source(args: argparse.Namespace) -> str:
 
 def _command_meta(args: argparse.Namespace) -> dict:
     arguments = {k: v for k, v in vars(args).items() if k != "handler" and not callable(v)}
-    return {"command": shlex.join(["medusa", *sys.argv[1:]]) if _ran_as_medusa() else "medusa (called in-process)",
-            "arguments": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in arguments.items()}}
+    return {
+        "command": shlex.join(["medusa", *sys.argv[1:]]) if _ran_as_medusa() else "medusa (called in-process)",
+        "arguments": {
+            k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in arguments.items()
+        },
+    }
 
 
 def _ran_as_medusa() -> bool:

@@ -292,7 +292,7 @@ class Engine:
             with self._lock:
                 self._batch = [m.job for m in active]
 
-    def _admit(self, runner: BatchRunner, jobs: list[Job]) -> list["_Member"]:
+    def _admit(self, runner: BatchRunner, jobs: list[Job]) -> list[_Member]:
         """Prefill the jobs that are still wanted, together, into the running batch."""
         members = []
         for job in jobs:
@@ -320,12 +320,12 @@ class Engine:
                 return []
         return members
 
-    def _fail(self, members: list["_Member"], error: Exception) -> None:
+    def _fail(self, members: list[_Member], error: Exception) -> None:
         for member in members:
             member.job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
             self._record_end(member, "error")
 
-    def _step(self, runner: BatchRunner, active: list["_Member"]) -> list["_Member"]:
+    def _step(self, runner: BatchRunner, active: list[_Member]) -> list[_Member]:
         """One batched step: each member's chunk goes out; members that are done leave. Returns the rest."""
         by_sequence = {id(m.sequence): m for m in active}
         leaving: list[tuple[_Member, str]] = []
@@ -360,7 +360,7 @@ class Engine:
         gone = {id(m) for m, _ in leaving}
         return [m for m in active if id(m) not in gone]
 
-    def _record_end(self, member: "_Member", outcome: str) -> None:
+    def _record_end(self, member: _Member, outcome: str) -> None:
         self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
 
     def timeout_message(self) -> str:

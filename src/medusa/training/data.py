@@ -50,7 +50,7 @@ class ReadResult(Generic[T]):
 
 @dataclass
 class DataRecord:
-    """One JSON value of a data file, with where it starts (not ``medusa.bench.runner.Record``, a benchmark's prompt)."""
+    """One JSON value of a data file, with where it starts (``medusa.bench.runner.Record`` is a benchmark's prompt)."""
 
     where: str  # "file:line", for messages
     source: str  # the file's name, part of a prompt's stable id

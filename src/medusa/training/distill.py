@@ -96,7 +96,10 @@ def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPl
             continue
         ids = encode_messages(tokenizer, prompt.messages)
         if len(ids) > config.max_prompt_tokens:
-            skipped.append(f"{prompt.where}: prompt has {len(ids)} tokens, more than --max-prompt-tokens {config.max_prompt_tokens}")
+            skipped.append(
+                f"{prompt.where}: prompt has {len(ids)} tokens, more than --max-prompt-tokens "
+                f"{config.max_prompt_tokens}"
+            )
             continue
         pending.append((prompt, ids))
     # A random but stable order (ids are hashes), so rows written before a kill are a fair sample of the

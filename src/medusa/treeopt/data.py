@@ -13,7 +13,14 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from medusa.training.data import Example, RecordError, encode_conversation, prompt_messages, read_records, record_messages
+from medusa.training.data import (
+    Example,
+    RecordError,
+    encode_conversation,
+    prompt_messages,
+    read_records,
+    record_messages,
+)
 
 
 def read_profile_examples(

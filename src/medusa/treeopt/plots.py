@@ -28,7 +28,9 @@ def plot_accept_length(
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, curve in expected.items():
         sizes = sorted(curve)
-        axes.plot(sizes, [curve[n] for n in sizes], marker="." if len(sizes) <= 40 else None, label=f"expected ({label})")
+        axes.plot(
+            sizes, [curve[n] for n in sizes], marker="." if len(sizes) <= 40 else None, label=f"expected ({label})"
+        )
     if measured:
         sizes = sorted(measured)
         axes.plot(sizes, [measured[n] for n in sizes], "o", color="black", label="measured (greedy)")
@@ -99,7 +101,9 @@ def tree_layout(paths: Sequence[Sequence[int]]) -> dict[tuple[int, ...], tuple[f
     return position
 
 
-def plot_tree(path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], float] | None = None, title: str | None = None) -> Path:
+def plot_tree(
+    path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], float] | None = None, title: str | None = None
+) -> Path:
     """The tree drawn by depth, root on top: each node labelled by its top-k rank, coloured by its chance."""
     position = tree_layout(tree.paths)
     leaves = tree.retrieve_paths.shape[0]
@@ -117,11 +121,20 @@ def plot_tree(path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], fl
     font = 7 if leaves < 80 else 5
     for node in nodes:
         x, depth = position[node]
-        axes.annotate("root" if not node else str(node[-1]), (x, -depth), ha="center", va="center",
-                      fontsize=font, color="white" if node and (chances or {}).get(node, 0.0) < 0.5 else "black", zorder=3)
+        axes.annotate(
+            "root" if not node else str(node[-1]),
+            (x, -depth),
+            ha="center",
+            va="center",
+            fontsize=font,
+            color="white" if node and (chances or {}).get(node, 0.0) < 0.5 else "black",
+            zorder=3,
+        )
     axes.set_yticks([-d for d in range(tree.max_depth + 1)], ["root"] + [f"head {d}" for d in range(tree.max_depth)])
     axes.set_xticks([])
-    axes.set_title(title or f"Tree of {tree.size} nodes (labels: top-k rank{'; colour: chance of acceptance' if chances else ''})")
+    axes.set_title(
+        title or f"Tree of {tree.size} nodes (labels: top-k rank{'; colour: chance of acceptance' if chances else ''})"
+    )
     for side in ("top", "right", "bottom"):
         axes.spines[side].set_visible(False)
     return _save(figure, path)

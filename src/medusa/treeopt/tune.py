@@ -44,11 +44,13 @@ class CostCurve:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)  # a measured curve took minutes: never lose it to a missing folder
+        path.parent.mkdir(
+            parents=True, exist_ok=True
+        )  # a measured curve took minutes: never lose it to a missing folder
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostCurve":
+    def load(cls, path: str | Path) -> CostCurve:
         path = Path(path)
         raw = read_json(path, "cost curve")
         points = raw.get("points") if isinstance(raw, dict) else None
@@ -137,7 +139,9 @@ class TreeTuning:
     tree: Tree  # the heads' tree of ``heads_choice``
     chained_tree: Tree | None  # the tree of ``best`` with its chain, when ``best`` has one
 
-    def tuned_tree(self, profile: HeadProfile, num_heads: int, heads_fingerprint: str, max_new_tokens: int | None) -> TunedTree:
+    def tuned_tree(
+        self, profile: HeadProfile, num_heads: int, heads_fingerprint: str, max_new_tokens: int | None
+    ) -> TunedTree:
         """The entry ``tuned_trees.json`` keeps for this device."""
         heads, best = self.heads_choice, self.best
         chained = None
