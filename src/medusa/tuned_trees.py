@@ -12,7 +12,7 @@ The format lives here, in the core, because loading reads it; ``medusa.treeopt``
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class ChainedTree:
         origin = f"{origin} (its lookup tree)"
         if "paths" not in raw:
             raise MedusaError(f"{origin} has no 'paths' list")
-        return cls(**{key: raw.get(key) for key in _FIELDS[cls]})
+        return cls(**{f.name: raw.get(f.name) for f in fields(cls)})
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TunedTree:
     max_new_tokens: int | None = None
     max_nodes: int | None = None
     cost_curve: list[dict] | None = None  # [{"nodes", "seconds"}] the choice was made on
-    chained: ChainedTree | None = field(default=None)  # JSON key "lookup"
+    chained: ChainedTree | None = None  # JSON key "lookup"
 
     def to_json(self) -> dict[str, Any]:
         entry = {
@@ -106,7 +106,7 @@ class TunedTree:
         if "paths" not in raw:
             raise MedusaError(f"{origin} has no 'paths' list")
         chained = ChainedTree.from_json(raw["lookup"], origin) if raw.get("lookup") is not None else None
-        return cls(**{key: raw.get(key) for key in _FIELDS[cls]}, chained=chained)
+        return cls(**{f.name: raw.get(f.name) for f in fields(cls) if f.name != "chained"}, chained=chained)
 
     def tree(self, num_heads: int, origin: str, chained: bool = False) -> Tree:
         """The tree for heads of ``num_heads``; with ``chained``, the tree with a lookup chain where there is one."""
@@ -120,15 +120,6 @@ class TunedTree:
             return Tree.from_paths(entry.paths, topk=entry.topk, num_heads=num_heads, lookup=chain)
         except MedusaError as error:
             raise MedusaError(f"{origin}: {error}") from None
-
-
-_FIELDS = {
-    ChainedTree: ("paths", "lookup", "topk", "nodes", "lookup_ngram", "expected_accept_length", "step_seconds",
-                  "expected_tokens_per_second"),
-    TunedTree: ("paths", "topk", "nodes", "num_heads", "estimate", "expected_accept_length", "step_seconds",
-                "expected_tokens_per_second", "heads_fingerprint", "profile_samples", "max_new_tokens", "max_nodes",
-                "cost_curve"),
-}
 
 
 def _read_entries(directory: str | Path) -> dict[str, dict]:

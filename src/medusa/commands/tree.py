@@ -404,7 +404,7 @@ def run_tune(args: argparse.Namespace) -> int:
               f"{best.lookup}-node chain): {best.expected_accept_length:.2f} tokens/step expected, "
               f"{best.expected_tokens_per_second:.1f} tokens/s expected{in_use}")
     if not args.dry_run:
-        entry = tuning.tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
+        entry = tuning.to_tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
         from medusa.treeopt.plots import plot_tuning

@@ -139,7 +139,7 @@ class TreeTuning:
     tree: Tree  # the heads' tree of ``heads_choice``
     chained_tree: Tree | None  # the tree of ``best`` with its chain, when ``best`` has one
 
-    def tuned_tree(
+    def to_tuned_tree(
         self, profile: HeadProfile, num_heads: int, heads_fingerprint: str, max_new_tokens: int | None
     ) -> TunedTree:
         """The entry ``tuned_trees.json`` keeps for this device."""
