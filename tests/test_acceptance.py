@@ -302,9 +302,7 @@ def test_rejection_on_a_one_node_tree_is_plain_sampling():
     tree = Tree.from_paths([])
     logits = torch.tensor([[0.0, 1.0, 2.0, -math.inf]])
     scheme = RejectionAcceptance(SamplingParams(temperature=1.0))
-    paths, accepted, next_token = scheme.sample_paths(
-        tree, torch.tensor([2]), logits, torch.Generator().manual_seed(0), 20_000
-    )
+    paths, accepted, next_token = scheme.sample_paths(tree, torch.tensor([2]), logits, torch.Generator().manual_seed(0), 20_000)
     assert paths.shape == (20_000, 1) and not bool(accepted.any())
     statistic, critical = chi_square(next_token, logits[0].softmax(-1))
     assert statistic < critical
@@ -385,17 +383,13 @@ def test_typical_at_very_low_temperature_is_greedy():
     for prompt in PROMPTS:
         with torch.no_grad():
             ids = torch.tensor([prompt])
-            greedy = base.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False, pad_token_id=0
-            )
+            greedy = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False, pad_token_id=0)
         truth = greedy[0].tolist()
         runs = []
         for scheme in (GreedyAcceptance(), TypicalAcceptance(SamplingParams(temperature=1e-4))):
             decoder = GreedyOracle(base, heads, tree, scheme, max_length=len(prompt) + 40, truth=truth)
             stats = DecodingStats()
-            tokens = [
-                t for step in decode(decoder, torch.tensor(prompt), 30, set(), stats, seed=0) for t in step.tokens
-            ]
+            tokens = [t for step in decode(decoder, torch.tensor(prompt), 30, set(), stats, seed=0) for t in step.tokens]
             runs.append((tokens, stats.accepted_per_step))
         assert runs[0][0] == truth[len(prompt) : len(prompt) + 30]
         assert runs[1] == runs[0]

@@ -12,9 +12,7 @@ from medusa.tree import Tree
 T, F = True, False
 
 
-def filled_cache(
-    num_layers: int = 2, max_length: int = 10, one_store: bool = False, heads: tuple[int, ...] = ()
-) -> MedusaCache:
+def filled_cache(num_layers: int = 2, max_length: int = 10, one_store: bool = False, heads: tuple[int, ...] = ()) -> MedusaCache:
     """A cache whose slot i holds keys i and values -i (per layer offset by 100 * layer); layer l has
     ``heads[l]`` K/V heads (2 by default)."""
     cache = MedusaCache(num_layers, max_length, one_store=one_store)

@@ -162,9 +162,7 @@ def test_oracle_on_a_five_deep_custom_tree(tiny_model):
     tree = Tree.from_paths([[0], [1], [2], [1, 0], [1, 2], [2, 1], [1, 2, 0], [1, 2, 0, 1], [2, 1, 1], [1, 2, 0, 1, 2]])
     prompt = random_prompts(1, seed=4)[0]
     continuation = list(reference(architecture, tuple(prompt), 47))
-    tokens, stats, decoder = oracle_run(
-        tiny_model, tree, prompt, 40, eos={EOS_ID}, num_heads=5, continuation=continuation
-    )
+    tokens, stats, decoder = oracle_run(tiny_model, tree, prompt, 40, eos={EOS_ID}, num_heads=5, continuation=continuation)
     assert tokens == continuation[:40]
     if EOS_ID not in tokens:
         assert 6 in stats.accepted_per_step

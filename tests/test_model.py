@@ -170,9 +170,7 @@ def test_tracker_without_a_tokenizer_only_counts_tokens():
 # ----- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "prompt", ["", "   \n", [], torch.tensor([], dtype=torch.long)], ids=["empty", "blank", "no-ids", "empty-tensor"]
-)
+@pytest.mark.parametrize("prompt", ["", "   \n", [], torch.tensor([], dtype=torch.long)], ids=["empty", "blank", "no-ids", "empty-tensor"])
 def test_empty_prompt(model, prompt):
     with pytest.raises(MedusaError, match="the prompt is empty"):
         model.generate(prompt, max_new_tokens=4)
@@ -185,9 +183,7 @@ def test_max_new_tokens_must_be_positive(model, value):
 
 
 def test_prompt_longer_than_the_context():
-    short = MedusaModel.from_pretrained(
-        make_tiny_model("qwen2", max_positions=32), tokenizer=make_tokenizer(), tree="8"
-    )
+    short = MedusaModel.from_pretrained(make_tiny_model("qwen2", max_positions=32), tokenizer=make_tokenizer(), tree="8")
     with pytest.raises(MedusaError, match="the prompt has 40 tokens; the model's context is 32 tokens"):
         short.generate([7] * 40, max_new_tokens=1)
     with pytest.raises(MedusaError, match="the prompt has 32 tokens; the model's context is 32 tokens"):
@@ -215,9 +211,7 @@ def test_text_without_a_tokenizer():
 
 
 def test_messages_without_a_chat_template():
-    plain = MedusaModel.from_pretrained(
-        make_tiny_model("llama"), tokenizer=make_tokenizer(chat_template=False), tree="8"
-    )
+    plain = MedusaModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_tokenizer(chat_template=False), tree="8")
     with pytest.raises(MedusaError, match="messages were given, but the tokenizer has no chat template"):
         plain.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
     # Text is then tokenised as it is.
@@ -238,11 +232,7 @@ def test_bad_stop_strings(model, stop):
 
 @pytest.mark.parametrize(
     "tree, message",
-    [
-        ("12", "no default tree of 12 nodes"),
-        ("[[0], [1, 1]]", r"needs its prefix \[1\]"),
-        ("[[0]", "is not valid JSON"),
-    ],
+    [("12", "no default tree of 12 nodes"), ("[[0], [1, 1]]", r"needs its prefix \[1\]"), ("[[0]", "is not valid JSON")],
 )
 def test_bad_tree(model, tree, message):
     with pytest.raises(MedusaError, match=message):
@@ -293,9 +283,7 @@ def test_cache_length_must_be_a_positive_integer(value):
 
 @pytest.mark.parametrize("value", [0, -128, False, 64.0])
 def test_attention_span_step_must_be_a_positive_integer_or_none(value):
-    with pytest.raises(
-        MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"
-    ):
+    with pytest.raises(MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"):
         GenerationConfig(attention_span_step=value)
 
 
@@ -303,9 +291,7 @@ def test_the_attention_span_step_sets_the_decoders_spans_and_keeps_the_tokens(mo
     prompt = model.encode_prompt(PROMPT)
     spans = {}
     for step in (64, None):
-        decoder, _ = model.make_decoder(
-            prompt, GenerationConfig(max_new_tokens=8, cache_length=300, attention_span_step=step)
-        )
+        decoder, _ = model.make_decoder(prompt, GenerationConfig(max_new_tokens=8, cache_length=300, attention_span_step=step))
         spans[step] = decoder.spans
     assert spans[64] == (64, 128, 192, 256, 300) and spans[None] == (300,)
     outputs = [model.generate(PROMPT, max_new_tokens=24, cache_length=300, attention_span_step=step).token_ids

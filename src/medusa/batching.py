@@ -66,9 +66,7 @@ class BatchDecoder:
                 "acceptance; generate sampled answers one prompt at a time"
             )
         if tree.lookup:
-            raise MedusaError(
-                "batched generation has no lookup branch yet: set lookup to 0, or generate one prompt at a time"
-            )
+            raise MedusaError("batched generation has no lookup branch yet: set lookup to 0, or generate one prompt at a time")
         if heads is None and tree.size != 1:
             raise ValueError("decoding without heads needs the one-node tree")
         if heads is not None:

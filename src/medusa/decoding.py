@@ -175,9 +175,7 @@ class MedusaDecoder:
             candidates.append(ngram_continuation(self.history, self.length, self.lookup_ngram, self.tree.lookup))
         if self.heads is not None:
             head_logits = self.heads(self.last_hidden)  # [heads, vocab]
-            top = head_logits.topk(self.tree.topk, dim=-1).indices.to(
-                self.device
-            )  # [heads, topk], back from the heads' device
+            top = head_logits.topk(self.tree.topk, dim=-1).indices.to(self.device)  # [heads, topk], back from the heads' device
             candidates.append(top.flatten())
         if len(candidates) == 1:
             return candidates[0]
@@ -197,9 +195,7 @@ class MedusaDecoder:
         verdict = self.acceptance.accept(self.tree, tree_tokens, logits, self.generator)
         if self.tree.size > 1:  # a one-node tree's token is already in place: nothing to move
             self.cache.commit(self.length + verdict.path, self.length)
-        if (
-            self.tree.lookup
-        ):  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
+        if self.tree.lookup:  # the path's tokens after the committed text; slots past the accepted ones are rewritten later
             slots = (self.length + self.path_offsets).clamp(max=self.history.numel() - 1)
             self.history.index_copy_(0, slots, tree_tokens[verdict.path])
         count = verdict.accepted.view(1) + 1

@@ -171,14 +171,10 @@ class MedusaModel(nn.Module):
             base_model, name = base, getattr(base.config, "_name_or_path", None)
             if device is not None or dtype is not None:  # asked for, so honoured: the model moves (in place)
                 target_device = resolve_device(device) if device is not None else None
-                target_dtype = (
-                    resolve_dtype(dtype, target_device or model_device(base_model)) if dtype is not None else None
-                )
+                target_dtype = resolve_dtype(dtype, target_device or model_device(base_model)) if dtype is not None else None
                 base_model.to(device=target_device, dtype=target_dtype)
         else:
-            base_model, loaded_tokenizer, name = load_base_model(
-                base, dtype=dtype, device=device, device_map=device_map
-            )
+            base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device, device_map=device_map)
             tokenizer = tokenizer or loaded_tokenizer
         text_config = base_model.config.get_text_config()
         lm_head = base_model.get_output_embeddings()
@@ -260,9 +256,7 @@ class MedusaModel(nn.Module):
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise MedusaError(
-                f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
-            )
+            raise MedusaError(f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise MedusaError("the prompt is empty")
         vocab = self.base_model.get_input_embeddings().weight.shape[0]
@@ -303,8 +297,7 @@ class MedusaModel(nn.Module):
         span_step = None if config.compile else config.attention_span_step
 
         def build(max_length: int) -> MedusaDecoder:
-            # Compiled steps keep per-layer buffers: one store aliased by every layer's views is untested under
-            # inductor.
+            # Compiled steps keep per-layer buffers: one store aliased by every layer's views is untested under inductor.
             return MedusaDecoder(self.base_model, heads, tree, acceptance, max_length, config.lookup_ngram, span_step,
                                  one_store=not config.compile)
 

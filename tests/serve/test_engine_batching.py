@@ -124,9 +124,7 @@ def test_sampled_requests_and_stop_strings_with_batching(serve_model):
     engine.start()
     try:
         sampled, stopped, plain = Collector(), Collector(), Collector()
-        engine.submit(
-            ids(serve_model, PROMPTS[0]), GenerationConfig(max_new_tokens=10, temperature=0.8, seed=1), sampled
-        )
+        engine.submit(ids(serve_model, PROMPTS[0]), GenerationConfig(max_new_tokens=10, temperature=0.8, seed=1), sampled)
         engine.submit(ids(serve_model, PROMPTS[1]), GenerationConfig(max_new_tokens=24, stop=(stop,)), stopped)
         engine.submit(ids(serve_model, PROMPTS[2]), GenerationConfig(max_new_tokens=8), plain)
         for sink in (sampled, stopped, plain):

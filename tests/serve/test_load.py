@@ -50,10 +50,7 @@ def test_32_clients_at_once_each_complete_or_get_429(serve_model):
                 else:
                     response = http.post("/v1/completions", json=body)
                     ok = response.status_code == 200
-                    results[index] = (
-                        response.status_code,
-                        response.json()["choices"][0]["text"] if ok else response.text,
-                    )
+                    results[index] = (response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
                     if response.status_code == 429:
                         assert response.headers["retry-after"] == "1"
             except Exception as error:  # noqa: BLE001  (reported below)
@@ -89,9 +86,7 @@ def slow_server(one_thread):
 
 def quick_request_seconds(url: str) -> float:
     started = time.monotonic()
-    response = httpx.post(
-        url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=30
-    )
+    response = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=30)
     assert response.status_code == 200
     return time.monotonic() - started
 

@@ -53,9 +53,7 @@ def test_every_shape_reads_as_prompt_and_as_training_conversation(tmp_path, toke
         [{"role": "user", "content": "Only a prompt."}]
     ]
     examples = load_examples([path], tokenizer, max_length=256)
-    assert [assistant_text(tokenizer, e) for e in examples.items] == [
-        f"{answer}<|im_end|>\n" for _, _, answer in SHAPES
-    ]
+    assert [assistant_text(tokenizer, e) for e in examples.items] == [f"{answer}<|im_end|>\n" for _, _, answer in SHAPES]
     # The prompt-only record cannot be trained on: skipped, with its place and the reason.
     assert examples.skipped_count == 1
     assert f"{path}:" in examples.skipped[0] and "prompt-only" in examples.skipped[0]
@@ -137,12 +135,8 @@ def test_length_batches_cover_every_example_once_per_epoch_within_their_caps():
 
 
 def test_collator_pads_right_and_split_holds_out_a_seeded_fraction(tokenizer):
-    examples = [
-        encode_conversation(
-            tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}], 128
-        )
-        for n in range(1, 51)
-    ]
+    examples = [encode_conversation(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}], 128)
+                for n in range(1, 51)]
     batch = Collator(tokenizer.pad_token_id)(examples[:2])
     assert batch["input_ids"].shape == batch["loss_mask"].shape == (2, len(examples[1].input_ids))
     assert batch["attention_mask"][0].sum() == len(examples[0].input_ids)

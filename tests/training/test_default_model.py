@@ -26,16 +26,12 @@ def one_thread():
 
 def test_distill_and_train_on_the_default_model(tmp_path, default_model, one_thread):
     tokenizer, base = default_model.tokenizer, default_model.base_model
-    example = encode_conversation(
-        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 256
-    )
+    example = encode_conversation(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 256)
     labelled = tokenizer.decode([t for t, keep in zip(example.input_ids, example.loss_mask) if keep])
     assert labelled == "Hello there<|im_end|>\n"  # the default system prompt and the user turn are not trained on
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"question": f"What is {n} times 3?", "answer": "-"}) + "\n" for n in range(3))
-    )
+    prompts.write_text("".join(json.dumps({"question": f"What is {n} times 3?", "answer": "-"}) + "\n" for n in range(3)))
     distilled = tmp_path / "distilled.jsonl"
     config = DistillConfig(data=[str(prompts)], output=str(distilled), max_new_tokens=8, batch_size=3, device="cpu")
     work = plan(config, tokenizer)

@@ -17,9 +17,7 @@ from medusa.training.distill import distill, plan, sample_prompts
 @pytest.fixture
 def prompt_files(tmp_path):
     jsonl = tmp_path / "questions.jsonl"
-    jsonl.write_text(
-        "".join(json.dumps({"question": f"q{i}?" * (i % 4 + 1), "answer": "x"}) + "\n" for i in range(6)) + "oops\n"
-    )
+    jsonl.write_text("".join(json.dumps({"question": f"q{i}?" * (i % 4 + 1), "answer": "x"}) + "\n" for i in range(6)) + "oops\n")
     array = tmp_path / "instructions.json"
     array.write_text(json.dumps([{"instruction": f"do {i}", "input": "", "response": "y"} for i in range(5)]))
     return [str(jsonl), str(array)]
@@ -58,9 +56,7 @@ def test_killed_distillation_resumes_without_duplicates_or_gaps(tmp_path, tokeni
 
 def test_answers_are_the_models_greedy_continuation(tmp_path, tokenizer, prompt_files):
     model = make_base(tokenizer)
-    config = DistillConfig(
-        data=prompt_files[1:], output=str(tmp_path / "d.jsonl"), max_new_tokens=6, batch_size=4, limit=3
-    )
+    config = DistillConfig(data=prompt_files[1:], output=str(tmp_path / "d.jsonl"), max_new_tokens=6, batch_size=4, limit=3)
     work = plan(config, tokenizer)
     list(distill(config, work, model, tokenizer))
     for (prompt, ids), row in zip(work.pending, read_rows(tmp_path / "d.jsonl")):

@@ -95,9 +95,7 @@ def test_bad_settings_are_refused(tmp_path, overrides, message):
 
 
 def test_a_pool_without_enough_documents_is_refused(tmp_path):
-    with pytest.raises(
-        MedusaError, match="3 records have an answer of at least 100 characters; context prompts need at least 4"
-    ):
+    with pytest.raises(MedusaError, match="3 records have an answer of at least 100 characters; context prompts need at least 4"):
         make_prompts(config(write_pool(tmp_path), documents_per_question=4))
 
 
@@ -149,19 +147,14 @@ def test_the_packaged_topics_are_read_without_comments():
 
 def test_topic_and_document_tasks_mix(tmp_path):
     path = write_pool(tmp_path)
-    result = make_prompts(
-        config(path, tasks=("summarize", "ask"), count=4, topics=str(write_topics(tmp_path, "tea", "chess")))
-    )
+    result = make_prompts(config(path, tasks=("summarize", "ask"), count=4, topics=str(write_topics(tmp_path, "tea", "chess"))))
     assert [p["task"] for p in result.prompts] == ["summarize", "ask"] * 2
     assert result.sources == 3
 
 
 def test_asking_more_topic_prompts_than_pairings_exist_is_refused(tmp_path):
     topics = write_topics(tmp_path, "tea", "chess")
-    with pytest.raises(
-        MedusaError,
-        match=rf"200 'article' prompts asked for, but {len(ARTICLE)} templates x 2 topics make only {2 * len(ARTICLE)}",
-    ):
+    with pytest.raises(MedusaError, match=rf"200 'article' prompts asked for, but {len(ARTICLE)} templates x 2 topics make only {2 * len(ARTICLE)}"):
         make_prompts(PromptTaskConfig(data=[], count=200, tasks=("article",), topics=str(topics)))
 
 

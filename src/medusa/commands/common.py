@@ -10,13 +10,8 @@ from medusa.model import MedusaModel
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)"
-    )
-    parser.add_argument(
-        "--heads",
-        help="Medusa heads directory (default: the heads shipped for the default model, else untrained heads)",
-    )
+    parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model, else untrained heads)")
     parser.add_argument("--tree", help="tree: a default size (8, 16, 32, 64), a JSON file, or a JSON list of paths")
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

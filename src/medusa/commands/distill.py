@@ -12,19 +12,11 @@ from medusa.training.distill import distill, load_for_distill, plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", required=True, help="prompt files, comma-separated: JSON or JSONL, any shape medusa train reads"
-    )
-    parser.add_argument(
-        "--output", required=True, help="JSONL file to write (appended to; a rerun continues where it stopped)"
-    )
-    parser.add_argument(
-        "--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)"
-    )
+    parser.add_argument("--data", required=True, help="prompt files, comma-separated: JSON or JSONL, any shape medusa train reads")
+    parser.add_argument("--output", required=True, help="JSONL file to write (appended to; a rerun continues where it stopped)")
+    parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument(
-        "--temperature", type=float, default=0.0, help="0 (default): greedy, what greedy Medusa decoding accepts"
-    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, what greedy Medusa decoding accepts")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=128, help="prompts per generate call (default 128)")
     parser.add_argument("--limit", type=int, help="answer a stable random sample of N prompts across the files")
@@ -36,18 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = DistillConfig(
-        data=[path for path in args.data.split(",") if path],
-        output=args.output,
-        model=args.model,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        max_prompt_tokens=args.max_prompt_tokens,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
+        data=[path for path in args.data.split(",") if path], output=args.output, model=args.model,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+        limit=args.limit, max_prompt_tokens=args.max_prompt_tokens, dtype=args.dtype, device=args.device, seed=args.seed,
     )
     model, tokenizer, name = load_for_distill(config)
     work = plan(config, tokenizer)

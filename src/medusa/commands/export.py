@@ -28,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vllm: vLLM's Medusa draft model (config.json + model.safetensors). Default: medusa",
     )
     parser.add_argument("--output", required=True, help="directory to write (created; must be empty unless --force)")
-    parser.add_argument(
-        "--dtype", default="float32", help="float32 (default), bfloat16 or float16 for the written tensors"
-    )
+    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 for the written tensors")
     parser.add_argument("--force", action="store_true", help="write into a directory that already holds files")
 
 

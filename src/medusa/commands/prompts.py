@@ -18,43 +18,27 @@ from medusa.training.prompt_tasks import TASKS, TOPIC_TEMPLATES, PromptTaskConfi
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="", help="pool files with answers, comma-separated: JSON or JSONL, any shape "
                         "medusa train reads (needed by the document tasks)")
-    parser.add_argument("--output", required=True, help='JSONL file of {"prompt", "task"} to write (must not exist)')
+    parser.add_argument("--output", required=True, help="JSONL file of {\"prompt\", \"task\"} to write (must not exist)")
     parser.add_argument("--count", type=int, required=True, help="prompts to make; the tasks take turns")
     parser.add_argument("--tasks", default=",".join(TASKS),
                         help=f"comma-separated: document tasks {', '.join(TASKS)} (the default), "
                              f"topic tasks {', '.join(TOPIC_TEMPLATES)}")
     parser.add_argument("--topics", help="topic tasks: a file of subjects, one per line (default: the packaged list)")
-    parser.add_argument(
-        "--documents",
-        type=int,
-        default=3,
-        help="context-qa: documents per question, one of them the answer's (default 3)",
-    )
-    parser.add_argument(
-        "--min-document-chars", type=int, default=200, help="answers shorter than this are no documents (default 200)"
-    )
-    parser.add_argument(
-        "--max-prompt-chars", type=int, default=4000, help="cut documents so a prompt stays under this (default 4000)"
-    )
+    parser.add_argument("--documents", type=int, default=3, help="context-qa: documents per question, one of them the answer's (default 3)")
+    parser.add_argument("--min-document-chars", type=int, default=200, help="answers shorter than this are no documents (default 200)")
+    parser.add_argument("--max-prompt-chars", type=int, default=4000, help="cut documents so a prompt stays under this (default 4000)")
     parser.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
     config = PromptTaskConfig(
-        data=[path for path in args.data.split(",") if path],
-        count=args.count,
-        tasks=tuple(task for task in args.tasks.split(",") if task),
-        topics=args.topics,
-        documents_per_question=args.documents,
-        min_document_chars=args.min_document_chars,
-        max_prompt_chars=args.max_prompt_chars,
-        seed=args.seed,
+        data=[path for path in args.data.split(",") if path], count=args.count,
+        tasks=tuple(task for task in args.tasks.split(",") if task), topics=args.topics, documents_per_question=args.documents,
+        min_document_chars=args.min_document_chars, max_prompt_chars=args.max_prompt_chars, seed=args.seed,
     )
     output = Path(args.output)
     if output.exists():
-        raise MedusaError(
-            f"{output} exists; choose another --output or remove it (prompts are the same for the same seed)"
-        )
+        raise MedusaError(f"{output} exists; choose another --output or remove it (prompts are the same for the same seed)")
     result = make_prompts(config)
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")

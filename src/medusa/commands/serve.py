@@ -18,13 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     group.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    group.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEDUSA_API_KEY, else none)"
-    )
+    group.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEDUSA_API_KEY, else none)")
     group.add_argument("--served-model-name", help="the model id clients send (default: the model's name)")
-    group.add_argument(
-        "--max-tokens-cap", type=int, default=4096, help="most tokens one request may ask for (default 4096)"
-    )
+    group.add_argument("--max-tokens-cap", type=int, default=4096, help="most tokens one request may ask for (default 4096)")
     group.add_argument("--max-waiting", type=int, default=16,
                        help="requests that may wait while one generates; more get 429 (default 16)")
     group.add_argument("--max-batch", type=int, default=1,

@@ -223,15 +223,11 @@ class _Server:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages
-        ]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
         try:
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:  # templates raise their own errors (e.g. "roles must alternate")
-            raise ApiError(
-                400, f"the model's chat template refused these messages: {error}", param="messages"
-            ) from None
+            raise ApiError(400, f"the model's chat template refused these messages: {error}", param="messages") from None
         return self.check_ids(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
 
     def encode_text(self, request: CompletionRequest) -> list[int]:

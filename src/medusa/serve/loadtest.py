@@ -223,9 +223,7 @@ def run_load(config: LoadConfig) -> LoadResult:
     return summarise(config, model, [s for s in samples if s is not None], wall, before, after)
 
 
-def summarise(
-    config: LoadConfig, model: str, samples: list[Sample], wall: float, before: dict, after: dict
-) -> LoadResult:
+def summarise(config: LoadConfig, model: str, samples: list[Sample], wall: float, before: dict, after: dict) -> LoadResult:
     ok = [s for s in samples if s.status == 200]
     latencies = sorted(s.seconds for s in ok)
     ttfts = sorted(s.first_token_seconds for s in ok if s.first_token_seconds is not None)

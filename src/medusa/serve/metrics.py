@@ -90,17 +90,9 @@ class Metrics:
             for name, value, text in (
                 ("medusa_prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished generations."),
                 ("medusa_generated_tokens_total", self.generated_tokens, "Tokens generated."),
-                (
-                    "medusa_decoding_steps_total",
-                    self.steps,
-                    "Decoding steps (base model forward passes after prefill).",
-                ),
-                (
-                    "medusa_accepted_tokens_total",
-                    self.accepted_tokens,
-                    "Tokens committed by decoding steps; "
-                    "divided by medusa_decoding_steps_total it is the mean accepted tokens per step.",
-                ),
+                ("medusa_decoding_steps_total", self.steps, "Decoding steps (base model forward passes after prefill)."),
+                ("medusa_accepted_tokens_total", self.accepted_tokens, "Tokens committed by decoding steps; "
+                 "divided by medusa_decoding_steps_total it is the mean accepted tokens per step."),
             ):
                 _family(out, name, "counter", text)
                 out.append(f"{name} {value}")

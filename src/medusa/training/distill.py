@@ -143,11 +143,8 @@ def generate_batch(
     for row, ids in enumerate(prompts):
         input_ids[row, longest - len(ids) :] = torch.tensor(ids)
         attention_mask[row, longest - len(ids) :] = 1
-    sampling = (
-        {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
-        if config.temperature > 0
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0} if config.temperature > 0 \
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids.to(device),
@@ -191,9 +188,7 @@ def distill(
             handle.write("".join(lines))
             handle.flush()
             os.fsync(handle.fileno())
-            yield DistillBatch(
-                rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds
-            )
+            yield DistillBatch(rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds)
 
 
 def load_for_distill(config: DistillConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:

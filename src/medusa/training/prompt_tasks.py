@@ -147,15 +147,11 @@ class PromptTaskConfig:
         if repeated:
             raise MedusaError(f"prompt task(s) {', '.join(repeated)} given more than once")
         if not self.data and any(task in TASKS for task in self.tasks):
-            raise MedusaError(
-                f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)"
-            )
+            raise MedusaError(f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)")
         if self.count < 1:
             raise MedusaError(f"--count must be at least 1, got {self.count}")
         if self.max_prompt_chars < 400:
-            raise MedusaError(
-                f"--max-prompt-chars must be at least 400 (an instruction and some text), got {self.max_prompt_chars}"
-            )
+            raise MedusaError(f"--max-prompt-chars must be at least 400 (an instruction and some text), got {self.max_prompt_chars}")
         if self.documents_per_question < 1:
             raise MedusaError(f"documents per question must be at least 1, got {self.documents_per_question}")
 
@@ -212,9 +208,7 @@ def _context_qa_prompt(rng: random.Random, sources: list[Source], documents: int
     rng.shuffle(picked)
     instruction = rng.choice(CONTEXT_QA)
     room = max(200, (limit - len(instruction) - len(question) - 40) // len(picked))
-    body = "\n\n".join(
-        f"Document [{number}]: {source.document[:room]}" for number, source in enumerate(picked, start=1)
-    )
+    body = "\n\n".join(f"Document [{number}]: {source.document[:room]}" for number, source in enumerate(picked, start=1))
     return f"{instruction}\n\n{body}\n\nQuestion: {question}"
 
 

@@ -103,11 +103,7 @@ class Trainer:
     """Train Medusa heads as ``config`` says. ``base_model``/``tokenizer`` skip loading (tests, notebooks)."""
 
     def __init__(
-        self,
-        config: TrainConfig,
-        base_model: torch.nn.Module | None = None,
-        tokenizer=None,
-        base_name: str | None = None,
+        self, config: TrainConfig, base_model: torch.nn.Module | None = None, tokenizer=None, base_name: str | None = None
     ) -> None:
         self.config = config
         self.base_model = base_model
@@ -184,9 +180,7 @@ class Trainer:
         checkpoints = output / "checkpoints"
         found = latest_checkpoint(checkpoints)
         if found is not None and not resume:
-            raise MedusaError(
-                f"{output} already holds checkpoints; pass --resume to continue, or choose another --output"
-            )
+            raise MedusaError(f"{output} already holds checkpoints; pass --resume to continue, or choose another --output")
         accelerator = self._accelerator()
         base, tokenizer, name = self._load_base(accelerator)
         if tokenizer is None:
@@ -195,17 +189,13 @@ class Trainer:
         read = load_examples(config.data, tokenizer, config.max_length)
         train_set, held_out = split_held_out(read.items, config.eval_fraction, config.seed, config.eval_max_examples)
         if not train_set:
-            raise MedusaError(
-                f"no usable training conversations in {', '.join(config.data)} ({read.skipped_count} skipped)"
-            )
+            raise MedusaError(f"no usable training conversations in {', '.join(config.data)} ({read.skipped_count} skipped)")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         collate = Collator(pad_id)
 
         objective = self._build(base, name)
         optimizer = self._optimizer(objective)
-        sampler = LengthBatchSampler(
-            [len(e.input_ids) for e in train_set], config.batch_size, config.max_tokens, config.seed
-        )
+        sampler = LengthBatchSampler([len(e.input_ids) for e in train_set], config.batch_size, config.max_tokens, config.seed)
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
         objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
         model = accelerator.unwrap_model(objective)
@@ -254,14 +244,8 @@ class Trainer:
             if step % config.checkpoint_every == 0 or step == total_steps:
                 self._save(accelerator, checkpoints, step, model, optimizer, scheduler, data_shape)
             if step % config.log_every == 0 or step == total_steps:
-                report = window.report(
-                    accelerator,
-                    step,
-                    total_steps,
-                    step / steps_per_epoch,
-                    scheduler.get_last_lr()[0],
-                    config.stage == 2 and train_backbone,
-                )
+                report = window.report(accelerator, step, total_steps, step / steps_per_epoch, scheduler.get_last_lr()[0],
+                                       config.stage == 2 and train_backbone)
                 if accelerator.is_main_process:
                     with (output / LOG_NAME).open("a") as log:
                         log.write(json.dumps(report.__dict__) + "\n")
@@ -332,14 +316,11 @@ class Trainer:
         restore_rng(checkpoint.rng)
         return checkpoint.step
 
-    def _evaluate(
-        self, accelerator: Accelerator, model: MedusaObjective, held_out: list[Example], collate: Collator
-    ) -> dict:
+    def _evaluate(self, accelerator: Accelerator, model: MedusaObjective, held_out: list[Example], collate: Collator) -> dict:
         if not held_out:
             return {}
-        sampler = LengthBatchSampler(
-            [len(e.input_ids) for e in held_out], self.config.batch_size, self.config.max_tokens, seed=0, shuffle=False
-        )
+        sampler = LengthBatchSampler([len(e.input_ids) for e in held_out], self.config.batch_size, self.config.max_tokens,
+                                     seed=0, shuffle=False)
         batches = list(sampler)
         with accelerator.split_between_processes(batches) as mine:
             totals = count_hits(model, (collate([held_out[i] for i in batch]) for batch in mine))
@@ -347,9 +328,7 @@ class Trainer:
         return accuracy_report(totals, self.config.stage)
 
 
-def _micro_batches(
-    loader: DataLoader, sampler: LengthBatchSampler, accelerator: Accelerator, start: int
-) -> Iterator[dict]:
+def _micro_batches(loader: DataLoader, sampler: LengthBatchSampler, accelerator: Accelerator, start: int) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, starting after the first ``start`` of them."""
     epoch, skip = divmod(start, len(loader))
     while True:
@@ -380,12 +359,8 @@ class _Window:
         self.micro += 1
         self.tokens += attention_mask.sum()
 
-    def report(
-        self, accelerator: Accelerator, step: int, total: int, epoch: float, lr: float, backbone: bool
-    ) -> StepReport:
-        values = torch.cat(
-            [self.loss.view(1), self.heads, self.backbone.view(1), self.micro.view(1), self.tokens.view(1)]
-        )
+    def report(self, accelerator: Accelerator, step: int, total: int, epoch: float, lr: float, backbone: bool) -> StepReport:
+        values = torch.cat([self.loss.view(1), self.heads, self.backbone.view(1), self.micro.view(1), self.tokens.view(1)])
         values = accelerator.reduce(values, reduction="sum").tolist()
         micro = max(values[-2], 1.0)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
