@@ -27,6 +27,7 @@ import torch
 from medusa.bench.environment import environment, synchronize
 from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
 from medusa.engine import EngineOptions
+from medusa.files import read_json
 from medusa.model import GenerationConfig, MedusaModel
 
 
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
     if args.plot_only:
-        plot(json.loads(args.plot_only.read_text()), args.plot_only.with_suffix(".png"))
+        plot(read_json(args.plot_only, "batch throughput results"), args.plot_only.with_suffix(".png"))
         print(f"wrote {args.plot_only.with_suffix('.png')}")
         return
     if args.out is None:
@@ -143,7 +144,9 @@ def main() -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = args.dtype if device == "cuda" else "float32"
         model = MedusaModel.from_pretrained(args.model, heads=args.heads, tree=args.tree, dtype=dtype, device=device)
-        prompts = [model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)]
+        prompts = [
+            model.encode_prompt(text) for text in spec_bench_prompts(args.questions or default_questions_path(), count)
+        ]
         name = model.name
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from medusa.bench.report import answer_agreement
+from medusa.files import read_json
 
 
 def main() -> None:
@@ -25,10 +26,14 @@ def main() -> None:
     parser.add_argument("other_method", help="the method in it")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args()
-    reference = json.loads(Path(args.reference).read_text())
-    other = json.loads(Path(args.other).read_text())
+    reference = read_json(args.reference, "benchmark report")
+    other = read_json(args.other, "benchmark report")
     result = answer_agreement(other["questions"], args.other_method, reference["questions"], args.reference_method)
-    result["reference"] = {"file": args.reference, "method": args.reference_method, "command": reference["meta"]["command"]}
+    result["reference"] = {
+        "file": args.reference,
+        "method": args.reference_method,
+        "command": reference["meta"]["command"],
+    }
     result["compared"] = {"file": args.other, "method": args.other_method, "command": other["meta"]["command"]}
     for name, s in [("overall", result["overall"]), *result["per_category"].items()]:
         print(f"{name:>16}: {s['identical']:4d} of {s['prompts']:4d} identical, mean common prefix "

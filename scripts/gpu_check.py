@@ -88,10 +88,20 @@ def step_costs(shape: str, tree_sizes: list[int], new_tokens: int) -> dict:
         torch.cuda.synchronize()
         result = model.generate(prompt, config_, tree=tree)
         ms = 1e3 * result.stats.decode_seconds / result.stats.steps
-        rows["steps"][label] = {"ms_per_step": ms, "steps": result.stats.steps, "mean_accepted": result.stats.mean_accepted}
+        rows["steps"][label] = {
+            "ms_per_step": ms,
+            "steps": result.stats.steps,
+            "mean_accepted": result.stats.mean_accepted,
+        }
         print(f"{shape} {label:14s} {ms:8.3f} ms/step  accepted {result.stats.mean_accepted:.2f}", flush=True)
     t0 = time.perf_counter()
-    base.generate(prompt[None], do_sample=False, max_new_tokens=32, min_new_tokens=32, attention_mask=torch.ones_like(prompt[None]))
+    base.generate(
+        prompt[None],
+        do_sample=False,
+        max_new_tokens=32,
+        min_new_tokens=32,
+        attention_mask=torch.ones_like(prompt[None]),
+    )
     torch.cuda.synchronize()
     rows["hf_generate_eager_ms_per_token"] = 1e3 * (time.perf_counter() - t0) / 32
     return rows

@@ -21,7 +21,9 @@ from medusa.treeopt.walk import walk_lengths
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("profile", help="a tree_profile.json written by `medusa tree profile`")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="walk the first N tokens of each answer (0: all)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=256, help="walk the first N tokens of each answer (0: all)"
+    )
     parser.add_argument("--top", default="1,2,3,5,10", help="top-k per depth to try (at most the profile's top-k)")
     args = parser.parse_args()
     profile = HeadProfile.load(args.profile).for_new_tokens(args.max_new_tokens or None)

@@ -25,6 +25,7 @@ import torch
 
 from medusa.bench.runner import encode_turn
 from medusa.bench.specbench import default_questions_path, load_questions, turn_messages
+from medusa.files import read_json
 from medusa.model import MedusaModel
 
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    report = json.loads(args.bench.read_text())
+    report = read_json(args.bench, "benchmark report")
     questions = {q.question_id: q for q in load_questions(args.questions or default_questions_path())}
     rows = {(r["id"], r["turn"]): r for r in report["questions"]}
     records = [r for r in report["questions"] if args.method in r["methods"]]

@@ -76,7 +76,9 @@ def check_lossless(shape: str, devices: list[str], new_tokens: int, trials: int)
     report = {"devices_of_parameters": sorted({str(p.device) for p in base.parameters()}),
               "heads_device": str(model.heads.device), "trials": []}
     for trial in range(trials):
-        prompt = torch.randint(4, base.config.vocab_size, (8 + 13 * trial,), generator=torch.Generator().manual_seed(trial))
+        prompt = torch.randint(
+            4, base.config.vocab_size, (8 + 13 * trial,), generator=torch.Generator().manual_seed(trial)
+        )
         ids = prompt[None].to(devices[0])
         with torch.no_grad():
             reference = base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
@@ -90,7 +92,9 @@ def check_lossless(shape: str, devices: list[str], new_tokens: int, trials: int)
             row[f"tree{tree}_mean_accepted"] = medusa.stats.mean_accepted
         report["trials"].append(row)
         print(json.dumps(row), flush=True)
-    report["all_equal"] = all(v is None for row in report["trials"] for k, v in row.items() if k.endswith(("_hf", "_plain")))
+    report["all_equal"] = all(
+        v is None for row in report["trials"] for k, v in row.items() if k.endswith(("_hf", "_plain"))
+    )
     return report
 
 

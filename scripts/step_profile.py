@@ -44,7 +44,9 @@ def kernel_table(step, repeats: int) -> tuple[float, list[dict]]:
         if device_us is None:
             device_us = event.self_cuda_time_total
         if device_us > 0:
-            rows.append({"kernel": event.key[:110], "us_per_step": device_us / repeats, "calls_per_step": event.count / repeats})
+            rows.append(
+                {"kernel": event.key[:110], "us_per_step": device_us / repeats, "calls_per_step": event.count / repeats}
+            )
     rows.sort(key=lambda row: -row["us_per_step"])
     return sum(row["us_per_step"] for row in rows), rows
 
@@ -73,8 +75,11 @@ def main() -> None:
     parser.add_argument("--cache-length", type=int, default=1083)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--top", type=int, default=30)
-    parser.add_argument("--sdpa", default="default",
-                        help="scaled-dot-product attention backends to allow (math, efficient, cudnn, flash; default: torch's choice)")
+    parser.add_argument(
+        "--sdpa",
+        default="default",
+        help="scaled-dot-product attention backends to allow (math, efficient, cudnn, flash; default: torch's choice)",
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -111,8 +116,9 @@ def main() -> None:
 
             with attention():
                 total_us, rows = kernel_table(rewound, args.repeats)
-            graph_ms = replay_ms(lambda: (decoder.length.fill_(args.context), decoder.cache.set_length(decoder.length),
-                                          graphed(span)), 50) if graphed else None
+            graph_ms = replay_ms(lambda decoder=decoder, graphed=graphed, span=span: (
+                decoder.length.fill_(args.context), decoder.cache.set_length(decoder.length), graphed(span)
+            ), 50) if graphed else None
             result = {"nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa, "attention_span": span,
                       "kernel_us_per_step": total_us,
                       "kernels_per_step": sum(r["calls_per_step"] for r in rows), "graph_replay_ms": graph_ms,

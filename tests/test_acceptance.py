@@ -11,7 +11,7 @@ threshold, which shows the test has the power to catch them.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -38,7 +38,7 @@ from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
 from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, position_gumbel
 from medusa.tree import Tree
-from oracle_support import oracle_engine, oracle_generation
+from helpers.decoding import oracle_engine, oracle_generation
 
 VOCAB = 16  # small enough to enumerate every pair (and triple) of tokens exactly
 HIDDEN = 32
@@ -48,7 +48,7 @@ Z_1E6 = 4.753  # standard normal quantile for a one-sided 1e-6 significance leve
 SAMPLES = 100_000  # verdicts drawn at once on one tree: a second or so
 
 
-@lru_cache(maxsize=None)
+@cache
 def stat_model(seed: int = 0) -> tuple[LlamaForCausalLM, MedusaHeads]:
     """A 16-token model with moderately peaked distributions (entropy about 1.3 nats at temperature 1) and
     heads with random blocks, so the heads' guesses are a mix of likely, unlikely and impossible tokens."""

@@ -1,7 +1,7 @@
 """Batches through the one engine: every row's tokens are its own single-sequence answer.
 
 Greedy rows equal transformers' ``generate(do_sample=False)``; seeded sampled rows give the same tokens
-alone and beside other requests. The oracle (``oracle_support``) makes rows accept different, long paths,
+alone and beside other requests. The oracle (``helpers.decoding``) makes rows accept different, long paths,
 so per-row compaction, rows joining a running batch and rows leaving it (the others moving into their
 place) are all exercised.
 """
@@ -16,14 +16,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, EOS_ID, make_tiny_model
+from helpers.models import ARCHITECTURES, EOS_ID, make_tiny_model
 from medusa.engine import BATCH_BUCKETS, EngineOptions, bucket_for
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel, is_prompt_batch
 from medusa.tree import Tree, default_tree
-from oracle_support import oracle_engine, oracle_generation, plain_greedy
-from test_decoding import CUSTOM_TREE, architecture_of, random_prompts, reference
-from text_model import make_tokenizer
+from helpers.decoding import (
+    CUSTOM_TREE,
+    architecture_of,
+    oracle_engine,
+    oracle_generation,
+    plain_greedy,
+    random_prompts,
+    reference,
+)
+from helpers.text_model import make_tokenizer
 
 NEW_TOKENS = 16
 # Mixed lengths, a one-token prompt among them; references are shared with test_decoding's cache.

@@ -207,7 +207,7 @@ def test_mixed_layers_get_one_mask_per_layer_type():
 def test_decoding_passes_the_cache_the_way_the_installed_transformers_expects(architecture):
     """transformers 5.25 renamed ``past_key_values`` to ``cache`` and warns on every call with the old name;
     older 5.x know only ``past_key_values``. Single and batched decoding must not trip either."""
-    from conftest import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+    from helpers.models import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
     from medusa.heads import MedusaHeads, MedusaHeadsConfig
     from medusa.model import MedusaModel
 

@@ -7,8 +7,8 @@ import io
 
 import pytest
 import torch
-from tiny_chat import make_chat_model
 
+from helpers.tiny_chat import make_chat_model
 from medusa import cli
 from medusa.commands import chat as chat_command
 from medusa.errors import MedusaError

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.text_model import save_text_model
 from medusa.cli import main
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
-from text_model import save_text_model
 
 
 @pytest.fixture(scope="module")

@@ -1,45 +1,23 @@
 """Greedy Medusa decoding is lossless: token for token the base model's own ``generate(do_sample=False)``.
 
-The oracle (``oracle_support``) makes long paths get accepted, so the cache compaction is exercised too.
+The oracle (``helpers.decoding``) makes long paths get accepted, so the cache compaction is exercised too.
 """
 
 from __future__ import annotations
 
-import random
-from functools import lru_cache
-
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
+from helpers.models import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.decoding import attention_spans
 from medusa.engine import EngineOptions
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree, default_tree
-from oracle_support import oracle_run, plain_greedy
+from helpers.decoding import CUSTOM_TREE, PROMPTS, architecture_of, oracle_run, plain_greedy, random_prompts, reference
 
 NEW_TOKENS = 32
-CUSTOM_TREE = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [2, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0, 0]]
 TREES = {"8": "8", "16": "16", "64": "64", "custom": CUSTOM_TREE}
-
-
-def random_prompts(count: int, seed: int) -> list[list[int]]:
-    """Prompts of 1 to 24 ordinary tokens (ids 0-3 are pad, BOS, unknown and EOS)."""
-    rng = random.Random(seed)
-    return [[rng.randrange(4, TINY_VOCAB) for _ in range(rng.randint(1, 24))] for _ in range(count)]
-
-
-PROMPTS = random_prompts(3, seed=0)  # shared by the tests below, so each reference is computed once
-
-
-@lru_cache(maxsize=None)
-def reference(architecture: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
-    return tuple(plain_greedy(make_tiny_model(architecture), list(prompt), max_new_tokens))
-
-
-def architecture_of(model) -> str:
-    return next(name for name, (_, model_class, _) in ARCHITECTURES.items() if isinstance(model, model_class))
 
 
 def perturb(heads: MedusaHeads, seed: int, scale: float = 0.3) -> None:

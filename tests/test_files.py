@@ -1,4 +1,5 @@
-"""Durable writes: a failed or killed write leaves the previous file whole, and its temporary goes at the next start."""
+"""Files: a failed or killed write leaves the previous file whole, and its temporary goes at the next start; every
+error reading a JSON file names what the file holds, its path, and what is wrong."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from medusa import files
+from medusa.errors import MedusaError
+from medusa.files import parse_json, read_json
 
 
 def fsynced_paths(monkeypatch) -> list[str]:
@@ -95,3 +98,30 @@ def test_appends_are_fsynced(tmp_path, monkeypatch):
     files.append_text(tmp_path / "log.jsonl", "{}\n")
     assert (tmp_path / "log.jsonl").read_text() == "{}\n{}\n"
     assert seen.count(str(tmp_path / "log.jsonl")) == 2
+
+
+def test_a_json_file_reads(tmp_path):
+    path = tmp_path / "curve.json"
+    path.write_text('{"points": [1, 2]}')
+    assert read_json(path, "cost curve") == {"points": [1, 2]}
+    assert read_json(str(path), "cost curve") == {"points": [1, 2]}
+
+
+def test_a_missing_unreadable_or_invalid_file_is_named(tmp_path):
+    with pytest.raises(MedusaError, match=f"^cost curve {tmp_path / 'nope.json'} does not exist$"):
+        read_json(tmp_path / "nope.json", "cost curve")
+    with pytest.raises(MedusaError, match=f"^cannot read cost curve {tmp_path}: "):
+        read_json(tmp_path, "cost curve")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"points": [1,')
+    with pytest.raises(MedusaError, match=rf"^cost curve {bad} is not valid JSON: .*line 1 column"):
+        read_json(bad, "cost curve")
+    bad.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(MedusaError, match=f"^cannot read cost curve {bad}: "):
+        read_json(bad, "cost curve")
+
+
+def test_json_text_names_its_origin():
+    assert parse_json("[[0]]", "tree [[0]]") == [[0]]
+    with pytest.raises(MedusaError, match=r"^tree \[\[0\] is not valid JSON: "):
+        parse_json("[[0]", "tree [[0]")

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
 from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+from helpers.models import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.errors import MedusaError
 from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
@@ -187,7 +187,9 @@ def test_weights_that_do_not_match_their_config(tmp_path):
     config["num_heads"], config["num_layers"] = 2, 1
     config["hidden_size"] = 32
     (directory / CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(MedusaError, match=r"heads weight blocks.0.0.linear.bias has shape \(64,\), config implies \(32,\)"):
+    with pytest.raises(
+        MedusaError, match=r"heads weight blocks.0.0.linear.bias has shape \(64,\), config implies \(32,\)"
+    ):
         MedusaHeads.from_pretrained(directory)
 
 

@@ -19,16 +19,18 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import EOS_ID, TINY_HIDDEN, TINY_VOCAB, make_tiny_model
+from helpers.models import EOS_ID, TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.cli import main
 from medusa.errors import MedusaError
-from medusa.heads import WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.interop import (
     OFFICIAL_PICKLE,
     OFFICIAL_SAFETENSORS,
     VLLM_WEIGHTS,
     export_heads,
     foreign_layout,
+    load_heads,
+    load_heads_config,
     read_pickled_weights,
 )
 from medusa.model import GenerationConfig, MedusaModel, heads_device
@@ -183,18 +185,26 @@ def test_official_checkpoint_loads_and_matches_our_format(tmp_path, num_layers, 
     assert_same_behaviour(official, MedusaModel.from_pretrained(base, heads=tmp_path / "ours"))
 
 
-def test_medusa_heads_from_pretrained_reads_the_official_layout(tmp_path):
+def test_load_heads_reads_the_official_layout(tmp_path):
     state = official_fixture(tmp_path, num_heads=2, num_layers=1)
-    heads = MedusaHeads.from_pretrained(tmp_path)
+    heads = load_heads(tmp_path)
     assert torch.equal(heads.blocks[1][0].linear.bias, state["1.0.linear.bias"])
     assert torch.equal(heads.projections[0].weight, state["0.1.weight"])
-    assert MedusaHeadsConfig.load(tmp_path) == heads.config
+    assert load_heads_config(tmp_path) == heads.config
+
+
+def test_medusa_heads_reads_only_our_layout_and_names_the_loader_for_the_others(tmp_path):
+    official_fixture(tmp_path, num_heads=2, num_layers=1)
+    with pytest.raises(MedusaError, match="original Medusa project's layout.*medusa.interop.load_heads"):
+        MedusaHeads.from_pretrained(tmp_path)
+    with pytest.raises(MedusaError, match="original Medusa project's layout.*medusa.interop.load_heads"):
+        MedusaHeadsConfig.load(tmp_path)
 
 
 def test_safetensors_wins_over_pt_when_both_are_there(tmp_path):
     state = official_fixture(tmp_path, num_heads=2, num_layers=1)
     torch.save({name: torch.zeros_like(tensor) for name, tensor in state.items()}, tmp_path / OFFICIAL_PICKLE)
-    heads = MedusaHeads.from_pretrained(tmp_path)
+    heads = load_heads(tmp_path)
     assert torch.equal(heads.projections[1].weight, state["1.1.weight"])
 
 
@@ -203,7 +213,7 @@ def test_heads_beyond_the_config_are_ignored(tmp_path):
     official_fixture(tmp_path, num_heads=4, num_layers=1)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "medusa_num_heads": 2}))
-    assert MedusaHeads.from_pretrained(tmp_path).config.num_heads == 2
+    assert load_heads(tmp_path).config.num_heads == 2
 
 
 class RunsCode:
@@ -246,11 +256,11 @@ def test_missing_and_misshapen_official_tensors_are_named(tmp_path):
     del state["1.0.linear.bias"]
     save_file(state, str(tmp_path / OFFICIAL_SAFETENSORS))
     with pytest.raises(MedusaError, match=r"lacks tensor '1.0.linear.bias' \(expected shape \[64\]\)"):
-        MedusaHeads.from_pretrained(tmp_path)
+        load_heads(tmp_path)
     state["1.0.linear.bias"] = torch.zeros(3)
     save_file(state, str(tmp_path / OFFICIAL_SAFETENSORS))
     with pytest.raises(MedusaError, match=r"'1.0.linear.bias' has shape \[3\], expected \[64\]"):
-        MedusaHeads.from_pretrained(tmp_path)
+        load_heads(tmp_path)
 
 
 def test_official_config_without_weights_names_both_files(tmp_path):
@@ -263,7 +273,9 @@ def test_official_heads_for_another_model_are_rejected(tmp_path):
     official_fixture(tmp_path, num_heads=2, num_layers=1)
     base = make_tiny_model("llama")
     base.resize_token_embeddings(TINY_VOCAB + 64)
-    with pytest.raises(MedusaError, match=f"heads vocabulary {TINY_VOCAB} does not match the base model's {TINY_VOCAB + 64}"):
+    with pytest.raises(
+        MedusaError, match=f"heads vocabulary {TINY_VOCAB} does not match the base model's {TINY_VOCAB + 64}"
+    ):
         MedusaModel.from_pretrained(base, heads=tmp_path)
 
 
@@ -364,7 +376,7 @@ def test_export_writes_the_tree_without_its_lookup_chain(tmp_path):
     base, heads = random_heads(num_heads=2)
     chained = Tree.from_paths([[0], [0, 0]], lookup=5)
     plain = Tree.from_paths([[0], [1], [0, 0]])
-    export_heads(MedusaModel(base, None, heads, tree=chained, plain_tree=plain), tmp_path, format="medusa")
+    export_heads(MedusaModel(base, None, heads, tree=chained, heads_tree=plain), tmp_path, format="medusa")
     assert json.loads((tmp_path / "tree.json").read_text())["paths"] == [[0], [1], [0, 0]]
 
 
@@ -402,7 +414,9 @@ def test_vllm_export_has_exactly_what_vllm_reads(tmp_path, num_layers, share_lm_
     assert [k for k in config if "num" in k and ("heads" in k or "layers" in k)] == ["num_heads", "num_hidden_layers"]
 
     state = load_file(str(tmp_path / VLLM_WEIGHTS))
-    expected = {f"blocks.{i}.layers.{j}.weight": (TINY_HIDDEN, TINY_HIDDEN) for i in range(3) for j in range(num_layers)}
+    expected = {
+        f"blocks.{i}.layers.{j}.weight": (TINY_HIDDEN, TINY_HIDDEN) for i in range(3) for j in range(num_layers)
+    }
     expected |= {f"blocks.{i}.layers.{j}.bias": (TINY_HIDDEN,) for i in range(3) for j in range(num_layers)}
     if share_lm_head:
         expected["lm_head.weight"] = (TINY_VOCAB, TINY_HIDDEN)
@@ -484,7 +498,9 @@ def test_cli_export_of_deep_heads_needs_allow_lossy_and_warns(tmp_path, tiny_dir
 
 
 def test_cli_export_names_a_missing_heads_directory(tmp_path, tiny_dir, capsys):
-    code = main(["export", "--heads", str(tmp_path / "nope"), "--model", str(tiny_dir), "--output", str(tmp_path / "o")])
+    code = main(
+        ["export", "--heads", str(tmp_path / "nope"), "--model", str(tiny_dir), "--output", str(tmp_path / "o")]
+    )
     assert code == 2
     assert f"heads directory {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 

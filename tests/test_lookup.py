@@ -7,13 +7,13 @@ import random
 import pytest
 import torch
 
-from conftest import ARCHITECTURES, make_tiny_model
+from helpers.models import ARCHITECTURES, make_tiny_model
 from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
 from medusa.engine import EngineOptions
 from medusa.model import MedusaModel
 from medusa.tree import Tree
-from test_decoding import PROMPTS, reference
+from helpers.decoding import PROMPTS, reference
 
 T, F = True, False
 
@@ -156,5 +156,7 @@ def test_lookup_accepts_copied_text():
 
 def test_sampling_with_lookup_is_reproducible():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
-    runs = [model.generate(PROMPTS[1], max_new_tokens=24, temperature=0.8, seed=3, lookup=4).token_ids for _ in range(2)]
+    runs = [
+        model.generate(PROMPTS[1], max_new_tokens=24, temperature=0.8, seed=3, lookup=4).token_ids for _ in range(2)
+    ]
     assert runs[0] == runs[1] and runs[0]

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
+from helpers.text_model import make_tokenizer
 from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
 from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel, TextTracker
-from text_model import make_tokenizer
 
 PROMPT = "Tell me a story."
 

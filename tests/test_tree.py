@@ -119,7 +119,12 @@ def test_load_tree_forms_agree(tmp_path):
 INVALID_PATHS = [
     ("missing prefix", [[0], [1, 0]], {}, r"tree path \[1, 0\] needs its prefix \[1\], which is missing"),
     ("rank beyond top-k", [[0], [3]], {"topk": 2}, r"tree path \[3\] uses rank 3, beyond top-2"),
-    ("depth beyond heads", [[0], [0, 0], [0, 0, 0]], {"num_heads": 2}, r"\[0, 0, 0\] is 3 deep but there are only 2 heads"),
+    (
+        "depth beyond heads",
+        [[0], [0, 0], [0, 0, 0]],
+        {"num_heads": 2},
+        r"\[0, 0, 0\] is 3 deep but there are only 2 heads",
+    ),
     ("duplicate path", [[0], [1], [0]], {}, r"tree path \[0\] appears twice"),
     ("negative rank", [[0], [-1]], {}, r"tree path \[-1\] must hold non-negative integer ranks"),
     ("fractional rank", [[0], [0.5]], {}, r"tree path \[0.5\] must hold non-negative integer ranks"),
@@ -183,7 +188,9 @@ def test_rank_beyond_topk_from_a_file_is_rejected(tmp_path):
 
 def test_missing_file_is_rejected(tmp_path):
     missing = tmp_path / "nope.json"
-    with pytest.raises(MedusaError, match=r"is neither a default size \(8, 16, 32, 64\), a JSON list of paths, nor an existing file"):
+    with pytest.raises(
+        MedusaError, match=r"is neither a default size \(8, 16, 32, 64\), a JSON list of paths, nor an existing file"
+    ):
         load_tree(str(missing), num_heads=4)
 
 

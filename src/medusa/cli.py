@@ -13,8 +13,14 @@ COMMANDS = {
     "generate": ("medusa.commands.generate", "generate text with Medusa decoding"),
     "bench": ("medusa.commands.bench", "Spec-Bench against transformers' decoding, or the step cost curve"),
     "tree": ("medusa.commands.tree", "profile the heads, build the greedy tree, tune its size to this device"),
-    "prompts": ("medusa.commands.prompts", "make context-grounded prompts (summarise, answer from documents) from a pool's answers"),
-    "distill": ("medusa.commands.distill", "let the base model answer a prompt pool itself (training data for the heads)"),
+    "prompts": (
+        "medusa.commands.prompts",
+        "make context-grounded prompts (summarise, answer from documents) from a pool's answers",
+    ),
+    "distill": (
+        "medusa.commands.distill",
+        "let the base model answer a prompt pool itself (training data for the heads)",
+    ),
     "train": ("medusa.commands.train", "train Medusa heads: stage 1 on a frozen base, stage 2 with LoRA on the base"),
     "chat": ("medusa.commands.chat", "chat in the terminal, answers streamed (one message per line when piped)"),
     "serve": ("medusa.commands.serve", "serve the OpenAI API (chat, completions) over HTTP"),

@@ -1,4 +1,5 @@
-"""Durable file writes: every file medusa writes goes through here.
+"""Reading and writing the project's files: one clear error for a JSON file that is missing, unreadable or not
+JSON, and durable writes for every file medusa writes.
 
 A write that is killed (or loses power) half-way must leave the previous file intact, never a truncated one
 under the final name. So a file is written to a temporary name in the same directory, flushed and fsynced,
@@ -21,6 +22,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from medusa.errors import MedusaError
 
 TEMPORARY_MARK = ".partial-"
 # Leftovers of the writers this module replaced: ``.step-N.tmp`` checkpoint directories, and ``X.json.tmp``,
@@ -162,3 +166,26 @@ def remove_stale_temporaries(directory: str | Path) -> list[Path]:
     for entry in removed:
         _remove(entry)
     return removed
+
+
+def parse_json(text: str, what: str) -> Any:
+    """``text`` as JSON; ``what`` names it in the error ("tree [[0], [1").
+
+    The error keeps the decoder's line and column, the part a user needs to find the mistake.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise MedusaError(f"{what} is not valid JSON: {error}") from None
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    """The JSON file at ``path``; ``what`` says what it holds ("cost curve"), and every error names it and the path."""
+    path = Path(path)
+    if not path.exists():
+        raise MedusaError(f"{what} {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MedusaError(f"cannot read {what} {path}: {getattr(error, 'strerror', None) or error}") from None
+    return parse_json(text, f"{what} {path}")

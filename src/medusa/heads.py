@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from medusa.errors import MedusaError
-from medusa.files import atomic_path, write_json
+from medusa.files import atomic_path, read_json, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
@@ -44,21 +44,21 @@ class MedusaHeadsConfig:
         write_json(Path(directory) / CONFIG_NAME, {"model_type": "medusa_heads", **asdict(self)})
 
     @classmethod
-    def load(cls, directory: str | Path) -> "MedusaHeadsConfig":
+    def load(cls, directory: str | Path) -> MedusaHeadsConfig:
+        """Our own layout only; ``medusa.interop.load_heads_config`` reads the other projects' layouts too."""
         if not Path(directory).is_dir():
             raise MedusaError(f"heads directory {directory} does not exist")
-        from medusa import interop  # the original project's layout and vLLM's read as well
-
-        layout = interop.foreign_layout(directory)
-        if layout is not None:
-            return interop.official_heads_config(directory) if layout == "medusa" else interop.vllm_heads_config(directory)
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise MedusaError(f"no Medusa heads config at {path}")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"heads config {path} is not valid JSON: {error}") from None
+        raw = read_json(path, "heads config")
+        if not isinstance(raw, dict):
+            raise MedusaError(f"heads config {path} is not a JSON object")
+        if "medusa_num_heads" in raw or raw.get("model_type") == "medusa":
+            raise MedusaError(
+                f"heads config {path} is in the original Medusa project's layout or vLLM's; read it with "
+                "medusa.interop.load_heads (MedusaModel.from_pretrained does)"
+            )
         known = {f.name for f in fields(cls)}
         missing = {"hidden_size", "vocab_size"} - raw.keys()
         if missing:
@@ -154,16 +154,9 @@ class MedusaHeads(nn.Module):
         self.config.save(directory)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> "MedusaHeads":
+    def from_pretrained(cls, directory: str | Path, base_lm_head: nn.Module | None = None) -> MedusaHeads:
+        """Our own layout only; ``medusa.interop.load_heads`` reads the other projects' layouts too."""
         directory = Path(directory)
-        if not directory.is_dir():
-            raise MedusaError(f"heads directory {directory} does not exist")
-        from medusa import interop
-
-        layout = interop.foreign_layout(directory)
-        if layout is not None:
-            load = interop.load_official_heads if layout == "medusa" else interop.load_vllm_heads
-            return load(directory, base_lm_head=base_lm_head)
         config = MedusaHeadsConfig.load(directory)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():

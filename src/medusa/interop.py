@@ -27,18 +27,19 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import MedusaError
-from medusa.files import atomic_path, write_json, write_text
-from medusa.heads import CONFIG_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.files import atomic_path, read_json, write_json, write_text
+from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.tree import Tree
 
 if TYPE_CHECKING:
-    from medusa.model import MedusaModel
+    from transformers import PreTrainedModel
 
 OFFICIAL_SAFETENSORS = "medusa_lm_head.safetensors"
 OFFICIAL_PICKLE = "medusa_lm_head.pt"
@@ -47,15 +48,25 @@ TREE_FILE = "tree.json"
 FORMATS = ("medusa", "vllm")
 
 
+class ExportedModel(Protocol):
+    """What exporting reads from a ``medusa.model.MedusaModel``.
+
+    Spelled out here because loading (in ``medusa.model``) uses this module: importing the class back would
+    tie the two modules in a cycle.
+    """
+
+    heads: MedusaHeads | None
+    base_model: PreTrainedModel
+    name: str
+    heads_tree: Tree
+
+
 # ----- which layout a directory holds -----------------------------------------------------------
 
 
 def _read_config(directory: Path) -> dict:
     path = directory / CONFIG_NAME
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"heads config {path} is not valid JSON: {error}") from None
+    raw = read_json(path, "heads config")
     if not isinstance(raw, dict):
         raise MedusaError(f"heads config {path} is not a JSON object")
     return raw
@@ -71,11 +82,35 @@ def foreign_layout(directory: str | Path) -> str | None:
         return "medusa"
     if raw.get("model_type") == "medusa" and "num_heads" in raw:
         return "vllm"
-    if not (directory / "medusa_heads.safetensors").is_file() and any(
+    if not (directory / WEIGHTS_NAME).is_file() and any(
         (directory / name).is_file() for name in (OFFICIAL_SAFETENSORS, OFFICIAL_PICKLE)
     ):
         return "medusa"
     return None
+
+
+def load_heads_config(directory: str | Path) -> MedusaHeadsConfig:
+    """The heads' config from any layout we read: ours, the original project's or vLLM's."""
+    if not Path(directory).is_dir():
+        raise MedusaError(f"heads directory {directory} does not exist")
+    layout = foreign_layout(directory)
+    if layout == "medusa":
+        return official_heads_config(directory)
+    if layout == "vllm":
+        return vllm_heads_config(directory)
+    return MedusaHeadsConfig.load(directory)
+
+
+def load_heads(directory: str | Path, base_lm_head: torch.nn.Module | None = None) -> MedusaHeads:
+    """Heads from any layout we read: ours, the original project's or vLLM's, told apart by their config."""
+    if not Path(directory).is_dir():
+        raise MedusaError(f"heads directory {directory} does not exist")
+    layout = foreign_layout(directory)
+    if layout == "medusa":
+        return load_official_heads(directory, base_lm_head=base_lm_head)
+    if layout == "vllm":
+        return load_vllm_heads(directory, base_lm_head=base_lm_head)
+    return MedusaHeads.from_pretrained(directory, base_lm_head=base_lm_head)
 
 
 # ----- reading the original layout --------------------------------------------------------------
@@ -217,7 +252,8 @@ def vllm_heads_config(directory: str | Path) -> MedusaHeadsConfig:
     truncated = raw.get("truncated_vocab_size") or raw["vocab_size"]
     if truncated != raw["vocab_size"]:
         raise MedusaError(
-            f"{directory}: heads with a truncated vocabulary ({truncated} of {raw['vocab_size']} tokens) are not supported"
+            f"{directory}: heads with a truncated vocabulary ({truncated} of {raw['vocab_size']} tokens) "
+            "are not supported"
         )
     return MedusaHeadsConfig(
         hidden_size=raw["hidden_size"],
@@ -243,7 +279,9 @@ def load_vllm_heads(directory: str | Path, base_lm_head: torch.nn.Module | None 
     ours = {}
     for i in range(config.num_heads):
         for j in range(config.num_layers):
-            ours[f"blocks.{i}.{j}.linear.weight"] = _take(state, f"blocks.{i}.layers.{j}.weight", (hidden, hidden), path)
+            ours[f"blocks.{i}.{j}.linear.weight"] = _take(
+                state, f"blocks.{i}.layers.{j}.weight", (hidden, hidden), path
+            )
             ours[f"blocks.{i}.{j}.linear.bias"] = (
                 _take(state, f"blocks.{i}.layers.{j}.bias", (hidden,), path) if with_bias else torch.zeros(hidden)
             )
@@ -261,7 +299,7 @@ def load_vllm_heads(directory: str | Path, base_lm_head: torch.nn.Module | None 
 # ----- writing -----------------------------------------------------------------------------------
 
 
-def _projection_weights(model: MedusaModel) -> list[torch.Tensor]:
+def _projection_weights(model: ExportedModel) -> list[torch.Tensor]:
     """Each head's ``[V, H]`` projection; heads that share the base lm_head get its weight."""
     heads = model.heads
     if heads.projections is not None:
@@ -281,7 +319,7 @@ def _cpu(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).clone().contiguous()
 
 
-def official_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def official_state(model: ExportedModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The heads under the original project's names, projections materialised."""
     heads = _require_heads(model)
     layers = heads.config.num_layers
@@ -294,7 +332,7 @@ def official_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict
     return state
 
 
-def official_config(model: MedusaModel) -> dict:
+def official_config(model: ExportedModel) -> dict:
     """The original ``MedusaConfig`` fields, plus the sizes and bias flag vLLM needs to serve the same files."""
     heads = _require_heads(model)
     config = heads.config
@@ -309,7 +347,7 @@ def official_config(model: MedusaModel) -> dict:
     }
 
 
-def vllm_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def vllm_state(model: ExportedModel, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The heads under vLLM's ``Medusa`` parameter names; shared heads write one ``lm_head.weight``."""
     heads = _require_heads(model)
     state = {}
@@ -326,7 +364,7 @@ def vllm_state(model: MedusaModel, dtype: torch.dtype | None = None) -> dict[str
     return state
 
 
-def vllm_config(model: MedusaModel, dtype: torch.dtype | None = None) -> dict:
+def vllm_config(model: ExportedModel, dtype: torch.dtype | None = None) -> dict:
     """The fields vLLM's ``MedusaConfig`` and ``Medusa`` read.
 
     vLLM renames every config key holding both "num" and "heads" (or "layers") to ``num_heads``
@@ -350,13 +388,13 @@ def vllm_config(model: MedusaModel, dtype: torch.dtype | None = None) -> dict:
     }
 
 
-def _require_heads(model: MedusaModel) -> MedusaHeads:
+def _require_heads(model: ExportedModel) -> MedusaHeads:
     if model.heads is None:
         raise MedusaError("this model has no heads to export")
     return model.heads
 
 
-def lossy_for_the_original(model: MedusaModel) -> str | None:
+def lossy_for_the_original(model: ExportedModel) -> str | None:
     """Why the original project's code cannot hold these heads exactly, or None when it can.
 
     It builds a head's blocks as ``[ResBlock(H)] * L``: one block object repeated, so loading a checkpoint
@@ -373,7 +411,7 @@ def lossy_for_the_original(model: MedusaModel) -> str | None:
 
 
 def export_heads(
-    model: MedusaModel,
+    model: ExportedModel,
     directory: str | Path,
     format: str = "medusa",
     dtype: torch.dtype | None = None,
@@ -385,8 +423,8 @@ def export_heads(
     plain tensor state dict, ``torch.save``), because the original project's loader reads only the ``.pt``.
     Heads the original code cannot hold exactly (``lossy_for_the_original``) are refused unless
     ``allow_lossy``, and then exported with a warning. The tree goes along as ``tree.json``: neither project
-    reads it, but loading the directory back here does. It is the tree without a lookup chain
-    (``plain_tree``), since ``tree.json`` holds head paths only. Weights are written before the config that
+    reads it, but loading the directory back here does. It is the heads' tree, without a lookup chain
+    (``heads_tree``), since ``tree.json`` holds head paths only. Weights are written before the config that
     describes them, each file atomically.
     """
     if format not in FORMATS:
@@ -411,5 +449,5 @@ def export_heads(
         with atomic_path(directory / VLLM_WEIGHTS) as temporary:
             save_file(state, str(temporary), metadata={"format": "pt"})
     write_json(directory / CONFIG_NAME, config)
-    write_text(directory / TREE_FILE, model.plain_tree.to_json() + "\n")
+    write_text(directory / TREE_FILE, model.heads_tree.to_json() + "\n")
     return directory

@@ -110,10 +110,14 @@ def load_base_model(
         path = Path(source)
         name = path.stem if path.suffix == ".gguf" else path.name
     if not path.exists():
-        raise MedusaError(f"base model {path} does not exist (nothing is downloaded: give a local directory or .gguf file)")
+        raise MedusaError(
+            f"base model {path} does not exist (nothing is downloaded: give a local directory or .gguf file)"
+        )
     if path.is_file():
         if path.suffix != ".gguf":
-            raise MedusaError(f"base model {path} is a file but not a .gguf file; give a model directory or a GGUF file")
+            raise MedusaError(
+                f"base model {path} is a file but not a .gguf file; give a model directory or a GGUF file"
+            )
         path = _gguf_as_safetensors(path)
     elif not (path / "config.json").is_file():
         raise MedusaError(f"base model directory {path} has no config.json")

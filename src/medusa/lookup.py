@@ -23,7 +23,9 @@ MAX_LOOKUP_NODES = 24  # the chain's depth; a CUDA-graph capture's warm-up steps
 
 def check_lookup(nodes: int, max_ngram: int) -> None:
     if isinstance(nodes, bool) or not isinstance(nodes, int) or not 0 <= nodes <= MAX_LOOKUP_NODES:
-        raise MedusaError(f"lookup nodes must be an integer from 0 (no lookup branch) to {MAX_LOOKUP_NODES}, got {nodes!r}")
+        raise MedusaError(
+            f"lookup nodes must be an integer from 0 (no lookup branch) to {MAX_LOOKUP_NODES}, got {nodes!r}"
+        )
     if isinstance(max_ngram, bool) or not isinstance(max_ngram, int) or not 1 <= max_ngram <= MAX_NGRAM:
         raise MedusaError(f"lookup n-gram size must be an integer from 1 to {MAX_NGRAM}, got {max_ngram!r}")
 

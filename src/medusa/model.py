@@ -18,10 +18,11 @@ from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generati
 from medusa.errors import MedusaError
 from medusa.files import write_text
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.interop import load_heads, load_heads_config
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
-from medusa.treeopt.tuned import tuned_tree
+from medusa.tuned_trees import tuned_tree
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
@@ -128,10 +129,10 @@ class MedusaModel(nn.Module):
         heads: MedusaHeads | None,
         tree: Tree | str | Sequence[Sequence[int]] | None = None,
         name: str | None = None,
-        plain_tree: Tree | None = None,
+        heads_tree: Tree | None = None,
     ) -> None:
-        """``tree`` decodes one sequence by default and may carry a lookup chain; ``plain_tree`` (default:
-        ``tree`` without its chain) serves batches and ``lookup=0``."""
+        """``tree`` decodes one sequence by default and may carry a lookup chain; ``heads_tree``, the tree of
+        head paths only (default: ``tree`` without its chain), serves batches and ``lookup=0``."""
         super().__init__()
         self.base_model = base_model
         self.tokenizer = tokenizer
@@ -149,10 +150,10 @@ class MedusaModel(nn.Module):
         self.batch_trees: dict[int, Tree] = {}
         self.node_budget = NODE_BUDGET
         self.tree = load_tree(tree, heads.config.num_heads) if heads is not None else Tree.from_paths([])
-        if plain_tree is not None and heads is not None:
-            self.plain_tree = load_tree(plain_tree, heads.config.num_heads).with_lookup(0)
+        if heads_tree is not None and heads is not None:
+            self.heads_tree = load_tree(heads_tree, heads.config.num_heads).with_lookup(0)
         else:
-            self.plain_tree = self.tree.with_lookup(0)
+            self.heads_tree = self.tree.with_lookup(0)
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -170,7 +171,7 @@ class MedusaModel(nn.Module):
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
-    ) -> "MedusaModel":
+    ) -> MedusaModel:
         """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
 
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
@@ -205,19 +206,19 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        plain_tree = None
+        heads_tree = None
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
-            heads_config = MedusaHeadsConfig.load(directory)
+            heads_config = load_heads_config(directory)
             check_heads_match(heads_config, base_model)
             if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
                 device = model_device(base_model)
-                tree = tuned_tree(directory, device, heads_config.num_heads, lookup=True)
-                plain_tree = tuned_tree(directory, device, heads_config.num_heads)
+                tree = tuned_tree(directory, device, heads_config.num_heads, chained=True)
+                heads_tree = tuned_tree(directory, device, heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
-            heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
-        return cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
+            heads = load_heads(directory, base_lm_head=lm_head)
+        return cls(base_model, tokenizer, heads, tree=tree, name=name, heads_tree=heads_tree)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""
@@ -225,7 +226,7 @@ class MedusaModel(nn.Module):
             raise MedusaError("this model has no heads to save")
         directory = Path(directory)
         self.heads.save_pretrained(directory)
-        write_text(directory / TREE_FILE, self.plain_tree.to_json() + "\n")
+        write_text(directory / TREE_FILE, self.heads_tree.to_json() + "\n")
 
     # ----- generation ---------------------------------------------------------------------------
 
@@ -333,7 +334,7 @@ class MedusaModel(nn.Module):
             if chosen is None:
                 chosen = self.batch_trees.get(bucket)
                 if chosen is None:  # not tuned for this batch size: keep rows x nodes within a budget
-                    chosen = (self.plain_tree if options.lookup == 0 else self.tree).first_nodes(
+                    chosen = (self.heads_tree if options.lookup == 0 else self.tree).first_nodes(
                         self.node_budget // bucket)
             return chosen if options.lookup is None else chosen.with_lookup(options.lookup)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medusa.errors import MedusaError
+from medusa.files import parse_json
 
 # Probability that head k's rank-r guess is the right token, a generic prior shaped like the head
 # accuracies the paper reports. Only used to lay out the default trees; `medusa tree` builds trees
@@ -66,7 +67,7 @@ class Tree:
     @classmethod
     def from_paths(
         cls, paths: Sequence[Sequence[int]], topk: int | None = None, num_heads: int | None = None, lookup: int = 0
-    ) -> "Tree":
+    ) -> Tree:
         normalised = _validate_paths(paths, topk, num_heads)
         if isinstance(lookup, bool) or not isinstance(lookup, int) or lookup < 0:
             raise MedusaError(f"lookup must be a number of nodes, 0 or more, got {lookup!r}")
@@ -113,7 +114,7 @@ class Tree:
             valid[row, : len(leaf)] = True
         return cls(tuple(ordered), topk, mask, depths, parents, candidate_index, retrieve, valid, sibling_rank, lookup)
 
-    def with_lookup(self, lookup: int) -> "Tree":
+    def with_lookup(self, lookup: int) -> Tree:
         """The same head paths with a lookup chain of ``lookup`` nodes (0: none)."""
         if lookup == self.lookup:
             return self
@@ -135,7 +136,7 @@ class Tree:
         if deepest > num_heads:
             raise MedusaError(f"tree is {deepest} deep but there are only {num_heads} heads")
 
-    def to(self, device: torch.device | str) -> "Tree":
+    def to(self, device: torch.device | str) -> Tree:
         return Tree(
             self.paths,
             self.topk,
@@ -210,7 +211,9 @@ def expected_accept_length(paths: Sequence[Sequence[int]] | Tree, accuracy: Sequ
     total = 1.0
     for path in paths.paths if isinstance(paths, Tree) else paths:
         if len(path) > len(accuracy):
-            raise MedusaError(f"tree path {list(path)} is {len(path)} deep but the accuracy table has {len(accuracy)} heads")
+            raise MedusaError(
+                f"tree path {list(path)} is {len(path)} deep but the accuracy table has {len(accuracy)} heads"
+            )
         chance = 1.0
         for depth, rank in enumerate(path):
             if rank >= len(accuracy[depth]):
@@ -258,10 +261,7 @@ def load_tree(spec: str | Path | Tree | Sequence[Sequence[int]] | None, num_head
 
 
 def _tree_from_json(text: str, origin: str, num_heads: int) -> Tree:
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"tree {origin} is not valid JSON: {error}") from None
+    raw = parse_json(text, f"tree {origin}")
     if isinstance(raw, dict):
         if "paths" not in raw:
             raise MedusaError(f"tree {origin} has no 'paths' list")

@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-from tiny_bench_assets import one_thread, questions_file, tiny_model_dir  # noqa: F401  (fixtures)
 
 from medusa.bench import runner
 from medusa.bench.journal import Journal, journal_path, load_journal

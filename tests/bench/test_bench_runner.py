@@ -6,15 +6,13 @@ import json
 from dataclasses import replace
 
 import pytest
-from tiny_bench_assets import one_thread, questions_file, tiny_model_dir  # noqa: F401  (fixtures)
 
 from medusa.bench.report import validate_report
 from medusa.bench.runner import BenchConfig, encode_turn, planned_runs, resolve_cache_length
-from medusa.bench.specbench import turn_messages
-from medusa.model import MedusaModel
-from medusa.bench.specbench import load_questions, select_questions
+from medusa.bench.specbench import load_questions, select_questions, turn_messages
 from medusa.cli import main
 from medusa.errors import MedusaError
+from medusa.model import MedusaModel
 
 
 def run_bench(tiny_model_dir, questions_file, output, *extra):
@@ -30,7 +28,14 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     validate_report(report)
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| prompt-lookup |" in (tmp_path / "summary.md").read_text()
-    assert list(report["methods"]) == ["autoregressive", "medusa", "hf-generate", "prompt-lookup", "medusa-lookup", "lookup"]
+    assert list(report["methods"]) == [
+        "autoregressive",
+        "medusa",
+        "hf-generate",
+        "prompt-lookup",
+        "medusa-lookup",
+        "lookup",
+    ]
     # One question per category; writing and roleplay have a second turn.
     rows = [(q["id"], q["turn"]) for q in report["questions"]]
     assert rows == [(1, 1), (1, 2), (3, 1), (3, 2), (4, 1), (6, 1)]
@@ -144,7 +149,7 @@ def test_runs_in_parts_merge_into_one_report(tiny_model_dir, questions_file, tmp
 
 
 def test_lookup_methods_run_the_chain_tuned_for_the_device_unless_told():
-    from conftest import TINY_VOCAB, make_tiny_model
+    from helpers.models import TINY_VOCAB, make_tiny_model
     from medusa.bench.runner import lookup_nodes
     from medusa.heads import MedusaHeads, MedusaHeadsConfig
     from medusa.tree import Tree

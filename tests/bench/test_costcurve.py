@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tiny_bench_assets import one_thread  # noqa: F401  (fixture)
 
 from medusa.bench.costcurve import (
     DEFAULT_SIZES,

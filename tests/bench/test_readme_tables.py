@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_bench_report import META, METHODS, hand_made_records
 
+from helpers.bench import META, METHODS, hand_made_records
 from medusa.bench.readme import main, refresh_tables
 from medusa.bench.report import build_report, write_report
 from medusa.errors import MedusaError
@@ -26,7 +26,9 @@ def run(tmp_path):
 
 def test_a_block_gets_the_reports_overall_table_and_the_rest_is_kept(run):
     refreshed = refresh_tables(page("runs/a/bench.json"), run)
-    assert refreshed.startswith("# Performance\n\nbefore\n<!-- bench-table: runs/a/bench.json -->\n| method | prompts |")
+    assert refreshed.startswith(
+        "# Performance\n\nbefore\n<!-- bench-table: runs/a/bench.json -->\n| method | prompts |"
+    )
     assert refreshed.endswith("<!-- /bench-table -->\nafter\n") and "stale" not in refreshed
     rows = [line for line in refreshed.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0] for row in rows] == [f"| {method}" for method in METHODS]

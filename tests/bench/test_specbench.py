@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tiny_bench_assets import QUESTIONS, questions_file  # noqa: F401  (fixture)
 
-from conftest import SPEC_BENCH
+from helpers.bench import QUESTIONS
+from helpers.models import SPEC_BENCH
 from medusa.bench.specbench import (
     MT_BENCH_CATEGORIES,
     default_questions_path,
@@ -27,7 +27,12 @@ def test_load_keeps_order_fields_and_turns(questions_file):
 
 def test_limit_counts_per_category_in_file_order(questions_file):
     chosen = select_questions(load_questions(questions_file), limit=1)
-    assert [(q.category, q.question_id) for q in chosen] == [("writing", 1), ("roleplay", 3), ("qa", 4), ("translation", 6)]
+    assert [(q.category, q.question_id) for q in chosen] == [
+        ("writing", 1),
+        ("roleplay", 3),
+        ("qa", 4),
+        ("translation", 6),
+    ]
 
 
 def test_categories_select_and_mt_bench_means_its_eight(questions_file):

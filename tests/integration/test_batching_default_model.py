@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import SPEC_BENCH
+from helpers.models import SPEC_BENCH
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from serve_support import MODEL_NAME, one_thread, running_server, serve_model, server  # noqa: F401  (fixtures)
+
+from helpers.serve import MODEL_NAME, running_server
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 

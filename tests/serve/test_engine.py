@@ -6,8 +6,8 @@ import threading
 import time
 
 import pytest
-from serve_support import make_slow_model, one_thread, serve_model  # noqa: F401  (fixtures)
 
+from helpers.serve import make_slow_model
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, EngineStopped, Failed, Finished, QueueFull
 

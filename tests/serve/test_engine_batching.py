@@ -8,8 +8,8 @@ import time
 
 import httpx
 import pytest
-from serve_support import make_slow_model, one_thread, running_server, serve_model  # noqa: F401  (fixtures)
 
+from helpers.serve import make_slow_model, running_server
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, Failed, Finished

@@ -7,7 +7,8 @@ import json
 
 import httpx
 import pytest
-from serve_support import MODEL_NAME, one_thread, serve_model, server  # noqa: F401  (fixtures)
+
+from helpers.serve import MODEL_NAME
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"

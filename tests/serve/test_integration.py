@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from serve_support import RunningServer
 
+from helpers.serve import RunningServer
 from medusa.serve import EngineConfig, ServeSettings
 
 

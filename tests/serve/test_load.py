@@ -9,7 +9,8 @@ import time
 
 import httpx
 import pytest
-from serve_support import MODEL_NAME, make_slow_model, one_thread, running_server, serve_model  # noqa: F401
+
+from helpers.serve import MODEL_NAME, make_slow_model, running_server
 
 CLIENTS = 32
 PROMPT = "Tell me a story."
@@ -96,7 +97,7 @@ def test_a_client_leaving_mid_stream_frees_the_model(slow_server):
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             assert next(lines).startswith("data: ")  # the role chunk
-            assert '"content"' in next(l for l in lines if l)  # generation is under way
+            assert '"content"' in next(line for line in lines if line)  # generation is under way
         # leaving the block closes the connection mid-stream
     assert quick_request_seconds(slow_server.url) < 2.0  # not the seconds the 200 tokens would take
     deadline = time.monotonic() + 5

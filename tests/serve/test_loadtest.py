@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict
 
 import pytest
-from serve_support import one_thread, running_server, serve_model  # noqa: F401  (fixtures)
 
+from helpers.serve import running_server
 from medusa.errors import MedusaError
 from medusa.serve import loadtest
 

@@ -6,8 +6,6 @@ import json
 
 import pytest
 
-from training_assets import tokenizer  # noqa: F401  (fixture)
-
 from medusa.errors import MedusaError
 from medusa.training.data import (
     Collator,

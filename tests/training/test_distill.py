@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from training_assets import make_base, tokenizer  # noqa: F401  (fixture)
 
+from helpers.training import make_base
 from medusa.cli import main
 from medusa.training.config import DistillConfig
 from medusa.training.data import read_prompts

@@ -10,12 +10,20 @@ from medusa.cli import main
 from medusa.errors import MedusaError
 from medusa.training.data import read_prompts
 from medusa.training.prompt_tasks import (
-    ARTICLE, TASKS, TOPIC_TEMPLATES, PromptTaskConfig, clean_document, default_topics_path, make_prompts, read_topics,
+    ARTICLE,
+    TASKS,
+    TOPIC_TEMPLATES,
+    PromptTaskConfig,
+    clean_document,
+    default_topics_path,
+    make_prompts,
+    read_topics,
 )
 
 POOL = [
     {"question": "Tom has 3 apples and buys 4 more. How many now?",
-     "answer": "Tom buys 4 apples, so he has 3 + 4 = <<3+4=7>>7 apples. That is the number he has after shopping.\n#### 7"},
+     "answer": "Tom buys 4 apples, so he has 3 + 4 = <<3+4=7>>7 apples. "
+               "That is the number he has after shopping.\n#### 7"},
     {"instruction": "Describe a lighthouse keeper's morning.", "input": "",
      "response": "The keeper climbs the spiral stairs before dawn, trims the wick, polishes the great lens and "
                  "writes the weather in the log while gulls circle the gallery outside."},

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 from safetensors.torch import load_file
-from training_assets import make_base, tokenizer  # noqa: F401  (fixture)
 
+from helpers.training import make_base
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeads
 from medusa.model import MedusaModel
@@ -17,7 +17,6 @@ from medusa.training.config import TrainConfig
 from medusa.training.data import Collator, load_examples
 from medusa.training.objective import MedusaObjective
 from medusa.training.trainer import Trainer
-
 
 
 @pytest.fixture(autouse=True)

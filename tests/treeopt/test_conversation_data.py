@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from helpers.treeopt import tiny_tokenizer
 from medusa.errors import MedusaError
-from medusa.treeopt.data import read_profile_examples, read_prompts
-from treeopt_assets import tiny_tokenizer
+from medusa.treeopt.data import read_evaluation_prompts, read_profile_examples
 
 
 def test_conversations_are_tokenised_with_their_answers_marked(tmp_path):
@@ -41,16 +41,26 @@ def test_conversations_are_tokenised_with_their_answers_marked(tmp_path):
 
 def test_prompts_come_from_spec_bench_conversations_and_instructions(tmp_path):
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps([
-        {"question_id": 1, "category": "writing", "turns": ["first", "second"]},
-        {"question_id": 2, "category": "writing", "turns": ["again"]},
-        {"question_id": 3, "category": "qa", "turns": ["why?"]},
-        {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
-        {"instruction": "add", "input": "1 2"},
-        {"nothing": 1},
-        {"question_id": 4, "turns": []},
-    ]))
-    prompts, skipped = read_prompts([path])
+    path.write_text(
+        json.dumps(
+            [
+                {"question_id": 1, "category": "writing", "turns": ["first", "second"]},
+                {"question_id": 2, "category": "writing", "turns": ["again"]},
+                {"question_id": 3, "category": "qa", "turns": ["why?"]},
+                {
+                    "conversations": [
+                        {"from": "system", "value": "be brief"},
+                        {"from": "human", "value": "hi"},
+                        {"from": "gpt", "value": "x"},
+                    ]
+                },
+                {"instruction": "add", "input": "1 2"},
+                {"nothing": 1},
+                {"question_id": 4, "turns": []},
+            ]
+        )
+    )
+    prompts, skipped = read_evaluation_prompts([path])
     assert prompts == [
         [{"role": "user", "content": "first"}],
         [{"role": "user", "content": "again"}],
@@ -60,7 +70,7 @@ def test_prompts_come_from_spec_bench_conversations_and_instructions(tmp_path):
     ]
     assert len(skipped) == 2 and "'turns' must be" in skipped[1]
     # the limit counts per category, so every Spec-Bench task stays represented
-    limited, _ = read_prompts([path], limit=1)
+    limited, _ = read_evaluation_prompts([path], limit=1)
     assert [p[-1]["content"] for p in limited] == ["first", "why?", "hi"]
     with pytest.raises(MedusaError, match="does not exist"):
-        read_prompts([tmp_path / "missing.jsonl"])
+        read_evaluation_prompts([tmp_path / "missing.jsonl"])

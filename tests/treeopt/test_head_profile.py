@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
+from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.errors import MedusaError
 from medusa.training.data import Example
 from medusa.treeopt.profile import HeadProfile, heads_fingerprint, profile_heads
-from treeopt_assets import fresh_heads, greedy_continuation
 
 NUM_HEADS, TOPK = 3, 4
 

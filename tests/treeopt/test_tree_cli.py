@@ -6,12 +6,17 @@ import json
 
 import pytest
 
+from helpers.treeopt import save_tiny_setup, tiny_tokenizer, write_conversations
 from medusa.cli import main
 from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.profile import HeadProfile
-from medusa.treeopt.tuned import read_tuned_trees
-from treeopt_assets import save_tiny_setup, tiny_tokenizer, write_conversations
+from medusa.tuned_trees import TUNED_FILE
+
+
+def tuned_entries(heads_dir) -> dict[str, dict]:
+    """The tuned trees as written on disk: the file format, not its reader, is what later releases must read."""
+    return json.loads((heads_dir / TUNED_FILE).read_text())["devices"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,9 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert profile.position_ranks.positions == profile.samples  # kept for the walk estimate
     assert "profiled 3 heads" in capsys.readouterr().out
 
-    assert main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
+    assert (
+        main(["tree", "build", "--heads", str(heads_dir), "--nodes", "6", "--plot-dir", str(directory / "plots")]) == 0
+    )
     out = capsys.readouterr().out
     tree = Tree.from_paths(json.loads((heads_dir / "tree.json").read_text())["paths"])
     assert tree.size <= 6 and "expected accepted tokens per step" in out
@@ -44,7 +51,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert main(["tree", "tune", *common, "--sizes", "1,2,4", "--context", "8", "--steps", "2", "--repeats", "1",
                  "--save-cost-curve", str(curve), "--plot-dir", str(directory / "plots")]) == 0
     out = capsys.readouterr().out
-    entry = read_tuned_trees(heads_dir)["cpu"]
+    entry = tuned_entries(heads_dir)["cpu"]
     assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
     assert entry["estimate"] == "walk"  # the default, since the profile has the walk data
     assert json.loads(curve.read_text())["device"] == "cpu"
@@ -56,11 +63,11 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     flat = directory / "flat.json"
     flat.write_text(json.dumps({"device": "Fancy GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 2, 4)]}))
     assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat)]) == 0
-    assert read_tuned_trees(heads_dir)["Fancy GPU"]["nodes"] == 4
+    assert tuned_entries(heads_dir)["Fancy GPU"]["nodes"] == 4
     # a size limit is kept with the choice it bounded
     assert main(["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(flat), "--max-nodes", "2"]) == 0
-    assert {k: read_tuned_trees(heads_dir)["Fancy GPU"][k] for k in ("nodes", "max_nodes")} == {"nodes": 2, "max_nodes": 2}
-    assert read_tuned_trees(heads_dir)["cpu"] == entry  # other devices are kept
+    assert {k: tuned_entries(heads_dir)["Fancy GPU"][k] for k in ("nodes", "max_nodes")} == {"nodes": 2, "max_nodes": 2}
+    assert tuned_entries(heads_dir)["cpu"] == entry  # other devices are kept
 
     results = directory / "evaluate.json"
     assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
@@ -115,14 +122,14 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     curve.write_text(json.dumps({"device": "Chain GPU", "points": [{"nodes": n, "seconds": 0.01} for n in (1, 4, 8)]}))
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "4"]) == 0
     out = capsys.readouterr().out
-    entry = read_tuned_trees(heads_dir)["Chain GPU"]
+    entry = tuned_entries(heads_dir)["Chain GPU"]
     assert "chain" in out and "best with a lookup chain" in out
     chained = entry["lookup"]
     assert chained["lookup"] == 4 and chained["nodes"] in (4, 8) and len(chained["paths"]) + 1 + 4 == chained["nodes"]
     assert entry["nodes"] == 8 and "lookup" not in Tree.from_paths(entry["paths"]).to_json()
 
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "0"]) == 0
-    assert "lookup" not in read_tuned_trees(heads_dir)["Chain GPU"] and "chain" not in capsys.readouterr().out
+    assert "lookup" not in tuned_entries(heads_dir)["Chain GPU"] and "chain" not in capsys.readouterr().out
     assert main(["tree", "tune", *heads, "--cost-curve", str(curve), "--lookup", "99"]) == 2
     assert "--lookup must be auto or a number of nodes from 0 to 24, got 99" in capsys.readouterr().err
 
@@ -130,7 +137,10 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     assert main(["tree", "evaluate", *common, "--profile", str(profile_path), "--data", str(data), "--limit", "2",
                  "--sizes", "4", "--lookup", "0,3", "--max-new-tokens", "8", "--output", str(results)]) == 0
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
-    assert set(rows) == {"greedy-4", "greedy-4+lookup-3"} and rows["greedy-4+lookup-3"]["nodes"] == rows["greedy-4"]["nodes"] + 3
+    assert (
+        set(rows) == {"greedy-4", "greedy-4+lookup-3"}
+        and rows["greedy-4+lookup-3"]["nodes"] == rows["greedy-4"]["nodes"] + 3
+    )
     assert rows["greedy-4+lookup-3"]["expected_walk"] >= rows["greedy-4"]["expected_walk"]
     assert "expected_joint" not in rows["greedy-4+lookup-3"]
     assert main(["tree", "evaluate", *common, "--data", str(data), "--lookup", "2,x"]) == 2

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
+from helpers.treeopt import fresh_heads
 from medusa.errors import MedusaError
 from medusa.engine import EngineOptions
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from medusa.treeopt.tune import CostCurve, choose_size, choose_tree, measure_step_seconds
-from medusa.treeopt.tuned import TUNED_FILE, device_kind, read_tuned_trees, tuned_tree, write_tuned_tree
-from treeopt_assets import fresh_heads
+from medusa.treeopt.tune import CostCurve, choose_tree, measure_step_seconds
+from medusa.tuned_trees import (
+    TUNED_FILE,
+    ChainedTree,
+    TunedTree,
+    device_kind,
+    read_tuned_trees,
+    tuned_tree,
+    write_tuned_tree,
+)
 
 EXPECTED = {1: 1.0, 2: 1.6, 4: 2.1, 8: 2.5, 16: 2.8, 32: 3.0}
+
+
+def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None):
+    """The best heads' tree without a lookup chain: ``choose_tree`` over (nodes, 0) pairs."""
+    return choose_tree({(n, 0): value for n, value in expected.items()}, cost, max_nodes)
 
 
 def test_best_size_maximises_expected_tokens_per_second():
@@ -59,14 +73,14 @@ def test_cost_curves_load_in_both_formats(tmp_path):
 
 def test_tuned_trees_are_kept_per_device_kind(tmp_path):
     assert device_kind("cpu") == "cpu"
-    write_tuned_tree(tmp_path, "cpu", {"nodes": 3, "topk": 2, "paths": [[0], [1]], "num_heads": 2})
-    write_tuned_tree(tmp_path, "NVIDIA H100 80GB HBM3", {"nodes": 2, "topk": 1, "paths": [[0]], "num_heads": 2})
+    write_tuned_tree(tmp_path, "cpu", TunedTree(nodes=3, topk=2, paths=[[0], [1]], num_heads=2))
+    write_tuned_tree(tmp_path, "NVIDIA H100 80GB HBM3", TunedTree(nodes=2, topk=1, paths=[[0]], num_heads=2))
     assert set(read_tuned_trees(tmp_path)) == {"cpu", "NVIDIA H100 80GB HBM3"}
     assert tuned_tree(tmp_path, "cpu", num_heads=2).paths == ((0,), (1,))
     assert tuned_tree(tmp_path / "elsewhere", "cpu", num_heads=2) is None
     with pytest.raises(MedusaError, match="tuned for 2 heads, but these heads have 3"):
         tuned_tree(tmp_path, "cpu", num_heads=3)
-    write_tuned_tree(tmp_path, "cpu", {"topk": 2, "paths": [[0], [1], [0, 0, 0]]})
+    write_tuned_tree(tmp_path, "cpu", TunedTree(topk=2, paths=[[0], [1], [0, 0, 0]]))
     with pytest.raises(MedusaError, match=r"tuned tree for 'cpu'.*3 deep but there are only 2 heads"):
         tuned_tree(tmp_path, "cpu", num_heads=2)
 
@@ -78,15 +92,15 @@ def test_loading_heads_prefers_the_tree_tuned_for_this_device(tmp_path):
     (heads_dir / "tree.json").write_text(Tree.from_paths([[0], [0, 0]]).to_json())
     assert MedusaModel.from_pretrained(base, heads=heads_dir).tree.paths == ((0,), (0, 0))  # no tuned tree yet
 
-    write_tuned_tree(heads_dir, "cpu", {"topk": 3, "paths": [[0], [1], [2], [0, 0]], "num_heads": 2})
-    write_tuned_tree(heads_dir, "Some GPU", {"topk": 1, "paths": [[0]], "num_heads": 2})
+    write_tuned_tree(heads_dir, "cpu", TunedTree(topk=3, paths=[[0], [1], [2], [0, 0]], num_heads=2))
+    write_tuned_tree(heads_dir, "Some GPU", TunedTree(topk=1, paths=[[0]], num_heads=2))
     model = MedusaModel.from_pretrained(base, heads=heads_dir)
     assert model.tree.paths == ((0,), (1,), (2,), (0, 0)) and model.tree.topk == 3
     # an explicit tree wins
     assert MedusaModel.from_pretrained(base, heads=heads_dir, tree="8").tree.size == 8
     # a broken tuned file is reported, not ignored
     (heads_dir / TUNED_FILE).write_text("{not json")
-    with pytest.raises(MedusaError, match="tuned trees .* are not valid JSON"):
+    with pytest.raises(MedusaError, match="tuned trees .* is not valid JSON"):
         MedusaModel.from_pretrained(base, heads=heads_dir)
 
 
@@ -128,15 +142,15 @@ def test_the_tuned_lookup_tree_drives_decoding_and_lookup_0_takes_the_plain_one(
     base = make_tiny_model("llama")
     heads_dir = tmp_path / "heads"
     fresh_heads(base, num_heads=2).save_pretrained(heads_dir)
-    entry = {"topk": 2, "paths": [[0], [1], [0, 0]], "num_heads": 2,
-             "lookup": {"topk": 1, "paths": [[0]], "lookup": 6, "nodes": 8}}
+    entry = TunedTree(topk=2, paths=[[0], [1], [0, 0]], num_heads=2,
+                      chained=ChainedTree(topk=1, paths=[[0]], lookup=6, nodes=8))
     write_tuned_tree(heads_dir, "cpu", entry)
     assert tuned_tree(heads_dir, "cpu", num_heads=2).lookup == 0
-    chained = tuned_tree(heads_dir, "cpu", num_heads=2, lookup=True)
+    chained = tuned_tree(heads_dir, "cpu", num_heads=2, chained=True)
     assert (chained.paths, chained.lookup, chained.size) == (((0,),), 6, 8)
 
     model = MedusaModel.from_pretrained(base, heads=heads_dir)
-    assert model.tree.lookup == 6 and model.plain_tree.paths == ((0,), (1,), (0, 0)) and model.plain_tree.lookup == 0
+    assert model.tree.lookup == 6 and model.heads_tree.paths == ((0,), (1,), (0, 0)) and model.heads_tree.lookup == 0
     assert model.tree_for(EngineOptions()).lookup == 6
     plain = model.tree_for(EngineOptions(lookup=0))
     assert (plain.paths, plain.lookup) == (((0,), (1,), (0, 0)), 0)
@@ -148,6 +162,23 @@ def test_the_tuned_lookup_tree_drives_decoding_and_lookup_0_takes_the_plain_one(
     for lookup in (None, 0, 3):
         assert model.generate([5, 6, 7], max_new_tokens=12, lookup=lookup).token_ids == reference
 
-    write_tuned_tree(heads_dir, "cpu", entry | {"lookup": {"paths": [[0]], "lookup": 40}})
+    write_tuned_tree(heads_dir, "cpu", replace(entry, chained=ChainedTree(paths=[[0]], lookup=40)))
     with pytest.raises(MedusaError, match=r"its lookup tree.*lookup nodes must be an integer from 0"):
-        tuned_tree(heads_dir, "cpu", num_heads=2, lookup=True)
+        tuned_tree(heads_dir, "cpu", num_heads=2, chained=True)
+
+
+def test_the_shipped_tuned_trees_read_and_write_back_unchanged(tmp_path):
+    """The file format is the dataclass's: every entry written by earlier tuners reads and writes back as it was."""
+    from medusa.loading import DEFAULT_MODEL_NAME
+    from medusa.model import shipped_heads_directory
+
+    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME)
+    written = json.loads((shipped / TUNED_FILE).read_text())["devices"]
+    for kind, tuned in read_tuned_trees(shipped).items():
+        entry = tuned.to_json()
+        assert {key: value for key, value in entry.items() if key in written[kind] or value is not None} == written[
+            kind
+        ]
+        write_tuned_tree(tmp_path, kind, tuned)
+    assert read_tuned_trees(tmp_path) == read_tuned_trees(shipped)
+    assert tuned_tree(tmp_path, "cpu", num_heads=4) == tuned_tree(shipped, "cpu", num_heads=4)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_model
+from helpers.models import make_tiny_model
+from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
@@ -20,7 +21,6 @@ from medusa.tree import Tree
 from medusa.treeopt.build import build_tree, default_estimate, expected_length, expected_lengths, has_walk, node_chances
 from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, PositionRanks, profile_heads
 from medusa.treeopt.walk import accepted_depths, walk_steps
-from treeopt_assets import fresh_heads, greedy_continuation
 
 SHIPPED_PROFILE = Path(__file__).resolve().parents[2] / "src/medusa/assets/heads/smollm2-135m-instruct" / PROFILE_FILE
 
@@ -99,7 +99,9 @@ def clustered_profile(positions: int = 30_000, seed: int = 0) -> HeadProfile:
     while len(rows) < positions:
         easiness = rng.choice([0.1, 0.5, 0.95])
         for _ in range(rng.integers(2, 40)):
-            rank = np.where(rng.random(num_heads) < easiness, np.minimum(rng.geometric(0.6, num_heads) - 1, topk - 1), -1)
+            rank = np.where(
+                rng.random(num_heads) < easiness, np.minimum(rng.geometric(0.6, num_heads) - 1, topk - 1), -1
+            )
             rows.append(tuple(int(r) for r in rank))
     rows = rows[:positions]
     cuts = np.sort(rng.choice(np.arange(1, positions), size=positions // 300, replace=False))
@@ -143,7 +145,10 @@ def test_position_ranks_round_trip_and_malformed_ones_are_refused(tmp_path):
         (lambda r: r["position_ranks"]["segments"].append(5), "add up to 3005"),
         (lambda r: r["position_ranks"].update(ranks="not base64!"), "cannot be decoded"),
         (lambda r: r["position_ranks"].update(positions=2000, segments=[2000]), "bytes, not 2000 positions"),
-        (lambda r: r.update(topk=4, accuracy=[row[:4] for row in r["accuracy"]], path_counts=[]), "beyond the profile's top-4"),
+        (
+            lambda r: r.update(topk=4, accuracy=[row[:4] for row in r["accuracy"]], path_counts=[]),
+            "beyond the profile's top-4",
+        ),
     ]:
         broken = json.loads(json.dumps(raw))
         change(broken)
@@ -264,7 +269,9 @@ def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
         tokens, steps = walk_steps(depths, walk.segments)
         assert expected_length(profile, tree, "walk") == pytest.approx(tokens[0] / steps[0])
         greedy = build_tree(profile, 4, "walk").with_lookup(lookup)
-        assert expected_lengths(profile, [4], "walk", lookup=lookup)[4] == pytest.approx(expected_length(profile, greedy, "walk"))
+        assert expected_lengths(profile, [4], "walk", lookup=lookup)[4] == pytest.approx(
+            expected_length(profile, greedy, "walk")
+        )
         assert expected_length(profile, tree, "walk") > expected_length(profile, heads_only, "walk")
 
 

@@ -195,7 +195,8 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
     context_limit = model.context_length
     if context_limit is not None and config.context + max(config.sizes) > context_limit:
         raise MedusaError(
-            f"context {config.context} plus a {max(config.sizes)}-node tree exceeds the model's {context_limit} positions"
+            f"context {config.context} plus a {max(config.sizes)}-node tree exceeds the model's "
+            f"{context_limit} positions"
         )
     weight_bytes = parameter_bytes(model.base_model)
     bandwidth = measure_bandwidth(model.device)
@@ -270,7 +271,9 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
     axis.set_xlabel("tree nodes verified per step")
     axis.set_ylabel("milliseconds")
     meta = result["meta"]
-    axis.set_title(f"{meta['model']} on {meta['device']} ({meta['dtype']}, context {meta['context']})", fontsize="medium")
+    axis.set_title(
+        f"{meta['model']} on {meta['device']} ({meta['dtype']}, context {meta['context']})", fontsize="medium"
+    )
     axis.legend(fontsize="small")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

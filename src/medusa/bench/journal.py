@@ -14,6 +14,7 @@ from pathlib import Path
 
 from medusa.bench.report import question_rows
 from medusa.bench.runner import Record, Sample
+from medusa.bench.specbench import Question
 from medusa.errors import MedusaError
 from medusa.files import append_text, write_text
 
@@ -82,7 +83,9 @@ def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
         header = json.loads(lines[0])
         recorded = header["settings"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        raise MedusaError(f"{path}, line 1: not a benchmark journal's settings line (remove it to start afresh)") from None
+        raise MedusaError(
+            f"{path}, line 1: not a benchmark journal's settings line (remove it to start afresh)"
+        ) from None
     differing = [key for key in RESUME_SETTINGS if recorded.get(key) != settings.get(key)]
     if differing:
         key = differing[0]
@@ -98,7 +101,49 @@ def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
             records.append(record_from_json(json.loads(line)))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
             if number == len(lines):
-                notes.append(f"{path}, line {number}: cut short (the run stopped while writing it); that prompt runs again")
+                notes.append(
+                    f"{path}, line {number}: cut short (the run stopped while writing it); that prompt runs again"
+                )
                 break
-            raise MedusaError(f"{path}, line {number}: malformed record ({error}); the journal cannot be resumed") from None
+            raise MedusaError(
+                f"{path}, line {number}: malformed record ({error}); the journal cannot be resumed"
+            ) from None
     return records, notes
+
+
+def refuse_unfinished(output_dir: str | Path, resume: bool) -> None:
+    """Refuse to start afresh over an unfinished run's journal (its prompts would be lost): before the model loads."""
+    path = journal_path(output_dir)
+    if path.is_file() and not resume:
+        raise MedusaError(
+            f"{path} holds the prompts of a benchmark that stopped before its end; pass --resume to continue "
+            f"it, or choose another --output-dir (remove the file to discard them)"
+        )
+
+
+def start_journal(output_dir: str | Path, meta: dict, resume: bool) -> tuple[Journal, list[Record], list[str]]:
+    """The journal of this run, the records it keeps from an earlier run (when resuming), and notes to show."""
+    path = journal_path(output_dir)
+    settings = resume_settings(meta)
+    done: list[Record] = []
+    notes: list[str] = []
+    if resume and path.is_file():
+        done, notes = load_journal(path, settings)
+        notes.append(f"resuming {path}: {len(done)} prompts already measured")
+    elif resume:
+        notes.append(f"nothing to resume in {Path(output_dir)} (no {path.name}): starting afresh")
+    return Journal(path, settings, done), done, notes
+
+
+def with_earlier(records: Sequence[Record], done: Sequence[Record], questions: Sequence[Question]) -> list[Record]:
+    """A stopped run's records and the earlier run's for the chosen questions it had not reached, in question order."""
+    order = {question.question_id: index for index, question in enumerate(questions)}
+    seen = {(record.question_id, record.turn) for record in records}
+    earlier = [r for r in done if r.question_id in order and (r.question_id, r.turn) not in seen]
+    return sorted([*records, *earlier], key=lambda record: (order[record.question_id], record.turn))
+
+
+def unreported(records: Sequence[Record], done: Sequence[Record]) -> list[Record]:
+    """The earlier run's records of questions this run did not select (the journal keeps them)."""
+    reported = {(record.question_id, record.turn) for record in records}
+    return [record for record in done if (record.question_id, record.turn) not in reported]

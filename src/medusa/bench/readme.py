@@ -14,31 +14,29 @@ rewrites every block from its JSON, so a number in the README cannot drift from 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 from medusa.bench.report import overall_markdown_table, validate_report
 from medusa.errors import MedusaError
-from medusa.files import write_text
+from medusa.files import read_json, write_text
 
 OPENING = "<!-- bench-table:"
 # A block's body never holds another opening, so an unclosed block cannot swallow the next one.
-BLOCK = re.compile(r"<!-- bench-table: (?P<path>[^>]*?) -->\n(?P<body>(?:(?!<!-- bench-table:).)*?)<!-- /bench-table -->",
-                   re.DOTALL)
+BLOCK = re.compile(
+    r"<!-- bench-table: (?P<path>[^>]*?) -->\n(?P<body>(?:(?!<!-- bench-table:).)*?)<!-- /bench-table -->", re.DOTALL
+)
 
 
 def _table_for(path: str, root: Path, line: int) -> str:
     file = root / path.strip()
+    if not file.exists():
+        raise MedusaError(f"line {line}: bench-table block names {path.strip()!r}, which does not exist under {root}")
     try:
-        report = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise MedusaError(f"line {line}: bench-table block names {path.strip()!r}, which does not exist under {root}") from None
-    except OSError as error:
-        raise MedusaError(f"line {line}: cannot read {file}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise MedusaError(f"line {line}: {file} is not valid JSON ({error})") from None
+        report = read_json(file, "benchmark report")
+    except MedusaError as error:
+        raise MedusaError(f"line {line}: {error}") from None
     try:
         validate_report(report)
     except ValueError as error:
@@ -68,7 +66,9 @@ def refresh_tables(text: str, root: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medusa.bench.readme", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", type=Path, help="markdown files; block paths are relative to each file's folder")
+    parser.add_argument(
+        "files", nargs="+", type=Path, help="markdown files; block paths are relative to each file's folder"
+    )
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a block is stale")
     args = parser.parse_args(argv)
     stale = []

@@ -132,7 +132,9 @@ def answer_agreement(rows: Sequence[dict], method: str, other_rows: Sequence[dic
 
     every = [item for items in per_category.values() for item in items]
     if not every:
-        raise ValueError(f"no prompt has token ids for both {method} and {other_method}: run medusa bench --keep-tokens")
+        raise ValueError(
+            f"no prompt has token ids for both {method} and {other_method}: run medusa bench --keep-tokens"
+        )
     return {"overall": summary(every), "per_category": {c: summary(items) for c, items in per_category.items()}}
 
 
@@ -338,7 +340,10 @@ def equality_line(report: dict) -> str:
         return "token equality: not checked (needs autoregressive and one of medusa, medusa-lookup, lookup)"
     parts = []
     for section in ([eq] if eq["compared"] else []) + list(others.values()):
-        part = f"{section['method']} vs {section['reference']}: {section['mismatches']} of {section['compared']} prompts differ"
+        part = (
+            f"{section['method']} vs {section['reference']}: "
+            f"{section['mismatches']} of {section['compared']} prompts differ"
+        )
         first = section["first_mismatch"]
         if first:
             part += f" (first: question {first['question_id']} turn {first['turn']}, token {first['position']})"
@@ -347,14 +352,20 @@ def equality_line(report: dict) -> str:
 
 
 def _threads_text(meta: dict) -> str:
-    return f" ({meta['cpu_threads']} torch thread(s))" if meta.get("device_type") == "cpu" and meta.get("cpu_threads") else ""
+    return (
+        f" ({meta['cpu_threads']} torch thread(s))"
+        if meta.get("device_type") == "cpu" and meta.get("cpu_threads")
+        else ""
+    )
 
 
 def _heads_text(meta: dict) -> str:
     heads = meta["heads"]
     if not heads:
         return "none"
-    text = f"{heads['num_heads']} x {heads['num_layers']} layer(s)" + (", shared lm_head" if heads.get("share_lm_head") else "")
+    text = f"{heads['num_heads']} x {heads['num_layers']} layer(s)" + (
+        ", shared lm_head" if heads.get("share_lm_head") else ""
+    )
     return text + (f" ({meta['heads_source']})" if meta.get("heads_source") else "")
 
 
@@ -379,7 +390,8 @@ def overall_markdown_table(report: dict) -> str:
         s = result["overall"]
         lines.append(
             f"| {method} | {s['prompts']} | {_fmt(s['tokens_per_second'])} | {_fmt(s['median_tokens_per_second'])} | "
-            f"{_fmt(s['mean_accepted'], 2)} | {_fmt(s['speedup'], 2, 'x')} | {_fmt(s['speedup_vs_hf_generate'], 2, 'x')} |"
+            f"{_fmt(s['mean_accepted'], 2)} | {_fmt(s['speedup'], 2, 'x')} | "
+            f"{_fmt(s['speedup_vs_hf_generate'], 2, 'x')} |"
         )
     return "\n".join(lines)
 
@@ -389,7 +401,8 @@ def markdown_summary(report: dict) -> str:
     meta = report["meta"]
     methods = list(report["methods"])
     lines = [
-        f"- Device: {meta['device']}{_threads_text(meta)}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
+        f"- Device: {meta['device']}{_threads_text(meta)}; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}; {meta['dtype']}, batch 1, greedy.",
         f"- Model: {meta['model']}; heads: {_heads_text(meta)}; tree of {meta['tree_size']} nodes{_lookup_text(meta)}; "
         f"max {meta['max_new_tokens']} new tokens; {meta.get('prompts', len(report['questions']))} prompts.",
         f"- Command: `{meta['command']}`",
@@ -404,7 +417,9 @@ def markdown_summary(report: dict) -> str:
         cells = []
         for method in methods:
             s = report["methods"][method]["per_category"][category]
-            cells.append(f"{_fmt(s['tokens_per_second'])} ({_fmt(s['speedup'], 2, 'x')}, {_fmt(s['mean_accepted'], 2)})")
+            cells.append(
+                f"{_fmt(s['tokens_per_second'])} ({_fmt(s['speedup'], 2, 'x')}, {_fmt(s['mean_accepted'], 2)})"
+            )
         prompts = report["methods"][methods[0]]["per_category"][category]["prompts"]
         lines.append(f"| {category} | {prompts} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -436,10 +451,17 @@ def plot_report(report: dict, path: str | Path) -> Path:
             offsets = [p - 0.4 + width * (index + 0.5) for p in positions]
             axis.bar(offsets, values(method, key), width, label=method)
         axis.axhline(1.0, color="black", linewidth=0.8)
-        axis.set_xticks(list(positions), categories, rotation=30 if len(categories) > 6 else 0, ha="right" if len(categories) > 6 else "center")
+        axis.set_xticks(
+            list(positions),
+            categories,
+            rotation=30 if len(categories) > 6 else 0,
+            ha="right" if len(categories) > 6 else "center",
+        )
         axis.set_ylabel(label)
     figure.legend(*axis.get_legend_handles_labels(), loc="outside lower center", ncols=len(methods))
-    figure.suptitle(f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium")
+    figure.suptitle(
+        f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium"
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as temporary:

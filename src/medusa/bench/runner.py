@@ -58,7 +58,9 @@ class BenchConfig:
         self.methods = tuple(self.methods)
         unknown = [m for m in self.methods if m not in METHOD_NAMES]
         if unknown or not self.methods:
-            raise MedusaError(f"unknown benchmark method(s) {unknown or '(none given)'}; choose among {', '.join(METHOD_NAMES)}")
+            raise MedusaError(
+                f"unknown benchmark method(s) {unknown or '(none given)'}; choose among {', '.join(METHOD_NAMES)}"
+            )
         if len(set(self.methods)) != len(self.methods):
             raise MedusaError(f"benchmark methods repeat: {list(self.methods)}")
         if self.turns not in (1, 2):
@@ -127,9 +129,9 @@ class OurDecoder:
     """Our decoding loop: with heads and the tree, or plainly one token per step on the same cache;
     either with the tree's lookup branch added."""
 
-    def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig, lookup: bool = False) -> None:
+    def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig, with_lookup: bool = False) -> None:
         self.name = {(True, False): MEDUSA, (False, False): AUTOREGRESSIVE,
-                     (True, True): MEDUSA_LOOKUP, (False, True): LOOKUP}[use_heads, lookup]
+                     (True, True): MEDUSA_LOOKUP, (False, True): LOOKUP}[use_heads, with_lookup]
         if use_heads and model.heads is None:
             raise MedusaError(f"the {self.name} method needs heads, but the model has none")
         self.model = model
@@ -138,7 +140,7 @@ class OurDecoder:
             use_heads=use_heads,
             cuda_graphs=config.cuda_graphs,
             compile=config.compile,
-            lookup=lookup_nodes(model, config) if lookup else 0,
+            lookup=lookup_nodes(model, config) if with_lookup else 0,
             cache_length=config.cache_length if isinstance(config.cache_length, int) else None,
         )
 
@@ -250,8 +252,8 @@ def make_methods(model: MedusaModel, config: BenchConfig) -> list[Method]:
         MEDUSA: lambda: OurDecoder(model, use_heads=True, config=config),
         HF_GENERATE: lambda: TransformersGenerate(model, config, prompt_lookup=False),
         PROMPT_LOOKUP: lambda: TransformersGenerate(model, config, prompt_lookup=True),
-        MEDUSA_LOOKUP: lambda: OurDecoder(model, use_heads=True, config=config, lookup=True),
-        LOOKUP: lambda: OurDecoder(model, use_heads=False, config=config, lookup=True),
+        MEDUSA_LOOKUP: lambda: OurDecoder(model, use_heads=True, config=config, with_lookup=True),
+        LOOKUP: lambda: OurDecoder(model, use_heads=False, config=config, with_lookup=True),
     }
     return [makers[name]() for name in config.methods]
 
@@ -270,7 +272,9 @@ def _method_plan(questions: Sequence[Question], config: BenchConfig) -> list[tup
 
 def planned_runs(questions: Sequence[Question], config: BenchConfig, done: Sequence[Record] = ()) -> int:
     """How many single generations ``run_benchmark`` will do, warm-up included (for a progress bar)."""
-    plan = [(q, names) for q, names in zip(questions, _method_plan(questions, config)) if not _finished(q, config, done)]
+    plan = [
+        (q, names) for q, names in zip(questions, _method_plan(questions, config)) if not _finished(q, config, done)
+    ]
     if not plan:
         return 0
     warmup = min(config.warmup, len(questions)) * len(config.methods)
@@ -312,7 +316,7 @@ def resolve_cache_length(model: MedusaModel, questions: Sequence[Question], conf
         return None
     longest = max(len(encode_turn(model, turn_messages(question, 0, []))) for question in questions)
     chain = lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else 0
-    largest_tree = (model.plain_tree.size if model.heads is not None else 1) + chain
+    largest_tree = (model.heads_tree.size if model.heads is not None else 1) + chain
     return longest + config.max_new_tokens + largest_tree
 
 
@@ -375,7 +379,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "heads": None if heads is None else {
             "num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head,
         },
-        "tree_size": model.plain_tree.size if model.heads is not None else 1,
+        "tree_size": model.heads_tree.size if model.heads is not None else 1,
         "max_new_tokens": config.max_new_tokens,
         "turns": config.turns,
         "methods": list(config.methods),

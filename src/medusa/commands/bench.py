@@ -10,18 +10,25 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-import torch
 
-from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
+from medusa.bench.costcurve import (
+    SHAPES,
+    CostCurveConfig,
+    cost_curve,
+    plot_cost_curve,
+    random_model,
+    validate_cost_curve,
+)
 from medusa.bench.environment import environment
-from medusa.bench.journal import Journal, journal_path, load_journal, resume_settings
+from medusa.bench.journal import refuse_unfinished, start_journal, unreported, with_earlier
 from medusa.bench.report import (
     build_report,
     equality_line,
@@ -40,11 +47,11 @@ from medusa.bench.runner import (
     resolve_cache_length,
     run_benchmark,
 )
-from medusa.bench.specbench import Question, default_questions_path, load_questions, select_questions
+from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
-from medusa.files import write_json, write_text
+from medusa.files import read_json, write_json, write_text
 from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
 from medusa.model import MedusaModel, shipped_heads_directory
@@ -53,18 +60,29 @@ from medusa.model import MedusaModel, shipped_heads_directory
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     bench = parser.add_argument_group("Spec-Bench (the default mode)")
-    bench.add_argument("--questions", help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl beside the checkout)")
+    bench.add_argument(
+        "--questions",
+        help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench/question.jsonl beside the checkout)",
+    )
     bench.add_argument("--categories", help="comma-separated categories (mt_bench means its eight; default: all)")
     bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
     bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
                        help="2 also runs the MT-bench second turns, after the reference method's first answer")
     bench.add_argument("--max-new-tokens", type=int, default=256)
-    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
+    bench.add_argument(
+        "--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}"
+    )
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
-    bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")
-    bench.add_argument("--lookup-nodes", type=int, default=None,
-                       help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
-                            "tune` chose for this device, else 10)")
+    bench.add_argument(
+        "--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup"
+    )
+    bench.add_argument(
+        "--lookup-nodes",
+        type=int,
+        default=None,
+        help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
+        "tune` chose for this device, else 10)",
+    )
     bench.add_argument("--transformers-limit", type=int,
                        help="run hf-generate and prompt-lookup only on the first N questions of each category "
                             "(they are slow; speedups over them use the prompts both ran)")
@@ -86,7 +104,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     curve = parser.add_argument_group("cost curve (--cost-curve)")
     curve.add_argument("--cost-curve", action="store_true",
                        help="instead of Spec-Bench, time one decoding step against the tree's size")
-    curve.add_argument("--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model")
+    curve.add_argument(
+        "--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model"
+    )
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
     curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
@@ -106,31 +126,21 @@ def run(args: argparse.Namespace) -> int:
     if args.cost_curve:
         return run_cost_curve(args)
     if args.shape:
-        raise MedusaError("--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)")
+        raise MedusaError(
+            "--shape only applies with --cost-curve; Spec-Bench needs a real model and tokenizer (--model)"
+        )
     if args.merge:
         return run_merge(args)
-    config = BenchConfig(
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        max_new_tokens=args.max_new_tokens,
-        turns=args.turns,
-        warmup=args.warmup,
-        cuda_graphs=not args.no_cuda_graphs,
-        compile=_compile_setting(args.compile),
-        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
-        lookup=args.lookup_nodes,
-        transformers_limit=args.transformers_limit,
-        cache_length=_cache_length_setting(args.cache_length),
-    )
+    return run_spec_bench(args)
+
+
+def run_spec_bench(args: argparse.Namespace) -> int:
+    config = _bench_config(args)
     questions_file = Path(args.questions) if args.questions else default_questions_path()
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     questions = select_questions(load_questions(questions_file), categories, args.limit)
     output = Path(args.output_dir)
-    journal_file = journal_path(output)
-    if journal_file.is_file() and not args.resume:
-        raise MedusaError(
-            f"{journal_file} holds the prompts of a benchmark that stopped before its end; pass --resume to continue "
-            f"it, or choose another --output-dir (remove the file to discard them)"
-        )
+    refuse_unfinished(output, args.resume)
     model = load_model(args)
     config = replace(config, cache_length=resolve_cache_length(model, questions, config))
     meta = {
@@ -142,23 +152,17 @@ def run(args: argparse.Namespace) -> int:
         "categories": categories,
         "limit_per_category": args.limit,
     }
-    done: list[Record] = []
-    if args.resume and journal_file.is_file():
-        done, notes = load_journal(journal_file, resume_settings(meta))
-        for note in notes:
-            print(note, file=sys.stderr)
-        print(f"resuming {journal_file}: {len(done)} prompts already measured", file=sys.stderr)
-    elif args.resume:
-        print(f"nothing to resume in {output} (no {journal_file.name}): starting afresh", file=sys.stderr)
-    journal = Journal(journal_file, resume_settings(meta), done)
+    journal, done, notes = start_journal(output, meta, args.resume)
+    for note in notes:
+        print(note, file=sys.stderr)
     records: list[Record] = []
     try:
         with _sigterm_as_interrupt(), _progress(planned_runs(questions, config, done)) as advance:
             run_benchmark(model, questions, config, progress=advance, done=done, on_record=journal.append,
                           records=records)
     except KeyboardInterrupt:
-        measured = _with_earlier(records, done, questions)
-        print(f"stopped after {len(measured)} prompts; {journal_file} keeps every prompt measured: rerun with --resume "
+        measured = with_earlier(records, done, questions)
+        print(f"stopped after {len(measured)} prompts; {journal.path} keeps every prompt measured: rerun with --resume "
               f"to continue", file=sys.stderr)
         if measured:
             meta.update(prompts=len(measured), complete=False)
@@ -166,22 +170,28 @@ def run(args: argparse.Namespace) -> int:
         return 130
     meta.update(prompts=len(records), complete=True)
     status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
-    reported = {(record.question_id, record.turn) for record in records}
-    left_out = [record for record in done if (record.question_id, record.turn) not in reported]
+    left_out = unreported(records, done)
     if left_out:
-        print(f"kept {journal_file}: it holds {len(left_out)} prompts of questions this run did not select",
+        print(f"kept {journal.path}: it holds {len(left_out)} prompts of questions this run did not select",
               file=sys.stderr)
     else:
         journal.remove()  # the report holds it all now
     return status
 
 
-def _with_earlier(records: list[Record], done: list[Record], questions: Sequence[Question]) -> list[Record]:
-    """A stopped run's records and the earlier run's for the chosen questions it had not reached, in question order."""
-    order = {question.question_id: index for index, question in enumerate(questions)}
-    seen = {(record.question_id, record.turn) for record in records}
-    earlier = [r for r in done if r.question_id in order and (r.question_id, r.turn) not in seen]
-    return sorted([*records, *earlier], key=lambda record: (order[record.question_id], record.turn))
+def _bench_config(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        max_new_tokens=args.max_new_tokens,
+        turns=args.turns,
+        warmup=args.warmup,
+        cuda_graphs=not args.no_cuda_graphs,
+        compile=_compile_setting(args.compile),
+        prompt_lookup_num_tokens=args.prompt_lookup_tokens,
+        lookup=args.lookup_nodes,
+        transformers_limit=args.transformers_limit,
+        cache_length=_cache_length_setting(args.cache_length),
+    )
 
 
 @contextlib.contextmanager
@@ -226,13 +236,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def run_merge(args: argparse.Namespace) -> int:
     reports = []
     for name in args.merge:
-        path = Path(name)
-        if not path.is_file():
-            raise MedusaError(f"benchmark report {path} does not exist")
-        try:
-            reports.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"benchmark report {path} is not valid JSON: {error}") from None
+        reports.append(read_json(name, "benchmark report"))
     try:
         merged = merge_reports(reports)
     except ValueError as error:
@@ -345,8 +349,12 @@ def _heads_source(args: argparse.Namespace) -> str:
 
 def _command_meta(args: argparse.Namespace) -> dict:
     arguments = {k: v for k, v in vars(args).items() if k != "handler" and not callable(v)}
-    return {"command": shlex.join(["medusa", *sys.argv[1:]]) if _ran_as_medusa() else "medusa (called in-process)",
-            "arguments": {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in arguments.items()}}
+    return {
+        "command": shlex.join(["medusa", *sys.argv[1:]]) if _ran_as_medusa() else "medusa (called in-process)",
+        "arguments": {
+            k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in arguments.items()
+        },
+    }
 
 
 def _ran_as_medusa() -> bool:

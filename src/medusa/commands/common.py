@@ -44,7 +44,8 @@ def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
                             f"earlier in the prompt or answer (0: off; at most {MAX_LOOKUP_NODES}; default: the chain "
                             "`medusa tree tune` chose for this device, if any)")
     group.add_argument("--lookup-ngram", type=int, default=DEFAULT_MAX_NGRAM,
-                       help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} (default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
+                       help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} "
+                            f"(default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
 
 
 def lookup_options(args: argparse.Namespace) -> dict:

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):,.0f} tokens/s")
     for line in work.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)
-    more = f" (first 20 shown)" if len(work.skipped) > 20 else ""
+    more = " (first 20 shown)" if len(work.skipped) > 20 else ""
     print(f"wrote {len(work.pending)} rows to {config.output} ({work.done + len(work.pending)} in all); "
           f"{int(tokens)} new tokens at {tokens / max(seconds, 1e-9):,.0f} tokens/s; "
           f"skipped {len(work.skipped)} records{more}", file=sys.stderr)

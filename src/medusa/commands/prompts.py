@@ -1,4 +1,5 @@
-"""``medusa prompts``: prompts for self-distillation: document tasks over a pool's answers, topic tasks from templates."""
+"""``medusa prompts``: prompts for self-distillation: document tasks over a pool's answers, topic tasks from
+templates."""
 
 from __future__ import annotations
 

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"head {head['head']} (token t+{head['head'] + 2}): top-1 {head['top1']:.3f}  top-5 {head['top5']:.3f}  "
               f"over {head['positions']} held-out positions")
     if "backbone_agreement" in result.accuracy:
-        print(f"adapted backbone agrees with the original's next token at {result.accuracy['backbone_agreement']:.3f} of positions")
+        print("adapted backbone agrees with the original's next token at "
+              f"{result.accuracy['backbone_agreement']:.3f} of positions")
     print(f"heads saved to {result.heads_dir}" + (f"; adapter to {result.adapter_dir}" if result.adapter_dir else "")
           + (f"; merged model to {result.merged_dir}" if result.merged_dir else ""))
     return 0

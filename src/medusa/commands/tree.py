@@ -32,11 +32,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     profile = sub.add_parser("profile", help="measure head accuracies on held-out conversations")
     _add_model_arguments(profile)
-    profile.add_argument("--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)")
+    profile.add_argument(
+        "--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)"
+    )
     profile.add_argument("--limit", type=int, default=200, help="conversations to use (default 200)")
-    profile.add_argument("--offset", type=int, default=0, help="skip this many records first (say, those the heads were trained on)")
+    profile.add_argument(
+        "--offset", type=int, default=0, help="skip this many records first (say, those the heads were trained on)"
+    )
     profile.add_argument("--topk", type=int, default=10, help="ranks to measure per head (default 10)")
-    profile.add_argument("--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)")
+    profile.add_argument(
+        "--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)"
+    )
     profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
 
     build = sub.add_parser("build", help="the greedy tree of N nodes from the profile")
@@ -50,36 +56,71 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
     _add_answer_length_argument(tune)
-    tune.add_argument("--cost-curve", help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) instead of timing here')
+    tune.add_argument(
+        "--cost-curve",
+        help='use this cost curve ({"points": [{"nodes", "seconds"}]}, from medusa bench --cost-curve) '
+        "instead of timing here",
+    )
     tune.add_argument("--sizes", help="tree sizes to time (default 1,2,3,4,6,8,12,16,24,32,48,64,96,128,192,256)")
-    tune.add_argument("--max-nodes", type=int, default=256, help="largest tree to consider, lookup chain included (default 256)")
-    tune.add_argument("--lookup", default="auto",
-                      help="auto (default): also try lookup chains of 2 to 24 nodes beside each heads' tree, when the profile "
-                           "measured the lookup branch, and keep one if it is faster; 0: no lookup branch; N: tune the heads' "
-                           "tree for a chain of N nodes")
+    tune.add_argument(
+        "--max-nodes", type=int, default=256, help="largest tree to consider, lookup chain included (default 256)"
+    )
+    tune.add_argument(
+        "--lookup",
+        default="auto",
+        help="auto (default): also try lookup chains of 2 to 24 nodes beside each heads' tree, when the profile "
+        "measured the lookup branch, and keep one if it is faster; 0: no lookup branch; N: tune the heads' "
+        "tree for a chain of N nodes",
+    )
     tune.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps (default 128)")
     tune.add_argument("--steps", type=int, default=16, help="timed steps per run (default 16)")
     tune.add_argument("--repeats", type=int, default=3, help="timed runs per size; the median counts (default 3)")
-    tune.add_argument("--device-kind", help="save under this device kind (default: the cost curve's device, else this device)")
+    tune.add_argument(
+        "--device-kind", help="save under this device kind (default: the cost curve's device, else this device)"
+    )
     tune.add_argument("--save-cost-curve", help="also write the measured cost curve here")
     tune.add_argument("--dry-run", action="store_true", help="report the choice without writing tuned_trees.json")
     tune.add_argument("--plot-dir", help="write tokens/s and accepted length against N, and the chosen tree, here")
 
-    evaluate = sub.add_parser("evaluate", help="decode prompts with several trees: measured vs expected accepted length")
+    evaluate = sub.add_parser(
+        "evaluate", help="decode prompts with several trees: measured vs expected accepted length"
+    )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
-    evaluate.add_argument("--estimate", choices=ESTIMATE_CHOICES, help="estimate used to build the trees and to report errors: " + ESTIMATE_HELP)
-    evaluate.add_argument("--data", nargs="+", required=True, help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records")
-    evaluate.add_argument("--limit", type=int, default=10, help="prompts per category (Spec-Bench), else in all (default 10)")
-    evaluate.add_argument("--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)")
-    evaluate.add_argument("--lookup", default="0",
-                          help="lookup chains to add to each greedy tree, comma-separated node counts (default 0: none); "
-                               "0 among them keeps the trees without a chain")
-    evaluate.add_argument("--default-trees", action="store_true", help="also decode with the default trees of the same sizes")
+    evaluate.add_argument(
+        "--estimate",
+        choices=ESTIMATE_CHOICES,
+        help="estimate used to build the trees and to report errors: " + ESTIMATE_HELP,
+    )
+    evaluate.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="prompts: Spec-Bench question.jsonl, conversations, prompt/question/instruction records",
+    )
+    evaluate.add_argument(
+        "--limit", type=int, default=10, help="prompts per category (Spec-Bench), else in all (default 10)"
+    )
+    evaluate.add_argument(
+        "--sizes", default="8,16,32,64", help="greedy trees from the profile to decode with (default 8,16,32,64)"
+    )
+    evaluate.add_argument(
+        "--lookup",
+        default="0",
+        help="lookup chains to add to each greedy tree, comma-separated node counts (default 0: none); "
+        "0 among them keeps the trees without a chain",
+    )
+    evaluate.add_argument(
+        "--default-trees", action="store_true", help="also decode with the default trees of the same sizes"
+    )
     evaluate.add_argument("--tuned", action="store_true",
                           help="also decode with the tree tuned for this device (and its lookup tree, if it has one)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=128,
-                          help="new tokens per prompt (default 128); the walk estimate reads as many positions of each profiled answer")
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="new tokens per prompt (default 128); the walk estimate reads as many positions of each profiled answer",
+    )
     evaluate.add_argument("--output", help="write the results as JSON here")
     evaluate.add_argument("--plot-dir", help="write measured and expected accepted length against N here")
 
@@ -92,20 +133,28 @@ def _add_heads_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_answer_length_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256,
-                        help="estimate for generations of this many new tokens: the walk reads only the first N positions "
-                             "of each profiled answer (default 256; 0: whole answers)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="estimate for generations of this many new tokens: the walk reads only the first N positions "
+        "of each profiled answer (default 256; 0: whole answers)",
+    )
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"profile": run_profile, "build": run_build, "tune": run_tune, "evaluate": run_evaluate}[args.tree_command](args)
+    return {"profile": run_profile, "build": run_build, "tune": run_tune, "evaluate": run_evaluate}[args.tree_command](
+        args
+    )
 
 
 # ----- shared -----------------------------------------------------------------------------------
@@ -185,7 +234,9 @@ def _parse_chains(text: str) -> list[int]:
     except ValueError:
         chains = []
     if not chains or chains[0] < 0 or chains[-1] > MAX_LOOKUP_NODES:
-        raise MedusaError(f"--lookup must list chain lengths from 0 to {MAX_LOOKUP_NODES}, comma-separated, got {text!r}")
+        raise MedusaError(
+            f"--lookup must list chain lengths from 0 to {MAX_LOOKUP_NODES}, comma-separated, got {text!r}"
+        )
     return chains
 
 
@@ -221,22 +272,30 @@ def run_profile(args: argparse.Namespace) -> int:
     if not examples:
         raise MedusaError(f"no usable conversation in {', '.join(args.data)}")
     with _progress(len(examples), "conversation") as bar:
-        profile = profile_heads(model.base_model, model.heads, examples, args.topk, heads_fingerprint(directory), progress=bar.update)
+        profile = profile_heads(
+            model.base_model, model.heads, examples, args.topk, heads_fingerprint(directory), progress=bar.update
+        )
     output = Path(args.output) if args.output else directory / PROFILE_FILE
     profile.save(output)
-    print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; saved {output}")
+    print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; "
+          f"saved {output}")
     for k, row in enumerate(profile.accuracy):
-        print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  top-{profile.topk} {sum(row):.3f}")
+        print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  "
+              f"top-{profile.topk} {sum(row):.3f}")
     if profile.samples:
         sizes = (8, 16, 32, 64)
         curves = {name: expected_lengths(profile, sizes, name) for name in available_estimates(profile)}
-        print(f"  walk data: {profile.position_ranks.positions} positions in {len(profile.position_ranks.segments)} answers"
+        print(f"  walk data: {profile.position_ranks.positions} positions in "
+              f"{len(profile.position_ranks.segments)} answers"
               if has_walk(profile) else "  walk data: none")
         print("  expected tokens per step of the greedy tree: " + ", ".join(
             f"{n} nodes " + " ".join(f"{curve[n]:.2f} ({name})" for name, curve in curves.items()) for n in sizes))
         if has_lookup(profile):
             chained = expected_lengths(profile, sizes, "walk", lookup=10)
-            print("  with a 10-node lookup chain besides (walk): " + ", ".join(f"{n} nodes {chained[n]:.2f}" for n in sizes))
+            print(
+                "  with a 10-node lookup chain besides (walk): "
+                + ", ".join(f"{n} nodes {chained[n]:.2f}" for n in sizes)
+            )
     return 0
 
 
@@ -244,13 +303,14 @@ def run_profile(args: argparse.Namespace) -> int:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from medusa.interop import load_heads_config
     from medusa.treeopt.build import build_tree, expected_lengths
-    from medusa.treeopt.tuned import read_tuned_trees
+    from medusa.tuned_trees import read_tuned_trees
 
     if args.nodes < 1:
         raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
@@ -263,7 +323,9 @@ def run_build(args: argparse.Namespace) -> int:
     print("expected accepted tokens per step: "
           + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items()))
     if tree.size < args.nodes:
-        print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
+        print(
+            f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr
+        )
     tuned = read_tuned_trees(directory)
     if tuned and output == directory / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
@@ -289,98 +351,66 @@ def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) 
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from medusa.treeopt.build import build_tree, expected_grid
+    from medusa.interop import load_heads_config
     from medusa.treeopt.profile import heads_fingerprint
-    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, choose_tree, measure_cost_curve
-    from medusa.treeopt.tuned import device_kind, write_tuned_tree
+    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, greedy_trees, measure_cost_curve, tune_tree
+    from medusa.tuned_trees import device_kind, write_tuned_tree
 
     if args.max_nodes < 1:
         raise MedusaError(f"--max-nodes must be at least 1, got {args.max_nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     chains = _lookup_choices(args.lookup, profile, estimate)
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
-        kind = args.device_kind or cost.device
-        if kind is None:
-            raise MedusaError(f"cost curve {args.cost_curve} names no device: give --device-kind (\"cpu\" or the GPU's name)")
+        if (args.device_kind or cost.device) is None:
+            raise MedusaError(
+                f'cost curve {args.cost_curve} names no device: give --device-kind ("cpu" or the GPU\'s name)'
+            )
     else:
         if min(args.context, args.steps, args.repeats) < 1:
             raise MedusaError("--context, --steps and --repeats must be at least 1")
-        sizes = _parse_sizes(args.sizes, args.max_nodes) if args.sizes else [n for n in DEFAULT_SIZES if n <= args.max_nodes]
+        sizes = (
+            _parse_sizes(args.sizes, args.max_nodes)
+            if args.sizes
+            else [n for n in DEFAULT_SIZES if n <= args.max_nodes]
+        )
         model = _load_model(args, directory)
-        trees = {n: build_tree(profile, n, estimate) for n in sizes}
-        trees = {tree.size: tree for tree in trees.values()}  # a small profile may not fill the largest sizes
+        trees = greedy_trees(profile, sizes, estimate)
         print(f"timing {len(trees)} tree sizes on {device_kind(model.device)}", file=sys.stderr)
         cost = measure_cost_curve(
             model, trees, args.context, args.steps, args.repeats,
             progress=lambda n, s: print(f"  {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr),
         )
-        kind = args.device_kind or cost.device
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
-    totals = [n for n in cost.points if n <= args.max_nodes]
-    pairs = {(total - chain, chain) for total in totals for chain in chains if total - chain >= 1}
-    grid = expected_grid(profile, {n for n, _ in pairs}, chains, estimate)
-    grid = {pair: value for pair, value in grid.items() if pair in pairs}
-    plain = choose_tree({pair: v for pair, v in grid.items() if pair[1] == 0}, cost, args.max_nodes)
-    chained = [pair for pair in grid if pair[1] > 0]
-    best = plain
-    with_chain = None
-    if chained:
-        with_chain = choose_tree({pair: grid[pair] for pair in chained}, cost, args.max_nodes)
-        fixed = args.lookup != "auto"
-        if fixed or with_chain.expected_tokens_per_second > plain.expected_tokens_per_second:
-            best = with_chain
-    _print_tune_table(plain, with_chain, best.total_nodes, grid, cost)
-    length = f", over the first {args.max_new_tokens} tokens of each answer" if args.max_new_tokens and estimate == "walk" else ""
+    kind = args.device_kind or cost.device
+    tuning = tune_tree(profile, cost, estimate, chains, args.max_nodes, keep_chain=args.lookup != "auto")
+    heads, best, tree, chain_tree = tuning.heads_choice, tuning.best, tuning.tree, tuning.chained_tree
+    _print_tune_table(heads, tuning.chain_choice, best.total_nodes, tuning.grid, cost)
+    length = (
+        f", over the first {args.max_new_tokens} tokens of each answer"
+        if args.max_new_tokens and estimate == "walk"
+        else ""
+    )
     print(f"({estimate} estimate of tokens per step{length})")
-    tree = build_tree(profile, plain.nodes, estimate)
     print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
-          f"{plain.expected_accept_length:.2f} tokens/step expected, {plain.expected_tokens_per_second:.1f} tokens/s expected")
-    chain_tree = None
-    if best.lookup:
-        chain_tree = build_tree(profile, best.nodes, estimate).with_lookup(best.lookup)
-        print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a {best.lookup}-node "
-              f"chain): {best.expected_accept_length:.2f} tokens/step expected, {best.expected_tokens_per_second:.1f} tokens/s "
-              f"expected{'; decoding uses it by default here' if best is not plain and not args.dry_run else ''}")
+          f"{heads.expected_accept_length:.2f} tokens/step expected, "
+          f"{heads.expected_tokens_per_second:.1f} tokens/s expected")
+    if chain_tree is not None:
+        in_use = "; decoding uses it by default here" if best is not heads and not args.dry_run else ""
+        print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a "
+              f"{best.lookup}-node chain): {best.expected_accept_length:.2f} tokens/step expected, "
+              f"{best.expected_tokens_per_second:.1f} tokens/s expected{in_use}")
     if not args.dry_run:
-        entry = {
-            "nodes": tree.size, "topk": tree.topk, "paths": [list(p) for p in tree.paths], "num_heads": config.num_heads,
-            "estimate": estimate, "expected_accept_length": round(plain.expected_accept_length, 4),
-            "step_seconds": plain.step_seconds, "expected_tokens_per_second": round(plain.expected_tokens_per_second, 2),
-            "heads_fingerprint": heads_fingerprint(directory), "profile_samples": profile.samples,
-            "max_new_tokens": args.max_new_tokens or None, "max_nodes": args.max_nodes,
-            "cost_curve": cost.to_dict()["points"],
-        }
-        if chain_tree is not None:
-            entry["lookup"] = {
-                "nodes": chain_tree.size, "lookup": best.lookup, "lookup_ngram": profile.position_ranks.lookup_ngram,
-                "topk": chain_tree.topk, "paths": [list(p) for p in chain_tree.paths],
-                "expected_accept_length": round(best.expected_accept_length, 4), "step_seconds": best.step_seconds,
-                "expected_tokens_per_second": round(best.expected_tokens_per_second, 2),
-            }
+        entry = tuning.to_tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
-        from medusa.treeopt.build import node_chances
-        from medusa.treeopt.plots import plot_accept_length, plot_tokens_per_second, plot_tree
+        from medusa.treeopt.plots import plot_tuning
 
-        plot_dir = Path(args.plot_dir)
-        slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
-        heads_sizes = sorted(n for n, chain in grid if chain == 0)
-        lookup_rates = None
-        if with_chain is not None:  # what the chains would give, chosen or not
-            lookup_rates = {total: rate for total, (_, rate) in with_chain.lookup_tokens_per_second.items()}
-        shown = chain_tree or tree
-        written = [
-            plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", plain.tokens_per_second, best.total_nodes,
-                                   kind, lookup_rates=lookup_rates),
-            plot_accept_length(plot_dir / f"accept_length_{slug}.png", {estimate: {n: grid[n, 0] for n in heads_sizes}}),
-            plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, estimate)),
-        ]
-        print("plots: " + ", ".join(map(str, written)))
+        print("plots: " + ", ".join(map(str, plot_tuning(args.plot_dir, tuning, profile, kind))))
     return 0
 
 
@@ -393,13 +423,18 @@ def _lookup_choices(text: str, profile, estimate: str) -> tuple[int, ...]:
     if text == "auto":
         if estimate == "walk" and has_lookup(profile):
             return LOOKUP_CHOICES
-        print("note: this profile did not measure the lookup branch (or the estimate is not walk), so no lookup chain is "
-              "tried; run `medusa tree profile` again to include it", file=sys.stderr)
+        print(
+            "note: this profile did not measure the lookup branch (or the estimate is not walk), so no lookup chain is "
+            "tried; run `medusa tree profile` again to include it",
+            file=sys.stderr,
+        )
         return (0,)
     try:
         chain = int(text)
     except ValueError:
-        raise MedusaError(f"--lookup must be auto or a number of nodes from 0 to {MAX_LOOKUP_NODES}, got {text!r}") from None
+        raise MedusaError(
+            f"--lookup must be auto or a number of nodes from 0 to {MAX_LOOKUP_NODES}, got {text!r}"
+        ) from None
     if not 0 <= chain <= MAX_LOOKUP_NODES:
         raise MedusaError(f"--lookup must be auto or a number of nodes from 0 to {MAX_LOOKUP_NODES}, got {chain}")
     return (0, chain) if chain else (0,)
@@ -428,18 +463,19 @@ def _print_tune_table(plain, with_chain, chosen: int, grid: dict, cost) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    from medusa.interop import load_heads_config
     from medusa.tree import DEFAULT_TREE_SIZES, default_tree
     from medusa.treeopt.build import build_tree
-    from medusa.treeopt.data import read_prompts
-    from medusa.treeopt.tuned import device_kind, tuned_tree
+    from medusa.treeopt.data import read_evaluation_prompts
+    from medusa.tuned_trees import device_kind, tuned_tree
 
     if args.limit < 1 or args.max_new_tokens < 1:
         raise MedusaError("--limit and --max-new-tokens must be at least 1")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = load_heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
-    prompts, skipped = read_prompts(args.data, args.limit)
+    prompts, skipped = read_evaluation_prompts(args.data, args.limit)
     _report_skipped(skipped)
     if not prompts:
         raise MedusaError(f"no prompt found in {', '.join(args.data)}")
@@ -450,13 +486,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         greedy = build_tree(profile, n, estimate)
         trees |= {f"greedy-{n}" + (f"+lookup-{chain}" if chain else ""): greedy.with_lookup(chain) for chain in chains}
     if args.default_trees:
-        trees |= {f"default-{n}": default_tree(n, config.num_heads) for n in _parse_sizes(args.sizes) if n in DEFAULT_TREE_SIZES}
+        trees |= {
+            f"default-{n}": default_tree(n, config.num_heads)
+            for n in _parse_sizes(args.sizes)
+            if n in DEFAULT_TREE_SIZES
+        }
     if args.tuned:
         tuned = tuned_tree(directory, model.device, config.num_heads)
         if tuned is None:
-            raise MedusaError(f"no tree tuned for {device_kind(model.device)!r} beside {directory}: run `medusa tree tune`")
+            raise MedusaError(
+                f"no tree tuned for {device_kind(model.device)!r} beside {directory}: run `medusa tree tune`"
+            )
         trees["tuned"] = tuned
-        chained = tuned_tree(directory, model.device, config.num_heads, lookup=True)
+        chained = tuned_tree(directory, model.device, config.num_heads, chained=True)
         if chained.lookup:
             trees["tuned+lookup"] = chained
     results = []

@@ -331,7 +331,7 @@ class _Server:
         remaining = job.deadline - time.monotonic()
         try:
             return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.0))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Failed("timeout", self.engine.timeout_message())
 
     async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:

@@ -242,7 +242,7 @@ class Engine:
                 return []
         return members
 
-    def _fail(self, members: list["_Member"], error: Exception) -> None:
+    def _fail(self, members: list[_Member], error: Exception) -> None:
         for member in members:
             member.job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
             self._record_end(member, "error")
@@ -280,7 +280,7 @@ class Engine:
         gone = {id(m) for m, _ in leaving}
         return [m for m in active if id(m) not in gone]
 
-    def _record_end(self, member: "_Member", outcome: str) -> None:
+    def _record_end(self, member: _Member, outcome: str) -> None:
         self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
 
     def timeout_message(self) -> str:

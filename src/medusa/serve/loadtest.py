@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from medusa.errors import MedusaError
-from medusa.files import write_json
+from medusa.files import read_json, write_json
 
 BUILTIN_PROMPTS = (
     "Explain how a hash map works and when it is a poor choice.",
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.report:
-            print(markdown_table([json.loads(Path(path).read_text()) for path in args.report]))
+            print(markdown_table([read_json(path, "load test report") for path in args.report]))
             return 0
         config = LoadConfig(
             url=args.url, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,

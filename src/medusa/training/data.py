@@ -49,7 +49,9 @@ class ReadResult(Generic[T]):
 
 
 @dataclass
-class Record:
+class DataRecord:
+    """One JSON value of a data file, with where it starts (``medusa.bench.runner.Record`` is a benchmark's prompt)."""
+
     where: str  # "file:line", for messages
     source: str  # the file's name, part of a prompt's stable id
     index: int  # position of the record in its file
@@ -57,7 +59,9 @@ class Record:
 
 
 @dataclass
-class Prompt:
+class DataPrompt:
+    """A prompt read from a data file, with a stable id (``MedusaModel``'s prompts are text, messages or ids)."""
+
     id: str  # stable across runs: file name, index and content
     messages: list[Message]
     where: str
@@ -75,7 +79,7 @@ class Example:
 # ----- reading records ------------------------------------------------------------------------------
 
 
-def read_records(paths: Sequence[str | Path], skipped: list[str]) -> Iterator[Record]:
+def read_records(paths: Sequence[str | Path], skipped: list[str]) -> Iterator[DataRecord]:
     """Every record of JSON (a list, or one object) and JSONL files, with the line it starts on."""
     for raw_path in paths:
         path = Path(raw_path)
@@ -89,7 +93,7 @@ def read_records(paths: Sequence[str | Path], skipped: list[str]) -> Iterator[Re
         if text[start : start + 1] == "[":
             yield from _json_array(path, text, start)
         elif path.suffix == ".json" and text[start : start + 1] == "{" and _is_single_object(text):
-            yield Record(f"{path}:{text.count(chr(10), 0, start) + 1}", path.name, 0, json.loads(text))
+            yield DataRecord(f"{path}:{text.count(chr(10), 0, start) + 1}", path.name, 0, json.loads(text))
         else:
             yield from _json_lines(path, text, skipped)
 
@@ -102,7 +106,7 @@ def _is_single_object(text: str) -> bool:
     return True
 
 
-def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
+def _json_array(path: Path, text: str, start: int) -> Iterator[DataRecord]:
     """Items of a top-level JSON list, each with its line number (``raw_decode`` gives positions)."""
     decoder = json.JSONDecoder()
     position, line, counted = start + 1, 1, 0
@@ -118,7 +122,7 @@ def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
             raise MedusaError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file or use JSONL") from None
         line += text.count("\n", counted, position)
         counted = position
-        yield Record(f"{path}:{line}", path.name, index, value)
+        yield DataRecord(f"{path}:{line}", path.name, index, value)
         index += 1
         position = end
         while position < len(text) and text[position] in " \t\r\n":
@@ -132,7 +136,7 @@ def _json_array(path: Path, text: str, start: int) -> Iterator[Record]:
             raise MedusaError(f"{path}:{line_end}: not valid JSON (expected ',' or ']' after a list item)")
 
 
-def _json_lines(path: Path, text: str, skipped: list[str]) -> Iterator[Record]:
+def _json_lines(path: Path, text: str, skipped: list[str]) -> Iterator[DataRecord]:
     index = 0
     for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -142,7 +146,7 @@ def _json_lines(path: Path, text: str, skipped: list[str]) -> Iterator[Record]:
         except json.JSONDecodeError as error:
             skipped.append(f"{path}:{number}: not valid JSON ({error.msg})")
             continue
-        yield Record(f"{path}:{number}", path.name, index, value)
+        yield DataRecord(f"{path}:{number}", path.name, index, value)
         index += 1
 
 
@@ -220,9 +224,9 @@ def prompt_id(source: str, index: int, messages: list[Message]) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def read_prompts(paths: Sequence[str | Path], limit: int | None = None) -> ReadResult[Prompt]:
+def read_prompts(paths: Sequence[str | Path], limit: int | None = None) -> ReadResult[DataPrompt]:
     """Up to ``limit`` prompts (in file order), from any record shape; answers in the records are ignored."""
-    result: ReadResult[Prompt] = ReadResult()
+    result: ReadResult[DataPrompt] = ReadResult()
     for record in read_records(paths, result.skipped):
         if limit is not None and len(result.items) >= limit:
             break
@@ -231,7 +235,7 @@ def read_prompts(paths: Sequence[str | Path], limit: int | None = None) -> ReadR
         except RecordError as error:
             result.skipped.append(f"{record.where}: {error}")
             continue
-        result.items.append(Prompt(prompt_id(record.source, record.index, messages), messages, record.where))
+        result.items.append(DataPrompt(prompt_id(record.source, record.index, messages), messages, record.where))
     return result
 
 
@@ -245,8 +249,9 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generat
     return "".join(m["content"] + "\n" for m in messages)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
-    """Prompt token ids ending with the assistant's generation prompt, as ``MedusaModel`` encodes them."""
+def encode_messages(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> list[int]:
+    """Prompt token ids of chat messages, ending with the assistant's generation prompt, as ``MedusaModel`` encodes
+    them (without a chat template: the turns one per line)."""
     return list(tokenizer(_render(tokenizer, messages, True), add_special_tokens=False)["input_ids"])
 
 

@@ -25,7 +25,7 @@ from medusa.errors import MedusaError
 from medusa.files import append_text
 from medusa.loading import load_base_model
 from medusa.training.config import DistillConfig
-from medusa.training.data import Prompt, encode_prompt, read_prompts
+from medusa.training.data import DataPrompt, encode_messages, read_prompts
 
 WINDOW = 8  # batches whose prompts are sorted by length together
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -33,7 +33,7 @@ SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 @dataclass
 class DistillPlan:
-    pending: list[tuple[Prompt, list[int]]]  # prompts still to answer, with their token ids, in answering order
+    pending: list[tuple[DataPrompt, list[int]]]  # prompts still to answer, with their token ids, in answering order
     done: int  # rows already in the output
     total: int  # prompts in the pool (after --limit)
     skipped: list[str] = field(default_factory=list)  # "file:line: why"
@@ -69,7 +69,7 @@ def read_done_ids(path: Path) -> tuple[set[str], bool]:
     return done, repaired
 
 
-def sample_prompts(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
+def sample_prompts(prompts: list[DataPrompt], limit: int | None, seed: int) -> list[DataPrompt]:
     """A stable sample of ``limit`` prompts across all files: the same ones on every rerun."""
     if limit is None or limit >= len(prompts):
         return prompts
@@ -94,9 +94,12 @@ def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPl
     for prompt in unique:
         if prompt.id in done:
             continue
-        ids = encode_prompt(tokenizer, prompt.messages)
+        ids = encode_messages(tokenizer, prompt.messages)
         if len(ids) > config.max_prompt_tokens:
-            skipped.append(f"{prompt.where}: prompt has {len(ids)} tokens, more than --max-prompt-tokens {config.max_prompt_tokens}")
+            skipped.append(
+                f"{prompt.where}: prompt has {len(ids)} tokens, more than --max-prompt-tokens "
+                f"{config.max_prompt_tokens}"
+            )
             continue
         pending.append((prompt, ids))
     # A random but stable order (ids are hashes), so rows written before a kill are a fair sample of the
@@ -118,7 +121,7 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list
     return [configured] if isinstance(configured, int) else list(configured)
 
 
-def _row(prompt: Prompt, answer: str, finish: str) -> dict:
+def _row(prompt: DataPrompt, answer: str, finish: str) -> dict:
     turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in prompt.messages]
     turns.append({"from": "gpt", "value": answer})
     return {"id": prompt.id, "conversations": turns, "finish": finish}

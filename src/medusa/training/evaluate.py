@@ -42,7 +42,7 @@ def count_hits(objective: MedusaObjective, batches: Iterable[dict[str, torch.Ten
             features = objective.head_features(k, hidden[:, : hidden.shape[1] - shift][valid])
             weight, bias = objective.projection(k)
 
-            def head_logits(rows: torch.Tensor) -> torch.Tensor:
+            def head_logits(rows: torch.Tensor, weight=weight, bias=bias) -> torch.Tensor:
                 return torch.nn.functional.linear(rows.to(weight.dtype), weight, bias)
 
             greedy = _argmax(objective, hidden[:, shift - 1 : hidden.shape[1] - 1][valid])

@@ -120,7 +120,9 @@ def build_tree(profile: HeadProfile, nodes: int, estimate: str = "joint") -> Tre
     return Tree.from_paths([path for path, _ in order], num_heads=profile.num_heads)
 
 
-def expected_lengths(profile: HeadProfile, sizes: Iterable[int], estimate: str = "joint", lookup: int = 0) -> dict[int, float]:
+def expected_lengths(
+    profile: HeadProfile, sizes: Iterable[int], estimate: str = "joint", lookup: int = 0
+) -> dict[int, float]:
     """Expected tokens per step (root included) of the greedy tree of each size (built in ``estimate``'s order),
     each with a lookup chain of ``lookup`` nodes besides its ``size`` nodes (walk estimate only)."""
     return {n: value for (n, _), value in expected_grid(profile, sizes, [lookup], estimate).items()}
@@ -144,7 +146,11 @@ def expected_grid(
             chunk = sizes[start : start + 32]
             heads_depths = nested_depths(nodes, chunk)  # once per chunk, whatever chain is beside the tree
             for lookup, chain in chains.items():
-                depths = heads_depths if chain is None else np.maximum(heads_depths, chain[None, :].astype(heads_depths.dtype))
+                depths = (
+                    heads_depths
+                    if chain is None
+                    else np.maximum(heads_depths, chain[None, :].astype(heads_depths.dtype))
+                )
                 lengths |= {(n, lookup): value for n, value in zip(chunk, walk_lengths(depths, walk.segments).tolist())}
         return lengths
     if lookups != [0]:

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from medusa.training.data import Example, RecordError, encode_conversation, prompt_messages, read_records, record_messages
+from medusa.training.data import (
+    Example,
+    RecordError,
+    encode_conversation,
+    prompt_messages,
+    read_records,
+    record_messages,
+)
 
 
 def read_profile_examples(
@@ -45,7 +52,7 @@ def read_profile_examples(
     return examples, skipped
 
 
-def read_prompts(
+def read_evaluation_prompts(
     paths: Sequence[str | Path], limit: int | None = None
 ) -> tuple[list[list[dict[str, str]]], list[str]]:
     """First requests as chat messages: Spec-Bench ``turns`` (first turn) or any record the data reader knows.

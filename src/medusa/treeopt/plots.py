@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -12,6 +13,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from medusa.files import atomic_path  # noqa: E402
 from medusa.tree import Tree  # noqa: E402
+
+if TYPE_CHECKING:
+    from medusa.treeopt.profile import HeadProfile
+    from medusa.treeopt.tune import TreeTuning
 
 
 def plot_accept_length(
@@ -24,7 +29,9 @@ def plot_accept_length(
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for label, curve in expected.items():
         sizes = sorted(curve)
-        axes.plot(sizes, [curve[n] for n in sizes], marker="." if len(sizes) <= 40 else None, label=f"expected ({label})")
+        axes.plot(
+            sizes, [curve[n] for n in sizes], marker="." if len(sizes) <= 40 else None, label=f"expected ({label})"
+        )
     if measured:
         sizes = sorted(measured)
         axes.plot(sizes, [measured[n] for n in sizes], "o", color="black", label="measured (greedy)")
@@ -95,7 +102,9 @@ def tree_layout(paths: Sequence[Sequence[int]]) -> dict[tuple[int, ...], tuple[f
     return position
 
 
-def plot_tree(path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], float] | None = None, title: str | None = None) -> Path:
+def plot_tree(
+    path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], float] | None = None, title: str | None = None
+) -> Path:
     """The tree drawn by depth, root on top: each node labelled by its top-k rank, coloured by its chance."""
     position = tree_layout(tree.paths)
     leaves = tree.retrieve_paths.shape[0]
@@ -113,11 +122,20 @@ def plot_tree(path: str | Path, tree: Tree, chances: Mapping[tuple[int, ...], fl
     font = 7 if leaves < 80 else 5
     for node in nodes:
         x, depth = position[node]
-        axes.annotate("root" if not node else str(node[-1]), (x, -depth), ha="center", va="center",
-                      fontsize=font, color="white" if node and (chances or {}).get(node, 0.0) < 0.5 else "black", zorder=3)
+        axes.annotate(
+            "root" if not node else str(node[-1]),
+            (x, -depth),
+            ha="center",
+            va="center",
+            fontsize=font,
+            color="white" if node and (chances or {}).get(node, 0.0) < 0.5 else "black",
+            zorder=3,
+        )
     axes.set_yticks([-d for d in range(tree.max_depth + 1)], ["root"] + [f"head {d}" for d in range(tree.max_depth)])
     axes.set_xticks([])
-    axes.set_title(title or f"Tree of {tree.size} nodes (labels: top-k rank{'; colour: chance of acceptance' if chances else ''})")
+    axes.set_title(
+        title or f"Tree of {tree.size} nodes (labels: top-k rank{'; colour: chance of acceptance' if chances else ''})"
+    )
     for side in ("top", "right", "bottom"):
         axes.spines[side].set_visible(False)
     return _save(figure, path)
@@ -131,3 +149,23 @@ def _save(figure, path: str | Path) -> Path:
         figure.savefig(temporary, dpi=120)
     plt.close(figure)
     return path
+
+
+def plot_tuning(plot_dir: str | Path, tuning: TreeTuning, profile: HeadProfile, kind: str) -> list[Path]:
+    """Tokens/s and accepted length against N for one device's tuning, and the tree it chose (with its chain)."""
+    from medusa.treeopt.build import node_chances
+
+    plot_dir = Path(plot_dir)
+    slug = "".join(c if c.isalnum() else "_" for c in kind).strip("_").lower()
+    heads_sizes = sorted(n for n, chain in tuning.grid if chain == 0)
+    lookup_rates = None
+    if tuning.chain_choice is not None:  # what the chains would give, chosen or not
+        lookup_rates = {total: rate for total, (_, rate) in tuning.chain_choice.lookup_tokens_per_second.items()}
+    shown = tuning.chained_tree or tuning.tree
+    return [
+        plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", tuning.heads_choice.tokens_per_second,
+                               tuning.best.total_nodes, kind, lookup_rates=lookup_rates),
+        plot_accept_length(plot_dir / f"accept_length_{slug}.png",
+                           {tuning.estimate: {n: tuning.grid[n, 0] for n in heads_sizes}}),
+        plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, tuning.estimate)),
+    ]

@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
-from medusa.files import write_json
+from medusa.files import read_json, write_json
 from medusa.heads import WEIGHTS_NAME, MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, check_lookup, ngram_continuation
 
@@ -78,7 +78,7 @@ class PositionRanks:
     def positions(self) -> int:
         return int(self.ranks.shape[0])
 
-    def first(self, tokens: int) -> "PositionRanks":
+    def first(self, tokens: int) -> PositionRanks:
         """The first ``tokens`` positions of each answer: what decoding ``tokens`` new tokens walks over.
 
         Answers change as they go on (a small model drifts into repeating itself, which the lookup branch
@@ -88,7 +88,11 @@ class PositionRanks:
             raise MedusaError(f"tokens per answer must be a positive integer, got {tokens!r}")
         starts = np.cumsum(self.segments) - self.segments
         kept = np.minimum(self.segments, tokens)
-        index = np.concatenate([np.arange(a, a + n) for a, n in zip(starts, kept)]) if len(kept) else np.zeros(0, dtype=np.int64)
+        index = (
+            np.concatenate([np.arange(a, a + n) for a, n in zip(starts, kept)])
+            if len(kept)
+            else np.zeros(0, dtype=np.int64)
+        )
         lookup = None if self.lookup is None else self.lookup[index]
         return PositionRanks(self.ranks[index], kept.astype(np.int64), lookup, self.lookup_ngram)
 
@@ -109,7 +113,9 @@ class PositionRanks:
         }
 
     @classmethod
-    def from_dict(cls, raw: object, num_heads: int, topk: int, samples: int, fail: Callable[[str], MedusaError]) -> "PositionRanks":
+    def from_dict(
+        cls, raw: object, num_heads: int, topk: int, samples: int, fail: Callable[[str], MedusaError]
+    ) -> PositionRanks:
         if not isinstance(raw, dict):
             raise fail("position_ranks must be an object with dtype, positions, segments and ranks")
         dtype_name, positions, segments = raw.get("dtype"), raw.get("positions"), raw.get("segments")
@@ -117,14 +123,19 @@ class PositionRanks:
             raise fail(f"position_ranks dtype must be uint8 or uint16, got {dtype_name!r}")
         if isinstance(positions, bool) or not isinstance(positions, int) or not 0 <= positions <= samples:
             raise fail(f"position_ranks positions must be an integer in 0..{samples}, got {positions!r}")
-        if not isinstance(segments, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in segments):
+        if not isinstance(segments, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in segments
+        ):
             raise fail("position_ranks segments must be a list of positive run lengths")
         if sum(segments) != positions:
             raise fail(f"position_ranks segments add up to {sum(segments)}, not to its {positions} positions")
         dtype = np.dtype(dtype_name)
         data = _unpack(raw.get("ranks"), "ranks", fail)
         if len(data) != positions * num_heads * dtype.itemsize:
-            raise fail(f"position_ranks ranks hold {len(data)} bytes, not {positions} positions x {num_heads} heads of {dtype.name}")
+            raise fail(
+                f"position_ranks ranks hold {len(data)} bytes, not {positions} positions x {num_heads} heads "
+                f"of {dtype.name}"
+            )
         stored = np.frombuffer(data, dtype=dtype).reshape(positions, num_heads)
         miss = np.iinfo(dtype).max
         if ((stored >= topk) & (stored != miss)).any():
@@ -137,7 +148,9 @@ class PositionRanks:
                 raise fail(f"position_ranks lookup_ngram must be a positive integer, got {lookup_ngram!r}")
             lookup = np.frombuffer(_unpack(raw["lookup"], "lookup", fail), dtype=np.uint8).copy()
             if lookup.size != positions:
-                raise fail(f"position_ranks lookup holds {lookup.size} depths, not one per each of its {positions} positions")
+                raise fail(
+                    f"position_ranks lookup holds {lookup.size} depths, not one per each of its {positions} positions"
+                )
             if lookup.size and lookup.max() > MAX_LOOKUP_NODES:
                 raise fail(f"position_ranks lookup holds depths beyond the longest lookup chain, {MAX_LOOKUP_NODES}")
         return cls(ranks, np.asarray(segments, dtype=np.int64), lookup, lookup_ngram)
@@ -161,11 +174,13 @@ class HeadProfile:
     accuracy: list[list[float]]  # [head][rank]: share of positions where that guess was accepted
     samples: int  # positions measured
     heads_fingerprint: str | None = None
-    path_counts: dict[tuple[int, ...], int] = field(default_factory=dict)  # positions whose guesses match along the path
+    path_counts: dict[tuple[int, ...], int] = field(
+        default_factory=dict
+    )  # positions whose guesses match along the path
     reference: str = REFERENCE
     position_ranks: PositionRanks | None = None  # None in profiles made before the walk estimate
 
-    def for_new_tokens(self, tokens: int | None) -> "HeadProfile":
+    def for_new_tokens(self, tokens: int | None) -> HeadProfile:
         """This profile with its walk data cut to the first ``tokens`` positions of each answer (None: whole answers).
 
         Only the walk estimate reads it; the joint counts and accuracies stay those of whole answers.
@@ -190,9 +205,13 @@ class HeadProfile:
     def check_paths(self, paths: Iterable[Sequence[int]]) -> None:
         for path in paths:
             if len(path) > self.num_heads:
-                raise MedusaError(f"tree path {list(path)} is {len(path)} deep but the profile has {self.num_heads} heads")
+                raise MedusaError(
+                    f"tree path {list(path)} is {len(path)} deep but the profile has {self.num_heads} heads"
+                )
             if max(path) >= self.topk:
-                raise MedusaError(f"tree path {list(path)} uses rank {max(path)}, but the profile measured only top-{self.topk}")
+                raise MedusaError(
+                    f"tree path {list(path)} uses rank {max(path)}, but the profile measured only top-{self.topk}"
+                )
 
     def to_dict(self) -> dict:
         kept = sorted(self.path_counts.items(), key=lambda item: (-item[1], len(item[0]), item[0]))[:KEPT_PATHS]
@@ -212,18 +231,14 @@ class HeadProfile:
         write_json(path, self.to_dict(), indent=None)
 
     @classmethod
-    def load(cls, path: str | Path) -> "HeadProfile":
+    def load(cls, path: str | Path) -> HeadProfile:
         path = Path(path)
         if not path.is_file():
             raise MedusaError(f"no tree profile at {path}; run `medusa tree profile` first")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"tree profile {path} is not valid JSON: {error}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_json(path, "tree profile"), str(path))
 
     @classmethod
-    def from_dict(cls, raw: object, origin: str = "tree profile") -> "HeadProfile":
+    def from_dict(cls, raw: object, origin: str = "tree profile") -> HeadProfile:
         def fail(why: str) -> MedusaError:
             return MedusaError(f"{origin}: {why}")
 
@@ -232,7 +247,9 @@ class HeadProfile:
         for key in ("num_heads", "topk", "samples"):
             value = raw.get(key)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "samples" else 1):
-                raise fail(f"{key} must be a {'non-negative' if key == 'samples' else 'positive'} integer, got {value!r}")
+                raise fail(
+                    f"{key} must be a {'non-negative' if key == 'samples' else 'positive'} integer, got {value!r}"
+                )
         num_heads, topk, samples = raw["num_heads"], raw["topk"], raw["samples"]
         accuracy = raw.get("accuracy")
         if not isinstance(accuracy, list) or len(accuracy) != num_heads:
@@ -247,7 +264,9 @@ class HeadProfile:
                 raise fail(f"head {k}'s accuracies add up to more than 1, but the ranks of one head are exclusive")
         counts: dict[tuple[int, ...], int] = {}
         for entry in raw.get("path_counts", []):
-            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and isinstance(entry[1], int)):
+            if not (
+                isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], list) and isinstance(entry[1], int)
+            ):
                 raise fail(f"path_counts entries are [path, count], got {entry!r:.60}")
             path, count = tuple(entry[0]), entry[1]
             if not path or len(path) > num_heads or not all(isinstance(r, int) and 0 <= r < topk for r in path):
@@ -343,7 +362,9 @@ def profile_heads(
                     kept += take
             # the runs of consecutive positions (one per answer) among those kept from this sequence
             if lookup_ngram is not None and kept > kept_before:
-                kept_lookup.append(lookup_depths(ids, greedy, answer, measured[: kept - kept_before], lookup_ngram).cpu())
+                kept_lookup.append(
+                    lookup_depths(ids, greedy, answer, measured[: kept - kept_before], lookup_ngram).cpu()
+                )
             kept_here = measured[: kept - kept_before].cpu()
             if kept_here.numel():
                 breaks = (kept_here.diff() != 1).nonzero().flatten() + 1
@@ -375,7 +396,9 @@ def lookup_depths(
     """
     length = ids.numel()
     offsets = torch.arange(1, MAX_LOOKUP_NODES + 1, device=ids.device)
-    spare = torch.zeros(MAX_LOOKUP_NODES, dtype=ids.dtype, device=ids.device)  # the decoder's buffer is never shorter than its chain
+    spare = torch.zeros(
+        MAX_LOOKUP_NODES, dtype=ids.dtype, device=ids.device
+    )  # the decoder's buffer is never shorter than its chain
     depths = []
     for t in positions.tolist():
         history = torch.cat((ids[: t + 1], greedy[t : t + 1], spare))

@@ -18,10 +18,12 @@ import torch
 
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
-from medusa.files import write_json
+from medusa.files import read_json, write_json
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
-from medusa.treeopt.tuned import device_kind
+from medusa.treeopt.build import build_tree, expected_grid
+from medusa.treeopt.profile import HeadProfile
+from medusa.tuned_trees import ChainedTree, TunedTree, device_kind
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Lookup chains the tuner tries beside each heads tree (0: none); medusa.lookup.MAX_LOOKUP_NODES is the longest.
@@ -47,14 +49,9 @@ class CostCurve:
         write_json(path, self.to_dict(), indent=1)
 
     @classmethod
-    def load(cls, path: str | Path) -> "CostCurve":
+    def load(cls, path: str | Path) -> CostCurve:
         path = Path(path)
-        if not path.is_file():
-            raise MedusaError(f"cost curve {path} does not exist")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise MedusaError(f"cost curve {path} is not valid JSON: {error}") from None
+        raw = read_json(path, "cost curve")
         points = raw.get("points") if isinstance(raw, dict) else None
         if not isinstance(points, list) or not points:
             raise MedusaError(f'cost curve {path} must be {{"points": [{{"nodes": n, "seconds": s}}, ...]}}')
@@ -95,15 +92,6 @@ class TuneChoice:
         return self.expected_accept_length / self.step_seconds
 
 
-def choose_size(expected: dict[int, float], cost: CostCurve, max_nodes: int | None = None) -> TuneChoice:
-    """The size with the most expected tokens per second; among equals, the smallest.
-
-    Only sizes the cost curve measured are candidates: step latency jumps at hardware tile sizes, so
-    it is not interpolated.
-    """
-    return choose_tree({(n, 0): value for n, value in expected.items()}, cost, max_nodes)
-
-
 def choose_tree(
     expected: dict[tuple[int, int], float], cost: CostCurve, max_nodes: int | None = None
 ) -> TuneChoice:
@@ -112,7 +100,7 @@ def choose_tree(
 
     A step costs what the cost curve measured for its total node count, heads' nodes and chain alike
     (the chain's search adds a few small kernels, not counted). Totals the curve did not measure are
-    not candidates.
+    not candidates: step latency jumps at hardware tile sizes, so it is not interpolated.
     """
     rates = {
         (n, lookup): value / cost.points[n + lookup]
@@ -134,6 +122,74 @@ def choose_tree(
             chained[total] = (lookup, rate)
     n, lookup = best
     return TuneChoice(n, expected[best], cost.points[n + lookup], plain, lookup, chained)
+
+
+@dataclass
+class TreeTuning:
+    """What the tuner decided for one device, and the numbers it decided on."""
+
+    estimate: str
+    cost: CostCurve
+    max_nodes: int
+    grid: dict[tuple[int, int], float]  # (heads' tree nodes, chain nodes) -> expected tokens per step
+    heads_choice: TuneChoice  # the best tree without a lookup chain (batched decoding runs it)
+    chain_choice: TuneChoice | None  # the best tree with a lookup chain, when chains were tried
+    best: TuneChoice  # what single-sequence decoding runs: one of the two
+    tree: Tree  # the heads' tree of ``heads_choice``
+    chained_tree: Tree | None  # the tree of ``best`` with its chain, when ``best`` has one
+
+    def to_tuned_tree(
+        self, profile: HeadProfile, num_heads: int, heads_fingerprint: str, max_new_tokens: int | None
+    ) -> TunedTree:
+        """The entry ``tuned_trees.json`` keeps for this device."""
+        heads, best = self.heads_choice, self.best
+        chained = None
+        if self.chained_tree is not None:
+            chained = ChainedTree(
+                paths=[list(p) for p in self.chained_tree.paths], lookup=best.lookup, topk=self.chained_tree.topk,
+                nodes=self.chained_tree.size, lookup_ngram=profile.position_ranks.lookup_ngram,
+                expected_accept_length=round(best.expected_accept_length, 4), step_seconds=best.step_seconds,
+                expected_tokens_per_second=round(best.expected_tokens_per_second, 2),
+            )
+        return TunedTree(
+            paths=[list(p) for p in self.tree.paths], topk=self.tree.topk, nodes=self.tree.size, num_heads=num_heads,
+            estimate=self.estimate, expected_accept_length=round(heads.expected_accept_length, 4),
+            step_seconds=heads.step_seconds, expected_tokens_per_second=round(heads.expected_tokens_per_second, 2),
+            heads_fingerprint=heads_fingerprint, profile_samples=profile.samples, max_new_tokens=max_new_tokens or None,
+            max_nodes=self.max_nodes, cost_curve=self.cost.to_dict()["points"], chained=chained,
+        )
+
+
+def tune_tree(
+    profile: HeadProfile, cost: CostCurve, estimate: str, chains: tuple[int, ...] = (0,), max_nodes: int = 256,
+    keep_chain: bool = False,
+) -> TreeTuning:
+    """The fastest heads' tree on this cost curve, and the fastest with one of ``chains`` (node counts, 0 among them).
+
+    The tree with a chain wins for single-sequence decoding when it is expected to be faster, or always with
+    ``keep_chain`` (a chain length the user fixed). Only totals of at most ``max_nodes`` that the curve measured count.
+    """
+    totals = [n for n in cost.points if n <= max_nodes]
+    pairs = {(total - chain, chain) for total in totals for chain in chains if total - chain >= 1}
+    grid = expected_grid(profile, {n for n, _ in pairs}, chains, estimate)
+    grid = {pair: value for pair, value in grid.items() if pair in pairs}
+    heads_choice = choose_tree({pair: value for pair, value in grid.items() if pair[1] == 0}, cost, max_nodes)
+    chained = {pair: value for pair, value in grid.items() if pair[1] > 0}
+    chain_choice = choose_tree(chained, cost, max_nodes) if chained else None
+    best = heads_choice
+    if chain_choice is not None and (
+        keep_chain or chain_choice.expected_tokens_per_second > heads_choice.expected_tokens_per_second
+    ):
+        best = chain_choice
+    tree = build_tree(profile, heads_choice.nodes, estimate)
+    chained_tree = build_tree(profile, best.nodes, estimate).with_lookup(best.lookup) if best.lookup else None
+    return TreeTuning(estimate, cost, max_nodes, grid, heads_choice, chain_choice, best, tree, chained_tree)
+
+
+def greedy_trees(profile: HeadProfile, sizes: list[int], estimate: str) -> dict[int, Tree]:
+    """The greedy tree of each size, keyed by its real size (a small profile may not fill the largest sizes)."""
+    trees = (build_tree(profile, n, estimate) for n in sizes)
+    return {tree.size: tree for tree in trees}
 
 
 def measure_step_seconds(

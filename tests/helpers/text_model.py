@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from conftest import TINY_VOCAB, make_tiny_model
+from helpers.models import TINY_VOCAB, make_tiny_model
 
 SPECIALS = ["<pad>", "<s>", "<unk>", "</s>"]
 CHAT_TEMPLATE = (

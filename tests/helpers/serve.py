@@ -1,6 +1,4 @@
-"""Shared by the server tests: the real server on loopback around the tiny chat model.
-(Not a conftest.py: that name is taken by tests/conftest.py on sys.path.)
-"""
+"""Shared by the server tests: the real server on loopback around the tiny chat model (fixtures: serve/conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +8,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-import pytest
-import torch
 import uvicorn
 
+from helpers.tiny_chat import make_chat_model as make_model
 from medusa.model import MedusaModel
 from medusa.serve.app import ServeSettings, create_app
 from medusa.serve.engine import Engine, EngineConfig
-from tiny_chat import make_chat_model as make_model
 
 MODEL_NAME = "tiny"
 
@@ -40,10 +36,12 @@ class RunningServer:
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -64,23 +62,3 @@ def running_server(model: MedusaModel, **options) -> Iterator[RunningServer]:
     settings = ServeSettings(model_name=MODEL_NAME, **options)
     with RunningServer(model, settings, EngineConfig(**engine_options)) as server:
         yield server
-
-
-@pytest.fixture(scope="session")
-def one_thread():
-    """The tiny model decodes fastest on one thread, and the tests share a 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="session")
-def serve_model(one_thread) -> MedusaModel:
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def server(serve_model) -> Iterator[RunningServer]:
-    with running_server(serve_model, max_tokens_cap=200) as running:
-        yield running

@@ -1,10 +1,10 @@
-"""Shared by the training tests: a character-level tokenizer with a ChatML template and a tiny Llama over it."""
+"""Shared by the training tests: a character-level tokenizer with a ChatML template and a tiny Llama over it
+(fixture: training/conftest.py)."""
 
 from __future__ import annotations
 
 import string
 
-import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -37,8 +37,3 @@ def make_base(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCaus
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="session")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return make_tokenizer()

@@ -3,10 +3,10 @@ tokenizer that has a chat template, its vocabulary exactly the tiny models' 256 
 
 from __future__ import annotations
 
-from conftest import TINY_VOCAB, make_tiny_model
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
+from helpers.models import TINY_VOCAB, make_tiny_model
 from medusa.model import MedusaModel
 
 CONTEXT = 256

@@ -1,23 +1,35 @@
-"""The oracle: a decoder whose heads propose the true greedy continuation at random top-k ranks.
+"""Reference decoding for the lossless tests: transformers' own greedy answers, and an oracle that makes heads right.
 
 Untrained or random heads are rarely right, so most steps would accept nothing and leave the cache
-compaction untested. The oracle plants the truth at the ranks of a randomly chosen deep tree path of each
-row (random tokens elsewhere), so paths of two to five tokens are accepted, mostly on branches other than
-the first, and their K/V must be moved into place, per row, for the next step to be right.
+compaction untested. The oracle plants each row's true greedy continuation at the ranks of a randomly chosen
+deep tree path (random tokens elsewhere), so paths of two to five tokens are accepted, mostly on branches
+other than the first, and their K/V must be moved into place, per row, for the next step to be right.
 """
 
 from __future__ import annotations
 
 import random
+from functools import cache
 
 import torch
 
-from conftest import TINY_VOCAB
+from helpers.models import ARCHITECTURES, TINY_VOCAB, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
 from medusa.decoding import Decoder, DecodingStats
 from medusa.engine import DecodingEngine, EngineOptions, Generation
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.tree import Tree
+
+CUSTOM_TREE = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [2, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0, 0]]
+
+
+def random_prompts(count: int, seed: int) -> list[list[int]]:
+    """Prompts of 1 to 24 ordinary tokens (ids 0-3 are pad, BOS, unknown and EOS)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(4, TINY_VOCAB) for _ in range(rng.randint(1, 24))] for _ in range(count)]
+
+
+PROMPTS = random_prompts(3, seed=0)  # shared by the lossless tests, so each reference is computed once
 
 
 def plain_greedy(base, prompt: list[int], max_new_tokens: int) -> list[int]:
@@ -28,6 +40,15 @@ def plain_greedy(base, prompt: list[int], max_new_tokens: int) -> list[int]:
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0
         )
     return out[0, len(prompt) :].tolist()
+
+
+@cache
+def reference(architecture: str, prompt: tuple[int, ...], max_new_tokens: int) -> tuple[int, ...]:
+    return tuple(plain_greedy(make_tiny_model(architecture), list(prompt), max_new_tokens))
+
+
+def architecture_of(model) -> str:
+    return next(name for name, (_, model_class, _) in ARCHITECTURES.items() if isinstance(model, model_class))
 
 
 class OracleDecoder(Decoder):

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import EOS_ID, TINY_VOCAB, make_tiny_model
+from helpers.models import EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 
 SPECIALS = ["<pad>", "<s>", "<unk>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]  # </s> is id 3, the EOS
@@ -57,11 +57,17 @@ def write_conversations(path: Path, model: torch.nn.Module, tokenizer, count: in
     lines = []
     for index in range(count):
         question = " ".join(f"w{(index * 7 + j * 3) % 200}" for j in range(4 + index))
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = [t if t >= len(SPECIALS) else len(SPECIALS) for t in greedy_continuation(model, prompt_ids, new_tokens)]
+        answer_ids = [
+            t if t >= len(SPECIALS) else len(SPECIALS) for t in greedy_continuation(model, prompt_ids, new_tokens)
+        ]
         answer = tokenizer.decode(answer_ids)
-        lines.append(json.dumps({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}))
+        lines.append(
+            json.dumps({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]})
+        )
     path.write_text("\n".join(lines) + "\n")
     return path
 

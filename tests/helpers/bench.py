@@ -1,18 +1,13 @@
-"""Tiny assets for the benchmark tests: a saved model with a character tokenizer and chat template, a Spec-Bench file.
-
-Not a conftest.py: the tests import the fixtures they use, and `from conftest import` keeps meaning tests/conftest.py.
-"""
+"""Tiny assets for the benchmark tests: a character tokenizer with a chat template, Spec-Bench questions, and
+hand-made records whose report numbers the tests work out (fixtures: bench/conftest.py)."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from conftest import EOS_ID, TINY_VOCAB, make_tiny_model
+from helpers.models import EOS_ID, TINY_VOCAB
+from medusa.bench.runner import Record, Sample
 
 SPECIALS = ["<pad>", "<s>", "<unk>", "</s>"]  # </s> is id 3, the tiny models' EOS
 CHAT_TEMPLATE = (
@@ -46,28 +41,34 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model = make_tiny_model("llama", max_positions=2048)
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = 0
-    model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
-    return directory
+def sample(tokens, decode, prefill=0.5, steps=None, accepted=None, token_ids=None):
+    ids = token_ids if token_ids is not None else list(range(tokens))
+    return Sample(
+        ids, prefill, decode, steps if steps is not None else tokens, accepted if accepted is not None else tokens
+    )
 
 
-@pytest.fixture
-def questions_file(tmp_path):
-    path = tmp_path / "question.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in QUESTIONS))
-    return path
+def hand_made_records() -> list[Record]:
+    """Three prompts in two categories; the expected numbers are worked out in the tests below."""
+    return [
+        Record(1, "writing", 1, 20, {
+            "autoregressive": sample(100, 2.0),
+            "medusa": sample(100, 1.0, steps=40, accepted=100),
+            "hf-generate": sample(100, 4.0, steps=100),
+        }),
+        Record(2, "writing", 1, 30, {
+            "autoregressive": sample(50, 2.0),
+            "medusa": sample(50, 0.5, steps=20, accepted=52, token_ids=[0, 1, 2, 9] + list(range(4, 50))),
+            "hf-generate": sample(50, 2.0),
+        }),
+        Record(3, "qa", 1, 10, {
+            "autoregressive": sample(10, 1.0),
+            "medusa": sample(10, 1.0, steps=10, accepted=10, token_ids=list(range(9)) + [99]),
+            "hf-generate": sample(10, 0.5),
+        }),
+    ]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models decode fastest on one thread, and much faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+META = {"command": "medusa bench --limit 2", "device": "test cpu", "dtype": "float32", "model": "tiny", "heads": None,
+        "tree_size": 64, "max_new_tokens": 100, "torch": "x", "transformers": "y", "timestamp": "now"}
+METHODS = ("autoregressive", "medusa", "hf-generate")

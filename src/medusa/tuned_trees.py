@@ -1,0 +1,167 @@
+"""The tuned trees beside the heads: the best tree for each kind of device, chosen by ``medusa tree tune``.
+
+``tuned_trees.json`` maps a device kind ("cpu", or the CUDA device's name such as "NVIDIA H100 80GB
+HBM3") to a tree and the numbers it was chosen by. Loading heads picks the entry for the device they
+run on; a tree given explicitly always wins. An entry's tree has no lookup branch (batched decoding
+has none); when a tree with a lookup chain is faster still, the entry's ``lookup`` object holds that
+one too, and single-sequence decoding uses it.
+
+The format lives here, in the core, because loading reads it; ``medusa.treeopt`` only produces it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medusa.errors import MedusaError
+from medusa.files import write_json
+from medusa.files import read_json
+from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
+from medusa.tree import Tree
+
+TUNED_FILE = "tuned_trees.json"
+
+
+def device_kind(device: torch.device | str) -> str:
+    """"cpu", the CUDA device's name, or the device type for anything else."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+@dataclass
+class ChainedTree:
+    """The tuned tree with a lookup chain (JSON: the entry's ``lookup`` object) and the numbers it was chosen by."""
+
+    paths: list[list[int]]
+    lookup: int  # nodes of the lookup chain besides the heads' paths
+    topk: int | None = None
+    nodes: int | None = None  # root, heads' paths and chain
+    lookup_ngram: int | None = None
+    expected_accept_length: float | None = None
+    step_seconds: float | None = None
+    expected_tokens_per_second: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "nodes": self.nodes, "lookup": self.lookup, "lookup_ngram": self.lookup_ngram, "topk": self.topk,
+            "paths": self.paths, "expected_accept_length": self.expected_accept_length,
+            "step_seconds": self.step_seconds, "expected_tokens_per_second": self.expected_tokens_per_second,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, origin: str) -> ChainedTree:
+        if not isinstance(raw, dict):
+            raise MedusaError(f"{origin} has a 'lookup' entry that is not an object")
+        origin = f"{origin} (its lookup tree)"
+        if "paths" not in raw:
+            raise MedusaError(f"{origin} has no 'paths' list")
+        return cls(**{f.name: raw.get(f.name) for f in fields(cls)})
+
+
+@dataclass
+class TunedTree:
+    """One device's entry in ``tuned_trees.json``: the heads' tree chosen for it and what it was chosen by.
+
+    Only ``paths`` is required (hand-written entries hold little more); the tuner fills every field.
+    """
+
+    paths: list[list[int]]
+    topk: int | None = None
+    nodes: int | None = None
+    num_heads: int | None = None  # the heads it was tuned for; loading refuses other heads
+    estimate: str | None = None
+    expected_accept_length: float | None = None
+    step_seconds: float | None = None
+    expected_tokens_per_second: float | None = None
+    heads_fingerprint: str | None = None
+    profile_samples: int | None = None
+    max_new_tokens: int | None = None
+    max_nodes: int | None = None
+    cost_curve: list[dict] | None = None  # [{"nodes", "seconds"}] the choice was made on
+    chained: ChainedTree | None = None  # JSON key "lookup"
+
+    def to_json(self) -> dict[str, Any]:
+        entry = {
+            "nodes": self.nodes, "topk": self.topk, "paths": self.paths, "num_heads": self.num_heads,
+            "estimate": self.estimate, "expected_accept_length": self.expected_accept_length,
+            "step_seconds": self.step_seconds, "expected_tokens_per_second": self.expected_tokens_per_second,
+            "heads_fingerprint": self.heads_fingerprint, "profile_samples": self.profile_samples,
+            "max_new_tokens": self.max_new_tokens, "max_nodes": self.max_nodes, "cost_curve": self.cost_curve,
+        }
+        if self.chained is not None:
+            entry["lookup"] = self.chained.to_json()
+        return entry
+
+    @classmethod
+    def from_json(cls, raw: Any, origin: str) -> TunedTree:
+        """An entry read from the file; ``origin`` names it in errors ("the tuned tree for 'cpu' in DIR/...")."""
+        if not isinstance(raw, dict):
+            raise MedusaError(f"{origin} is not an object")
+        if "paths" not in raw:
+            raise MedusaError(f"{origin} has no 'paths' list")
+        chained = ChainedTree.from_json(raw["lookup"], origin) if raw.get("lookup") is not None else None
+        return cls(**{f.name: raw.get(f.name) for f in fields(cls) if f.name != "chained"}, chained=chained)
+
+    def tree(self, num_heads: int, origin: str, chained: bool = False) -> Tree:
+        """The tree for heads of ``num_heads``; with ``chained``, the tree with a lookup chain where there is one."""
+        if self.num_heads is not None and self.num_heads != num_heads:
+            raise MedusaError(f"{origin} was tuned for {self.num_heads} heads, but these heads have {num_heads}")
+        entry, chain = self, 0
+        if chained and self.chained is not None:
+            entry, origin, chain = self.chained, f"{origin} (its lookup tree)", self.chained.lookup
+        try:
+            check_lookup(chain, DEFAULT_MAX_NGRAM)
+            return Tree.from_paths(entry.paths, topk=entry.topk, num_heads=num_heads, lookup=chain)
+        except MedusaError as error:
+            raise MedusaError(f"{origin}: {error}") from None
+
+
+def _read_entries(directory: str | Path) -> dict[str, dict]:
+    """Every device's raw entry ({} when there is no file)."""
+    path = Path(directory) / TUNED_FILE
+    if not path.is_file():
+        return {}
+    raw = read_json(path, "tuned trees")
+    devices = raw.get("devices") if isinstance(raw, dict) else None
+    if not isinstance(devices, dict) or not all(isinstance(entry, dict) for entry in devices.values()):
+        raise MedusaError(f"tuned trees {path} must be {{\"devices\": {{device kind: {{\"topk\", \"paths\", ...}}}}}}")
+    return devices
+
+
+def _origin(directory: str | Path, kind: str) -> str:
+    return f"the tuned tree for {kind!r} in {Path(directory) / TUNED_FILE}"
+
+
+def read_tuned_trees(directory: str | Path) -> dict[str, TunedTree]:
+    """Every device's entry in ``directory/tuned_trees.json`` ({} when there is no file)."""
+    return {kind: TunedTree.from_json(raw, _origin(directory, kind)) for kind, raw in _read_entries(directory).items()}
+
+
+def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path:
+    """Add or replace one device's entry, keeping the others as they are written; written atomically."""
+    path = Path(directory) / TUNED_FILE
+    devices = _read_entries(directory)
+    devices[kind] = entry.to_json()
+    write_json(path, {"devices": devices}, indent=1)
+    return path
+
+
+def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int, chained: bool = False) -> Tree | None:
+    """The tree tuned for this device kind beside the heads, or None when there is none; with ``chained``,
+    the faster tree with a lookup chain where the tuner found one.
+
+    Only this device's entry is read, so an entry for another device never stops loading here.
+    """
+    kind = device_kind(device)
+    raw = _read_entries(directory).get(kind)
+    if raw is None:
+        return None
+    origin = _origin(directory, kind)
+    return TunedTree.from_json(raw, origin).tree(num_heads, origin, chained)
