@@ -23,6 +23,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from helpers.decoding import oracle_engine, oracle_generation
 from medusa.acceptance import (
     GreedyAcceptance,
     RejectionAcceptance,
@@ -33,12 +34,11 @@ from medusa.acceptance import (
     target_tokens,
     verify,
 )
-from medusa.engine import DecodingEngine, EngineOptions, Generation
+from medusa.engine import DecodingEngine, Generation
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
 from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, position_gumbel
 from medusa.tree import Tree
-from helpers.decoding import oracle_engine, oracle_generation
 
 VOCAB = 16  # small enough to enumerate every pair (and triple) of tokens exactly
 HIDDEN = 32

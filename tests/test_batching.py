@@ -16,11 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.models import ARCHITECTURES, EOS_ID, make_tiny_model
-from medusa.engine import BATCH_BUCKETS, EngineOptions, bucket_for
-from medusa.errors import MedusaError
-from medusa.model import GenerationConfig, MedusaModel, is_prompt_batch
-from medusa.tree import Tree, default_tree
 from helpers.decoding import (
     CUSTOM_TREE,
     architecture_of,
@@ -30,7 +25,12 @@ from helpers.decoding import (
     random_prompts,
     reference,
 )
+from helpers.models import ARCHITECTURES, EOS_ID, make_tiny_model
 from helpers.text_model import make_tokenizer
+from medusa.engine import BATCH_BUCKETS, bucket_for
+from medusa.errors import MedusaError
+from medusa.model import GenerationConfig, MedusaModel, is_prompt_batch
+from medusa.tree import Tree, default_tree
 
 NEW_TOKENS = 16
 # Mixed lengths, a one-token prompt among them; references are shared with test_decoding's cache.

@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.decoding import CUSTOM_TREE, PROMPTS, architecture_of, oracle_run, plain_greedy, random_prompts, reference
 from helpers.models import ARCHITECTURES, EOS_ID, TINY_VOCAB, make_tiny_model
 from medusa.decoding import attention_spans
 from medusa.engine import EngineOptions
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree, default_tree
-from helpers.decoding import CUSTOM_TREE, PROMPTS, architecture_of, oracle_run, plain_greedy, random_prompts, reference
 
 NEW_TOKENS = 32
 TREES = {"8": "8", "16": "16", "64": "64", "custom": CUSTOM_TREE}

@@ -7,13 +7,13 @@ import random
 import pytest
 import torch
 
+from helpers.decoding import PROMPTS, reference
 from helpers.models import ARCHITECTURES, make_tiny_model
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
-from medusa.engine import EngineOptions
 from medusa.model import MedusaModel
 from medusa.tree import Tree
-from helpers.decoding import PROMPTS, reference
 
 T, F = True, False
 

@@ -8,8 +8,8 @@ import torch
 from helpers.models import make_tiny_model
 from helpers.text_model import make_tokenizer
 from medusa.decoding import DecodingStats
-from medusa.errors import MedusaError
 from medusa.engine import EngineOptions
+from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel, TextTracker
 
 PROMPT = "Tell me a story."

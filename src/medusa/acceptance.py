@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 
 from medusa.errors import MedusaError
@@ -48,7 +49,7 @@ class StepKind:
     logprobs: int = -1  # -1: no log-probabilities; k >= 0: each token's and the top k alternatives'
 
     @classmethod
-    def of(cls, schemes: "list[AcceptanceScheme]", logprobs: int = -1) -> "StepKind":
+    def of(cls, schemes: list[AcceptanceScheme], logprobs: int = -1) -> StepKind:
         sampling = [s.sampling for s in schemes if s.sampling is not None]
         return cls(
             sample=bool(sampling),

@@ -50,7 +50,7 @@ class RowLayer(StaticLayer):
     """A ``StaticLayer`` that writes each row at its own length (``write_at [rows]``, shared by the cache's
     layers), and whose buffers are views of the cache's ``KVStore`` where the shapes allow."""
 
-    def __init__(self, max_cache_len: int, write_at: "RowLengths", store: KVStore | None, index: int) -> None:
+    def __init__(self, max_cache_len: int, write_at: RowLengths, store: KVStore | None, index: int) -> None:
         super().__init__(max_cache_len=max_cache_len)
         self.write_at = write_at
         self.store = store

@@ -7,7 +7,6 @@ base ``lm_head``, so an untrained head returns exactly the base model's logits.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 

@@ -22,7 +22,6 @@ layout is exported as both files, since the original project's loader reads only
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings

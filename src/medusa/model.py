@@ -316,6 +316,12 @@ class MedusaModel(nn.Module):
         engine.reserve(max_rows, max_length)
         return engine
 
+    def release_engines(self) -> None:
+        """Drop the kept engines, their KV caches and captured graphs (a 7B model's batch cache is gigabytes)."""
+        self._engines.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def tree_for(self, options: EngineOptions = EngineOptions(), rows: int = 1) -> Tree:
         """The tree a batch bucket of ``rows`` runs with these options (the root alone without heads)."""
         return self._tree_chooser(options, None)(bucket_for(rows))

@@ -113,7 +113,7 @@ class RowSampling:
     seed: torch.Tensor  # long
 
     @classmethod
-    def empty(cls, rows: int, device: torch.device | str) -> "RowSampling":
+    def empty(cls, rows: int, device: torch.device | str) -> RowSampling:
         def zeros(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(rows, dtype=dtype, device=device)
 
@@ -123,11 +123,11 @@ class RowSampling:
         settings.top_p.fill_(1.0)
         return settings
 
-    def rows(self, count: int) -> "RowSampling":
+    def rows(self, count: int) -> RowSampling:
         """Views of the first ``count`` rows (a step over a smaller batch bucket reads these)."""
         return RowSampling(*(getattr(self, name)[:count] for name in self.__dataclass_fields__))
 
-    def write(self, row: int, scheme: int, params: "SamplingParams", eps: float, delta: float, seed: int) -> None:
+    def write(self, row: int, scheme: int, params: SamplingParams, eps: float, delta: float, seed: int) -> None:
         """Set one row's settings in place (between steps; a captured step reads these buffers)."""
         self.scheme[row] = scheme
         self.temperature[row] = params.temperature if params.temperature > 0 else 1.0

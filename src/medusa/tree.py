@@ -120,7 +120,7 @@ class Tree:
             return self
         return Tree.from_paths(self.paths, self.topk, lookup=lookup).to(self.attention_mask.device)
 
-    def first_nodes(self, size: int) -> "Tree":
+    def first_nodes(self, size: int) -> Tree:
         """The tree cut to its first ``size`` nodes: the root, then head paths in depth order (each path's parent
         comes before it, so any cut is a tree), then the lookup chain's first nodes if room is left."""
         size = max(1, size)

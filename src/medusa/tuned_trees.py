@@ -11,7 +11,6 @@ The format lives here, in the core, because loading reads it; ``medusa.treeopt``
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ from typing import Any
 import torch
 
 from medusa.errors import MedusaError
-from medusa.files import write_json
-from medusa.files import read_json
+from medusa.files import read_json, write_json
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.tree import Tree
 

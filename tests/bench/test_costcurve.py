@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ from medusa.bench.costcurve import (
     validate_cost_curve,
 )
 from medusa.cli import main
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
-from medusa.engine import EngineOptions
 from medusa.model import MedusaModel
 
 

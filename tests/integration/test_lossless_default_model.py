@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from helpers.decoding import oracle_engine, oracle_generation
 from helpers.models import SPEC_BENCH
 from medusa.cli import main
 from medusa.model import GenerationConfig
-from helpers.decoding import oracle_engine, oracle_generation
 
 pytestmark = pytest.mark.integration
 

@@ -6,13 +6,12 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from helpers.models import make_tiny_model
 from helpers.treeopt import fresh_heads
-from medusa.errors import MedusaError
 from medusa.engine import EngineOptions
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.errors import MedusaError
+from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_tree, measure_step_seconds
 from medusa.tuned_trees import (

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from helpers.models import make_tiny_model
 from helpers.treeopt import fresh_heads, greedy_continuation

@@ -187,6 +187,7 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig, batch: 
         synchronize(model.device)
     finally:
         engine.finish(generations)
+        model.release_engines()
     return StepTiming(seconds, tree.max_depth, span)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import shlex
 import signal
 import sys
@@ -109,6 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
+    curve.add_argument("--batch-sizes", default="1", metavar="B,B,...",
+                       help="rows decoded together, each a batch bucket of 1, 2, 4, ..., 64 (default 1); "
+                       "`medusa tree tune --batch-sizes` chooses a tree for each from this curve")
     curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
                        help="make N nodes of every tree a lookup chain, its search included in the step (default 0)")
     curve.add_argument("--span-step", type=int, default=ATTENTION_SPAN_STEP, metavar="SLOTS",
@@ -258,6 +260,7 @@ def _write_outputs(report: dict, output: Path) -> int:
 def run_cost_curve(args: argparse.Namespace) -> int:
     config = CostCurveConfig(
         sizes=_sizes(args.sizes),
+        batch_sizes=_sizes(args.batch_sizes),
         context=args.context,
         repeats=args.repeats,
         warmup=args.step_warmup,
@@ -291,6 +294,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         "dtype": str(model.base_model.dtype).removeprefix("torch."),
         "heads": {"num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head},
         "context": config.context,
+        "batch_sizes": list(config.batch_sizes),
         "repeats": config.repeats,
         "warmup_steps": config.warmup,
         "cuda_graphs": config.cuda_graphs,

@@ -9,8 +9,8 @@ import sys
 
 from medusa.acceptance import SCHEMES
 from medusa.commands.common import add_model_arguments, load_model
-from medusa.errors import MedusaError
 from medusa.engine import EngineOptions
+from medusa.errors import MedusaError
 from medusa.model import GenerationConfig
 
 GPU_MAX_BATCH = 32  # Medusa with the per-batch tuned trees still paid at 32 on the H100 (docs/batching.md)

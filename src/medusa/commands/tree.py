@@ -14,7 +14,6 @@ from pathlib import Path
 
 from medusa.errors import MedusaError
 from medusa.files import write_json, write_text
-from medusa.heads import MedusaHeadsConfig
 from medusa.loading import DEFAULT_MODEL_NAME
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch

@@ -209,7 +209,7 @@ class Engine:
                 self._batch = [m.job for m in active]
             self.metrics.record_batch(len(active))
 
-    def _admit(self, engine: DecodingEngine, jobs: list[Job]) -> list["_Member"]:
+    def _admit(self, engine: DecodingEngine, jobs: list[Job]) -> list[_Member]:
         """Prefill the jobs that are still wanted, together, into the running batch."""
         members = []
         for job in jobs:
@@ -247,7 +247,7 @@ class Engine:
             member.job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
             self._record_end(member, "error")
 
-    def _step(self, engine: DecodingEngine, active: list["_Member"]) -> list["_Member"]:
+    def _step(self, engine: DecodingEngine, active: list[_Member]) -> list[_Member]:
         """One batched step: each member's chunk goes out; members that are done leave. Returns the rest."""
         by_generation = {id(m.generation): m for m in active}
         leaving: list[tuple[_Member, str]] = []

@@ -8,7 +8,6 @@ expected tokens per step divided by step latency peaks, which only this device's
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from dataclasses import dataclass, field
