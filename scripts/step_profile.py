@@ -4,7 +4,7 @@ A diagnostic, not a benchmark: on a small model the step is bound by how many ke
 how long the small ones take, so the question is which parts (the base model's matrix products,
 attention, the heads' top-k, the commit's copies) add up. Run on a CUDA machine:
 
-    python scripts/step_profile.py --shape smollm2-135m --nodes 1,59 --compile off,on --out profile.json
+    python scripts/step_profile.py --shape smollm2-135m --nodes 1,59 --batch 1,32 --compile off,on --out profile.json
 
 Random weights (``medusa.bench.costcurve.random_model``) with heads like the shipped ones; the tree is
 the cost curve's generic tree, plus ``--lookup`` nodes when set. Prints, per configuration, the graph
@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from medusa.bench.costcurve import random_model, tree_of_size
+from medusa.engine import EngineOptions
 from medusa.heads import MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
@@ -70,6 +71,7 @@ def main() -> None:
     parser.add_argument("--nodes", default="1,59", help="tree sizes (root included, lookup nodes included)")
     parser.add_argument("--lookup", type=int, default=10, help="lookup nodes inside each size above 1")
     parser.add_argument("--compile", default="off,on")
+    parser.add_argument("--batch", default="1", help="rows decoded together (batch buckets)")
     parser.add_argument("--layers", type=int, default=2, help="residual layers per head")
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--cache-length", type=int, default=1083)
@@ -95,39 +97,44 @@ def main() -> None:
              "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
     backends = None if args.sdpa == "default" else [names[name] for name in args.sdpa.split(",")]
     attention = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
-    for size in (int(n) for n in args.nodes.split(",")):
+    for batch, size in ((int(b), int(n)) for b in args.batch.split(",") for n in args.nodes.split(",")):
         lookup = args.lookup if size > 1 else 0
         tree = tree_of_size(size - lookup, 4) if size - lookup > 1 else Tree.from_paths([])
         for mode in args.compile.split(","):
             compile_step = {"off": False, "on": True}.get(mode, mode)
-            config = GenerationConfig(max_new_tokens=1, use_heads=size - lookup > 1, lookup=lookup,
-                                      compile=compile_step, cache_length=args.cache_length)
+            options = EngineOptions(use_heads=size - lookup > 1, lookup=lookup, compile=compile_step,
+                                    cache_length=args.cache_length)
             with attention():  # the backend is chosen when the step is traced and captured
-                decoder, graphed = model.make_decoder(prompt, config, tree)
-            # the compiled step when compiling (GraphedStep compiled it); eager if capture failed (logged)
+                engine = model.engine(options, tree if size - lookup > 1 else None, max_rows=batch,
+                                      max_length=args.context + 1)
+                generations = [model.prepare(prompt, GenerationConfig(max_new_tokens=1)) for _ in range(batch)]
+                engine.add(generations)
+                rows, span, kind = engine.step_shape()  # the bucket and attention span decoding uses here
+                engine._run(rows, span, kind)  # captures the graph
+            decoder, graphed = engine.decoder, engine.graphs
+            # the compiled step when compiling (the graphs compiled it); eager if capture failed (logged)
             step = graphed.step_function if graphed else decoder.step
 
-            span = decoder.span_for(args.context)  # the attention span decoding uses at this context
-
-            def rewound(step=step, decoder=decoder, span=span):
-                decoder.length.fill_(args.context)
-                decoder.cache.set_length(decoder.length)
-                return step(span)
+            def rewound(step=step, decoder=decoder, rows=rows, span=span, kind=kind):
+                decoder.lengths[:rows].fill_(args.context)
+                return step(rows, span, kind)
 
             with attention():
-                total_us, rows = kernel_table(rewound, args.repeats)
-            graph_ms = replay_ms(lambda decoder=decoder, graphed=graphed, span=span: (
-                decoder.length.fill_(args.context), decoder.cache.set_length(decoder.length), graphed(span)
+                total_us, rows_table = kernel_table(rewound, args.repeats)
+            graph_ms = replay_ms(lambda decoder=decoder, graphed=graphed, rows=rows, span=span, kind=kind: (
+                decoder.lengths[:rows].fill_(args.context), graphed(rows, span, kind)
             ), 50) if graphed else None
-            result = {"nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa, "attention_span": span,
-                      "kernel_us_per_step": total_us,
-                      "kernels_per_step": sum(r["calls_per_step"] for r in rows), "graph_replay_ms": graph_ms,
-                      "top": rows[: args.top]}
+            engine.finish(generations)
+            model.release_engines()
+            result = {"batch": batch, "nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa,
+                      "attention_span": span, "kernel_us_per_step": total_us,
+                      "kernels_per_step": sum(r["calls_per_step"] for r in rows_table), "graph_replay_ms": graph_ms,
+                      "top": rows_table[: args.top]}
             results.append(result)
-            print(f"\n== {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
+            print(f"\n== batch {batch}, {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
                   f"graph replay {graph_ms} ms; "
                   f"kernel time {total_us:.0f} us in {result['kernels_per_step']:.0f} kernels per step")
-            for row in rows[: args.top]:
+            for row in rows_table[: args.top]:
                 print(f"{row['us_per_step']:8.1f} us {row['calls_per_step']:6.1f}x  {row['kernel']}")
     if args.out:
         with open(args.out, "w") as handle:

@@ -22,7 +22,7 @@ from medusa.interop import load_heads, load_heads_config
 from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
 from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, load_tree
-from medusa.tuned_trees import tuned_tree
+from medusa.tuned_trees import tuned_batch_trees, tuned_tree
 
 SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
@@ -206,7 +206,7 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        heads_tree = None
+        heads_tree, batch_trees = None, {}
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
             heads_config = load_heads_config(directory)
@@ -215,10 +215,13 @@ class MedusaModel(nn.Module):
                 device = model_device(base_model)
                 tree = tuned_tree(directory, device, heads_config.num_heads, chained=True)
                 heads_tree = tuned_tree(directory, device, heads_config.num_heads)
+                batch_trees = tuned_batch_trees(directory, device, heads_config.num_heads)
             if tree is None and (directory / TREE_FILE).is_file():
                 tree = directory / TREE_FILE
             heads = load_heads(directory, base_lm_head=lm_head)
-        return cls(base_model, tokenizer, heads, tree=tree, name=name, heads_tree=heads_tree)
+        model = cls(base_model, tokenizer, heads, tree=tree, name=name, heads_tree=heads_tree)
+        model.batch_trees = {bucket: tree for bucket, tree in batch_trees.items() if bucket > 1}
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""

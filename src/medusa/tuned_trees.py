@@ -2,9 +2,10 @@
 
 ``tuned_trees.json`` maps a device kind ("cpu", or the CUDA device's name such as "NVIDIA H100 80GB
 HBM3") to a tree and the numbers it was chosen by. Loading heads picks the entry for the device they
-run on; a tree given explicitly always wins. An entry's tree has no lookup branch (batched decoding
-has none); when a tree with a lookup chain is faster still, the entry's ``lookup`` object holds that
-one too, and single-sequence decoding uses it.
+run on; a tree given explicitly always wins. An entry's tree has no lookup branch; when a tree with a
+lookup chain is faster still, the entry's ``lookup`` object holds that one too, and single-sequence
+decoding uses it. ``batches`` holds a tree per batch bucket, chosen from the step cost at that batch
+size (the more rows, the fewer nodes pay); the engine runs each bucket with its own.
 
 The format lives here, in the core, because loading reads it; ``medusa.treeopt`` only produces it.
 """
@@ -64,6 +65,30 @@ class ChainedTree:
 
 
 @dataclass
+class BatchTree:
+    """The tree a batch bucket runs (JSON: ``batches[str(bucket)]``): the heads' paths with a lookup chain, chosen
+    from the cost curve measured at that batch size. ``paths`` empty and ``lookup`` 0: the root alone, plain
+    decoding, where no tree pays at that size."""
+
+    paths: list[list[int]]
+    lookup: int = 0
+    topk: int | None = None
+    nodes: int | None = None
+    expected_accept_length: float | None = None
+    step_seconds: float | None = None
+    expected_tokens_per_second: float | None = None  # per row
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, raw: Any, origin: str) -> BatchTree:
+        if not isinstance(raw, dict) or "paths" not in raw:
+            raise MedusaError(f"{origin} is not an object with a 'paths' list")
+        return cls(**{f.name: raw.get(f.name) for f in fields(cls) if f.name in raw})
+
+
+@dataclass
 class TunedTree:
     """One device's entry in ``tuned_trees.json``: the heads' tree chosen for it and what it was chosen by.
 
@@ -84,6 +109,7 @@ class TunedTree:
     max_nodes: int | None = None
     cost_curve: list[dict] | None = None  # [{"nodes", "seconds"}] the choice was made on
     chained: ChainedTree | None = None  # JSON key "lookup"
+    batches: dict[int, BatchTree] | None = None  # per batch bucket (JSON key "batches", keyed by str(bucket))
 
     def to_json(self) -> dict[str, Any]:
         entry = {
@@ -95,6 +121,8 @@ class TunedTree:
         }
         if self.chained is not None:
             entry["lookup"] = self.chained.to_json()
+        if self.batches:
+            entry["batches"] = {str(bucket): tree.to_json() for bucket, tree in sorted(self.batches.items())}
         return entry
 
     @classmethod
@@ -105,7 +133,24 @@ class TunedTree:
         if "paths" not in raw:
             raise MedusaError(f"{origin} has no 'paths' list")
         chained = ChainedTree.from_json(raw["lookup"], origin) if raw.get("lookup") is not None else None
-        return cls(**{f.name: raw.get(f.name) for f in fields(cls) if f.name != "chained"}, chained=chained)
+        batches = raw.get("batches")
+        if batches is not None:
+            if not isinstance(batches, dict) or not all(str(key).isdigit() for key in batches):
+                raise MedusaError(f"{origin} has a 'batches' entry that is not an object keyed by batch size")
+            batches = {int(key): BatchTree.from_json(value, f"{origin}, batch {key}") for key, value in batches.items()}
+        plain = {f.name: raw.get(f.name) for f in fields(cls) if f.name not in ("chained", "batches")}
+        return cls(**plain, chained=chained, batches=batches)
+
+    def batch_trees(self, num_heads: int, origin: str) -> dict[int, Tree]:
+        """Each tuned batch bucket's tree."""
+        trees = {}
+        for bucket, entry in (self.batches or {}).items():
+            try:
+                check_lookup(entry.lookup, DEFAULT_MAX_NGRAM)
+                trees[bucket] = Tree.from_paths(entry.paths, topk=entry.topk, num_heads=num_heads, lookup=entry.lookup)
+            except MedusaError as error:
+                raise MedusaError(f"{origin}, batch {bucket}: {error}") from None
+        return trees
 
     def tree(self, num_heads: int, origin: str, chained: bool = False) -> Tree:
         """The tree for heads of ``num_heads``; with ``chained``, the tree with a lookup chain where there is one."""
@@ -149,6 +194,13 @@ def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path
     devices[kind] = entry.to_json()
     write_json(path, {"devices": devices}, indent=1)
     return path
+
+
+def tuned_batch_trees(directory: str | Path, device: torch.device | str, num_heads: int) -> dict[int, Tree]:
+    """The trees tuned per batch bucket for this device kind beside the heads ({} when none were)."""
+    kind = device_kind(device)
+    entry = read_tuned_trees(directory).get(kind)
+    return {} if entry is None else entry.batch_trees(num_heads, _origin(directory, kind))
 
 
 def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int, chained: bool = False) -> Tree | None:

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "measured the lookup branch, and keep one if it is faster; 0: no lookup branch; N: tune the heads' "
         "tree for a chain of N nodes",
     )
+    tune.add_argument(
+        "--batch-sizes",
+        help="also choose a tree for each of these batch buckets (1,2,4,...,64), from the cost curve at that size "
+        "(timed here, or read from a --cost-curve measured with --batch-sizes); batches of a size without one cut "
+        "the model's tree to a node budget",
+    )
     tune.add_argument("--context", type=int, default=128, help="prompt tokens before the timed steps (default 128)")
     tune.add_argument("--steps", type=int, default=16, help="timed steps per run (default 16)")
     tune.add_argument("--repeats", type=int, default=3, help="timed runs per size; the median counts (default 3)")
@@ -352,7 +358,7 @@ def _plot_build(plot_dir: Path, profile, tree, estimate: str, expected_lengths) 
 def run_tune(args: argparse.Namespace) -> int:
     from medusa.interop import load_heads_config
     from medusa.treeopt.profile import heads_fingerprint
-    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, greedy_trees, measure_cost_curve, tune_tree
+    from medusa.treeopt.tune import DEFAULT_SIZES, CostCurve, greedy_trees, measure_cost_curve, tune_batches, tune_tree
     from medusa.tuned_trees import device_kind, write_tuned_tree
 
     if args.max_nodes < 1:
@@ -362,8 +368,11 @@ def run_tune(args: argparse.Namespace) -> int:
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     chains = _lookup_choices(args.lookup, profile, estimate)
+    batch_sizes = _batch_sizes(args.batch_sizes)
+    batch_costs: dict[int, CostCurve] = {}
     if args.cost_curve:
         cost = CostCurve.load(args.cost_curve)
+        batch_costs = {batch: CostCurve.load(args.cost_curve, batch) for batch in batch_sizes}
         if (args.device_kind or cost.device) is None:
             raise MedusaError(
                 f'cost curve {args.cost_curve} names no device: give --device-kind ("cpu" or the GPU\'s name)'
@@ -383,6 +392,12 @@ def run_tune(args: argparse.Namespace) -> int:
             model, trees, args.context, args.steps, args.repeats,
             progress=lambda n, s: print(f"  {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr),
         )
+        for batch in batch_sizes:
+            batch_costs[batch] = cost if batch == 1 else measure_cost_curve(
+                model, trees, args.context, args.steps, args.repeats, batch=batch,
+                progress=lambda n, s, b=batch: print(f"  batch {b}, {n:4d} nodes: {s * 1e3:8.2f} ms/step",
+                                                     file=sys.stderr),
+            )
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
     kind = args.device_kind or cost.device
@@ -403,14 +418,34 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a "
               f"{best.lookup}-node chain): {best.expected_accept_length:.2f} tokens/step expected, "
               f"{best.expected_tokens_per_second:.1f} tokens/s expected{in_use}")
+    entry = tuning.to_tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
+    if batch_costs:
+        entry.batches = tune_batches(profile, batch_costs, estimate, chains, args.max_nodes)
+        print("per batch size: " + ", ".join(
+            f"{batch}: {tree.nodes} nodes" + (f" ({tree.lookup} lookup)" if tree.lookup else "")
+            for batch, tree in entry.batches.items()))
     if not args.dry_run:
-        entry = tuning.to_tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
         from medusa.treeopt.plots import plot_tuning
 
         print("plots: " + ", ".join(map(str, plot_tuning(args.plot_dir, tuning, profile, kind))))
     return 0
+
+
+def _batch_sizes(text: str | None) -> list[int]:
+    from medusa.engine import BATCH_BUCKETS
+
+    if not text:
+        return []
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise MedusaError(f"--batch-sizes takes batch buckets separated by commas, got {text!r}") from None
+    wrong = [size for size in sizes if size not in BATCH_BUCKETS]
+    if wrong:
+        raise MedusaError(f"--batch-sizes must be batch buckets ({', '.join(map(str, BATCH_BUCKETS))}), got {wrong}")
+    return sizes
 
 
 def _lookup_choices(text: str, profile, estimate: str) -> tuple[int, ...]:

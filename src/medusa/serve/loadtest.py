@@ -47,6 +47,9 @@ class LoadConfig:
     requests: int = 64
     max_tokens: int = 256
     temperature: float = 0.0
+    # Every odd-numbered request samples at this temperature, with its number as seed: greedy and sampled requests
+    # in one load (None: every request at ``temperature``).
+    mixed_temperature: float | None = None
     warmup: int = 2  # requests sent one at a time before timing starts (graph capture, allocator)
     timeout: float = 600.0  # per request
     api_key: str | None = None
@@ -153,11 +156,14 @@ class _Client:
         finally:
             connection.close()
 
-    def chat(self, model: str, prompt: str) -> Sample:
-        body = json.dumps({
+    def chat(self, model: str, prompt: str, index: int = 0) -> Sample:
+        request = {
             "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature, "stream": True, "stream_options": {"include_usage": True},
-        })
+        }
+        if self.config.mixed_temperature is not None and index % 2:
+            request.update(temperature=self.config.mixed_temperature, seed=index)
+        body = json.dumps(request)
         started = time.perf_counter()
         connection = http.client.HTTPConnection(self.host, self.port, timeout=self.config.timeout)
         try:
@@ -210,7 +216,7 @@ def run_load(config: LoadConfig) -> LoadResult:
                 index = next(counter, None)
             if index is None:
                 return
-            samples[index] = client.chat(model, config.prompts[index % len(config.prompts)])
+            samples[index] = client.chat(model, config.prompts[index % len(config.prompts)], index)
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(config.clients)]
     started = time.perf_counter()
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens per request (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--mixed-temperature", type=float, metavar="T",
+                        help="odd-numbered requests sample at T (seeded), the others at --temperature")
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--prompts", help="Spec-Bench JSONL (first turns), {'prompt'} JSONL or text lines")
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         config = LoadConfig(
             url=args.url, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,
-            temperature=args.temperature, warmup=args.warmup, timeout=args.timeout, api_key=args.api_key,
+            temperature=args.temperature, mixed_temperature=args.mixed_temperature, warmup=args.warmup, timeout=args.timeout, api_key=args.api_key,
             prompts=load_prompts(args.prompts) if args.prompts else BUILTIN_PROMPTS, label=args.label,
         )
         result = run_load(config)

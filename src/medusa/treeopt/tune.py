@@ -22,7 +22,7 @@ from medusa.model import GenerationConfig, MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.build import build_tree, expected_grid
 from medusa.treeopt.profile import HeadProfile
-from medusa.tuned_trees import ChainedTree, TunedTree, device_kind
+from medusa.tuned_trees import BatchTree, ChainedTree, TunedTree, device_kind
 
 DEFAULT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # Lookup chains the tuner tries beside each heads tree (0: none); medusa.lookup.MAX_LOOKUP_NODES is the longest.
@@ -47,13 +47,24 @@ class CostCurve:
         path.parent.mkdir(parents=True, exist_ok=True)  # a measured curve took minutes: never lose it to a missing folder
         write_json(path, self.to_dict(), indent=1)
 
+    @staticmethod
+    def batch_sizes(path: str | Path) -> list[int]:
+        """The batch sizes a cost-curve file measured (points without a ``batch`` are batch 1)."""
+        raw = read_json(path, "cost curve")
+        points = raw.get("points") if isinstance(raw, dict) else None
+        return sorted({p.get("batch", 1) for p in points if isinstance(p, dict)}) if isinstance(points, list) else []
+
     @classmethod
-    def load(cls, path: str | Path) -> CostCurve:
+    def load(cls, path: str | Path, batch: int = 1) -> CostCurve:
+        """The curve at ``batch`` rows (a ``medusa bench --cost-curve --batch-sizes`` file holds several)."""
         path = Path(path)
         raw = read_json(path, "cost curve")
         points = raw.get("points") if isinstance(raw, dict) else None
         if not isinstance(points, list) or not points:
             raise MedusaError(f'cost curve {path} must be {{"points": [{{"nodes": n, "seconds": s}}, ...]}}')
+        points = [p for p in points if not isinstance(p, dict) or p.get("batch", 1) == batch]
+        if not points:
+            raise MedusaError(f"cost curve {path} has no point at batch size {batch}")
         curve: dict[int, float] = {}
         for point in points:
             nodes = point.get("nodes") if isinstance(point, dict) else None
@@ -185,6 +196,31 @@ def tune_tree(
     return TreeTuning(estimate, cost, max_nodes, grid, heads_choice, chain_choice, best, tree, chained_tree)
 
 
+def tune_batches(
+    profile: HeadProfile, costs: dict[int, CostCurve], estimate: str, chains: tuple[int, ...] = (0,),
+    max_nodes: int = 256,
+) -> dict[int, BatchTree]:
+    """The fastest tree, lookup chain included, for each batch size's cost curve.
+
+    Every row of a batch gains the same expected tokens per step from a tree, and pays the step's cost, so the
+    choice per batch size is the single-sequence one on that size's curve. Where the curve climbs steeply (a
+    batch already fills the matrix units) it is the root alone: plain decoding.
+    """
+    chosen = {}
+    for batch, cost in sorted(costs.items()):
+        tuning = tune_tree(profile, cost, estimate, chains, max_nodes)
+        best = tuning.best
+        tree = tuning.chained_tree if best.lookup else tuning.tree
+        if best.total_nodes == 1:
+            tree = Tree.from_paths([])
+        chosen[batch] = BatchTree(
+            paths=[list(p) for p in tree.paths], lookup=tree.lookup, topk=tree.topk, nodes=tree.size,
+            expected_accept_length=round(best.expected_accept_length, 4), step_seconds=best.step_seconds,
+            expected_tokens_per_second=round(best.expected_tokens_per_second, 2),
+        )
+    return chosen
+
+
 def greedy_trees(profile: HeadProfile, sizes: list[int], estimate: str) -> dict[int, Tree]:
     """The greedy tree of each size, keyed by its real size (a small profile may not fill the largest sizes)."""
     trees = (build_tree(profile, n, estimate) for n in sizes)
@@ -225,12 +261,13 @@ def measure_step_seconds(
 
 
 def measure_cost_curve(
-    model: MedusaModel, trees: dict[int, Tree], context: int = 128, steps: int = 16, repeats: int = 3, progress=None
+    model: MedusaModel, trees: dict[int, Tree], context: int = 128, steps: int = 16, repeats: int = 3, progress=None,
+    batch: int = 1,
 ) -> CostCurve:
-    """Seconds per step for each of ``trees`` (nodes -> tree) on the model's device."""
+    """Seconds per step of ``batch`` rows for each of ``trees`` (nodes -> tree) on the model's device."""
     points = {}
     for nodes, tree in sorted(trees.items()):
-        points[nodes] = measure_step_seconds(model, tree, context, steps, repeats)
+        points[nodes] = measure_step_seconds(model, tree, context, steps, repeats, batch=batch)
         if progress is not None:
             progress(nodes, points[nodes])
     return CostCurve(points, device_kind(model.device))

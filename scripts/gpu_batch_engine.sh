@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The batch-first engine's GPU runs (docs/benchmarks/h200-batch-engine/README.md), one phase per device call:
+#
+#   scripts/gpu_batch_engine.sh tests     # the CUDA-only tests, and where a batched step's time goes
+#   scripts/gpu_batch_engine.sh bench     # throughput against batch size, and batch 1 against the previous code
+#   scripts/gpu_batch_engine.sh serve     # medusa serve under 1, 8 and 32 clients, greedy and sampled mixed
+#
+# Expects the default model's GGUF at /root/stage/model.gguf for bench and serve (staged in parts: the device
+# call carries at most 64 MiB), wheels for gguf/fastapi/uvicorn in $KEEP/.whl, the Spec-Bench questions in
+# $KEEP/.data/question.jsonl and, for the baseline, the previous engine's source (without its assets) in
+# $KEEP/.old/src ($KEEP: the repository root, or where an earlier call on the same machine copied them).
+# Writes under $OUT.
+set -uo pipefail
+phase=$1
+KEEP=${KEEP:-.}
+[ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$KEEP"/.whl/*.whl
+export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 MEDUSA_CACHE_DIR=/root/medusa-cache
+HEADS=src/medusa/assets/heads/smollm2-135m-instruct
+MODEL=/root/stage/model.gguf
+QUESTIONS=$KEEP/.data/question.jsonl
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+
+case $phase in
+tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -15
+    python3 scripts/step_profile.py --shape smollm2-135m --nodes 1,64 --lookup 24 --batch 1,32 --compile off \
+        --context 512 --cache-length 1024 --repeats 10 --top 12 --out "$OUT/step_profile.json" 2>&1 | tail -64
+    ;;
+bench)
+    mkdir -p "$OUT/bench"
+    python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
+        --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts 64 --out "$OUT/bench/batch_throughput.json"
+    # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions
+    for code in new old; do
+        src=src; [ "$code" = old ] && src=$KEEP/.old/src
+        PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
+            --methods autoregressive,medusa,medusa-lookup --limit 4 --max-new-tokens 128 --warmup 2 \
+            --output-dir "$OUT/bench/single-$code" 2>&1 | tail -12
+    done
+    ;;
+serve)
+    mkdir -p "$OUT/serve"
+    for heads in heads no-heads; do
+        flag=""; [ "$heads" = no-heads ] && flag=--no-heads
+        python3 -m medusa.cli serve --model "$MODEL" --heads "$HEADS" --port 8011 --max-batch 32 $flag \
+            > "$OUT/serve/server-$heads.log" 2>&1 &
+        server=$!
+        for _ in $(seq 180); do
+            python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break
+            sleep 1
+        done
+        for clients in 1 8 32; do
+            requests=$(( clients * 3 )); [ "$clients" = 1 ] && requests=8
+            python3 -m medusa.serve.loadtest --url http://127.0.0.1:8011 --clients "$clients" --requests "$requests" \
+                --max-tokens 128 --mixed-temperature 0.7 --prompts "$QUESTIONS" --label "$heads, $clients clients" \
+                --output "$OUT/serve/load-$heads-$clients.json" 2>&1 | tail -3
+        done
+        python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
+            | grep -E "^medusa_(batch_size|accepted_tokens_per_step)_(sum|count)" > "$OUT/serve/metrics-$heads.txt"
+        kill "$server"; wait "$server"
+    done
+    python3 -m medusa.serve.loadtest --report "$OUT"/serve/load-*.json
+    ;;
+esac
