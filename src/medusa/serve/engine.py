@@ -15,6 +15,7 @@ Sampled requests are not batched: one runs alone once the batch has drained.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -31,7 +32,11 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The wait line is full: come back later (HTTP 429)."""
+    """The wait line is full: come back in ``retry_after`` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineStopped(Exception):
@@ -68,6 +73,10 @@ class Failed:
 
 Event = GenerationChunk | Finished | Failed
 Sink = Callable[[Event], None]
+WORKER_DIED = "the server's engine has stopped (its worker thread died); see the server's log"
+# Retry-After before any generation has finished: an assumed generation time, in seconds.
+ASSUMED_GENERATION_SECONDS = 1.0
+GENERATION_SECONDS_WEIGHT = 0.2  # of the newest generation in the running mean of generation times
 
 
 class Job:
@@ -78,6 +87,7 @@ class Job:
         self.config = config
         self.sink = sink
         self.submitted = time.monotonic()
+        self.started: float | None = None  # when the worker took it up
         self.deadline = deadline
         self._cancelled = threading.Event()
 
@@ -103,6 +113,7 @@ class Engine:
         self._batch: list[Job] = []  # the jobs of the running batch (max_batch > 1)
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._generation_seconds: float | None = None  # a running mean, from the worker's start to the end
 
     # ----- life cycle ---------------------------------------------------------------------------
 
@@ -152,16 +163,35 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
+            if not self._thread.is_alive():
+                raise EngineStopped(WORKER_DIED)
             # With one generation at a time: max_waiting wait behind the running one. A batch also
             # takes in as many as it has free places at its next step.
             if len(self._waiting) >= self.config.max_waiting + self.config.max_batch - self.running:
                 raise QueueFull(
                     f"{self.running} generation running and {len(self._waiting)} waiting, "
-                    f"the most this server queues ({self.config.max_waiting} waiting)"
+                    f"the most this server queues ({self.config.max_waiting} waiting)",
+                    retry_after=self.retry_after(),
                 )
             self._waiting.append(job)
             self._lock.notify()
         return job
+
+    def retry_after(self) -> int:
+        """Whole seconds until the line ahead of a new request has likely cleared: the generations
+        running and waiting, at the mean time of recent generations, ``max_batch`` at a time."""
+        seconds = self._generation_seconds or ASSUMED_GENERATION_SECONDS
+        ahead = self.running + len(self._waiting)
+        estimate = math.ceil(seconds * ahead / self.config.max_batch)
+        return max(1, min(estimate, math.ceil(self.config.request_timeout)))
+
+    def _observe_generation(self, job: Job) -> None:
+        """The worker finished a generation it ran (not one refused before starting)."""
+        if job.started is None:
+            return
+        seconds = time.monotonic() - job.started
+        mean = self._generation_seconds
+        self._generation_seconds = seconds if mean is None else mean + GENERATION_SECONDS_WEIGHT * (seconds - mean)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the line now, a running one after the current step."""
@@ -175,9 +205,22 @@ class Engine:
     # ----- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
-        if self.config.max_batch > 1:
-            self._work_batched()
-            return
+        try:
+            if self.config.max_batch > 1:
+                self._work_batched()
+            else:
+                self._work_one_at_a_time()
+        except BaseException:
+            # A bug, not a request's failure (those are caught per generation): without a worker no
+            # request can be served, so the waiting ones fail now and submit() refuses new ones (503).
+            log.exception("the engine's worker thread died; requests now get 503")
+            with self._lock:
+                dropped = list(self._waiting) + [job for job in (self._running, *self._batch) if job is not None]
+                self._waiting.clear()
+            for job in dropped:
+                job.emit(Failed("shutdown", WORKER_DIED))
+
+    def _work_one_at_a_time(self) -> None:
         while True:
             with self._lock:
                 while not self._waiting and not self._stopping:
@@ -193,6 +236,7 @@ class Engine:
                     job.emit(Failed("timeout", self.timeout_message()))
                     self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
                     continue
+                job.started = time.monotonic()
                 self._generate(job)
             finally:
                 with self._lock:
@@ -235,6 +279,7 @@ class Engine:
         if outcome is None:
             outcome = stats.finish_reason
             job.emit(Finished(stats.finish_reason, completion_tokens, stats))
+        self._observe_generation(job)
         self.metrics.record_generation(len(job.prompt_ids), outcome, time.monotonic() - job.submitted)
 
     # ----- the batched worker -------------------------------------------------------------------
@@ -274,6 +319,7 @@ class Engine:
                             self.metrics.record_generation(len(alone.prompt_ids), "timeout",
                                                            time.monotonic() - alone.submitted)
                         else:
+                            alone.started = time.monotonic()
                             self._generate(alone)
                 finally:
                     with self._lock:
@@ -309,6 +355,7 @@ class Engine:
                 job.emit(Failed("invalid", str(error)))
                 self.metrics.record_generation(len(job.prompt_ids), "invalid", time.monotonic() - job.submitted)
                 continue
+            job.started = time.monotonic()
             sequence = BatchSequence(ids, job.config.max_new_tokens, frozenset(self.model.eos_token_ids()))
             members.append(_Member(job, sequence, TextTracker(self.model.tokenizer, job.config.stop)))
         if members:
@@ -361,6 +408,7 @@ class Engine:
         return [m for m in active if id(m) not in gone]
 
     def _record_end(self, member: "_Member", outcome: str) -> None:
+        self._observe_generation(member.job)
         self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
 
     def timeout_message(self) -> str:
