@@ -11,6 +11,7 @@ with an error their clients see, and exits.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import socket
 import time
@@ -52,15 +53,19 @@ class ServerConfig:
             if getattr(self, name) < 1:
                 raise MedusaError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
-            raise MedusaError(f"port must lie in 1..65535, got {self.port}")
+            raise MedusaError(f"port must lie in 0..65535 (0: any free port), got {self.port}")
 
 
 class _Config(uvicorn.Config):
     """uvicorn's settings plus the two the protocol below reads."""
 
     def __init__(self, app: FastAPI, server: ServerConfig) -> None:
+        # The server's own lines (one per refused request, with its id) go where uvicorn's go.
+        log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+        log_config["loggers"]["medusa"] = {"handlers": ["default"], "level": server.log_level.upper()}
         super().__init__(
             app, host=server.host, port=server.port, log_level=server.log_level, lifespan="on", http=_Protocol,
+            log_config=log_config,
             timeout_keep_alive=server.keep_alive_timeout, limit_concurrency=server.limit_concurrency,
             h11_max_incomplete_event_size=server.max_header_bytes,
             # A backstop: handlers still running this long after the generations were ended are cancelled.
