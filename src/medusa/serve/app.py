@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medusa.errors import MedusaError
@@ -463,6 +464,8 @@ class _Server:
                     continue
                 if isinstance(event, Failed):
                     error = _failure(event, reply_id)
+                    log.info("request %s: stream ended with %d (%s): %s", reply_id, error.status,
+                             error.code or error.type, error.message)
                     yield _sse({"error": {"message": error.message, "type": error.type, "param": None,
                                           "code": error.code}})
                     break
@@ -523,8 +526,9 @@ def _sse(data: dict) -> str:
 
 
 def _failure(event: Failed, reply_id: str) -> ApiError:
-    """The error a failed generation answers; an unexpected one is logged, and its text stays in the log."""
-    log.warning("request %s: generation ended: %s: %s", reply_id, event.reason, event.message)
+    """The error a failed generation answers; an unexpected one's text goes to the log alone."""
+    if event.reason == "error":
+        log.error("request %s: %s", reply_id, event.message)
     if event.reason == "timeout":
         return ApiError(504, event.message, type="timeout_error", code="request_timeout")
     if event.reason == "invalid":
@@ -554,6 +558,9 @@ async def _read_json(request: Request, settings: ServeSettings) -> dict:
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} seconds",
                        code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection before sending its whole body",
+                       code="client_closed") from None
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
