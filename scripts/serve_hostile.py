@@ -184,9 +184,19 @@ def bad_requests(target: Target) -> dict:
 def load(target: Target, clients: int, max_tokens: int) -> dict:
     config = LoadConfig(url=f"http://{target.host}:{target.port}", clients=clients, requests=clients,
                         max_tokens=max_tokens, warmup=1, timeout=300, label=f"{clients} clients")
+    extra: dict = {}
+
+    def one_more() -> None:  # a request sent while the line is full: its status and Retry-After
+        time.sleep(2.0)
+        status, _, headers = target.request("POST", "/v1/chat/completions", target.chat("Hello"))
+        extra.update(status=status, retry_after=headers.get("retry-after"))
+
     with HealthProbe(target, 0.1) as probe:
+        sender = threading.Thread(target=one_more, daemon=True)
+        sender.start()
         result = run_load(config)
-    return {"ok": result.ok, "rejected_429": result.rejected, "failed": result.failed,
+        sender.join()
+    return {"ok": result.ok, "rejected_429": result.rejected, "failed": result.failed, "request_2s_in": extra,
             "wall_s": round(result.wall_seconds, 1), "errors": result.errors, "health": probe.summary(),
             "fds_after": target.fds()}
 

@@ -40,8 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds an idle keep-alive connection stays open (default 5)")
     limits.add_argument("--max-connections", type=int, default=256,
                         help="open connections; more are closed at once (default 256)")
-    limits.add_argument("--limit-concurrency", type=int, default=128,
-                        help="past this many open connections or requests in flight, a request gets 503 (default 128)")
+    limits.add_argument("--limit-concurrency", type=int, default=None,
+                        help="past this many open connections or requests in flight, a request gets 503 (default: "
+                        "off; idle and slow connections count too, so /health would answer 503 under a crowd of them)")
     limits.add_argument("--max-header-bytes", type=int, default=16384,
                         help="a request's headers, all together (default 16384)")
     limits.add_argument("--shutdown-grace", type=float, default=5.0,

@@ -38,7 +38,9 @@ class ServerConfig:
     header_timeout: float = 10.0  # seconds a client has to send a request's headers, from its first byte
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     max_connections: int = 256  # open connections; more are closed at once
-    limit_concurrency: int = 128  # requests in flight (and connections); past it a request gets 503
+    # Past this many open connections or requests in flight a request gets 503. Off by default: uvicorn
+    # counts every open connection, so a crowd of slow clients would turn /health into 503 too.
+    limit_concurrency: int | None = None
     max_header_bytes: int = 16 * 1024  # a request's headers, all together
     shutdown_grace: float = 5.0  # seconds generations may go on after SIGTERM before they are ended
     log_level: str = "info"
@@ -50,7 +52,7 @@ class ServerConfig:
         if self.shutdown_grace < 0:
             raise MedusaError(f"shutdown_grace must be 0 or more seconds, got {self.shutdown_grace}")
         for name in ("max_connections", "limit_concurrency", "max_header_bytes"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MedusaError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not 0 <= self.port < 65536:
             raise MedusaError(f"port must lie in 0..65535 (0: any free port), got {self.port}")
