@@ -28,7 +28,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from jinja2.exceptions import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -53,6 +52,11 @@ from medusa.serve.schemas import (
     SamplingRequest,
     Usage,
 )
+
+try:  # chat templates need jinja2; a server without it still serves /v1/completions
+    from jinja2.exceptions import TemplateError
+except ImportError:  # pragma: no cover
+    TemplateError = type("TemplateError", (Exception,), {})
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +104,19 @@ class ApiError(Exception):
         code: str | None = None,
         type: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
+        self.detail = detail  # for the log line only, never the client
 
     def response(self, request: Request | None = None) -> JSONResponse:
         """The answer; logs one line with the request id the response carries in ``x-request-id``."""
         if request is not None:
-            log.info("request %s: %s %s refused with %d (%s): %s", request_id(request.scope), request.method,
-                     request.url.path, self.status, self.code or self.type, self.message)
+            log.info("request %s: %s %s refused with %d (%s): %s%s", request_id(request.scope), request.method,
+                     request.url.path, self.status, self.code or self.type, self.message,
+                     f" ({self.detail})" if self.detail else "")
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
@@ -321,10 +328,12 @@ class _Server:
     def render(self, messages: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except TemplateError as error:  # the template's own raise_exception (e.g. "roles must alternate")
-            if type(error) is not TemplateError:  # a syntax error or worse: the template's fault, not the client's
-                raise
-            raise ApiError(400, f"the model's chat template refused these messages: {error}", param="messages") from None
+        except Exception as error:
+            if type(error) is TemplateError:  # the template's own raise_exception (e.g. "roles must alternate")
+                raise ApiError(400, f"the model's chat template refused these messages: {error}",
+                               param="messages") from None
+            raise ApiError(400, "the model's chat template could not render these messages", param="messages",
+                           detail=f"{type(error).__name__}: {error}") from None
 
     def plain_ids(self, text: str) -> list[int]:
         """``text``'s tokens with special-token text in it read as plain text."""
