@@ -328,7 +328,7 @@ class _Server:
     def render(self, messages: list[dict]) -> str:
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001  (a template may raise anything; the client gets a 400)
             if type(error) is TemplateError:  # the template's own raise_exception (e.g. "roles must alternate")
                 raise ApiError(400, f"the model's chat template refused these messages: {error}",
                                param="messages") from None
