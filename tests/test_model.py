@@ -163,6 +163,74 @@ def test_tracker_stops_at_the_earliest_stop_string_of_a_step():
         assert tracker.add(byte_ids("a END b STOP c")) == ("a ", 5, True)
 
 
+class CountingTokenizer:
+    """Counts the ids each ``decode`` call is given: the work detokenization does."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.decoded_ids = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.decoded_ids += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE with no merges: every UTF-8 byte is a token, so characters split."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: index for index, token in enumerate(["<|endoftext|>"] + sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+SPLIT_UNICODE = "Caf\u00e9 \u2713 na\u00efve \U0001f600 \u4e2d\u6587 \U0001f469\u200d\U0001f52c end. "
+
+
+def tracked_text(tracker, steps) -> str:
+    return "".join(tracker.add(step)[0] for step in steps) + tracker.flush()
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), byte_level_tokenizer()], ids=["bytes", "byte-level-bpe"])
+def test_tracker_text_equals_decoding_the_whole_output(tokenizer):
+    """Chunks of 1 to 4 tokens, cutting characters of 2, 3 and 4 bytes (and a special token) anywhere."""
+    generator = torch.Generator().manual_seed(0)
+    ids = (tokenizer(SPLIT_UNICODE * 6)["input_ids"] if hasattr(tokenizer, "convert_ids_to_tokens")
+           else byte_ids(SPLIT_UNICODE * 6))
+    if hasattr(tokenizer, "convert_ids_to_tokens"):
+        ids = ids[:40] + [tokenizer.eos_token_id] + ids[40:]  # skipped, as whole-output decoding skips it
+    steps, start = [], 0
+    while start < len(ids):
+        size = int(torch.randint(1, 5, (1,), generator=generator))
+        steps.append(ids[start : start + size])
+        start += size
+    expected = tokenizer.decode(ids, skip_special_tokens=True)
+    assert tracked_text(TextTracker(tokenizer, stop=()), steps) == expected
+    assert tracked_text(TextTracker(tokenizer, stop=("never there",)), steps) == expected
+    stopped = TextTracker(tokenizer, stop=("\u4e2d",))  # a stop string made of split characters
+    texts = []
+    for step in steps:
+        text, _, done = stopped.add(step)
+        texts.append(text)
+        if done:
+            break
+    assert done and "".join(texts) == expected[: expected.index("\u4e2d")]
+
+
+def test_tracker_decodes_a_bounded_window_per_step():
+    """Each step decodes a few tokens around the new ones, not the whole output (quadratic before)."""
+    counting = CountingTokenizer(ByteTokenizer())
+    ids = byte_ids(SPLIT_UNICODE * 40)  # about 1,700 tokens, one per step
+    text = tracked_text(TextTracker(counting, stop=("never there",)), [[token] for token in ids])
+    assert text == SPLIT_UNICODE * 40
+    assert counting.decoded_ids < 20 * len(ids)
+
+
 def test_tracker_without_a_tokenizer_only_counts_tokens():
     tracker = TextTracker(None, stop=("x",))
     assert tracker.add([1, 2, 3]) == ("", 3, False)

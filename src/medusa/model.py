@@ -483,14 +483,24 @@ def is_prompt_batch(prompt: object) -> bool:
 
 
 class TextTracker:
-    """Incremental detokenisation with stop strings: emits only text that can no longer change or stop."""
+    """Incremental detokenisation with stop strings: emits only text that can no longer change or stop.
+
+    Each step decodes a small window, not the whole output (which made long answers quadratic): the
+    tokens since the last point where the text was whole, plus the step before that as context, as
+    streaming detokenisers do. Subtracting the context's own text leaves the new text exactly as
+    decoding the whole output would write it (a SentencePiece space, a character split across tokens).
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str]) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.tokens: list[int] = []
         self.emitted = 0
-        self.text = ""
+        self.text = ""  # the text of all the tokens, as one decode of them would give it
+        self._context = 0  # tokens[_context:_whole] are decoded again each step, as context
+        self._whole = 0  # the text of tokens[:_whole] ends on a whole character and is final
+        self._whole_chars = 0  # its length in self.text
+        self._context_text = ""  # the text of tokens[_context:_whole] decoded alone
 
     def add(self, tokens: list[int]) -> tuple[str, int, bool]:
         """Add a step's tokens; return ``(new text, how many of the tokens to keep, stopped)``."""
@@ -498,8 +508,9 @@ class TextTracker:
             self.tokens.extend(tokens)
             return "", len(tokens), False
         before = len(self.tokens)
+        window = (self._context, self._whole_chars, self._context_text)
         self.tokens.extend(tokens)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._decode_new()
         found = []
         for stop in self.stop:
             start = self.text.find(stop, max(0, self.emitted - len(stop)))
@@ -507,7 +518,7 @@ class TextTracker:
                 found.append((start, stop))
         if found:  # one step may complete several stop strings: the earliest wins
             start, stop = min(found)
-            keep = self._tokens_to_reach(before, start + len(stop))
+            keep = self._tokens_to_reach(window, before, start + len(stop))
             self.text = self.text[:start]
             return self._emit(len(self.text)), keep, True
         safe = len(self.text)
@@ -528,9 +539,27 @@ class TextTracker:
         self.emitted = max(self.emitted, upto)
         return chunk
 
-    def _tokens_to_reach(self, before: int, length: int) -> int:
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _decode_new(self) -> None:
+        """Bring ``self.text`` up to date, decoding only ``tokens[_context:]``."""
+        window = self._decode(self.tokens[self._context :])
+        if window.startswith(self._context_text):
+            self.text = self.text[: self._whole_chars] + window[len(self._context_text) :]
+        else:  # the tokenizer rewrote the context's text (a clean-up of spaces): decode it all
+            self.text = self._decode(self.tokens)
+        if not self.text.endswith("\ufffd"):  # whole characters: the next window starts here
+            self._whole_chars = len(self.text)
+            self._context, self._whole = self._whole, len(self.tokens)
+            self._context_text = self._decode(self.tokens[self._context : self._whole])
+
+    def _tokens_to_reach(self, window: tuple[int, int, str], before: int, length: int) -> int:
+        """The fewest of this step's tokens whose text reaches ``length`` characters; drops the rest."""
+        context, whole_chars, context_text = window
         for count in range(1, len(self.tokens) - before + 1):
-            if len(self.tokenizer.decode(self.tokens[: before + count], skip_special_tokens=True)) >= length:
+            text = self._decode(self.tokens[context : before + count])
+            if whole_chars + len(text) - len(context_text) >= length:
                 self.tokens = self.tokens[: before + count]
                 return count
         return len(self.tokens) - before

@@ -8,12 +8,12 @@ import threading
 import time
 from collections.abc import Iterator
 
-import uvicorn
 
 from helpers.tiny_chat import make_chat_model as make_model
 from medusa.model import MedusaModel
 from medusa.serve.app import ServeSettings, create_app
 from medusa.serve.engine import Engine, EngineConfig
+from medusa.serve.server import ServerConfig, make_server
 
 MODEL_NAME = "tiny"
 
@@ -26,19 +26,18 @@ def make_slow_model(seconds_per_forward: float) -> MedusaModel:
 
 
 class RunningServer:
-    """uvicorn on a free loopback port in a background thread."""
+    """The server ``medusa serve`` runs, on a free loopback port in a background thread."""
 
-    def __init__(self, model: MedusaModel, settings: ServeSettings, engine_config: EngineConfig) -> None:
+    def __init__(self, model: MedusaModel, settings: ServeSettings, engine_config: EngineConfig,
+                 server_config: ServerConfig | None = None) -> None:
         self.engine = Engine(model, engine_config)
         self.settings = settings
-        app = create_app(self.engine, settings)
+        self.app = create_app(self.engine, settings)
         self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.socket.bind(("127.0.0.1", 0))
         self.port = self.socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-        )
+        self.server = make_server(self.app, server_config or ServerConfig(log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> RunningServer:
@@ -59,6 +58,8 @@ class RunningServer:
 @contextlib.contextmanager
 def running_server(model: MedusaModel, **options) -> Iterator[RunningServer]:
     engine_options = {k: options.pop(k) for k in ("max_waiting", "request_timeout", "max_batch") if k in options}
+    server_options = {k: options.pop(k) for k in list(options) if k in ServerConfig.__dataclass_fields__}
     settings = ServeSettings(model_name=MODEL_NAME, **options)
-    with RunningServer(model, settings, EngineConfig(**engine_options)) as server:
+    server_config = ServerConfig(log_level="warning", **server_options)
+    with RunningServer(model, settings, EngineConfig(**engine_options), server_config) as server:
         yield server

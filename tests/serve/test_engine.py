@@ -8,6 +8,7 @@ import time
 import pytest
 
 from helpers.serve import make_slow_model
+from medusa.engine import EngineOptions
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, EngineStopped, Failed, Finished, QueueFull
 
@@ -123,3 +124,47 @@ def test_stop_drops_the_waiting_and_refuses_new_work(slow_model):
     assert first.events and first.events[-1].reason == "shutdown"  # the running one is told too
     with pytest.raises(EngineStopped):
         engine.submit(ids(slow_model, "c"), GenerationConfig(max_new_tokens=2), Collector())
+
+
+def test_a_dead_worker_fails_the_waiting_and_refuses_new_work(serve_model):
+    engine = Engine(serve_model, EngineConfig(max_waiting=4))
+    second_queued = threading.Event()
+
+    def crash(rows):  # a bug outside any one step's error handling
+        second_queued.wait(10)
+        raise RuntimeError("a bug in the worker")
+
+    engine.metrics.record_batch = crash
+    engine.start()
+    try:
+        engine.submit(ids(serve_model, "a"), GenerationConfig(max_new_tokens=2), Collector())
+        waiting = Collector()
+        engine.submit(ids(serve_model, "b"), GenerationConfig(max_new_tokens=2), waiting)
+        second_queued.set()
+        assert waiting.done.wait(10)  # failed at once, not at its deadline
+        assert isinstance(waiting.events[-1], Failed) and waiting.events[-1].reason == "shutdown"
+        assert not engine.alive
+        with pytest.raises(EngineStopped, match="worker thread died"):
+            engine.submit(ids(serve_model, "c"), GenerationConfig(max_new_tokens=2), Collector())
+    finally:
+        engine.stop()
+
+
+def test_retry_after_estimates_the_wait_from_the_line(slow_model):
+    engine = Engine(slow_model, EngineConfig(max_waiting=3, request_timeout=120, options=EngineOptions(use_heads=False)))
+    engine.start()
+    try:
+        plain = GenerationConfig(max_new_tokens=10)  # 11 forward passes of 30 ms or more
+        seed = Collector()
+        engine.submit(ids(slow_model, "a"), plain, seed)
+        assert seed.done.wait(30) and isinstance(seed.events[-1], Finished)
+        engine.submit(ids(slow_model, "b"), GenerationConfig(max_new_tokens=100), Collector())
+        for prompt in "cde":
+            engine.submit(ids(slow_model, prompt), plain, Collector())
+        with pytest.raises(QueueFull) as refused:
+            engine.submit(ids(slow_model, "f"), plain, Collector())
+        # four generations ahead, each taking at least the 0.33 s the first one took
+        assert refused.value.retry_after >= 2
+        assert refused.value.retry_after == engine.retry_after()
+    finally:
+        engine.stop()

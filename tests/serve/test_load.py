@@ -52,7 +52,7 @@ def test_32_clients_at_once_each_complete_or_get_429(serve_model):
                     ok = response.status_code == 200
                     results[index] = (response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
                     if response.status_code == 429:
-                        assert response.headers["retry-after"] == "1"
+                        assert int(response.headers["retry-after"]) >= 1
             except Exception as error:  # noqa: BLE001  (reported below)
                 results[index] = error
 

@@ -34,6 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=300.0,
                        help="seconds a request may take, waiting included (default 300)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    group.add_argument("--allow-special-tokens", action="store_true",
+                       help="let special-token text in messages (such as <|im_start|>) act as control tokens, "
+                       "for trusted clients only (default: it is read as plain text)")
+    limits = parser.add_argument_group("connections (clients that are slow or many)")
+    limits.add_argument("--header-timeout", type=float, default=10.0,
+                        help="seconds a client has to send a request's headers; then 408 and closed (default 10)")
+    limits.add_argument("--body-timeout", type=float, default=30.0,
+                        help="seconds a client has to send a request's body; then 408 and closed (default 30)")
+    limits.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (default 5)")
+    limits.add_argument("--max-connections", type=int, default=256,
+                        help="open connections; more are closed at once (default 256)")
+    limits.add_argument("--limit-concurrency", type=int, default=None,
+                        help="past this many open connections or requests in flight, a request gets 503 (default: "
+                        "off; idle and slow connections count too, so /health would answer 503 under a crowd of them)")
+    limits.add_argument("--max-header-bytes", type=int, default=16384,
+                        help="a request's headers, all together (default 16384)")
+    limits.add_argument("--shutdown-grace", type=float, default=5.0,
+                        help="seconds generations may go on after SIGTERM before they are ended with an error "
+                        "(default 5)")
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--no-heads", action="store_true", help="decode plainly, one token per step (the baseline)")
     decoding.add_argument("--acceptance", choices=SCHEMES, default="auto",
@@ -48,18 +68,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from medusa.serve import Engine, EngineConfig, ServeSettings, create_app
+    from medusa.serve.server import ServerConfig, run_server
 
     api_key = args.api_key or os.environ.get("MEDUSA_API_KEY") or None
     settings = ServeSettings(
         model_name=args.served_model_name, api_key=api_key, max_tokens_cap=args.max_tokens_cap,
-        acceptance=args.acceptance,
+        acceptance=args.acceptance, body_timeout=args.body_timeout,
+        special_tokens_in_content=args.allow_special_tokens,
     )
     options = EngineOptions(use_heads=not args.no_heads, cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
+    server_config = ServerConfig(
+        host=args.host, port=args.port, log_level=args.log_level, header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+        limit_concurrency=args.limit_concurrency, max_header_bytes=args.max_header_bytes,
+        shutdown_grace=args.shutdown_grace,
+    )
     model = load_model(args)
     max_batch = args.max_batch or (GPU_MAX_BATCH if model.device.type == "cuda" else 1)
     engine_config = EngineConfig(max_waiting=args.max_waiting, request_timeout=args.timeout, max_batch=max_batch,
@@ -81,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and api_key is None:
         print(f"medusa serve: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    run_server(app, server_config)
     return 0
 
 

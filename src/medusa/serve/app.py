@@ -1,9 +1,12 @@
 """The HTTP side of ``medusa serve``: the OpenAI API subset over FastAPI, in front of an ``Engine``.
 
-Handlers validate, tokenize and check limits on the event loop, so that a bad request is answered at
-once without waiting for the model; the generation itself runs on the engine's worker thread and its
-events come back through an asyncio queue. Every error, FastAPI's own included, is answered in
-OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` so clients show the message.
+Handlers validate and check limits before the model is involved, so that a bad request is answered
+at once; chat templating and tokenization run on a thread of their own (a long prompt must not stall
+the event loop, hence ``/health``), after a cheap bound on the prompt's length. The generation runs
+on the engine's worker thread and its events come back through an asyncio queue. Every error,
+FastAPI's own included, is answered in OpenAI's shape ``{"error": {"message", "type", "param",
+"code"}}`` so clients show the message; bodies never carry exception text, and every response has
+an ``x-request-id`` that the server's log line about it carries too.
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
+import re
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medusa.errors import MedusaError
@@ -46,9 +53,23 @@ from medusa.serve.schemas import (
     Usage,
 )
 
+try:  # chat templates need jinja2; a server without it still serves /v1/completions
+    from jinja2.exceptions import TemplateError
+except ImportError:  # pragma: no cover
+    TemplateError = type("TemplateError", (Exception,), {})
+
+log = logging.getLogger(__name__)
+
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 # How often a handler waiting on a non-streamed generation looks whether its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+# How often a handler waiting on the engine looks whether its worker is still alive.
+WORKER_POLL_SECONDS = 1.0
+# Deeper JSON than this is refused (OpenAI requests nest a few levels; Python's parser gives up near 1000).
+MAX_JSON_DEPTH = 64
+# Stand-ins for message contents while the chat template is rendered, to find where each content lies.
+PLACEHOLDER = "\ue000{}\ue001"
+PLACEHOLDER_PATTERN = re.compile("\ue000(\\d+)\ue001")
 
 
 @dataclass
@@ -57,11 +78,15 @@ class ServeSettings:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <api_key>"
     max_tokens_cap: int = 4096  # the most tokens one request may ask for
     max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout: float = 30.0  # seconds a client has to send the request body, once the headers are in
+    special_tokens_in_content: bool = False  # True: "<|im_start|>" in a message acts as a control token
     acceptance: str = "auto"  # greedy at temperature 0, lossless rejection sampling above (see GenerationConfig)
 
     def __post_init__(self) -> None:
         if self.max_tokens_cap < 1:
             raise MedusaError(f"max_tokens_cap must be a positive integer, got {self.max_tokens_cap}")
+        if not self.body_timeout > 0:
+            raise MedusaError(f"body_timeout must be a positive number of seconds, got {self.body_timeout}")
         GenerationConfig(acceptance=self.acceptance)  # refuses an unknown scheme now
 
 
@@ -76,14 +101,25 @@ class ApiError(Exception):
         code: str | None = None,
         type: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers
+        self.detail = detail  # for the log line only, never the client
 
-    def response(self) -> JSONResponse:
+    def response(self, request: Request | None = None) -> JSONResponse:
+        """The answer; logs one line with the request id the response carries in ``x-request-id``."""
+        if request is not None:
+            log.info("request %s: %s %s refused with %d (%s): %s%s", request_id(request.scope), request.method,
+                     request.url.path, self.status, self.code or self.type, self.message,
+                     f" ({self.detail})" if self.detail else "")
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def request_id(scope: Scope) -> str:
+    return scope.get("state", {}).get("request_id", "-")
 
 
 def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
@@ -98,17 +134,19 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             yield
         finally:
             await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+            server.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="Medusa", description="OpenAI-compatible API over Medusa decoding", lifespan=lifespan)
-    app.add_middleware(_RequestCounter, server=server)
+    app.state.medusa = server
+    app.add_middleware(_RequestGuard, server=server)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error.response()
+        return error.response(request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _validation_error(error.errors()).response()
+        return _validation_error(error.errors()).response(request)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -119,24 +157,24 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         else:
             message = str(error.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return ApiError(error.status_code, message, code=code, headers=getattr(error, "headers", None)).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, error: Exception) -> JSONResponse:
-        return ApiError(500, f"internal server error: {type(error).__name__}", type="server_error").response()
+        return ApiError(error.status_code, message, code=code,
+                        headers=getattr(error, "headers", None)).response(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         server.authorize(request)
-        chat = server.parse(ChatCompletionRequest, await _read_json(request, settings.max_body_bytes))
-        prompt_ids = server.encode_chat(chat)
+        chat = server.parse(ChatCompletionRequest, await _read_json(request, settings))
+        server.check_prompt_chars(sum(len(m.content) for m in chat.messages), "messages")
+        prompt_ids = await server.off_the_loop(server.encode_chat, chat)
         return await server.complete(request, chat, prompt_ids, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         server.authorize(request)
-        completion = server.parse(CompletionRequest, await _read_json(request, settings.max_body_bytes))
-        prompt_ids = server.encode_text(completion)
+        completion = server.parse(CompletionRequest, await _read_json(request, settings))
+        if isinstance(completion.prompt, str):
+            server.check_prompt_chars(len(completion.prompt), "prompt")
+        prompt_ids = await server.off_the_loop(server.encode_text, completion)
         return await server.complete(request, completion, prompt_ids, chat=False)
 
     @app.get("/v1/models")
@@ -152,8 +190,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.alive
-        body = {"status": "ok" if ok else "stopped", "model": server.model_name,
+        ok = engine.alive and not server.closing
+        body = {"status": "ok" if ok else ("stopping" if server.closing else "stopped"), "model": server.model_name,
                 "waiting": engine.waiting, "running": engine.running}
         return JSONResponse(body, status_code=200 if ok else 503)
 
@@ -178,6 +216,26 @@ class _Server:
         self.tokenizer = copy.deepcopy(model.tokenizer)
         self.vocab_size = model.base_model.get_input_embeddings().weight.shape[0]
         self.context_length = model.context_length
+        # One thread templates and tokenizes, in turn (a fast tokenizer must not be used by two at once).
+        self.tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medusa-tokenize")
+        self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.context_length)
+        self.special_ids = _special_ids(self.tokenizer)
+        self.closing = False  # set on shutdown: new requests get 503
+
+    async def off_the_loop(self, encode: Callable[[Any], list[int]], request: SamplingRequest) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, encode, request)
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: refuse new requests, give the generations under way ``grace`` seconds, then end them
+        (their clients get a 503 or a final error event)."""
+        self.closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while (self.engine.running or self.engine.waiting) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        ended = self.engine.running + self.engine.waiting
+        await loop.run_in_executor(None, self.engine.stop)
+        log.info("shut down: %d generation(s) ended after the %gs grace period", ended, grace)
 
     # ----- checks -------------------------------------------------------------------------------
 
@@ -215,17 +273,70 @@ class _Server:
 
     # ----- prompts ------------------------------------------------------------------------------
 
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """A bound checked before tokenizing: no token is longer than the vocabulary's longest, so a
+        prompt of more characters than the context holds of those cannot fit."""
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise ApiError(400, f"the prompt has {chars} characters, more than the model's context length of "
+                           f"{self.context_length} tokens can hold (at most {self.max_prompt_chars})",
+                           param=param, code="context_length_exceeded")
+
     def encode_chat(self, request: ChatCompletionRequest) -> list[int]:
+        """The messages through the chat template, as token ids. Unless the server trusts its clients
+        (``special_tokens_in_content``), text such as ``<|im_start|>`` inside a message is plain text:
+        only the template's own special tokens are control tokens."""
         tokenizer = self.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+        text = self.render(messages)
+        if self.settings.special_tokens_in_content or not self.special_ids:
+            return self.check_ids(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+        stand_ins = [dict(m, content=PLACEHOLDER.format(index)) for index, m in enumerate(messages)]
+        template, contents = self.render(stand_ins), [m["content"] for m in messages]
+        spans, rebuilt, at = [], [], 0
+        for match in PLACEHOLDER_PATTERN.finditer(template):  # where each content lies in the rendered text
+            rebuilt.append(template[at : match.start()])
+            start = sum(map(len, rebuilt))
+            rebuilt.append(contents[int(match.group(1))])
+            spans.append((start, start + len(rebuilt[-1])))
+            at = match.end()
+        rebuilt.append(template[at:])
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        injected = [i for i, token in enumerate(ids) if token in self.special_ids
+                    and any(start < offsets[i][1] and offsets[i][0] < end for start, end in spans)]
+        if not injected:
+            return self.check_ids(ids, "messages")
+        if "".join(rebuilt) != text:  # the template changes contents: where they lie is unknown
+            raise ApiError(400, "a message contains special-token text (such as "
+                           f"{tokenizer.decode([ids[injected[0]]])!r}), which this model's chat template does not "
+                           "let the server tokenize as plain text", param="messages", code="special_tokens_in_content")
+        # Added tokens split the text before the tokenizer's own rules apply, so tokenizing the text
+        # between the template's special tokens alone gives the same tokens, but for the injected ones.
+        pieces, at = [], 0
+        for i, token in enumerate(ids):
+            if token in self.special_ids and i not in injected:
+                pieces += self.plain_ids(text[at : offsets[i][0]]) + [token]
+                at = offsets[i][1]
+        return self.check_ids(pieces + self.plain_ids(text[at:]), "messages")
+
+    def render(self, messages: list[dict]) -> str:
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as error:  # templates raise their own errors (e.g. "roles must alternate")
-            raise ApiError(400, f"the model's chat template refused these messages: {error}", param="messages") from None
-        return self.check_ids(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as error:  # noqa: BLE001  (a template may raise anything; the client gets a 400)
+            if type(error) is TemplateError:  # the template's own raise_exception (e.g. "roles must alternate")
+                raise ApiError(400, f"the model's chat template refused these messages: {error}",
+                               param="messages") from None
+            raise ApiError(400, "the model's chat template could not render these messages", param="messages",
+                           detail=f"{type(error).__name__}: {error}") from None
+
+    def plain_ids(self, text: str) -> list[int]:
+        """``text``'s tokens with special-token text in it read as plain text."""
+        if not text:
+            return []
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def encode_text(self, request: CompletionRequest) -> list[int]:
         if isinstance(request.prompt, list):
@@ -293,17 +404,21 @@ class _Server:
         def sink(event: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
+        if self.closing:
+            raise ApiError(503, "the server is shutting down", type="server_error", code="unavailable")
         try:
             job = self.engine.submit(prompt_ids, config, sink)
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", type="rate_limit_exceeded",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
+                           code="queue_full", headers={"Retry-After": str(error.retry_after)}) from None
         except EngineStopped as error:
             raise ApiError(503, str(error), type="server_error", code="unavailable") from None
+        reply_id = request_id(request.scope)
         reply = _Reply(chat=chat, model=self.model_name, prompt_tokens=len(prompt_ids))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self.stream(job, events, reply, include_usage), media_type="text/event-stream",
+            return StreamingResponse(self.stream(job, events, reply, include_usage, reply_id),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(self.watch_disconnect(request, job))
         try:
@@ -313,7 +428,7 @@ class _Server:
                 if isinstance(event, GenerationChunk):
                     texts.append(event.text)
                 elif isinstance(event, Failed):
-                    raise _failure(event)
+                    raise _failure(event, reply_id)
                 else:
                     return reply.whole("".join(texts), event)
         finally:
@@ -327,14 +442,19 @@ class _Server:
         self.engine.cancel(job)
 
     async def next_event(self, job: Job, events: asyncio.Queue) -> Any:
-        """The job's next event, or a timeout once its deadline has passed."""
-        remaining = job.deadline - time.monotonic()
-        try:
-            return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.0))
-        except TimeoutError:
-            return Failed("timeout", self.engine.timeout_message())
+        """The job's next event; a timeout once its deadline has passed, a failure if the worker died."""
+        while True:
+            remaining = job.deadline - time.monotonic()
+            try:
+                return await asyncio.wait_for(events.get(), timeout=min(max(remaining, 0.0), WORKER_POLL_SECONDS))
+            except TimeoutError:
+                if remaining <= WORKER_POLL_SECONDS:
+                    return Failed("timeout", self.engine.timeout_message())
+                if not self.engine.alive and events.empty():
+                    return Failed("shutdown", "the server's engine has stopped")
 
-    async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool,
+                     reply_id: str) -> AsyncIterator[str]:
         """Server-sent events. Starlette cancels this generator when the client disconnects; the
         ``finally`` then cancels the job, which frees the model after the current step."""
         done = False
@@ -348,7 +468,9 @@ class _Server:
                         yield _sse(reply.chunk(text=event.text))
                     continue
                 if isinstance(event, Failed):
-                    error = _failure(event)
+                    error = _failure(event, reply_id)
+                    log.info("request %s: stream ended with %d (%s): %s", reply_id, error.status,
+                             error.code or error.type, error.message)
                     yield _sse({"error": {"message": error.message, "type": error.type, "param": None,
                                           "code": error.code}})
                     break
@@ -408,7 +530,10 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def _failure(event: Failed) -> ApiError:
+def _failure(event: Failed, reply_id: str) -> ApiError:
+    """The error a failed generation answers; an unexpected one's text goes to the log alone."""
+    if event.reason == "error":
+        log.error("request %s: %s", reply_id, event.message)
     if event.reason == "timeout":
         return ApiError(504, event.message, type="timeout_error", code="request_timeout")
     if event.reason == "invalid":
@@ -417,21 +542,30 @@ def _failure(event: Failed) -> ApiError:
         return ApiError(499, event.message, code="client_closed")
     if event.reason == "shutdown":
         return ApiError(503, event.message, type="server_error", code="unavailable")
-    return ApiError(500, event.message, type="server_error")
+    return ApiError(500, f"the generation failed (request id {reply_id})", type="server_error")
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+async def _read_json(request: Request, settings: ServeSettings) -> dict:
     """The body as a JSON object, whatever the Content-Type says (curl -d sends a form type)."""
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"the request body has {declared} bytes, over this server's limit of {limit}",
                        code="request_too_large")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
-                           code="request_too_large")
+    try:
+        async with asyncio.timeout(settings.body_timeout):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
+                                   code="request_too_large")
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} seconds",
+                       code="request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ApiError(499, "the client closed the connection before sending its whole body",
+                       code="client_closed") from None
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -441,10 +575,36 @@ async def _read_json(request: Request, limit: int) -> dict:
     except json.JSONDecodeError as error:
         raise ApiError(400, f"the request body is not valid JSON: {error.msg} at line {error.lineno} column "
                        f"{error.colno}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}",
                        code="invalid_json")
+    _check_json_values(data)
     return data
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+
+
+def _check_json_values(data: dict) -> None:
+    """Refuse what JSON can carry but text cannot: lone UTF-16 surrogates ("\\ud800"), and absurd nesting."""
+    pending: list[tuple[Any, int]] = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise _too_deep()
+        if isinstance(value, dict):
+            pending += [(key, depth) for key in value] + [(item, depth + 1) for item in value.values()]
+        elif isinstance(value, list):
+            pending += [(item, depth + 1) for item in value]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \"\\ud800\"), which is "
+                               "not a character; send valid Unicode text", code="invalid_json") from None
 
 
 def _validation_error(errors: list[dict], in_body: bool = True) -> ApiError:
@@ -482,8 +642,10 @@ def _param_name(location: list) -> str:
     return name or "body"
 
 
-class _RequestCounter:
-    """Pure ASGI middleware counting responses by endpoint and status (streams included, unbuffered)."""
+class _RequestGuard:
+    """Pure ASGI middleware: gives each request an id (the ``x-request-id`` header), counts responses by
+    endpoint and status (streams included, unbuffered), and answers an unexpected exception with a
+    generic 500 that names only the request id; the traceback goes to the log, under that id."""
 
     def __init__(self, app: ASGIApp, server: _Server) -> None:
         self.app = app
@@ -494,15 +656,47 @@ class _RequestCounter:
             await self.app(scope, receive, send)
             return
         endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = 500
+        status, started = 500, False
+        rid = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
 
-        async def counting_send(message: Message) -> None:
-            nonlocal status
+        async def guarded_send(message: Message) -> None:
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
+                message = dict(message, headers=[*message.get("headers", []), (b"x-request-id", rid.encode())])
             await send(message)
 
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, guarded_send)
+        except Exception:
+            log.exception("request %s: %s %s failed", rid, scope.get("method"), scope["path"])
+            if not started:
+                error = ApiError(500, f"internal server error (request id {rid})", type="server_error")
+                await error.response()(scope, receive, guarded_send)
         finally:
             self.metrics.record_request(endpoint, status)
+
+
+def _max_prompt_chars(tokenizer: Any, context_length: int | None) -> int | None:
+    """The most characters a prompt that fits the context may have: each token spells at most as many
+    characters as the vocabulary's longest token (byte-level and SentencePiece vocabularies spell a
+    character with at least one symbol of their own)."""
+    if tokenizer is None or context_length is None:
+        return None
+    try:
+        longest = max(map(len, tokenizer.get_vocab()), default=0)
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+    return context_length * max(longest, 1)
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids of the tokenizer's special tokens, named ones (bos, eos) and added ones (<|im_start|>)."""
+    if tokenizer is None:
+        return frozenset()
+    ids = set(getattr(tokenizer, "all_special_ids", []))
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    return frozenset(ids)

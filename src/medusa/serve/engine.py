@@ -11,6 +11,7 @@ left to pile up. Events go back through a callback, so the engine knows nothing 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
-    """The wait line is full: come back later (HTTP 429)."""
+    """The wait line is full: come back in ``retry_after`` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class EngineStopped(Exception):
@@ -68,6 +73,10 @@ class Failed:
 
 Event = GenerationChunk | Finished | Failed
 Sink = Callable[[Event], None]
+WORKER_DIED = "the server's engine has stopped (its worker thread died); see the server's log"
+# Retry-After before any generation has finished: an assumed generation time, in seconds.
+ASSUMED_GENERATION_SECONDS = 1.0
+GENERATION_SECONDS_WEIGHT = 0.2  # of the newest generation in the running mean of generation times
 
 
 class Job:
@@ -78,6 +87,7 @@ class Job:
         self.config = config
         self.sink = sink
         self.submitted = time.monotonic()
+        self.started: float | None = None  # when the worker took it up
         self.deadline = deadline
         self._cancelled = threading.Event()
 
@@ -103,6 +113,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._decoder: DecodingEngine | None = None
+        self._generation_seconds: float | None = None  # a running mean, from the worker's start to the end
 
     # ----- life cycle ---------------------------------------------------------------------------
 
@@ -157,15 +168,34 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
+            if not self._thread.is_alive():
+                raise EngineStopped(WORKER_DIED)
             # max_waiting wait beyond the running batch; the batch also takes in as many as it has free places.
             if len(self._waiting) >= self.config.max_waiting + self.config.max_batch - self.running:
                 raise QueueFull(
                     f"{self.running} generations running and {len(self._waiting)} waiting, "
-                    f"the most this server queues ({self.config.max_waiting} waiting)"
+                    f"the most this server queues ({self.config.max_waiting} waiting)",
+                    retry_after=self.retry_after(),
                 )
             self._waiting.append(job)
             self._lock.notify()
         return job
+
+    def retry_after(self) -> int:
+        """Whole seconds until the line ahead of a new request has likely cleared: the generations
+        running and waiting, at the mean time of recent generations, ``max_batch`` at a time."""
+        seconds = self._generation_seconds or ASSUMED_GENERATION_SECONDS
+        ahead = self.running + len(self._waiting)
+        estimate = math.ceil(seconds * ahead / self.config.max_batch)
+        return max(1, min(estimate, math.ceil(self.config.request_timeout)))
+
+    def _observe_generation(self, job: Job) -> None:
+        """The worker finished a generation it ran (not one refused before starting)."""
+        if job.started is None:
+            return
+        seconds = time.monotonic() - job.started
+        mean = self._generation_seconds
+        self._generation_seconds = seconds if mean is None else mean + GENERATION_SECONDS_WEIGHT * (seconds - mean)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a waiting one leaves the line now, a running one after the current step."""
@@ -179,6 +209,19 @@ class Engine:
     # ----- the worker ---------------------------------------------------------------------------
 
     def _work(self) -> None:
+        try:
+            self._work_batched()
+        except BaseException:
+            # A bug, not a request's failure (those are caught per step): without a worker no request can be
+            # served, so the waiting ones fail now and submit() refuses new ones (503).
+            log.exception("the engine's worker thread died; requests now get 503")
+            with self._lock:
+                dropped = list(self._waiting) + list(self._batch)
+                self._waiting.clear()
+            for job in dropped:
+                job.emit(Failed("shutdown", WORKER_DIED))
+
+    def _work_batched(self) -> None:
         active: list[_Member] = []
         while True:
             joining: list[Job] = []
@@ -231,6 +274,12 @@ class Engine:
                 job.emit(Failed("invalid", str(error)))
                 self.metrics.record_generation(len(job.prompt_ids), "invalid", time.monotonic() - job.submitted)
                 continue
+            except Exception as error:  # a bug in preparing this request: it fails, the others go on
+                log.exception("preparing a request failed")
+                job.emit(Failed("error", f"generation failed: {type(error).__name__}: {error}"))
+                self.metrics.record_generation(len(job.prompt_ids), "error", time.monotonic() - job.submitted)
+                continue
+            job.started = time.monotonic()
             members.append(_Member(job, generation))
         if members:
             try:
@@ -248,9 +297,14 @@ class Engine:
             self._record_end(member, "error")
 
     def _step(self, engine: DecodingEngine, active: list[_Member]) -> list[_Member]:
-        """One batched step: each member's chunk goes out; members that are done leave. Returns the rest."""
+        """One batched step: each member's chunk goes out; members that are done leave. Returns the rest.
+
+        Members leave the running batch (and its count) before their last event goes out, so a client told its
+        generation ended never finds it still counted against the line.
+        """
         by_generation = {id(m.generation): m for m in active}
         leaving: list[tuple[_Member, str]] = []
+        events: list[tuple[Job, Event]] = []
         for generation, output in engine.step():
             member = by_generation[id(generation)]
             job = member.job
@@ -260,27 +314,34 @@ class Engine:
             if chunk.token_ids and member.completion_tokens == 0:
                 self.metrics.record_first_token(time.monotonic() - job.submitted)
             member.completion_tokens += len(chunk.token_ids)
-            job.emit(chunk)
+            events.append((job, chunk))
             if job.cancelled:
-                job.emit(Failed("shutdown", "the server is shutting down") if self._stopping
-                         else Failed("cancelled", "the request was cancelled"))
+                events.append((job, Failed("shutdown", "the server is shutting down") if self._stopping
+                               else Failed("cancelled", "the request was cancelled")))
                 leaving.append((member, "cancelled"))
             elif generation.finished:
                 tail = generation.finish_text()
                 if tail:
-                    job.emit(GenerationChunk(text=tail, token_ids=[], accepted=0))
-                job.emit(Finished(generation.stats.finish_reason, member.completion_tokens, generation.stats))
+                    events.append((job, GenerationChunk(text=tail, token_ids=[], accepted=0)))
+                events.append((job, Finished(generation.stats.finish_reason, member.completion_tokens,
+                                             generation.stats)))
                 leaving.append((member, generation.stats.finish_reason))
             elif time.monotonic() > job.deadline:
-                job.emit(Failed("timeout", self.timeout_message()))
+                events.append((job, Failed("timeout", self.timeout_message())))
                 leaving.append((member, "timeout"))
         engine.finish([m.generation for m, _ in leaving])
+        gone = {id(m) for m, _ in leaving}
+        remaining = [m for m in active if id(m) not in gone]
+        with self._lock:
+            self._batch = [m.job for m in remaining]
         for member, outcome in leaving:
             self._record_end(member, outcome)
-        gone = {id(m) for m, _ in leaving}
-        return [m for m in active if id(m) not in gone]
+        for job, event in events:
+            job.emit(event)
+        return remaining
 
     def _record_end(self, member: _Member, outcome: str) -> None:
+        self._observe_generation(member.job)
         self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
 
     def timeout_message(self) -> str:
