@@ -69,7 +69,7 @@ def test_each_attention_span_is_captured_and_decodes_as_eagerly(model):
     settings = dict(max_new_tokens=300, chat_template=False, cache_length=600)
     graphed = model.generate(PROMPT, **settings)
     engine = model.engine(EngineOptions(cache_length=600), max_length=len(PROMPT) + 300)
-    assert engine.spans == (256, 512, 768 + model.tree.size)
+    assert engine.spans == (256, 512, 768, 768 + model.tree.size)
     assert {span for _, span, _ in engine.graphs.graphs} >= {256, 512}
     assert graphed.token_ids == model.generate(PROMPT, cuda_graphs=False, **settings).token_ids
     assert len(PROMPT) + graphed.stats.new_tokens > 256 or graphed.finish_reason == "stop"

@@ -212,7 +212,10 @@ class DecodingEngine:
                 f"the running batch has room for {decoder.max_rows} rows of {decoder.max_length} slots; "
                 f"a request needing {length} slots must wait for it to empty"
             )
-        self._build(max(rows, decoder.max_rows), max(length, decoder.max_length - decoder.largest_tree()))
+        # Grow at least twofold: every rebuild drops the captured graphs, so a stream of ever longer prompts
+        # rebuilds a few times, not once per prompt.
+        slots = decoder.max_length - decoder.largest_tree()
+        self._build(max(rows, decoder.max_rows), max(length, 2 * slots if length > slots else slots))
 
     def fits(self, length: int) -> bool:
         """Whether a row of ``length`` slots (prompt plus new tokens) fits the running cache."""
@@ -241,6 +244,32 @@ class DecodingEngine:
         self.reserve(self.active + len(generations), longest)
         for start in range(0, len(generations), PREFILL_GROUP):
             self._prefill(generations[start : start + PREFILL_GROUP])
+        if self._capture_ahead(longest):  # not timed: decoding starts after it
+            now = time.perf_counter()
+            for generation in generations:
+                generation.started = now
+
+    def _capture_ahead(self, longest: int) -> bool:
+        """Capture the graphs the running batch may need before its next step: every bucket up to its own, every
+        span up to its longest row's end, for the kind of step its rows ask for. A capture then never lands inside
+        a step (each graph is kept for the engine's life, so this costs something only the first time). Returns
+        whether anything was captured."""
+        if self.graphs is None:
+            return False
+        captured = self.graphs.report.graphs
+        kind = self.step_shape()[2]
+        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= bucket_for(self.active)]
+        end = max(longest, *self.lengths) + self.decoder.largest_tree()
+        spans = [span for span in self.spans if span < end] + [next((s for s in self.spans if s >= end), self.spans[-1])]
+        try:
+            with torch.inference_mode():
+                for bucket in buckets:
+                    for span in spans:
+                        self.graphs.prepare(bucket, span, kind)
+        except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
+            self.graphs, self.graphs_refused = None, True
+            logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
+        return self.graphs is not None and self.graphs.report.graphs > captured
 
     def _prefill(self, generations: Sequence[Generation]) -> None:
         started = time.perf_counter()

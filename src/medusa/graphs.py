@@ -55,11 +55,15 @@ class StepGraphs:
         self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self.report = CaptureReport()
 
-    def __call__(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+    def prepare(self, rows: int, span: int, kind: StepKind) -> None:
+        """Capture the key's graph now if it is not captured yet (the engine does this before timed steps)."""
         key = (rows, span, kind)
         if key not in self.graphs:
             self.graphs[key] = self._capture(rows, span, kind)
-        graph, outputs = self.graphs[key]
+
+    def __call__(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+        self.prepare(rows, span, kind)
+        graph, outputs = self.graphs[(rows, span, kind)]
         graph.replay()
         return outputs
 
