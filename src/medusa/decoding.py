@@ -161,6 +161,7 @@ class Decoder:
         """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: only each row's query ``keep[row]``."""
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
+        cache.lengths.begin()
         extra = {}
         if keep is not None and self._keeps_some_logits:
             extra["logits_to_keep"] = keep  # logits at those positions for every row: [rows, rows, vocab]
