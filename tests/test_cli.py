@@ -128,3 +128,11 @@ def test_heads_for_another_model(capsys, model_dir, tmp_path, hidden, vocab, mes
     MedusaHeads(MedusaHeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=2)).save_pretrained(tmp_path)
     code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path)
     assert_one_line_error(code, err, message)
+
+
+def test_untuned_heads_say_which_tree_they_use(capsys, model_dir, tmp_path):
+    model = MedusaModel.from_pretrained(model_dir, num_heads=2, tree="64")
+    model.save_pretrained(tmp_path / "heads")
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 8)
+    assert code == 0 and "tree of 8 nodes" in err
+    assert "tree: the 8-node default tree for the CPU" in err and "medusa tree tune" in err

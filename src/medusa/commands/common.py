@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, MAX_NGRAM
@@ -66,6 +67,11 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def load_model(args: argparse.Namespace) -> MedusaModel:
-    return MedusaModel.from_pretrained(
+    """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how to tune one."""
+    model = MedusaModel.from_pretrained(
         args.model, heads=args.heads, num_heads=args.num_heads, tree=args.tree, dtype=args.dtype, device=args.device
     )
+    choice = model.tree_choice
+    if choice is not None and not choice.tuned:
+        print(f"tree: {choice.origin}", file=sys.stderr)
+    return model

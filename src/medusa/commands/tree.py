@@ -4,6 +4,9 @@ profile  measure each head's top-k accuracy on held-out conversations  -> HEADS/
 build    the greedy tree of N nodes from the profile                   -> HEADS/tree.json
 tune     time steps against tree size here, keep the fastest tree      -> HEADS/tuned_trees.json
 evaluate decode prompts with several trees: measured against expected accepted length, tokens/s
+
+For the heads shipped in the package, HEADS is the user's copy under the cache (medusa.paths): the package
+itself is never written to, and loading the shipped heads reads the user's files first.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
-from medusa.loading import DEFAULT_MODEL_NAME
+from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
 ESTIMATE_CHOICES = ("walk", "joint", "paper")
@@ -112,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _heads_directory(args: argparse.Namespace) -> Path:
-    from medusa.model import shipped_heads_directory
-
     if args.heads:
         directory = Path(args.heads)
         if not directory.is_dir():
@@ -129,7 +130,7 @@ def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
     """The profile for these heads, its walk data cut to the generation length estimated for (--max-new-tokens)."""
     from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
 
-    path = Path(args.profile) if args.profile else directory / PROFILE_FILE
+    path = Path(args.profile) if args.profile else heads_file(directory, PROFILE_FILE)
     profile = HeadProfile.load(path)
     profile.check_heads(num_heads, heads_fingerprint(directory), origin=f"profile {path}")
     tokens = getattr(args, "max_new_tokens", 0)
@@ -189,6 +190,16 @@ def _parse_chains(text: str) -> list[int]:
     return chains
 
 
+def _output_for(directory: Path, name: str) -> Path:
+    """Where a file for these heads goes by default: beside them, or the user's copy for the read-only shipped heads."""
+    target = user_heads_directory(directory)
+    if target != directory:
+        print(f"note: the shipped heads in {directory} are read-only; writing {name} to {target} instead, which "
+              "loading these heads reads first (give --heads DIR to work on a copy of your own)", file=sys.stderr)
+        target.mkdir(parents=True, exist_ok=True)
+    return target / name
+
+
 def _report_skipped(skipped: list[str]) -> None:
     for line in skipped[:5]:
         print(f"skipped {line}", file=sys.stderr)
@@ -222,7 +233,7 @@ def run_profile(args: argparse.Namespace) -> int:
         raise MedusaError(f"no usable conversation in {', '.join(args.data)}")
     with _progress(len(examples), "conversation") as bar:
         profile = profile_heads(model.base_model, model.heads, examples, args.topk, heads_fingerprint(directory), progress=bar.update)
-    output = Path(args.output) if args.output else directory / PROFILE_FILE
+    output = Path(args.output) if args.output else _output_for(directory, PROFILE_FILE)
     profile.save(output)
     print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; saved {output}")
     for k, row in enumerate(profile.accuracy):
@@ -254,7 +265,8 @@ def run_build(args: argparse.Namespace) -> int:
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
-    output = Path(args.output) if args.output else directory / "tree.json"
+    output = Path(args.output) if args.output else _output_for(directory, "tree.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(tree.to_json() + "\n")
     expected = _expected_all(profile, tree)
     order = "joint order" if estimate == "walk" else f"{estimate} estimate"
@@ -265,7 +277,7 @@ def run_build(args: argparse.Namespace) -> int:
     if tree.size < args.nodes:
         print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
     tuned = read_tuned_trees(directory)
-    if tuned and output == directory / "tree.json":
+    if tuned and output == user_heads_directory(directory) / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
     if args.plot_dir:
         _plot_build(Path(args.plot_dir), profile, tree, estimate, expected_lengths)
@@ -362,6 +374,8 @@ def run_tune(args: argparse.Namespace) -> int:
                 "expected_accept_length": round(best.expected_accept_length, 4), "step_seconds": best.step_seconds,
                 "expected_tokens_per_second": round(best.expected_tokens_per_second, 2),
             }
+        if is_shipped(directory):
+            _output_for(directory, "tuned_trees.json")  # says where, once
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
         from medusa.treeopt.build import node_chances
