@@ -359,8 +359,10 @@ def export_heads(
 ) -> Path:
     """Write ``model``'s heads in the original layout (``"medusa"``) or vLLM's (``"vllm"``); returns the directory.
 
-    The tree goes along as ``tree.json``: neither project reads it, but loading the directory back here does.
-    It is the tree without a lookup chain (``plain_tree``), since ``tree.json`` holds head paths only.
+    The trees go along: neither project reads them, but loading the directory back here does. Heads loaded
+    from a directory without a tree given keep their own ``tree.json`` and ``tuned_trees.json``, not the tree
+    this machine chose from them (a CPU's 1-node tuned tree would leave a GPU without speculation); a model
+    given a tree writes that tree without its lookup chain (``plain_tree``), since ``tree.json`` holds head paths only.
     """
     if format not in FORMATS:
         raise MedusaError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -374,5 +376,23 @@ def export_heads(
     save_file(state, str(temporary), metadata={"format": "pt"})
     temporary.replace(directory / weights_name)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    (directory / TREE_FILE).write_text(model.plain_tree.to_json() + "\n")
+    _write_trees(model, directory)
     return directory
+
+
+def _write_trees(model: MedusaModel, directory: Path) -> None:
+    from medusa.paths import heads_file
+    from medusa.treeopt.tuned import TUNED_FILE, read_tuned_trees
+
+    for name in (TREE_FILE, TUNED_FILE):  # none left from an earlier export (--force) where the source has none
+        (directory / name).unlink(missing_ok=True)
+    choice = model.tree_choice
+    if choice is None:
+        (directory / TREE_FILE).write_text(model.plain_tree.to_json() + "\n")
+        return
+    own = heads_file(choice.directory, TREE_FILE)
+    if own.is_file():
+        (directory / TREE_FILE).write_bytes(own.read_bytes())
+    tuned = read_tuned_trees(choice.directory)
+    if tuned:
+        (directory / TUNED_FILE).write_text(json.dumps({"devices": tuned}, indent=1) + "\n")

@@ -111,6 +111,7 @@ class TreeChoice:
     plain_tree: Tree  # batches and lookup=0: no chain
     origin: str
     tuned: bool  # False: a fallback worth tuning
+    directory: Path  # the heads directory whose files it was chosen from (export copies them, not this device's pick)
 
 
 def choose_tree(directory: str | Path, device: torch.device | str, num_heads: int) -> TreeChoice:
@@ -122,16 +123,16 @@ def choose_tree(directory: str | Path, device: torch.device | str, num_heads: in
         plain = tuned_tree(directory, device, num_heads)
         kind = device_kind(device)
         return TreeChoice(tree, plain, f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} ({tree.size} nodes)",
-                          tuned=True)
+                          tuned=True, directory=directory)
     hint = (f"no tree is tuned for {device_kind(device)!r} beside these heads; "
             f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one")
     own = heads_file(directory, TREE_FILE)
     own_tree = load_tree(own, num_heads) if own.is_file() else None
     on_cpu = torch.device(device).type == "cpu"
     if own_tree is not None and (not on_cpu or own_tree.size <= CPU_DEFAULT_TREE_SIZE):
-        return TreeChoice(own_tree, own_tree, f"the heads' own tree {own} ({own_tree.size} nodes; {hint})", tuned=False)
+        return TreeChoice(own_tree, own_tree, f"the heads' own tree {own} ({own_tree.size} nodes; {hint})", tuned=False, directory=directory)
     if on_cpu:
         tree = default_tree(CPU_DEFAULT_TREE_SIZE, num_heads)
-        return TreeChoice(tree, tree, f"the {tree.size}-node default tree for the CPU ({hint})", tuned=False)
+        return TreeChoice(tree, tree, f"the {tree.size}-node default tree for the CPU ({hint})", tuned=False, directory=directory)
     tree = load_tree(None, num_heads)
-    return TreeChoice(tree, tree, f"the {tree.size}-node default tree ({hint})", tuned=False)
+    return TreeChoice(tree, tree, f"the {tree.size}-node default tree ({hint})", tuned=False, directory=directory)
