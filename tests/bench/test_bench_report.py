@@ -15,6 +15,7 @@ from medusa.bench.report import (
     markdown_summary,
     merge_reports,
     plot_report,
+    report_figure,
     report_table,
     token_equality,
     validate_report,
@@ -244,3 +245,15 @@ def test_equality_line_names_our_lookup_methods_too():
     assert equality_line(without_medusa) == "token equality, lookup vs autoregressive: 0 of 3 prompts differ"
     alone = build_report(META, records, ("medusa",))
     assert equality_line(alone).startswith("token equality: not checked")
+
+
+def test_plot_legend_shows_every_method_inside_the_figure():
+    """Six methods and one category: the legend wraps onto more rows instead of running off the figure."""
+    methods = ("autoregressive", "medusa", "medusa+lookup", "prompt-lookup", "hf-generate", "hf-assisted-lookup")
+    records = [Record(1, "qa", 1, 10, {method: sample(10, 1.0 + index) for index, method in enumerate(methods)})]
+    figure = report_figure(build_report(META, records, methods))
+    figure.canvas.draw()
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == list(methods)
+    box, bounds = legend.get_window_extent(), figure.bbox
+    assert bounds.x0 <= box.x0 and box.x1 <= bounds.x1 and bounds.y0 <= box.y0
