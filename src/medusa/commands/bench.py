@@ -36,6 +36,7 @@ from medusa.bench.runner import (
     BenchConfig,
     Record,
     describe_run,
+    step_settings,
     planned_runs,
     resolve_cache_length,
     run_benchmark,
@@ -288,8 +289,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         "context": config.context,
         "repeats": config.repeats,
         "warmup_steps": config.warmup,
-        "cuda_graphs": config.cuda_graphs,
-        "compile": config.compile,
+        **step_settings(model, config.cuda_graphs, config.compile),
         "span_step": config.span_step,
         "tree_prior": "medusa.tree.GENERIC_HEAD_ACCURACY, greedy layout (build_tree_from_accuracies)",
     }
