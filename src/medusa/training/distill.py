@@ -7,6 +7,8 @@ prompts of similar length together so a batch wastes little on padding.
 Rows are ``{"id", "conversations", "finish"}``, keyed by a stable prompt id (file name, index and
 content). Each batch is appended and flushed at once, so a rerun after a kill reads the ids already
 written, cuts a half-written last line, and answers only the rest: nothing is duplicated or lost.
+The settings that shape the answers are kept beside the output (``OUTPUT.settings.json``); a rerun
+with other ones is refused, naming the setting, rather than appending rows made another way.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from medusa.training.config import DistillConfig
 from medusa.training.data import Prompt, encode_prompt, read_prompts
 
 WINDOW = 8  # batches whose prompts are sorted by length together
+# DistillConfig fields that shape the answers: every row of one output must share them.
+ANSWER_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -69,6 +73,38 @@ def read_done_ids(path: Path) -> tuple[set[str], bool]:
     return done, repaired
 
 
+def settings_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".settings.json")
+
+
+def answer_settings(config: DistillConfig) -> dict:
+    settings = {key: getattr(config, key) for key in ANSWER_SETTINGS}
+    settings["model"] = str(Path(config.model).resolve()) if config.model else None
+    return settings
+
+
+def check_settings(config: DistillConfig) -> None:
+    """Refuse to append to an output whose rows were made with other settings, naming the first that differs."""
+    path = settings_path(config.output)
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MedusaError(f"{path} is not valid JSON ({error}); remove it to continue {config.output} unchecked") from None
+    current = answer_settings(config)
+    differing = [key for key in ANSWER_SETTINGS if key in recorded and recorded[key] != current[key]]
+    if differing:
+        key = differing[0]
+        flag = "--" + key.replace("_", "-")
+        raise MedusaError(
+            f"cannot continue {config.output}: its rows were made with {flag} {recorded[key]!r}, this run has "
+            f"{current[key]!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
+            + "; use the same settings, or another --output"
+        )
+
+
 def sample_prompts(prompts: list[Prompt], limit: int | None, seed: int) -> list[Prompt]:
     """A stable sample of ``limit`` prompts across all files: the same ones on every rerun."""
     if limit is None or limit >= len(prompts):
@@ -79,7 +115,9 @@ def sample_prompts(prompts: list[Prompt], limit: int | None, seed: int) -> list[
 
 
 def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPlan:
-    """Read the prompt pool and the output written so far; what is left to answer, longest prompt first."""
+    """Read the prompt pool and the output written so far; what is left to answer, longest prompt first.
+    An output made with other answer settings is refused (``check_settings``)."""
+    check_settings(config)
     read = read_prompts(config.data)
     pool = sample_prompts(read.items, config.limit, config.seed)
     seen: set[str] = set()
@@ -171,6 +209,10 @@ def distill(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    check_settings(config)
+    settings = settings_path(output)
+    if not settings.is_file():
+        settings.write_text(json.dumps(answer_settings(config), indent=1) + "\n")
     with output.open("a", encoding="utf-8") as handle:
         for number, start in enumerate(range(0, len(work.pending), config.batch_size)):
             batch = work.pending[start : start + config.batch_size]
