@@ -257,3 +257,19 @@ def test_plot_legend_shows_every_method_inside_the_figure():
     assert [text.get_text() for text in legend.get_texts()] == list(methods)
     box, bounds = legend.get_window_extent(), figure.bbox
     assert bounds.x0 <= box.x0 and box.x1 <= bounds.x1 and bounds.y0 <= box.y0
+
+
+def test_piped_tables_print_in_full(tmp_path, capsys):
+    """`medusa bench --merge ... | cat`: long method and category names are not cut to fit 80 columns."""
+    from medusa.cli import main
+
+    methods = ("autoregressive", "medusa", "medusa+lookup", "prompt-lookup", "hf-generate", "hf-assisted-lookup")
+    parts = []
+    for number, category in ((1, "mathematical_reasoning"), (2, "retrieval_augmented_generation")):
+        records = [Record(number, category, 1, 10, {method: sample(10, 1.0) for method in methods})]
+        parts.append(tmp_path / f"part{number}.json")
+        write_report(build_report(META, records, methods), parts[-1])
+    assert main(["bench", "--merge", *map(str, parts), "--output-dir", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert all(name in out for name in (*methods, "mathematical_reasoning", "retrieval_augmented_generation"))

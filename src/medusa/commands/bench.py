@@ -43,6 +43,7 @@ from medusa.bench.runner import (
 )
 from medusa.bench.specbench import Question, default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
+from medusa.commands.output import print_table
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
@@ -245,7 +246,7 @@ def _write_outputs(report: dict, output: Path) -> int:
     json_path = write_report(report, output / "bench.json")
     png_path = plot_report(report, output / "bench.png")
     (output / "summary.md").write_text(markdown_summary(report))
-    Console().print(report_table(report))
+    print_table(report_table(report))
     print(equality_line(report))
     print(f"wrote {json_path}, {png_path} and {output / 'summary.md'}")
     return 0
@@ -308,7 +309,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         ratio = "-" if p["x_one_token"] is None else f"{p['x_one_token']:.2f}"
         table.add_row(str(p["nodes"]), str(p["depth"]), f"{p['median_ms']:.3f}", f"{p['min_ms']:.3f}",
                       f"{p['x_floor']:.2f}", ratio)
-    Console().print(table)
+    print_table(table)
     print(f"wrote {json_path} and {png_path}")
     return 0
 

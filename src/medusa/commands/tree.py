@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from medusa.errors import MedusaError
-from medusa.heads import MedusaHeadsConfig
 from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
@@ -162,6 +161,12 @@ def _expected_all(profile, tree) -> dict[str, float]:
     return {name: expected_length(profile, tree, name) for name in available_estimates(profile)}
 
 
+def _heads_config(directory: Path):
+    from medusa.heads import MedusaHeadsConfig
+
+    return MedusaHeadsConfig.load(directory)
+
+
 def _load_model(args: argparse.Namespace, directory: Path):
     from medusa.model import MedusaModel
 
@@ -261,7 +266,7 @@ def run_build(args: argparse.Namespace) -> int:
     if args.nodes < 1:
         raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = _heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
@@ -309,7 +314,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.max_nodes < 1:
         raise MedusaError(f"--max-nodes must be at least 1, got {args.max_nodes}")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = _heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     chains = _lookup_choices(args.lookup, profile, estimate)
@@ -450,7 +455,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit < 1 or args.max_new_tokens < 1:
         raise MedusaError("--limit and --max-new-tokens must be at least 1")
     directory = _heads_directory(args)
-    config = MedusaHeadsConfig.load(directory)
+    config = _heads_config(directory)
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     prompts, skipped = read_prompts(args.data, args.limit)
