@@ -136,3 +136,27 @@ def test_untuned_heads_say_which_tree_they_use(capsys, model_dir, tmp_path):
     code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 8)
     assert code == 0 and "tree of 8 nodes" in err
     assert "tree: the 8-node default tree for the CPU" in err and "medusa tree tune" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench", "distill", "train", "tree profile",
+                                     "tree tune", "tree evaluate"])
+def test_every_command_that_runs_a_model_takes_threads(command, capsys):
+    from medusa.cli import build_parser
+
+    words = command.split()
+    with pytest.raises(SystemExit):
+        build_parser(words).parse_args([*words, "--help"])
+    assert "--threads N" in capsys.readouterr().out
+
+
+def test_threads_are_set_before_the_command_runs(capsys, model_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, _ = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 2, "--threads", 2)
+        assert code == 0 and torch.get_num_threads() == 2
+        code, _, err = run(capsys, "Hi", "--model", model_dir, "--threads", 0)
+        assert_one_line_error(code, err, "--threads must be at least 1, got 0")
+    finally:
+        torch.set_num_threads(before)

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from medusa import __version__
+from medusa.commands.threads import apply_threads
 from medusa.errors import MedusaError
 
 # command name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     try:
+        apply_threads(args)
         return args.handler(args)
     except MedusaError as error:
         print(f"medusa {args.command}: error: {error}", file=sys.stderr)

@@ -106,7 +106,7 @@ def clear_cache(kinds: tuple[str, ...] = ("gguf",), names: tuple[str, ...] = ())
     """Remove the entries of these kinds (only those named, if names are given); returns what was removed."""
     unknown = set(kinds) - set(KINDS)
     if unknown:
-        raise MedusaError(f"unknown cache kind {sorted(unknown)[0]!r}; choose from {', '.join(KINDS)}")
+        raise MedusaError(f"unknown cache kind {min(unknown)!r}; choose from {', '.join(KINDS)}")
     entries = [e for e in cache_entries() if e.kind in kinds]
     if names:
         missing = [n for n in names if n not in {e.name for e in entries}]

@@ -17,7 +17,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-import torch
 
 from medusa.bench.costcurve import SHAPES, CostCurveConfig, cost_curve, plot_cost_curve, random_model, validate_cost_curve
 from medusa.bench.environment import environment
@@ -83,7 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="cache slots our decoders allocate at least (auto: one size for every first-turn prompt "
                             "when compiling, so each method compiles once; none: what each prompt needs)")
     parser.add_argument("--output-dir", default="bench-results", help="where the JSON, PNG and summary go")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     curve = parser.add_argument_group("cost curve (--cost-curve)")
     curve.add_argument("--cost-curve", action="store_true",
                        help="instead of Spec-Bench, time one decoding step against the tree's size")
@@ -100,10 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MedusaError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     if args.cost_curve:
         return run_cost_curve(args)
     if args.shape:

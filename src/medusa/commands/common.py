@@ -7,6 +7,7 @@ import sys
 
 from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, MAX_NGRAM
+from medusa.commands.threads import add_threads_argument
 from medusa.model import MedusaModel
 
 
@@ -17,6 +18,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import sys
 
 from tqdm import tqdm
 
+from medusa.commands.threads import add_threads_argument
 from medusa.training.config import DistillConfig
 from medusa.training.distill import distill, load_for_distill, plan
 
@@ -24,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import sys
 
 from tqdm import tqdm
 
+from medusa.commands.threads import add_threads_argument
 from medusa.training.config import LoraSettings, TrainConfig
 from medusa.training.trainer import StepReport, Trainer
 
@@ -51,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="stage 2: also save the base with the adapter merged in (out/merged)")
     parser.add_argument("--device", default="auto", help="cpu or auto (default); several GPUs: accelerate launch")
     parser.add_argument("--dtype", default="auto", help="base weights: float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
 
 

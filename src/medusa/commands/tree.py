@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
 
@@ -104,6 +105,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
