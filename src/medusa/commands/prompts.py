@@ -47,6 +47,11 @@ def run(args: argparse.Namespace) -> int:
     os.replace(temporary, output)
     for line in result.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)
+    if result.short:
+        documents = sum(1 for p in result.prompts if p["task"] in ("summarize", "key-points", "rewrite"))
+        print(f"note: {result.short} of {documents} document prompts are shorter than the length drawn for them "
+              f"(up to --max-prompt-chars {args.max_prompt_chars}): the pool holds only {result.sources} documents and "
+              "none is repeated within a prompt; give a larger --data pool or a lower --max-prompt-chars", file=sys.stderr)
     counts = ", ".join(f"{task} {n}" for task, n in Counter(p["task"] for p in result.prompts).items())
     print(f"wrote {len(result.prompts)} prompts to {output} ({counts}) from {result.sources} documents; "
           f"skipped {len(result.skipped)} records", file=sys.stderr)
