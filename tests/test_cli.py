@@ -40,7 +40,7 @@ def test_no_heads_prints_the_same_text(capsys, model_dir):
     _, with_heads, _ = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16)
     code, plain, err = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16, "--no-heads")
     assert code == 0 and plain == with_heads
-    assert "1.00 accepted tokens per step over 16 steps" in err and "tree of 1 nodes" in err
+    assert "1.00 accepted tokens per step over 16 steps" in err and "tree of 1 node," in err  # not "1 nodes"
 
 
 def test_stop_string_and_raw_prompt(capsys, model_dir):
@@ -160,3 +160,18 @@ def test_threads_are_set_before_the_command_runs(capsys, model_dir):
         assert_one_line_error(code, err, "--threads must be at least 1, got 0")
     finally:
         torch.set_num_threads(before)
+
+
+def test_settings_that_temperature_zero_ignores_are_named_once(capsys, model_dir):
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--seed", 3, "--acceptance", "typical")
+    assert code == 0
+    assert err.count("note: --seed and --acceptance typical are ignored at temperature 0") == 1
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--temperature", 0.7, "--seed", 3)
+    assert code == 0 and "ignored" not in err
+
+
+def test_max_new_tokens_help_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS most new tokens to generate (default 256)" in out

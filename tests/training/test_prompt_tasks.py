@@ -185,3 +185,10 @@ def test_no_document_repeats_within_a_prompt_and_a_small_pool_is_named(tmp_path,
     assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "3", "--tasks", "summarize",
                  "--min-document-chars", "100", "--max-prompt-chars", "1200"]) == 0
     assert "note: 3 of 3 document prompts are shorter" in capsys.readouterr().err
+
+
+def test_tasks_help_states_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["prompts", "--help"])
+    squeezed = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens too
+    assert "Default:allfourdocumenttasks(summarize,key-points,rewrite,context-qa)" in squeezed

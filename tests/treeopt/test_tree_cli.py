@@ -65,6 +65,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     results = directory / "evaluate.json"
     assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
                  "--default-trees", "--tuned", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    assert "% vs measured)" in capsys.readouterr().out  # what the estimate's error is relative to
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
     assert set(rows) == {"greedy-4", "greedy-8", "default-8", "tuned"}
     assert all(row["mean_accepted"] >= 1 and row["new_tokens"] == 16 for row in rows.values())
@@ -169,3 +170,11 @@ def test_shipped_heads_are_never_written(workspace, tmp_path, monkeypatch, capsy
     loaded = MedusaModel.from_pretrained(str(model_dir), heads=str(shipped), device="cpu")
     assert [list(p) for p in loaded.tree.paths] == read_tuned_trees(shipped)["cpu"]["paths"]
     assert loaded.tree_choice.tuned and str(user) in loaded.tree_choice.origin
+
+
+@pytest.mark.parametrize("command, words", [("profile", "tree_profile.json"), ("build", "greedy construction"),
+                                            ("tune", "tuned_trees.json"), ("evaluate", "relative to the measured")])
+def test_every_tree_command_describes_itself(command, words, capsys):
+    with pytest.raises(SystemExit):
+        main(["tree", command, "--help"])
+    assert words in " ".join(capsys.readouterr().out.split())

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
     bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
                        help="2 also runs the MT-bench second turns, after the reference method's first answer")
-    bench.add_argument("--max-new-tokens", type=int, default=256)
+    bench.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
     bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup")

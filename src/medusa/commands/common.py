@@ -56,7 +56,18 @@ def lookup_options(args: argparse.Namespace) -> dict:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The ``GenerationConfig`` fields the sampling flags set."""
+    """The ``GenerationConfig`` fields the sampling flags set; says once on stderr which of them temperature 0 ignores."""
+    if args.temperature == 0:
+        ignored = [flag for flag, given in (
+            ("--seed", args.seed is not None),
+            (f"--acceptance {args.acceptance}", args.acceptance in ("typical", "rejection")),
+            ("--top-p", args.top_p != 1.0),
+            ("--top-k", args.top_k != 0),
+        ) if given]
+        if ignored:
+            print(f"note: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at temperature 0: "
+                  "greedy decoding takes the likeliest token and accepts guesses greedily; give --temperature above 0 "
+                  "to sample", file=sys.stderr)
     return {
         "temperature": args.temperature,
         "top_p": args.top_p,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medusa.commands.output import count_of
 from medusa.commands.common import (
     add_lookup_arguments,
     add_model_arguments,
@@ -20,7 +21,7 @@ from medusa.model import GenerationConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt (the chat template is applied when the tokenizer has one)")
     add_model_arguments(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens to generate (default 256)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--no-heads", action="store_true", help="decode plainly, one token per step, on the same cache")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -54,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
 
 def _tree_words(tree) -> str:
     if not tree.lookup:
-        return f"tree of {tree.size} nodes"
-    return f"tree of {tree.size} nodes ({tree.lookup} of them a lookup chain)"
+        return f"tree of {count_of(tree.size, 'node')}"
+    return f"tree of {count_of(tree.size, 'node')} ({tree.lookup} of them a lookup chain)"

@@ -13,3 +13,8 @@ def print_table(table: Table, stderr: bool = False) -> None:
         needed = Console(stderr=stderr, width=100_000).measure(table).maximum
         console = Console(stderr=stderr, width=max(console.width, needed))
     console.print(table)
+
+
+def count_of(number: int, noun: str) -> str:
+    """"1 node", "8 nodes": a count with its noun in the right number (nouns that take an s)."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -20,13 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="JSONL file of {\"prompt\", \"task\"} to write (must not exist)")
     parser.add_argument("--count", type=int, required=True, help="prompts to make; the tasks take turns")
     parser.add_argument("--tasks", default=",".join(TASKS),
-                        help=f"comma-separated: document tasks {', '.join(TASKS)} (the default), "
-                             f"topic tasks {', '.join(TOPIC_TEMPLATES)}")
+                        help=f"comma-separated tasks, taking turns: the document tasks {', '.join(TASKS)} (over --data), "
+                             f"and the topic tasks {', '.join(TOPIC_TEMPLATES)} (over --topics, no pool needed). "
+                             f"Default: all four document tasks ({','.join(TASKS)})")
     parser.add_argument("--topics", help="topic tasks: a file of subjects, one per line (default: the packaged list)")
     parser.add_argument("--documents", type=int, default=3, help="context-qa: documents per question, one of them the answer's (default 3)")
     parser.add_argument("--min-document-chars", type=int, default=200, help="answers shorter than this are no documents (default 200)")
     parser.add_argument("--max-prompt-chars", type=int, default=4000, help="cut documents so a prompt stays under this (default 4000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the same seed makes the same prompts (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from medusa.commands.output import count_of
 from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
@@ -33,7 +34,12 @@ ESTIMATE_HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tree_command", required=True)
 
-    profile = sub.add_parser("profile", help="measure head accuracies on held-out conversations")
+    profile = sub.add_parser(
+        "profile", help="measure head accuracies on held-out conversations",
+        description="Decode held-out conversations written by the base model (medusa distill) and measure how often each "
+                    "head's top-k guesses are right, and which paths of guesses come true together. Writes "
+                    "HEADS/tree_profile.json (for the shipped heads: your copy under the cache), which build, tune and "
+                    "evaluate read.")
     _add_model_arguments(profile)
     profile.add_argument("--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)")
     profile.add_argument("--limit", type=int, default=200, help="conversations to use (default 200)")
@@ -42,13 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)")
     profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
 
-    build = sub.add_parser("build", help="the greedy tree of N nodes from the profile")
+    build = sub.add_parser(
+        "build", help="the greedy tree of N nodes from the profile",
+        description="Build the tree of N nodes with the most expected accepted tokens per step from the profile (the "
+                    "paper's greedy construction) and write it as HEADS/tree.json (for the shipped heads: your copy "
+                    "under the cache). A tree tuned for a device by `medusa tree tune` still wins on that device.")
     _add_heads_arguments(build)
     build.add_argument("--nodes", type=int, required=True, help="tree nodes, root included")
     build.add_argument("--output", help="tree file (default HEADS/tree.json)")
     build.add_argument("--plot-dir", help="write the tree's drawing and accepted length against N here")
 
-    tune = sub.add_parser("tune", help="choose the tree size with the most expected tokens/s on this device")
+    tune = sub.add_parser(
+        "tune", help="choose the tree size with the most expected tokens/s on this device",
+        description="Time one decoding step against tree size on this device (or read a cost curve), divide the "
+                    "profile's expected tokens per step by it, and keep the fastest tree for this kind of device in "
+                    "HEADS/tuned_trees.json (for the shipped heads: your copy under the cache). Loading the heads on such "
+                    "a device then uses it.")
     _add_model_arguments(tune)
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
@@ -68,7 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--dry-run", action="store_true", help="report the choice without writing tuned_trees.json")
     tune.add_argument("--plot-dir", help="write tokens/s and accepted length against N, and the chosen tree, here")
 
-    evaluate = sub.add_parser("evaluate", help="decode prompts with several trees: measured vs expected accepted length")
+    evaluate = sub.add_parser(
+        "evaluate", help="decode prompts with several trees: measured vs expected accepted length",
+        description="Decode prompts with greedy trees of several sizes (and the default or tuned trees) and print, per "
+                    "tree, the measured tokens per step, the profile's expected value with its error relative to the "
+                    "measured one, and tokens/s.")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     evaluate.add_argument("--estimate", choices=ESTIMATE_CHOICES, help="estimate used to build the trees and to report errors: " + ESTIMATE_HELP)
@@ -277,12 +296,12 @@ def run_build(args: argparse.Namespace) -> int:
     output.write_text(tree.to_json() + "\n")
     expected = _expected_all(profile, tree)
     order = "joint order" if estimate == "walk" else f"{estimate} estimate"
-    print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
+    print(f"tree of {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
     labels = {"paper": "paper's product of accuracies"}
     print("expected accepted tokens per step: "
           + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items()))
     if tree.size < args.nodes:
-        print(f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
+        print(f"note: only {count_of(tree.size, 'node')} exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
     tuned = read_tuned_trees(directory)
     if tuned and output == user_heads_directory(directory) / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
@@ -357,7 +376,7 @@ def run_tune(args: argparse.Namespace) -> int:
     length = f", over the first {args.max_new_tokens} tokens of each answer" if args.max_new_tokens and estimate == "walk" else ""
     print(f"({estimate} estimate of tokens per step{length})")
     tree = build_tree(profile, plain.nodes, estimate)
-    print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
+    print(f"best heads' tree for {kind!r}: {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk}: "
           f"{plain.expected_accept_length:.2f} tokens/step expected, {plain.expected_tokens_per_second:.1f} tokens/s expected")
     chain_tree = None
     if best.lookup:
@@ -489,8 +508,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         results.append(row)
         errors = {name: value / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
                   for name, value in expected.items()}
-        print(f"{label:>12} {tree.size:4d} nodes: measured {row['mean_accepted']:.3f} tokens/step, expected "
-              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%})" for name, value in expected.items())
+        print(f"{label:>12} {tree.size:4d} {'node: ' if tree.size == 1 else 'nodes:'} measured {row['mean_accepted']:.3f} "
+              "tokens/step, expected "
+              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%} vs measured)" for name, value in expected.items())
               + f"; {row['tokens_per_second']:.1f} tokens/s", flush=True)
     summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "data": list(args.data), "heads": str(directory), "estimate": estimate, "results": results}
