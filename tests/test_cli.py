@@ -175,3 +175,45 @@ def test_max_new_tokens_help_shows_its_default(capsys):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--max-new-tokens MAX_NEW_TOKENS most new tokens to generate (default 256)" in out
+
+
+def test_prompt_from_a_file_or_stdin(capsys, model_dir, tmp_path, monkeypatch):
+    import io
+
+    _, expected, _ = run(capsys, "Once upon a time", "--model", model_dir, "--max-new-tokens", 8)
+    (tmp_path / "prompt.txt").write_text("Once upon a time")
+    code, out, _ = run(capsys, "-f", tmp_path / "prompt.txt", "--model", model_dir, "--max-new-tokens", 8)
+    assert code == 0 and out == expected
+    for argv in (["-f", "-"], ["-"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time"))
+        code, out, _ = run(capsys, *argv, "--model", model_dir, "--max-new-tokens", 8)
+        assert code == 0 and out == expected
+    code, _, err = run(capsys, "Hi", "-f", tmp_path / "prompt.txt", "--model", model_dir)
+    assert_one_line_error(code, err, "either as an argument or with --file, not both")
+    code, _, err = run(capsys, "-f", tmp_path / "nope.txt", "--model", model_dir)
+    assert_one_line_error(code, err, f"prompt file {tmp_path / 'nope.txt'} does not exist")
+    code, _, err = run(capsys, "--model", model_dir)
+    assert_one_line_error(code, err, "no prompt")
+
+
+def test_system_prompt_goes_into_the_chat_template(capsys, model_dir):
+    code, out, _ = run(capsys, "Hi", "--system", "Be brief.", "--model", model_dir, "--max-new-tokens", 12)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = MedusaModel.from_pretrained(model_dir).generate(messages, max_new_tokens=12)
+    assert code == 0 and out == expected.text + "\n"
+    code, _, err = run(capsys, "Hi", "--system", "Be brief.", "--raw", "--model", model_dir)
+    assert_one_line_error(code, err, "--system goes into the chat template, which --raw turns off")
+
+
+def test_json_output_for_scripts(capsys, model_dir):
+    import json
+
+    code, out, _ = run(capsys, "Once upon a time", "--json", "--model", model_dir, "--max-new-tokens", 10, "--tree", 16)
+    assert code == 0
+    result = json.loads(out)
+    expected = MedusaModel.from_pretrained(model_dir, tree="16").generate("Once upon a time", max_new_tokens=10)
+    assert (result["text"], result["token_ids"], result["finish_reason"]) == (
+        expected.text, expected.token_ids, expected.finish_reason)
+    stats = result["stats"]
+    assert stats["new_tokens"] == 10 and stats["tree_nodes"] == 16 and stats["steps"] >= 1
+    assert stats["prompt_tokens"] > 0 and stats["acceptance"] == "greedy" and stats["mean_accepted"] >= 1
