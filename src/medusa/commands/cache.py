@@ -48,7 +48,7 @@ def _list() -> int:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)) if entry.last_used else "-"
         table.add_row(entry.kind, entry.name, _megabytes(entry.bytes), used, entry.detail)
     print_table(table)
-    print(f"{len(entries)} entries, {_megabytes(sum(e.bytes for e in entries))}; `medusa cache clear` frees the dequantised models")
+    print(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, {_megabytes(sum(e.bytes for e in entries))}; `medusa cache clear` frees the dequantised models")
     return 0
 
 
