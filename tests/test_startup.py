@@ -23,7 +23,8 @@ def imported_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["prompts", "--help"], ["cache", "list"],
-                                  ["tree", "build", "--help"]])
+                                  ["tree", "build", "--help"], ["generate", "--help"], ["chat", "--help"],
+                                  ["serve", "--help"], ["distill", "--help"], ["train", "--help"]])
 def test_commands_that_load_no_model_import_no_torch(argv, tmp_path):
     code = ("import os\nos.environ['MEDUSA_CACHE_DIR'] = " + repr(str(tmp_path)) + "\n"
             "import contextlib, io\nfrom medusa.cli import main\n"
@@ -44,3 +45,14 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit:
         main(["--version"])
     assert exit.value.code == 0 and capsys.readouterr().out == f"medusa {__version__}\n"
+
+
+def test_the_flag_defaults_spelled_out_for_fast_help_match_the_library():
+    from medusa import acceptance, lookup
+    from medusa.commands import common
+
+    assert common.SCHEMES == acceptance.SCHEMES
+    assert (common.DEFAULT_TYPICAL_EPS, common.DEFAULT_TYPICAL_DELTA) == (
+        acceptance.DEFAULT_TYPICAL_EPS, acceptance.DEFAULT_TYPICAL_DELTA)
+    assert (common.DEFAULT_MAX_NGRAM, common.MAX_NGRAM, common.MAX_LOOKUP_NODES) == (
+        lookup.DEFAULT_MAX_NGRAM, lookup.MAX_NGRAM, lookup.MAX_LOOKUP_NODES)

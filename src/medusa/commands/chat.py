@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +24,11 @@ from medusa.commands.common import (
     lookup_options,
     sampling_options,
 )
-from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
-from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
+
+if TYPE_CHECKING:  # the model's modules (torch) load when the command runs, not for --help
+    from medusa.decoding import DecodingStats
+    from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit ends it"
 
@@ -80,6 +83,8 @@ def status_line(stats: DecodingStats, interrupted: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.model import GenerationConfig
+
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, use_heads=not args.no_heads, **sampling_options(args),
                               **lookup_options(args))
     model = load_model(args)
@@ -107,7 +112,7 @@ def _interactive(session: ChatSession, console: Console) -> int:
             if _command(text, session, console.print) == "exit":
                 return 0
             continue
-        stats = DecodingStats()
+        stats = _new_stats()
         interrupted = False
         answer = session.ask(text, stats)
         try:
@@ -134,7 +139,7 @@ def _scripted(session: ChatSession) -> int:
             if _command(text, session, lambda message: print(message, file=sys.stderr)) == "exit":
                 break
             continue
-        stats = DecodingStats()
+        stats = _new_stats()
         try:
             for chunk in session.ask(text, stats):
                 sys.stdout.write(chunk.text)
@@ -147,6 +152,12 @@ def _scripted(session: ChatSession) -> int:
         sys.stdout.flush()
         print(f"[{status_line(stats)}]", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _new_stats() -> DecodingStats:
+    from medusa.decoding import DecodingStats
+
+    return DecodingStats()
 
 
 def _command(text: str, session: ChatSession, say) -> str | None:

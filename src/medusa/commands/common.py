@@ -1,14 +1,27 @@
-"""Flags shared by the commands that load a model."""
+"""Flags shared by the commands that load a model.
+
+Nothing here imports torch, so ``medusa generate --help`` (and chat's, serve's) starts fast: the model's
+modules load when the command runs, and the defaults below are spelled out from them (a test checks that
+they agree).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
-from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, MAX_NGRAM
 from medusa.commands.threads import add_threads_argument
-from medusa.model import MedusaModel
+
+if TYPE_CHECKING:
+    from medusa.model import MedusaModel
+
+SCHEMES = ("auto", "greedy", "typical", "rejection")  # medusa.acceptance.SCHEMES
+DEFAULT_TYPICAL_EPS = 0.09  # medusa.acceptance
+DEFAULT_TYPICAL_DELTA = 0.3  # medusa.acceptance
+DEFAULT_MAX_NGRAM = 3  # medusa.lookup
+MAX_NGRAM = 8  # medusa.lookup
+MAX_LOOKUP_NODES = 24  # medusa.lookup
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +94,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def load_model(args: argparse.Namespace) -> MedusaModel:
     """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how to tune one."""
+    from medusa.model import MedusaModel
+
     model = MedusaModel.from_pretrained(
         args.model, heads=args.heads, num_heads=args.num_heads, tree=args.tree, dtype=args.dtype, device=args.device
     )

@@ -9,7 +9,6 @@ from tqdm import tqdm
 
 from medusa.commands.threads import add_threads_argument
 from medusa.training.config import DistillConfig
-from medusa.training.distill import distill, load_for_distill, plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.training.distill import distill, load_for_distill, plan
+
     config = DistillConfig(
         data=[path for path in args.data.split(",") if path], output=args.output, model=args.model,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):,.0f} tokens/s")
     for line in work.skipped[:20]:
         print(f"skipped {line}", file=sys.stderr)
-    more = f" (first 20 shown)" if len(work.skipped) > 20 else ""
+    more = " (first 20 shown)" if len(work.skipped) > 20 else ""
     print(f"wrote {len(work.pending)} rows to {config.output} ({work.done + len(work.pending)} in all); "
           f"{int(tokens)} new tokens at {tokens / max(seconds, 1e-9):,.0f} tokens/s; "
           f"skipped {len(work.skipped)} records{more}", file=sys.stderr)

@@ -20,9 +20,7 @@ from medusa.commands.common import (
     sampling_options,
 )
 from medusa.commands.output import count_of
-from medusa.decoding import DecodingStats
 from medusa.errors import MedusaError
-from medusa.model import GenerationConfig
 
 STDIN = "-"
 
@@ -64,6 +62,9 @@ def read_prompt(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.decoding import DecodingStats
+    from medusa.model import GenerationConfig
+
     text = read_prompt(args)
     if args.system is not None and args.raw:
         raise MedusaError("--system goes into the chat template, which --raw turns off; drop one of them")

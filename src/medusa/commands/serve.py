@@ -7,10 +7,8 @@ import ipaddress
 import os
 import sys
 
-from medusa.acceptance import SCHEMES
-from medusa.commands.common import add_model_arguments, load_model
+from medusa.commands.common import SCHEMES, add_model_arguments, load_model
 from medusa.errors import MedusaError
-from medusa.model import GenerationConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from medusa.model import GenerationConfig
     from medusa.serve import Engine, EngineConfig, ServeSettings, create_app
 
     api_key = args.api_key or os.environ.get("MEDUSA_API_KEY") or None

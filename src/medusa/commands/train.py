@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from medusa.commands.threads import add_threads_argument
 from medusa.training.config import LoraSettings, TrainConfig
-from medusa.training.trainer import StepReport, Trainer
+
+if TYPE_CHECKING:  # the trainer (torch, accelerate) loads when the command runs, not for --help
+    from medusa.training.trainer import StepReport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.training.trainer import Trainer
+
     config = config_from_args(args)
     trainer = Trainer(config)
     bar = None
