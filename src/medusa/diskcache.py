@@ -89,7 +89,7 @@ def cache_entries() -> list[CacheEntry]:
                 pass
         unfinished = ".tmp" in folder.name
         detail = "unfinished (a load was interrupted)" if unfinished else \
-            f"{info.get('dtype', 'float32')} from {info.get('source', 'an unrecorded file (made before medusa 0.1 recorded it)')}"
+            f"{info.get('dtype', 'float32')} from {info.get('source', 'a file not recorded (the entry predates the record)')}"
         last = info.get("last_used")
         entries.append(CacheEntry("gguf", folder.name, folder, _size(folder), last if isinstance(last, (int, float)) else None, detail))
     heads_root = root / HEADS_FOLDER

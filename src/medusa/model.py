@@ -342,7 +342,7 @@ class MedusaModel(nn.Module):
         prompt: Prompt,
         config: GenerationConfig | None = None,
         stats: DecodingStats | None = None,
-        tree: TreeSpec = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
         **overrides,
     ) -> Iterator[GenerationChunk]:
         """Yield text as it is produced. ``stats`` (if given) is filled in as decoding goes."""
@@ -372,7 +372,7 @@ class MedusaModel(nn.Module):
         self,
         prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
-        tree: TreeSpec = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
         **overrides,
     ) -> GenerationResult | list[GenerationResult]:
         """Generate a whole answer. Keyword overrides fill a ``GenerationConfig`` (max_new_tokens, stop, ...).
@@ -402,7 +402,7 @@ class MedusaModel(nn.Module):
         self,
         prompts: Sequence[Prompt],
         config: GenerationConfig | None = None,
-        tree: TreeSpec = None,
+        tree: Tree | str | Sequence[Sequence[int]] | None = None,
         **overrides,
     ) -> list[GenerationResult]:
         """Decode several prompts together, greedy: one forward pass per step verifies every sequence's tree.
