@@ -122,7 +122,7 @@ def choose_tree(directory: str | Path, device: torch.device | str, num_heads: in
     if tree is not None:
         plain = tuned_tree(directory, device, num_heads)
         kind = device_kind(device)
-        return TreeChoice(tree, plain, f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} ({tree.size} nodes)",
+        return TreeChoice(tree, plain, f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} ({tree.size} node{'' if tree.size == 1 else 's'})",
                           tuned=True, directory=directory)
     hint = (f"no tree is tuned for {device_kind(device)!r} beside these heads; "
             f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one")
