@@ -40,7 +40,7 @@ def test_no_heads_prints_the_same_text(capsys, model_dir):
     _, with_heads, _ = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16)
     code, plain, err = run(capsys, "Hello", "--model", model_dir, "--max-new-tokens", 16, "--no-heads")
     assert code == 0 and plain == with_heads
-    assert "1.00 accepted tokens per step over 16 steps" in err and "tree of 1 nodes" in err
+    assert "1.00 accepted tokens per step over 16 steps" in err and "tree of 1 node," in err  # not "1 nodes"
 
 
 def test_stop_string_and_raw_prompt(capsys, model_dir):
@@ -128,3 +128,92 @@ def test_heads_for_another_model(capsys, model_dir, tmp_path, hidden, vocab, mes
     MedusaHeads(MedusaHeadsConfig(hidden_size=hidden, vocab_size=vocab, num_heads=2)).save_pretrained(tmp_path)
     code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path)
     assert_one_line_error(code, err, message)
+
+
+def test_untuned_heads_say_which_tree_they_use(capsys, model_dir, tmp_path):
+    model = MedusaModel.from_pretrained(model_dir, num_heads=2, tree="64")
+    model.save_pretrained(tmp_path / "heads")
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 8)
+    assert code == 0 and "tree of 8 nodes" in err
+    assert "tree: the 8-node default tree for the CPU" in err and "medusa tree tune" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench", "distill", "train", "tree profile",
+                                     "tree tune", "tree evaluate"])
+def test_every_command_that_runs_a_model_takes_threads(command, capsys):
+    from medusa.cli import build_parser
+
+    words = command.split()
+    with pytest.raises(SystemExit):
+        build_parser(words).parse_args([*words, "--help"])
+    assert "--threads N" in capsys.readouterr().out
+
+
+def test_threads_are_set_before_the_command_runs(capsys, model_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, _ = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 2, "--threads", 2)
+        assert code == 0 and torch.get_num_threads() == 2
+        code, _, err = run(capsys, "Hi", "--model", model_dir, "--threads", 0)
+        assert_one_line_error(code, err, "--threads must be at least 1, got 0")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_settings_that_temperature_zero_ignores_are_named_once(capsys, model_dir):
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--seed", 3, "--acceptance", "typical")
+    assert code == 0
+    assert err.count("note: --seed and --acceptance typical are ignored at temperature 0") == 1
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--temperature", 0.7, "--seed", 3)
+    assert code == 0 and "ignored" not in err
+
+
+def test_max_new_tokens_help_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--max-new-tokens MAX_NEW_TOKENS most new tokens to generate (default 256)" in out
+
+
+def test_prompt_from_a_file_or_stdin(capsys, model_dir, tmp_path, monkeypatch):
+    import io
+
+    _, expected, _ = run(capsys, "Once upon a time", "--model", model_dir, "--max-new-tokens", 8)
+    (tmp_path / "prompt.txt").write_text("Once upon a time")
+    code, out, _ = run(capsys, "-f", tmp_path / "prompt.txt", "--model", model_dir, "--max-new-tokens", 8)
+    assert code == 0 and out == expected
+    for argv in (["-f", "-"], ["-"]):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Once upon a time"))
+        code, out, _ = run(capsys, *argv, "--model", model_dir, "--max-new-tokens", 8)
+        assert code == 0 and out == expected
+    code, _, err = run(capsys, "Hi", "-f", tmp_path / "prompt.txt", "--model", model_dir)
+    assert_one_line_error(code, err, "either as an argument or with --file, not both")
+    code, _, err = run(capsys, "-f", tmp_path / "nope.txt", "--model", model_dir)
+    assert_one_line_error(code, err, f"prompt file {tmp_path / 'nope.txt'} does not exist")
+    code, _, err = run(capsys, "--model", model_dir)
+    assert_one_line_error(code, err, "no prompt")
+
+
+def test_system_prompt_goes_into_the_chat_template(capsys, model_dir):
+    code, out, _ = run(capsys, "Hi", "--system", "Be brief.", "--model", model_dir, "--max-new-tokens", 12)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = MedusaModel.from_pretrained(model_dir).generate(messages, max_new_tokens=12)
+    assert code == 0 and out == expected.text + "\n"
+    code, _, err = run(capsys, "Hi", "--system", "Be brief.", "--raw", "--model", model_dir)
+    assert_one_line_error(code, err, "--system goes into the chat template, which --raw turns off")
+
+
+def test_json_output_for_scripts(capsys, model_dir):
+    import json
+
+    code, out, _ = run(capsys, "Once upon a time", "--json", "--model", model_dir, "--max-new-tokens", 10, "--tree", 16)
+    assert code == 0
+    result = json.loads(out)
+    expected = MedusaModel.from_pretrained(model_dir, tree="16").generate("Once upon a time", max_new_tokens=10)
+    assert (result["text"], result["token_ids"], result["finish_reason"]) == (
+        expected.text, expected.token_ids, expected.finish_reason)
+    stats = result["stats"]
+    assert stats["new_tokens"] == 10 and stats["tree_nodes"] == 16 and stats["steps"] >= 1
+    assert stats["prompt_tokens"] > 0 and stats["acceptance"] == "greedy" and stats["mean_accepted"] >= 1

@@ -299,7 +299,8 @@ def test_round_trip_ours_official_ours(tmp_path, num_layers, share_lm_head):
     pickled = torch.load(tmp_path / "official" / OFFICIAL_PICKLE, weights_only=True)  # the same tensors
     assert pickled.keys() == written.keys() and all(torch.equal(pickled[k], written[k]) for k in written)
 
-    back = MedusaModel.from_pretrained(base, heads=tmp_path / "official")
+    # The exported tree.json, read explicitly: untuned heads on a CPU decode with a small tree (choose_tree).
+    back = MedusaModel.from_pretrained(base, heads=tmp_path / "official", tree=tmp_path / "official" / "tree.json")
     assert back.tree.paths == ours.tree.paths
     for name, tensor in ours.heads.state_dict().items():
         assert torch.equal(back.heads.state_dict()[name], tensor)
@@ -436,7 +437,7 @@ def test_vllm_export_loads_back_with_the_same_behaviour(tmp_path, share_lm_head)
     ours = MedusaModel(base, None, heads)
     export_heads(ours, tmp_path, format="vllm")
     assert foreign_layout(tmp_path) == "vllm"
-    assert_same_behaviour(ours, MedusaModel.from_pretrained(base, heads=tmp_path))
+    assert_same_behaviour(ours, MedusaModel.from_pretrained(base, heads=tmp_path, tree=tmp_path / "tree.json"))
 
 
 def test_official_export_maps_onto_vllm_names(tmp_path):
@@ -544,3 +545,27 @@ def test_split_over_two_gpus_is_lossless(tiny_dir, share_lm_head):
     expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
                                   pad_token_id=0)[0, len(PROMPT):].tolist()
     assert plain.token_ids == expected[: len(plain.token_ids)]
+
+
+@pytest.mark.parametrize("fmt", ["medusa", "vllm"])
+def test_export_keeps_the_heads_own_trees_not_this_devices_choice(tmp_path, tiny_dir, fmt):
+    """Heads with a 64-node tree.json and a tuned tree for another device, exported on a CPU: the exported
+    heads carry the source's tree.json and tuned_trees.json, and load the same tree as the source anywhere."""
+    from medusa.tuned_trees import TUNED_FILE, TunedTree, read_tuned_trees, write_tuned_tree
+
+    _, heads = random_heads(num_heads=2)
+    source = tmp_path / "ours"
+    MedusaModel(make_tiny_model("llama"), None, heads, tree="64").save_pretrained(source)
+    write_tuned_tree(source, "Fancy GPU", TunedTree(nodes=3, topk=2, paths=[[0], [1]], num_heads=2))
+    write_tuned_tree(source, "cpu", TunedTree(nodes=1, topk=1, paths=[], num_heads=2))
+    assert main(["export", "--heads", str(source), "--model", str(tiny_dir), "--format", fmt,
+                 "--output", str(tmp_path / fmt)]) == 0
+    exported = tmp_path / fmt
+    assert (exported / "tree.json").read_text() == (source / "tree.json").read_text()
+    assert read_tuned_trees(exported) == read_tuned_trees(source) and (exported / TUNED_FILE).is_file()
+    (source / TUNED_FILE).unlink()
+    (exported / TUNED_FILE).unlink()  # without tuned trees, both fall back alike (here: to their own 64-node tree)
+    for device_tree in ("cpu",):
+        ours = MedusaModel.from_pretrained(tiny_dir, heads=source, device=device_tree)
+        theirs = MedusaModel.from_pretrained(tiny_dir, heads=exported, device=device_tree)
+        assert ours.tree.paths == theirs.tree.paths

@@ -401,3 +401,24 @@ def test_a_model_object_moves_to_the_dtype_and_device_asked_for():
     assert len(model.generate([5, 6, 7], max_new_tokens=4, chat_template=False).token_ids) == 4
     with pytest.raises(MedusaError, match="device_map applies when loading a model from a path"):
         MedusaModel.from_pretrained(base, device_map="auto")
+
+
+@pytest.mark.parametrize("tree", [16, "16"])
+def test_a_tree_size_is_taken_as_a_number_or_as_text(tree):
+    """The Python API takes the forms --tree takes: ``tree=16`` is the 16-node default tree, as ``--tree 16`` is."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree=tree)
+    assert model.tree.size == 16 and model.heads_tree.size == 16
+    assert model.generate([5, 6, 7], max_new_tokens=4, tree=tree).token_ids
+
+
+def test_heads_without_a_tuned_tree_get_a_small_tree_on_the_cpu(model, tmp_path):
+    """Untuned heads with a 64-node tree.json decode with the small CPU default tree, and say so and how to tune."""
+    MedusaModel(model.base_model, model.tokenizer, model.heads, tree="64").save_pretrained(tmp_path / "heads")
+    loaded = MedusaModel.from_pretrained(model.base_model, heads=tmp_path / "heads", tokenizer=model.tokenizer)
+    assert loaded.tree.size == 8 and loaded.heads_tree.size == 8
+    assert not loaded.tree_choice.tuned
+    assert "8-node default tree for the CPU" in loaded.tree_choice.origin
+    assert "medusa tree tune --heads" in loaded.tree_choice.origin
+    small = tmp_path / "small"
+    MedusaModel(model.base_model, model.tokenizer, model.heads, tree="[[0], [0, 0]]").save_pretrained(small)
+    assert MedusaModel.from_pretrained(model.base_model, heads=small).tree.size == 3  # the heads' own, small enough

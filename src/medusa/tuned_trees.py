@@ -7,6 +7,10 @@ lookup chain is faster still, the entry's ``lookup`` object holds that one too, 
 decoding uses it. ``batches`` holds a tree per batch bucket, chosen from the step cost at that batch
 size (the more rows, the fewer nodes pay); the engine runs each bucket with its own.
 
+For heads shipped inside the package, ``medusa tree tune`` writes to the user's copy
+(``medusa.paths.user_heads_directory``); its entries win over the shipped file's, device by device. Heads with
+no entry for the device get a tree chosen for its kind (``choose_tree``).
+
 The format lives here, in the core, because loading reads it; ``medusa.treeopt`` only produces it.
 """
 
@@ -21,9 +25,14 @@ import torch
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
-from medusa.tree import Tree
+from medusa.paths import heads_file, is_shipped, user_heads_directory
+from medusa.tree import Tree, default_tree, load_tree
 
 TUNED_FILE = "tuned_trees.json"
+TREE_FILE = "tree.json"
+# Without a tuned tree, a CPU decodes with this small default tree: every node costs it time (a 64-node
+# tree ran 5x slower than the tuned one on SmolLM2-135M), while a GPU verifies 64 nodes in about one step's time.
+CPU_DEFAULT_TREE_SIZE = 8
 
 
 def device_kind(device: torch.device | str) -> str:
@@ -166,9 +175,8 @@ class TunedTree:
             raise MedusaError(f"{origin}: {error}") from None
 
 
-def _read_entries(directory: str | Path) -> dict[str, dict]:
-    """Every device's raw entry ({} when there is no file)."""
-    path = Path(directory) / TUNED_FILE
+def _read_file(path: Path) -> dict[str, dict]:
+    """Every device's raw entry in one file ({} when there is no file)."""
     if not path.is_file():
         return {}
     raw = read_json(path, "tuned trees")
@@ -178,8 +186,22 @@ def _read_entries(directory: str | Path) -> dict[str, dict]:
     return devices
 
 
+def _read_entries(directory: str | Path) -> dict[str, dict]:
+    """Every device's raw entry beside the heads; for shipped heads, the user's entries over the shipped ones."""
+    devices = _read_file(Path(directory) / TUNED_FILE)
+    if is_shipped(directory):
+        devices |= _read_file(user_heads_directory(directory) / TUNED_FILE)
+    return devices
+
+
+def tuned_file(directory: str | Path, kind: str) -> Path:
+    """The file that holds ``kind``'s entry: the user's copy when it has one (shipped heads), else the heads' own."""
+    user = user_heads_directory(directory) / TUNED_FILE
+    return user if kind in _read_file(user) else Path(directory) / TUNED_FILE
+
+
 def _origin(directory: str | Path, kind: str) -> str:
-    return f"the tuned tree for {kind!r} in {Path(directory) / TUNED_FILE}"
+    return f"the tuned tree for {kind!r} in {tuned_file(directory, kind)}"
 
 
 def read_tuned_trees(directory: str | Path) -> dict[str, TunedTree]:
@@ -188,9 +210,10 @@ def read_tuned_trees(directory: str | Path) -> dict[str, TunedTree]:
 
 
 def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path:
-    """Add or replace one device's entry, keeping the others as they are written; written atomically."""
-    path = Path(directory) / TUNED_FILE
-    devices = _read_entries(directory)
+    """Add or replace one device's entry, keeping the others as they are written; written atomically, to the
+    user's copy for shipped heads (the package is read-only to every command)."""
+    path = user_heads_directory(directory) / TUNED_FILE
+    devices = _read_file(path)
     devices[kind] = entry.to_json()
     write_json(path, {"devices": devices}, indent=1)
     return path
@@ -199,8 +222,9 @@ def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path
 def tuned_batch_trees(directory: str | Path, device: torch.device | str, num_heads: int) -> dict[int, Tree]:
     """The trees tuned per batch bucket for this device kind beside the heads ({} when none were)."""
     kind = device_kind(device)
-    entry = read_tuned_trees(directory).get(kind)
-    return {} if entry is None else entry.batch_trees(num_heads, _origin(directory, kind))
+    raw = _read_entries(directory).get(kind)
+    return {} if raw is None else TunedTree.from_json(raw, _origin(directory, kind)).batch_trees(
+        num_heads, _origin(directory, kind))
 
 
 def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int, chained: bool = False) -> Tree | None:
@@ -215,3 +239,42 @@ def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int
         return None
     origin = _origin(directory, kind)
     return TunedTree.from_json(raw, origin).tree(num_heads, origin, chained)
+
+
+@dataclass(frozen=True)
+class TreeChoice:
+    """The trees loaded heads decode with, and a sentence saying where they came from (commands print it)."""
+
+    tree: Tree  # single sequences: may carry a lookup chain
+    heads_tree: Tree  # lookup=0: no chain
+    batch_trees: dict[int, Tree]  # tuned per batch bucket ({} when none were)
+    origin: str
+    tuned: bool  # False: a fallback worth tuning
+    directory: Path  # the heads directory whose files it was chosen from (export copies them, not this device's pick)
+
+
+def choose_tree(directory: str | Path, device: torch.device | str, num_heads: int) -> TreeChoice:
+    """The trees for heads in ``directory`` on ``device``: the ones tuned for this device kind; else, on a CPU, a
+    small default tree (every node costs a CPU time); else the heads' own ``tree.json``; else the 64-node default."""
+    directory = Path(directory)
+    tree = tuned_tree(directory, device, num_heads, chained=True)
+    if tree is not None:
+        kind = device_kind(device)
+        heads_tree = tuned_tree(directory, device, num_heads)
+        return TreeChoice(tree, heads_tree, tuned_batch_trees(directory, device, num_heads),
+                          f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} "
+                          f"({tree.size} node{'' if tree.size == 1 else 's'})", tuned=True, directory=directory)
+    hint = (f"no tree is tuned for {device_kind(device)!r} beside these heads; "
+            f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one")
+    own = heads_file(directory, TREE_FILE)
+    own_tree = load_tree(own, num_heads) if own.is_file() else None
+    on_cpu = torch.device(device).type == "cpu"
+    if own_tree is not None and (not on_cpu or own_tree.size <= CPU_DEFAULT_TREE_SIZE):
+        return TreeChoice(own_tree, own_tree, {}, f"the heads' own tree {own} ({own_tree.size} nodes; {hint})",
+                          tuned=False, directory=directory)
+    if on_cpu:
+        tree = default_tree(CPU_DEFAULT_TREE_SIZE, num_heads)
+        return TreeChoice(tree, tree, {}, f"the {tree.size}-node default tree for the CPU ({hint})", tuned=False,
+                          directory=directory)
+    tree = load_tree(None, num_heads)
+    return TreeChoice(tree, tree, {}, f"the {tree.size}-node default tree ({hint})", tuned=False, directory=directory)

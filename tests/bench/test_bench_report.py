@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from helpers.bench import META, METHODS, hand_made_records
+from helpers.bench import META, METHODS, hand_made_records, sample
 from medusa.bench.report import (
     aggregate,
     answer_agreement,
@@ -16,11 +16,13 @@ from medusa.bench.report import (
     markdown_summary,
     merge_reports,
     plot_report,
+    report_figure,
     report_table,
     token_equality,
     validate_report,
     write_report,
 )
+from medusa.bench.runner import Record
 
 
 @pytest.mark.parametrize(
@@ -213,3 +215,31 @@ def test_equality_line_names_our_lookup_methods_too():
     assert equality_line(without_medusa) == "token equality, lookup vs autoregressive: 0 of 3 prompts differ"
     alone = build_report(META, records, ("medusa",))
     assert equality_line(alone).startswith("token equality: not checked")
+
+
+def test_plot_legend_shows_every_method_inside_the_figure():
+    """Six methods and one category: the legend wraps onto more rows instead of running off the figure."""
+    methods = ("autoregressive", "medusa", "medusa+lookup", "prompt-lookup", "hf-generate", "hf-assisted-lookup")
+    records = [Record(1, "qa", 1, 10, {method: sample(10, 1.0 + index) for index, method in enumerate(methods)})]
+    figure = report_figure(build_report(META, records, methods))
+    figure.canvas.draw()
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == list(methods)
+    box, bounds = legend.get_window_extent(), figure.bbox
+    assert bounds.x0 <= box.x0 and box.x1 <= bounds.x1 and bounds.y0 <= box.y0
+
+
+def test_piped_tables_print_in_full(tmp_path, capsys):
+    """`medusa bench --merge ... | cat`: long method and category names are not cut to fit 80 columns."""
+    from medusa.cli import main
+
+    methods = ("autoregressive", "medusa", "medusa+lookup", "prompt-lookup", "hf-generate", "hf-assisted-lookup")
+    parts = []
+    for number, category in ((1, "mathematical_reasoning"), (2, "retrieval_augmented_generation")):
+        records = [Record(number, category, 1, 10, {method: sample(10, 1.0) for method in methods})]
+        parts.append(tmp_path / f"part{number}.json")
+        write_report(build_report(META, records, methods), parts[-1])
+    assert main(["bench", "--merge", *map(str, parts), "--output-dir", str(tmp_path / "merged")]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out
+    assert all(name in out for name in (*methods, "mathematical_reasoning", "retrieval_augmented_generation"))

@@ -141,6 +141,7 @@ def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):
     validate_cost_curve(result)
     assert result["meta"]["model"] == "tiny (random weights)" and result["meta"]["dtype"] == "float32"
     assert result["meta"]["context"] == 16 and result["meta"]["heads"]["share_lm_head"] is True
+    assert result["meta"]["cuda_graphs"] is False  # what ran: the CPU steps eagerly
     assert [p["nodes"] for p in result["points"]] == [1, 8]
     assert (tmp_path / "cost_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "cost_curve.json" in capsys.readouterr().out

@@ -104,3 +104,20 @@ def test_cli_distills_then_trains_from_a_model_directory(tmp_path, tokenizer, pr
                      "2", "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu",
                      "--resume", flag, value]) == 2
         assert f"{setting} was" in (error := capsys.readouterr().err) and f"set by {flag}" in error
+
+
+def test_a_rerun_with_other_answer_settings_is_refused_naming_the_setting(tmp_path, tokenizer, prompt_files, capsys):
+    model_dir = tmp_path / "tiny"
+    make_base(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    distilled = tmp_path / "distilled.jsonl"
+    args = ["distill", "--model", str(model_dir), "--data", prompt_files[1], "--output", str(distilled),
+            "--batch-size", "4", "--device", "cpu", "--limit", "2"]
+    assert main([*args, "--max-new-tokens", "4"]) == 0
+    rows = distilled.read_text()
+    assert main([*args, "--max-new-tokens", "6", "--limit", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens 4" in err and "this run has 6" in err and "another --output" in err
+    assert distilled.read_text() == rows  # nothing appended
+    assert main([*args, "--max-new-tokens", "4", "--limit", "4"]) == 0  # the same settings continue: more prompts
+    assert len(read_rows(distilled)) == 4

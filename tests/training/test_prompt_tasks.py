@@ -177,3 +177,26 @@ def test_document_tasks_without_a_pool_are_refused_by_the_cli(tmp_path, capsys):
     assert not out.exists()
     assert main(["prompts", "--tasks", "ask,article", "--output", str(out), "--count", "4"]) == 0
     assert [json.loads(line)["task"] for line in out.read_text().splitlines()] == ["ask", "article"] * 2
+
+
+def test_no_document_repeats_within_a_prompt_and_a_small_pool_is_named(tmp_path, capsys):
+    """Three documents of about 150 characters cannot fill a 1,200-character summary: each appears once, and
+    the command says the pool was too small."""
+    path = write_pool(tmp_path)
+    result = make_prompts(config(path, count=30, tasks=("summarize", "key-points", "rewrite")))
+    documents = [source for source in (clean_document(row.get("answer") or row.get("response")) for row in POOL)
+                 if len(source) >= 100]
+    for prompt in result.prompts:
+        assert all(prompt["prompt"].count(document) <= 1 for document in documents), prompt["prompt"]
+    assert result.short == 30
+    out = tmp_path / "prompts.jsonl"
+    assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "3", "--tasks", "summarize",
+                 "--min-document-chars", "100", "--max-prompt-chars", "1200"]) == 0
+    assert "note: 3 of 3 document prompts are shorter" in capsys.readouterr().err
+
+
+def test_tasks_help_states_the_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["prompts", "--help"])
+    squeezed = "".join(capsys.readouterr().out.split())  # argparse wraps lines at hyphens too
+    assert "Default:allfourdocumenttasks(summarize,key-points,rewrite,context-qa)" in squeezed

@@ -11,7 +11,7 @@ from medusa.cli import main
 from medusa.model import MedusaModel
 from medusa.tree import Tree
 from medusa.treeopt.profile import HeadProfile
-from medusa.tuned_trees import TUNED_FILE
+from medusa.tuned_trees import TUNED_FILE, read_tuned_trees
 
 
 def tuned_entries(heads_dir) -> dict[str, dict]:
@@ -72,6 +72,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     results = directory / "evaluate.json"
     assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
                  "--default-trees", "--tuned", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    assert "% vs measured)" in capsys.readouterr().out  # what the estimate's error is relative to
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
     assert set(rows) == {"greedy-4", "greedy-8", "default-8", "tuned"}
     assert all(row["mean_accepted"] >= 1 and row["new_tokens"] == 16 for row in rows.values())
@@ -145,3 +146,45 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     assert "expected_joint" not in rows["greedy-4+lookup-3"]
     assert main(["tree", "evaluate", *common, "--data", str(data), "--lookup", "2,x"]) == 2
     assert "--lookup must list chain lengths" in capsys.readouterr().err
+
+
+def test_shipped_heads_are_never_written(workspace, tmp_path, monkeypatch, capsys):
+    """profile, build and tune on the package's own heads write to the user's copy under the cache, which loading reads."""
+    import hashlib
+    import shutil
+
+    import medusa.paths
+
+    directory, model_dir, heads_dir, data = workspace
+    shipped_root = tmp_path / "assets" / "heads"
+    shipped = shipped_root / "smollm2-135m-instruct"
+    shutil.copytree(heads_dir, shipped, ignore=shutil.ignore_patterns("tree*.json", "tuned_trees.json"))
+    monkeypatch.setattr(medusa.paths, "SHIPPED_HEADS", shipped_root)
+    monkeypatch.setenv("MEDUSA_CACHE_DIR", str(tmp_path / "cache"))
+    user = tmp_path / "cache" / "heads" / "smollm2-135m-instruct"
+
+    def snapshot() -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shipped.iterdir())}
+
+    before = snapshot()
+    common = ["--model", str(model_dir), "--heads", str(shipped), "--device", "cpu"]
+    assert main(["tree", "profile", *common, "--data", str(data), "--topk", "4"]) == 0
+    assert main(["tree", "build", "--nodes", "4"]) == 0  # --heads left out: the shipped heads
+    flat = tmp_path / "flat.json"
+    flat.write_text(json.dumps({"device": "cpu", "points": [{"nodes": n, "seconds": 0.01 * n} for n in (1, 2, 4)]}))
+    assert main(["tree", "tune", "--heads", str(shipped), "--cost-curve", str(flat)]) == 0
+    err = capsys.readouterr().err
+    assert snapshot() == before
+    assert {p.name for p in user.iterdir()} == {"tree_profile.json", "tree.json", "tuned_trees.json"}
+    assert f"writing tree.json to {user}" in err
+    loaded = MedusaModel.from_pretrained(str(model_dir), heads=str(shipped), device="cpu")
+    assert [list(p) for p in loaded.tree.paths] == read_tuned_trees(shipped)["cpu"].paths
+    assert loaded.tree_choice.tuned and str(user) in loaded.tree_choice.origin
+
+
+@pytest.mark.parametrize("command, words", [("profile", "tree_profile.json"), ("build", "greedy construction"),
+                                            ("tune", "tuned_trees.json"), ("evaluate", "relative to the measured")])
+def test_every_tree_command_describes_itself(command, words, capsys):
+    with pytest.raises(SystemExit):
+        main(["tree", command, "--help"])
+    assert words in " ".join(capsys.readouterr().out.split())

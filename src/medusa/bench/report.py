@@ -427,6 +427,16 @@ def markdown_summary(report: dict) -> str:
 
 def plot_report(report: dict, path: str | Path) -> Path:
     """Two panels: speedup over our autoregressive decoding, and accepted tokens per step, per category."""
+    figure = report_figure(report)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)
+    return path
+
+
+def report_figure(report: dict):
+    """The figure ``plot_report`` saves (a matplotlib ``Figure``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -458,12 +468,16 @@ def plot_report(report: dict, path: str | Path) -> Path:
             ha="right" if len(categories) > 6 else "center",
         )
         axis.set_ylabel(label)
-    figure.legend(*axis.get_legend_handles_labels(), loc="outside lower center", ncols=len(methods))
-    figure.suptitle(
-        f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium"
-    )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=120)
-    return path
+    figure.suptitle(f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium")
+    _fitting_legend(figure, *axis.get_legend_handles_labels())
+    return figure
+
+
+def _fitting_legend(figure, handles: list, labels: list[str]) -> None:
+    """A legend below the panels in as few rows as fit the figure's width: every method shows, at any count."""
+    renderer = figure.canvas.get_renderer()
+    for ncols in range(len(labels), 0, -1):
+        legend = figure.legend(handles, labels, loc="outside lower center", ncols=ncols)
+        if ncols == 1 or legend.get_window_extent(renderer).width <= 0.98 * figure.bbox.width:
+            return
+        legend.remove()

@@ -19,6 +19,7 @@ import transformers
 
 from medusa.bench.environment import synchronize
 from medusa.bench.specbench import Question, messages_as_text, turn_messages
+from medusa.devices import spans_devices
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
@@ -370,6 +371,14 @@ def run_benchmark(
     return records
 
 
+def step_settings(model: MedusaModel, cuda_graphs: bool, compile: bool | str) -> dict:
+    """What steps ran as, not what was asked: CUDA graphs and compiled steps exist only on a GPU
+    (and graphs only for a base model on one device); the CPU always steps eagerly."""
+    on_gpu = model.device.type == "cuda"
+    return {"cuda_graphs": bool(cuda_graphs and on_gpu and not spans_devices(model.base_model)),
+            "compile": compile if on_gpu else False}
+
+
 def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
     """The run's settings for the report's ``meta`` (the caller adds the command and the questions)."""
     heads = model.heads.config if model.heads is not None else None
@@ -384,8 +393,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "turns": config.turns,
         "methods": list(config.methods),
         "warmup_prompts": config.warmup,
-        "cuda_graphs": config.cuda_graphs,
-        "compile": config.compile,
+        **step_settings(model, config.cuda_graphs, config.compile),
         "cache_length": config.cache_length,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
         "lookup_nodes": lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,

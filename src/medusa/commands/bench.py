@@ -42,12 +42,14 @@ from medusa.bench.runner import (
     BenchConfig,
     Record,
     describe_run,
+    step_settings,
     planned_runs,
     resolve_cache_length,
     run_benchmark,
 )
 from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
+from medusa.commands.output import print_table
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json, write_text
@@ -67,10 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
     bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
                        help="2 also runs the MT-bench second turns, after the reference method's first answer")
-    bench.add_argument("--max-new-tokens", type=int, default=256)
-    bench.add_argument(
-        "--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}"
-    )
+    bench.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
+    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument(
         "--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup"
@@ -99,7 +99,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="cache slots our decoders allocate at least (auto: one size for every first-turn prompt "
                             "when compiling, so each method compiles once; none: what each prompt needs)")
     parser.add_argument("--output-dir", default="bench-results", help="where the JSON, PNG and summary go")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     curve = parser.add_argument_group("cost curve (--cost-curve)")
     curve.add_argument("--cost-curve", action="store_true",
                        help="instead of Spec-Bench, time one decoding step against the tree's size")
@@ -121,10 +120,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MedusaError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     if args.cost_curve:
         return run_cost_curve(args)
     if args.shape:
@@ -251,7 +246,7 @@ def _write_outputs(report: dict, output: Path) -> int:
     json_path = write_report(report, output / "bench.json")
     png_path = plot_report(report, output / "bench.png")
     write_text(output / "summary.md", markdown_summary(report))
-    Console().print(report_table(report))
+    print_table(report_table(report))
     print(equality_line(report))
     print(f"wrote {json_path}, {png_path} and {output / 'summary.md'}")
     return 0
@@ -297,8 +292,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         "batch_sizes": list(config.batch_sizes),
         "repeats": config.repeats,
         "warmup_steps": config.warmup,
-        "cuda_graphs": config.cuda_graphs,
-        "compile": config.compile,
+        **step_settings(model, config.cuda_graphs, config.compile),
         "span_step": config.span_step,
         "tree_prior": "medusa.tree.GENERIC_HEAD_ACCURACY, greedy layout (build_tree_from_accuracies)",
     }
@@ -317,7 +311,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         ratio = "-" if p["x_one_token"] is None else f"{p['x_one_token']:.2f}"
         table.add_row(str(p["nodes"]), str(p["depth"]), f"{p['median_ms']:.3f}", f"{p['min_ms']:.3f}",
                       f"{p['x_floor']:.2f}", ratio)
-    Console().print(table)
+    print_table(table)
     print(f"wrote {json_path} and {png_path}")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,10 +24,12 @@ from medusa.commands.common import (
     lookup_options,
     sampling_options,
 )
-from medusa.decoding import DecodingStats
-from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
-from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
+
+if TYPE_CHECKING:  # the model's modules (torch) load when the command runs, not for --help
+    from medusa.decoding import DecodingStats
+    from medusa.engine import EngineOptions
+    from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
 
 COMMANDS_HELP = "/reset forgets the conversation, /exit ends it"
 
@@ -45,7 +48,7 @@ class ChatSession:
 
     def __init__(
         self, model: MedusaModel, config: GenerationConfig, system: str | None = None,
-        options: EngineOptions = EngineOptions(),
+        options: EngineOptions | None = None,
     ) -> None:
         tokenizer = model.tokenizer
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -85,6 +88,9 @@ def status_line(stats: DecodingStats, interrupted: bool = False) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.engine import EngineOptions
+    from medusa.model import GenerationConfig
+
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, **sampling_options(args))
     options = EngineOptions(use_heads=not args.no_heads, **lookup_options(args))
     model = load_model(args)
@@ -95,8 +101,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _interactive(session: ChatSession, console: Console) -> int:
-    tree = session.model.tree_for(session.options)
-    heads = f"{tree.size - tree.lookup}-node tree" if session.options.use_heads else "no heads"
+    from medusa.engine import EngineOptions
+
+    options = session.options or EngineOptions()
+    tree = session.model.tree_for(options)
+    heads = f"{tree.size - tree.lookup}-node tree" if options.use_heads else "no heads"
     if tree.lookup:
         heads += f", {tree.lookup}-node lookup branch"
     console.print(f"[bold]medusa chat[/] with {escape(session.model.name)} ({heads}); {COMMANDS_HELP}.")
@@ -112,7 +121,7 @@ def _interactive(session: ChatSession, console: Console) -> int:
             if _command(text, session, console.print) == "exit":
                 return 0
             continue
-        stats = DecodingStats()
+        stats = _new_stats()
         interrupted = False
         answer = session.ask(text, stats)
         try:
@@ -139,7 +148,7 @@ def _scripted(session: ChatSession) -> int:
             if _command(text, session, lambda message: print(message, file=sys.stderr)) == "exit":
                 break
             continue
-        stats = DecodingStats()
+        stats = _new_stats()
         try:
             for chunk in session.ask(text, stats):
                 sys.stdout.write(chunk.text)
@@ -152,6 +161,12 @@ def _scripted(session: ChatSession) -> int:
         sys.stdout.flush()
         print(f"[{status_line(stats)}]", file=sys.stderr)
     return 2 if failed else 0
+
+
+def _new_stats() -> DecodingStats:
+    from medusa.decoding import DecodingStats
+
+    return DecodingStats()
 
 
 def _command(text: str, session: ChatSession, say) -> str | None:

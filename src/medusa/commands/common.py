@@ -1,12 +1,27 @@
-"""Flags shared by the commands that load a model."""
+"""Flags shared by the commands that load a model.
+
+Nothing here imports torch, so ``medusa generate --help`` (and chat's, serve's) starts fast: the model's
+modules load when the command runs, and the defaults below are spelled out from them (a test checks that
+they agree).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
-from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, SCHEMES
-from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, MAX_NGRAM
-from medusa.model import MedusaModel
+from medusa.commands.threads import add_threads_argument
+
+if TYPE_CHECKING:
+    from medusa.model import MedusaModel
+
+SCHEMES = ("auto", "greedy", "typical", "rejection")  # medusa.acceptance.SCHEMES
+DEFAULT_TYPICAL_EPS = 0.09  # medusa.acceptance
+DEFAULT_TYPICAL_DELTA = 0.3  # medusa.acceptance
+DEFAULT_MAX_NGRAM = 3  # medusa.lookup
+MAX_NGRAM = 8  # medusa.lookup
+MAX_LOOKUP_NODES = 24  # medusa.lookup
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +31,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +70,18 @@ def lookup_options(args: argparse.Namespace) -> dict:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The ``GenerationConfig`` fields the sampling flags set."""
+    """The ``GenerationConfig`` fields the sampling flags set; says once on stderr which of them temperature 0 ignores."""
+    if args.temperature == 0:
+        ignored = [flag for flag, given in (
+            ("--seed", args.seed is not None),
+            (f"--acceptance {args.acceptance}", args.acceptance in ("typical", "rejection")),
+            ("--top-p", args.top_p != 1.0),
+            ("--top-k", args.top_k != 0),
+        ) if given]
+        if ignored:
+            print(f"note: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at temperature 0: "
+                  "greedy decoding takes the likeliest token and accepts guesses greedily; give --temperature above 0 "
+                  "to sample", file=sys.stderr)
     return {
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -67,6 +94,13 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def load_model(args: argparse.Namespace) -> MedusaModel:
-    return MedusaModel.from_pretrained(
+    """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how to tune one."""
+    from medusa.model import MedusaModel
+
+    model = MedusaModel.from_pretrained(
         args.model, heads=args.heads, num_heads=args.num_heads, tree=args.tree, dtype=args.dtype, device=args.device
     )
+    choice = model.tree_choice
+    if choice is not None and not choice.tuned:
+        print(f"tree: {choice.origin}", file=sys.stderr)
+    return model

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.training.config import LoraSettings, TrainConfig
-from medusa.training.trainer import ResumeMismatch, StepReport, Trainer
+
+if TYPE_CHECKING:  # the trainer (torch, accelerate) loads when the command runs, not for --help
+    from medusa.training.trainer import StepReport
 
 # The flag behind each TrainConfig setting whose name differs from it (errors name the flag a user typed).
 FLAGS = {"output_dir": "--output", "head_weight_decay": "--head-decay", "learning_rate": "--lr",
@@ -26,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--stage", type=int, choices=(1, 2), default=1,
                         help="1: frozen base (Medusa-1); 2: LoRA on the base too (Medusa-2)")
-    parser.add_argument("--num-heads", type=int, default=4)
+    parser.add_argument("--num-heads", type=int, default=4, help="heads to train (default 4)")
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
     parser.add_argument("--share-lm-head", action=argparse.BooleanOptionalAction, default=True,
                         help="heads project through the base lm_head (default; small files) or their own copies")
@@ -35,9 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-decay", type=float, default=0.8, help="head k's loss weighs decay**k (default 0.8)")
     parser.add_argument("--lr", type=float, default=1e-3, help="heads' learning rate (default 1e-3)")
     parser.add_argument("--backbone-lr", type=float, default=5e-5, help="stage 2: the adapter's learning rate (default 5e-5)")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     parser.add_argument("--warmup-steps", type=int, help="learning-rate warm-up steps (default: 5%% of the steps)")
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the data, fractions allowed (default 1)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch per process (default 8)")
     parser.add_argument("--max-tokens", type=int, help="also cap a micro-batch at this many padded tokens")
@@ -45,18 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="cut conversations to this many tokens (default 1024)")
     parser.add_argument("--eval-fraction", type=float, default=0.02, help="held out for the accuracy report (default 0.02)")
     parser.add_argument("--checkpoint-every", type=int, default=500, help="optimizer steps between checkpoints (default 500)")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=10, help="print and log the loss every N steps (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, the batch order and fresh heads (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     parser.add_argument("--heads-lambda", type=float, default=0.2, help="stage 2: weight of the heads' loss (default 0.2)")
     parser.add_argument("--heads-warmup-steps", type=int, default=0, help="stage 2: train the heads alone first")
-    parser.add_argument("--lora-rank", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=int, default=32)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
+    parser.add_argument("--lora-rank", type=int, default=16, help="Medusa-2: LoRA rank on the backbone (default 16)")
+    parser.add_argument("--lora-alpha", type=int, default=32, help="Medusa-2: LoRA alpha (default 32)")
+    parser.add_argument("--lora-dropout", type=float, default=0.0, help="Medusa-2: LoRA dropout (default 0)")
     parser.add_argument("--lora-target", default="all-linear", help="peft target modules: all-linear or comma-separated names")
     parser.add_argument("--merge", action="store_true", help="stage 2: also save the base with the adapter merged in (out/merged)")
     parser.add_argument("--device", default="auto", help="cpu or auto (default); several GPUs: accelerate launch")
     parser.add_argument("--dtype", default="auto", help="base weights: float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
     parser.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
 
 
@@ -77,6 +82,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medusa.training.trainer import ResumeMismatch, Trainer
+
     config = config_from_args(args)
     trainer = Trainer(config)
     bar = None

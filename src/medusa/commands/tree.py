@@ -4,6 +4,9 @@ profile  measure each head's top-k accuracy on held-out conversations  -> HEADS/
 build    the greedy tree of N nodes from the profile                   -> HEADS/tree.json
 tune     time steps against tree size here, keep the fastest tree      -> HEADS/tuned_trees.json
 evaluate decode prompts with several trees: measured against expected accepted length, tokens/s
+
+For the heads shipped in the package, HEADS is the user's copy under the cache (medusa.paths): the package
+itself is never written to, and loading the shipped heads reads the user's files first.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from medusa.commands.output import count_of
+from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.files import write_json, write_text
-from medusa.loading import DEFAULT_MODEL_NAME
+from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
 ESTIMATE_CHOICES = ("walk", "joint", "paper")
@@ -29,7 +34,12 @@ ESTIMATE_HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tree_command", required=True)
 
-    profile = sub.add_parser("profile", help="measure head accuracies on held-out conversations")
+    profile = sub.add_parser(
+        "profile", help="measure head accuracies on held-out conversations",
+        description="Decode held-out conversations written by the base model (medusa distill) and measure how often each "
+                    "head's top-k guesses are right, and which paths of guesses come true together. Writes "
+                    "HEADS/tree_profile.json (for the shipped heads: your copy under the cache), which build, tune and "
+                    "evaluate read.")
     _add_model_arguments(profile)
     profile.add_argument(
         "--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)"
@@ -44,13 +54,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
 
-    build = sub.add_parser("build", help="the greedy tree of N nodes from the profile")
+    build = sub.add_parser(
+        "build", help="the greedy tree of N nodes from the profile",
+        description="Build the tree of N nodes with the most expected accepted tokens per step from the profile (the "
+                    "paper's greedy construction) and write it as HEADS/tree.json (for the shipped heads: your copy "
+                    "under the cache). A tree tuned for a device by `medusa tree tune` still wins on that device.")
     _add_heads_arguments(build)
     build.add_argument("--nodes", type=int, required=True, help="tree nodes, root included")
     build.add_argument("--output", help="tree file (default HEADS/tree.json)")
     build.add_argument("--plot-dir", help="write the tree's drawing and accepted length against N here")
 
-    tune = sub.add_parser("tune", help="choose the tree size with the most expected tokens/s on this device")
+    tune = sub.add_parser(
+        "tune", help="choose the tree size with the most expected tokens/s on this device",
+        description="Time one decoding step against tree size on this device (or read a cost curve), divide the "
+                    "profile's expected tokens per step by it, and keep the fastest tree for this kind of device in "
+                    "HEADS/tuned_trees.json (for the shipped heads: your copy under the cache). Loading the heads on such "
+                    "a device then uses it.")
     _add_model_arguments(tune)
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
@@ -88,8 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--plot-dir", help="write tokens/s and accepted length against N, and the chosen tree, here")
 
     evaluate = sub.add_parser(
-        "evaluate", help="decode prompts with several trees: measured vs expected accepted length"
-    )
+        "evaluate", help="decode prompts with several trees: measured vs expected accepted length",
+        description="Decode prompts with greedy trees of several sizes (and the default or tuned trees) and print, per "
+                    "tree, the measured tokens per step, the profile's expected value with its error relative to the "
+                    "measured one, and tokens/s.")
     _add_model_arguments(evaluate)
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     evaluate.add_argument(
@@ -154,6 +175,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    add_threads_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,8 +188,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _heads_directory(args: argparse.Namespace) -> Path:
-    from medusa.model import shipped_heads_directory
-
     if args.heads:
         directory = Path(args.heads)
         if not directory.is_dir():
@@ -183,7 +203,7 @@ def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
     """The profile for these heads, its walk data cut to the generation length estimated for (--max-new-tokens)."""
     from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
 
-    path = Path(args.profile) if args.profile else directory / PROFILE_FILE
+    path = Path(args.profile) if args.profile else heads_file(directory, PROFILE_FILE)
     profile = HeadProfile.load(path)
     profile.check_heads(num_heads, heads_fingerprint(directory), origin=f"profile {path}")
     tokens = getattr(args, "max_new_tokens", 0)
@@ -215,6 +235,12 @@ def _expected_all(profile, tree) -> dict[str, float]:
     return {name: expected_length(profile, tree, name) for name in available_estimates(profile)}
 
 
+def _heads_config(directory: Path):
+    from medusa.interop import load_heads_config
+
+    return load_heads_config(directory)
+
+
 def _load_model(args: argparse.Namespace, directory: Path):
     from medusa.model import MedusaModel
 
@@ -243,6 +269,16 @@ def _parse_chains(text: str) -> list[int]:
             f"--lookup must list chain lengths from 0 to {MAX_LOOKUP_NODES}, comma-separated, got {text!r}"
         )
     return chains
+
+
+def _output_for(directory: Path, name: str) -> Path:
+    """Where a file for these heads goes by default: beside them, or the user's copy for the read-only shipped heads."""
+    target = user_heads_directory(directory)
+    if target != directory:
+        print(f"note: the shipped heads in {directory} are read-only; writing {name} to {target} instead, which "
+              "loading these heads reads first (give --heads DIR to work on a copy of your own)", file=sys.stderr)
+        target.mkdir(parents=True, exist_ok=True)
+    return target / name
 
 
 def _report_skipped(skipped: list[str]) -> None:
@@ -280,7 +316,7 @@ def run_profile(args: argparse.Namespace) -> int:
         profile = profile_heads(
             model.base_model, model.heads, examples, args.topk, heads_fingerprint(directory), progress=bar.update
         )
-    output = Path(args.output) if args.output else directory / PROFILE_FILE
+    output = Path(args.output) if args.output else _output_for(directory, PROFILE_FILE)
     profile.save(output)
     print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; "
           f"saved {output}")
@@ -319,20 +355,18 @@ def run_build(args: argparse.Namespace) -> int:
     profile = _load_profile(args, directory, config.num_heads)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
-    output = Path(args.output) if args.output else directory / "tree.json"
+    output = Path(args.output) if args.output else _output_for(directory, "tree.json")
     write_text(output, tree.to_json() + "\n")
     expected = _expected_all(profile, tree)
     order = "joint order" if estimate == "walk" else f"{estimate} estimate"
-    print(f"tree of {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
+    print(f"tree of {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
     labels = {"paper": "paper's product of accuracies"}
     print("expected accepted tokens per step: "
           + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items()))
     if tree.size < args.nodes:
-        print(
-            f"note: only {tree.size} nodes exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr
-        )
+        print(f"note: only {count_of(tree.size, 'node')} exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
     tuned = read_tuned_trees(directory)
-    if tuned and output == directory / "tree.json":
+    if tuned and output == user_heads_directory(directory) / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
     if args.plot_dir:
         _plot_build(Path(args.plot_dir), profile, tree, estimate, expected_lengths)
@@ -410,7 +444,7 @@ def run_tune(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"({estimate} estimate of tokens per step{length})")
-    print(f"best heads' tree for {kind!r}: {tree.size} nodes, {tree.max_depth} deep, top-{tree.topk}: "
+    print(f"best heads' tree for {kind!r}: {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk}: "
           f"{heads.expected_accept_length:.2f} tokens/step expected, "
           f"{heads.expected_tokens_per_second:.1f} tokens/s expected")
     if chain_tree is not None:
@@ -425,6 +459,8 @@ def run_tune(args: argparse.Namespace) -> int:
             f"{batch}: {tree.nodes} nodes" + (f" ({tree.lookup} lookup)" if tree.lookup else "")
             for batch, tree in entry.batches.items()))
     if not args.dry_run:
+        if is_shipped(directory):
+            _output_for(directory, "tuned_trees.json")  # says where, once
         print(f"saved {write_tuned_tree(directory, kind, entry)}")
     if args.plot_dir:
         from medusa.treeopt.plots import plot_tuning
@@ -544,8 +580,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         results.append(row)
         errors = {name: value / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
                   for name, value in expected.items()}
-        print(f"{label:>12} {tree.size:4d} nodes: measured {row['mean_accepted']:.3f} tokens/step, expected "
-              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%})" for name, value in expected.items())
+        print(f"{label:>12} {tree.size:4d} {'node: ' if tree.size == 1 else 'nodes:'} measured {row['mean_accepted']:.3f} "
+              "tokens/step, expected "
+              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%} vs measured)" for name, value in expected.items())
               + f"; {row['tokens_per_second']:.1f} tokens/s", flush=True)
     summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "data": list(args.data), "heads": str(directory), "estimate": estimate, "results": results}

@@ -17,12 +17,13 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
-
-import torch
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from medusa.errors import MedusaError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so `medusa prompts` (which reads records only) starts fast
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
@@ -359,6 +360,8 @@ def split_held_out(examples: list[Example], fraction: float, seed: int, max_held
     """``(train, held_out)``: a seeded random ``fraction`` (at least one, at most ``max_held_out``) held out."""
     if fraction <= 0 or len(examples) < 2:
         return list(examples), []
+    import torch
+
     count = min(max(1, round(fraction * len(examples))), max_held_out, len(examples) - 1)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(order[:count])
@@ -400,6 +403,8 @@ class LengthBatchSampler:
         if not self.shuffle:
             yield from self.batches
             return
+        import torch
+
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         for index in torch.randperm(len(self.batches), generator=generator).tolist():
             yield self.batches[index]
@@ -412,6 +417,8 @@ class Collator:
     pad_token_id: int
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        import torch
+
         longest = max(len(e.input_ids) for e in examples)
         input_ids = torch.full((len(examples), longest), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)

@@ -7,6 +7,8 @@ prompts of similar length together so a batch wastes little on padding.
 Rows are ``{"id", "conversations", "finish"}``, keyed by a stable prompt id (file name, index and
 content). Each batch is appended and flushed at once, so a rerun after a kill reads the ids already
 written, cuts a half-written last line, and answers only the rest: nothing is duplicated or lost.
+The settings that shape the answers are kept beside the output (``OUTPUT.settings.json``); a rerun
+with other ones is refused, naming the setting, rather than appending rows made another way.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from medusa.errors import MedusaError
-from medusa.files import append_text
+from medusa.files import append_text, read_json, write_json
 from medusa.loading import load_base_model
 from medusa.training.config import DistillConfig
 from medusa.training.data import DataPrompt, encode_messages, read_prompts
 
 WINDOW = 8  # batches whose prompts are sorted by length together
+# DistillConfig fields that shape the answers: every row of one output must share them.
+ANSWER_SETTINGS = ("model", "max_new_tokens", "temperature", "top_p", "seed", "dtype")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -69,6 +73,35 @@ def read_done_ids(path: Path) -> tuple[set[str], bool]:
     return done, repaired
 
 
+def settings_path(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(output.name + ".settings.json")
+
+
+def answer_settings(config: DistillConfig) -> dict:
+    settings = {key: getattr(config, key) for key in ANSWER_SETTINGS}
+    settings["model"] = str(Path(config.model).resolve()) if config.model else None
+    return settings
+
+
+def check_settings(config: DistillConfig) -> None:
+    """Refuse to append to an output whose rows were made with other settings, naming the first that differs."""
+    path = settings_path(config.output)
+    if not path.is_file():
+        return
+    recorded = read_json(path, f"the settings of {config.output} (remove the file to continue it unchecked)")
+    current = answer_settings(config)
+    differing = [key for key in ANSWER_SETTINGS if key in recorded and recorded[key] != current[key]]
+    if differing:
+        key = differing[0]
+        flag = "--" + key.replace("_", "-")
+        raise MedusaError(
+            f"cannot continue {config.output}: its rows were made with {flag} {recorded[key]!r}, this run has "
+            f"{current[key]!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
+            + "; use the same settings, or another --output"
+        )
+
+
 def sample_prompts(prompts: list[DataPrompt], limit: int | None, seed: int) -> list[DataPrompt]:
     """A stable sample of ``limit`` prompts across all files: the same ones on every rerun."""
     if limit is None or limit >= len(prompts):
@@ -79,7 +112,9 @@ def sample_prompts(prompts: list[DataPrompt], limit: int | None, seed: int) -> l
 
 
 def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPlan:
-    """Read the prompt pool and the output written so far; what is left to answer, longest prompt first."""
+    """Read the prompt pool and the output written so far; what is left to answer, longest prompt first.
+    An output made with other answer settings is refused (``check_settings``)."""
+    check_settings(config)
     read = read_prompts(config.data)
     pool = sample_prompts(read.items, config.limit, config.seed)
     seen: set[str] = set()
@@ -174,6 +209,10 @@ def distill(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    check_settings(config)
+    settings = settings_path(output)
+    if not settings.is_file():
+        write_json(settings, answer_settings(config), indent=1)
     for number, start in enumerate(range(0, len(work.pending), config.batch_size)):
         batch = work.pending[start : start + config.batch_size]
         torch.manual_seed(config.seed + number)

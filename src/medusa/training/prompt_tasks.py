@@ -160,6 +160,7 @@ class PromptTaskConfig:
 class PromptTaskResult:
     prompts: list[dict] = field(default_factory=list)  # {"prompt", "task"}
     sources: int = 0  # records usable as documents
+    short: int = 0  # document prompts cut short: the pool held too few documents for the length drawn
     skipped: list[str] = field(default_factory=list)  # "file:line: why"
 
 
@@ -174,6 +175,7 @@ def read_sources(paths: Sequence[str | Path], min_document_chars: int) -> tuple[
     """Records that have both a question and an answer long enough to be a document."""
     skipped: list[str] = []
     sources = []
+    seen: set[str] = set()
     for record in read_records(paths, skipped):
         try:
             messages = record_messages(record.value)
@@ -183,22 +185,31 @@ def read_sources(paths: Sequence[str | Path], min_document_chars: int) -> tuple[
         question = next((m["content"] for m in messages if m["role"] == "user"), "")
         answer = next((m["content"] for m in messages if m["role"] == "assistant"), "")
         document = clean_document(answer)
-        if not question.strip() or len(document) < min_document_chars:
-            continue  # not an error: a short answer is simply no document
+        if not question.strip() or len(document) < min_document_chars or document in seen:
+            continue  # not an error: a short answer is simply no document, and one text is one document
+        seen.add(document)
         sources.append(Source(question.strip(), document, record.where))
     return sources, skipped
 
 
-def _document_prompt(rng: random.Random, sources: list[Source], instructions: Sequence[str], limit: int) -> str:
-    """An instruction over documents joined up to a random length: real contexts run to many paragraphs."""
+def _document_prompt(rng: random.Random, sources: list[Source], instructions: Sequence[str], limit: int) -> tuple[str, bool]:
+    """An instruction over distinct documents joined up to a random length (real contexts run to many
+    paragraphs); and whether the pool ran out of documents before that length."""
     instruction = rng.choice(instructions)
     room = limit - len(instruction) - 2
     target = rng.randint(min(800, room), room)
-    parts = [rng.choice(sources).document]
-    while sum(len(part) + 2 for part in parts) < target:
-        parts.append(rng.choice(sources).document)
+    parts: list[str] = []
+    used: set[int] = set()
+    length = 0
+    while length < target and len(used) < len(sources):
+        index = rng.randrange(len(sources))
+        if index in used:  # one document at most once per prompt
+            continue
+        used.add(index)
+        parts.append(sources[index].document)
+        length += len(parts[-1]) + 2
     context = "\n\n".join(parts)[:room]
-    return f"{instruction}\n\n{context}"
+    return f"{instruction}\n\n{context}", length < target
 
 
 def _context_qa_prompt(rng: random.Random, sources: list[Source], documents: int, limit: int) -> str:
@@ -256,6 +267,7 @@ def make_prompts(config: PromptTaskConfig) -> PromptTaskResult:
         elif task == "context-qa":
             text = _context_qa_prompt(rng, sources, config.documents_per_question, config.max_prompt_chars)
         else:
-            text = _document_prompt(rng, sources, templates[task], config.max_prompt_chars)
+            text, short = _document_prompt(rng, sources, templates[task], config.max_prompt_chars)
+            result.short += short
         result.prompts.append({"prompt": text, "task": task})
     return result
