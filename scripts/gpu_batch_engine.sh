@@ -2,6 +2,7 @@
 # The batch-first engine's GPU runs (docs/benchmarks/h200-batch-engine/README.md), one phase per device call:
 #
 #   scripts/gpu_batch_engine.sh tests     # the CUDA-only tests, and where a batched step's time goes
+#   scripts/gpu_batch_engine.sh tune      # the step cost per batch size, and a tree per batch bucket from it
 #   scripts/gpu_batch_engine.sh bench     # throughput against batch size, and batch 1 against the previous code
 #   scripts/gpu_batch_engine.sh serve     # medusa serve under 1, 8 and 32 clients, greedy and sampled mixed
 #
@@ -16,7 +17,7 @@ KEEP=${KEEP:-.}
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$KEEP"/.whl/*.whl
 export PYTHONPATH=src:/tmp/site PYTHONUNBUFFERED=1 MEDUSA_CACHE_DIR=/root/medusa-cache
-HEADS=src/medusa/assets/heads/smollm2-135m-instruct
+HEADS=${HEADS:-src/medusa/assets/heads/smollm2-135m-instruct}  # tune writes a copy at /root/heads
 MODEL=/root/stage/model.gguf
 QUESTIONS=$KEEP/.data/question.jsonl
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -27,12 +28,20 @@ tests)
     python3 scripts/step_profile.py --shape smollm2-135m --nodes 1,64 --lookup 24 --batch 1,32 --compile off \
         --context 512 --cache-length 1024 --repeats 10 --top 12 --out "$OUT/step_profile.json" 2>&1 | tail -64
     ;;
+tune)
+    mkdir -p "$OUT/tune" && rm -rf /root/heads && cp -r src/medusa/assets/heads/smollm2-135m-instruct /root/heads
+    python3 -m medusa.cli bench --cost-curve --shape smollm2-135m --sizes 1,2,4,8,12,16,24,32,48,64 \
+        --batch-sizes 1,2,4,8,16,32,64 --repeats 10 --step-warmup 3 --output-dir "$OUT/tune" 2>&1 | tail -3
+    python3 -m medusa.cli tree tune --heads /root/heads --cost-curve "$OUT/tune/cost_curve.json" \
+        --batch-sizes 1,2,4,8,16,32,64 --max-nodes 64 2>&1 | tail -4
+    cp /root/heads/tuned_trees.json "$OUT/tune/"
+    ;;
 bench)
     mkdir -p "$OUT/bench"
     python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
         --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts 64 --out "$OUT/bench/batch_throughput.json"
     # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions
-    for code in new old; do
+    for code in new ${OLD:+old}; do
         src=src; [ "$code" = old ] && src=$KEEP/.old/src
         PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
             --methods autoregressive,medusa,medusa-lookup --limit 4 --max-new-tokens 128 --warmup 2 \
