@@ -30,21 +30,23 @@ tests)
     ;;
 tune)
     mkdir -p "$OUT/tune" && rm -rf /root/heads && cp -r src/medusa/assets/heads/smollm2-135m-instruct /root/heads
-    python3 -m medusa.cli bench --cost-curve --shape smollm2-135m --sizes 1,2,4,8,12,16,24,32,48,64 \
-        --batch-sizes 1,2,4,8,16,32,64 --repeats 10 --step-warmup 3 --output-dir "$OUT/tune" 2>&1 | tail -3
+    python3 -m medusa.cli bench --cost-curve --shape smollm2-135m --sizes "${SIZES:-1,2,4,8,12,16,24,32,48,64}" \
+        --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-10}" --step-warmup 3 \
+        --output-dir "$OUT/tune" 2>&1 | tail -3
     python3 -m medusa.cli tree tune --heads /root/heads --cost-curve "$OUT/tune/cost_curve.json" \
-        --batch-sizes 1,2,4,8,16,32,64 --max-nodes 64 2>&1 | tail -4
+        --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
     cp /root/heads/tuned_trees.json "$OUT/tune/"
     ;;
 bench)
     mkdir -p "$OUT/bench"
     python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
-        --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts 64 --out "$OUT/bench/batch_throughput.json"
+        --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts "${PROMPTS:-64}" \
+        --out "$OUT/bench/batch_throughput.json"
     # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions
     for code in new ${OLD:+old}; do
         src=src; [ "$code" = old ] && src=$KEEP/.old/src
         PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
-            --methods autoregressive,medusa,medusa-lookup --limit 4 --max-new-tokens 128 --warmup 2 \
+            --methods autoregressive,medusa,medusa-lookup --limit "${LIMIT:-4}" --max-new-tokens 128 --warmup 2 \
             --output-dir "$OUT/bench/single-$code" 2>&1 | tail -12
     done
     ;;

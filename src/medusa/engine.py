@@ -259,8 +259,11 @@ class DecodingEngine:
         captured = self.graphs.report.graphs
         kind = self.step_shape()[2]
         buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= bucket_for(self.active)]
+        # Only spans that hold every running row's next tree: a capture's warm-up steps run on the rows as they are.
+        now = max(self.lengths) + self.decoder.largest_tree()
         end = max(longest, *self.lengths) + self.decoder.largest_tree()
-        spans = [span for span in self.spans if span < end] + [next((s for s in self.spans if s >= end), self.spans[-1])]
+        last = next((s for s in self.spans if s >= end), self.spans[-1])
+        spans = [span for span in self.spans if now <= span <= last] or [last]
         try:
             with torch.inference_mode():
                 for bucket in buckets:
