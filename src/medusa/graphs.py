@@ -28,7 +28,7 @@ GraphKey = tuple[int, int, StepKind]  # (rows, span, kind)
 class CaptureReport:
     graphs: int = 0
     seconds: float = 0.0  # spent capturing (warm-up runs included)
-    memory_bytes: int = 0  # the graphs' pool, as the CUDA allocator reserved it
+    memory_bytes: int = 0  # what the captures left allocated (the graphs' private pool: their intermediates)
 
 
 class StepGraphs:
@@ -70,7 +70,7 @@ class StepGraphs:
     def _capture(self, rows: int, span: int, kind: StepKind) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
         decoder = self.decoder
         started = time.perf_counter()
-        reserved = torch.cuda.memory_reserved(decoder.device)
+        allocated = torch.cuda.memory_allocated(decoder.device)
         state = (decoder.active, decoder.lengths, decoder.root_token, decoder.last_hidden, decoder.root_logprob,
                  decoder.root_top_ids, decoder.root_top_logprobs)
         saved = [tensor.clone() for tensor in state]
@@ -90,5 +90,5 @@ class StepGraphs:
         torch.cuda.synchronize(decoder.device)
         self.report.graphs += 1
         self.report.seconds += time.perf_counter() - started
-        self.report.memory_bytes += torch.cuda.memory_reserved(decoder.device) - reserved
+        self.report.memory_bytes += torch.cuda.memory_allocated(decoder.device) - allocated
         return graph, outputs
