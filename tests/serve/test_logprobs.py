@@ -179,3 +179,29 @@ def test_n_completions_greedy_are_the_same_and_echo_each(client, serve_model):
     assert response.choices[0].logprobs.token_logprobs == response.choices[1].logprobs.token_logprobs
     assert response.usage.completion_tokens == 12
     assert response.usage.prompt_tokens == len(serve_model.tokenizer(PROMPT)["input_ids"])
+
+
+def test_byte_level_tokens_show_their_exact_bytes():
+    """GPT-2 style vocabularies: a token's bytes are its own, and a token that is part of a character is named
+    by its bytes (as OpenAI's are); text offsets count whole characters."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from medusa.serve.logprobs import TokenScores, TokenTable
+
+    byte_chars = bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    vocab[byte_chars[ord(" ")] + "the"] = 256
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.ByteLevel()
+    table = TokenTable(PreTrainedTokenizerFast(tokenizer_object=backend), 257)
+    assert (table.strings[256], table.bytes[256]) == (" the", b" the")
+    assert (table.strings[0xE2], table.bytes[0xE2]) == ("bytes:\\xe2", b"\xe2")
+    euro = list("€".encode())  # three tokens, one character
+    body, offset = table.completion_logprobs(TokenScores([256, *euro, ord("a")], [-1.0] * 5, [[]] * 5), 0, 0)
+    assert body["tokens"] == [" the", "bytes:\\xe2", "bytes:\\x82", "bytes:\\xac", "a"]
+    assert body["text_offset"] == [0, 4, 5, 5, 5] and offset == 6
+    content = table.chat_content(TokenScores(euro, [-1.0] * 3, [[(256, -0.5)]] * 3))
+    assert [bytes(item["bytes"]) for item in content] == [b"\xe2", b"\x82", b"\xac"]
+    assert content[0]["top_logprobs"] == [{"token": " the", "logprob": -0.5, "bytes": list(b" the")}]
