@@ -99,8 +99,8 @@ def test_completion_logprobs_without_echo(client, serve_model):
         row = expected[len(prompt) - 1 + i]
         assert logprob == pytest.approx(row[token].item(), abs=1e-4)
         values, ids = row.topk(2)
-        assert top == pytest.approx({serve_model.tokenizer.decode([t]): v for t, v in zip(ids.tolist(), values.tolist())},
-                                    abs=1e-4)  # greedy: the chosen token is among the top two
+        best = {serve_model.tokenizer.decode([t]): v for t, v in zip(ids.tolist(), values.tolist())}
+        assert top == pytest.approx(best, abs=1e-4)  # greedy: the chosen token is among the top two
 
 
 @pytest.mark.parametrize("max_tokens", [0, 1])

@@ -432,11 +432,12 @@ class _Server:
         else:
             max_new_tokens = self.max_new_tokens(body.token_limit, len(prompt_ids), prompt_param, limit_param)
         asked = body.logprobs_asked
-        configs = [self.generation_config(body, max_new_tokens, choice, asked) for choice in range(body.n)
-                   ] if max_new_tokens else []
         score_prompt = echo is not None and asked is not None
-        if not configs and score_prompt:
-            configs = [None]  # one job scores the prompt; every choice shows the same
+        configs: list[GenerationConfig | None] = []
+        if max_new_tokens:
+            configs = [self.generation_config(body, max_new_tokens, choice, asked) for choice in range(body.n)]
+        elif score_prompt:
+            configs = [None]  # one job scores the prompt and generates nothing; every choice shows its scores
         table = await self.token_table() if asked is not None else None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

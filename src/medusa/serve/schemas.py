@@ -96,6 +96,11 @@ class SamplingRequest(RequestModel):
         """``(param, message)`` for the first combination of fields that makes no sense, else None."""
         return None
 
+    @property
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives per token the response carries, or None for no log-probabilities."""
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field set to something this server cannot do, else None."""
         if self.logit_bias:
@@ -131,7 +136,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     @property
     def logprobs_asked(self) -> int | None:
-        """How many alternatives per token the response carries, or None for no log-probabilities."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> tuple[str, str] | None:
