@@ -5,7 +5,9 @@ each step boundary the requests at the head of the line join the running batch, 
 greedy and sampled alike (each row has its own settings and seed), and each leaves at its own EOS, stop
 string, limit, cancellation or deadline while the others go on. With ``max_batch`` 1 requests run one
 at a time. Requests beyond the line's capacity are refused at once (the server answers 429) rather than
-left to pile up. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
+left to pile up. A request's choices (``n``) enter the line together (``submit_all``); a job may first
+score its prompt (``echo`` with logprobs), on the worker, which owns the model. Events go back through a
+callback, so the engine knows nothing of asyncio or HTTP.
 """
 
 from __future__ import annotations
