@@ -37,10 +37,10 @@ class TokenTable:
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
         byte_of = _byte_decoder(tokenizer)
         raw = tokenizer.convert_ids_to_tokens(list(range(vocab_size))) if byte_of else None
+        texts = tokenizer.batch_decode([[token_id] for token_id in range(vocab_size)], skip_special_tokens=False)
         self.bytes: list[bytes] = []
         self.strings: list[str] = []
-        for token_id in range(vocab_size):
-            text = tokenizer.decode([token_id], skip_special_tokens=False)
+        for token_id, text in enumerate(texts):  # ids past the tokenizer's vocabulary (padded embeddings): ""
             exact = None
             if raw is not None and isinstance(raw[token_id], str) and all(c in byte_of for c in raw[token_id]):
                 exact = bytes(byte_of[c] for c in raw[token_id])
