@@ -228,8 +228,9 @@ class _Server:
         self._token_table: TokenTable | None = None  # built when log-probabilities are first asked for
         self.max_choices = min(MAX_CHOICES, engine.capacity)
 
-    async def off_the_loop(self, encode: Callable[[Any], list[int]], request: SamplingRequest) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, encode, request)
+    async def off_the_loop(self, work: Callable[[Any], Any], request: SamplingRequest) -> Any:
+        """``work(request)`` on the tokenizing thread (templating, tokenizing, decoding)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work, request)
 
     async def drain(self, grace: float) -> None:
         """Shutdown: refuse new requests, give the generations under way ``grace`` seconds, then end them
@@ -274,9 +275,10 @@ class _Server:
         if problem is not None:
             raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
         if request.n > self.max_choices:
+            why = (f"its batch of {self.engine.config.max_batch} plus {self.engine.config.max_waiting} waiting"
+                   if self.max_choices == self.engine.capacity else "the most one request may ask for")
             raise ApiError(400, f"n is {request.n}, over this server's limit of {self.max_choices} choices per request "
-                           f"(its batch of {self.engine.config.max_batch} plus {self.engine.config.max_waiting} "
-                           "waiting)", param="n", code="invalid_value")
+                           f"({why})", param="n", code="invalid_value")
         return request
 
     def check_model(self, name: str, param: str | None) -> None:
