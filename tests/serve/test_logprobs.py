@@ -205,3 +205,24 @@ def test_byte_level_tokens_show_their_exact_bytes():
     content = table.chat_content(TokenScores(euro, [-1.0] * 3, [[(256, -0.5)]] * 3))
     assert [bytes(item["bytes"]) for item in content] == [b"\xe2", b"\x82", b"\xac"]
     assert content[0]["top_logprobs"] == [{"token": " the", "logprob": -0.5, "bytes": list(b" the")}]
+
+
+def test_n_choices_decoded_as_rows_of_one_batch_keep_their_seeds_and_logprobs(serve_model):
+    """With --max-batch 4 the three choices decode together; each is still its seed's answer, and its
+    logprobs are still the base model's own."""
+    from helpers.serve import running_server
+
+    with running_server(serve_model, max_batch=4) as batched:
+        client = openai.OpenAI(base_url=batched.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0,
+                                                  seed=7, n=3, logprobs=True, top_logprobs=2)
+        steps = batched.engine.metrics.batch_size
+        assert steps.sum > steps.count  # more than one row per step: the choices ran together
+    prompt = serve_model.encode_prompt(MESSAGES).tolist()
+    for index, choice in enumerate(response.choices):
+        tokens = serve_model.generate(MESSAGES, max_new_tokens=16, temperature=1.0, seed=7 + index).token_ids
+        assert choice.message.content == serve_model.tokenizer.decode(tokens, skip_special_tokens=True)
+        expected = reference(serve_model, prompt, tokens)
+        assert len(choice.logprobs.content) == len(tokens)
+        for i, (item, token) in enumerate(zip(choice.logprobs.content, tokens)):
+            check_chat_token(serve_model, item, expected[len(prompt) - 1 + i], token, 2)
