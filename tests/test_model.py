@@ -387,6 +387,32 @@ def test_logprobs_are_the_base_models_own(model, answer):
     assert model.generate(PROMPT, max_new_tokens=4).logprobs is None
 
 
+def test_prompt_logprobs_are_the_base_models_own(model):
+    """Each prompt token's log-probability given those before it (None for the first) and its top alternatives,
+    in chunks of positions that together give what one log-softmax over the whole prompt gives."""
+    import medusa.model as model_module
+
+    prompt = model.encode_prompt(PROMPT)
+    with torch.no_grad():
+        reference = model.base_model(prompt[None]).logits[0].float().log_softmax(-1)
+    for chunk in (512, 3):
+        previous, model_module.PROMPT_LOGPROBS_CHUNK = model_module.PROMPT_LOGPROBS_CHUNK, chunk
+        try:
+            logprobs, tops = model.prompt_logprobs(prompt, top=4)
+        finally:
+            model_module.PROMPT_LOGPROBS_CHUNK = previous
+        assert logprobs[0] is None and tops[0] is None and len(logprobs) == len(tops) == prompt.numel()
+        expected = [reference[i - 1, token].item() for i, token in enumerate(prompt.tolist()) if i > 0]
+        assert logprobs[1:] == pytest.approx(expected, abs=1e-4)
+        for i, top in enumerate(tops[1:]):
+            values, ids = reference[i].topk(4)
+            assert [t for t, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    assert model.prompt_logprobs(prompt[:1], top=0) == ([None], [None])
+    with pytest.raises(MedusaError, match="top must be an integer from 0 to 20"):
+        model.prompt_logprobs(prompt, top=21)
+
+
 @pytest.mark.parametrize("value", [-1, 21, True, 2.5])
 def test_logprobs_must_be_none_or_0_to_20(value):
     with pytest.raises(MedusaError, match="logprobs must be None or an integer from 0 to 20"):

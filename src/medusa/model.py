@@ -11,7 +11,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from medusa.acceptance import DEFAULT_TYPICAL_DELTA, DEFAULT_TYPICAL_EPS, AcceptanceScheme, make_acceptance
+from medusa.acceptance import (
+    DEFAULT_TYPICAL_DELTA,
+    DEFAULT_TYPICAL_EPS,
+    AcceptanceScheme,
+    make_acceptance,
+    token_logprobs,
+)
 from medusa.decoding import MAX_TOP_LOGPROBS, DecodingStats
 from medusa.devices import model_device
 from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for
@@ -25,6 +31,7 @@ from medusa.sampling import SamplingParams, check_seed
 from medusa.tree import Tree, TreeSpec, load_tree
 from medusa.tuned_trees import TreeChoice, choose_tree
 
+PROMPT_LOGPROBS_CHUNK = 512  # prompt positions whose float32 log-softmax over the vocabulary is held at once
 NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
 TREE_FILE = "tree.json"
 
@@ -364,6 +371,33 @@ class MedusaModel(nn.Module):
         prompt_ids = self.encode_prompt(prompt, config.chat_template)
         self.check_lengths(prompt_ids.numel(), config.max_new_tokens)
         return self._generation(prompt_ids, config)
+
+    @torch.inference_mode()
+    def prompt_logprobs(
+        self, prompt_ids: torch.Tensor, top: int = 0
+    ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
+        """Each prompt token's log-probability under the base model given the tokens before it, and its ``top``
+        alternatives as ``(token id, logprob)``; None for the first token, which has nothing before it.
+
+        One forward pass over the prompt (scoring text, as evaluation harnesses do with ``echo``); the
+        log-softmax runs in float32 a chunk of positions at a time, so a long prompt never holds the
+        vocabulary's float32 row for every position at once.
+        """
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise MedusaError(f"top must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+        ids = self.encode_prompt(prompt_ids)  # checks the ids lie in the vocabulary
+        context = self.context_length
+        if context is not None and ids.numel() > context:
+            raise MedusaError(f"the prompt has {ids.numel()} tokens; the model's context is {context} tokens")
+        logits = self.base_model(ids[None]).logits[0, :-1]  # position i predicts token i + 1
+        logprobs: list[float | None] = [None]
+        tops: list[list[tuple[int, float]] | None] = [None]
+        for start in range(0, logits.shape[0], PROMPT_LOGPROBS_CHUNK):
+            positions = torch.arange(start, min(start + PROMPT_LOGPROBS_CHUNK, logits.shape[0]), device=ids.device)
+            chosen, top_ids, top_values = token_logprobs(logits[None], positions[None], ids[None, positions + 1], top)
+            logprobs += chosen[0].tolist()
+            tops += [list(zip(i, v)) for i, v in zip(top_ids[0].tolist(), top_values[0].tolist())]
+        return logprobs, tops
 
     def _resolve_tree(self, tree: TreeSpec) -> Tree | None:
         if tree is None or self.heads is None:

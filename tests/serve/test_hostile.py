@@ -189,7 +189,7 @@ def test_an_unexpected_error_answers_a_generic_500_naming_the_request(server, ht
     def broken(*args, **kwargs):
         raise RuntimeError(SECRET)
 
-    monkeypatch.setattr(server.engine, "submit", broken)
+    monkeypatch.setattr(server.engine, "submit_all", broken)  # what the handlers call
     with caplog.at_level(logging.INFO, logger="medusa"):
         response = http.post(CHAT, json=chat())
     assert response.status_code == 500

@@ -135,3 +135,37 @@ def test_requests_past_the_time_limit_get_an_error(one_thread):
         assert "limit of 0.6 seconds" in events[-2] and '"error"' in events[-2]
         assert events[-1] == "data: [DONE]"
         assert quick_request_seconds(server.url) < 2.0
+
+
+def wait_until_idle(server, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while server.engine.running or server.engine.waiting:
+        assert time.monotonic() < deadline, "the abandoned choices were not cancelled"
+        time.sleep(0.05)
+
+
+def test_n_choices_that_do_not_fit_the_line_get_429_and_all_leave_with_their_client(slow_server):
+    """The slow server's line holds 5 (a batch of 1 plus 4 waiting): n=5 fits an idle line but not one with a
+    generation running; the 5 jobs go in together or not at all, and all of them leave when the client does."""
+    body = {"model": MODEL_NAME, "prompt": "go", "max_tokens": 200, "stream": True}
+    with httpx.Client(base_url=slow_server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            assert '"text"' in next(line for line in response.iter_lines() if line)  # running now
+            refused = http.post("/v1/completions", json=dict(body, n=5, stream=False))
+            assert refused.status_code == 429 and "this request needs 5 places" in refused.json()["error"]["message"]
+            assert slow_server.engine.waiting == 0  # none of the five went in
+        wait_until_idle(slow_server)
+        with http.stream("POST", "/v1/completions", json=dict(body, n=5)) as response:
+            lines = response.iter_lines()
+            assert '"text"' in next(line for line in lines if line)
+            assert slow_server.engine.running + slow_server.engine.waiting == 5
+        # leaving the block closes the connection mid-stream: every choice is cancelled, running or waiting
+        wait_until_idle(slow_server)
+    assert quick_request_seconds(slow_server.url) < 2.0
+
+
+def test_a_non_streamed_client_giving_up_cancels_all_its_choices(slow_server):
+    body = {"model": MODEL_NAME, "prompt": "go", "max_tokens": 200, "n": 3}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_server.url + "/v1/completions", json=body, timeout=0.5)
+    wait_until_idle(slow_server)

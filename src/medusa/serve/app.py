@@ -22,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -35,7 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
-from medusa.serve.engine import Engine, EngineStopped, Failed, Finished, Job, QueueFull
+from medusa.serve.engine import Engine, EngineStopped, Failed, Finished, Job, PromptScored, QueueFull
+from medusa.serve.logprobs import TokenScores, TokenTable
 from medusa.serve.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -67,6 +68,8 @@ DISCONNECT_POLL_SECONDS = 0.25
 WORKER_POLL_SECONDS = 1.0
 # Deeper JSON than this is refused (OpenAI requests nest a few levels; Python's parser gives up near 1000).
 MAX_JSON_DEPTH = 64
+# The most choices (``n``) one request may ask for, whatever the server's line holds.
+MAX_CHOICES = 128
 # Stand-ins for message contents while the chat template is rendered, to find where each content lies.
 PLACEHOLDER = "\ue000{}\ue001"
 PLACEHOLDER_PATTERN = re.compile("\ue000(\\d+)\ue001")
@@ -175,7 +178,8 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         if isinstance(completion.prompt, str):
             server.check_prompt_chars(len(completion.prompt), "prompt")
         prompt_ids = await server.off_the_loop(server.encode_text, completion)
-        return await server.complete(request, completion, prompt_ids, chat=False)
+        echo = await server.off_the_loop(server.prompt_text, completion) if completion.echo else None
+        return await server.complete(request, completion, prompt_ids, chat=False, echo=echo)
 
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
@@ -221,9 +225,12 @@ class _Server:
         self.max_prompt_chars = _max_prompt_chars(self.tokenizer, self.context_length)
         self.special_ids = _special_ids(self.tokenizer)
         self.closing = False  # set on shutdown: new requests get 503
+        self._token_table: TokenTable | None = None  # built when log-probabilities are first asked for
+        self.max_choices = min(MAX_CHOICES, engine.capacity)
 
-    async def off_the_loop(self, encode: Callable[[Any], list[int]], request: SamplingRequest) -> list[int]:
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, encode, request)
+    async def off_the_loop(self, work: Callable[[Any], Any], request: SamplingRequest) -> Any:
+        """``work(request)`` on the tokenizing thread (templating, tokenizing, decoding)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, work, request)
 
     async def drain(self, grace: float) -> None:
         """Shutdown: refuse new requests, give the generations under way ``grace`` seconds, then end them
@@ -261,9 +268,17 @@ class _Server:
         except ValidationError as error:
             raise _validation_error(error.errors(), in_body=False) from None
         self.check_model(request.model, param="model")
+        problem = request.invalid()
+        if problem is not None:
+            raise ApiError(400, problem[1], param=problem[0], code="invalid_value")
         problem = request.unsupported()
         if problem is not None:
             raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
+        if request.n > self.max_choices:
+            why = (f"its batch of {self.engine.config.max_batch} plus {self.engine.config.max_waiting} waiting"
+                   if self.max_choices == self.engine.capacity else "the most one request may ask for")
+            raise ApiError(400, f"n is {request.n}, over this server's limit of {self.max_choices} choices per request "
+                           f"({why})", param="n", code="invalid_value")
         return request
 
     def check_model(self, name: str, param: str | None) -> None:
@@ -345,6 +360,12 @@ class _Server:
             raise ApiError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
         return self.check_ids(self.tokenizer(request.prompt)["input_ids"], "prompt")
 
+    def prompt_text(self, request: CompletionRequest) -> str:
+        """The prompt as text, for ``echo``: as sent, or its token ids decoded."""
+        if isinstance(request.prompt, str):
+            return request.prompt
+        return self.tokenizer.decode(request.prompt) if self.tokenizer is not None else ""
+
     def check_ids(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=param)
@@ -373,10 +394,13 @@ class _Server:
                            param=limit_param, code="context_length_exceeded")
         return requested
 
-    def generation_config(self, request: SamplingRequest, max_new_tokens: int) -> GenerationConfig:
-        """The request's settings as a ``GenerationConfig``; unset sampling fields keep its defaults (greedy)."""
+    def generation_config(self, request: SamplingRequest, max_new_tokens: int, choice: int = 0,
+                          logprobs: int | None = None) -> GenerationConfig:
+        """Choice ``choice``'s settings as a ``GenerationConfig``; unset sampling fields keep its defaults
+        (greedy). With a seed, choice i samples with seed + i, so each choice is the single request of that seed."""
         options: dict[str, Any] = dict(
             max_new_tokens=max_new_tokens, stop=request.stop, chat_template=False, acceptance=self.settings.acceptance,
+            logprobs=logprobs,
         )
         if request.temperature is not None:
             options["temperature"] = request.temperature
@@ -385,7 +409,7 @@ class _Server:
         if request.top_k is not None:
             options["top_k"] = max(request.top_k, 0)  # -1 (vLLM's "off") is 0 here
         if request.seed is not None:
-            options["seed"] = request.seed % 2**63  # OpenAI takes any 64-bit integer
+            options["seed"] = (request.seed + choice) % 2**63  # OpenAI takes any 64-bit integer
         try:
             return GenerationConfig(**options)
         except MedusaError as error:
@@ -393,80 +417,115 @@ class _Server:
 
     # ----- generation ---------------------------------------------------------------------------
 
-    async def complete(self, request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool) -> Any:
+    async def complete(self, request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool,
+                       echo: str | None = None) -> Any:
+        """Run the request's ``n`` choices as jobs of the running batch; answer whole or as a stream.
+
+        ``echo`` (completions) is the prompt's text, put before each choice's text; with log-probabilities
+        asked for, the prompt's tokens are scored too (once, by the first choice's job).
+        """
+        prompt_param = "messages" if chat else "prompt"
         limit_param = "max_completion_tokens" if chat and body.max_completion_tokens is not None else "max_tokens"
-        max_new_tokens = self.max_new_tokens(body.token_limit, len(prompt_ids), "messages" if chat else "prompt",
-                                             limit_param)
-        config = self.generation_config(body, max_new_tokens)
+        if body.token_limit == 0:  # echo alone: the prompt must fit the context, nothing more
+            max_new_tokens = 0
+            if self.context_length is not None and len(prompt_ids) > self.context_length:
+                raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, over the model's context length of "
+                               f"{self.context_length} tokens", param=prompt_param, code="context_length_exceeded")
+        else:
+            max_new_tokens = self.max_new_tokens(body.token_limit, len(prompt_ids), prompt_param, limit_param)
+        asked = body.logprobs_asked
+        score_prompt = echo is not None and asked is not None
+        configs: list[GenerationConfig | None] = []
+        if max_new_tokens:
+            configs = [self.generation_config(body, max_new_tokens, choice, asked) for choice in range(body.n)]
+        elif score_prompt:
+            configs = [None]  # one job scores the prompt and generates nothing; every choice shows its scores
+        table = await self.token_table() if asked is not None else None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
-        def sink(event: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        def sink_for(index: int) -> Callable[[Any], None]:
+            return lambda event: loop.call_soon_threadsafe(events.put_nowait, (index, event))
 
         if self.closing:
             raise ApiError(503, "the server is shutting down", type="server_error", code="unavailable")
         try:
-            job = self.engine.submit(prompt_ids, config, sink)
+            jobs = self.engine.submit_all(prompt_ids, configs, [sink_for(i) for i in range(len(configs))],
+                                          asked if score_prompt else None) if configs else []
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", type="rate_limit_exceeded",
                            code="queue_full", headers={"Retry-After": str(error.retry_after)}) from None
         except EngineStopped as error:
             raise ApiError(503, str(error), type="server_error", code="unavailable") from None
+        reply = _Reply(chat=chat, model=self.model_name, prompt_ids=prompt_ids, n=body.n, table=table, asked=asked,
+                       echo=echo, generates=max_new_tokens > 0)
         reply_id = request_id(request.scope)
-        reply = _Reply(chat=chat, model=self.model_name, prompt_tokens=len(prompt_ids))
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self.stream(job, events, reply, include_usage, reply_id),
+            return StreamingResponse(self.stream(jobs, events, reply, include_usage, reply_id),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        watcher = asyncio.create_task(self.watch_disconnect(request, job))
+        watcher = asyncio.create_task(self.watch_disconnect(request, jobs))
         try:
-            texts: list[str] = []
-            while True:
-                event = await self.next_event(job, events)
-                if isinstance(event, GenerationChunk):
-                    texts.append(event.text)
-                elif isinstance(event, Failed):
+            pending = len(jobs)
+            while pending:
+                index, event = await self.next_event(jobs, events)
+                if isinstance(event, Failed):
                     raise _failure(event, reply_id)
-                else:
-                    return reply.whole("".join(texts), event)
+                pending -= reply.absorb(index, event) is not None
+            return reply.whole()
         finally:
             watcher.cancel()
-            self.engine.cancel(job)  # a no-op when it has finished
+            for job in jobs:
+                self.engine.cancel(job)  # a no-op when it has finished
 
-    async def watch_disconnect(self, request: Request, job: Job) -> None:
-        """Cancel a non-streamed job whose client has gone (streams learn it from Starlette)."""
+    async def token_table(self) -> TokenTable:
+        """The vocabulary's token strings, built once on the tokenizing thread."""
+        if self._token_table is None:
+            if self.tokenizer is None:
+                raise ApiError(400, "this model has no tokenizer, which log-probabilities need to name the tokens",
+                               param="logprobs")
+            table = await asyncio.get_running_loop().run_in_executor(
+                self.tokenizing, TokenTable, self.tokenizer, self.vocab_size)
+            self._token_table = table
+        return self._token_table
+
+    async def watch_disconnect(self, request: Request, jobs: list[Job]) -> None:
+        """Cancel a non-streamed request's jobs when its client has gone (streams learn it from Starlette)."""
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        self.engine.cancel(job)
+        for job in jobs:
+            self.engine.cancel(job)
 
-    async def next_event(self, job: Job, events: asyncio.Queue) -> Any:
-        """The job's next event; a timeout once its deadline has passed, a failure if the worker died."""
+    async def next_event(self, jobs: list[Job], events: asyncio.Queue) -> tuple[int, Any]:
+        """The next ``(choice index, event)``; a timeout once the deadline has passed, a failure if the worker died."""
+        deadline = min(job.deadline for job in jobs)
         while True:
-            remaining = job.deadline - time.monotonic()
+            remaining = deadline - time.monotonic()
             try:
                 return await asyncio.wait_for(events.get(), timeout=min(max(remaining, 0.0), WORKER_POLL_SECONDS))
             except TimeoutError:
                 if remaining <= WORKER_POLL_SECONDS:
-                    return Failed("timeout", self.engine.timeout_message())
+                    return 0, Failed("timeout", self.engine.timeout_message())
                 if not self.engine.alive and events.empty():
-                    return Failed("shutdown", "the server's engine has stopped")
+                    return 0, Failed("shutdown", "the server's engine has stopped")
 
-    async def stream(self, job: Job, events: asyncio.Queue, reply: _Reply, include_usage: bool,
+    async def stream(self, jobs: list[Job], events: asyncio.Queue, reply: _Reply, include_usage: bool,
                      reply_id: str) -> AsyncIterator[str]:
-        """Server-sent events. Starlette cancels this generator when the client disconnects; the
-        ``finally`` then cancels the job, which frees the model after the current step."""
+        """Server-sent events, the choices' chunks interleaved as they come, each with its index. Starlette
+        cancels this generator when the client disconnects; the ``finally`` then cancels the jobs, which
+        frees their rows after the current step."""
         done = False
         try:
             if reply.chat:
-                yield _sse(reply.chunk(role=True))
-            while True:
-                event = await self.next_event(job, events)
-                if isinstance(event, GenerationChunk):
-                    if event.text:
-                        yield _sse(reply.chunk(text=event.text))
-                    continue
+                for index in range(reply.n):
+                    yield _sse(reply.chunk(index, role=True))
+            elif reply.echo is not None and not (jobs and jobs[0].prompt_logprobs is not None):
+                for index in range(reply.n):  # the echo goes first (with scores, once the prompt is scored)
+                    yield _sse(reply.echo_chunk(index))
+            pending = len(jobs)
+            while pending:
+                index, event = await self.next_event(jobs, events)
                 if isinstance(event, Failed):
                     error = _failure(event, reply_id)
                     log.info("request %s: stream ended with %d (%s): %s", reply_id, error.status,
@@ -474,55 +533,140 @@ class _Server:
                     yield _sse({"error": {"message": error.message, "type": error.type, "param": None,
                                           "code": error.code}})
                     break
+                if isinstance(event, PromptScored):
+                    reply.absorb(index, event)
+                    for choice in range(reply.n):
+                        yield _sse(reply.echo_chunk(choice))
+                elif isinstance(event, GenerationChunk):
+                    if event.text or (reply.asked is not None and event.token_ids):
+                        yield _sse(reply.delta_chunk(index, event))
+                elif isinstance(event, Finished):
+                    reply.absorb(index, event)
+                    pending -= 1
+                    if reply.generates:
+                        yield _sse(reply.chunk(index, finish_reason=event.finish_reason))
+            else:
                 done = True
-                yield _sse(reply.chunk(finish_reason=event.finish_reason))
+                if not reply.generates:  # max_tokens 0: every choice ends with its echo
+                    for index in range(reply.n):
+                        yield _sse(reply.chunk(index, finish_reason="length"))
                 if include_usage:
-                    yield _sse(reply.usage_chunk(event.completion_tokens))
-                break
+                    yield _sse(reply.usage_chunk())
             yield "data: [DONE]\n\n"
         finally:
             if not done:
-                self.engine.cancel(job)
+                for job in jobs:
+                    self.engine.cancel(job)
+
+
+@dataclass
+class _Choice:
+    texts: list[str] = field(default_factory=list)
+    scores: TokenScores = field(default_factory=TokenScores)
+    offset: int = 0  # characters streamed so far, echo included (the completions API's text_offset)
+    finish_reason: str | None = None
+    completion_tokens: int = 0
 
 
 @dataclass
 class _Reply:
-    """Builds one request's response bodies, whole or as stream chunks."""
+    """Builds one request's response bodies, whole or as stream chunks, from its choices' events."""
 
     chat: bool
     model: str
-    prompt_tokens: int
+    prompt_ids: list[int]
+    n: int = 1
+    table: TokenTable | None = None  # set when log-probabilities are asked for
+    asked: int | None = None  # alternatives per token, None: no log-probabilities
+    echo: str | None = None  # the prompt's text, put before each completion
+    generates: bool = True  # False: max_tokens 0, the prompt is only echoed (and scored)
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.choices = [_Choice() for _ in range(self.n)]
+        self.prompt_scores: TokenScores | None = None
 
-    def usage(self, completion_tokens: int) -> Usage:
-        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion_tokens,
-                     total_tokens=self.prompt_tokens + completion_tokens)
+    def absorb(self, index: int, event: Any) -> Finished | None:
+        """Record a choice's event; returns it when it ends the choice."""
+        choice = self.choices[index]
+        if isinstance(event, PromptScored):
+            self.prompt_scores = TokenScores(list(self.prompt_ids), event.logprobs, event.top_logprobs)
+        elif isinstance(event, GenerationChunk):
+            choice.texts.append(event.text)
+            if self.asked is not None:
+                choice.scores.extend(event.token_ids, event.logprobs, event.top_logprobs)
+        elif isinstance(event, Finished):
+            choice.finish_reason, choice.completion_tokens = event.finish_reason, event.completion_tokens
+            return event
+        return None
 
-    def whole(self, text: str, finished: Finished) -> BaseModel:
-        usage = self.usage(finished.completion_tokens)
+    def usage(self) -> Usage:
+        completion_tokens = sum(c.completion_tokens for c in self.choices)
+        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=completion_tokens,
+                     total_tokens=len(self.prompt_ids) + completion_tokens)
+
+    def chat_logprobs(self, scores: TokenScores) -> dict | None:
+        return None if self.table is None else {"content": self.table.chat_content(scores)}
+
+    def completion_logprobs(self, scores: TokenScores, choice: _Choice) -> dict | None:
+        if self.table is None:
+            return None
+        body, choice.offset = self.table.completion_logprobs(scores, choice.offset, self.asked)
+        return body
+
+    def whole(self) -> BaseModel:
         if self.chat:
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finished.finish_reason)
-            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
-        choice = CompletionChoice(text=text, finish_reason=finished.finish_reason)
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+            choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(c.texts)),
+                                  finish_reason=c.finish_reason or "length", logprobs=self.chat_logprobs(c.scores))
+                       for i, c in enumerate(self.choices)]
+            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=self.usage())
+        choices = []
+        for i, c in enumerate(self.choices):
+            scores = TokenScores()
+            if self.echo is not None and self.asked is not None:
+                scores.extend(self.prompt_scores.ids, self.prompt_scores.logprobs, self.prompt_scores.top)
+            scores.extend(c.scores.ids, c.scores.logprobs, c.scores.top)
+            choices.append(CompletionChoice(index=i, text=(self.echo or "") + "".join(c.texts),
+                                            finish_reason=c.finish_reason or "length",
+                                            logprobs=self.completion_logprobs(scores, c)))
+        return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage())
 
-    def chunk(self, text: str | None = None, role: bool = False, finish_reason: str | None = None) -> dict:
+    def chunk(self, index: int, text: str | None = None, role: bool = False, finish_reason: str | None = None,
+              logprobs: dict | None = None) -> dict:
         if self.chat:
             delta = Delta(role="assistant", content="") if role else Delta(content=text)
-            choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
             body = ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
         else:
-            choice = CompletionChoice(text=text or "", finish_reason=finish_reason)
+            choice = CompletionChoice(index=index, text=text or "", finish_reason=finish_reason)
             body = Completion(id=self.id, created=self.created, model=self.model, choices=[choice])
-        return body.model_dump(exclude_none=True)
+        data = body.model_dump(exclude_none=True)
+        if logprobs is not None:  # after the dump, which would drop the nulls inside it
+            data["choices"][0]["logprobs"] = logprobs
+        return data
 
-    def usage_chunk(self, completion_tokens: int) -> dict:
-        body = self.chunk()
+    def delta_chunk(self, index: int, event: GenerationChunk) -> dict:
+        """A choice's new text, with its tokens' log-probabilities when asked for."""
+        scores = TokenScores()
+        if self.asked is not None:
+            scores.extend(event.token_ids, event.logprobs, event.top_logprobs)
+        if self.chat:
+            return self.chunk(index, text=event.text, logprobs=self.chat_logprobs(scores))
+        return self.chunk(index, text=event.text, logprobs=self.completion_logprobs(scores, self.choices[index]))
+
+    def echo_chunk(self, index: int) -> dict:
+        """A completion's echoed prompt, with its tokens' scores when asked for."""
+        logprobs = None
+        if self.prompt_scores is not None:
+            logprobs = self.completion_logprobs(self.prompt_scores, self.choices[index])
+        return self.chunk(index, text=self.echo, logprobs=logprobs)
+
+    def usage_chunk(self) -> dict:
+        body = self.chunk(0)
         body["choices"] = []
-        body["usage"] = self.usage(completion_tokens).model_dump()
+        body["usage"] = self.usage().model_dump()
         return body
 
 

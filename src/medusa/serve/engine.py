@@ -5,7 +5,9 @@ each step boundary the requests at the head of the line join the running batch, 
 greedy and sampled alike (each row has its own settings and seed), and each leaves at its own EOS, stop
 string, limit, cancellation or deadline while the others go on. With ``max_batch`` 1 requests run one
 at a time. Requests beyond the line's capacity are refused at once (the server answers 429) rather than
-left to pile up. Events go back through a callback, so the engine knows nothing of asyncio or HTTP.
+left to pile up. A request's choices (``n``) enter the line together (``submit_all``); a job may first
+score its prompt (``echo`` with logprobs), on the worker, which owns the model. Events go back through a
+callback, so the engine knows nothing of asyncio or HTTP.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 from medusa.decoding import DecodingStats
 from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation
@@ -71,7 +75,15 @@ class Failed:
     message: str
 
 
-Event = GenerationChunk | Finished | Failed
+@dataclass
+class PromptScored:
+    """The prompt's tokens' log-probabilities (None for the first) and top alternatives, before any chunk."""
+
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+
+
+Event = PromptScored | GenerationChunk | Finished | Failed
 Sink = Callable[[Event], None]
 WORKER_DIED = "the server's engine has stopped (its worker thread died); see the server's log"
 # Retry-After before any generation has finished: an assumed generation time, in seconds.
@@ -80,12 +92,18 @@ GENERATION_SECONDS_WEIGHT = 0.2  # of the newest generation in the running mean 
 
 
 class Job:
-    """One request's generation. ``sink`` receives its events on the worker thread; it must not block."""
+    """One request's generation. ``sink`` receives its events on the worker thread; it must not block.
 
-    def __init__(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink, deadline: float) -> None:
+    ``prompt_logprobs`` (top k) first scores the prompt's tokens (``PromptScored``); a job without a
+    ``config`` generates nothing (it only scores the prompt, then finishes with no tokens).
+    """
+
+    def __init__(self, prompt_ids: list[int], config: GenerationConfig | None, sink: Sink, deadline: float,
+                 prompt_logprobs: int | None = None) -> None:
         self.prompt_ids = prompt_ids
         self.config = config
         self.sink = sink
+        self.prompt_logprobs = prompt_logprobs
         self.submitted = time.monotonic()
         self.started: float | None = None  # when the worker took it up
         self.deadline = deadline
@@ -162,24 +180,39 @@ class Engine:
     def running(self) -> int:
         return len(self._batch)
 
-    def submit(self, prompt_ids: list[int], config: GenerationConfig, sink: Sink) -> Job:
+    @property
+    def capacity(self) -> int:
+        """The most jobs the line holds at once: the running batch and those waiting beyond it."""
+        return self.config.max_batch + self.config.max_waiting
+
+    def submit(self, prompt_ids: list[int], config: GenerationConfig | None, sink: Sink,
+               prompt_logprobs: int | None = None) -> Job:
         """Queue a generation; raise ``QueueFull`` when the line is full, ``EngineStopped`` when stopping."""
-        job = Job(prompt_ids, config, sink, time.monotonic() + self.config.request_timeout)
+        return self.submit_all(prompt_ids, [config], [sink], prompt_logprobs)[0]
+
+    def submit_all(self, prompt_ids: list[int], configs: list[GenerationConfig | None], sinks: list[Sink],
+                   prompt_logprobs: int | None = None) -> list[Job]:
+        """Queue one job per config (a request's choices), all or none; the first scores the prompt when
+        ``prompt_logprobs`` is given. Raise ``QueueFull`` when the line has no room for them all."""
+        deadline = time.monotonic() + self.config.request_timeout
+        jobs = [Job(prompt_ids, config, sink, deadline, prompt_logprobs if index == 0 else None)
+                for index, (config, sink) in enumerate(zip(configs, sinks, strict=True))]
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
             if not self._thread.is_alive():
                 raise EngineStopped(WORKER_DIED)
             # max_waiting wait beyond the running batch; the batch also takes in as many as it has free places.
-            if len(self._waiting) >= self.config.max_waiting + self.config.max_batch - self.running:
+            if len(self._waiting) + len(jobs) > self.capacity - self.running:
+                wanted = f"; this request needs {len(jobs)} places" if len(jobs) > 1 else ""
                 raise QueueFull(
                     f"{self.running} generations running and {len(self._waiting)} waiting, "
-                    f"the most this server queues ({self.config.max_waiting} waiting)",
+                    f"the most this server queues ({self.config.max_waiting} waiting){wanted}",
                     retry_after=self.retry_after(),
                 )
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             self._lock.notify()
-        return job
+        return jobs
 
     def retry_after(self) -> int:
         """Whole seconds until the line ahead of a new request has likely cleared: the generations
@@ -263,6 +296,13 @@ class Engine:
                 self.metrics.record_generation(len(job.prompt_ids), "timeout", time.monotonic() - job.submitted)
                 continue
             try:
+                if job.prompt_logprobs is not None:
+                    scores = self.model.prompt_logprobs(torch.tensor(job.prompt_ids), job.prompt_logprobs)
+                    job.emit(PromptScored(*scores))
+                if job.config is None:  # scoring alone: done
+                    job.emit(Finished("length", 0, DecodingStats()))
+                    self.metrics.record_generation(len(job.prompt_ids), "length", time.monotonic() - job.submitted)
+                    continue
                 generation = self.model.prepare(job.prompt_ids, job.config)
                 if not engine.fits(generation.prompt_ids.numel() + job.config.max_new_tokens):
                     raise MedusaError(

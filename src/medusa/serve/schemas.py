@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from medusa.decoding import MAX_TOP_LOGPROBS
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
@@ -90,10 +92,17 @@ class SamplingRequest(RequestModel):
     def stop_strings(cls, value: Any) -> tuple[str, ...]:
         return _stop_strings(value)
 
+    def invalid(self) -> tuple[str, str] | None:
+        """``(param, message)`` for the first combination of fields that makes no sense, else None."""
+        return None
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives per token the response carries, or None for no log-probabilities."""
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` for the first field set to something this server cannot do, else None."""
-        if self.n != 1:
-            return "n", f"n={self.n} is not supported: this server returns one choice per request"
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported"
         if self.presence_penalty:
@@ -109,7 +118,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -120,11 +129,16 @@ class ChatCompletionRequest(SamplingRequest):
     store: bool | None = None
     service_tier: str | None = None
 
+    def invalid(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: set logprobs to true to use top_logprobs"
+        return super().invalid()
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs:
-            return "logprobs", "logprobs is not supported"
-        if self.top_logprobs is not None:
-            return "top_logprobs", "top_logprobs is not supported"
         if self.tools:
             return "tools", "tools (function calling) are not supported"
         if self.tool_choice not in (None, "none"):
@@ -147,8 +161,9 @@ class ChatCompletionRequest(SamplingRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: Any
-    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = None
+    # OpenAI's default for completions; 0 with echo scores the prompt alone (evaluation harnesses do)
+    max_tokens: int | None = Field(default=16, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # OpenAI allows up to 5
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
@@ -171,11 +186,16 @@ class CompletionRequest(SamplingRequest):
             return value
         raise ValueError("prompt must be a string, a list of token ids, or a list holding one of those")
 
+    def invalid(self) -> tuple[str, str] | None:
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens=0 generates nothing; it is allowed only with echo (to score the prompt)"
+        return super().invalid()
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", "logprobs is not supported"
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.suffix is not None:
             return "suffix", "suffix (insertion) is not supported"
         if self.best_of not in (None, 1):
@@ -205,7 +225,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"content": [token objects]} when asked for
 
 
 class ChatCompletion(BaseModel):
@@ -226,7 +246,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -242,7 +262,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None  # {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
 
 
 class Completion(BaseModel):
