@@ -37,8 +37,13 @@ def spec_bench_prompts(path: Path, count: int) -> list[str]:
     categories = categories_of(questions)
     chosen = select_questions(questions, limit=math.ceil(count / len(categories)))
     by_category = {c: [q for q in chosen if q.category == c] for c in categories}
-    interleaved = [q for rank in range(max(map(len, by_category.values())))
-                   for c in categories if rank < len(by_category[c]) for q in [by_category[c][rank]]]
+    interleaved = [
+        q
+        for rank in range(max(map(len, by_category.values())))
+        for c in categories
+        if rank < len(by_category[c])
+        for q in [by_category[c][rank]]
+    ]
     return [q.turns[0] for q in interleaved[:count]]
 
 
@@ -47,9 +52,18 @@ def tiny_model() -> tuple[MedusaModel, list[list[int]]]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     model = MedusaModel.from_pretrained(LlamaForCausalLM(config).eval(), tree="16")
     rng = random.Random(0)
     prompts = [[rng.randrange(4, 512) for _ in range(rng.randint(4, 48))] for _ in range(64)]
@@ -117,8 +131,10 @@ def plot(report: dict, path: Path) -> None:
     speedup.set(xscale="log", xlabel="batch size", ylabel="medusa / autoregressive", title="speedup")
     speedup.set_xticks(sizes, [str(size) for size in sizes])
     meta = report["meta"]
-    figure.suptitle(f"{meta['model']} on {meta['device']}, {meta['dtype'].removeprefix('torch.')}, "
-                    f"trees per batch size, {meta['max_new_tokens']} new tokens")
+    figure.suptitle(
+        f"{meta['model']} on {meta['device']}, {meta['dtype'].removeprefix('torch.')}, "
+        f"trees per batch size, {meta['max_new_tokens']} new tokens"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -174,9 +190,12 @@ def main() -> None:
             "identical_answers": sum(a == b for a, b in zip(medusa_answers, plain_answers)),
         }
         rows.append(row)
-        print(f"batch {size:3d}: medusa {medusa_row['tokens_per_second']:9.1f} tok/s, "
-              f"autoregressive {plain_row['tokens_per_second']:9.1f} tok/s, speedup {row['speedup']:.2f}x, "
-              f"{row['identical_answers']}/{len(prompts)} answers identical", flush=True)
+        print(
+            f"batch {size:3d}: medusa {medusa_row['tokens_per_second']:9.1f} tok/s, "
+            f"autoregressive {plain_row['tokens_per_second']:9.1f} tok/s, speedup {row['speedup']:.2f}x, "
+            f"{row['identical_answers']}/{len(prompts)} answers identical",
+            flush=True,
+        )
     stops_paying = next((r["batch_size"] for r in rows if r["speedup"] < 1), None)
     report = {
         "meta": {
@@ -190,7 +209,7 @@ def main() -> None:
             "prompts": len(prompts),
             "cuda_graphs": model.device.type == "cuda",
             "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
-                    "compares batched Medusa with batched autoregressive greedy answers",
+            "compares batched Medusa with batched autoregressive greedy answers",
         },
         "rows": rows,
         "medusa_stops_paying_at_batch_size": stops_paying,

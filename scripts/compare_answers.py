@@ -36,8 +36,10 @@ def main() -> None:
     }
     result["compared"] = {"file": args.other, "method": args.other_method, "command": other["meta"]["command"]}
     for name, s in [("overall", result["overall"]), *result["per_category"].items()]:
-        print(f"{name:>16}: {s['identical']:4d} of {s['prompts']:4d} identical, mean common prefix "
-              f"{s['mean_common_prefix_tokens']:.1f} of {s['mean_reference_tokens']:.1f} reference tokens")
+        print(
+            f"{name:>16}: {s['identical']:4d} of {s['prompts']:4d} identical, mean common prefix "
+            f"{s['mean_common_prefix_tokens']:.1f} of {s['mean_reference_tokens']:.1f} reference tokens"
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

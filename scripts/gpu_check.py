@@ -16,8 +16,15 @@ from medusa.heads import MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 
 SHAPES = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -39,8 +46,16 @@ def measure_bandwidth() -> float:
 def lossless_tiny() -> dict:
     results = {}
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        eos_token_id=3,
+    )
     base = LlamaForCausalLM(config).cuda().eval()
     model = MedusaModel.from_pretrained(base, heads=MedusaHeadsConfig(hidden_size=64, vocab_size=256))
     with torch.no_grad():
@@ -50,7 +65,7 @@ def lossless_tiny() -> dict:
     for trial in range(8):
         ids = torch.randint(4, 256, (5 + 3 * trial,), device="cuda")
         ref = base.generate(ids[None], do_sample=False, max_new_tokens=100, attention_mask=torch.ones_like(ids[None]))
-        ref = ref[0, ids.numel():].tolist()
+        ref = ref[0, ids.numel() :].tolist()
         for graphs in (True, False):
             for tree in ("8", "64"):
                 out = model.generate(ids, max_new_tokens=100, tree=tree, cuda_graphs=graphs)
@@ -76,8 +91,13 @@ def step_costs(shape: str, tree_sizes: list[int], new_tokens: int) -> dict:
     model = MedusaModel.from_pretrained(base, heads=heads)
     bandwidth = measure_bandwidth()
     prompt = torch.randint(0, config.vocab_size, (128,), device="cuda")
-    rows = {"shape": shape, "weight_bytes": weight_bytes, "bandwidth_bytes_per_s": bandwidth,
-            "floor_ms": 1e3 * weight_bytes / bandwidth, "steps": {}}
+    rows = {
+        "shape": shape,
+        "weight_bytes": weight_bytes,
+        "bandwidth_bytes_per_s": bandwidth,
+        "floor_ms": 1e3 * weight_bytes / bandwidth,
+        "steps": {},
+    }
     runs = [("ar-graph", 1, True, False), ("ar-eager", 1, False, False)]
     runs += [(f"tree{n}-graph", n, True, False) for n in tree_sizes]
     runs += [("ar-compiled", 1, True, True), ("tree64-compiled", 64, True, True)]

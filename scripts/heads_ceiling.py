@@ -35,7 +35,7 @@ def main() -> None:
             raise SystemExit(f"the profile keeps ranks up to {profile.topk}, not {k}")
         hit = (ranks.ranks >= 0) & (ranks.ranks < k)  # -1: missed here or at a shallower head
         depths = np.cumprod(hit, axis=1).sum(axis=1)
-        nodes = sum(k ** depth for depth in range(1, ranks.ranks.shape[1] + 1))
+        nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
         print(f"{k:>16} {nodes:>22,} {walk_lengths(depths, ranks.segments)[0]:>20.3f}")
 
 

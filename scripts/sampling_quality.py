@@ -72,8 +72,11 @@ def main() -> None:
         prompt_ids = model.encode_prompt(record["turns"][0])
         for name, options in SCHEMES.items():
             config = GenerationConfig(
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                seed=args.seed + index, **options,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed + index,
+                **options,
             )
             stats = DecodingStats()
             answer = [t for chunk in model.stream(prompt_ids, config, stats=stats) for t in chunk.token_ids]

@@ -60,8 +60,10 @@ def main() -> None:
         raise SystemExit(f"{args.bench}: no answers of method {args.method!r}; it holds {', '.join(report['methods'])}")
     missing = [r["id"] for r in records if "token_ids" not in r["methods"][args.method]]
     if missing:
-        raise SystemExit(f"{args.bench}: {len(missing)} of {len(records)} {args.method} answers have no kept tokens "
-                         "(ran without --keep-tokens?)")
+        raise SystemExit(
+            f"{args.bench}: {len(missing)} of {len(records)} {args.method} answers have no kept tokens "
+            "(ran without --keep-tokens?)"
+        )
     model = MedusaModel.from_pretrained(args.model, heads=None, dtype=args.dtype, device=args.device)
 
     def fed_back(question_id: int, turn: int) -> str:
@@ -76,8 +78,10 @@ def main() -> None:
         earlier = [fed_back(record["id"], turn) for turn in range(1, record["turn"])]
         prompt = encode_turn(model, turn_messages(question, record["turn"] - 1, earlier))
         if len(prompt) != record["prompt_tokens"]:
-            raise SystemExit(f"question {record['id']} turn {record['turn']}: the rebuilt prompt has {len(prompt)} "
-                             f"tokens, the run's had {record['prompt_tokens']}: another tokenizer or template?")
+            raise SystemExit(
+                f"question {record['id']} turn {record['turn']}: the rebuilt prompt has {len(prompt)} "
+                f"tokens, the run's had {record['prompt_tokens']}: another tokenizer or template?"
+            )
         answer = record["methods"][args.method]["token_ids"]
         if not answer:
             continue
@@ -90,17 +94,26 @@ def main() -> None:
         if (index + 1) % 40 == 0:
             print(f"{index + 1}/{len(records)}", flush=True)
     result = {
-        "bench": str(args.bench), "method": args.method, "reference_model": args.model or "SmolLM2-135M-Instruct",
-        "dtype": args.dtype, "device": args.device,
+        "bench": str(args.bench),
+        "method": args.method,
+        "reference_model": args.model or "SmolLM2-135M-Instruct",
+        "dtype": args.dtype,
+        "device": args.device,
         "scores": {
-            name: {"answers": int(t["answers"]), "tokens": int(t["tokens"]),
-                   "argmax_share": t["argmax_tokens"] / t["tokens"], "mean_nll": t["nll"] / t["tokens"]}
+            name: {
+                "answers": int(t["answers"]),
+                "tokens": int(t["tokens"]),
+                "argmax_share": t["argmax_tokens"] / t["tokens"],
+                "mean_nll": t["nll"] / t["tokens"],
+            }
             for name, t in totals.items()
         },
     }
     for name, s in result["scores"].items():
-        print(f"{name:>16}: {s['answers']:4d} answers, {s['tokens']:6d} tokens, reference's argmax at "
-              f"{s['argmax_share']:.3f}, mean NLL {s['mean_nll']:.3f}")
+        print(
+            f"{name:>16}: {s['answers']:4d} answers, {s['tokens']:6d} tokens, reference's argmax at "
+            f"{s['argmax_share']:.3f}, mean NLL {s['mean_nll']:.3f}"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 

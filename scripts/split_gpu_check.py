@@ -21,10 +21,24 @@ from medusa.heads import MedusaHeadsConfig
 from medusa.model import GenerationConfig, MedusaModel
 
 SHAPES = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    ),
 }
 
 
@@ -73,17 +87,26 @@ def check_lossless(shape: str, devices: list[str], new_tokens: int, trials: int)
     layers = base.config.num_hidden_layers
     base = dispatch_model(base, split_map(layers, devices[0], devices[1]))
     model = with_heads(base)
-    report = {"devices_of_parameters": sorted({str(p.device) for p in base.parameters()}),
-              "heads_device": str(model.heads.device), "trials": []}
+    report = {
+        "devices_of_parameters": sorted({str(p.device) for p in base.parameters()}),
+        "heads_device": str(model.heads.device),
+        "trials": [],
+    }
     for trial in range(trials):
         prompt = torch.randint(
             4, base.config.vocab_size, (8 + 13 * trial,), generator=torch.Generator().manual_seed(trial)
         )
         ids = prompt[None].to(devices[0])
         with torch.no_grad():
-            reference = base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-        reference = reference[0, prompt.numel():].tolist()
+            reference = base.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        reference = reference[0, prompt.numel() :].tolist()
         plain = model.generate(prompt.tolist(), max_new_tokens=new_tokens, use_heads=False, chat_template=False)
         row = {"prompt_tokens": prompt.numel(), "plain_vs_hf": first_difference(plain.token_ids, reference)}
         for tree in ("16", "64"):
@@ -106,18 +129,28 @@ def step_times(shape: str, devices: list[str], new_tokens: int) -> dict:
         if placement == "split":
             base = dispatch_model(base, split_map(base.config.num_hidden_layers, devices[0], devices[1]))
         model = with_heads(base)
-        for label, tree, graphs in (("ar", None, True), ("ar", None, False), ("tree16", "16", True),
-                                    ("tree16", "16", False), ("tree64", "64", True), ("tree64", "64", False)):
+        for label, tree, graphs in (
+            ("ar", None, True),
+            ("ar", None, False),
+            ("tree16", "16", True),
+            ("tree16", "16", False),
+            ("tree64", "64", True),
+            ("tree64", "64", False),
+        ):
             if placement == "split" and graphs:
                 continue  # graphs are off for split models
-            config = GenerationConfig(max_new_tokens=new_tokens, use_heads=tree is not None, cuda_graphs=graphs,
-                                      chat_template=False)
+            config = GenerationConfig(
+                max_new_tokens=new_tokens, use_heads=tree is not None, cuda_graphs=graphs, chat_template=False
+            )
             model.generate(prompt, config, tree=tree)  # warm-up (and capture)
             result = model.generate(prompt, config, tree=tree)
             key = f"{placement}/{label}/{'graphs' if graphs else 'eager'}"
-            rows[key] = {"ms_per_step": 1e3 * result.stats.decode_seconds / result.stats.steps,
-                         "steps": result.stats.steps, "mean_accepted": result.stats.mean_accepted,
-                         "tokens_per_second": result.stats.tokens_per_second}
+            rows[key] = {
+                "ms_per_step": 1e3 * result.stats.decode_seconds / result.stats.steps,
+                "steps": result.stats.steps,
+                "mean_accepted": result.stats.mean_accepted,
+                "tokens_per_second": result.stats.tokens_per_second,
+            }
             print(key, json.dumps(rows[key]), flush=True)
         del model, base
         if torch.cuda.is_available():

@@ -88,13 +88,22 @@ def main() -> None:
     device = torch.device("cuda")
     base = random_model(args.shape, device, torch.bfloat16)
     text = base.config
-    heads = MedusaHeadsConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=4,
-                              num_layers=args.layers, share_lm_head=True)
+    heads = MedusaHeadsConfig(
+        hidden_size=text.hidden_size,
+        vocab_size=text.vocab_size,
+        num_heads=4,
+        num_layers=args.layers,
+        share_lm_head=True,
+    )
     model = MedusaModel.from_pretrained(base, heads=heads)
     prompt = torch.randint(0, text.vocab_size, (args.context,), device=device)
     results = []
-    names = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    names = {
+        "math": SDPBackend.MATH,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+    }
     backends = None if args.sdpa == "default" else [names[name] for name in args.sdpa.split(",")]
     attention = (lambda: sdpa_kernel(backends)) if backends else contextlib.nullcontext
     for batch, size in ((int(b), int(n)) for b in args.batch.split(",") for n in args.nodes.split(",")):
@@ -102,11 +111,13 @@ def main() -> None:
         tree = tree_of_size(size - lookup, 4) if size - lookup > 1 else Tree.from_paths([])
         for mode in args.compile.split(","):
             compile_step = {"off": False, "on": True}.get(mode, mode)
-            options = EngineOptions(use_heads=size - lookup > 1, lookup=lookup, compile=compile_step,
-                                    cache_length=args.cache_length)
+            options = EngineOptions(
+                use_heads=size - lookup > 1, lookup=lookup, compile=compile_step, cache_length=args.cache_length
+            )
             with attention():  # the backend is chosen when the step is traced and captured
-                engine = model.engine(options, tree if size - lookup > 1 else None, max_rows=batch,
-                                      max_length=args.context + 1)
+                engine = model.engine(
+                    options, tree if size - lookup > 1 else None, max_rows=batch, max_length=args.context + 1
+                )
                 generations = [model.prepare(prompt, GenerationConfig(max_new_tokens=1)) for _ in range(batch)]
                 engine.add(generations)
                 rows, span, kind = engine.step_shape()  # the bucket and attention span decoding uses here
@@ -121,19 +132,37 @@ def main() -> None:
 
             with attention():
                 total_us, rows_table = kernel_table(rewound, args.repeats)
-            graph_ms = replay_ms(lambda decoder=decoder, graphed=graphed, rows=rows, span=span, kind=kind: (
-                decoder.lengths[:rows].fill_(args.context), graphed(rows, span, kind)
-            ), 50) if graphed else None
+            graph_ms = (
+                replay_ms(
+                    lambda decoder=decoder, graphed=graphed, rows=rows, span=span, kind=kind: (
+                        decoder.lengths[:rows].fill_(args.context),
+                        graphed(rows, span, kind),
+                    ),
+                    50,
+                )
+                if graphed
+                else None
+            )
             engine.finish(generations)
             model.release_engines()
-            result = {"batch": batch, "nodes": size, "lookup": lookup, "compile": mode, "sdpa": args.sdpa,
-                      "attention_span": span, "kernel_us_per_step": total_us,
-                      "kernels_per_step": sum(r["calls_per_step"] for r in rows_table), "graph_replay_ms": graph_ms,
-                      "top": rows_table[: args.top]}
+            result = {
+                "batch": batch,
+                "nodes": size,
+                "lookup": lookup,
+                "compile": mode,
+                "sdpa": args.sdpa,
+                "attention_span": span,
+                "kernel_us_per_step": total_us,
+                "kernels_per_step": sum(r["calls_per_step"] for r in rows_table),
+                "graph_replay_ms": graph_ms,
+                "top": rows_table[: args.top],
+            }
             results.append(result)
-            print(f"\n== batch {batch}, {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
-                  f"graph replay {graph_ms} ms; "
-                  f"kernel time {total_us:.0f} us in {result['kernels_per_step']:.0f} kernels per step")
+            print(
+                f"\n== batch {batch}, {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
+                f"graph replay {graph_ms} ms; "
+                f"kernel time {total_us:.0f} us in {result['kernels_per_step']:.0f} kernels per step"
+            )
             for row in rows_table[: args.top]:
                 print(f"{row['us_per_step']:8.1f} us {row['calls_per_step']:6.1f}x  {row['kernel']}")
     if args.out:

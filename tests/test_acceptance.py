@@ -126,8 +126,15 @@ def rows_of(samples: int, params: SamplingParams, scheme: int = REJECTION, first
     return rows
 
 
-def draw(tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, params: SamplingParams, samples: int,
-         targets=target_tokens, scheme: int = REJECTION):
+def draw(
+    tree: Tree,
+    tree_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    samples: int,
+    targets=target_tokens,
+    scheme: int = REJECTION,
+):
     """``samples`` verdicts on the same tree ``[size]`` tokens and ``[size, vocab]`` logits, each row its own seed:
     ``(paths [samples, depth + 1], accepted [samples], next tokens [samples])``."""
     rows = rows_of(samples, params, scheme)
@@ -183,8 +190,11 @@ def tree_setup(params: SamplingParams, lookup: int = 0):
     if lookup:
         tree_tokens = tree_tokens.clone()
         chain = PROMPT + [int(tree_tokens[0])]
-        heads_at_root = {int(tree_tokens[node]) for node in range(1, tree.size) if int(tree.parents[node]) == 0
-                         and node < tree.size - lookup}
+        heads_at_root = {
+            int(tree_tokens[node])
+            for node in range(1, tree.size)
+            if int(tree.parents[node]) == 0 and node < tree.size - lookup
+        }
         for node in range(tree.size - lookup, tree.size):
             probs = reference_probs(base, [chain], params)[0]
             if node == tree.size - lookup:
@@ -242,8 +252,11 @@ def test_rejection_matches_base_sampling_on_the_tree(params):
     assert 0.5 * float((observed - exact.double()).abs().sum()) < 0.02  # total variation
 
 
-BROKEN = {"always-first": always_first_child, "one-noise": one_noise_for_every_position,
-          "uniform-noise": uniform_instead_of_gumbel}
+BROKEN = {
+    "always-first": always_first_child,
+    "one-noise": one_noise_for_every_position,
+    "uniform-noise": uniform_instead_of_gumbel,
+}
 
 
 @pytest.mark.parametrize("broken", list(BROKEN.values()), ids=list(BROKEN))
@@ -281,8 +294,10 @@ def test_rejection_through_the_engine_matches_base_sampling():
     completion = torch.Generator().manual_seed(7)
     cells, counts = [], []
     for start in range(0, 600, 8):
-        generations = [Generation(torch.tensor(PROMPT), 8, RejectionAcceptance(params), seed=seed)
-                       for seed in range(start, start + 8)]
+        generations = [
+            Generation(torch.tensor(PROMPT), 8, RejectionAcceptance(params), seed=seed)
+            for seed in range(start, start + 8)
+        ]
         engine.add(generations)
         for generation, output in engine.step():
             tokens = output.tokens + [int(engine.decoder.root_token[generation.row])]
@@ -342,7 +357,9 @@ def test_greedy_rows_ignore_the_noise_beside_sampled_rows():
     assert bool((verdict.path[:, 0] == 0).all())
     # past a row's accepted guesses its path is padded with the root
     for row in range(6):
-        assert verdict.path[row, int(verdict.accepted[row]) + 1 :].tolist() == [0] * (tree.max_depth - int(verdict.accepted[row]))
+        assert verdict.path[row, int(verdict.accepted[row]) + 1 :].tolist() == [0] * (
+            tree.max_depth - int(verdict.accepted[row])
+        )
 
 
 # ----- typical acceptance -------------------------------------------------------------------------
@@ -399,8 +416,9 @@ def test_typical_at_very_low_temperature_is_greedy():
     for prompt in PROMPTS:
         with torch.no_grad():
             ids = torch.tensor([prompt])
-            greedy = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
-                                   pad_token_id=0)
+            greedy = base.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False, pad_token_id=0
+            )
         truth = greedy[0, len(prompt) :].tolist()
         runs = []
         for scheme in (GreedyAcceptance(), TypicalAcceptance(SamplingParams(temperature=1e-4))):

@@ -124,6 +124,9 @@ def test_test_modules_import_no_other_test_module():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            wrong += [f"{path.relative_to(tests)} imports {name}" for name in names
-                      if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"]
+            wrong += [
+                f"{path.relative_to(tests)} imports {name}"
+                for name in names
+                if name.split(".")[0].startswith("test_") or name.split(".")[0] == "conftest"
+            ]
     assert not wrong, "; ".join(wrong)

@@ -95,7 +95,9 @@ def test_per_row_limits_and_settings_in_one_batch():
     batched = model.generate_batch(BATCH, configs)
     alone = [model.generate(prompt, config) for prompt, config in zip(BATCH, configs)]
     assert [r.token_ids for r in batched] == [r.token_ids for r in alone]
-    assert [len(r.token_ids) for r in batched] == [5, 20, 12, 9, 16] or EOS_ID in sum((r.token_ids for r in batched), [])
+    assert [len(r.token_ids) for r in batched] == [5, 20, 12, 9, 16] or EOS_ID in sum(
+        (r.token_ids for r in batched), []
+    )
     assert batched[0].token_ids == list(reference("llama", tuple(BATCH[0]), 5))
 
 
@@ -226,7 +228,7 @@ def test_oracle_cache_rows_hold_each_rows_plain_sequence():
     engine.add(generations)
     while all(g.stats.new_tokens < 20 for g in generations):
         engine.step()
-    for row, (generation, prompt, truth) in enumerate(zip(generations, BATCH, truths)):
+    for row, (prompt, truth) in enumerate(zip(BATCH, truths)):
         committed = engine.lengths[row]
         sequence = torch.tensor([prompt + truth])[:, :committed]
         with torch.no_grad():
@@ -281,8 +283,11 @@ def test_what_counts_as_a_batch():
 def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "scripts" / "batch_throughput.py"
     out = tmp_path / "batch.json"
-    monkeypatch.setattr(sys, "argv", [str(script), "--tiny", "--batch-sizes", "1,2", "--prompts", "3",
-                                      "--max-new-tokens", "4", "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [str(script), "--tiny", "--batch-sizes", "1,2", "--prompts", "3", "--max-new-tokens", "4", "--out", str(out)],
+    )
     runpy.run_path(str(script), run_name="__main__")
     report = json.loads(out.read_text())
     assert [row["batch_size"] for row in report["rows"]] == [1, 2]

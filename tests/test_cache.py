@@ -29,8 +29,9 @@ def filled_cache(
     for index, layer in enumerate(cache.layers):
         slots = torch.arange(max_length, dtype=torch.float32) + 100 * index
         width = heads[index] if heads else 2
-        keys = torch.stack([(slots + 1000 * row).view(1, max_length, 1).expand(width, max_length, 3)
-                            for row in range(rows)])
+        keys = torch.stack(
+            [(slots + 1000 * row).view(1, max_length, 1).expand(width, max_length, 3) for row in range(rows)]
+        )
         layer.update(keys, -keys)
     return cache
 
@@ -212,8 +213,10 @@ def test_decoding_passes_the_cache_the_way_the_installed_transformers_expects(ar
     from medusa.model import MedusaModel
 
     base = make_tiny_model(architecture)
-    heads = MedusaHeads(MedusaHeadsConfig(hidden_size=TINY_HIDDEN, vocab_size=TINY_VOCAB, num_heads=2),
-                        base_lm_head=base.get_output_embeddings())
+    heads = MedusaHeads(
+        MedusaHeadsConfig(hidden_size=TINY_HIDDEN, vocab_size=TINY_VOCAB, num_heads=2),
+        base_lm_head=base.get_output_embeddings(),
+    )
     model = MedusaModel(base, None, heads, tree="8")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

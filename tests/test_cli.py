@@ -138,8 +138,9 @@ def test_untuned_heads_say_which_tree_they_use(capsys, model_dir, tmp_path):
     assert "tree: the 8-node default tree for the CPU" in err and "medusa tree tune" in err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "serve", "bench", "distill", "train", "tree profile",
-                                     "tree tune", "tree evaluate"])
+@pytest.mark.parametrize(
+    "command", ["generate", "chat", "serve", "bench", "distill", "train", "tree profile", "tree tune", "tree evaluate"]
+)
 def test_every_command_that_runs_a_model_takes_threads(command, capsys):
     from medusa.cli import build_parser
 
@@ -163,7 +164,9 @@ def test_threads_are_set_before_the_command_runs(capsys, model_dir):
 
 
 def test_settings_that_temperature_zero_ignores_are_named_once(capsys, model_dir):
-    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--seed", 3, "--acceptance", "typical")
+    code, _, err = run(
+        capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--seed", 3, "--acceptance", "typical"
+    )
     assert code == 0
     assert err.count("note: --seed and --acceptance typical are ignored at temperature 0") == 1
     code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--temperature", 0.7, "--seed", 3)
@@ -213,7 +216,10 @@ def test_json_output_for_scripts(capsys, model_dir):
     result = json.loads(out)
     expected = MedusaModel.from_pretrained(model_dir, tree="16").generate("Once upon a time", max_new_tokens=10)
     assert (result["text"], result["token_ids"], result["finish_reason"]) == (
-        expected.text, expected.token_ids, expected.finish_reason)
+        expected.text,
+        expected.token_ids,
+        expected.finish_reason,
+    )
     stats = result["stats"]
     assert stats["new_tokens"] == 10 and stats["tree_nodes"] == 16 and stats["steps"] >= 1
     assert stats["prompt_tokens"] > 0 and stats["acceptance"] == "greedy" and stats["mean_accepted"] >= 1

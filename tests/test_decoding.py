@@ -74,7 +74,9 @@ def test_plain_decoding_without_heads(tiny_model):
     architecture = architecture_of(tiny_model)
     model = MedusaModel.from_pretrained(tiny_model, tree="64")
     for prompt in PROMPTS:
-        result = model.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS), options=EngineOptions(use_heads=False))
+        result = model.generate(
+            prompt, GenerationConfig(max_new_tokens=NEW_TOKENS), options=EngineOptions(use_heads=False)
+        )
         assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS))
         assert result.stats.accepted_per_step == [1] * len(result.token_ids)
         assert result.stats.steps == result.stats.new_tokens == len(result.token_ids)
@@ -101,7 +103,7 @@ def test_generation_stops_at_eos(tiny_model, position):
 
 def test_oracle_accepts_long_paths_and_stays_lossless(tiny_model):
     architecture = architecture_of(tiny_model)
-    for index, prompt in enumerate(random_prompts(3, seed=21)):
+    for prompt in random_prompts(3, seed=21):
         continuation = list(reference(architecture, tuple(prompt), 46))
         tokens, stats, engine = oracle_run(
             tiny_model, default_tree(64), prompt, 40, eos={EOS_ID}, continuation=continuation
@@ -153,9 +155,7 @@ def test_oracle_stops_at_eos_inside_an_accepted_path():
     for position in range(1, 30, 3):
         stop_token = unbounded[position]
         first = unbounded.index(stop_token)
-        tokens, stats, _ = oracle_run(
-            base, default_tree(64), prompt, 30, eos={stop_token}, continuation=unbounded
-        )
+        tokens, stats, _ = oracle_run(base, default_tree(64), prompt, 30, eos={stop_token}, continuation=unbounded)
         assert tokens == unbounded[: first + 1]
         assert stats.finish_reason == "stop"
         inside += stats.accepted_per_step[-1] > 1 and sum(stats.accepted_per_step) > len(tokens)
@@ -204,8 +204,9 @@ def test_oracle_with_short_attention_spans_stays_lossless(architecture):
     base = make_tiny_model(architecture)
     prompt = random_prompts(1, seed=31)[0]
     continuation = list(reference(architecture, tuple(prompt), 46))
-    tokens, stats, engine = oracle_run(base, default_tree(16), prompt, 40, eos=set(), continuation=continuation,
-                                       span_step=16, spare_slots=50)
+    tokens, stats, engine = oracle_run(
+        base, default_tree(16), prompt, 40, eos=set(), continuation=continuation, span_step=16, spare_slots=50
+    )
     assert tokens == continuation[:40]
     assert stats.mean_accepted > 2
     assert len(engine.decoder._views) >= 2  # the steps used at least two spans short of the whole cache
@@ -220,8 +221,11 @@ def test_oracle_with_short_attention_spans_stays_lossless(architecture):
 def test_a_long_cache_decodes_the_same_tokens_through_spans():
     """A model's generation on a cache much longer than needed: its steps take short spans, same tokens."""
     base = make_tiny_model("qwen2")
-    model = MedusaModel.from_pretrained(base, heads=MedusaHeadsConfig(
-        hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4), tree="16")
+    model = MedusaModel.from_pretrained(
+        base,
+        heads=MedusaHeadsConfig(hidden_size=base.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=4),
+        tree="16",
+    )
     prompt = random_prompts(1, seed=5)[0]
     engine = model.engine(EngineOptions(cache_length=500), max_length=len(prompt) + 24)
     assert engine.spans == (256, 512, 528)  # 500 slots round up to 512, plus room for the 16-node tree

@@ -53,7 +53,9 @@ def test_a_killed_writer_leaves_the_old_file_and_its_temporary_goes_at_the_next_
         "    os._exit(9)  # killed mid-write: no cleanup runs\n"
     )
     source = Path(files.__file__).parents[1]
-    subprocess.run([sys.executable, "-c", script, str(target)], check=False, env={**os.environ, "PYTHONPATH": str(source)})
+    subprocess.run(
+        [sys.executable, "-c", script, str(target)], check=False, env={**os.environ, "PYTHONPATH": str(source)}
+    )
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "tree.json"]
     assert len(leftovers) == 1 and files.is_temporary(leftovers[0])
     assert target.read_text() == "old\n"

@@ -46,8 +46,12 @@ def random_heads(num_heads: int = 3, num_layers: int = 1, share_lm_head: bool = 
     """Heads near the base lm_head with random blocks: their proposals differ from head to head."""
     base = base if base is not None else make_tiny_model("llama")
     config = MedusaHeadsConfig(
-        hidden_size=TINY_HIDDEN, vocab_size=TINY_VOCAB, num_heads=num_heads, num_layers=num_layers,
-        share_lm_head=share_lm_head, base_model="tiny-llama",
+        hidden_size=TINY_HIDDEN,
+        vocab_size=TINY_VOCAB,
+        num_heads=num_heads,
+        num_layers=num_layers,
+        share_lm_head=share_lm_head,
+        base_model="tiny-llama",
     )
     heads = MedusaHeads(config, base_lm_head=base.get_output_embeddings())
     generator = torch.Generator().manual_seed(seed)
@@ -329,8 +333,10 @@ def original_loader(directory: Path, hidden: int, vocab: int) -> torch.nn.Module
     config = json.loads((directory / "config.json").read_text())
     heads, layers = config["medusa_num_heads"], config["medusa_num_layers"]
     medusa_head = torch.nn.ModuleList(
-        [torch.nn.Sequential(*([OriginalResBlock(hidden)] * layers), torch.nn.Linear(hidden, vocab, bias=False))
-         for _ in range(heads)]
+        [
+            torch.nn.Sequential(*([OriginalResBlock(hidden)] * layers), torch.nn.Linear(hidden, vocab, bias=False))
+            for _ in range(heads)
+        ]
     )
     medusa_head.load_state_dict(torch.load(directory / OFFICIAL_PICKLE, map_location="cpu"), strict=True)
     return medusa_head
@@ -472,8 +478,19 @@ def test_cli_export_round_trip(tmp_path, tiny_dir, capsys):
     _, heads = random_heads(num_heads=2, share_lm_head=True)  # the same tiny llama as the saved one
     heads.save_pretrained(tmp_path / "ours")
     for fmt in ("medusa", "vllm"):
-        code = main(["export", "--heads", str(tmp_path / "ours"), "--model", str(tiny_dir), "--format", fmt,
-                     "--output", str(tmp_path / fmt)])
+        code = main(
+            [
+                "export",
+                "--heads",
+                str(tmp_path / "ours"),
+                "--model",
+                str(tiny_dir),
+                "--format",
+                fmt,
+                "--output",
+                str(tmp_path / fmt),
+            ]
+        )
         assert code == 0
         assert "wrote 2 heads" in capsys.readouterr().out
     assert (tmp_path / "medusa" / OFFICIAL_SAFETENSORS).is_file() and (tmp_path / "vllm" / VLLM_WEIGHTS).is_file()
@@ -528,8 +545,14 @@ def test_heads_go_to_the_lm_head_device_not_the_first_parameter():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (run on nvidia-h200-x2)")
 @pytest.mark.parametrize("share_lm_head", [False, True], ids=["own-projections", "shared-lm-head"])
 def test_split_over_two_gpus_is_lossless(tiny_dir, share_lm_head):
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": 1,
-                  "model.norm": 1, "lm_head": 1}
+    device_map = {
+        "model.embed_tokens": 0,
+        "model.rotary_emb": 0,
+        "model.layers.0": 0,
+        "model.layers.1": 1,
+        "model.norm": 1,
+        "lm_head": 1,
+    }
     _, heads = random_heads(num_heads=3, share_lm_head=share_lm_head, seed=7)
     model = MedusaModel.from_pretrained(tiny_dir, heads=heads, device_map=device_map, dtype="float32")
     assert {p.device.index for p in model.base_model.parameters()} == {0, 1}
@@ -542,8 +565,9 @@ def test_split_over_two_gpus_is_lossless(tiny_dir, share_lm_head):
         assert medusa.stats.mean_accepted > 1
     reference = make_tiny_model("llama").to("cuda:0")
     ids = torch.tensor([PROMPT], device="cuda:0")
-    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False,
-                                  pad_token_id=0)[0, len(PROMPT):].tolist()
+    expected = reference.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False, pad_token_id=0
+    )[0, len(PROMPT) :].tolist()
     assert plain.token_ids == expected[: len(plain.token_ids)]
 
 
@@ -558,8 +582,22 @@ def test_export_keeps_the_heads_own_trees_not_this_devices_choice(tmp_path, tiny
     MedusaModel(make_tiny_model("llama"), None, heads, tree="64").save_pretrained(source)
     write_tuned_tree(source, "Fancy GPU", TunedTree(nodes=3, topk=2, paths=[[0], [1]], num_heads=2))
     write_tuned_tree(source, "cpu", TunedTree(nodes=1, topk=1, paths=[], num_heads=2))
-    assert main(["export", "--heads", str(source), "--model", str(tiny_dir), "--format", fmt,
-                 "--output", str(tmp_path / fmt)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--heads",
+                str(source),
+                "--model",
+                str(tiny_dir),
+                "--format",
+                fmt,
+                "--output",
+                str(tmp_path / fmt),
+            ]
+        )
+        == 0
+    )
     exported = tmp_path / fmt
     assert (exported / "tree.json").read_text() == (source / "tree.json").read_text()
     assert read_tuned_trees(exported) == read_tuned_trees(source) and (exported / TUNED_FILE).is_file()

@@ -23,7 +23,10 @@ def model() -> MedusaModel:
 def plain_greedy(model: MedusaModel, ids: torch.Tensor, max_new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.base_model.generate(
-            ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=max_new_tokens, do_sample=False,
+            ids[None],
+            attention_mask=torch.ones_like(ids[None]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=0,
         )
     return out[0, ids.numel() :].tolist()
@@ -200,8 +203,11 @@ def tracked_text(tracker, steps) -> str:
 def test_tracker_text_equals_decoding_the_whole_output(tokenizer):
     """Chunks of 1 to 4 tokens, cutting characters of 2, 3 and 4 bytes (and a special token) anywhere."""
     generator = torch.Generator().manual_seed(0)
-    ids = (tokenizer(SPLIT_UNICODE * 6)["input_ids"] if hasattr(tokenizer, "convert_ids_to_tokens")
-           else byte_ids(SPLIT_UNICODE * 6))
+    ids = (
+        tokenizer(SPLIT_UNICODE * 6)["input_ids"]
+        if hasattr(tokenizer, "convert_ids_to_tokens")
+        else byte_ids(SPLIT_UNICODE * 6)
+    )
     if hasattr(tokenizer, "convert_ids_to_tokens"):
         ids = ids[:40] + [tokenizer.eos_token_id] + ids[40:]  # skipped, as whole-output decoding skips it
     steps, start = [], 0
@@ -239,7 +245,9 @@ def test_tracker_without_a_tokenizer_only_counts_tokens():
 # ----- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompt", ["", "   \n", [], torch.tensor([], dtype=torch.long)], ids=["empty", "blank", "no-ids", "empty-tensor"])
+@pytest.mark.parametrize(
+    "prompt", ["", "   \n", [], torch.tensor([], dtype=torch.long)], ids=["empty", "blank", "no-ids", "empty-tensor"]
+)
 def test_empty_prompt(model, prompt):
     with pytest.raises(MedusaError, match="the prompt is empty"):
         model.generate(prompt, max_new_tokens=4)
@@ -252,13 +260,18 @@ def test_max_new_tokens_must_be_positive(model, value):
 
 
 def test_prompt_longer_than_the_context():
-    short = MedusaModel.from_pretrained(make_tiny_model("qwen2", max_positions=32), tokenizer=make_tokenizer(), tree="8")
+    short = MedusaModel.from_pretrained(
+        make_tiny_model("qwen2", max_positions=32), tokenizer=make_tokenizer(), tree="8"
+    )
     with pytest.raises(MedusaError, match="the prompt has 40 tokens; the model's context is 32 tokens"):
         short.generate([7] * 40, max_new_tokens=1)
     with pytest.raises(MedusaError, match="the prompt has 32 tokens; the model's context is 32 tokens"):
         short.generate([7] * 32, max_new_tokens=1)
-    with pytest.raises(MedusaError, match=r"the prompt \(20 tokens\) plus max_new_tokens \(20\) exceeds the model's "
-                       r"context of 32 tokens; lower max_new_tokens to at most 12"):
+    with pytest.raises(
+        MedusaError,
+        match=r"the prompt \(20 tokens\) plus max_new_tokens \(20\) exceeds the model's "
+        r"context of 32 tokens; lower max_new_tokens to at most 12",
+    ):
         short.generate([7] * 20, max_new_tokens=20)
     with pytest.raises(MedusaError, match="the prompt has 39 tokens"):
         short.generate("x" * 20, max_new_tokens=4)  # the chat template adds 19 tokens
@@ -280,7 +293,9 @@ def test_text_without_a_tokenizer():
 
 
 def test_messages_without_a_chat_template():
-    plain = MedusaModel.from_pretrained(make_tiny_model("llama"), tokenizer=make_tokenizer(chat_template=False), tree="8")
+    plain = MedusaModel.from_pretrained(
+        make_tiny_model("llama"), tokenizer=make_tokenizer(chat_template=False), tree="8"
+    )
     with pytest.raises(MedusaError, match="messages were given, but the tokenizer has no chat template"):
         plain.generate([{"role": "user", "content": "hi"}], max_new_tokens=4)
     # Text is then tokenised as it is.
@@ -301,7 +316,11 @@ def test_bad_stop_strings(model, stop):
 
 @pytest.mark.parametrize(
     "tree, message",
-    [("12", "no default tree of 12 nodes"), ("[[0], [1, 1]]", r"needs its prefix \[1\]"), ("[[0]", "is not valid JSON")],
+    [
+        ("12", "no default tree of 12 nodes"),
+        ("[[0], [1, 1]]", r"needs its prefix \[1\]"),
+        ("[[0]", "is not valid JSON"),
+    ],
 )
 def test_bad_tree(model, tree, message):
     with pytest.raises(MedusaError, match=message):
@@ -354,7 +373,9 @@ def test_cache_length_must_be_a_positive_integer(value):
 
 @pytest.mark.parametrize("value", [0, -128, False, 64.0])
 def test_attention_span_step_must_be_a_positive_integer_or_none(value):
-    with pytest.raises(MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"):
+    with pytest.raises(
+        MedusaError, match=f"attention_span_step must be a positive number of slots or None, got {value!r}"
+    ):
         EngineOptions(attention_span_step=value)
 
 
@@ -365,15 +386,19 @@ def test_the_attention_span_step_sets_the_engines_spans_and_keeps_the_tokens(mod
     size = model.tree.size
     assert spans[64] == (64 * -(-size // 64), *range(64 * -(-size // 64) + 64, 512 + size, 64), 512 + size)
     assert spans[None] == (512 + size,)
-    outputs = [model.generate(PROMPT, max_new_tokens=24, cache_length=300, attention_span_step=step).token_ids
-               for step in (64, None)]
+    outputs = [
+        model.generate(PROMPT, max_new_tokens=24, cache_length=300, attention_span_step=step).token_ids
+        for step in (64, None)
+    ]
     assert outputs[0] == outputs[1]
 
 
 def test_logprobs_are_the_base_models_own(model, answer):
     """Greedy and sampled: each token's log-probability and top alternatives equal the base model's log-softmax."""
-    for config in (GenerationConfig(max_new_tokens=12, logprobs=3),
-                   GenerationConfig(max_new_tokens=12, logprobs=2, temperature=0.9, seed=4)):
+    for config in (
+        GenerationConfig(max_new_tokens=12, logprobs=3),
+        GenerationConfig(max_new_tokens=12, logprobs=2, temperature=0.9, seed=4),
+    ):
         result = model.generate(PROMPT, config)
         prompt = model.encode_prompt(PROMPT).tolist()
         with torch.no_grad():

@@ -18,7 +18,8 @@ from medusa.sampling import SamplingParams, sample
 
 
 @pytest.mark.parametrize(
-    "temperature, top_k, top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 5, 1.0), (0.8, 0, 0.7), (0.7, 20, 0.9), (2.0, 1, 0.5)]
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.3, 5, 1.0), (0.8, 0, 0.7), (0.7, 20, 0.9), (2.0, 1, 0.5)],
 )
 def test_processing_matches_transformers_warpers(temperature, top_k, top_p):
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
@@ -40,7 +41,12 @@ def test_filters_keep_the_right_tokens():
     assert (probs > 0).tolist() == [False, True, False, True]
     # Probabilities (0.032, 0.644, 0.087, 0.237): top-p 0.7 needs the two likeliest, top-p 0.5 only the first.
     assert (SamplingParams(temperature=1.0, top_p=0.7).probabilities(logits) > 0).tolist() == [False, True, False, True]
-    assert (SamplingParams(temperature=1.0, top_p=0.5).probabilities(logits) > 0).tolist() == [False, True, False, False]
+    assert (SamplingParams(temperature=1.0, top_p=0.5).probabilities(logits) > 0).tolist() == [
+        False,
+        True,
+        False,
+        False,
+    ]
     assert torch.allclose(SamplingParams(temperature=1.0).probabilities(logits).sum(), torch.tensor(1.0))
 
 
@@ -74,9 +80,15 @@ INVALID = {
     "fractional top_k": (dict(temperature=1.0, top_k=2.5), "top_k must be an integer >= 0"),
     "eps 0": (dict(temperature=1.0, acceptance="typical", typical_eps=0.0), "eps must lie in (0, 1)"),
     "eps 1": (dict(temperature=1.0, acceptance="typical", typical_eps=1.0), "eps must lie in (0, 1)"),
-    "negative delta": (dict(temperature=1.0, acceptance="typical", typical_delta=-0.1), "delta must be a finite number >= 0"),
+    "negative delta": (
+        dict(temperature=1.0, acceptance="typical", typical_delta=-0.1),
+        "delta must be a finite number >= 0",
+    ),
     "unknown scheme": (dict(acceptance="medusa2"), "unknown acceptance scheme 'medusa2'; choose one of auto, greedy"),
-    "greedy with a temperature": (dict(temperature=0.7, acceptance="greedy"), "acceptance 'greedy' needs temperature 0"),
+    "greedy with a temperature": (
+        dict(temperature=0.7, acceptance="greedy"),
+        "acceptance 'greedy' needs temperature 0",
+    ),
     "negative seed": (dict(seed=-1), "seed must be an integer in [0, 2**63)"),
 }
 
@@ -91,10 +103,18 @@ def test_invalid_settings_are_refused(settings, message):
 def test_valid_settings_choose_their_scheme():
     assert GenerationConfig().acceptance_scheme().name == "greedy"
     assert GenerationConfig(temperature=0.7).acceptance_scheme().name == "rejection"
-    assert GenerationConfig(temperature=0.7, acceptance="typical", typical_eps=0.2, typical_delta=0.0).acceptance_scheme().name == "typical"
+    assert (
+        GenerationConfig(temperature=0.7, acceptance="typical", typical_eps=0.2, typical_delta=0.0)
+        .acceptance_scheme()
+        .name
+        == "typical"
+    )
     assert GenerationConfig(temperature=0.0, acceptance="typical").acceptance_scheme().name == "greedy"
     # Equal settings give equal, hashable schemes whatever the seed: decoders are pooled by them.
-    assert GenerationConfig(temperature=0.7, seed=1).acceptance_scheme() == GenerationConfig(temperature=0.7, seed=2).acceptance_scheme()
+    assert (
+        GenerationConfig(temperature=0.7, seed=1).acceptance_scheme()
+        == GenerationConfig(temperature=0.7, seed=2).acceptance_scheme()
+    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -104,8 +124,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_cli_maps_sampling_flags():
-    args = parse("--temperature 0.8 --top-p 0.9 --top-k 40 --seed 7 --acceptance typical "
-                 "--typical-eps 0.05 --typical-delta 0.2".split())
+    args = parse(
+        "--temperature 0.8 --top-p 0.9 --top-k 40 --seed 7 --acceptance typical "
+        "--typical-eps 0.05 --typical-delta 0.2".split()
+    )
     config = GenerationConfig(**sampling_options(args))
     assert (config.temperature, config.top_p, config.top_k, config.seed) == (0.8, 0.9, 40, 7)
     assert (config.acceptance, config.typical_eps, config.typical_delta) == ("typical", 0.05, 0.2)

@@ -17,19 +17,38 @@ HEAVY = ("torch", "transformers")
 
 def imported_after(code: str) -> set[str]:
     script = f"import sys\n{code}\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            env={"PYTHONPATH": SOURCE, "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": SOURCE, "PATH": "/usr/bin:/bin"},
+    )
     return set(result.stdout.split())
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["prompts", "--help"], ["cache", "list"],
-                                  ["tree", "build", "--help"], ["generate", "--help"], ["chat", "--help"],
-                                  ["serve", "--help"], ["distill", "--help"], ["train", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["prompts", "--help"],
+        ["cache", "list"],
+        ["tree", "build", "--help"],
+        ["generate", "--help"],
+        ["chat", "--help"],
+        ["serve", "--help"],
+        ["distill", "--help"],
+        ["train", "--help"],
+    ],
+)
 def test_commands_that_load_no_model_import_no_torch(argv, tmp_path):
-    code = ("import os\nos.environ['MEDUSA_CACHE_DIR'] = " + repr(str(tmp_path)) + "\n"
-            "import contextlib, io\nfrom medusa.cli import main\n"
-            f"with contextlib.redirect_stdout(io.StringIO()):\n"
-            f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass")
+    code = (
+        "import os\nos.environ['MEDUSA_CACHE_DIR'] = " + repr(str(tmp_path)) + "\n"
+        "import contextlib, io\nfrom medusa.cli import main\n"
+        f"with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    try:\n        main({argv!r})\n    except SystemExit:\n        pass"
+    )
     assert imported_after(code) == set()
 
 
@@ -53,6 +72,11 @@ def test_the_flag_defaults_spelled_out_for_fast_help_match_the_library():
 
     assert common.SCHEMES == acceptance.SCHEMES
     assert (common.DEFAULT_TYPICAL_EPS, common.DEFAULT_TYPICAL_DELTA) == (
-        acceptance.DEFAULT_TYPICAL_EPS, acceptance.DEFAULT_TYPICAL_DELTA)
+        acceptance.DEFAULT_TYPICAL_EPS,
+        acceptance.DEFAULT_TYPICAL_DELTA,
+    )
     assert (common.DEFAULT_MAX_NGRAM, common.MAX_NGRAM, common.MAX_LOOKUP_NODES) == (
-        lookup.DEFAULT_MAX_NGRAM, lookup.MAX_NGRAM, lookup.MAX_LOOKUP_NODES)
+        lookup.DEFAULT_MAX_NGRAM,
+        lookup.MAX_NGRAM,
+        lookup.MAX_LOOKUP_NODES,
+    )

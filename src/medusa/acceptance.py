@@ -153,7 +153,11 @@ def _verdict(tree: Tree, targets: torch.Tensor, best: torch.Tensor, accepted_per
 
 
 def typical_verdict(
-    tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, rows: RowSampling, targets: torch.Tensor,
+    tree: Tree,
+    tree_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    rows: RowSampling,
+    targets: torch.Tensor,
     filtered: bool,
 ) -> Verdict:
     """Typical acceptance per row: the longest path of typical tokens, ties to the likelier; the next token is
@@ -176,7 +180,11 @@ def typical_verdict(
 
 
 def accept(
-    tree: Tree, tree_tokens: torch.Tensor, logits: torch.Tensor, rows: RowSampling, positions: torch.Tensor,
+    tree: Tree,
+    tree_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    rows: RowSampling,
+    positions: torch.Tensor,
     kind: StepKind,
 ) -> Verdict:
     """Every row's verdict by its own scheme: greedy and rejection rows verify against their targets,

@@ -77,7 +77,9 @@ class RowLayer(StaticLayer):
         # A view's buffers are the first rows and slots of the whole cache's: write into the whole ones.
         index = self.write_at.flat_index(key_states.shape[:3], self.full_keys)
         for buffer, states in ((self.full_keys, key_states), (self.full_values, value_states)):
-            buffer.view(-1, buffer.shape[-1]).index_copy_(0, index, states.reshape(-1, states.shape[-1]).to(buffer.dtype))
+            buffer.view(-1, buffer.shape[-1]).index_copy_(
+                0, index, states.reshape(-1, states.shape[-1]).to(buffer.dtype)
+            )
         return self.keys, self.values
 
 
@@ -100,7 +102,9 @@ class RowLengths:
         if key not in self._index:
             device = buffer.device
             slots = self.value.to(device)[:, None] + torch.arange(count, device=device)  # [rows, n]
-            base = (torch.arange(rows, device=device)[:, None] * heads + torch.arange(heads, device=device)) * buffer.shape[2]
+            base = (
+                torch.arange(rows, device=device)[:, None] * heads + torch.arange(heads, device=device)
+            ) * buffer.shape[2]
             self._index[key] = (base[:, :, None] + slots[:, None, :]).flatten()
         return self._index[key]
 

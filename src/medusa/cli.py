@@ -31,7 +31,10 @@ COMMANDS = {
     "chat": ("medusa.commands.chat", "chat in the terminal, answers streamed (one message per line when piped)"),
     "serve": ("medusa.commands.serve", "serve the OpenAI API (chat, completions) over HTTP"),
     "export": ("medusa.commands.export", "write heads in the original Medusa layout or vLLM's, for serving engines"),
-    "cache": ("medusa.commands.cache", "list or clear medusa's cache (dequantised GGUF models, tuned trees for shipped heads)"),
+    "cache": (
+        "medusa.commands.cache",
+        "list or clear medusa's cache (dequantised GGUF models, tuned trees for shipped heads)",
+    ),
 }
 
 

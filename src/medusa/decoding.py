@@ -158,7 +158,8 @@ class Decoder:
         cache: MedusaCache,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: only each row's query ``keep[row]``."""
+        """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: only each row's query
+        ``keep[row]``."""
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
         cache.lengths.begin()
@@ -237,8 +238,17 @@ class Decoder:
         source = torch.tensor(list(sources), device=self.device)
         target = torch.tensor(list(targets), device=self.device)
         self.cache.move_rows(source, target)
-        for buffer in (self.lengths, self.active, self.root_token, self.last_hidden, self.root_logprob,
-                       self.root_top_ids, self.root_top_logprobs, self.history, *vars(self.sampling).values()):
+        for buffer in (
+            self.lengths,
+            self.active,
+            self.root_token,
+            self.last_hidden,
+            self.root_logprob,
+            self.root_top_ids,
+            self.root_top_logprobs,
+            self.history,
+            *vars(self.sampling).values(),
+        ):
             buffer.index_copy_(0, target, buffer.index_select(0, source))
         self.release(sources)
 

@@ -88,17 +88,33 @@ def cache_entries() -> list[CacheEntry]:
             except json.JSONDecodeError:
                 pass
         unfinished = ".tmp" in folder.name
-        detail = "unfinished (a load was interrupted)" if unfinished else \
-            f"{info.get('dtype', 'float32')} from {info.get('source', 'a file not recorded (the entry predates the record)')}"
+        detail = (
+            "unfinished (a load was interrupted)"
+            if unfinished
+            else f"{info.get('dtype', 'float32')} from "
+            f"{info.get('source', 'a file not recorded (the entry predates the record)')}"
+        )
         last = info.get("last_used")
-        entries.append(CacheEntry("gguf", folder.name, folder, _size(folder), last if isinstance(last, (int, float)) else None, detail))
+        entries.append(
+            CacheEntry(
+                "gguf", folder.name, folder, _size(folder), last if isinstance(last, (int, float)) else None, detail
+            )
+        )
     heads_root = root / HEADS_FOLDER
     for folder in sorted(heads_root.glob("*")) if heads_root.is_dir() else []:
         if folder.is_dir():
             files = sorted(p.name for p in folder.iterdir() if p.is_file())
             last = max((p.stat().st_mtime for p in folder.iterdir() if p.is_file()), default=None)
-            entries.append(CacheEntry("heads", folder.name, folder, _size(folder), last,
-                                      "your files for the shipped heads: " + ", ".join(files)))
+            entries.append(
+                CacheEntry(
+                    "heads",
+                    folder.name,
+                    folder,
+                    _size(folder),
+                    last,
+                    "your files for the shipped heads: " + ", ".join(files),
+                )
+            )
     return entries
 
 

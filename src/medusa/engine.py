@@ -141,8 +141,9 @@ class Generation:
         if self.logprobs is not None and logprobs is not None:
             output.logprobs = logprobs[: len(tokens)]
             ids, values = top
-            output.top_logprobs = [list(zip(ids[i][: self.logprobs], values[i][: self.logprobs]))
-                                   for i in range(len(tokens))]
+            output.top_logprobs = [
+                list(zip(ids[i][: self.logprobs], values[i][: self.logprobs])) for i in range(len(tokens))
+            ]
             self.token_logprobs.extend(output.logprobs)
             self.token_top_logprobs.extend(output.top_logprobs)
         return output
@@ -192,8 +193,15 @@ class DecodingEngine:
         heads = self.heads if any(tree.paths for tree in trees.values()) else None
         largest = max(tree.size for tree in trees.values())
         slots = -(-max(max_length, self.options.cache_length or 0, 1) // CACHE_BUCKET) * CACHE_BUCKET
-        self.decoder = self.decoder_class(self.base, heads, trees, rows, slots + largest, self.options.lookup_ngram,
-                               one_store=not self.options.compile)
+        self.decoder = self.decoder_class(
+            self.base,
+            heads,
+            trees,
+            rows,
+            slots + largest,
+            self.options.lookup_ngram,
+            one_store=not self.options.compile,
+        )
         # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
         span_step = None if self.options.compile else self.options.attention_span_step
         self.spans = attention_spans(self.decoder.max_length, largest, span_step)
@@ -278,8 +286,12 @@ class DecodingEngine:
         started = time.perf_counter()
         rows = list(range(self.active, self.active + len(generations)))
         with torch.inference_mode():
-            self.decoder.prefill(rows, [g.prompt_ids for g in generations], [g.acceptance for g in generations],
-                                 [g.seed for g in generations])
+            self.decoder.prefill(
+                rows,
+                [g.prompt_ids for g in generations],
+                [g.acceptance for g in generations],
+                [g.seed for g in generations],
+            )
             synchronize(self.decoder.device)
         now = time.perf_counter()
         for row, generation in zip(rows, generations):
@@ -372,4 +384,3 @@ class DecodingEngine:
 
     def capture_report(self):
         return self.graphs.report if self.graphs is not None else None
-

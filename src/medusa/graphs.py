@@ -71,8 +71,15 @@ class StepGraphs:
         decoder = self.decoder
         started = time.perf_counter()
         allocated = torch.cuda.memory_allocated(decoder.device)
-        state = (decoder.active, decoder.lengths, decoder.root_token, decoder.last_hidden, decoder.root_logprob,
-                 decoder.root_top_ids, decoder.root_top_logprobs)
+        state = (
+            decoder.active,
+            decoder.lengths,
+            decoder.root_token,
+            decoder.last_hidden,
+            decoder.root_logprob,
+            decoder.root_top_ids,
+            decoder.root_top_logprobs,
+        )
         saved = [tensor.clone() for tensor in state]
         decoder.active.zero_()
         side = torch.cuda.Stream(decoder.device)

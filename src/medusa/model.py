@@ -67,10 +67,13 @@ class GenerationConfig:
             raise MedusaError(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         check_seed(self.seed)
         if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
             or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS
         ):
-            raise MedusaError(f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}")
+            raise MedusaError(
+                f"logprobs must be None or an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.logprobs!r}"
+            )
         self.acceptance_scheme()  # refuses bad sampling settings now, not at the first step
 
     def sampling(self) -> SamplingParams:
@@ -194,10 +197,14 @@ class MedusaModel(nn.Module):
             base_model, name = base, getattr(base.config, "_name_or_path", None)
             if device is not None or dtype is not None:  # asked for, so honoured: the model moves (in place)
                 target_device = resolve_device(device) if device is not None else None
-                target_dtype = resolve_dtype(dtype, target_device or model_device(base_model)) if dtype is not None else None
+                target_dtype = (
+                    resolve_dtype(dtype, target_device or model_device(base_model)) if dtype is not None else None
+                )
                 base_model.to(device=target_device, dtype=target_dtype)
         else:
-            base_model, loaded_tokenizer, name = load_base_model(base, dtype=dtype, device=device, device_map=device_map)
+            base_model, loaded_tokenizer, name = load_base_model(
+                base, dtype=dtype, device=device, device_map=device_map
+            )
             tokenizer = tokenizer or loaded_tokenizer
         text_config = base_model.config.get_text_config()
         lm_head = base_model.get_output_embeddings()
@@ -279,7 +286,9 @@ class MedusaModel(nn.Module):
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise MedusaError(f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}")
+            raise MedusaError(
+                f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise MedusaError("the prompt is empty")
         vocab = self.base_model.get_input_embeddings().weight.shape[0]
@@ -308,7 +317,10 @@ class MedusaModel(nn.Module):
     # ----- engines ------------------------------------------------------------------------------
 
     def engine(
-        self, options: EngineOptions = EngineOptions(), tree: Tree | None = None, max_rows: int = 1,
+        self,
+        options: EngineOptions = EngineOptions(),
+        tree: Tree | None = None,
+        max_rows: int = 1,
         max_length: int = 0,
     ) -> DecodingEngine:
         """An engine for these options (kept and reused: it owns a KV cache and, on a GPU, captured steps),
@@ -316,8 +328,14 @@ class MedusaModel(nn.Module):
         key = (options, None if tree is None else (tree.paths, tree.topk, tree.lookup))
         engine = self._engines.get(key)
         if engine is None or engine.active:
-            engine = DecodingEngine(self.base_model, self.heads, self._tree_chooser(options, tree), options,
-                                    max_rows=max_rows, max_length=max_length)
+            engine = DecodingEngine(
+                self.base_model,
+                self.heads,
+                self._tree_chooser(options, tree),
+                options,
+                max_rows=max_rows,
+                max_length=max_length,
+            )
             self._engines[key] = engine
             while len(self._engines) > 3:
                 self._engines.popitem(last=False)
@@ -350,7 +368,8 @@ class MedusaModel(nn.Module):
                 chosen = self.batch_trees.get(bucket)
                 if chosen is None:  # not tuned for this batch size: keep rows x nodes within a budget
                     chosen = (self.heads_tree if options.lookup == 0 else self.tree).first_nodes(
-                        self.node_budget // bucket)
+                        self.node_budget // bucket
+                    )
             return chosen if options.lookup is None else chosen.with_lookup(options.lookup)
 
         return choose
@@ -423,11 +442,18 @@ class MedusaModel(nn.Module):
         generation = self.prepare(prompt, config)
         if stats is not None:
             generation.stats = stats
-        engine = self.engine(options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens)
+        engine = self.engine(
+            options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens
+        )
         for outputs in engine.run([generation]):
             for _, output in outputs:
-                yield GenerationChunk(text=output.text, token_ids=output.tokens, accepted=output.accepted,
-                                      logprobs=output.logprobs, top_logprobs=output.top_logprobs)
+                yield GenerationChunk(
+                    text=output.text,
+                    token_ids=output.tokens,
+                    accepted=output.accepted,
+                    logprobs=output.logprobs,
+                    top_logprobs=output.top_logprobs,
+                )
         tail = generation.finish_text()
         if tail:
             yield GenerationChunk(text=tail, token_ids=[], accepted=0)
@@ -450,7 +476,9 @@ class MedusaModel(nn.Module):
             return self.generate_batch(prompt, config, tree=tree, options=options, **overrides)
         config, options = split_settings(config, options, overrides)
         generation = self.prepare(prompt, config)
-        engine = self.engine(options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens)
+        engine = self.engine(
+            options, self._resolve_tree(tree), 1, generation.prompt_ids.numel() + config.max_new_tokens
+        )
         for _ in engine.run([generation]):
             pass
         generation.finish_text()
@@ -511,8 +539,10 @@ def is_prompt_batch(prompt: object) -> bool:
     """A list whose items are prompts themselves (texts, lists, tensors), not token ids or chat messages."""
     if isinstance(prompt, (str, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
         return False
-    return all(isinstance(item, (str, torch.Tensor)) or (isinstance(item, Sequence) and not isinstance(item, dict))
-               for item in prompt)
+    return all(
+        isinstance(item, (str, torch.Tensor)) or (isinstance(item, Sequence) and not isinstance(item, dict))
+        for item in prompt
+    )
 
 
 class TextTracker:
@@ -612,4 +642,3 @@ def heads_device(base_model: PreTrainedModel) -> torch.device:
     lm_head = base_model.get_output_embeddings()
     weight = getattr(lm_head, "weight", None)
     return weight.device if weight is not None else model_device(base_model)
-

@@ -117,8 +117,15 @@ class RowSampling:
         def zeros(dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(rows, dtype=dtype, device=device)
 
-        settings = cls(zeros(torch.long), zeros(torch.float32), zeros(torch.long), zeros(torch.float32),
-                       zeros(torch.float32), zeros(torch.float32), zeros(torch.long))
+        settings = cls(
+            zeros(torch.long),
+            zeros(torch.float32),
+            zeros(torch.long),
+            zeros(torch.float32),
+            zeros(torch.float32),
+            zeros(torch.float32),
+            zeros(torch.long),
+        )
         settings.temperature.fill_(1.0)
         settings.top_p.fill_(1.0)
         return settings

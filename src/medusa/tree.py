@@ -102,8 +102,11 @@ class Tree:
             mask[node, chain[:depth]] = True
 
         has_child = {path[:-1] for path in ordered}
-        leaves = [[node_of[leaf[:cut]] for cut in range(len(leaf) + 1)]
-                  for leaf in [()] + ordered if leaf not in has_child and not (leaf == () and lookup)]
+        leaves = [
+            [node_of[leaf[:cut]] for cut in range(len(leaf) + 1)]
+            for leaf in [()] + ordered
+            if leaf not in has_child and not (leaf == () and lookup)
+        ]
         if lookup:
             leaves.append(chain)
         width = max(len(leaf) for leaf in leaves)
@@ -140,8 +143,18 @@ class Tree:
         return Tree(
             self.paths,
             self.topk,
-            *(t.to(device) for t in (self.attention_mask, self.depths, self.parents, self.candidate_index,
-                                     self.retrieve_paths, self.retrieve_valid, self.sibling_rank)),
+            *(
+                t.to(device)
+                for t in (
+                    self.attention_mask,
+                    self.depths,
+                    self.parents,
+                    self.candidate_index,
+                    self.retrieve_paths,
+                    self.retrieve_valid,
+                    self.sibling_rank,
+                )
+            ),
             self.lookup,
         )
 

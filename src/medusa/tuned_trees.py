@@ -36,7 +36,7 @@ CPU_DEFAULT_TREE_SIZE = 8
 
 
 def device_kind(device: torch.device | str) -> str:
-    """"cpu", the CUDA device's name, or the device type for anything else."""
+    """ "cpu", the CUDA device's name, or the device type for anything else."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -58,9 +58,14 @@ class ChainedTree:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "nodes": self.nodes, "lookup": self.lookup, "lookup_ngram": self.lookup_ngram, "topk": self.topk,
-            "paths": self.paths, "expected_accept_length": self.expected_accept_length,
-            "step_seconds": self.step_seconds, "expected_tokens_per_second": self.expected_tokens_per_second,
+            "nodes": self.nodes,
+            "lookup": self.lookup,
+            "lookup_ngram": self.lookup_ngram,
+            "topk": self.topk,
+            "paths": self.paths,
+            "expected_accept_length": self.expected_accept_length,
+            "step_seconds": self.step_seconds,
+            "expected_tokens_per_second": self.expected_tokens_per_second,
         }
 
     @classmethod
@@ -122,11 +127,19 @@ class TunedTree:
 
     def to_json(self) -> dict[str, Any]:
         entry = {
-            "nodes": self.nodes, "topk": self.topk, "paths": self.paths, "num_heads": self.num_heads,
-            "estimate": self.estimate, "expected_accept_length": self.expected_accept_length,
-            "step_seconds": self.step_seconds, "expected_tokens_per_second": self.expected_tokens_per_second,
-            "heads_fingerprint": self.heads_fingerprint, "profile_samples": self.profile_samples,
-            "max_new_tokens": self.max_new_tokens, "max_nodes": self.max_nodes, "cost_curve": self.cost_curve,
+            "nodes": self.nodes,
+            "topk": self.topk,
+            "paths": self.paths,
+            "num_heads": self.num_heads,
+            "estimate": self.estimate,
+            "expected_accept_length": self.expected_accept_length,
+            "step_seconds": self.step_seconds,
+            "expected_tokens_per_second": self.expected_tokens_per_second,
+            "heads_fingerprint": self.heads_fingerprint,
+            "profile_samples": self.profile_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "max_nodes": self.max_nodes,
+            "cost_curve": self.cost_curve,
         }
         if self.chained is not None:
             entry["lookup"] = self.chained.to_json()
@@ -182,7 +195,7 @@ def _read_file(path: Path) -> dict[str, dict]:
     raw = read_json(path, "tuned trees")
     devices = raw.get("devices") if isinstance(raw, dict) else None
     if not isinstance(devices, dict) or not all(isinstance(entry, dict) for entry in devices.values()):
-        raise MedusaError(f"tuned trees {path} must be {{\"devices\": {{device kind: {{\"topk\", \"paths\", ...}}}}}}")
+        raise MedusaError(f'tuned trees {path} must be {{"devices": {{device kind: {{"topk", "paths", ...}}}}}}')
     return devices
 
 
@@ -223,8 +236,11 @@ def tuned_batch_trees(directory: str | Path, device: torch.device | str, num_hea
     """The trees tuned per batch bucket for this device kind beside the heads ({} when none were)."""
     kind = device_kind(device)
     raw = _read_entries(directory).get(kind)
-    return {} if raw is None else TunedTree.from_json(raw, _origin(directory, kind)).batch_trees(
-        num_heads, _origin(directory, kind))
+    return (
+        {}
+        if raw is None
+        else TunedTree.from_json(raw, _origin(directory, kind)).batch_trees(num_heads, _origin(directory, kind))
+    )
 
 
 def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int, chained: bool = False) -> Tree | None:
@@ -261,20 +277,35 @@ def choose_tree(directory: str | Path, device: torch.device | str, num_heads: in
     if tree is not None:
         kind = device_kind(device)
         heads_tree = tuned_tree(directory, device, num_heads)
-        return TreeChoice(tree, heads_tree, tuned_batch_trees(directory, device, num_heads),
-                          f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} "
-                          f"({tree.size} node{'' if tree.size == 1 else 's'})", tuned=True, directory=directory)
-    hint = (f"no tree is tuned for {device_kind(device)!r} beside these heads; "
-            f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one")
+        return TreeChoice(
+            tree,
+            heads_tree,
+            tuned_batch_trees(directory, device, num_heads),
+            f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} "
+            f"({tree.size} node{'' if tree.size == 1 else 's'})",
+            tuned=True,
+            directory=directory,
+        )
+    hint = (
+        f"no tree is tuned for {device_kind(device)!r} beside these heads; "
+        f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one"
+    )
     own = heads_file(directory, TREE_FILE)
     own_tree = load_tree(own, num_heads) if own.is_file() else None
     on_cpu = torch.device(device).type == "cpu"
     if own_tree is not None and (not on_cpu or own_tree.size <= CPU_DEFAULT_TREE_SIZE):
-        return TreeChoice(own_tree, own_tree, {}, f"the heads' own tree {own} ({own_tree.size} nodes; {hint})",
-                          tuned=False, directory=directory)
+        return TreeChoice(
+            own_tree,
+            own_tree,
+            {},
+            f"the heads' own tree {own} ({own_tree.size} nodes; {hint})",
+            tuned=False,
+            directory=directory,
+        )
     if on_cpu:
         tree = default_tree(CPU_DEFAULT_TREE_SIZE, num_heads)
-        return TreeChoice(tree, tree, {}, f"the {tree.size}-node default tree for the CPU ({hint})", tuned=False,
-                          directory=directory)
+        return TreeChoice(
+            tree, tree, {}, f"the {tree.size}-node default tree for the CPU ({hint})", tuned=False, directory=directory
+        )
     tree = load_tree(None, num_heads)
     return TreeChoice(tree, tree, {}, f"the {tree.size}-node default tree ({hint})", tuned=False, directory=directory)

@@ -43,8 +43,11 @@ def test_journal_refuses_other_settings_and_malformed_lines(tmp_path):
     path = tmp_path / "records.jsonl"
     journal = Journal(path, SETTINGS)
     journal.append(record(4, [5]))
-    with pytest.raises(MedusaError, match=r"measured with max_new_tokens=12, this run has max_new_tokens=256 "
-                                          r"\(also differing: methods\)"):
+    with pytest.raises(
+        MedusaError,
+        match=r"measured with max_new_tokens=12, this run has max_new_tokens=256 "
+        r"\(also differing: methods\)",
+    ):
         load_journal(path, {**SETTINGS, "max_new_tokens": 256, "methods": ["medusa"]})
     path.write_text(path.read_text().replace('"token_ids": [5]', '"token_ids": "five"') + json.dumps({"id": 5}) + "\n")
     with pytest.raises(MedusaError, match=r"records.jsonl, line 2: malformed record"):
@@ -69,9 +72,29 @@ def test_planned_runs_leave_out_questions_already_measured(questions_file):
 
 
 def bench(tiny_model_dir, questions_file, output, *extra):
-    return main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions_file), "--limit", "1",
-                 "--max-new-tokens", "12", "--tree", "8", "--warmup", "1", "--methods", "autoregressive,medusa",
-                 "--keep-tokens", "--output-dir", str(output), *extra])
+    return main(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--questions",
+            str(questions_file),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--tree",
+            "8",
+            "--warmup",
+            "1",
+            "--methods",
+            "autoregressive,medusa",
+            "--keep-tokens",
+            "--output-dir",
+            str(output),
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture

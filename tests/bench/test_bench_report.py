@@ -37,8 +37,14 @@ def test_token_equality_counts_mismatches_and_finds_the_first():
     result = token_equality(hand_made_records(), "autoregressive", "medusa")
     assert result["compared"] == 3
     assert result["mismatches"] == 2
-    assert result["first_mismatch"] == {"question_id": 2, "category": "writing", "turn": 1, "position": 3,
-                                        "reference_token": 3, "method_token": 9}
+    assert result["first_mismatch"] == {
+        "question_id": 2,
+        "category": "writing",
+        "turn": 1,
+        "position": 3,
+        "reference_token": 3,
+        "method_token": 9,
+    }
     same = token_equality(hand_made_records(), "autoregressive", "hf-generate")
     assert (same["compared"], same["mismatches"], same["first_mismatch"]) == (3, 0, None)
 
@@ -92,8 +98,14 @@ def test_report_has_the_documented_schema_and_survives_json(tmp_path):
     assert loaded["meta"]["device"] == "test cpu"
     question = loaded["questions"][1]
     assert question["id"] == 2 and question["category"] == "writing" and question["turn"] == 1
-    assert question["methods"]["medusa"] == {"tokens": 50, "prefill_seconds": 0.5, "decode_seconds": 0.5,
-                                             "seconds": 1.0, "steps": 20, "accepted": 52}
+    assert question["methods"]["medusa"] == {
+        "tokens": 50,
+        "prefill_seconds": 0.5,
+        "decode_seconds": 0.5,
+        "seconds": 1.0,
+        "steps": 20,
+        "accepted": 52,
+    }
     assert loaded["equality"]["mismatches"] == 2 and loaded["equality"]["compared"] == 3
     assert loaded["equality"]["others"]["hf-generate"]["mismatches"] == 0
 
@@ -177,11 +189,19 @@ def test_merging_refuses_overlaps_and_other_setups():
     with pytest.raises(ValueError, match="differ in model"):
         merge_reports([build_report(META, records[:2], METHODS), build_report(other, records[2:], METHODS)])
     with pytest.raises(ValueError, match="differ in lookup_nodes"):
-        merge_reports([build_report(dict(META, lookup_nodes=10), records[:2], METHODS),
-                       build_report(dict(META, lookup_nodes=4), records[2:], METHODS)])
+        merge_reports(
+            [
+                build_report(dict(META, lookup_nodes=10), records[:2], METHODS),
+                build_report(dict(META, lookup_nodes=4), records[2:], METHODS),
+            ]
+        )
     with pytest.raises(ValueError, match="differ in compile"):  # a compiled part is faster: not one setup
-        merge_reports([build_report(dict(META, compile=True), records[:2], METHODS),
-                       build_report(dict(META, compile=False), records[2:], METHODS)])
+        merge_reports(
+            [
+                build_report(dict(META, compile=True), records[:2], METHODS),
+                build_report(dict(META, compile=False), records[2:], METHODS),
+            ]
+        )
 
 
 def test_answer_agreement_between_two_runs_kept_with_their_tokens():
@@ -192,8 +212,12 @@ def test_answer_agreement_between_two_runs_kept_with_their_tokens():
     rows = with_tokens["questions"]
     # medusa against autoregressive: prompt 1 identical (100), prompt 2 differs at 3 (of 50), prompt 3 at 9 (of 10)
     result = answer_agreement(rows, "medusa", rows, "autoregressive")
-    assert result["overall"] == {"prompts": 3, "identical": 1, "mean_common_prefix_tokens": (100 + 3 + 9) / 3,
-                                 "mean_reference_tokens": (100 + 50 + 10) / 3}
+    assert result["overall"] == {
+        "prompts": 3,
+        "identical": 1,
+        "mean_common_prefix_tokens": (100 + 3 + 9) / 3,
+        "mean_reference_tokens": (100 + 50 + 10) / 3,
+    }
     assert result["per_category"]["qa"]["identical"] == 0 and result["per_category"]["writing"]["prompts"] == 2
     # Only prompts that both runs have count.
     assert answer_agreement(rows[:1], "medusa", rows, "autoregressive")["overall"]["prompts"] == 1

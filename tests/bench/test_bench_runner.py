@@ -16,8 +16,26 @@ from medusa.model import MedusaModel
 
 
 def run_bench(tiny_model_dir, questions_file, output, *extra):
-    return main(["bench", "--model", str(tiny_model_dir), "--questions", str(questions_file), "--limit", "1",
-                 "--max-new-tokens", "12", "--tree", "8", "--warmup", "1", "--output-dir", str(output), *extra])
+    return main(
+        [
+            "bench",
+            "--model",
+            str(tiny_model_dir),
+            "--questions",
+            str(questions_file),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--tree",
+            "8",
+            "--warmup",
+            "1",
+            "--output-dir",
+            str(output),
+            *extra,
+        ]
+    )
 
 
 def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
@@ -46,7 +64,12 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
     assert report["equality"]["mismatches"] == 0 and report["equality"]["first_mismatch"] is None
     for method in ("hf-generate", "medusa-lookup", "lookup"):
         assert report["equality"]["others"][method] | {"first_mismatch": None} == {
-            "reference": "autoregressive", "method": method, "compared": 6, "mismatches": 0, "first_mismatch": None}
+            "reference": "autoregressive",
+            "method": method,
+            "compared": 6,
+            "mismatches": 0,
+            "first_mismatch": None,
+        }
     for question in report["questions"]:
         tokens = {name: sample["tokens"] for name, sample in question["methods"].items()}
         assert tokens["autoregressive"] == tokens["medusa"] == tokens["hf-generate"] == tokens["lookup"]
@@ -66,8 +89,9 @@ def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(
 
 
 def test_bench_runs_a_subset_of_methods(tiny_model_dir, questions_file, tmp_path, one_thread):
-    code = run_bench(tiny_model_dir, questions_file, tmp_path, "--methods", "hf-generate,autoregressive",
-                     "--categories", "qa")
+    code = run_bench(
+        tiny_model_dir, questions_file, tmp_path, "--methods", "hf-generate,autoregressive", "--categories", "qa"
+    )
     assert code == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     assert list(report["methods"]) == ["hf-generate", "autoregressive"]
@@ -92,9 +116,19 @@ def test_user_mistakes_exit_2_with_a_message(tiny_model_dir, questions_file, tmp
 def test_config_checks_and_reference():
     assert BenchConfig().reference == "autoregressive"
     assert BenchConfig(methods=("hf-generate", "medusa")).reference == "hf-generate"
-    for bad in (dict(turns=3), dict(methods=()), dict(methods=("medusa", "medusa")), dict(max_new_tokens=0),
-                dict(warmup=-1), dict(lookup=-1), dict(lookup=99), dict(methods=("lookup",), lookup=0),
-                dict(cache_length=0), dict(cache_length="big"), dict(cache_length=True)):
+    for bad in (
+        dict(turns=3),
+        dict(methods=()),
+        dict(methods=("medusa", "medusa")),
+        dict(max_new_tokens=0),
+        dict(warmup=-1),
+        dict(lookup=-1),
+        dict(lookup=99),
+        dict(methods=("lookup",), lookup=0),
+        dict(cache_length=0),
+        dict(cache_length="big"),
+        dict(cache_length=True),
+    ):
         with pytest.raises(MedusaError):
             BenchConfig(**bad)
 
@@ -120,13 +154,30 @@ def test_planned_runs_counts_warmup_and_second_turns(questions_file):
 
 
 def test_transformers_methods_can_run_on_fewer_questions(tiny_model_dir, questions_file, tmp_path, one_thread):
-    code = run_bench(tiny_model_dir, questions_file, tmp_path, "--limit", "2", "--transformers-limit", "1",
-                     "--categories", "writing,qa", "--methods", "autoregressive,hf-generate", "--warmup", "0")
+    code = run_bench(
+        tiny_model_dir,
+        questions_file,
+        tmp_path,
+        "--limit",
+        "2",
+        "--transformers-limit",
+        "1",
+        "--categories",
+        "writing,qa",
+        "--methods",
+        "autoregressive,hf-generate",
+        "--warmup",
+        "0",
+    )
     assert code == 0
     report = json.loads((tmp_path / "bench.json").read_text())
     ran = {q["id"]: sorted(q["methods"]) for q in report["questions"]}
-    assert ran == {1: ["autoregressive", "hf-generate"], 2: ["autoregressive"], 4: ["autoregressive", "hf-generate"],
-                   5: ["autoregressive"]}
+    assert ran == {
+        1: ["autoregressive", "hf-generate"],
+        2: ["autoregressive"],
+        4: ["autoregressive", "hf-generate"],
+        5: ["autoregressive"],
+    }
     assert report["methods"]["hf-generate"]["overall"]["prompts"] == 2
     assert report["methods"]["autoregressive"]["overall"]["prompts"] == 4
     assert report["meta"]["transformers_limit_per_category"] == 1
@@ -134,8 +185,17 @@ def test_transformers_methods_can_run_on_fewer_questions(tiny_model_dir, questio
 
 def test_runs_in_parts_merge_into_one_report(tiny_model_dir, questions_file, tmp_path, one_thread, capsys):
     for category in ("qa", "translation"):
-        code = run_bench(tiny_model_dir, questions_file, tmp_path / category, "--categories", category,
-                         "--methods", "autoregressive,medusa", "--warmup", "0")
+        code = run_bench(
+            tiny_model_dir,
+            questions_file,
+            tmp_path / category,
+            "--categories",
+            category,
+            "--methods",
+            "autoregressive,medusa",
+            "--warmup",
+            "0",
+        )
         assert code == 0
     parts = [str(tmp_path / c / "bench.json") for c in ("qa", "translation")]
     assert main(["bench", "--merge", *parts, "--output-dir", str(tmp_path / "all")]) == 0

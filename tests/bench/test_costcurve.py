@@ -105,8 +105,14 @@ def test_cost_curve_over_batch_sizes(one_thread):
     config = CostCurveConfig(sizes=(1, 4), context=16, repeats=2, warmup=0, batch_sizes=(1, 4))
     result = cost_curve(tiny_medusa(), config)
     assert [(p["batch"], p["nodes"]) for p in result["points"]] == [(1, 1), (1, 4), (4, 1), (4, 4)]
-    assert all(p["x_one_token"] == pytest.approx(p["median_ms"] / next(
-        q["median_ms"] for q in result["points"] if q["batch"] == p["batch"] and q["nodes"] == 1)) for p in result["points"])
+    assert all(
+        p["x_one_token"]
+        == pytest.approx(
+            p["median_ms"]
+            / next(q["median_ms"] for q in result["points"] if q["batch"] == p["batch"] and q["nodes"] == 1)
+        )
+        for p in result["points"]
+    )
     with pytest.raises(MedusaError, match="batch sizes must be batch buckets"):
         CostCurveConfig(batch_sizes=(3,))
 
@@ -134,8 +140,26 @@ def test_config_checks():
 
 
 def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):
-    code = main(["bench", "--cost-curve", "--shape", "tiny", "--sizes", "1,8", "--context", "16", "--repeats", "2",
-                 "--step-warmup", "1", "--device", "cpu", "--output-dir", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--cost-curve",
+            "--shape",
+            "tiny",
+            "--sizes",
+            "1,8",
+            "--context",
+            "16",
+            "--repeats",
+            "2",
+            "--step-warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     result = json.loads((tmp_path / "cost_curve.json").read_text())
     validate_cost_curve(result)

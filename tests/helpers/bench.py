@@ -51,24 +51,52 @@ def sample(tokens, decode, prefill=0.5, steps=None, accepted=None, token_ids=Non
 def hand_made_records() -> list[Record]:
     """Three prompts in two categories; the expected numbers are worked out in the tests below."""
     return [
-        Record(1, "writing", 1, 20, {
-            "autoregressive": sample(100, 2.0),
-            "medusa": sample(100, 1.0, steps=40, accepted=100),
-            "hf-generate": sample(100, 4.0, steps=100),
-        }),
-        Record(2, "writing", 1, 30, {
-            "autoregressive": sample(50, 2.0),
-            "medusa": sample(50, 0.5, steps=20, accepted=52, token_ids=[0, 1, 2, 9] + list(range(4, 50))),
-            "hf-generate": sample(50, 2.0),
-        }),
-        Record(3, "qa", 1, 10, {
-            "autoregressive": sample(10, 1.0),
-            "medusa": sample(10, 1.0, steps=10, accepted=10, token_ids=list(range(9)) + [99]),
-            "hf-generate": sample(10, 0.5),
-        }),
+        Record(
+            1,
+            "writing",
+            1,
+            20,
+            {
+                "autoregressive": sample(100, 2.0),
+                "medusa": sample(100, 1.0, steps=40, accepted=100),
+                "hf-generate": sample(100, 4.0, steps=100),
+            },
+        ),
+        Record(
+            2,
+            "writing",
+            1,
+            30,
+            {
+                "autoregressive": sample(50, 2.0),
+                "medusa": sample(50, 0.5, steps=20, accepted=52, token_ids=[0, 1, 2, 9] + list(range(4, 50))),
+                "hf-generate": sample(50, 2.0),
+            },
+        ),
+        Record(
+            3,
+            "qa",
+            1,
+            10,
+            {
+                "autoregressive": sample(10, 1.0),
+                "medusa": sample(10, 1.0, steps=10, accepted=10, token_ids=list(range(9)) + [99]),
+                "hf-generate": sample(10, 0.5),
+            },
+        ),
     ]
 
 
-META = {"command": "medusa bench --limit 2", "device": "test cpu", "dtype": "float32", "model": "tiny", "heads": None,
-        "tree_size": 64, "max_new_tokens": 100, "torch": "x", "transformers": "y", "timestamp": "now"}
+META = {
+    "command": "medusa bench --limit 2",
+    "device": "test cpu",
+    "dtype": "float32",
+    "model": "tiny",
+    "heads": None,
+    "tree_size": 64,
+    "max_new_tokens": 100,
+    "torch": "x",
+    "transformers": "y",
+    "timestamp": "now",
+}
 METHODS = ("autoregressive", "medusa", "hf-generate")

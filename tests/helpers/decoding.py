@@ -103,17 +103,31 @@ def oracle_heads(base, num_heads: int = 4) -> MedusaHeads:
     )
 
 
-def oracle_engine(base, tree: Tree, num_heads: int = 4, max_rows: int = 1, max_length: int = 64,
-                  span_step: int | None = None, heads: MedusaHeads | None = None) -> OracleEngine:
+def oracle_engine(
+    base,
+    tree: Tree,
+    num_heads: int = 4,
+    max_rows: int = 1,
+    max_length: int = 64,
+    span_step: int | None = None,
+    heads: MedusaHeads | None = None,
+) -> OracleEngine:
     """An engine whose steps propose with the oracle; ``heads`` (default: fresh ones) only set the shapes."""
-    engine = OracleEngine(base, heads or oracle_heads(base, num_heads), lambda bucket: tree,
-                          EngineOptions(attention_span_step=span_step), max_rows=max_rows, max_length=max_length)
+    engine = OracleEngine(
+        base,
+        heads or oracle_heads(base, num_heads),
+        lambda bucket: tree,
+        EngineOptions(attention_span_step=span_step),
+        max_rows=max_rows,
+        max_length=max_length,
+    )
     engine.truth_of = {}
     return engine
 
 
-def oracle_generation(engine: OracleEngine, prompt: list[int], truth: list[int], max_new_tokens: int,
-                      eos: set[int]) -> Generation:
+def oracle_generation(
+    engine: OracleEngine, prompt: list[int], truth: list[int], max_new_tokens: int, eos: set[int]
+) -> Generation:
     generation = Generation(torch.tensor(prompt), max_new_tokens, GreedyAcceptance(), eos_token_ids=frozenset(eos))
     engine.truth_of[id(generation)] = prompt + list(truth)
     return generation
@@ -135,8 +149,9 @@ def oracle_run(
     what is needed."""
     if continuation is None:
         continuation = plain_greedy(base, prompt, max_new_tokens + num_heads + 2)
-    engine = oracle_engine(base, tree, num_heads, max_length=len(prompt) + max_new_tokens + spare_slots,
-                           span_step=span_step)
+    engine = oracle_engine(
+        base, tree, num_heads, max_length=len(prompt) + max_new_tokens + spare_slots, span_step=span_step
+    )
     generation = oracle_generation(engine, prompt, continuation, max_new_tokens, eos)
     for _ in engine.run([generation]):
         pass

@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-
 from helpers.tiny_chat import make_chat_model as make_model
 from medusa.model import MedusaModel
 from medusa.serve.app import ServeSettings, create_app
@@ -28,8 +27,13 @@ def make_slow_model(seconds_per_forward: float) -> MedusaModel:
 class RunningServer:
     """The server ``medusa serve`` runs, on a free loopback port in a background thread."""
 
-    def __init__(self, model: MedusaModel, settings: ServeSettings, engine_config: EngineConfig,
-                 server_config: ServerConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: MedusaModel,
+        settings: ServeSettings,
+        engine_config: EngineConfig,
+        server_config: ServerConfig | None = None,
+    ) -> None:
         self.engine = Engine(model, engine_config)
         self.settings = settings
         self.app = create_app(self.engine, settings)

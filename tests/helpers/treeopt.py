@@ -49,7 +49,7 @@ def greedy_continuation(model: torch.nn.Module, prompt: list[int], new_tokens: i
     with torch.inference_mode():
         for _ in range(new_tokens):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def write_conversations(path: Path, model: torch.nn.Module, tokenizer, count: int = 3, new_tokens: int = 24) -> Path:

@@ -74,8 +74,13 @@ def test_long_accepted_paths_on_the_real_model(default_model, cases):
     of very different lengths in one batch."""
     limit = NEW_TOKENS - default_model.heads.config.num_heads - 1  # the oracle knows this far
     longest = max(cases[i][0].numel() for i in (0, 7))
-    engine = oracle_engine(default_model.base_model, default_model.tree, max_rows=2, max_length=longest + NEW_TOKENS,
-                           heads=default_model.heads)
+    engine = oracle_engine(
+        default_model.base_model,
+        default_model.tree,
+        max_rows=2,
+        max_length=longest + NEW_TOKENS,
+        heads=default_model.heads,
+    )
     eos = default_model.eos_token_ids()
     generations = [oracle_generation(engine, cases[i][0].tolist(), cases[i][1], limit, eos) for i in (0, 7)]
     for _ in engine.run(generations):

@@ -33,7 +33,11 @@ def test_chat_completion_matches_the_library(client, serve_model):
 def test_streamed_chat_reassembles_to_the_same_text(client):
     whole = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=0)
     stream = client.chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=0, stream=True,
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -88,7 +92,9 @@ def test_stop_strings_cut_the_answer(client, serve_model):
     text = full.choices[0].text
     at = next(i for i in range(3, len(text) - 1) if text.find(text[i : i + 2]) == i)  # a stop first seen late
     stop = text[at : at + 2]
-    cut = client.completions.create(model=MODEL_NAME, prompt="The sky is", max_tokens=30, temperature=0, stop=["zz", stop])
+    cut = client.completions.create(
+        model=MODEL_NAME, prompt="The sky is", max_tokens=30, temperature=0, stop=["zz", stop]
+    )
     assert cut.choices[0].text == text[:at]
     assert cut.choices[0].finish_reason == "stop"
     assert cut.usage.completion_tokens < full.usage.completion_tokens
@@ -118,7 +124,9 @@ def test_health_and_metrics(server, client):
     assert samples["medusa_decoding_steps_total"] >= 1
     assert samples["medusa_accepted_tokens_total"] >= samples["medusa_decoding_steps_total"]
     assert samples["medusa_time_to_first_token_seconds_count"] >= 1
-    assert samples['medusa_request_latency_seconds_bucket{le="+Inf"}'] == samples["medusa_request_latency_seconds_count"]
+    assert (
+        samples['medusa_request_latency_seconds_bucket{le="+Inf"}'] == samples["medusa_request_latency_seconds_count"]
+    )
     assert samples["medusa_generation_running"] == 0
 
 

@@ -151,7 +151,9 @@ def test_a_dead_worker_fails_the_waiting_and_refuses_new_work(serve_model):
 
 
 def test_retry_after_estimates_the_wait_from_the_line(slow_model):
-    engine = Engine(slow_model, EngineConfig(max_waiting=3, request_timeout=120, options=EngineOptions(use_heads=False)))
+    engine = Engine(
+        slow_model, EngineConfig(max_waiting=3, request_timeout=120, options=EngineOptions(use_heads=False))
+    )
     engine.start()
     try:
         plain = GenerationConfig(max_new_tokens=10)  # 11 forward passes of 30 ms or more

@@ -124,7 +124,9 @@ def test_sampled_requests_and_stop_strings_with_batching(serve_model):
     engine.start()
     try:
         sampled, stopped, plain = Collector(), Collector(), Collector()
-        engine.submit(ids(serve_model, PROMPTS[0]), GenerationConfig(max_new_tokens=10, temperature=0.8, seed=1), sampled)
+        engine.submit(
+            ids(serve_model, PROMPTS[0]), GenerationConfig(max_new_tokens=10, temperature=0.8, seed=1), sampled
+        )
         engine.submit(ids(serve_model, PROMPTS[1]), GenerationConfig(max_new_tokens=24, stop=(stop,)), stopped)
         engine.submit(ids(serve_model, PROMPTS[2]), GenerationConfig(max_new_tokens=8), plain)
         for sink in (sampled, stopped, plain):
@@ -149,8 +151,9 @@ def test_concurrent_http_requests_are_batched(serve_model):
 
         def ask(index: int) -> None:
             body = {"model": "tiny", "prompt": PROMPTS[index], "max_tokens": 12, "temperature": 0}
-            results[index] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()[
-                "choices"][0]["text"]
+            results[index] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).json()["choices"][0][
+                "text"
+            ]
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
         for thread in threads:

@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from helpers.serve import MODEL_NAME, make_slow_model, running_server
 
+from helpers.serve import MODEL_NAME, make_slow_model, running_server
 from medusa.serve.schemas import ChatCompletionRequest
 
 CHAT = "/v1/chat/completions"
@@ -67,8 +67,10 @@ def test_clients_that_never_finish_their_headers_are_dropped(serve_model):
 def test_a_client_that_never_finishes_its_body_gets_408(serve_model):
     with running_server(serve_model, body_timeout=0.5) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{\"model\": ")
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 100\r\n\r\n{"model": '
+            )
             reply = read_until_closed(sock)
         assert reply.startswith(b"HTTP/1.1 408")
         assert b"did not arrive within 0.5 seconds" in reply and b"x-request-id" in reply
@@ -123,7 +125,10 @@ def tokenizer_spy(server):
     handlers.tokenizer = spy.tokenizer
 
 
-HUGE = ((CHAT, chat("x" * 3_000_000)), ("/v1/completions", {"model": MODEL_NAME, "prompt": "y" * 3_000_000, "max_tokens": 2}))
+HUGE = (
+    (CHAT, chat("x" * 3_000_000)),
+    ("/v1/completions", {"model": MODEL_NAME, "prompt": "y" * 3_000_000, "max_tokens": 2}),
+)
 
 
 def test_a_huge_prompt_is_refused_by_its_length_in_characters(http):
@@ -266,6 +271,7 @@ def test_trusted_clients_may_send_special_tokens(serve_model):
 
 def test_requests_to_a_dead_worker_fail_at_once_with_503(serve_model):
     with running_server(serve_model, request_timeout=60) as server:
+
         def crash(rows):
             raise RuntimeError("a bug in the worker")
 

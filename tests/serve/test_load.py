@@ -35,9 +35,10 @@ def test_32_clients_at_once_each_complete_or_get_429(serve_model):
     expected = serve_model.generate(PROMPT, max_new_tokens=16, chat_template=False).text
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 16, "temperature": 0}
     results: list[tuple[int, str] | Exception] = [None] * CLIENTS
-    with running_server(serve_model, max_waiting=6) as server, httpx.Client(
-        base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=CLIENTS)
-    ) as http:  # one pool, one connection per client thread (a client each would cost seconds of TLS setup)
+    with (
+        running_server(serve_model, max_waiting=6) as server,
+        httpx.Client(base_url=server.url, timeout=60, limits=httpx.Limits(max_connections=CLIENTS)) as http,
+    ):  # one pool, one connection per client thread (a client each would cost seconds of TLS setup)
         barrier = threading.Barrier(CLIENTS)
 
         def client(index: int) -> None:
@@ -50,7 +51,10 @@ def test_32_clients_at_once_each_complete_or_get_429(serve_model):
                 else:
                     response = http.post("/v1/completions", json=body)
                     ok = response.status_code == 200
-                    results[index] = (response.status_code, response.json()["choices"][0]["text"] if ok else response.text)
+                    results[index] = (
+                        response.status_code,
+                        response.json()["choices"][0]["text"] if ok else response.text,
+                    )
                     if response.status_code == 429:
                         assert int(response.headers["retry-after"]) >= 1
             except Exception as error:  # noqa: BLE001  (reported below)
@@ -86,7 +90,9 @@ def slow_server(one_thread):
 
 def quick_request_seconds(url: str) -> float:
     started = time.monotonic()
-    response = httpx.post(url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=30)
+    response = httpx.post(
+        url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 2}, timeout=30
+    )
     assert response.status_code == 200
     return time.monotonic() - started
 
@@ -110,8 +116,10 @@ def test_a_client_dropping_the_socket_frees_the_model(slow_server):
     """The rudest disconnect: a raw socket closed while the answer streams."""
     body = json.dumps({"model": MODEL_NAME, "prompt": "go", "max_tokens": 200, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", slow_server.port), timeout=10) as raw:
-        raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        raw.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         assert b"200 OK" in raw.recv(4096)
         time.sleep(0.3)
     assert quick_request_seconds(slow_server.url) < 2.0

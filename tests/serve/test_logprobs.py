@@ -37,8 +37,9 @@ def check_chat_token(model, item, expected: torch.Tensor, token_id: int, top: in
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=11)], ids=["greedy", "sampled"])
 def test_chat_logprobs_are_the_base_models_own(client, serve_model, sampling):
-    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=20, logprobs=True,
-                                              top_logprobs=3, **sampling)
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=20, logprobs=True, top_logprobs=3, **sampling
+    )
     # A seeded request gives the same tokens alone in the library as in the server's batch.
     tokens = serve_model.generate(MESSAGES, max_new_tokens=20, **sampling).token_ids
     content = response.choices[0].logprobs.content
@@ -55,8 +56,9 @@ def test_chat_logprobs_are_the_base_models_own(client, serve_model, sampling):
 
 @pytest.mark.parametrize("top", [0, 1, 20])
 def test_top_logprobs_come_best_first_and_as_many_as_asked(client, top):
-    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=6, temperature=1.0,
-                                              seed=3, logprobs=True, top_logprobs=top)
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=6, temperature=1.0, seed=3, logprobs=True, top_logprobs=top
+    )
     for item in response.choices[0].logprobs.content:
         values = [t.logprob for t in item.top_logprobs]
         assert len(values) == top and values == sorted(values, reverse=True)
@@ -77,6 +79,7 @@ def test_streamed_chat_logprobs_concatenate_to_the_whole(client):
     whole = client.chat.completions.create(**options).choices[0].logprobs.content
     chunks = [c for c in client.chat.completions.create(stream=True, **options) if c.choices]
     streamed = [item for c in chunks if c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+
     def flat(items) -> tuple[list, list[float]]:
         names = [(i.token, i.bytes, [(t.token, t.bytes) for t in i.top_logprobs]) for i in items]
         return names, [v for i in items for v in (i.logprob, *(t.logprob for t in i.top_logprobs))]
@@ -106,8 +109,9 @@ def test_completion_logprobs_without_echo(client, serve_model):
 @pytest.mark.parametrize("max_tokens", [0, 1])
 def test_completion_echo_scores_the_prompt(client, serve_model, max_tokens):
     """What evaluation harnesses (lm-eval) send to score a text: echo, logprobs, max_tokens 0 or 1."""
-    response = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=max_tokens, temperature=0,
-                                         echo=True, logprobs=3)
+    response = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=max_tokens, temperature=0, echo=True, logprobs=3
+    )
     prompt = serve_model.tokenizer(PROMPT)["input_ids"]
     generated = serve_model.generate(PROMPT, max_new_tokens=1, chat_template=False).token_ids[:max_tokens]
     choice = response.choices[0]
@@ -129,8 +133,9 @@ def test_completion_echo_scores_the_prompt(client, serve_model, max_tokens):
 
 def test_streamed_echo_with_max_tokens_0(client):
     whole = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
-    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == PROMPT
     streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
     assert streamed == pytest.approx(whole.choices[0].logprobs.token_logprobs)
@@ -145,12 +150,14 @@ def test_echo_without_logprobs_puts_the_prompt_first(client, serve_model):
 
 def test_n_choices_with_a_seed_are_the_single_requests_of_seed_plus_i(client, serve_model):
     def single(seed: int) -> tuple[str, int]:
-        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0,
-                                                  seed=seed)
+        response = client.chat.completions.create(
+            model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=seed
+        )
         return response.choices[0].message.content, response.usage.completion_tokens
 
-    response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0,
-                                              seed=41, n=3)
+    response = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0, seed=41, n=3
+    )
     singles = [single(seed) for seed in (41, 42, 43)]
     assert [c.index for c in response.choices] == [0, 1, 2]
     assert [c.message.content for c in response.choices] == [text for text, _ in singles]
@@ -159,8 +166,18 @@ def test_n_choices_with_a_seed_are_the_single_requests_of_seed_plus_i(client, se
     assert response.usage.prompt_tokens == serve_model.encode_prompt(MESSAGES).numel()  # counted once
     streamed = ["", "", ""]
     finishes = {}
-    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0,
-                                                 seed=41, n=3, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            seed=41,
+            n=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     for chunk in chunks:
         for choice in chunk.choices:
             streamed[choice.index] += choice.delta.content or ""
@@ -172,8 +189,9 @@ def test_n_choices_with_a_seed_are_the_single_requests_of_seed_plus_i(client, se
 
 
 def test_n_completions_greedy_are_the_same_and_echo_each(client, serve_model):
-    response = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, n=2,
-                                         echo=True, logprobs=0)
+    response = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, n=2, echo=True, logprobs=0
+    )
     expected = serve_model.generate(PROMPT, max_new_tokens=6, chat_template=False).text
     assert [c.text for c in response.choices] == [PROMPT + expected] * 2
     assert response.choices[0].logprobs.token_logprobs == response.choices[1].logprobs.token_logprobs
@@ -214,8 +232,16 @@ def test_n_choices_decoded_as_rows_of_one_batch_keep_their_seeds_and_logprobs(se
 
     with running_server(serve_model, max_batch=4) as batched:
         client = openai.OpenAI(base_url=batched.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        response = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, temperature=1.0,
-                                                  seed=7, n=3, logprobs=True, top_logprobs=2)
+        response = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=16,
+            temperature=1.0,
+            seed=7,
+            n=3,
+            logprobs=True,
+            top_logprobs=2,
+        )
         steps = batched.engine.metrics.batch_size
         assert steps.sum > steps.count  # more than one row per step: the choices ran together
     prompt = serve_model.encode_prompt(MESSAGES).tolist()

@@ -24,7 +24,9 @@ from medusa.training.checkpoint import (
 def stepped_optimizer():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
-    optimizer = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[1].parameters(), "lr": 1e-3}])
+    optimizer = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[1].parameters(), "lr": 1e-3}]
+    )
     for _ in range(3):
         model(torch.randn(5, 4)).square().sum().backward()
         optimizer.step()
@@ -42,7 +44,9 @@ def test_optimizer_state_round_trips_through_tensors_and_json():
     tensors, structure = flatten_optimizer_state(optimizer.state_dict())
     restored = unflatten_optimizer_state(tensors, json.loads(json.dumps(structure)))
     model, fresh = stepped_optimizer()
-    fresh = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 5.0}, {"params": model[1].parameters(), "lr": 5.0}])
+    fresh = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 5.0}, {"params": model[1].parameters(), "lr": 5.0}]
+    )
     restore_optimizer(fresh, restored)
     original, loaded = optimizer.state_dict(), fresh.state_dict()
     assert loaded["param_groups"] == original["param_groups"]  # betas are a tuple again

@@ -18,11 +18,22 @@ from medusa.training.data import (
 )
 
 SHAPES = [
-    ({"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
-     [{"role": "user", "content": "Hi?"}], "Hello."),
-    ({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi?"},
-                   {"role": "assistant", "content": "Yo."}]},
-     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi?"}], "Yo."),
+    (
+        {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]},
+        [{"role": "user", "content": "Hi?"}],
+        "Hello.",
+    ),
+    (
+        {
+            "messages": [
+                {"role": "system", "content": "Be terse."},
+                {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Yo."},
+            ]
+        },
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi?"}],
+        "Yo.",
+    ),
     ({"instruction": "Add.", "input": "2 and 3", "output": "5"}, [{"role": "user", "content": "Add.\n\n2 and 3"}], "5"),
     ({"instruction": "Greet.", "input": "", "response": "Hello!"}, [{"role": "user", "content": "Greet."}], "Hello!"),
     ({"question": "2+2?", "answer": "4"}, [{"role": "user", "content": "2+2?"}], "4"),
@@ -53,7 +64,9 @@ def test_every_shape_reads_as_prompt_and_as_training_conversation(tmp_path, toke
         [{"role": "user", "content": "Only a prompt."}]
     ]
     examples = load_examples([path], tokenizer, max_length=256)
-    assert [assistant_text(tokenizer, e) for e in examples.items] == [f"{answer}<|im_end|>\n" for _, _, answer in SHAPES]
+    assert [assistant_text(tokenizer, e) for e in examples.items] == [
+        f"{answer}<|im_end|>\n" for _, _, answer in SHAPES
+    ]
     # The prompt-only record cannot be trained on: skipped, with its place and the reason.
     assert examples.skipped_count == 1
     assert f"{path}:" in examples.skipped[0] and "prompt-only" in examples.skipped[0]
@@ -61,14 +74,18 @@ def test_every_shape_reads_as_prompt_and_as_training_conversation(tmp_path, toke
 
 def test_malformed_lines_are_skipped_with_file_and_line(tmp_path, tokenizer):
     good = {"question": "1+1?", "answer": "2"}
-    path = write_jsonl(tmp_path / "mixed.jsonl", [good], raw_lines=[
-        "{not json",  # line 2
-        "[1, 2]",  # line 3: not an object
-        json.dumps({"conversations": [{"from": "robot", "value": "x"}]}),  # line 4: unknown role
-        json.dumps({"instruction": "Do it."}),  # line 5: fine as a prompt, no answer to train on
-        json.dumps({"title": "nothing useful"}),  # line 6
-        json.dumps({"conversations": [{"from": "human", "value": 3}]}),  # line 7: no text
-    ])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [good],
+        raw_lines=[
+            "{not json",  # line 2
+            "[1, 2]",  # line 3: not an object
+            json.dumps({"conversations": [{"from": "robot", "value": "x"}]}),  # line 4: unknown role
+            json.dumps({"instruction": "Do it."}),  # line 5: fine as a prompt, no answer to train on
+            json.dumps({"title": "nothing useful"}),  # line 6
+            json.dumps({"conversations": [{"from": "human", "value": 3}]}),  # line 7: no text
+        ],
+    )
     result = load_examples([path], tokenizer, max_length=128)
     assert len(result.items) == 1 and result.skipped_count == 6
     assert [line.split(": ")[0] for line in result.skipped] == [f"{path}:{n}" for n in range(2, 8)]
@@ -94,8 +111,10 @@ def test_json_list_reports_the_line_of_a_bad_item_and_a_broken_file(tmp_path, to
 
 def test_only_assistant_turns_are_labelled_in_a_multi_turn_conversation(tokenizer):
     messages = [
-        {"role": "user", "content": "one"}, {"role": "assistant", "content": "AAA"},
-        {"role": "user", "content": "two"}, {"role": "assistant", "content": "BBB"},
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "AAA"},
+        {"role": "user", "content": "two"},
+        {"role": "assistant", "content": "BBB"},
     ]
     example = encode_conversation(tokenizer, messages, max_length=512)
     assert assistant_text(tokenizer, example) == "AAA<|im_end|>\nBBB<|im_end|>\n"
@@ -135,8 +154,12 @@ def test_length_batches_cover_every_example_once_per_epoch_within_their_caps():
 
 
 def test_collator_pads_right_and_split_holds_out_a_seeded_fraction(tokenizer):
-    examples = [encode_conversation(tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}], 128)
-                for n in range(1, 51)]
+    examples = [
+        encode_conversation(
+            tokenizer, [{"role": "user", "content": "q" * n}, {"role": "assistant", "content": "a"}], 128
+        )
+        for n in range(1, 51)
+    ]
     batch = Collator(tokenizer.pad_token_id)(examples[:2])
     assert batch["input_ids"].shape == batch["loss_mask"].shape == (2, len(examples[1].input_ids))
     assert batch["attention_mask"][0].sum() == len(examples[0].input_ids)

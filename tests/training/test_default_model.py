@@ -26,12 +26,16 @@ def one_thread():
 
 def test_distill_and_train_on_the_default_model(tmp_path, default_model, one_thread):
     tokenizer, base = default_model.tokenizer, default_model.base_model
-    example = encode_conversation(tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 256)
+    example = encode_conversation(
+        tokenizer, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}], 256
+    )
     labelled = tokenizer.decode([t for t, keep in zip(example.input_ids, example.loss_mask) if keep])
     assert labelled == "Hello there<|im_end|>\n"  # the default system prompt and the user turn are not trained on
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"What is {n} times 3?", "answer": "-"}) + "\n" for n in range(3)))
+    prompts.write_text(
+        "".join(json.dumps({"question": f"What is {n} times 3?", "answer": "-"}) + "\n" for n in range(3))
+    )
     distilled = tmp_path / "distilled.jsonl"
     config = DistillConfig(data=[str(prompts)], output=str(distilled), max_new_tokens=8, batch_size=3, device="cpu")
     work = plan(config, tokenizer)
@@ -41,8 +45,15 @@ def test_distill_and_train_on_the_default_model(tmp_path, default_model, one_thr
     assert len(load_examples([distilled], tokenizer, 512).items) == 3
 
     out = tmp_path / "run"
-    settings = TrainConfig(data=[str(distilled)], output_dir=str(out), max_steps=1, batch_size=2, eval_fraction=0.34,
-                           device="cpu", warmup_steps=0)
+    settings = TrainConfig(
+        data=[str(distilled)],
+        output_dir=str(out),
+        max_steps=1,
+        batch_size=2,
+        eval_fraction=0.34,
+        device="cpu",
+        warmup_steps=0,
+    )
     result = Trainer(settings, base_model=base, tokenizer=tokenizer, base_name="SmolLM2-135M-Instruct").train()
     weights = result.heads_dir / "medusa_heads.safetensors"
     assert 4 * 576 * 576 * 4 < weights.stat().st_size < 6 * 2**20  # shared lm_head: 4 x 576^2 floats, about 5 MB

@@ -17,7 +17,9 @@ from medusa.training.distill import distill, plan, sample_prompts
 @pytest.fixture
 def prompt_files(tmp_path):
     jsonl = tmp_path / "questions.jsonl"
-    jsonl.write_text("".join(json.dumps({"question": f"q{i}?" * (i % 4 + 1), "answer": "x"}) + "\n" for i in range(6)) + "oops\n")
+    jsonl.write_text(
+        "".join(json.dumps({"question": f"q{i}?" * (i % 4 + 1), "answer": "x"}) + "\n" for i in range(6)) + "oops\n"
+    )
     array = tmp_path / "instructions.json"
     array.write_text(json.dumps([{"instruction": f"do {i}", "input": "", "response": "y"} for i in range(5)]))
     return [str(jsonl), str(array)]
@@ -56,7 +58,9 @@ def test_killed_distillation_resumes_without_duplicates_or_gaps(tmp_path, tokeni
 
 def test_answers_are_the_models_greedy_continuation(tmp_path, tokenizer, prompt_files):
     model = make_base(tokenizer)
-    config = DistillConfig(data=prompt_files[1:], output=str(tmp_path / "d.jsonl"), max_new_tokens=6, batch_size=4, limit=3)
+    config = DistillConfig(
+        data=prompt_files[1:], output=str(tmp_path / "d.jsonl"), max_new_tokens=6, batch_size=4, limit=3
+    )
     work = plan(config, tokenizer)
     list(distill(config, work, model, tokenizer))
     for (prompt, ids), row in zip(work.pending, read_rows(tmp_path / "d.jsonl")):
@@ -85,24 +89,110 @@ def test_cli_distills_then_trains_from_a_model_directory(tmp_path, tokenizer, pr
     make_base(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     distilled = tmp_path / "distilled.jsonl"
-    assert main(["distill", "--model", str(model_dir), "--data", ",".join(prompt_files), "--output", str(distilled),
-                 "--max-new-tokens", "6", "--batch-size", "4", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--model",
+                str(model_dir),
+                "--data",
+                ",".join(prompt_files),
+                "--output",
+                str(distilled),
+                "--max-new-tokens",
+                "6",
+                "--batch-size",
+                "4",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert len(read_rows(distilled)) == 11
     assert "skipped 1 records" in capsys.readouterr().err
     out = tmp_path / "run"
-    assert main(["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out), "--max-steps", "2",
-                 "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(distilled),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--num-heads",
+                "2",
+                "--batch-size",
+                "4",
+                "--eval-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "head 0 (token t+2): top-1" in printed and "head 1 (token t+3)" in printed
     assert (out / "heads" / "medusa_heads.safetensors").is_file() and (out / "head_accuracy.json").is_file()
-    assert main(["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out), "--max-steps", "2",
-                 "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(distilled),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--num-heads",
+                "2",
+                "--batch-size",
+                "4",
+                "--eval-fraction",
+                "0.2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "--resume" in capsys.readouterr().err
     # A resume with another warm-up or head decay is refused, naming the setting and its flag.
     for flag, value, setting in (("--warmup-steps", "1", "warmup_steps"), ("--head-decay", "0.5", "head_weight_decay")):
-        assert main(["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out), "--max-steps",
-                     "2", "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu",
-                     "--resume", flag, value]) == 2
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    str(model_dir),
+                    "--data",
+                    str(distilled),
+                    "--output",
+                    str(out),
+                    "--max-steps",
+                    "2",
+                    "--num-heads",
+                    "2",
+                    "--batch-size",
+                    "4",
+                    "--eval-fraction",
+                    "0.2",
+                    "--device",
+                    "cpu",
+                    "--resume",
+                    flag,
+                    value,
+                ]
+            )
+            == 2
+        )
         assert f"{setting} was" in (error := capsys.readouterr().err) and f"set by {flag}" in error
 
 
@@ -111,8 +201,21 @@ def test_a_rerun_with_other_answer_settings_is_refused_naming_the_setting(tmp_pa
     make_base(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     distilled = tmp_path / "distilled.jsonl"
-    args = ["distill", "--model", str(model_dir), "--data", prompt_files[1], "--output", str(distilled),
-            "--batch-size", "4", "--device", "cpu", "--limit", "2"]
+    args = [
+        "distill",
+        "--model",
+        str(model_dir),
+        "--data",
+        prompt_files[1],
+        "--output",
+        str(distilled),
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--limit",
+        "2",
+    ]
     assert main([*args, "--max-new-tokens", "4"]) == 0
     rows = distilled.read_text()
     assert main([*args, "--max-new-tokens", "6", "--limit", "4"]) == 2

@@ -14,8 +14,13 @@ def tensors():
     generator = torch.Generator().manual_seed(0)
     rows, hidden, vocab = 23, 8, 40
     make = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
-    return make(rows, hidden).requires_grad_(), make(vocab, hidden).requires_grad_(), make(rows, hidden), make(vocab, hidden), \
-        torch.randint(0, vocab, (rows,), generator=generator)
+    return (
+        make(rows, hidden).requires_grad_(),
+        make(vocab, hidden).requires_grad_(),
+        make(rows, hidden),
+        make(vocab, hidden),
+        torch.randint(0, vocab, (rows,), generator=generator),
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 100])

@@ -21,15 +21,23 @@ from medusa.training.prompt_tasks import (
 )
 
 POOL = [
-    {"question": "Tom has 3 apples and buys 4 more. How many now?",
-     "answer": "Tom buys 4 apples, so he has 3 + 4 = <<3+4=7>>7 apples. "
-               "That is the number he has after shopping.\n#### 7"},
-    {"instruction": "Describe a lighthouse keeper's morning.", "input": "",
-     "response": "The keeper climbs the spiral stairs before dawn, trims the wick, polishes the great lens and "
-                 "writes the weather in the log while gulls circle the gallery outside."},
-    {"instruction": "Write a Python function that reverses a string.", "input": "",
-     "response": "def reverse(text):\n    \"\"\"Return text backwards.\"\"\"\n    return text[::-1]\n\n"
-                 "print(reverse('medusa'))  # prints 'asudem' and shows slicing with a negative step"},
+    {
+        "question": "Tom has 3 apples and buys 4 more. How many now?",
+        "answer": "Tom buys 4 apples, so he has 3 + 4 = <<3+4=7>>7 apples. "
+        "That is the number he has after shopping.\n#### 7",
+    },
+    {
+        "instruction": "Describe a lighthouse keeper's morning.",
+        "input": "",
+        "response": "The keeper climbs the spiral stairs before dawn, trims the wick, polishes the great lens and "
+        "writes the weather in the log while gulls circle the gallery outside.",
+    },
+    {
+        "instruction": "Write a Python function that reverses a string.",
+        "input": "",
+        "response": 'def reverse(text):\n    """Return text backwards."""\n    return text[::-1]\n\n'
+        "print(reverse('medusa'))  # prints 'asudem' and shows slicing with a negative step",
+    },
     {"instruction": "Say hi.", "input": "", "response": "Hi!"},  # too short to be a document
 ]
 
@@ -41,8 +49,13 @@ def write_pool(tmp_path):
 
 
 def config(path, **overrides):
-    settings = {"data": [str(path)], "count": 8, "min_document_chars": 100, "documents_per_question": 2,
-                "max_prompt_chars": 1200} | overrides
+    settings = {
+        "data": [str(path)],
+        "count": 8,
+        "min_document_chars": 100,
+        "documents_per_question": 2,
+        "max_prompt_chars": 1200,
+    } | overrides
     return PromptTaskConfig(**settings)
 
 
@@ -81,29 +94,52 @@ def test_same_seed_same_prompts_other_seed_other_prompts(tmp_path):
     assert make_prompts(config(path)).prompts != make_prompts(config(path, seed=1)).prompts
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"tasks": ("summarize", "poem")}, "unknown prompt task(s) poem"),
-    ({"tasks": ()}, "no prompt tasks"),
-    ({"tasks": ("summarize", "summarize")}, "prompt task(s) summarize given more than once"),
-    ({"count": 0}, "--count must be at least 1"),
-    ({"documents_per_question": 0}, "documents per question must be at least 1"),
-    ({"max_prompt_chars": 100}, "--max-prompt-chars must be at least 400"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tasks": ("summarize", "poem")}, "unknown prompt task(s) poem"),
+        ({"tasks": ()}, "no prompt tasks"),
+        ({"tasks": ("summarize", "summarize")}, "prompt task(s) summarize given more than once"),
+        ({"count": 0}, "--count must be at least 1"),
+        ({"documents_per_question": 0}, "documents per question must be at least 1"),
+        ({"max_prompt_chars": 100}, "--max-prompt-chars must be at least 400"),
+    ],
+)
 def test_bad_settings_are_refused(tmp_path, overrides, message):
     with pytest.raises(MedusaError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config(write_pool(tmp_path), **overrides)
 
 
 def test_a_pool_without_enough_documents_is_refused(tmp_path):
-    with pytest.raises(MedusaError, match="3 records have an answer of at least 100 characters; context prompts need at least 4"):
+    with pytest.raises(
+        MedusaError, match="3 records have an answer of at least 100 characters; context prompts need at least 4"
+    ):
         make_prompts(config(write_pool(tmp_path), documents_per_question=4))
 
 
 def test_cli_writes_the_file_and_never_overwrites_one(tmp_path, capsys):
     path = write_pool(tmp_path)
     out = tmp_path / "out" / "prompts.jsonl"
-    assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "4", "--documents", "2",
-                 "--min-document-chars", "100", "--max-prompt-chars", "900"]) == 0
+    assert (
+        main(
+            [
+                "prompts",
+                "--data",
+                str(path),
+                "--output",
+                str(out),
+                "--count",
+                "4",
+                "--documents",
+                "2",
+                "--min-document-chars",
+                "100",
+                "--max-prompt-chars",
+                "900",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["task"] for row in rows] == list(TASKS)
     assert "wrote 4 prompts" in capsys.readouterr().err
@@ -147,21 +183,29 @@ def test_the_packaged_topics_are_read_without_comments():
 
 def test_topic_and_document_tasks_mix(tmp_path):
     path = write_pool(tmp_path)
-    result = make_prompts(config(path, tasks=("summarize", "ask"), count=4, topics=str(write_topics(tmp_path, "tea", "chess"))))
+    result = make_prompts(
+        config(path, tasks=("summarize", "ask"), count=4, topics=str(write_topics(tmp_path, "tea", "chess")))
+    )
     assert [p["task"] for p in result.prompts] == ["summarize", "ask"] * 2
     assert result.sources == 3
 
 
 def test_asking_more_topic_prompts_than_pairings_exist_is_refused(tmp_path):
     topics = write_topics(tmp_path, "tea", "chess")
-    with pytest.raises(MedusaError, match=rf"200 'article' prompts asked for, but {len(ARTICLE)} templates x 2 topics make only {2 * len(ARTICLE)}"):
+    with pytest.raises(
+        MedusaError,
+        match=rf"200 'article' prompts asked for, but {len(ARTICLE)} templates x 2 topics make only {2 * len(ARTICLE)}",
+    ):
         make_prompts(PromptTaskConfig(data=[], count=200, tasks=("article",), topics=str(topics)))
 
 
-@pytest.mark.parametrize("contents, message", [
-    (None, "topics file .* does not exist"),
-    ("# only a comment\ntea\n", "holds 1 topic\\(s\\); topic prompts need at least 2"),
-])
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (None, "topics file .* does not exist"),
+        ("# only a comment\ntea\n", "holds 1 topic\\(s\\); topic prompts need at least 2"),
+    ],
+)
 def test_bad_topics_files_are_refused(tmp_path, contents, message):
     path = tmp_path / "topics.txt"
     if contents is not None:
@@ -184,14 +228,35 @@ def test_no_document_repeats_within_a_prompt_and_a_small_pool_is_named(tmp_path,
     the command says the pool was too small."""
     path = write_pool(tmp_path)
     result = make_prompts(config(path, count=30, tasks=("summarize", "key-points", "rewrite")))
-    documents = [source for source in (clean_document(row.get("answer") or row.get("response")) for row in POOL)
-                 if len(source) >= 100]
+    documents = [
+        source
+        for source in (clean_document(row.get("answer") or row.get("response")) for row in POOL)
+        if len(source) >= 100
+    ]
     for prompt in result.prompts:
         assert all(prompt["prompt"].count(document) <= 1 for document in documents), prompt["prompt"]
     assert result.short == 30
     out = tmp_path / "prompts.jsonl"
-    assert main(["prompts", "--data", str(path), "--output", str(out), "--count", "3", "--tasks", "summarize",
-                 "--min-document-chars", "100", "--max-prompt-chars", "1200"]) == 0
+    assert (
+        main(
+            [
+                "prompts",
+                "--data",
+                str(path),
+                "--output",
+                str(out),
+                "--count",
+                "3",
+                "--tasks",
+                "summarize",
+                "--min-document-chars",
+                "100",
+                "--max-prompt-chars",
+                "1200",
+            ]
+        )
+        == 0
+    )
     assert "note: 3 of 3 document prompts are shorter" in capsys.readouterr().err
 
 

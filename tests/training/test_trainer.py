@@ -40,8 +40,18 @@ def data_file(tmp_path_factory):
 
 
 def config(data_file, output, **overrides) -> TrainConfig:
-    settings = dict(data=[str(data_file)], output_dir=str(output), max_steps=8, batch_size=8, learning_rate=2e-2,
-                    warmup_steps=0, log_every=1, eval_fraction=0.1, device="cpu", num_heads=3)
+    settings = dict(
+        data=[str(data_file)],
+        output_dir=str(output),
+        max_steps=8,
+        batch_size=8,
+        learning_rate=2e-2,
+        warmup_steps=0,
+        log_every=1,
+        eval_fraction=0.1,
+        device="cpu",
+        num_heads=3,
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -80,8 +90,17 @@ def test_stage1_lowers_every_heads_loss_and_writes_loadable_outputs(tmp_path, to
 def test_stage2_trains_adapter_and_heads_and_stays_close_to_the_original(tmp_path, tokenizer, data_file):
     base = make_base(tokenizer)
     original = {k: v.clone() for k, v in base.state_dict().items()}
-    settings = config(data_file, tmp_path, stage=2, max_steps=6, heads_warmup_steps=2, backbone_learning_rate=1e-2,
-                      heads_lambda=1.0, merge=True, lora={"rank": 4, "alpha": 8})
+    settings = config(
+        data_file,
+        tmp_path,
+        stage=2,
+        max_steps=6,
+        heads_warmup_steps=2,
+        backbone_learning_rate=1e-2,
+        heads_lambda=1.0,
+        merge=True,
+        lora={"rank": 4, "alpha": 8},
+    )
     reports = []
     result = Trainer(settings, base_model=base, tokenizer=tokenizer, base_name="tiny").train(on_step=reports.append)
     assert [r.backbone_loss is None for r in reports] == [True, True, False, False, False, False]
@@ -101,14 +120,23 @@ def test_stage2_trains_adapter_and_heads_and_stays_close_to_the_original(tmp_pat
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, tokenizer, data_file, accumulation):
     def run(output, kill_at=None, resume=False):
-        settings = config(data_file, output, max_steps=6, checkpoint_every=2, batch_size=4, warmup_steps=2,
-                          gradient_accumulation=accumulation)
+        settings = config(
+            data_file,
+            output,
+            max_steps=6,
+            checkpoint_every=2,
+            batch_size=4,
+            warmup_steps=2,
+            gradient_accumulation=accumulation,
+        )
 
         def on_step(report):
             if report.step == kill_at:
                 raise KeyboardInterrupt  # killed after step 3: its checkpoint is step 2's
+
         return Trainer(settings, base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny").train(
-            resume=resume, on_step=on_step)
+            resume=resume, on_step=on_step
+        )
 
     straight = run(tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
@@ -130,9 +158,19 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, tokenizer, da
     log = [json.loads(line)["step"] for line in (tmp_path / "killed/train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4, 5, 6]  # step 3 of the killed run was redone, not logged twice
     with pytest.raises(MedusaError, match="different settings"):
-        Trainer(config(data_file, tmp_path / "killed", max_steps=6, checkpoint_every=2, batch_size=8, warmup_steps=2,
-                       gradient_accumulation=accumulation),
-                base_model=make_base(tokenizer), tokenizer=tokenizer).train(resume=True)
+        Trainer(
+            config(
+                data_file,
+                tmp_path / "killed",
+                max_steps=6,
+                checkpoint_every=2,
+                batch_size=8,
+                warmup_steps=2,
+                gradient_accumulation=accumulation,
+            ),
+            base_model=make_base(tokenizer),
+            tokenizer=tokenizer,
+        ).train(resume=True)
 
 
 def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_path, tokenizer, data_file):
@@ -141,7 +179,12 @@ def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_pat
 
     def trainer(**changes):
         settings = dict(max_steps=4, checkpoint_every=2, batch_size=4, warmup_steps=2) | changes
-        return Trainer(config(data_file, output, **settings), base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny")
+        return Trainer(
+            config(data_file, output, **settings),
+            base_model=make_base(tokenizer),
+            tokenizer=tokenizer,
+            base_name="tiny",
+        )
 
     def on_step(report):
         if report.step == 3:
@@ -150,8 +193,7 @@ def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         trainer().train(on_step=on_step)
     written = (output / "train_config.json").read_text()
-    for name, value in [("warmup_steps", 1), ("head_weight_decay", 0.5), ("max_grad_norm", 0.5),
-                        ("lora", {"rank": 8})]:
+    for name, value in [("warmup_steps", 1), ("head_weight_decay", 0.5), ("max_grad_norm", 0.5), ("lora", {"rank": 8})]:
         with pytest.raises(MedusaError, match=rf"{name}(\.rank)? was .*, now "):
             trainer(**{name: value}).train(resume=True)
         assert (output / "train_config.json").read_text() == written  # not overwritten by the refused run
@@ -164,8 +206,11 @@ def test_a_run_starts_by_removing_what_a_killed_run_was_writing(tmp_path, tokeni
     output = tmp_path / "run"
     settings = config(data_file, output, max_steps=2, checkpoint_every=1, batch_size=4)
     Trainer(settings, base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny").train()
-    leftovers = [output / "checkpoints" / ".step-00000003.tmp", output / "heads" / "medusa_heads.safetensors.tmp",
-                 output / ".train_log.jsonl.partial-7-0123abcd.jsonl"]
+    leftovers = [
+        output / "checkpoints" / ".step-00000003.tmp",
+        output / "heads" / "medusa_heads.safetensors.tmp",
+        output / ".train_log.jsonl.partial-7-0123abcd.jsonl",
+    ]
     leftovers[0].mkdir()
     for path in leftovers[1:]:
         path.write_text("half")

@@ -17,8 +17,14 @@ def test_conversations_are_tokenised_with_their_answers_marked(tmp_path):
     rows = [
         {"conversations": [{"from": "human", "value": "w1 w2"}, {"from": "gpt", "value": "w3 w4 w5"}]},
         "not json",
-        {"messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w6"},
-                      {"role": "user", "content": "w7"}, {"role": "assistant", "content": "w8 w8"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "w1"},
+                {"role": "assistant", "content": "w6"},
+                {"role": "user", "content": "w7"},
+                {"role": "assistant", "content": "w8 w8"},
+            ]
+        },
         {"conversations": [{"from": "human", "value": "w1"}]},
         {"prompt": "w5", "response": "w9"},
     ]

@@ -77,8 +77,10 @@ def test_positions_too_close_to_the_end_are_not_measured(setup):
     exact = [answered([5, 6, 7], [8, 9, 10, 11])]
     assert profile_heads(model, heads, exact, topk=2).samples == 1
     # two answers in one conversation: the window never reaches across the user's turn between them
-    two_turns = Example([5, 6] + [7, 8, 9, 10, 11] + [12, 13] + [14, 15, 16, 17, 18, 19],
-                        [False] * 2 + [True] * 5 + [False] * 2 + [True] * 6)
+    two_turns = Example(
+        [5, 6] + [7, 8, 9, 10, 11] + [12, 13] + [14, 15, 16, 17, 18, 19],
+        [False] * 2 + [True] * 5 + [False] * 2 + [True] * 6,
+    )
     assert profile_heads(model, heads, [two_turns], topk=2).samples == (5 - 3) + (6 - 3)
     with pytest.raises(MedusaError, match="differ in length"):
         profile_heads(model, heads, [Example([5, 6, 7], [False, True])], topk=2)

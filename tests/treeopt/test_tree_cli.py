@@ -48,8 +48,28 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert (directory / f"plots/tree_{tree.size}.png").is_file()
 
     curve = directory / "curves" / "cost.json"  # a folder that does not exist yet is made, not a crash after timing
-    assert main(["tree", "tune", *common, "--sizes", "1,2,4", "--context", "8", "--steps", "2", "--repeats", "1",
-                 "--save-cost-curve", str(curve), "--plot-dir", str(directory / "plots")]) == 0
+    assert (
+        main(
+            [
+                "tree",
+                "tune",
+                *common,
+                "--sizes",
+                "1,2,4",
+                "--context",
+                "8",
+                "--steps",
+                "2",
+                "--repeats",
+                "1",
+                "--save-cost-curve",
+                str(curve),
+                "--plot-dir",
+                str(directory / "plots"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     entry = tuned_entries(heads_dir)["cpu"]
     assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
@@ -70,8 +90,28 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert tuned_entries(heads_dir)["cpu"] == entry  # other devices are kept
 
     results = directory / "evaluate.json"
-    assert main(["tree", "evaluate", *common, "--data", str(data), "--limit", "2", "--sizes", "4,8",
-                 "--default-trees", "--tuned", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    assert (
+        main(
+            [
+                "tree",
+                "evaluate",
+                *common,
+                "--data",
+                str(data),
+                "--limit",
+                "2",
+                "--sizes",
+                "4,8",
+                "--default-trees",
+                "--tuned",
+                "--max-new-tokens",
+                "8",
+                "--output",
+                str(results),
+            ]
+        )
+        == 0
+    )
     assert "% vs measured)" in capsys.readouterr().out  # what the estimate's error is relative to
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
     assert set(rows) == {"greedy-4", "greedy-8", "default-8", "tuned"}
@@ -82,10 +122,29 @@ def test_profile_build_tune_evaluate(workspace, capsys):
 def test_a_profile_without_walk_data_falls_back_to_joint(workspace, tmp_path, capsys):
     directory, model_dir, heads_dir, data = workspace
     old = tmp_path / "old.json"
-    old.write_text(json.dumps({"num_heads": 3, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 3,
-                               "path_counts": [[[0], 5], [[0, 0], 2]]}))
-    common = ["tree", "build", "--heads", str(heads_dir), "--profile", str(old), "--nodes", "3",
-              "--output", str(tmp_path / "tree.json")]
+    old.write_text(
+        json.dumps(
+            {
+                "num_heads": 3,
+                "topk": 4,
+                "samples": 10,
+                "accuracy": [[0.5, 0, 0, 0]] * 3,
+                "path_counts": [[[0], 5], [[0, 0], 2]],
+            }
+        )
+    )
+    common = [
+        "tree",
+        "build",
+        "--heads",
+        str(heads_dir),
+        "--profile",
+        str(old),
+        "--nodes",
+        "3",
+        "--output",
+        str(tmp_path / "tree.json"),
+    ]
     assert main(common) == 0
     captured = capsys.readouterr()
     assert "predates the walk estimate" in captured.err and "medusa tree profile" in captured.err
@@ -101,8 +160,17 @@ def test_mismatched_profile_or_heads_is_refused(workspace, tmp_path, capsys):
     assert main(["tree", "build", "--heads", str(heads_dir), "--profile", str(other), "--nodes", "4"]) == 2
     assert "measured on 2 heads, but these heads have 3" in capsys.readouterr().err
 
-    other.write_text(json.dumps({"num_heads": 3, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 3,
-                                 "heads_fingerprint": "sha256:0123456789abcdef"}))
+    other.write_text(
+        json.dumps(
+            {
+                "num_heads": 3,
+                "topk": 4,
+                "samples": 10,
+                "accuracy": [[0.5, 0, 0, 0]] * 3,
+                "heads_fingerprint": "sha256:0123456789abcdef",
+            }
+        )
+    )
     assert main(["tree", "build", "--heads", str(heads_dir), "--profile", str(other), "--nodes", "4"]) == 2
     assert "other heads weights" in capsys.readouterr().err
 
@@ -135,8 +203,30 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
     assert "--lookup must be auto or a number of nodes from 0 to 24, got 99" in capsys.readouterr().err
 
     results = tmp_path / "evaluate.json"
-    assert main(["tree", "evaluate", *common, "--profile", str(profile_path), "--data", str(data), "--limit", "2",
-                 "--sizes", "4", "--lookup", "0,3", "--max-new-tokens", "8", "--output", str(results)]) == 0
+    assert (
+        main(
+            [
+                "tree",
+                "evaluate",
+                *common,
+                "--profile",
+                str(profile_path),
+                "--data",
+                str(data),
+                "--limit",
+                "2",
+                "--sizes",
+                "4",
+                "--lookup",
+                "0,3",
+                "--max-new-tokens",
+                "8",
+                "--output",
+                str(results),
+            ]
+        )
+        == 0
+    )
     rows = {row["tree"]: row for row in json.loads(results.read_text())["results"]}
     assert (
         set(rows) == {"greedy-4", "greedy-4+lookup-3"}
@@ -149,7 +239,8 @@ def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):
 
 
 def test_shipped_heads_are_never_written(workspace, tmp_path, monkeypatch, capsys):
-    """profile, build and tune on the package's own heads write to the user's copy under the cache, which loading reads."""
+    """profile, build and tune on the package's own heads write to the user's copy under the cache, which loading
+    reads."""
     import hashlib
     import shutil
 
@@ -182,8 +273,15 @@ def test_shipped_heads_are_never_written(workspace, tmp_path, monkeypatch, capsy
     assert loaded.tree_choice.tuned and str(user) in loaded.tree_choice.origin
 
 
-@pytest.mark.parametrize("command, words", [("profile", "tree_profile.json"), ("build", "greedy construction"),
-                                            ("tune", "tuned_trees.json"), ("evaluate", "relative to the measured")])
+@pytest.mark.parametrize(
+    "command, words",
+    [
+        ("profile", "tree_profile.json"),
+        ("build", "greedy construction"),
+        ("tune", "tuned_trees.json"),
+        ("evaluate", "relative to the measured"),
+    ],
+)
 def test_every_tree_command_describes_itself(command, words, capsys):
     with pytest.raises(SystemExit):
         main(["tree", command, "--help"])

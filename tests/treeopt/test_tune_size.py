@@ -58,8 +58,14 @@ def test_cost_curves_load_in_both_formats(tmp_path):
     CostCurve({1: 0.01, 4: 0.02}, "NVIDIA H100 80GB HBM3").save(ours)
     assert CostCurve.load(ours) == CostCurve({1: 0.01, 4: 0.02}, "NVIDIA H100 80GB HBM3")
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"meta": {"device": "Intel(R) Xeon(R)", "device_type": "cpu"},
-                                 "points": [{"nodes": 1, "median_ms": 5.0}, {"nodes": 8, "median_ms": 7.5}]}))
+    bench.write_text(
+        json.dumps(
+            {
+                "meta": {"device": "Intel(R) Xeon(R)", "device_type": "cpu"},
+                "points": [{"nodes": 1, "median_ms": 5.0}, {"nodes": 8, "median_ms": 7.5}],
+            }
+        )
+    )
     assert CostCurve.load(bench) == CostCurve({1: 0.005, 8: 0.0075}, "cpu")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"points": [{"nodes": 0, "seconds": 1.0}]}))
@@ -141,8 +147,9 @@ def test_the_tuned_lookup_tree_drives_decoding_and_lookup_0_takes_the_plain_one(
     base = make_tiny_model("llama")
     heads_dir = tmp_path / "heads"
     fresh_heads(base, num_heads=2).save_pretrained(heads_dir)
-    entry = TunedTree(topk=2, paths=[[0], [1], [0, 0]], num_heads=2,
-                      chained=ChainedTree(topk=1, paths=[[0]], lookup=6, nodes=8))
+    entry = TunedTree(
+        topk=2, paths=[[0], [1], [0, 0]], num_heads=2, chained=ChainedTree(topk=1, paths=[[0]], lookup=6, nodes=8)
+    )
     write_tuned_tree(heads_dir, "cpu", entry)
     assert tuned_tree(heads_dir, "cpu", num_heads=2).lookup == 0
     chained = tuned_tree(heads_dir, "cpu", num_heads=2, chained=True)

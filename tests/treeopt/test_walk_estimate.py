@@ -156,8 +156,13 @@ def test_position_ranks_round_trip_and_malformed_ones_are_refused(tmp_path):
 
 
 def test_a_profile_without_walk_data_still_loads(tmp_path):
-    old = {"num_heads": 2, "topk": 2, "samples": 10, "accuracy": [[0.5, 0.2], [0.3, 0.1]],
-           "path_counts": [[[0], 5], [[0, 0], 3], [[1], 2]]}
+    old = {
+        "num_heads": 2,
+        "topk": 2,
+        "samples": 10,
+        "accuracy": [[0.5, 0.2], [0.3, 0.1]],
+        "path_counts": [[[0], 5], [[0, 0], 3], [[1], 2]],
+    }
     (tmp_path / "old.json").write_text(json.dumps(old))
     profile = HeadProfile.load(tmp_path / "old.json")
     assert profile.position_ranks is None and not has_walk(profile) and default_estimate(profile) == "joint"
@@ -225,8 +230,10 @@ def decoded_stats(medusa: MedusaModel, prompt: list[int], max_new_tokens: int, t
 def test_walk_positions_are_capped_and_runs_follow_the_answers():
     model = make_tiny_model("llama", seed=1)
     heads = fresh_heads(model, 3)
-    two_turns = Example([5, 6] + [7, 8, 9, 10, 11] + [12, 13] + [14, 15, 16, 17, 18, 19],
-                        [False] * 2 + [True] * 5 + [False] * 2 + [True] * 6)
+    two_turns = Example(
+        [5, 6] + [7, 8, 9, 10, 11] + [12, 13] + [14, 15, 16, 17, 18, 19],
+        [False] * 2 + [True] * 5 + [False] * 2 + [True] * 6,
+    )
     full = profile_heads(model, heads, [two_turns, two_turns], topk=2)
     assert full.position_ranks.segments.tolist() == [2, 3, 2, 3]
     capped = profile_heads(model, heads, [two_turns, two_turns], topk=2, walk_positions=6)

@@ -32,16 +32,45 @@ from medusa.tree import GENERIC_HEAD_ACCURACY, Tree, build_tree_from_accuracies
 
 # Published dimensions; weights are random, which is all a timing needs. "tiny" is for smoke tests.
 SHAPES: dict[str, dict] = {
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048),
+    "llama2-7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
 }
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -61,15 +90,19 @@ class CostCurveConfig:
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(sorted(set(self.batch_sizes)))
         if not self.batch_sizes or any(b not in BATCH_BUCKETS for b in self.batch_sizes):
-            raise MedusaError(f"batch sizes must be batch buckets ({', '.join(map(str, BATCH_BUCKETS))}), "
-                              f"got {list(self.batch_sizes)}")
+            raise MedusaError(
+                f"batch sizes must be batch buckets ({', '.join(map(str, BATCH_BUCKETS))}), "
+                f"got {list(self.batch_sizes)}"
+            )
         self.sizes = tuple(sorted(set(self.sizes)))
         if not self.sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.sizes):
             raise MedusaError(f"tree sizes must be positive integers, got {list(self.sizes)}")
         check_lookup(self.lookup, DEFAULT_MAX_NGRAM)
         if self.sizes[0] <= self.lookup:
-            raise MedusaError(f"with a {self.lookup}-node lookup chain every tree size must exceed {self.lookup} "
-                              f"(the root and the chain), got {self.sizes[0]}")
+            raise MedusaError(
+                f"with a {self.lookup}-node lookup chain every tree size must exceed {self.lookup} "
+                f"(the root and the chain), got {self.sizes[0]}"
+            )
         for name, least in (("context", 1), ("repeats", 1), ("warmup", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -105,8 +138,9 @@ def measure_bandwidth(device: torch.device, megabytes: int | None = None, repeat
     return 2 * size / statistics.median(seconds)
 
 
-def _time_calls(call: Callable[[], object], device: torch.device, repeats: int,
-                before: Callable[[], None] | None = None) -> list[float]:
+def _time_calls(
+    call: Callable[[], object], device: torch.device, repeats: int, before: Callable[[], None] | None = None
+) -> list[float]:
     """Seconds per call: CUDA events on a GPU (the device's own clock), a host clock on the CPU."""
     if device.type == "cuda":
         events = []
@@ -164,8 +198,13 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig, batch: 
     tree = tree.with_lookup(config.lookup)
     vocab = model.base_model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(size)
-    options = EngineOptions(use_heads=use_heads, cuda_graphs=config.cuda_graphs, compile=config.compile,
-                            lookup=config.lookup, attention_span_step=config.span_step)
+    options = EngineOptions(
+        use_heads=use_heads,
+        cuda_graphs=config.cuda_graphs,
+        compile=config.compile,
+        lookup=config.lookup,
+        attention_span_step=config.span_step,
+    )
     engine = model.engine(options, tree if use_heads else None, max_rows=batch, max_length=config.context + 1)
     request = GenerationConfig(max_new_tokens=1)
     prompts = [torch.randint(0, vocab, (config.context,), generator=generator).to(model.device) for _ in range(batch)]
@@ -208,19 +247,21 @@ def cost_curve(model: MedusaModel, config: CostCurveConfig, progress: Callable[[
         seconds = timing.seconds
         median = statistics.median(seconds)
         deciles = statistics.quantiles(seconds, n=10, method="inclusive") if len(seconds) > 1 else seconds * 9
-        points.append({
-            "batch": batch,
-            "nodes": size,
-            "depth": timing.depth,
-            "lookup": config.lookup,
-            "attention_span": timing.attention_span,
-            "median_ms": 1e3 * median,
-            "min_ms": 1e3 * min(seconds),
-            "p10_ms": 1e3 * deciles[0],
-            "p90_ms": 1e3 * deciles[-1],
-            "max_ms": 1e3 * max(seconds),
-            "x_floor": median / floor,
-        })
+        points.append(
+            {
+                "batch": batch,
+                "nodes": size,
+                "depth": timing.depth,
+                "lookup": config.lookup,
+                "attention_span": timing.attention_span,
+                "median_ms": 1e3 * median,
+                "min_ms": 1e3 * min(seconds),
+                "p10_ms": 1e3 * deciles[0],
+                "p90_ms": 1e3 * deciles[-1],
+                "max_ms": 1e3 * max(seconds),
+                "x_floor": median / floor,
+            }
+        )
         if progress is not None:
             progress(f"batch {batch}, {size} nodes: {1e3 * median:.3f} ms")
     for point in points:
@@ -241,8 +282,11 @@ def validate_cost_curve(result: dict) -> None:
         if key not in result:
             raise ValueError(f"cost curve lacks {key}")
     for index, point in enumerate(result["points"]):
-        missing = [k for k in ("nodes", "depth", "median_ms", "min_ms", "p10_ms", "p90_ms", "max_ms", "x_floor",
-                                     "x_one_token") if k not in point]
+        missing = [
+            k
+            for k in ("nodes", "depth", "median_ms", "min_ms", "p10_ms", "p90_ms", "max_ms", "x_floor", "x_one_token")
+            if k not in point
+        ]
         if missing:
             raise ValueError(f"cost curve points[{index}] lacks {', '.join(missing)}")
 
@@ -261,11 +305,20 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
         nodes = [p["nodes"] for p in points]
         label = "one decoding step (median)" if len(batches) == 1 else f"batch {batch} (median step)"
         axis.plot(nodes, [p["median_ms"] for p in points], marker="o", label=label)
-        axis.fill_between(nodes, [p["p10_ms"] for p in points], [p["p90_ms"] for p in points], alpha=0.2,
-                          label="10th to 90th percentile" if len(batches) == 1 else None)
+        axis.fill_between(
+            nodes,
+            [p["p10_ms"] for p in points],
+            [p["p90_ms"] for p in points],
+            alpha=0.2,
+            label="10th to 90th percentile" if len(batches) == 1 else None,
+        )
     nodes = sorted({p["nodes"] for p in result["points"]})
-    axis.axhline(result["floor_ms"], color="black", linestyle="--",
-                 label=f"memory floor {result['floor_ms']:.3f} ms (weights / bandwidth)")
+    axis.axhline(
+        result["floor_ms"],
+        color="black",
+        linestyle="--",
+        label=f"memory floor {result['floor_ms']:.3f} ms (weights / bandwidth)",
+    )
     axis.set_xscale("log", base=2)
     axis.set_xticks(nodes, [str(n) for n in nodes])
     axis.set_ylim(bottom=0)
@@ -281,4 +334,3 @@ def plot_cost_curve(result: dict, path: str | Path) -> Path:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=120)
     return path
-

@@ -20,9 +20,24 @@ from medusa.files import append_text, write_text
 
 JOURNAL_NAME = "records.jsonl"
 # Settings (keys of the report's meta) that must match for a run to resume a journal.
-RESUME_SETTINGS = ("model", "dtype", "device", "heads", "heads_source", "tree_size", "lookup_tree_size",
-                   "max_new_tokens", "turns", "methods", "cuda_graphs", "compile", "prompt_lookup_num_tokens",
-                   "lookup_nodes", "transformers_limit_per_category", "questions_file")
+RESUME_SETTINGS = (
+    "model",
+    "dtype",
+    "device",
+    "heads",
+    "heads_source",
+    "tree_size",
+    "lookup_tree_size",
+    "max_new_tokens",
+    "turns",
+    "methods",
+    "cuda_graphs",
+    "compile",
+    "prompt_lookup_num_tokens",
+    "lookup_nodes",
+    "transformers_limit_per_category",
+    "questions_file",
+)
 
 
 def journal_path(output_dir: str | Path) -> Path:
@@ -91,7 +106,8 @@ def load_journal(path: Path, settings: dict) -> tuple[list[Record], list[str]]:
         key = differing[0]
         raise MedusaError(
             f"cannot resume {path}: it was measured with {key}={recorded.get(key)!r}, this run has "
-            f"{key}={settings.get(key)!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
+            f"{key}={settings.get(key)!r}"
+            + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
             + "; use the same settings, or another --output-dir"
         )
     records: list[Record] = []

@@ -52,13 +52,15 @@ def refresh_tables(text: str, root: str | Path) -> str:
     for opening in re.finditer(re.escape(OPENING), text):
         if opening.start() not in starts:
             line = text.count("\n", 0, opening.start()) + 1
-            raise MedusaError(f"line {line}: a bench-table block is not closed by <!-- /bench-table -->, or its "
-                              "opening comment is not `<!-- bench-table: PATH -->` on a line of its own")
+            raise MedusaError(
+                f"line {line}: a bench-table block is not closed by <!-- /bench-table -->, or its "
+                "opening comment is not `<!-- bench-table: PATH -->` on a line of its own"
+            )
     pieces, end = [], 0
     for block in blocks:
         line = text.count("\n", 0, block.start()) + 1
         table = _table_for(block["path"], root, line)
-        pieces += [text[end:block.start("body")], table, "\n"]
+        pieces += [text[end : block.start("body")], table, "\n"]
         end = block.end("body")
     pieces.append(text[end:])
     return "".join(pieces)

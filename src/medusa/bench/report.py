@@ -22,16 +22,39 @@ from medusa.files import atomic_path, write_text
 SCHEMA_VERSION = 1
 OVERALL = "overall"
 
-META_KEYS = ("command", "device", "dtype", "model", "heads", "tree_size", "max_new_tokens", "torch", "transformers",
-             "timestamp")
-SUMMARY_KEYS = ("prompts", "new_tokens", "prefill_seconds", "decode_seconds", "seconds", "tokens_per_second",
-                "end_to_end_tokens_per_second", "median_tokens_per_second", "steps", "accepted", "mean_accepted",
-                "speedup", "speedup_vs_hf_generate")
+META_KEYS = (
+    "command",
+    "device",
+    "dtype",
+    "model",
+    "heads",
+    "tree_size",
+    "max_new_tokens",
+    "torch",
+    "transformers",
+    "timestamp",
+)
+SUMMARY_KEYS = (
+    "prompts",
+    "new_tokens",
+    "prefill_seconds",
+    "decode_seconds",
+    "seconds",
+    "tokens_per_second",
+    "end_to_end_tokens_per_second",
+    "median_tokens_per_second",
+    "steps",
+    "accepted",
+    "mean_accepted",
+    "speedup",
+    "speedup_vs_hf_generate",
+)
 SAMPLE_KEYS = ("tokens", "prefill_seconds", "decode_seconds", "seconds", "steps", "accepted")
 EQUALITY_KEYS = ("reference", "method", "compared", "mismatches", "first_mismatch")
 
 
 # ----- the token-equality check -------------------------------------------------------------------
+
 
 def first_difference(reference: Sequence[int], other: Sequence[int]) -> int | None:
     """Index of the first token that differs (a shorter list differs where it ends); None when equal."""
@@ -63,8 +86,13 @@ def token_equality(records: Sequence[Record], reference: str, method: str) -> di
                 "reference_token": expected[position] if position < len(expected) else None,
                 "method_token": got[position] if position < len(got) else None,
             }
-    return {"reference": reference, "method": method, "compared": compared, "mismatches": mismatches,
-            "first_mismatch": first}
+    return {
+        "reference": reference,
+        "method": method,
+        "compared": compared,
+        "mismatches": mismatches,
+        "first_mismatch": first,
+    }
 
 
 def equality_section(records: Sequence[Record], methods: Sequence[str]) -> dict:
@@ -79,6 +107,7 @@ def equality_section(records: Sequence[Record], methods: Sequence[str]) -> dict:
 
 
 # ----- aggregation --------------------------------------------------------------------------------
+
 
 def question_rows(records: Sequence[Record], keep_tokens: bool = False) -> list[dict]:
     """The JSON's per-prompt rows: counts and times per method, and the token ids if ``keep_tokens``."""
@@ -126,9 +155,12 @@ def answer_agreement(rows: Sequence[dict], method: str, other_rows: Sequence[dic
         per_category.setdefault(row["category"], []).append((a == b, common, len(b)))
 
     def summary(items: list[tuple[bool, int, int]]) -> dict:
-        return {"prompts": len(items), "identical": sum(same for same, _, _ in items),
-                "mean_common_prefix_tokens": statistics.fmean(c for _, c, _ in items) if items else None,
-                "mean_reference_tokens": statistics.fmean(n for _, _, n in items) if items else None}
+        return {
+            "prompts": len(items),
+            "identical": sum(same for same, _, _ in items),
+            "mean_common_prefix_tokens": statistics.fmean(c for _, c, _ in items) if items else None,
+            "mean_reference_tokens": statistics.fmean(n for _, _, n in items) if items else None,
+        }
 
     every = [item for items in per_category.values() for item in items]
     if not every:
@@ -202,6 +234,7 @@ def aggregate(rows: Sequence[dict], methods: Sequence[str]) -> dict:
 
 # ----- the JSON file ------------------------------------------------------------------------------
 
+
 def build_report(meta: dict, records: Sequence[Record], methods: Sequence[str], keep_tokens: bool = False) -> dict:
     rows = question_rows(records, keep_tokens)
     return {
@@ -248,8 +281,18 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     first = reports[0]
     for report in reports:
         validate_report(report)
-    same = ("model", "device", "dtype", "tree_size", "max_new_tokens", "heads", "lookup_nodes", "lookup_tree_size",
-            "cuda_graphs", "compile")
+    same = (
+        "model",
+        "device",
+        "dtype",
+        "tree_size",
+        "max_new_tokens",
+        "heads",
+        "lookup_nodes",
+        "lookup_tree_size",
+        "cuda_graphs",
+        "compile",
+    )
     for report in reports[1:]:
         differing = [key for key in same if report["meta"].get(key) != first["meta"].get(key)]
         if differing:
@@ -274,13 +317,19 @@ def merge_reports(reports: Sequence[dict]) -> dict:
     others = {m for r in reports for m in r["equality"].get("others", {})}
     equality["others"] = {
         m: merged_equality([r["equality"]["others"][m] for r in reports if m in r["equality"].get("others", {})])
-        for m in methods if m in others
+        for m in methods
+        if m in others
     }
     meta = dict(first["meta"])
     meta["merged_from"] = [r["meta"]["command"] for r in reports]
     meta["prompts"] = len(rows)
-    return {"schema": SCHEMA_VERSION, "meta": meta, "methods": aggregate(rows, methods), "questions": rows,
-            "equality": equality}
+    return {
+        "schema": SCHEMA_VERSION,
+        "meta": meta,
+        "methods": aggregate(rows, methods),
+        "questions": rows,
+        "equality": equality,
+    }
 
 
 _INTEGER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
@@ -288,6 +337,7 @@ _INTEGER_LIST = re.compile(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]")
 
 def report_json(report: dict) -> str:
     """Indented JSON with lists of integers on one line: kept token ids would otherwise take a line each."""
+
     def one_line(match: re.Match) -> str:
         if "\n" not in match.group(0):  # inside a string (indented JSON breaks lines only between values)
             return match.group(0)
@@ -306,6 +356,7 @@ def write_report(report: dict, path: str | Path) -> Path:
 
 # ----- presentation -------------------------------------------------------------------------------
 
+
 def _fmt(value: float | None, digits: int = 1, suffix: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{suffix}"
 
@@ -314,10 +365,20 @@ def report_table(report: dict) -> Table:
     """One row per (category, method): rates, accepted tokens per step, speedups."""
     methods = list(report["methods"])
     meta = report["meta"]
-    table = Table(title=f"Spec-Bench on {meta['device']} ({meta['model']}, {meta['dtype']}, "
-                        f"{meta['max_new_tokens']} new tokens max)")
-    for column in ("category", "method", "prompts", "tokens/s", "median tok/s", "accepted/step",
-                   "speedup vs AR", "vs hf-generate"):
+    table = Table(
+        title=f"Spec-Bench on {meta['device']} ({meta['model']}, {meta['dtype']}, "
+        f"{meta['max_new_tokens']} new tokens max)"
+    )
+    for column in (
+        "category",
+        "method",
+        "prompts",
+        "tokens/s",
+        "median tok/s",
+        "accepted/step",
+        "speedup vs AR",
+        "vs hf-generate",
+    ):
         table.add_column(column, justify="left" if column in ("category", "method") else "right")
     categories = list(report["methods"][methods[0]]["per_category"]) + [OVERALL]
     for category in categories:
@@ -325,9 +386,15 @@ def report_table(report: dict) -> Table:
             result = report["methods"][method]
             s = result["overall"] if category == OVERALL else result["per_category"][category]
             table.add_row(
-                category if index == 0 else "", method, str(s["prompts"]), _fmt(s["tokens_per_second"]),
-                _fmt(s["median_tokens_per_second"]), _fmt(s["mean_accepted"], 2), _fmt(s["speedup"], 2, "x"),
-                _fmt(s["speedup_vs_hf_generate"], 2, "x"), end_section=index == len(methods) - 1,
+                category if index == 0 else "",
+                method,
+                str(s["prompts"]),
+                _fmt(s["tokens_per_second"]),
+                _fmt(s["median_tokens_per_second"]),
+                _fmt(s["mean_accepted"], 2),
+                _fmt(s["speedup"], 2, "x"),
+                _fmt(s["speedup_vs_hf_generate"], 2, "x"),
+                end_section=index == len(methods) - 1,
             )
     return table
 
@@ -410,9 +477,13 @@ def markdown_summary(report: dict) -> str:
         "",
         overall_markdown_table(report),
     ]
-    lines += ["", "Per category: tokens/s (speedup vs autoregressive, accepted tokens per step).", "",
-              "| category | prompts | " + " | ".join(methods) + " |",
-              "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |"]
+    lines += [
+        "",
+        "Per category: tokens/s (speedup vs autoregressive, accepted tokens per step).",
+        "",
+        "| category | prompts | " + " | ".join(methods) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in methods) + " |",
+    ]
     for category in report["methods"][methods[0]]["per_category"]:
         cells = []
         for method in methods:
@@ -468,7 +539,9 @@ def report_figure(report: dict):
             ha="right" if len(categories) > 6 else "center",
         )
         axis.set_ylabel(label)
-    figure.suptitle(f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium")
+    figure.suptitle(
+        f"Spec-Bench: {meta['model']}, {meta['dtype']}, batch 1, greedy\n{meta['device']}", fontsize="medium"
+    )
     _fitting_legend(figure, *axis.get_legend_handles_labels())
     return figure
 

@@ -131,8 +131,12 @@ class OurDecoder:
     either with the tree's lookup branch added."""
 
     def __init__(self, model: MedusaModel, use_heads: bool, config: BenchConfig, with_lookup: bool = False) -> None:
-        self.name = {(True, False): MEDUSA, (False, False): AUTOREGRESSIVE,
-                     (True, True): MEDUSA_LOOKUP, (False, True): LOOKUP}[use_heads, with_lookup]
+        self.name = {
+            (True, False): MEDUSA,
+            (False, False): AUTOREGRESSIVE,
+            (True, True): MEDUSA_LOOKUP,
+            (False, True): LOOKUP,
+        }[use_heads, with_lookup]
         if use_heads and model.heads is None:
             raise MedusaError(f"the {self.name} method needs heads, but the model has none")
         self.model = model
@@ -342,8 +346,10 @@ def run_benchmark(
         raise MedusaError("no questions to run: check --categories and --limit")
     config = replace(config, cache_length=resolve_cache_length(model, questions, config))
     records = [] if records is None else records
-    plan = [(question, names, _finished(question, config, done))
-            for question, names in zip(questions, _method_plan(questions, config))]
+    plan = [
+        (question, names, _finished(question, config, done))
+        for question, names in zip(questions, _method_plan(questions, config))
+    ]
     methods = make_methods(model, config) if any(finished is None for _, _, finished in plan) else []
     report = progress or (lambda _: None)
     for question in questions[: config.warmup] if methods else ():
@@ -375,8 +381,10 @@ def step_settings(model: MedusaModel, cuda_graphs: bool, compile: bool | str) ->
     """What steps ran as, not what was asked: CUDA graphs and compiled steps exist only on a GPU
     (and graphs only for a base model on one device); the CPU always steps eagerly."""
     on_gpu = model.device.type == "cuda"
-    return {"cuda_graphs": bool(cuda_graphs and on_gpu and not spans_devices(model.base_model)),
-            "compile": compile if on_gpu else False}
+    return {
+        "cuda_graphs": bool(cuda_graphs and on_gpu and not spans_devices(model.base_model)),
+        "compile": compile if on_gpu else False,
+    }
 
 
 def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
@@ -385,8 +393,12 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
     return {
         "model": model.name,
         "dtype": str(model.base_model.dtype).removeprefix("torch."),
-        "heads": None if heads is None else {
-            "num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head,
+        "heads": None
+        if heads is None
+        else {
+            "num_heads": heads.num_heads,
+            "num_layers": heads.num_layers,
+            "share_lm_head": heads.share_lm_head,
         },
         "tree_size": model.heads_tree.size if model.heads is not None else 1,
         "max_new_tokens": config.max_new_tokens,
@@ -397,8 +409,11 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
         "cache_length": config.cache_length,
         "prompt_lookup_num_tokens": config.prompt_lookup_num_tokens,
         "lookup_nodes": lookup_nodes(model, config) if {MEDUSA_LOOKUP, LOOKUP} & set(config.methods) else None,
-        "lookup_tree_size": (model.tree_for(EngineOptions(lookup=lookup_nodes(model, config))).size
-                             if MEDUSA_LOOKUP in config.methods and model.heads is not None else None),
+        "lookup_tree_size": (
+            model.tree_for(EngineOptions(lookup=lookup_nodes(model, config))).size
+            if MEDUSA_LOOKUP in config.methods and model.heads is not None
+            else None
+        ),
         "transformers_limit_per_category": config.transformers_limit,
         "reference": config.reference,
     }

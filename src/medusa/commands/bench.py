@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -42,10 +41,10 @@ from medusa.bench.runner import (
     BenchConfig,
     Record,
     describe_run,
-    step_settings,
     planned_runs,
     resolve_cache_length,
     run_benchmark,
+    step_settings,
 )
 from medusa.bench.specbench import default_questions_path, load_questions, select_questions
 from medusa.commands.common import add_model_arguments, load_model
@@ -67,10 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     bench.add_argument("--categories", help="comma-separated categories (mt_bench means its eight; default: all)")
     bench.add_argument("--limit", type=int, help="the first N questions of each category (default: all)")
-    bench.add_argument("--turns", type=int, choices=(1, 2), default=1,
-                       help="2 also runs the MT-bench second turns, after the reference method's first answer")
+    bench.add_argument(
+        "--turns",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2 also runs the MT-bench second turns, after the reference method's first answer",
+    )
     bench.add_argument("--max-new-tokens", type=int, default=256, help="most new tokens per answer (default 256)")
-    bench.add_argument("--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}")
+    bench.add_argument(
+        "--methods", default=",".join(METHOD_NAMES), help=f"comma-separated subset of {', '.join(METHOD_NAMES)}"
+    )
     bench.add_argument("--warmup", type=int, default=2, help="prompts every method runs untimed first (default 2)")
     bench.add_argument(
         "--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens for prompt-lookup"
@@ -82,39 +88,76 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="nodes of the tree's lookup branch in medusa-lookup and lookup (default: the chain `medusa tree "
         "tune` chose for this device, else 10)",
     )
-    bench.add_argument("--transformers-limit", type=int,
-                       help="run hf-generate and prompt-lookup only on the first N questions of each category "
-                            "(they are slow; speedups over them use the prompts both ran)")
-    bench.add_argument("--keep-tokens", action="store_true",
-                       help="also write every answer's token ids into bench.json (to compare answers across runs)")
-    bench.add_argument("--resume", action="store_true",
-                       help="continue a run that stopped before its end, from --output-dir's records.jsonl "
-                            "(every finished prompt is journaled there as it is measured); the settings must match")
-    bench.add_argument("--merge", nargs="+", metavar="JSON",
-                       help="instead of running, merge bench.json files of one setup run on different questions")
+    bench.add_argument(
+        "--transformers-limit",
+        type=int,
+        help="run hf-generate and prompt-lookup only on the first N questions of each category "
+        "(they are slow; speedups over them use the prompts both ran)",
+    )
+    bench.add_argument(
+        "--keep-tokens",
+        action="store_true",
+        help="also write every answer's token ids into bench.json (to compare answers across runs)",
+    )
+    bench.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that stopped before its end, from --output-dir's records.jsonl "
+        "(every finished prompt is journaled there as it is measured); the settings must match",
+    )
+    bench.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="instead of running, merge bench.json files of one setup run on different questions",
+    )
     parser.add_argument("--no-cuda-graphs", action="store_true", help="step our decoder eagerly on the GPU")
-    parser.add_argument("--compile", choices=("off", "on", "max-autotune"), default="off",
-                        help="torch.compile our decoding step before capturing it (GPU)")
-    bench.add_argument("--cache-length", default="auto",
-                       help="cache slots our decoders allocate at least (auto: one size for every first-turn prompt "
-                            "when compiling, so each method compiles once; none: what each prompt needs)")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "on", "max-autotune"),
+        default="off",
+        help="torch.compile our decoding step before capturing it (GPU)",
+    )
+    bench.add_argument(
+        "--cache-length",
+        default="auto",
+        help="cache slots our decoders allocate at least (auto: one size for every first-turn prompt "
+        "when compiling, so each method compiles once; none: what each prompt needs)",
+    )
     parser.add_argument("--output-dir", default="bench-results", help="where the JSON, PNG and summary go")
     curve = parser.add_argument_group("cost curve (--cost-curve)")
-    curve.add_argument("--cost-curve", action="store_true",
-                       help="instead of Spec-Bench, time one decoding step against the tree's size")
+    curve.add_argument(
+        "--cost-curve",
+        action="store_true",
+        help="instead of Spec-Bench, time one decoding step against the tree's size",
+    )
     curve.add_argument(
         "--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model"
     )
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
-    curve.add_argument("--batch-sizes", default="1", metavar="B,B,...",
-                       help="rows decoded together, each a batch bucket of 1, 2, 4, ..., 64 (default 1); "
-                       "`medusa tree tune --batch-sizes` chooses a tree for each from this curve")
-    curve.add_argument("--curve-lookup", type=int, default=0, metavar="N",
-                       help="make N nodes of every tree a lookup chain, its search included in the step (default 0)")
-    curve.add_argument("--span-step", type=int, default=ATTENTION_SPAN_STEP, metavar="SLOTS",
-                       help="steps attend over the cache's first multiple of SLOTS that holds the tree; 0: over "
-                            f"every slot (default {ATTENTION_SPAN_STEP}; compiled steps always attend over every slot)")
+    curve.add_argument(
+        "--batch-sizes",
+        default="1",
+        metavar="B,B,...",
+        help="rows decoded together, each a batch bucket of 1, 2, 4, ..., 64 (default 1); "
+        "`medusa tree tune --batch-sizes` chooses a tree for each from this curve",
+    )
+    curve.add_argument(
+        "--curve-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="make N nodes of every tree a lookup chain, its search included in the step (default 0)",
+    )
+    curve.add_argument(
+        "--span-step",
+        type=int,
+        default=ATTENTION_SPAN_STEP,
+        metavar="SLOTS",
+        help="steps attend over the cache's first multiple of SLOTS that holds the tree; 0: over "
+        f"every slot (default {ATTENTION_SPAN_STEP}; compiled steps always attend over every slot)",
+    )
     curve.add_argument("--repeats", type=int, default=50, help="timed steps per size (the median is reported)")
     curve.add_argument("--step-warmup", type=int, default=5, help="untimed steps per size first")
 
@@ -155,12 +198,16 @@ def run_spec_bench(args: argparse.Namespace) -> int:
     records: list[Record] = []
     try:
         with _sigterm_as_interrupt(), _progress(planned_runs(questions, config, done)) as advance:
-            run_benchmark(model, questions, config, progress=advance, done=done, on_record=journal.append,
-                          records=records)
+            run_benchmark(
+                model, questions, config, progress=advance, done=done, on_record=journal.append, records=records
+            )
     except KeyboardInterrupt:
         measured = with_earlier(records, done, questions)
-        print(f"stopped after {len(measured)} prompts; {journal.path} keeps every prompt measured: rerun with --resume "
-              f"to continue", file=sys.stderr)
+        print(
+            f"stopped after {len(measured)} prompts; {journal.path} keeps every prompt measured: rerun with --resume "
+            f"to continue",
+            file=sys.stderr,
+        )
         if measured:
             meta.update(prompts=len(measured), complete=False)
             _write_outputs(build_report(meta, measured, config.methods, args.keep_tokens), output)
@@ -169,8 +216,10 @@ def run_spec_bench(args: argparse.Namespace) -> int:
     status = _write_outputs(build_report(meta, records, config.methods, args.keep_tokens), output)
     left_out = unreported(records, done)
     if left_out:
-        print(f"kept {journal.path}: it holds {len(left_out)} prompts of questions this run did not select",
-              file=sys.stderr)
+        print(
+            f"kept {journal.path}: it holds {len(left_out)} prompts of questions this run did not select",
+            file=sys.stderr,
+        )
     else:
         journal.remove()  # the report holds it all now
     return status
@@ -197,8 +246,9 @@ def _progress(total: int) -> Iterator[Callable[[str], None]]:
     a run cut short still shows how far it got."""
     console = Console(stderr=True)
     if console.is_terminal:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console) as progress:
+        with Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
             task = progress.add_task("Spec-Bench", total=total)
             yield lambda text: progress.update(task, advance=1, description=text)
         return
@@ -271,8 +321,9 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         base = random_model(args.shape, device, resolve_dtype(args.dtype, device))
         text = base.config
         # Heads that share the lm_head: the cheapest heads, so the curve shows the tree's own cost.
-        heads = MedusaHeadsConfig(hidden_size=text.hidden_size, vocab_size=text.vocab_size,
-                                  num_heads=args.num_heads, share_lm_head=True)
+        heads = MedusaHeadsConfig(
+            hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=args.num_heads, share_lm_head=True
+        )
         model = MedusaModel.from_pretrained(base, heads=heads)
         model_label = base.config._name_or_path
     else:
@@ -302,15 +353,23 @@ def run_cost_curve(args: argparse.Namespace) -> int:
     json_path = output / "cost_curve.json"
     write_json(json_path, result, indent=1)
     png_path = plot_cost_curve(result, output / "cost_curve.png")
-    table = Table(title=f"one decoding step, {model_label}, context {config.context}; memory floor "
-                        f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e6:,.1f} MB of weights at "
-                        f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)")
+    table = Table(
+        title=f"one decoding step, {model_label}, context {config.context}; memory floor "
+        f"{result['floor_ms']:.3f} ms ({result['weight_bytes'] / 1e6:,.1f} MB of weights at "
+        f"{result['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s)"
+    )
     for column in ("nodes", "depth", "median ms", "min ms", "x floor", "x one token"):
         table.add_column(column, justify="right")
     for p in result["points"]:
         ratio = "-" if p["x_one_token"] is None else f"{p['x_one_token']:.2f}"
-        table.add_row(str(p["nodes"]), str(p["depth"]), f"{p['median_ms']:.3f}", f"{p['min_ms']:.3f}",
-                      f"{p['x_floor']:.2f}", ratio)
+        table.add_row(
+            str(p["nodes"]),
+            str(p["depth"]),
+            f"{p['median_ms']:.3f}",
+            f"{p['min_ms']:.3f}",
+            f"{p['x_floor']:.2f}",
+            ratio,
+        )
     print_table(table)
     print(f"wrote {json_path} and {png_path}")
     return 0

@@ -14,15 +14,24 @@ from medusa.paths import cache_directory
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
-    sub.add_parser("list", help="list the cache's entries and their sizes",
-                   description="list the cache's entries: GGUF models dequantised once, and your files (profile, "
-                               "tree, tuned trees) for the heads shipped in the package")
-    clear = sub.add_parser("clear", help="remove dequantised models (and, with --heads, your files for shipped heads)",
-                           description="remove the dequantised GGUF models (made again on the next load); your tuned "
-                                       "trees for the shipped heads stay unless --heads is given")
+    sub.add_parser(
+        "list",
+        help="list the cache's entries and their sizes",
+        description="list the cache's entries: GGUF models dequantised once, and your files (profile, "
+        "tree, tuned trees) for the heads shipped in the package",
+    )
+    clear = sub.add_parser(
+        "clear",
+        help="remove dequantised models (and, with --heads, your files for shipped heads)",
+        description="remove the dequantised GGUF models (made again on the next load); your tuned "
+        "trees for the shipped heads stay unless --heads is given",
+    )
     clear.add_argument("names", nargs="*", help="entries to remove, as `medusa cache list` names them (default: all)")
-    clear.add_argument("--heads", action="store_true",
-                       help="also remove your profile, tree and tuned trees for the shipped heads (tuning took minutes)")
+    clear.add_argument(
+        "--heads",
+        action="store_true",
+        help="also remove your profile, tree and tuned trees for the shipped heads (tuning took minutes)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +57,10 @@ def _list() -> int:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(entry.last_used)) if entry.last_used else "-"
         table.add_row(entry.kind, entry.name, _megabytes(entry.bytes), used, entry.detail)
     print_table(table)
-    print(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, {_megabytes(sum(e.bytes for e in entries))}; `medusa cache clear` frees the dequantised models")
+    print(
+        f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, {_megabytes(sum(e.bytes for e in entries))}; "
+        "`medusa cache clear` frees the dequantised models"
+    )
     return 0
 
 

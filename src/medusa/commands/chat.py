@@ -47,7 +47,10 @@ class ChatSession:
     """The conversation so far, and one turn at a time through the model's chat template."""
 
     def __init__(
-        self, model: MedusaModel, config: GenerationConfig, system: str | None = None,
+        self,
+        model: MedusaModel,
+        config: GenerationConfig,
+        system: str | None = None,
         options: EngineOptions | None = None,
     ) -> None:
         tokenizer = model.tokenizer
@@ -83,8 +86,10 @@ class ChatSession:
 
 def status_line(stats: DecodingStats, interrupted: bool = False) -> str:
     end = "interrupted" if interrupted else stats.finish_reason
-    return (f"{stats.new_tokens} tokens · {stats.tokens_per_second:.1f} tokens/s · "
-            f"{stats.mean_accepted:.2f} accepted tokens per step · {end}")
+    return (
+        f"{stats.new_tokens} tokens · {stats.tokens_per_second:.1f} tokens/s · "
+        f"{stats.mean_accepted:.2f} accepted tokens per step · {end}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,8 +25,13 @@ MAX_LOOKUP_NODES = 24  # medusa.lookup
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--heads", help="Medusa heads directory (default: the heads shipped for the default model, else untrained heads)")
+    parser.add_argument(
+        "--model", help="base model: a local model directory or .gguf file (default: SmolLM2-135M-Instruct)"
+    )
+    parser.add_argument(
+        "--heads",
+        help="Medusa heads directory (default: the heads shipped for the default model, else untrained heads)",
+    )
     parser.add_argument("--tree", help="tree: a default size (8, 16, 32, 64), a JSON file, or a JSON list of paths")
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -55,13 +60,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("lookup branch")
-    group.add_argument("--lookup", type=int, default=None, metavar="N",
-                       help="add N tree nodes guessing by copying: what followed the last tokens where they occurred "
-                            f"earlier in the prompt or answer (0: off; at most {MAX_LOOKUP_NODES}; default: the chain "
-                            "`medusa tree tune` chose for this device, if any)")
-    group.add_argument("--lookup-ngram", type=int, default=DEFAULT_MAX_NGRAM,
-                       help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} "
-                            f"(default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)")
+    group.add_argument(
+        "--lookup",
+        type=int,
+        default=None,
+        metavar="N",
+        help="add N tree nodes guessing by copying: what followed the last tokens where they occurred "
+        f"earlier in the prompt or answer (0: off; at most {MAX_LOOKUP_NODES}; default: the chain "
+        "`medusa tree tune` chose for this device, if any)",
+    )
+    group.add_argument(
+        "--lookup-ngram",
+        type=int,
+        default=DEFAULT_MAX_NGRAM,
+        help=f"longest run of last tokens searched for, 1 to {MAX_NGRAM} "
+        f"(default {DEFAULT_MAX_NGRAM}; shorter ones are tried too)",
+    )
 
 
 def lookup_options(args: argparse.Namespace) -> dict:
@@ -70,18 +84,26 @@ def lookup_options(args: argparse.Namespace) -> dict:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    """The ``GenerationConfig`` fields the sampling flags set; says once on stderr which of them temperature 0 ignores."""
+    """The ``GenerationConfig`` fields the sampling flags set; says once on stderr which of them temperature 0
+    ignores."""
     if args.temperature == 0:
-        ignored = [flag for flag, given in (
-            ("--seed", args.seed is not None),
-            (f"--acceptance {args.acceptance}", args.acceptance in ("typical", "rejection")),
-            ("--top-p", args.top_p != 1.0),
-            ("--top-k", args.top_k != 0),
-        ) if given]
+        ignored = [
+            flag
+            for flag, given in (
+                ("--seed", args.seed is not None),
+                (f"--acceptance {args.acceptance}", args.acceptance in ("typical", "rejection")),
+                ("--top-p", args.top_p != 1.0),
+                ("--top-k", args.top_k != 0),
+            )
+            if given
+        ]
         if ignored:
-            print(f"note: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at temperature 0: "
-                  "greedy decoding takes the likeliest token and accepts guesses greedily; give --temperature above 0 "
-                  "to sample", file=sys.stderr)
+            print(
+                f"note: {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored at temperature 0: "
+                "greedy decoding takes the likeliest token and accepts guesses greedily; give --temperature above 0 "
+                "to sample",
+                file=sys.stderr,
+            )
     return {
         "temperature": args.temperature,
         "top_p": args.top_p,
@@ -94,7 +116,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 
 def load_model(args: argparse.Namespace) -> MedusaModel:
-    """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how to tune one."""
+    """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how
+    to tune one."""
     from medusa.model import MedusaModel
 
     model = MedusaModel.from_pretrained(

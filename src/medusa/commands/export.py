@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "vllm: vLLM's Medusa draft model (config.json + model.safetensors). Default: medusa",
     )
     parser.add_argument("--output", required=True, help="directory to write (created; must be empty unless --force)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 for the written tensors")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32 (default), bfloat16 or float16 for the written tensors"
+    )
     parser.add_argument("--force", action="store_true", help="write into a directory that already holds files")
     parser.add_argument(
         "--allow-lossy",
@@ -61,4 +63,3 @@ def run(args: argparse.Namespace) -> int:
         f"vocabulary {heads.vocab_size}, {str(dtype).removeprefix('torch.')}) in the {args.format} layout to {output}"
     )
     return 0
-

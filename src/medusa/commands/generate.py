@@ -26,8 +26,11 @@ STDIN = "-"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", nargs="?",
-                        help="the prompt (the chat template is applied when the tokenizer has one); - reads it from stdin")
+    parser.add_argument(
+        "prompt",
+        nargs="?",
+        help="the prompt (the chat template is applied when the tokenizer has one); - reads it from stdin",
+    )
     parser.add_argument("-f", "--file", metavar="FILE", help="read the prompt from FILE (- for stdin) instead")
     parser.add_argument("--system", help="system prompt, before the prompt in the chat template")
     add_model_arguments(parser)
@@ -35,8 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--no-heads", action="store_true", help="decode plainly, one token per step, on the same cache")
     parser.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    parser.add_argument("--json", action="store_true",
-                        help="print one JSON object instead of streaming: text, token_ids, finish_reason and stats")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead of streaming: text, token_ids, finish_reason and stats",
+    )
     add_sampling_arguments(parser)
     add_lookup_arguments(parser)
 
@@ -85,17 +91,28 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         result = model.generate(prompt, config, options=options)
         stats = result.stats
-        print(json.dumps({
-            "text": result.text,
-            "token_ids": result.token_ids,
-            "finish_reason": result.finish_reason,
-            "stats": {
-                "prompt_tokens": stats.prompt_tokens, "new_tokens": stats.new_tokens, "steps": stats.steps,
-                "mean_accepted": round(stats.mean_accepted, 4), "tokens_per_second": round(stats.tokens_per_second, 2),
-                "prefill_seconds": round(stats.prefill_seconds, 4), "decode_seconds": round(stats.decode_seconds, 4),
-                "acceptance": stats.acceptance, "tree_nodes": tree.size, "lookup_nodes": tree.lookup,
-            },
-        }, ensure_ascii=False))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                    "stats": {
+                        "prompt_tokens": stats.prompt_tokens,
+                        "new_tokens": stats.new_tokens,
+                        "steps": stats.steps,
+                        "mean_accepted": round(stats.mean_accepted, 4),
+                        "tokens_per_second": round(stats.tokens_per_second, 2),
+                        "prefill_seconds": round(stats.prefill_seconds, 4),
+                        "decode_seconds": round(stats.decode_seconds, 4),
+                        "acceptance": stats.acceptance,
+                        "tree_nodes": tree.size,
+                        "lookup_nodes": tree.lookup,
+                    },
+                },
+                ensure_ascii=False,
+            )
+        )
         return 0
     for chunk in model.stream(prompt, config, stats=stats, options=options):
         sys.stdout.write(chunk.text)

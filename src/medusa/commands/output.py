@@ -16,5 +16,5 @@ def print_table(table: Table, stderr: bool = False) -> None:
 
 
 def count_of(number: int, noun: str) -> str:
-    """"1 node", "8 nodes": a count with its noun in the right number (nouns that take an s)."""
+    """ "1 node", "8 nodes": a count with its noun in the right number (nouns that take an s)."""
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -12,9 +12,13 @@ from medusa.errors import MedusaError
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="CPU threads for torch (default: torch's choice, one per core; on a busy machine fewer, "
-                             "even 1, can be much faster)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core; on a busy machine fewer, "
+        "even 1, can be much faster)",
+    )
 
 
 def apply_threads(args: argparse.Namespace) -> None:

@@ -35,11 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="tree_command", required=True)
 
     profile = sub.add_parser(
-        "profile", help="measure head accuracies on held-out conversations",
-        description="Decode held-out conversations written by the base model (medusa distill) and measure how often each "
-                    "head's top-k guesses are right, and which paths of guesses come true together. Writes "
-                    "HEADS/tree_profile.json (for the shipped heads: your copy under the cache), which build, tune and "
-                    "evaluate read.")
+        "profile",
+        help="measure head accuracies on held-out conversations",
+        description="Decode held-out conversations written by the base model (medusa distill) and measure how often "
+        "each "
+        "head's top-k guesses are right, and which paths of guesses come true together. Writes "
+        "HEADS/tree_profile.json (for the shipped heads: your copy under the cache), which build, tune and "
+        "evaluate read.",
+    )
     _add_model_arguments(profile)
     profile.add_argument(
         "--data", nargs="+", required=True, help="JSON/JSONL conversations written by the base model (medusa distill)"
@@ -55,21 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     profile.add_argument("--output", help="profile file (default HEADS/tree_profile.json)")
 
     build = sub.add_parser(
-        "build", help="the greedy tree of N nodes from the profile",
+        "build",
+        help="the greedy tree of N nodes from the profile",
         description="Build the tree of N nodes with the most expected accepted tokens per step from the profile (the "
-                    "paper's greedy construction) and write it as HEADS/tree.json (for the shipped heads: your copy "
-                    "under the cache). A tree tuned for a device by `medusa tree tune` still wins on that device.")
+        "paper's greedy construction) and write it as HEADS/tree.json (for the shipped heads: your copy "
+        "under the cache). A tree tuned for a device by `medusa tree tune` still wins on that device.",
+    )
     _add_heads_arguments(build)
     build.add_argument("--nodes", type=int, required=True, help="tree nodes, root included")
     build.add_argument("--output", help="tree file (default HEADS/tree.json)")
     build.add_argument("--plot-dir", help="write the tree's drawing and accepted length against N here")
 
     tune = sub.add_parser(
-        "tune", help="choose the tree size with the most expected tokens/s on this device",
+        "tune",
+        help="choose the tree size with the most expected tokens/s on this device",
         description="Time one decoding step against tree size on this device (or read a cost curve), divide the "
-                    "profile's expected tokens per step by it, and keep the fastest tree for this kind of device in "
-                    "HEADS/tuned_trees.json (for the shipped heads: your copy under the cache). Loading the heads on such "
-                    "a device then uses it.")
+        "profile's expected tokens per step by it, and keep the fastest tree for this kind of device in "
+        "HEADS/tuned_trees.json (for the shipped heads: your copy under the cache). Loading the heads on such "
+        "a device then uses it.",
+    )
     _add_model_arguments(tune)
     tune.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     tune.add_argument("--estimate", choices=ESTIMATE_CHOICES, help=ESTIMATE_HELP)
@@ -107,10 +114,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tune.add_argument("--plot-dir", help="write tokens/s and accepted length against N, and the chosen tree, here")
 
     evaluate = sub.add_parser(
-        "evaluate", help="decode prompts with several trees: measured vs expected accepted length",
+        "evaluate",
+        help="decode prompts with several trees: measured vs expected accepted length",
         description="Decode prompts with greedy trees of several sizes (and the default or tuned trees) and print, per "
-                    "tree, the measured tokens per step, the profile's expected value with its error relative to the "
-                    "measured one, and tokens/s.")
+        "tree, the measured tokens per step, the profile's expected value with its error relative to the "
+        "measured one, and tokens/s.",
+    )
     _add_model_arguments(evaluate)
     evaluate.add_argument("--profile", help="profile file (default HEADS/tree_profile.json)")
     evaluate.add_argument(
@@ -139,8 +148,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     evaluate.add_argument(
         "--default-trees", action="store_true", help="also decode with the default trees of the same sizes"
     )
-    evaluate.add_argument("--tuned", action="store_true",
-                          help="also decode with the tree tuned for this device (and its lookup tree, if it has one)")
+    evaluate.add_argument(
+        "--tuned",
+        action="store_true",
+        help="also decode with the tree tuned for this device (and its lookup tree, if it has one)",
+    )
     evaluate.add_argument(
         "--max-new-tokens",
         type=int,
@@ -220,9 +232,12 @@ def _estimate(args: argparse.Namespace, profile) -> str:
         return args.estimate  # walk on a profile without its data is refused, naming the fix
     estimate = default_estimate(profile)
     if estimate != "walk":
-        print("note: this profile has no per-position ranks (it predates the walk estimate), so the joint estimate is "
-              "used; it over-predicts measured tokens per step (by 13-18% in docs/benchmarks/cpu-tree-evaluate-pool). "
-              "Run `medusa tree profile` again for the walk estimate", file=sys.stderr)
+        print(
+            "note: this profile has no per-position ranks (it predates the walk estimate), so the joint estimate is "
+            "used; it over-predicts measured tokens per step (by 13-18% in docs/benchmarks/cpu-tree-evaluate-pool). "
+            "Run `medusa tree profile` again for the walk estimate",
+            file=sys.stderr,
+        )
     return estimate
 
 
@@ -275,8 +290,11 @@ def _output_for(directory: Path, name: str) -> Path:
     """Where a file for these heads goes by default: beside them, or the user's copy for the read-only shipped heads."""
     target = user_heads_directory(directory)
     if target != directory:
-        print(f"note: the shipped heads in {directory} are read-only; writing {name} to {target} instead, which "
-              "loading these heads reads first (give --heads DIR to work on a copy of your own)", file=sys.stderr)
+        print(
+            f"note: the shipped heads in {directory} are read-only; writing {name} to {target} instead, which "
+            "loading these heads reads first (give --heads DIR to work on a copy of your own)",
+            file=sys.stderr,
+        )
         target.mkdir(parents=True, exist_ok=True)
     return target / name
 
@@ -318,19 +336,30 @@ def run_profile(args: argparse.Namespace) -> int:
         )
     output = Path(args.output) if args.output else _output_for(directory, PROFILE_FILE)
     profile.save(output)
-    print(f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; "
-          f"saved {output}")
+    print(
+        f"profiled {profile.num_heads} heads on {profile.samples} positions of {len(examples)} conversations; "
+        f"saved {output}"
+    )
     for k, row in enumerate(profile.accuracy):
-        print(f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  "
-              f"top-{profile.topk} {sum(row):.3f}")
+        print(
+            f"  head {k}: top-1 {row[0]:.3f}  top-{min(5, profile.topk)} {sum(row[:5]):.3f}  "
+            f"top-{profile.topk} {sum(row):.3f}"
+        )
     if profile.samples:
         sizes = (8, 16, 32, 64)
         curves = {name: expected_lengths(profile, sizes, name) for name in available_estimates(profile)}
-        print(f"  walk data: {profile.position_ranks.positions} positions in "
-              f"{len(profile.position_ranks.segments)} answers"
-              if has_walk(profile) else "  walk data: none")
-        print("  expected tokens per step of the greedy tree: " + ", ".join(
-            f"{n} nodes " + " ".join(f"{curve[n]:.2f} ({name})" for name, curve in curves.items()) for n in sizes))
+        print(
+            f"  walk data: {profile.position_ranks.positions} positions in "
+            f"{len(profile.position_ranks.segments)} answers"
+            if has_walk(profile)
+            else "  walk data: none"
+        )
+        print(
+            "  expected tokens per step of the greedy tree: "
+            + ", ".join(
+                f"{n} nodes " + " ".join(f"{curve[n]:.2f} ({name})" for name, curve in curves.items()) for n in sizes
+            )
+        )
         if has_lookup(profile):
             chained = expected_lengths(profile, sizes, "walk", lookup=10)
             print(
@@ -361,10 +390,15 @@ def run_build(args: argparse.Namespace) -> int:
     order = "joint order" if estimate == "walk" else f"{estimate} estimate"
     print(f"tree of {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk} ({order}); saved {output}")
     labels = {"paper": "paper's product of accuracies"}
-    print("expected accepted tokens per step: "
-          + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items()))
+    print(
+        "expected accepted tokens per step: "
+        + ", ".join(f"{value:.3f} ({labels.get(name, name)})" for name, value in expected.items())
+    )
     if tree.size < args.nodes:
-        print(f"note: only {count_of(tree.size, 'node')} exist for {profile.num_heads} heads of top-{profile.topk}", file=sys.stderr)
+        print(
+            f"note: only {count_of(tree.size, 'node')} exist for {profile.num_heads} heads of top-{profile.topk}",
+            file=sys.stderr,
+        )
     tuned = read_tuned_trees(directory)
     if tuned and output == user_heads_directory(directory) / "tree.json":
         print(f"note: on {', '.join(map(repr, tuned))} the tuned tree takes precedence over tree.json", file=sys.stderr)
@@ -423,14 +457,28 @@ def run_tune(args: argparse.Namespace) -> int:
         trees = greedy_trees(profile, sizes, estimate)
         print(f"timing {len(trees)} tree sizes on {device_kind(model.device)}", file=sys.stderr)
         cost = measure_cost_curve(
-            model, trees, args.context, args.steps, args.repeats,
+            model,
+            trees,
+            args.context,
+            args.steps,
+            args.repeats,
             progress=lambda n, s: print(f"  {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr),
         )
         for batch in batch_sizes:
-            batch_costs[batch] = cost if batch == 1 else measure_cost_curve(
-                model, trees, args.context, args.steps, args.repeats, batch=batch,
-                progress=lambda n, s, b=batch: print(f"  batch {b}, {n:4d} nodes: {s * 1e3:8.2f} ms/step",
-                                                     file=sys.stderr),
+            batch_costs[batch] = (
+                cost
+                if batch == 1
+                else measure_cost_curve(
+                    model,
+                    trees,
+                    args.context,
+                    args.steps,
+                    args.repeats,
+                    batch=batch,
+                    progress=lambda n, s, b=batch: print(
+                        f"  batch {b}, {n:4d} nodes: {s * 1e3:8.2f} ms/step", file=sys.stderr
+                    ),
+                )
             )
         if args.save_cost_curve:
             cost.save(args.save_cost_curve)
@@ -444,20 +492,28 @@ def run_tune(args: argparse.Namespace) -> int:
         else ""
     )
     print(f"({estimate} estimate of tokens per step{length})")
-    print(f"best heads' tree for {kind!r}: {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk}: "
-          f"{heads.expected_accept_length:.2f} tokens/step expected, "
-          f"{heads.expected_tokens_per_second:.1f} tokens/s expected")
+    print(
+        f"best heads' tree for {kind!r}: {count_of(tree.size, 'node')}, {tree.max_depth} deep, top-{tree.topk}: "
+        f"{heads.expected_accept_length:.2f} tokens/step expected, "
+        f"{heads.expected_tokens_per_second:.1f} tokens/s expected"
+    )
     if chain_tree is not None:
         in_use = "; decoding uses it by default here" if best is not heads and not args.dry_run else ""
-        print(f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a "
-              f"{best.lookup}-node chain): {best.expected_accept_length:.2f} tokens/step expected, "
-              f"{best.expected_tokens_per_second:.1f} tokens/s expected{in_use}")
+        print(
+            f"best with a lookup chain: {chain_tree.size} nodes ({best.nodes} of the heads' tree and a "
+            f"{best.lookup}-node chain): {best.expected_accept_length:.2f} tokens/step expected, "
+            f"{best.expected_tokens_per_second:.1f} tokens/s expected{in_use}"
+        )
     entry = tuning.to_tuned_tree(profile, config.num_heads, heads_fingerprint(directory), args.max_new_tokens)
     if batch_costs:
         entry.batches = tune_batches(profile, batch_costs, estimate, chains, args.max_nodes)
-        print("per batch size: " + ", ".join(
-            f"{batch}: {tree.nodes} nodes" + (f" ({tree.lookup} lookup)" if tree.lookup else "")
-            for batch, tree in entry.batches.items()))
+        print(
+            "per batch size: "
+            + ", ".join(
+                f"{batch}: {tree.nodes} nodes" + (f" ({tree.lookup} lookup)" if tree.lookup else "")
+                for batch, tree in entry.batches.items()
+            )
+        )
     if not args.dry_run:
         if is_shipped(directory):
             _output_for(directory, "tuned_trees.json")  # says where, once
@@ -575,17 +631,34 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for label, tree in trees.items():
         measured = _decode_prompts(model, prompts, tree, args.max_new_tokens, label)
         expected = _expected_all(profile, tree)
-        row = {"tree": label, "nodes": tree.size, **measured,
-               **{f"expected_{name}": round(value, 4) for name, value in expected.items()}}
+        row = {
+            "tree": label,
+            "nodes": tree.size,
+            **measured,
+            **{f"expected_{name}": round(value, 4) for name, value in expected.items()},
+        }
         results.append(row)
-        errors = {name: value / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
-                  for name, value in expected.items()}
-        print(f"{label:>12} {tree.size:4d} {'node: ' if tree.size == 1 else 'nodes:'} measured {row['mean_accepted']:.3f} "
-              "tokens/step, expected "
-              + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%} vs measured)" for name, value in expected.items())
-              + f"; {row['tokens_per_second']:.1f} tokens/s", flush=True)
-    summary = {"device": device_kind(model.device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "data": list(args.data), "heads": str(directory), "estimate": estimate, "results": results}
+        errors = {
+            name: value / row["mean_accepted"] - 1 if row["mean_accepted"] else float("nan")
+            for name, value in expected.items()
+        }
+        print(
+            f"{label:>12} {tree.size:4d} {'node: ' if tree.size == 1 else 'nodes:'} "
+            f"measured {row['mean_accepted']:.3f} "
+            "tokens/step, expected "
+            + ", ".join(f"{value:.3f} {name} ({errors[name]:+.1%} vs measured)" for name, value in expected.items())
+            + f"; {row['tokens_per_second']:.1f} tokens/s",
+            flush=True,
+        )
+    summary = {
+        "device": device_kind(model.device),
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "data": list(args.data),
+        "heads": str(directory),
+        "estimate": estimate,
+        "results": results,
+    }
     if args.output:
         write_json(args.output, summary, indent=1)
         print(f"saved {args.output}")
@@ -615,8 +688,12 @@ def _decode_prompts(model, prompts, tree, max_new_tokens: int, label: str) -> di
             tokens += stats.new_tokens
             seconds += stats.decode_seconds
             bar.update(1)
-    return {"mean_accepted": round(accepted / steps, 4) if steps else 0.0, "steps": steps, "new_tokens": tokens,
-            "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0}
+    return {
+        "mean_accepted": round(accepted / steps, 4) if steps else 0.0,
+        "steps": steps,
+        "new_tokens": tokens,
+        "tokens_per_second": round(tokens / seconds, 2) if seconds else 0.0,
+    }
 
 
 def _plot_evaluate(plot_dir: Path, profile, results: list[dict], estimate: str) -> None:

@@ -114,9 +114,16 @@ class ApiError(Exception):
     def response(self, request: Request | None = None) -> JSONResponse:
         """The answer; logs one line with the request id the response carries in ``x-request-id``."""
         if request is not None:
-            log.info("request %s: %s %s refused with %d (%s): %s%s", request_id(request.scope), request.method,
-                     request.url.path, self.status, self.code or self.type, self.message,
-                     f" ({self.detail})" if self.detail else "")
+            log.info(
+                "request %s: %s %s refused with %d (%s): %s%s",
+                request_id(request.scope),
+                request.method,
+                request.url.path,
+                self.status,
+                self.code or self.type,
+                self.message,
+                f" ({self.detail})" if self.detail else "",
+            )
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
@@ -160,8 +167,9 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         else:
             message = str(error.detail)
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return ApiError(error.status_code, message, code=code,
-                        headers=getattr(error, "headers", None)).response(request)
+        return ApiError(error.status_code, message, code=code, headers=getattr(error, "headers", None)).response(
+            request
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -195,8 +203,12 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = engine.alive and not server.closing
-        body = {"status": "ok" if ok else ("stopping" if server.closing else "stopped"), "model": server.model_name,
-                "waiting": engine.waiting, "running": engine.running}
+        body = {
+            "status": "ok" if ok else ("stopping" if server.closing else "stopped"),
+            "model": server.model_name,
+            "waiting": engine.waiting,
+            "running": engine.running,
+        }
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -275,16 +287,27 @@ class _Server:
         if problem is not None:
             raise ApiError(400, problem[1], param=problem[0], code="unsupported_parameter")
         if request.n > self.max_choices:
-            why = (f"its batch of {self.engine.config.max_batch} plus {self.engine.config.max_waiting} waiting"
-                   if self.max_choices == self.engine.capacity else "the most one request may ask for")
-            raise ApiError(400, f"n is {request.n}, over this server's limit of {self.max_choices} choices per request "
-                           f"({why})", param="n", code="invalid_value")
+            why = (
+                f"its batch of {self.engine.config.max_batch} plus {self.engine.config.max_waiting} waiting"
+                if self.max_choices == self.engine.capacity
+                else "the most one request may ask for"
+            )
+            raise ApiError(
+                400,
+                f"n is {request.n}, over this server's limit of {self.max_choices} choices per request ({why})",
+                param="n",
+                code="invalid_value",
+            )
         return request
 
     def check_model(self, name: str, param: str | None) -> None:
         if name != self.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           param=param, code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                param=param,
+                code="model_not_found",
+            )
 
     # ----- prompts ------------------------------------------------------------------------------
 
@@ -292,9 +315,13 @@ class _Server:
         """A bound checked before tokenizing: no token is longer than the vocabulary's longest, so a
         prompt of more characters than the context holds of those cannot fit."""
         if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
-            raise ApiError(400, f"the prompt has {chars} characters, more than the model's context length of "
-                           f"{self.context_length} tokens can hold (at most {self.max_prompt_chars})",
-                           param=param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {chars} characters, more than the model's context length of "
+                f"{self.context_length} tokens can hold (at most {self.max_prompt_chars})",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def encode_chat(self, request: ChatCompletionRequest) -> list[int]:
         """The messages through the chat template, as token ids. Unless the server trusts its clients
@@ -304,7 +331,9 @@ class _Server:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         # "developer" is OpenAI's new name for "system"; chat templates know only the old one.
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in request.messages
+        ]
         text = self.render(messages)
         if self.settings.special_tokens_in_content or not self.special_ids:
             return self.check_ids(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
@@ -320,14 +349,22 @@ class _Server:
         rebuilt.append(template[at:])
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        injected = [i for i, token in enumerate(ids) if token in self.special_ids
-                    and any(start < offsets[i][1] and offsets[i][0] < end for start, end in spans)]
+        injected = [
+            i
+            for i, token in enumerate(ids)
+            if token in self.special_ids and any(start < offsets[i][1] and offsets[i][0] < end for start, end in spans)
+        ]
         if not injected:
             return self.check_ids(ids, "messages")
         if "".join(rebuilt) != text:  # the template changes contents: where they lie is unknown
-            raise ApiError(400, "a message contains special-token text (such as "
-                           f"{tokenizer.decode([ids[injected[0]]])!r}), which this model's chat template does not "
-                           "let the server tokenize as plain text", param="messages", code="special_tokens_in_content")
+            raise ApiError(
+                400,
+                "a message contains special-token text (such as "
+                f"{tokenizer.decode([ids[injected[0]]])!r}), which this model's chat template does not "
+                "let the server tokenize as plain text",
+                param="messages",
+                code="special_tokens_in_content",
+            )
         # Added tokens split the text before the tokenizer's own rules apply, so tokenizing the text
         # between the template's special tokens alone gives the same tokens, but for the injected ones.
         pieces, at = [], 0
@@ -342,10 +379,15 @@ class _Server:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as error:  # noqa: BLE001  (a template may raise anything; the client gets a 400)
             if type(error) is TemplateError:  # the template's own raise_exception (e.g. "roles must alternate")
-                raise ApiError(400, f"the model's chat template refused these messages: {error}",
-                               param="messages") from None
-            raise ApiError(400, "the model's chat template could not render these messages", param="messages",
-                           detail=f"{type(error).__name__}: {error}") from None
+                raise ApiError(
+                    400, f"the model's chat template refused these messages: {error}", param="messages"
+                ) from None
+            raise ApiError(
+                400,
+                "the model's chat template could not render these messages",
+                param="messages",
+                detail=f"{type(error).__name__}: {error}",
+            ) from None
 
     def plain_ids(self, text: str) -> list[int]:
         """``text``'s tokens with special-token text in it read as plain text."""
@@ -370,36 +412,53 @@ class _Server:
         if not ids:
             raise ApiError(400, "the prompt is empty", param=param)
         if min(ids) < 0 or max(ids) >= self.vocab_size:
-            raise ApiError(400, f"prompt token ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}",
-                           param=param)
+            raise ApiError(
+                400, f"prompt token ids must lie in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}", param=param
+            )
         return ids
 
     def max_new_tokens(self, requested: int | None, prompt_len: int, prompt_param: str, limit_param: str) -> int:
         """The request's token budget, or a 400 naming the limit it breaks."""
         cap, context = self.settings.max_tokens_cap, self.context_length
         if requested is not None and requested > cap:
-            raise ApiError(400, f"{limit_param} is {requested}, over this server's limit of {cap} tokens per request",
-                           param=limit_param, code="max_tokens_too_large")
+            raise ApiError(
+                400,
+                f"{limit_param} is {requested}, over this server's limit of {cap} tokens per request",
+                param=limit_param,
+                code="max_tokens_too_large",
+            )
         if context is None:
             return requested or cap
         if prompt_len >= context:
-            raise ApiError(400, f"the prompt has {prompt_len} tokens, over the model's context length of {context} "
-                           "tokens", param=prompt_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the prompt has {prompt_len} tokens, over the model's context length of {context} tokens",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         room = context - prompt_len
         if requested is None:
             return min(cap, room)
         if requested > room:
-            raise ApiError(400, f"the model's context length is {context} tokens: the prompt has {prompt_len} and "
-                           f"{limit_param} asks for {requested} more; ask for at most {room}",
-                           param=limit_param, code="context_length_exceeded")
+            raise ApiError(
+                400,
+                f"the model's context length is {context} tokens: the prompt has {prompt_len} and "
+                f"{limit_param} asks for {requested} more; ask for at most {room}",
+                param=limit_param,
+                code="context_length_exceeded",
+            )
         return requested
 
-    def generation_config(self, request: SamplingRequest, max_new_tokens: int, choice: int = 0,
-                          logprobs: int | None = None) -> GenerationConfig:
+    def generation_config(
+        self, request: SamplingRequest, max_new_tokens: int, choice: int = 0, logprobs: int | None = None
+    ) -> GenerationConfig:
         """Choice ``choice``'s settings as a ``GenerationConfig``; unset sampling fields keep its defaults
         (greedy). With a seed, choice i samples with seed + i, so each choice is the single request of that seed."""
         options: dict[str, Any] = dict(
-            max_new_tokens=max_new_tokens, stop=request.stop, chat_template=False, acceptance=self.settings.acceptance,
+            max_new_tokens=max_new_tokens,
+            stop=request.stop,
+            chat_template=False,
+            acceptance=self.settings.acceptance,
             logprobs=logprobs,
         )
         if request.temperature is not None:
@@ -417,8 +476,9 @@ class _Server:
 
     # ----- generation ---------------------------------------------------------------------------
 
-    async def complete(self, request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool,
-                       echo: str | None = None) -> Any:
+    async def complete(
+        self, request: Request, body: SamplingRequest, prompt_ids: list[int], chat: bool, echo: str | None = None
+    ) -> Any:
         """Run the request's ``n`` choices as jobs of the running batch; answer whole or as a stream.
 
         ``echo`` (completions) is the prompt's text, put before each choice's text; with log-probabilities
@@ -429,8 +489,13 @@ class _Server:
         if body.token_limit == 0:  # echo alone: the prompt must fit the context, nothing more
             max_new_tokens = 0
             if self.context_length is not None and len(prompt_ids) > self.context_length:
-                raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens, over the model's context length of "
-                               f"{self.context_length} tokens", param=prompt_param, code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(prompt_ids)} tokens, over the model's context length of "
+                    f"{self.context_length} tokens",
+                    param=prompt_param,
+                    code="context_length_exceeded",
+                )
         else:
             max_new_tokens = self.max_new_tokens(body.token_limit, len(prompt_ids), prompt_param, limit_param)
         asked = body.logprobs_asked
@@ -450,21 +515,41 @@ class _Server:
         if self.closing:
             raise ApiError(503, "the server is shutting down", type="server_error", code="unavailable")
         try:
-            jobs = self.engine.submit_all(prompt_ids, configs, [sink_for(i) for i in range(len(configs))],
-                                          asked if score_prompt else None) if configs else []
+            jobs = (
+                self.engine.submit_all(
+                    prompt_ids, configs, [sink_for(i) for i in range(len(configs))], asked if score_prompt else None
+                )
+                if configs
+                else []
+            )
         except QueueFull as error:
-            raise ApiError(429, f"the server is busy: {error}; retry later", type="rate_limit_exceeded",
-                           code="queue_full", headers={"Retry-After": str(error.retry_after)}) from None
+            raise ApiError(
+                429,
+                f"the server is busy: {error}; retry later",
+                type="rate_limit_exceeded",
+                code="queue_full",
+                headers={"Retry-After": str(error.retry_after)},
+            ) from None
         except EngineStopped as error:
             raise ApiError(503, str(error), type="server_error", code="unavailable") from None
-        reply = _Reply(chat=chat, model=self.model_name, prompt_ids=prompt_ids, n=body.n, table=table, asked=asked,
-                       echo=echo, generates=max_new_tokens > 0)
+        reply = _Reply(
+            chat=chat,
+            model=self.model_name,
+            prompt_ids=prompt_ids,
+            n=body.n,
+            table=table,
+            asked=asked,
+            echo=echo,
+            generates=max_new_tokens > 0,
+        )
         reply_id = request_id(request.scope)
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self.stream(jobs, events, reply, include_usage, reply_id),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                self.stream(jobs, events, reply, include_usage, reply_id),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         watcher = asyncio.create_task(self.watch_disconnect(request, jobs))
         try:
             pending = len(jobs)
@@ -483,10 +568,14 @@ class _Server:
         """The vocabulary's token strings, built once on the tokenizing thread."""
         if self._token_table is None:
             if self.tokenizer is None:
-                raise ApiError(400, "this model has no tokenizer, which log-probabilities need to name the tokens",
-                               param="logprobs")
+                raise ApiError(
+                    400,
+                    "this model has no tokenizer, which log-probabilities need to name the tokens",
+                    param="logprobs",
+                )
             table = await asyncio.get_running_loop().run_in_executor(
-                self.tokenizing, TokenTable, self.tokenizer, self.vocab_size)
+                self.tokenizing, TokenTable, self.tokenizer, self.vocab_size
+            )
             self._token_table = table
         return self._token_table
 
@@ -510,8 +599,9 @@ class _Server:
                 if not self.engine.alive and events.empty():
                     return 0, Failed("shutdown", "the server's engine has stopped")
 
-    async def stream(self, jobs: list[Job], events: asyncio.Queue, reply: _Reply, include_usage: bool,
-                     reply_id: str) -> AsyncIterator[str]:
+    async def stream(
+        self, jobs: list[Job], events: asyncio.Queue, reply: _Reply, include_usage: bool, reply_id: str
+    ) -> AsyncIterator[str]:
         """Server-sent events, the choices' chunks interleaved as they come, each with its index. Starlette
         cancels this generator when the client disconnects; the ``finally`` then cancels the jobs, which
         frees their rows after the current step."""
@@ -528,10 +618,16 @@ class _Server:
                 index, event = await self.next_event(jobs, events)
                 if isinstance(event, Failed):
                     error = _failure(event, reply_id)
-                    log.info("request %s: stream ended with %d (%s): %s", reply_id, error.status,
-                             error.code or error.type, error.message)
-                    yield _sse({"error": {"message": error.message, "type": error.type, "param": None,
-                                          "code": error.code}})
+                    log.info(
+                        "request %s: stream ended with %d (%s): %s",
+                        reply_id,
+                        error.status,
+                        error.code or error.type,
+                        error.message,
+                    )
+                    yield _sse(
+                        {"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}}
+                    )
                     break
                 if isinstance(event, PromptScored):
                     reply.absorb(index, event)
@@ -603,8 +699,11 @@ class _Reply:
 
     def usage(self) -> Usage:
         completion_tokens = sum(c.completion_tokens for c in self.choices)
-        return Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=completion_tokens,
-                     total_tokens=len(self.prompt_ids) + completion_tokens)
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(self.prompt_ids) + completion_tokens,
+        )
 
     def chat_logprobs(self, scores: TokenScores) -> dict | None:
         return None if self.table is None else {"content": self.table.chat_content(scores)}
@@ -617,24 +716,42 @@ class _Reply:
 
     def whole(self) -> BaseModel:
         if self.chat:
-            choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(c.texts)),
-                                  finish_reason=c.finish_reason or "length", logprobs=self.chat_logprobs(c.scores))
-                       for i, c in enumerate(self.choices)]
-            return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=self.usage())
+            choices = [
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content="".join(c.texts)),
+                    finish_reason=c.finish_reason or "length",
+                    logprobs=self.chat_logprobs(c.scores),
+                )
+                for i, c in enumerate(self.choices)
+            ]
+            return ChatCompletion(
+                id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage()
+            )
         choices = []
         for i, c in enumerate(self.choices):
             scores = TokenScores()
             if self.echo is not None and self.asked is not None:
                 scores.extend(self.prompt_scores.ids, self.prompt_scores.logprobs, self.prompt_scores.top)
             scores.extend(c.scores.ids, c.scores.logprobs, c.scores.top)
-            choices.append(CompletionChoice(index=i, text=(self.echo or "") + "".join(c.texts),
-                                            finish_reason=c.finish_reason or "length",
-                                            logprobs=self.completion_logprobs(scores, c)))
+            choices.append(
+                CompletionChoice(
+                    index=i,
+                    text=(self.echo or "") + "".join(c.texts),
+                    finish_reason=c.finish_reason or "length",
+                    logprobs=self.completion_logprobs(scores, c),
+                )
+            )
         return Completion(id=self.id, created=self.created, model=self.model, choices=choices, usage=self.usage())
 
-    def chunk(self, index: int, text: str | None = None, role: bool = False, finish_reason: str | None = None,
-              logprobs: dict | None = None) -> dict:
+    def chunk(
+        self,
+        index: int,
+        text: str | None = None,
+        role: bool = False,
+        finish_reason: str | None = None,
+        logprobs: dict | None = None,
+    ) -> dict:
         if self.chat:
             delta = Delta(role="assistant", content="") if role else Delta(content=text)
             choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
@@ -694,22 +811,29 @@ async def _read_json(request: Request, settings: ServeSettings) -> dict:
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body has {declared} bytes, over this server's limit of {limit}",
-                       code="request_too_large")
+        raise ApiError(
+            413, f"the request body has {declared} bytes, over this server's limit of {limit}", code="request_too_large"
+        )
     body = bytearray()
     try:
         async with asyncio.timeout(settings.body_timeout):
             async for part in request.stream():
                 body += part
                 if len(body) > limit:
-                    raise ApiError(413, f"the request body is over this server's limit of {limit} bytes",
-                                   code="request_too_large")
+                    raise ApiError(
+                        413, f"the request body is over this server's limit of {limit} bytes", code="request_too_large"
+                    )
     except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {settings.body_timeout:g} seconds",
-                       code="request_timeout", headers={"Connection": "close"}) from None
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {settings.body_timeout:g} seconds",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from None
     except ClientDisconnect:
-        raise ApiError(499, "the client closed the connection before sending its whole body",
-                       code="client_closed") from None
+        raise ApiError(
+            499, "the client closed the connection before sending its whole body", code="client_closed"
+        ) from None
     if not body.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -717,13 +841,17 @@ async def _read_json(request: Request, settings: ServeSettings) -> dict:
     except UnicodeDecodeError:
         raise ApiError(400, "the request body is not UTF-8 text; send a JSON object", code="invalid_json") from None
     except json.JSONDecodeError as error:
-        raise ApiError(400, f"the request body is not valid JSON: {error.msg} at line {error.lineno} column "
-                       f"{error.colno}", code="invalid_json") from None
+        raise ApiError(
+            400,
+            f"the request body is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}",
+            code="invalid_json",
+        ) from None
     except RecursionError:
         raise _too_deep() from None
     if not isinstance(data, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(data).__name__}",
-                       code="invalid_json")
+        raise ApiError(
+            400, f"the request body must be a JSON object, got a JSON {type(data).__name__}", code="invalid_json"
+        )
     _check_json_values(data)
     return data
 
@@ -747,8 +875,12 @@ def _check_json_values(data: dict) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise ApiError(400, "the request body holds a lone UTF-16 surrogate (such as \"\\ud800\"), which is "
-                               "not a character; send valid Unicode text", code="invalid_json") from None
+                raise ApiError(
+                    400,
+                    'the request body holds a lone UTF-16 surrogate (such as "\\ud800"), which is '
+                    "not a character; send valid Unicode text",
+                    code="invalid_json",
+                ) from None
 
 
 def _validation_error(errors: list[dict], in_body: bool = True) -> ApiError:
@@ -775,8 +907,12 @@ def _validation_error(errors: list[dict], in_body: bool = True) -> ApiError:
             messages.append(f"invalid value for '{param}': {text}{shown}")
     if len(errors) > 3:
         messages.append(f"and {len(errors) - 3} more")
-    return ApiError(400, "; ".join(messages), param=params[0] if params else None,
-                    code="invalid_value" if params else "invalid_json")
+    return ApiError(
+        400,
+        "; ".join(messages),
+        param=params[0] if params else None,
+        code="invalid_value" if params else "invalid_json",
+    )
 
 
 def _param_name(location: list) -> str:

@@ -98,8 +98,14 @@ class Job:
     ``config`` generates nothing (it only scores the prompt, then finishes with no tokens).
     """
 
-    def __init__(self, prompt_ids: list[int], config: GenerationConfig | None, sink: Sink, deadline: float,
-                 prompt_logprobs: int | None = None) -> None:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        config: GenerationConfig | None,
+        sink: Sink,
+        deadline: float,
+        prompt_logprobs: int | None = None,
+    ) -> None:
         self.prompt_ids = prompt_ids
         self.config = config
         self.sink = sink
@@ -161,8 +167,9 @@ class Engine:
     def decoding_engine(self) -> DecodingEngine:
         """The engine the worker decodes with, built on first use with room for the whole batch."""
         if self._decoder is None:
-            self._decoder = self.model.engine(self.config.options, max_rows=self.config.max_batch,
-                                              max_length=self.config.cache_length)
+            self._decoder = self.model.engine(
+                self.config.options, max_rows=self.config.max_batch, max_length=self.config.cache_length
+            )
         return self._decoder
 
     # ----- requests -----------------------------------------------------------------------------
@@ -185,18 +192,26 @@ class Engine:
         """The most jobs the line holds at once: the running batch and those waiting beyond it."""
         return self.config.max_batch + self.config.max_waiting
 
-    def submit(self, prompt_ids: list[int], config: GenerationConfig | None, sink: Sink,
-               prompt_logprobs: int | None = None) -> Job:
+    def submit(
+        self, prompt_ids: list[int], config: GenerationConfig | None, sink: Sink, prompt_logprobs: int | None = None
+    ) -> Job:
         """Queue a generation; raise ``QueueFull`` when the line is full, ``EngineStopped`` when stopping."""
         return self.submit_all(prompt_ids, [config], [sink], prompt_logprobs)[0]
 
-    def submit_all(self, prompt_ids: list[int], configs: list[GenerationConfig | None], sinks: list[Sink],
-                   prompt_logprobs: int | None = None) -> list[Job]:
+    def submit_all(
+        self,
+        prompt_ids: list[int],
+        configs: list[GenerationConfig | None],
+        sinks: list[Sink],
+        prompt_logprobs: int | None = None,
+    ) -> list[Job]:
         """Queue one job per config (a request's choices), all or none; the first scores the prompt when
         ``prompt_logprobs`` is given. Raise ``QueueFull`` when the line has no room for them all."""
         deadline = time.monotonic() + self.config.request_timeout
-        jobs = [Job(prompt_ids, config, sink, deadline, prompt_logprobs if index == 0 else None)
-                for index, (config, sink) in enumerate(zip(configs, sinks, strict=True))]
+        jobs = [
+            Job(prompt_ids, config, sink, deadline, prompt_logprobs if index == 0 else None)
+            for index, (config, sink) in enumerate(zip(configs, sinks, strict=True))
+        ]
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
@@ -348,23 +363,35 @@ class Engine:
         for generation, output in engine.step():
             member = by_generation[id(generation)]
             job = member.job
-            chunk = GenerationChunk(text=output.text, token_ids=output.tokens, accepted=output.accepted,
-                                    logprobs=output.logprobs, top_logprobs=output.top_logprobs)
+            chunk = GenerationChunk(
+                text=output.text,
+                token_ids=output.tokens,
+                accepted=output.accepted,
+                logprobs=output.logprobs,
+                top_logprobs=output.top_logprobs,
+            )
             self.metrics.record_step(output.accepted, len(chunk.token_ids))
             if chunk.token_ids and member.completion_tokens == 0:
                 self.metrics.record_first_token(time.monotonic() - job.submitted)
             member.completion_tokens += len(chunk.token_ids)
             events.append((job, chunk))
             if job.cancelled:
-                events.append((job, Failed("shutdown", "the server is shutting down") if self._stopping
-                               else Failed("cancelled", "the request was cancelled")))
+                events.append(
+                    (
+                        job,
+                        Failed("shutdown", "the server is shutting down")
+                        if self._stopping
+                        else Failed("cancelled", "the request was cancelled"),
+                    )
+                )
                 leaving.append((member, "cancelled"))
             elif generation.finished:
                 tail = generation.finish_text()
                 if tail:
                     events.append((job, GenerationChunk(text=tail, token_ids=[], accepted=0)))
-                events.append((job, Finished(generation.stats.finish_reason, member.completion_tokens,
-                                             generation.stats)))
+                events.append(
+                    (job, Finished(generation.stats.finish_reason, member.completion_tokens, generation.stats))
+                )
                 leaving.append((member, generation.stats.finish_reason))
             elif time.monotonic() > job.deadline:
                 events.append((job, Failed("timeout", self.timeout_message())))

@@ -158,8 +158,12 @@ class _Client:
 
     def chat(self, model: str, prompt: str, index: int = 0) -> Sample:
         request = {
-            "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": self.config.max_tokens,
-            "temperature": self.config.temperature, "stream": True, "stream_options": {"include_usage": True},
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.config.max_tokens,
+            "temperature": self.config.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
         }
         if self.config.mixed_temperature is not None and index % 2:
             request.update(temperature=self.config.mixed_temperature, seed=index)
@@ -229,7 +233,9 @@ def run_load(config: LoadConfig) -> LoadResult:
     return summarise(config, model, [s for s in samples if s is not None], wall, before, after)
 
 
-def summarise(config: LoadConfig, model: str, samples: list[Sample], wall: float, before: dict, after: dict) -> LoadResult:
+def summarise(
+    config: LoadConfig, model: str, samples: list[Sample], wall: float, before: dict, after: dict
+) -> LoadResult:
     ok = [s for s in samples if s.status == 200]
     latencies = sorted(s.seconds for s in ok)
     ttfts = sorted(s.first_token_seconds for s in ok if s.first_token_seconds is not None)
@@ -238,13 +244,23 @@ def summarise(config: LoadConfig, model: str, samples: list[Sample], wall: float
     steps = after.get("medusa_decoding_steps_total", 0) - before.get("medusa_decoding_steps_total", 0)
     accepted = after.get("medusa_accepted_tokens_total", 0) - before.get("medusa_accepted_tokens_total", 0)
     return LoadResult(
-        label=config.label, model=model, clients=config.clients, requests=len(samples), max_tokens=config.max_tokens,
-        ok=len(ok), rejected=sum(s.status == 429 for s in samples),
-        failed=sum(s.status not in (200, 429) for s in samples), wall_seconds=wall, completion_tokens=tokens,
+        label=config.label,
+        model=model,
+        clients=config.clients,
+        requests=len(samples),
+        max_tokens=config.max_tokens,
+        ok=len(ok),
+        rejected=sum(s.status == 429 for s in samples),
+        failed=sum(s.status not in (200, 429) for s in samples),
+        wall_seconds=wall,
+        completion_tokens=tokens,
         throughput_tokens_per_second=tokens / wall if wall > 0 else 0.0,
         requests_per_second=len(ok) / wall if wall > 0 else 0.0,
-        latency_p50=percentile(latencies, 50), latency_p90=percentile(latencies, 90),
-        latency_p99=percentile(latencies, 99), ttft_p50=percentile(ttfts, 50), ttft_p99=percentile(ttfts, 99),
+        latency_p50=percentile(latencies, 50),
+        latency_p90=percentile(latencies, 90),
+        latency_p99=percentile(latencies, 99),
+        ttft_p50=percentile(ttfts, 50),
+        ttft_p99=percentile(ttfts, 99),
         per_request_tokens_per_second_p50=percentile(rates, 50),
         mean_accepted_per_step=accepted / steps if steps > 0 else None,
         errors=sorted({f"{s.status}: {s.error}" for s in samples if s.status != 200})[:10],
@@ -296,8 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests in all (default 64)")
     parser.add_argument("--max-tokens", type=int, default=256, help="max_tokens per request (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--mixed-temperature", type=float, metavar="T",
-                        help="odd-numbered requests sample at T (seeded), the others at --temperature")
+    parser.add_argument(
+        "--mixed-temperature",
+        type=float,
+        metavar="T",
+        help="odd-numbered requests sample at T (seeded), the others at --temperature",
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed requests first (default 2)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--prompts", help="Spec-Bench JSONL (first turns), {'prompt'} JSONL or text lines")
@@ -311,9 +331,17 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table([read_json(path, "load test report") for path in args.report]))
             return 0
         config = LoadConfig(
-            url=args.url, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens,
-            temperature=args.temperature, mixed_temperature=args.mixed_temperature, warmup=args.warmup, timeout=args.timeout, api_key=args.api_key,
-            prompts=load_prompts(args.prompts) if args.prompts else BUILTIN_PROMPTS, label=args.label,
+            url=args.url,
+            clients=args.clients,
+            requests=args.requests,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            mixed_temperature=args.mixed_temperature,
+            warmup=args.warmup,
+            timeout=args.timeout,
+            api_key=args.api_key,
+            prompts=load_prompts(args.prompts) if args.prompts else BUILTIN_PROMPTS,
+            label=args.label,
         )
         result = run_load(config)
     except MedusaError as error:

@@ -56,9 +56,14 @@ class TokenTable:
     def chat_content(self, scores: TokenScores) -> list[dict]:
         """Chat's ``logprobs.content``: one object per token, with its top alternatives."""
         return [
-            {"token": self.strings[token], "logprob": logprob, "bytes": list(self.bytes[token]),
-             "top_logprobs": [{"token": self.strings[t], "logprob": v, "bytes": list(self.bytes[t])}
-                              for t, v in top or ()]}
+            {
+                "token": self.strings[token],
+                "logprob": logprob,
+                "bytes": list(self.bytes[token]),
+                "top_logprobs": [
+                    {"token": self.strings[t], "logprob": v, "bytes": list(self.bytes[t])} for t, v in top or ()
+                ],
+            }
             for token, logprob, top in zip(scores.ids, scores.logprobs, scores.top)
         ]
 
@@ -77,8 +82,12 @@ class TokenTable:
             alternatives = {self.strings[t]: v for t, v in (top or ())[:asked]}
             alternatives.setdefault(self.strings[token], logprob)
             tops.append(alternatives)
-        body = {"tokens": [self.strings[t] for t in scores.ids], "token_logprobs": list(scores.logprobs),
-                "top_logprobs": tops, "text_offset": offsets}
+        body = {
+            "tokens": [self.strings[t] for t in scores.ids],
+            "token_logprobs": list(scores.logprobs),
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
         return body, offset
 
 

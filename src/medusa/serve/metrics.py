@@ -98,16 +98,27 @@ class Metrics:
             for name, value, text in (
                 ("medusa_prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished generations."),
                 ("medusa_generated_tokens_total", self.generated_tokens, "Tokens generated."),
-                ("medusa_decoding_steps_total", self.steps, "Decoding steps (base model forward passes after prefill)."),
-                ("medusa_accepted_tokens_total", self.accepted_tokens, "Tokens committed by decoding steps; "
-                 "divided by medusa_decoding_steps_total it is the mean accepted tokens per step."),
+                (
+                    "medusa_decoding_steps_total",
+                    self.steps,
+                    "Decoding steps (base model forward passes after prefill).",
+                ),
+                (
+                    "medusa_accepted_tokens_total",
+                    self.accepted_tokens,
+                    "Tokens committed by decoding steps; "
+                    "divided by medusa_decoding_steps_total it is the mean accepted tokens per step.",
+                ),
             ):
                 _family(out, name, "counter", text)
                 out.append(f"{name} {value}")
             for name, histogram, text in (
                 ("medusa_accepted_tokens_per_step", self.accepted_per_step, "Tokens committed per decoding step."),
-                ("medusa_time_to_first_token_seconds", self.time_to_first_token,
-                 "From request arrival to its first generated token."),
+                (
+                    "medusa_time_to_first_token_seconds",
+                    self.time_to_first_token,
+                    "From request arrival to its first generated token.",
+                ),
                 ("medusa_request_latency_seconds", self.latency, "From request arrival to the end of its generation."),
                 ("medusa_batch_size", self.batch_size, "Generations in the running batch, once per decoding step."),
             ):

@@ -148,7 +148,10 @@ class ChatCompletionRequest(SamplingRequest):
         if self.function_call not in (None, "none"):
             return "function_call", "function_call is not supported (no functions)"
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported; only 'text' is"
+            return (
+                "response_format",
+                f"response_format {self.response_format.get('type')!r} is not supported; only 'text' is",
+            )
         for index, message in enumerate(self.messages):
             if message.tool_calls:
                 return f"messages[{index}].tool_calls", "tool calls are not supported"

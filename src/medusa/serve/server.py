@@ -66,9 +66,15 @@ class _Config(uvicorn.Config):
         log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
         log_config["loggers"]["medusa"] = {"handlers": ["default"], "level": server.log_level.upper()}
         super().__init__(
-            app, host=server.host, port=server.port, log_level=server.log_level, lifespan="on", http=_Protocol,
+            app,
+            host=server.host,
+            port=server.port,
+            log_level=server.log_level,
+            lifespan="on",
+            http=_Protocol,
             log_config=log_config,
-            timeout_keep_alive=server.keep_alive_timeout, limit_concurrency=server.limit_concurrency,
+            timeout_keep_alive=server.keep_alive_timeout,
+            limit_concurrency=server.limit_concurrency,
             h11_max_incomplete_event_size=server.max_header_bytes,
             # A backstop: handlers still running this long after the generations were ended are cancelled.
             timeout_graceful_shutdown=server.shutdown_grace + 5,
@@ -93,8 +99,10 @@ class _Protocol(H11Protocol):
             now = time.monotonic()
             if now - _Protocol._refused_logged > REFUSED_LOG_INTERVAL:
                 _Protocol._refused_logged = now
-                log.warning("refusing connections: %d are open, the most this server keeps (--max-connections)",
-                            len(self.connections) - 1)
+                log.warning(
+                    "refusing connections: %d are open, the most this server keeps (--max-connections)",
+                    len(self.connections) - 1,
+                )
             transport.close()
             return
         self._arm_header_timer()

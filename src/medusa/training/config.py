@@ -89,8 +89,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
-        _positive(self, "num_heads", "batch_size", "gradient_accumulation", "max_length", "checkpoint_every",
-                  "log_every", "loss_chunk_size", "keep_checkpoints")
+        _positive(
+            self,
+            "num_heads",
+            "batch_size",
+            "gradient_accumulation",
+            "max_length",
+            "checkpoint_every",
+            "log_every",
+            "loss_chunk_size",
+            "keep_checkpoints",
+        )
         if self.stage not in (1, 2):
             raise MedusaError(f"stage must be 1 (frozen base) or 2 (LoRA on the base), got {self.stage}")
         if self.loss not in ("kl", "ce"):

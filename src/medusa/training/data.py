@@ -21,13 +21,22 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from medusa.errors import MedusaError
 
-if TYPE_CHECKING:  # torch is imported where tensors are made, so `medusa prompts` (which reads records only) starts fast
+if (
+    TYPE_CHECKING
+):  # torch is imported where tensors are made, so `medusa prompts` (which reads records only) starts fast
     import torch
     from transformers import PreTrainedTokenizerBase
 
 ROLES = {
-    "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-    "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
 }
 ANSWER_KEYS = ("output", "response", "completion", "answer")
 
@@ -120,7 +129,9 @@ def _json_array(path: Path, text: str, start: int) -> Iterator[DataRecord]:
         try:
             value, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
-            raise MedusaError(f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file or use JSONL") from None
+            raise MedusaError(
+                f"{path}:{error.lineno}: not valid JSON ({error.msg}); fix the file or use JSONL"
+            ) from None
         line += text.count("\n", counted, position)
         counted = position
         yield DataRecord(f"{path}:{line}", path.name, index, value)
@@ -291,7 +302,9 @@ def _mask_from_offsets(offsets: Sequence[tuple[int, int]], spans: list[tuple[int
     return mask
 
 
-def _encode_slow(tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+def _encode_slow(
+    tokenizer: PreTrainedTokenizerBase, full: str, spans: list[tuple[int, int]]
+) -> tuple[list[int], list[bool]]:
     """Without offsets (a slow tokenizer): token counts of the text up to each span's ends."""
     ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
     mask = [False] * len(ids)
@@ -323,9 +336,13 @@ def load_examples(
 
     def flush() -> None:
         if tokenizer.is_fast:
-            encoded = tokenizer([text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
-            pairs = [(list(ids), _mask_from_offsets(offsets, spans))
-                     for ids, offsets, (_, _, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered)]
+            encoded = tokenizer(
+                [text for _, text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True
+            )
+            pairs = [
+                (list(ids), _mask_from_offsets(offsets, spans))
+                for ids, offsets, (_, _, spans) in zip(encoded["input_ids"], encoded["offset_mapping"], rendered)
+            ]
         else:
             pairs = [_encode_slow(tokenizer, text, spans) for _, text, spans in rendered]
         for (where, _, _), (ids, mask) in zip(rendered, pairs):
@@ -356,7 +373,9 @@ def load_examples(
 # ----- splitting and batching -----------------------------------------------------------------------
 
 
-def split_held_out(examples: list[Example], fraction: float, seed: int, max_held_out: int) -> tuple[list[Example], list[Example]]:
+def split_held_out(
+    examples: list[Example], fraction: float, seed: int, max_held_out: int
+) -> tuple[list[Example], list[Example]]:
     """``(train, held_out)``: a seeded random ``fraction`` (at least one, at most ``max_held_out``) held out."""
     if fraction <= 0 or len(examples) < 2:
         return list(examples), []
@@ -377,7 +396,9 @@ class LengthBatchSampler:
     run sees exactly the batches the interrupted one would have.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, max_tokens: int | None, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, max_tokens: int | None, seed: int, shuffle: bool = True
+    ) -> None:
         order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
         self.batches: list[list[int]] = []
         current: list[int] = []

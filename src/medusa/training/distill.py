@@ -97,7 +97,8 @@ def check_settings(config: DistillConfig) -> None:
         flag = "--" + key.replace("_", "-")
         raise MedusaError(
             f"cannot continue {config.output}: its rows were made with {flag} {recorded[key]!r}, this run has "
-            f"{current[key]!r}" + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
+            f"{current[key]!r}"
+            + (f" (also differing: {', '.join(differing[1:])})" if differing[1:] else "")
             + "; use the same settings, or another --output"
         )
 
@@ -142,8 +143,11 @@ def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPl
     # longest prompts of a window go first (a batch too large fails early).
     pending.sort(key=lambda item: item[0].id)
     window = WINDOW * config.batch_size
-    pending = [item for start in range(0, len(pending), window)
-               for item in sorted(pending[start : start + window], key=lambda item: -len(item[1]))]
+    pending = [
+        item
+        for start in range(0, len(pending), window)
+        for item in sorted(pending[start : start + window], key=lambda item: -len(item[1]))
+    ]
     return DistillPlan(pending, done=len(done & seen), total=len(unique), skipped=skipped, repaired=repaired)
 
 
@@ -178,8 +182,11 @@ def generate_batch(
     for row, ids in enumerate(prompts):
         input_ids[row, longest - len(ids) :] = torch.tensor(ids)
         attention_mask[row, longest - len(ids) :] = 1
-    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0} if config.temperature > 0 \
+    sampling = (
+        {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
+        if config.temperature > 0
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     with torch.inference_mode():
         output = model.generate(
             input_ids=input_ids.to(device),
@@ -224,7 +231,9 @@ def distill(
             answer = tokenizer.decode(tokens, skip_special_tokens=True)
             lines.append(json.dumps(_row(prompt, answer, "stop" if stop else "length"), ensure_ascii=False) + "\n")
         append_text(output, "".join(lines))
-        yield DistillBatch(rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds)
+        yield DistillBatch(
+            rows=len(batch), new_tokens=sum(len(t) + s for t, s in zip(answers, stopped)), seconds=seconds
+        )
 
 
 def load_for_distill(config: DistillConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
@@ -232,4 +241,3 @@ def load_for_distill(config: DistillConfig) -> tuple[PreTrainedModel, PreTrained
     if tokenizer is None:
         raise MedusaError("distillation needs the model's tokenizer")
     return model, tokenizer, name
-

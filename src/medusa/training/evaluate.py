@@ -74,17 +74,19 @@ def accuracy_report(totals: dict[str, torch.Tensor], stage: int) -> dict:
         scale = 1.0 / positions if positions else 0.0
         greedy = [int(v) * scale for v in totals["greedy"][k]]
         data = [int(v) * scale for v in totals["data"][k]]
-        heads.append({
-            "head": k,
-            "predicts": f"token t+{k + 2} from the hidden state at t",
-            "positions": positions,
-            "top1": greedy[0],
-            "top5": sum(greedy[:5]),
-            "rank_hit_rate": greedy,
-            "data_top1": data[0],
-            "data_top5": sum(data[:5]),
-            "data_rank_hit_rate": data,
-        })
+        heads.append(
+            {
+                "head": k,
+                "predicts": f"token t+{k + 2} from the hidden state at t",
+                "positions": positions,
+                "top1": greedy[0],
+                "top5": sum(greedy[:5]),
+                "rank_hit_rate": greedy,
+                "data_top1": data[0],
+                "data_top5": sum(data[:5]),
+                "data_rank_hit_rate": data,
+            }
+        )
     report: dict = {"target": "greedy: the base model's argmax at the same position", "heads": heads}
     if stage == 2:
         compared = int(totals["compared"])

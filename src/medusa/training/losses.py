@@ -70,8 +70,16 @@ def projected_kl(
     """
     if bias is not None and bias.requires_grad:
         raise ValueError("a trainable projection bias is not supported")
-    return _ProjectedLoss.apply(features, weight, bias, teacher.detach(), teacher_weight.detach(),
-                                None if teacher_bias is None else teacher_bias.detach(), None, chunk_size)
+    return _ProjectedLoss.apply(
+        features,
+        weight,
+        bias,
+        teacher.detach(),
+        teacher_weight.detach(),
+        None if teacher_bias is None else teacher_bias.detach(),
+        None,
+        chunk_size,
+    )
 
 
 def projected_cross_entropy(

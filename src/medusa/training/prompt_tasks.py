@@ -147,11 +147,15 @@ class PromptTaskConfig:
         if repeated:
             raise MedusaError(f"prompt task(s) {', '.join(repeated)} given more than once")
         if not self.data and any(task in TASKS for task in self.tasks):
-            raise MedusaError(f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)")
+            raise MedusaError(
+                f"tasks {', '.join(t for t in self.tasks if t in TASKS)} need --data (a pool with answers)"
+            )
         if self.count < 1:
             raise MedusaError(f"--count must be at least 1, got {self.count}")
         if self.max_prompt_chars < 400:
-            raise MedusaError(f"--max-prompt-chars must be at least 400 (an instruction and some text), got {self.max_prompt_chars}")
+            raise MedusaError(
+                f"--max-prompt-chars must be at least 400 (an instruction and some text), got {self.max_prompt_chars}"
+            )
         if self.documents_per_question < 1:
             raise MedusaError(f"documents per question must be at least 1, got {self.documents_per_question}")
 
@@ -192,7 +196,9 @@ def read_sources(paths: Sequence[str | Path], min_document_chars: int) -> tuple[
     return sources, skipped
 
 
-def _document_prompt(rng: random.Random, sources: list[Source], instructions: Sequence[str], limit: int) -> tuple[str, bool]:
+def _document_prompt(
+    rng: random.Random, sources: list[Source], instructions: Sequence[str], limit: int
+) -> tuple[str, bool]:
     """An instruction over distinct documents joined up to a random length (real contexts run to many
     paragraphs); and whether the pool ran out of documents before that length."""
     instruction = rng.choice(instructions)
@@ -219,7 +225,9 @@ def _context_qa_prompt(rng: random.Random, sources: list[Source], documents: int
     rng.shuffle(picked)
     instruction = rng.choice(CONTEXT_QA)
     room = max(200, (limit - len(instruction) - len(question) - 40) // len(picked))
-    body = "\n\n".join(f"Document [{number}]: {source.document[:room]}" for number, source in enumerate(picked, start=1))
+    body = "\n\n".join(
+        f"Document [{number}]: {source.document[:room]}" for number, source in enumerate(picked, start=1)
+    )
     return f"{instruction}\n\n{body}\n\nQuestion: {question}"
 
 
@@ -257,8 +265,11 @@ def make_prompts(config: PromptTaskConfig) -> PromptTaskResult:
     topical = {}
     if any(task in TOPIC_TEMPLATES for task in config.tasks):
         topics = read_topics(config.topics or default_topics_path())
-        topical = {task: iter(topic_prompts(task, topics, per_task[task], rng))
-                   for task in config.tasks if task in TOPIC_TEMPLATES}
+        topical = {
+            task: iter(topic_prompts(task, topics, per_task[task], rng))
+            for task in config.tasks
+            if task in TOPIC_TEMPLATES
+        }
     templates = {"summarize": SUMMARISE, "key-points": KEY_POINTS, "rewrite": REWRITE}
     for number in range(config.count):
         task = config.tasks[number % len(config.tasks)]

@@ -109,7 +109,11 @@ class Trainer:
     """Train Medusa heads as ``config`` says. ``base_model``/``tokenizer`` skip loading (tests, notebooks)."""
 
     def __init__(
-        self, config: TrainConfig, base_model: torch.nn.Module | None = None, tokenizer=None, base_name: str | None = None
+        self,
+        config: TrainConfig,
+        base_model: torch.nn.Module | None = None,
+        tokenizer=None,
+        base_name: str | None = None,
     ) -> None:
         self.config = config
         self.base_model = base_model
@@ -152,11 +156,23 @@ class Trainer:
         if config.stage == 2:
             from peft import LoraConfig, get_peft_model
 
-            lora = LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-                              target_modules=config.lora.target_modules, bias="none")
+            lora = LoraConfig(
+                r=config.lora.rank,
+                lora_alpha=config.lora.alpha,
+                lora_dropout=config.lora.dropout,
+                target_modules=config.lora.target_modules,
+                bias="none",
+            )
             base = get_peft_model(base, lora)
-        return MedusaObjective(base, heads, loss=config.loss, head_weights=config.head_weights, stage=config.stage,
-                               heads_lambda=config.heads_lambda, chunk_size=config.loss_chunk_size)
+        return MedusaObjective(
+            base,
+            heads,
+            loss=config.loss,
+            head_weights=config.head_weights,
+            stage=config.stage,
+            heads_lambda=config.heads_lambda,
+            chunk_size=config.loss_chunk_size,
+        )
 
     def _optimizer(self, objective: MedusaObjective) -> torch.optim.Optimizer:
         config = self.config
@@ -186,7 +202,9 @@ class Trainer:
         checkpoints = output / "checkpoints"
         found = latest_checkpoint(checkpoints)
         if found is not None and not resume:
-            raise MedusaError(f"{output} already holds checkpoints; pass --resume to continue, or choose another --output")
+            raise MedusaError(
+                f"{output} already holds checkpoints; pass --resume to continue, or choose another --output"
+            )
         if found is not None:
             self._check_resume(found)  # before loading anything, and before train_config.json is rewritten
         accelerator = self._accelerator()
@@ -200,13 +218,17 @@ class Trainer:
         read = load_examples(config.data, tokenizer, config.max_length)
         train_set, held_out = split_held_out(read.items, config.eval_fraction, config.seed, config.eval_max_examples)
         if not train_set:
-            raise MedusaError(f"no usable training conversations in {', '.join(config.data)} ({read.skipped_count} skipped)")
+            raise MedusaError(
+                f"no usable training conversations in {', '.join(config.data)} ({read.skipped_count} skipped)"
+            )
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         collate = Collator(pad_id)
 
         objective = self._build(base, name)
         optimizer = self._optimizer(objective)
-        sampler = LengthBatchSampler([len(e.input_ids) for e in train_set], config.batch_size, config.max_tokens, config.seed)
+        sampler = LengthBatchSampler(
+            [len(e.input_ids) for e in train_set], config.batch_size, config.max_tokens, config.seed
+        )
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate)
         objective, optimizer, loader = accelerator.prepare(objective, optimizer, loader)
         model = accelerator.unwrap_model(objective)
@@ -255,16 +277,31 @@ class Trainer:
             if step % config.checkpoint_every == 0 or step == total_steps:
                 self._save(accelerator, checkpoints, step, model, optimizer, scheduler, data_shape)
             if step % config.log_every == 0 or step == total_steps:
-                report = window.report(accelerator, step, total_steps, step / steps_per_epoch, scheduler.get_last_lr()[0],
-                                       config.stage == 2 and train_backbone)
+                report = window.report(
+                    accelerator,
+                    step,
+                    total_steps,
+                    step / steps_per_epoch,
+                    scheduler.get_last_lr()[0],
+                    config.stage == 2 and train_backbone,
+                )
                 if accelerator.is_main_process:
                     append_text(output / LOG_NAME, json.dumps(report.__dict__) + "\n")
                 if on_step is not None and accelerator.is_main_process:
                     on_step(report)
 
         accuracy = self._evaluate(accelerator, model, held_out, collate)
-        result = TrainResult(output, output / "heads", total_steps, resumed_from, len(train_set), len(held_out),
-                             skipped=read.skipped, accuracy=accuracy, main_process=accelerator.is_main_process)
+        result = TrainResult(
+            output,
+            output / "heads",
+            total_steps,
+            resumed_from,
+            len(train_set),
+            len(held_out),
+            skipped=read.skipped,
+            accuracy=accuracy,
+            main_process=accelerator.is_main_process,
+        )
         if accelerator.is_main_process:
             self._save_outputs(model, tokenizer, result)
         accelerator.wait_for_everyone()
@@ -287,8 +324,16 @@ class Trainer:
 
     # ----- checkpoints, evaluation -------------------------------------------------------------------
 
-    def _save(self, accelerator: Accelerator, root: Path, step: int, model: MedusaObjective, optimizer, scheduler,
-              data_shape: dict) -> None:
+    def _save(
+        self,
+        accelerator: Accelerator,
+        root: Path,
+        step: int,
+        model: MedusaObjective,
+        optimizer,
+        scheduler,
+        data_shape: dict,
+    ) -> None:
         if accelerator.is_main_process:
             state = {
                 "scheduler": scheduler.state_dict(),
@@ -332,11 +377,14 @@ class Trainer:
         restore_rng(checkpoint.rng)
         return checkpoint.step
 
-    def _evaluate(self, accelerator: Accelerator, model: MedusaObjective, held_out: list[Example], collate: Collator) -> dict:
+    def _evaluate(
+        self, accelerator: Accelerator, model: MedusaObjective, held_out: list[Example], collate: Collator
+    ) -> dict:
         if not held_out:
             return {}
-        sampler = LengthBatchSampler([len(e.input_ids) for e in held_out], self.config.batch_size, self.config.max_tokens,
-                                     seed=0, shuffle=False)
+        sampler = LengthBatchSampler(
+            [len(e.input_ids) for e in held_out], self.config.batch_size, self.config.max_tokens, seed=0, shuffle=False
+        )
         batches = list(sampler)
         with accelerator.split_between_processes(batches) as mine:
             totals = count_hits(model, (collate([held_out[i] for i in batch]) for batch in mine))
@@ -344,7 +392,9 @@ class Trainer:
         return accuracy_report(totals, self.config.stage)
 
 
-def _micro_batches(loader: DataLoader, sampler: LengthBatchSampler, accelerator: Accelerator, start: int) -> Iterator[dict]:
+def _micro_batches(
+    loader: DataLoader, sampler: LengthBatchSampler, accelerator: Accelerator, start: int
+) -> Iterator[dict]:
     """Micro-batches forever, epoch after epoch, starting after the first ``start`` of them."""
     epoch, skip = divmod(start, len(loader))
     while True:
@@ -375,16 +425,24 @@ class _Window:
         self.micro += 1
         self.tokens += attention_mask.sum()
 
-    def report(self, accelerator: Accelerator, step: int, total: int, epoch: float, lr: float, backbone: bool) -> StepReport:
-        values = torch.cat([self.loss.view(1), self.heads, self.backbone.view(1), self.micro.view(1), self.tokens.view(1)])
+    def report(
+        self, accelerator: Accelerator, step: int, total: int, epoch: float, lr: float, backbone: bool
+    ) -> StepReport:
+        values = torch.cat(
+            [self.loss.view(1), self.heads, self.backbone.view(1), self.micro.view(1), self.tokens.view(1)]
+        )
         values = accelerator.reduce(values, reduction="sum").tolist()
         micro = max(values[-2], 1.0)
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         report = StepReport(
-            step=step, total_steps=total, epoch=round(epoch, 4), loss=values[0] / micro,
+            step=step,
+            total_steps=total,
+            epoch=round(epoch, 4),
+            loss=values[0] / micro,
             head_losses=[v / micro for v in values[1 : 1 + self.num_heads]],
             backbone_loss=values[1 + self.num_heads] / micro if backbone else None,
-            learning_rate=lr, tokens_per_second=values[-1] / elapsed,
+            learning_rate=lr,
+            tokens_per_second=values[-1] / elapsed,
         )
         self._reset()
         return report

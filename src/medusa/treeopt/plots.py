@@ -67,8 +67,13 @@ def plot_tokens_per_second(
         axes.plot(measured_sizes, [measured[n] for n in measured_sizes], "o", color="black", label="measured")
     best = max(rate.get(chosen, 0.0) for rate in (rates, lookup_rates or {}))
     axes.axvline(chosen, color="tab:red", linestyle="--", alpha=0.7)
-    axes.annotate(f"N = {chosen}\n{best:.1f} tokens/s", (chosen, best),
-                  textcoords="offset points", xytext=(8, -28), color="tab:red")
+    axes.annotate(
+        f"N = {chosen}\n{best:.1f} tokens/s",
+        (chosen, best),
+        textcoords="offset points",
+        xytext=(8, -28),
+        color="tab:red",
+    )
     axes.set_xscale("log", base=2)
     axes.set_xlabel("tree nodes N (root and lookup chain included)")
     axes.set_ylabel("tokens per second")
@@ -115,8 +120,18 @@ def plot_tree(
             axes.plot([parent_x, x], [-parent_depth, -depth], color="grey", linewidth=0.6, zorder=1)
     nodes = list(position)
     colours = [1.0 if not node else (chances or {}).get(node, 0.0) for node in nodes]
-    points = axes.scatter([position[n][0] for n in nodes], [-position[n][1] for n in nodes], c=colours, cmap="viridis",
-                          vmin=0, vmax=1, s=110, zorder=2, edgecolors="black", linewidths=0.4)
+    points = axes.scatter(
+        [position[n][0] for n in nodes],
+        [-position[n][1] for n in nodes],
+        c=colours,
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=110,
+        zorder=2,
+        edgecolors="black",
+        linewidths=0.4,
+    )
     if chances:
         figure.colorbar(points, ax=axes, fraction=0.02, pad=0.01, label="chance of acceptance")
     font = 7 if leaves < 80 else 5
@@ -163,9 +178,15 @@ def plot_tuning(plot_dir: str | Path, tuning: TreeTuning, profile: HeadProfile, 
         lookup_rates = {total: rate for total, (_, rate) in tuning.chain_choice.lookup_tokens_per_second.items()}
     shown = tuning.chained_tree or tuning.tree
     return [
-        plot_tokens_per_second(plot_dir / f"tokens_per_second_{slug}.png", tuning.heads_choice.tokens_per_second,
-                               tuning.best.total_nodes, kind, lookup_rates=lookup_rates),
-        plot_accept_length(plot_dir / f"accept_length_{slug}.png",
-                           {tuning.estimate: {n: tuning.grid[n, 0] for n in heads_sizes}}),
+        plot_tokens_per_second(
+            plot_dir / f"tokens_per_second_{slug}.png",
+            tuning.heads_choice.tokens_per_second,
+            tuning.best.total_nodes,
+            kind,
+            lookup_rates=lookup_rates,
+        ),
+        plot_accept_length(
+            plot_dir / f"accept_length_{slug}.png", {tuning.estimate: {n: tuning.grid[n, 0] for n in heads_sizes}}
+        ),
         plot_tree(plot_dir / f"tuned_tree_{slug}.png", shown, node_chances(profile, shown, tuning.estimate)),
     ]

@@ -277,9 +277,16 @@ class HeadProfile:
         position_ranks = None
         if raw.get("position_ranks") is not None:
             position_ranks = PositionRanks.from_dict(raw["position_ranks"], num_heads, topk, samples, fail)
-        return cls(num_heads, topk, [[float(a) for a in row] for row in accuracy], samples,
-                   fingerprint if isinstance(fingerprint, str) else None, counts, str(raw.get("reference", REFERENCE)),
-                   position_ranks)
+        return cls(
+            num_heads,
+            topk,
+            [[float(a) for a in row] for row in accuracy],
+            samples,
+            fingerprint if isinstance(fingerprint, str) else None,
+            counts,
+            str(raw.get("reference", REFERENCE)),
+            position_ranks,
+        )
 
 
 def heads_fingerprint(directory: str | Path) -> str:
@@ -378,8 +385,9 @@ def profile_heads(
         lookup = None
         if lookup_ngram is not None:
             lookup = torch.cat(kept_lookup).numpy() if kept_lookup else np.zeros(0, dtype=np.uint8)
-        position_ranks = PositionRanks(ranks, np.asarray(kept_segments, dtype=np.int64), lookup,
-                                       lookup_ngram or DEFAULT_MAX_NGRAM)
+        position_ranks = PositionRanks(
+            ranks, np.asarray(kept_segments, dtype=np.int64), lookup, lookup_ngram or DEFAULT_MAX_NGRAM
+        )
     return HeadProfile(num_heads, topk, accuracy, samples, fingerprint, dict(counts), position_ranks=position_ranks)
 
 

@@ -44,7 +44,9 @@ class CostCurve:
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)  # a measured curve took minutes: never lose it to a missing folder
+        path.parent.mkdir(
+            parents=True, exist_ok=True
+        )  # a measured curve took minutes: never lose it to a missing folder
         write_json(path, self.to_dict(), indent=1)
 
     @staticmethod
@@ -102,9 +104,7 @@ class TuneChoice:
         return self.expected_accept_length / self.step_seconds
 
 
-def choose_tree(
-    expected: dict[tuple[int, int], float], cost: CostCurve, max_nodes: int | None = None
-) -> TuneChoice:
+def choose_tree(expected: dict[tuple[int, int], float], cost: CostCurve, max_nodes: int | None = None) -> TuneChoice:
     """The (heads tree, lookup chain) pair with the most expected tokens per second; ``expected`` maps
     ``(tree nodes, chain nodes)`` to tokens per step. Among equals the fewest nodes, then the shortest chain.
 
@@ -156,22 +156,39 @@ class TreeTuning:
         chained = None
         if self.chained_tree is not None:
             chained = ChainedTree(
-                paths=[list(p) for p in self.chained_tree.paths], lookup=best.lookup, topk=self.chained_tree.topk,
-                nodes=self.chained_tree.size, lookup_ngram=profile.position_ranks.lookup_ngram,
-                expected_accept_length=round(best.expected_accept_length, 4), step_seconds=best.step_seconds,
+                paths=[list(p) for p in self.chained_tree.paths],
+                lookup=best.lookup,
+                topk=self.chained_tree.topk,
+                nodes=self.chained_tree.size,
+                lookup_ngram=profile.position_ranks.lookup_ngram,
+                expected_accept_length=round(best.expected_accept_length, 4),
+                step_seconds=best.step_seconds,
                 expected_tokens_per_second=round(best.expected_tokens_per_second, 2),
             )
         return TunedTree(
-            paths=[list(p) for p in self.tree.paths], topk=self.tree.topk, nodes=self.tree.size, num_heads=num_heads,
-            estimate=self.estimate, expected_accept_length=round(heads.expected_accept_length, 4),
-            step_seconds=heads.step_seconds, expected_tokens_per_second=round(heads.expected_tokens_per_second, 2),
-            heads_fingerprint=heads_fingerprint, profile_samples=profile.samples, max_new_tokens=max_new_tokens or None,
-            max_nodes=self.max_nodes, cost_curve=self.cost.to_dict()["points"], chained=chained,
+            paths=[list(p) for p in self.tree.paths],
+            topk=self.tree.topk,
+            nodes=self.tree.size,
+            num_heads=num_heads,
+            estimate=self.estimate,
+            expected_accept_length=round(heads.expected_accept_length, 4),
+            step_seconds=heads.step_seconds,
+            expected_tokens_per_second=round(heads.expected_tokens_per_second, 2),
+            heads_fingerprint=heads_fingerprint,
+            profile_samples=profile.samples,
+            max_new_tokens=max_new_tokens or None,
+            max_nodes=self.max_nodes,
+            cost_curve=self.cost.to_dict()["points"],
+            chained=chained,
         )
 
 
 def tune_tree(
-    profile: HeadProfile, cost: CostCurve, estimate: str, chains: tuple[int, ...] = (0,), max_nodes: int = 256,
+    profile: HeadProfile,
+    cost: CostCurve,
+    estimate: str,
+    chains: tuple[int, ...] = (0,),
+    max_nodes: int = 256,
     keep_chain: bool = False,
 ) -> TreeTuning:
     """The fastest heads' tree on this cost curve, and the fastest with one of ``chains`` (node counts, 0 among them).
@@ -197,7 +214,10 @@ def tune_tree(
 
 
 def tune_batches(
-    profile: HeadProfile, costs: dict[int, CostCurve], estimate: str, chains: tuple[int, ...] = (0,),
+    profile: HeadProfile,
+    costs: dict[int, CostCurve],
+    estimate: str,
+    chains: tuple[int, ...] = (0,),
     max_nodes: int = 256,
 ) -> dict[int, BatchTree]:
     """The fastest tree, lookup chain included, for each batch size's cost curve.
@@ -214,8 +234,12 @@ def tune_batches(
         if best.total_nodes == 1:
             tree = Tree.from_paths([])
         chosen[batch] = BatchTree(
-            paths=[list(p) for p in tree.paths], lookup=tree.lookup, topk=tree.topk, nodes=tree.size,
-            expected_accept_length=round(best.expected_accept_length, 4), step_seconds=best.step_seconds,
+            paths=[list(p) for p in tree.paths],
+            lookup=tree.lookup,
+            topk=tree.topk,
+            nodes=tree.size,
+            expected_accept_length=round(best.expected_accept_length, 4),
+            step_seconds=best.step_seconds,
             expected_tokens_per_second=round(best.expected_tokens_per_second, 2),
         )
     return chosen
@@ -228,7 +252,12 @@ def greedy_trees(profile: HeadProfile, sizes: list[int], estimate: str) -> dict[
 
 
 def measure_step_seconds(
-    model: MedusaModel, tree: Tree, context: int = 128, steps: int = 16, repeats: int = 3, seed: int = 0,
+    model: MedusaModel,
+    tree: Tree,
+    context: int = 128,
+    steps: int = 16,
+    repeats: int = 3,
+    seed: int = 0,
     batch: int = 1,
 ) -> float:
     """Median seconds per decoding step of ``batch`` rows with this tree, after a warm-up run (which captures
@@ -261,7 +290,12 @@ def measure_step_seconds(
 
 
 def measure_cost_curve(
-    model: MedusaModel, trees: dict[int, Tree], context: int = 128, steps: int = 16, repeats: int = 3, progress=None,
+    model: MedusaModel,
+    trees: dict[int, Tree],
+    context: int = 128,
+    steps: int = 16,
+    repeats: int = 3,
+    progress=None,
     batch: int = 1,
 ) -> CostCurve:
     """Seconds per step of ``batch`` rows for each of ``trees`` (nodes -> tree) on the model's device."""
