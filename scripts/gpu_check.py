@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusa.heads import MedusaHeadsConfig
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.model import MedusaModel
 
 SHAPES = {
     "llama2-7b": dict(
@@ -74,8 +74,9 @@ def lossless_tiny() -> dict:
             out = model.generate(ids, max_new_tokens=100, tree="64", compile=True)
             mismatches += out.token_ids != ref
     results["tiny_llama_fp32_mismatches"] = mismatches
-    results["tiny_pool_entries"] = len(model._decoder_pool.entries)
-    results["tiny_graph_refused"] = [str(k) for k in model._decoder_pool.refused]
+    engine = model.engine()
+    results["tiny_graphs_captured"] = engine.capture_report().graphs if engine.capture_report() else 0
+    results["tiny_graph_refused"] = engine.graphs_refused
     return results
 
 
@@ -102,11 +103,12 @@ def step_costs(shape: str, tree_sizes: list[int], new_tokens: int) -> dict:
     runs += [(f"tree{n}-graph", n, True, False) for n in tree_sizes]
     runs += [("ar-compiled", 1, True, True), ("tree64-compiled", 64, True, True)]
     for label, size, graphs, compiled in runs:
-        config_ = GenerationConfig(max_new_tokens=new_tokens, use_heads=size > 1, cuda_graphs=graphs, compile=compiled)
+        # request and engine settings by name (GenerationConfig and EngineOptions)
+        settings = dict(max_new_tokens=new_tokens, use_heads=size > 1, cuda_graphs=graphs, compile=compiled)
         tree = str(size) if size > 1 else None
-        model.generate(prompt, config_, tree=tree)  # warm-up and capture
+        model.generate(prompt, tree=tree, **settings)  # warm-up and capture
         torch.cuda.synchronize()
-        result = model.generate(prompt, config_, tree=tree)
+        result = model.generate(prompt, tree=tree, **settings)
         ms = 1e3 * result.stats.decode_seconds / result.stats.steps
         rows["steps"][label] = {
             "ms_per_step": ms,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from medusa.decoding import DecodingStats
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.model import MedusaModel
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 SCHEMES = {
@@ -71,7 +71,7 @@ def main() -> None:
     for index, record in enumerate(records):
         prompt_ids = model.encode_prompt(record["turns"][0])
         for name, options in SCHEMES.items():
-            config = GenerationConfig(
+            settings = dict(  # request and engine settings by name (GenerationConfig and EngineOptions)
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
@@ -79,7 +79,7 @@ def main() -> None:
                 **options,
             )
             stats = DecodingStats()
-            answer = [t for chunk in model.stream(prompt_ids, config, stats=stats) for t in chunk.token_ids]
+            answer = [t for chunk in model.stream(prompt_ids, stats=stats, **settings) for t in chunk.token_ids]
             total = totals[name]
             total["nll"] += negative_log_likelihood(model, prompt_ids, answer)
             total["tokens"] += len(answer)

@@ -18,7 +18,7 @@ from accelerate import dispatch_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from medusa.heads import MedusaHeadsConfig
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.model import MedusaModel
 
 SHAPES = {
     "llama2-7b": dict(
@@ -139,11 +139,11 @@ def step_times(shape: str, devices: list[str], new_tokens: int) -> dict:
         ):
             if placement == "split" and graphs:
                 continue  # graphs are off for split models
-            config = GenerationConfig(
+            settings = dict(
                 max_new_tokens=new_tokens, use_heads=tree is not None, cuda_graphs=graphs, chat_template=False
             )
-            model.generate(prompt, config, tree=tree)  # warm-up (and capture)
-            result = model.generate(prompt, config, tree=tree)
+            model.generate(prompt, tree=tree, **settings)  # warm-up (and capture)
+            result = model.generate(prompt, tree=tree, **settings)
             key = f"{placement}/{label}/{'graphs' if graphs else 'eager'}"
             rows[key] = {
                 "ms_per_step": 1e3 * result.stats.decode_seconds / result.stats.steps,
