@@ -10,7 +10,8 @@ from helpers.text_model import make_tokenizer
 from medusa.decoding import DecodingStats
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
-from medusa.model import GenerationConfig, MedusaModel, TextTracker
+from medusa.model import GenerationConfig, MedusaModel
+from medusa.text import TextTracker
 
 PROMPT = "Tell me a story."
 

@@ -28,14 +28,13 @@ from medusa.interop import load_heads, load_heads_config
 from medusa.loading import load_base_model, resolve_device, resolve_dtype
 from medusa.paths import DEFAULT_MODEL_NAME, shipped_heads_directory
 from medusa.sampling import SamplingParams, check_seed
+from medusa.text import Prompt, TextTracker, is_prompt_batch, prompt_token_ids
 from medusa.tree import Tree, TreeSpec, load_tree
 from medusa.tuned_trees import TreeChoice, choose_tree
 
 PROMPT_LOGPROBS_CHUNK = 512  # prompt positions whose float32 log-softmax over the vocabulary is held at once
 NODE_BUDGET = 256  # tree nodes verified per step across the batch when no tree was tuned for the batch size
 TREE_FILE = "tree.json"
-
-Prompt = str | Sequence[dict] | Sequence[int] | torch.Tensor
 
 
 @dataclass
@@ -263,43 +262,10 @@ class MedusaModel(nn.Module):
         return {configured} if isinstance(configured, int) else set(configured)
 
     def encode_prompt(self, prompt: Prompt, chat_template: bool = True) -> torch.Tensor:
-        """Token ids ``[prompt_len]``; text and message lists go through the chat template when there is one."""
-        if isinstance(prompt, torch.Tensor):
-            ids = prompt.flatten().tolist()
-        elif isinstance(prompt, str):
-            if not prompt.strip():
-                raise MedusaError("the prompt is empty")
-            tokenizer = self._require_tokenizer()
-            if chat_template and getattr(tokenizer, "chat_template", None):
-                text = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-                )
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            tokenizer = self._require_tokenizer()
-            if not getattr(tokenizer, "chat_template", None):
-                raise MedusaError("messages were given, but the tokenizer has no chat template")
-            text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        elif isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise MedusaError(
-                f"a prompt is text, a list of chat messages or a list of token ids, got {type(prompt).__name__}"
-            )
-        if not ids:
-            raise MedusaError("the prompt is empty")
+        """Token ids ``[prompt_len]`` on the model's device (``medusa.text.prompt_token_ids``)."""
         vocab = self.base_model.get_input_embeddings().weight.shape[0]
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise MedusaError(f"prompt token ids must lie in [0, {vocab}), got {min(ids)}..{max(ids)}")
+        ids = prompt_token_ids(self.tokenizer, prompt, chat_template, vocab)
         return torch.tensor(ids, dtype=torch.long, device=self.device)
-
-    def _require_tokenizer(self) -> PreTrainedTokenizerBase:
-        if self.tokenizer is None:
-            raise MedusaError("this model has no tokenizer: pass token ids, or a tokenizer to from_pretrained")
-        return self.tokenizer
 
     def check_lengths(self, prompt_len: int, max_new_tokens: int) -> None:
         """Refuse a prompt that, with its new tokens, would not fit the model's context."""
@@ -533,99 +499,6 @@ def generation_result(generation: Generation) -> GenerationResult:
         logprobs=generation.token_logprobs if asked else None,
         top_logprobs=generation.token_top_logprobs if asked else None,
     )
-
-
-def is_prompt_batch(prompt: object) -> bool:
-    """A list whose items are prompts themselves (texts, lists, tensors), not token ids or chat messages."""
-    if isinstance(prompt, (str, torch.Tensor)) or not isinstance(prompt, Sequence) or not prompt:
-        return False
-    return all(
-        isinstance(item, (str, torch.Tensor)) or (isinstance(item, Sequence) and not isinstance(item, dict))
-        for item in prompt
-    )
-
-
-class TextTracker:
-    """Incremental detokenisation with stop strings: emits only text that can no longer change or stop.
-
-    Each step decodes a small window, not the whole output (which made long answers quadratic): the
-    tokens since the last point where the text was whole, plus the step before that as context, as
-    streaming detokenisers do. Subtracting the context's own text leaves the new text exactly as
-    decoding the whole output would write it (a SentencePiece space, a character split across tokens).
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase | None, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.tokens: list[int] = []
-        self.emitted = 0
-        self.text = ""  # the text of all the tokens, as one decode of them would give it
-        self._context = 0  # tokens[_context:_whole] are decoded again each step, as context
-        self._whole = 0  # the text of tokens[:_whole] ends on a whole character and is final
-        self._whole_chars = 0  # its length in self.text
-        self._context_text = ""  # the text of tokens[_context:_whole] decoded alone
-
-    def add(self, tokens: list[int]) -> tuple[str, int, bool]:
-        """Add a step's tokens; return ``(new text, how many of the tokens to keep, stopped)``."""
-        if self.tokenizer is None:
-            self.tokens.extend(tokens)
-            return "", len(tokens), False
-        before = len(self.tokens)
-        window = (self._context, self._whole_chars, self._context_text)
-        self.tokens.extend(tokens)
-        self._decode_new()
-        found = []
-        for stop in self.stop:
-            start = self.text.find(stop, max(0, self.emitted - len(stop)))
-            if start >= 0:
-                found.append((start, stop))
-        if found:  # one step may complete several stop strings: the earliest wins
-            start, stop = min(found)
-            keep = self._tokens_to_reach(window, before, start + len(stop))
-            self.text = self.text[:start]
-            return self._emit(len(self.text)), keep, True
-        safe = len(self.text)
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":  # an unfinished UTF-8 character
-            safe -= 1
-        for stop in self.stop:  # hold back what may be the start of a stop string
-            for size in range(min(len(stop) - 1, safe - self.emitted), 0, -1):
-                if self.text[safe - size : safe] == stop[:size]:
-                    safe -= size
-                    break
-        return self._emit(safe), len(tokens), False
-
-    def flush(self) -> str:
-        return self._emit(len(self.text))
-
-    def _emit(self, upto: int) -> str:
-        chunk = self.text[self.emitted : upto]
-        self.emitted = max(self.emitted, upto)
-        return chunk
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _decode_new(self) -> None:
-        """Bring ``self.text`` up to date, decoding only ``tokens[_context:]``."""
-        window = self._decode(self.tokens[self._context :])
-        if window.startswith(self._context_text):
-            self.text = self.text[: self._whole_chars] + window[len(self._context_text) :]
-        else:  # the tokenizer rewrote the context's text (a clean-up of spaces): decode it all
-            self.text = self._decode(self.tokens)
-        if not self.text.endswith("\ufffd"):  # whole characters: the next window starts here
-            self._whole_chars = len(self.text)
-            self._context, self._whole = self._whole, len(self.tokens)
-            self._context_text = self._decode(self.tokens[self._context : self._whole])
-
-    def _tokens_to_reach(self, window: tuple[int, int, str], before: int, length: int) -> int:
-        """The fewest of this step's tokens whose text reaches ``length`` characters; drops the rest."""
-        context, whole_chars, context_text = window
-        for count in range(1, len(self.tokens) - before + 1):
-            text = self._decode(self.tokens[context : before + count])
-            if whole_chars + len(text) - len(context_text) >= length:
-                self.tokens = self.tokens[: before + count]
-                return count
-        return len(self.tokens) - before
 
 
 def check_heads_match(config: MedusaHeadsConfig, base_model: PreTrainedModel) -> None:
