@@ -288,11 +288,15 @@ class MedusaModel(nn.Module):
         tree: Tree | None = None,
         max_rows: int = 1,
         max_length: int = 0,
+        keep: bool = True,
     ) -> DecodingEngine:
         """An engine for these options (kept and reused: it owns a KV cache and, on a GPU, captured steps),
-        with room for ``max_rows`` rows of ``max_length`` slots. ``tree`` replaces the model's trees."""
+        with room for ``max_rows`` rows of ``max_length`` slots. ``tree`` replaces the model's trees.
+
+        ``keep=False``: a new engine of the caller's own, never handed to another caller (the server's worker
+        thread drives one while ``generate`` may run elsewhere)."""
         key = (options, None if tree is None else (tree.paths, tree.topk, tree.lookup))
-        engine = self._engines.get(key)
+        engine = self._engines.get(key) if keep else None
         if engine is None or engine.active:
             engine = DecodingEngine(
                 self.base_model,
@@ -302,6 +306,8 @@ class MedusaModel(nn.Module):
                 max_rows=max_rows,
                 max_length=max_length,
             )
+            if not keep:
+                return engine
             self._engines[key] = engine
             while len(self._engines) > 3:
                 self._engines.popitem(last=False)

@@ -168,7 +168,7 @@ class Engine:
         """The engine the worker decodes with, built on first use with room for the whole batch."""
         if self._decoder is None:
             self._decoder = self.model.engine(
-                self.config.options, max_rows=self.config.max_batch, max_length=self.config.cache_length
+                self.config.options, max_rows=self.config.max_batch, max_length=self.config.cache_length, keep=False
             )
         return self._decoder
 
