@@ -121,7 +121,7 @@ def main() -> None:
                 generations = [model.prepare(prompt, GenerationConfig(max_new_tokens=1)) for _ in range(batch)]
                 engine.add(generations)
                 rows, span, kind = engine.step_shape()  # the bucket and attention span decoding uses here
-                engine._run(rows, span, kind)  # captures the graph
+                engine.run_step(rows, span, kind)  # captures the graph
             decoder, graphed = engine.decoder, engine.graphs
             # the compiled step when compiling (the graphs compiled it); eager if capture failed (logged)
             step = graphed.step_function if graphed else decoder.step

@@ -342,7 +342,9 @@ class DecodingEngine:
         kind = StepKind.of([g.acceptance for g in self.generations], logprobs=max(wanted) if wanted else -1)
         return rows, span, kind
 
-    def _run(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+    def run_step(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+        """Run one step of this shape (``step_shape``) on the running rows, replayed as a graph where there is one;
+        the device outputs, not yet read (timing and profiling call this directly)."""
         if self.graphs is not None:
             try:
                 return self.graphs(rows, span, kind)
@@ -357,7 +359,7 @@ class DecodingEngine:
             return []
         rows, span, kind = self.step_shape()
         with torch.inference_mode():
-            outputs = self._run(rows, span, kind)
+            outputs = self.run_step(rows, span, kind)
             # The one host sync of the step: every row's accepted tokens (and log-probabilities, if asked).
             values = [tensor.tolist() for tensor in outputs]
         results = []

@@ -214,7 +214,7 @@ def step_seconds(model: MedusaModel, size: int, config: CostCurveConfig, batch: 
     decoder = engine.decoder
 
     def step() -> tuple[torch.Tensor, ...]:
-        return engine._run(rows, span, kind)
+        return engine.run_step(rows, span, kind)
 
     def rewind() -> None:  # back to the same context, so every timed step does the same work
         decoder.lengths[:batch].fill_(config.context)
