@@ -100,6 +100,7 @@ def test_a_view_sees_the_first_rows_and_slots_and_shares_writes_and_lengths(one_
     cache = filled_cache(num_layers=2, max_length=10, one_store=one_store, rows=3)
     cache.lengths.value.copy_(torch.tensor([3, 1, 5]))
     view = cache.view(2, 6)
+    assert view.store is cache.store  # commits through the view move the whole store's K/V at once
     assert view.max_length == 6 and [layer.keys.shape[:3] for layer in view.layers] == [(2, 2, 6)] * 2
     assert slot_values(view, 1) == [100, 101, 102, 103, 104, 105]
     # a write through the view lands in the whole cache, after each row's shared committed length

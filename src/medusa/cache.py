@@ -147,6 +147,9 @@ class MedusaCache(Cache):
             part.__dict__.update({k: v for k, v in vars(whole).items() if k not in keep})
             part.keys = whole.keys[:rows, :, :span]
             part.values = whole.values[:rows, :, :span]
+        # Commits through the view move every layer's K/V in the whole store at once (slots past the span are
+        # never addressed: a row's path lies inside its tree); without it each layer would take four kernels.
+        view.store = self.store
         return view
 
     def commit(self, source_slots: torch.Tensor) -> None:
