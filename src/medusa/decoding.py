@@ -33,7 +33,7 @@ from medusa.cache import (
 from medusa.devices import model_device, spans_devices
 from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, ngram_continuation
-from medusa.sampling import RowSampling
+from medusa.sampling import RowSampling, SamplingParams
 from medusa.tree import Tree
 
 # Steps attend over the cache's first 256, 512, ... slots, the fewest that hold every row's tree: attention
@@ -206,7 +206,9 @@ class Decoder:
             ids[index, : lengths[index]] = prompt.to(device)
         row_index = torch.tensor(list(rows), device=device)
         for row, scheme, seed in zip(rows, schemes, seeds):
-            self.sampling.write(row, scheme.scheme_id, scheme.sampling or _UNIT, scheme.eps, scheme.delta, seed)
+            self.sampling.write(
+                row, scheme.scheme_id, scheme.sampling or SamplingParams(), scheme.eps, scheme.delta, seed
+            )
         starts = torch.zeros(count, dtype=torch.long, device=device)
         cache = MedusaCache(len(self.cache.layers), longest, starts.clone(), self.one_store)
         last = torch.tensor([n - 1 for n in lengths], device=device)
@@ -325,12 +327,3 @@ class Decoder:
         self.root_top_ids[:rows] = top_ids.gather(1, pick)[:, 0]
         self.root_top_logprobs[:rows] = top_logprobs.gather(1, pick)[:, 0]
         return [emitted, emitted_ids, emitted_top]
-
-
-class _Unit:
-    """Stands in for a greedy row's sampling settings: temperature 1, no filters (the argmax is unchanged)."""
-
-    temperature, top_k, top_p = 1.0, 0, 1.0
-
-
-_UNIT = _Unit()

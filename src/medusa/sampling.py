@@ -163,19 +163,6 @@ class RowSampling:
         return logits.masked_fill(drop, -math.inf)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row of ``probs [..., vocab]``, on the device and without a host sync.
-
-    The exponential race: ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. picks token i with probability
-    p_i (the minimum of Exp(p_i) clocks), the trick gpt-fast and vLLM use; unlike ``torch.multinomial``
-    it never synchronises and records into a CUDA graph. Rows need not be normalised.
-    """
-    clocks = torch.empty_like(probs, dtype=torch.float32).exponential_(generator=generator)
-    # An exponential draw of exactly 0 would turn 0/0 into NaN, which argmax would pick.
-    clocks.clamp_min_(torch.finfo(torch.float32).tiny)
-    return (probs.float() / clocks).argmax(dim=-1)
-
-
 def check_seed(seed: int | None) -> None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise MedusaError(f"seed must be an integer in [0, 2**63) or None (a fresh random seed), got {seed!r}")

@@ -112,87 +112,17 @@ def test_cli_distills_then_trains_from_a_model_directory(tmp_path, tokenizer, pr
     assert len(read_rows(distilled)) == 11
     assert "skipped 1 records" in capsys.readouterr().err
     out = tmp_path / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(distilled),
-                "--output",
-                str(out),
-                "--max-steps",
-                "2",
-                "--num-heads",
-                "2",
-                "--batch-size",
-                "4",
-                "--eval-fraction",
-                "0.2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    train = ["train", "--model", str(model_dir), "--data", str(distilled), "--output", str(out)]
+    train += ["--max-steps", "2", "--num-heads", "2", "--batch-size", "4", "--eval-fraction", "0.2", "--device", "cpu"]
+    assert main(train) == 0
     printed = capsys.readouterr().out
     assert "head 0 (token t+2): top-1" in printed and "head 1 (token t+3)" in printed
     assert (out / "heads" / "medusa_heads.safetensors").is_file() and (out / "head_accuracy.json").is_file()
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(model_dir),
-                "--data",
-                str(distilled),
-                "--output",
-                str(out),
-                "--max-steps",
-                "2",
-                "--num-heads",
-                "2",
-                "--batch-size",
-                "4",
-                "--eval-fraction",
-                "0.2",
-                "--device",
-                "cpu",
-            ]
-        )
-        == 2
-    )
+    assert main(train) == 2
     assert "--resume" in capsys.readouterr().err
     # A resume with another warm-up or head decay is refused, naming the setting and its flag.
     for flag, value, setting in (("--warmup-steps", "1", "warmup_steps"), ("--head-decay", "0.5", "head_weight_decay")):
-        assert (
-            main(
-                [
-                    "train",
-                    "--model",
-                    str(model_dir),
-                    "--data",
-                    str(distilled),
-                    "--output",
-                    str(out),
-                    "--max-steps",
-                    "2",
-                    "--num-heads",
-                    "2",
-                    "--batch-size",
-                    "4",
-                    "--eval-fraction",
-                    "0.2",
-                    "--device",
-                    "cpu",
-                    "--resume",
-                    flag,
-                    value,
-                ]
-            )
-            == 2
-        )
+        assert main([*train, "--resume", flag, value]) == 2
         assert f"{setting} was" in (error := capsys.readouterr().err) and f"set by {flag}" in error
 
 
