@@ -25,7 +25,7 @@ from medusa.devices import spans_devices, synchronize
 from medusa.errors import MedusaError
 from medusa.graphs import StepGraphs
 from medusa.heads import MedusaHeads
-from medusa.lookup import DEFAULT_MAX_NGRAM
+from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
 from medusa.tree import Tree
 
 logger = logging.getLogger("medusa")
@@ -72,8 +72,6 @@ class EngineOptions:
     attention_span_step: int | None = ATTENTION_SPAN_STEP
 
     def __post_init__(self) -> None:
-        from medusa.lookup import check_lookup
-
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
         check_slots("cache_length", self.cache_length)
         check_slots("attention_span_step", self.attention_span_step)
