@@ -50,6 +50,8 @@ HEAD_SETTINGS = {
     "shared-lm-head": dict(num_layers=1, share_lm_head=True),
     "perturbed": dict(num_layers=1, perturb=True),
     "perturbed-shared-5-heads": dict(num_layers=2, share_lm_head=True, num_heads=5, perturb=True),
+    "sequential": dict(num_layers=1, head_type="sequential"),
+    "sequential-perturbed-shared": dict(num_layers=2, share_lm_head=True, head_type="sequential", perturb=True),
 }
 
 
@@ -63,7 +65,8 @@ def test_lossless_over_head_settings(tiny_model, settings):
         perturb(model.heads, seed=7)
         probe = torch.randn(tiny_model.config.hidden_size)
         with torch.no_grad():
-            assert not torch.equal(model.heads(probe)[0], tiny_model.get_output_embeddings()(probe))
+            path = torch.zeros(model.heads.config.num_heads, dtype=torch.long)
+            assert not torch.equal(model.heads(probe, path)[0], tiny_model.get_output_embeddings()(probe))
     for prompt in PROMPTS:
         result = model.generate(prompt, max_new_tokens=NEW_TOKENS)
         assert result.token_ids == list(reference(architecture, tuple(prompt), NEW_TOKENS)), prompt

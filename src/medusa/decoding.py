@@ -111,6 +111,9 @@ class Decoder:
         self.device = model_device(base_model)
         self.dtype = base_model.dtype
         self.trees = {rows: tree.to(self.device) for rows, tree in trees.items()}
+        # Sequential heads grow each bucket's tree one depth at a time (``Tree.expansion``).
+        sequential = heads is not None and heads.config.sequential
+        self.expansions = {rows: tree.expansion() for rows, tree in self.trees.items()} if sequential else {}
         self.max_rows = max_rows
         self.max_length = max_length
         self.lookup_ngram = lookup_ngram
@@ -266,6 +269,8 @@ class Decoder:
         if tree.lookup:
             history, lengths = self.history[:rows], self.lengths[:rows]
             candidates.append(ngram_continuation(history, lengths, self.lookup_ngram, tree.lookup))
+        if tree.paths and self.expansions:
+            return self._grow(rows, tree, torch.cat(candidates, dim=1))
         if tree.paths:
             head_logits = self.heads(self.last_hidden[:rows])  # [heads, rows, vocab]
             top = head_logits.topk(tree.topk, dim=-1).indices.to(self.device)  # [heads, rows, topk]
@@ -273,6 +278,22 @@ class Decoder:
         if len(candidates) == 1:
             return candidates[0]
         return torch.cat(candidates, dim=1)[:, tree.candidate_index]
+
+    def _grow(self, rows: int, tree: Tree, root_and_lookup: torch.Tensor) -> torch.Tensor:
+        """Tree tokens ``[rows, size]`` from sequential heads: depth by depth, one head call for every parent of
+        the depth, each reading the tokens from the root down to its parent. ``root_and_lookup [rows, 1 + lookup]``."""
+        tokens = torch.zeros(rows, tree.size, dtype=torch.long, device=self.device)
+        tokens[:, 0] = root_and_lookup[:, 0]
+        if tree.lookup:  # the chain's nodes come last
+            tokens[:, tree.size - tree.lookup :] = root_and_lookup[:, 1:]
+        hidden = self.last_hidden[:rows]
+        for depth, expansion in enumerate(self.expansions[rows]):
+            parents = expansion.ancestors.shape[0]
+            path = tokens[:, expansion.ancestors]  # [rows, parents, depth + 1]
+            logits = self.heads.head_logits(depth, hidden[:, None].expand(-1, parents, -1), path)
+            top = logits.topk(tree.topk, dim=-1).indices.to(self.device).flatten(1)  # [rows, parents * topk]
+            tokens[:, expansion.children] = top[:, expansion.source]
+        return tokens
 
     def step(self, rows: int, span: int, kind: StepKind = StepKind()) -> tuple[torch.Tensor, ...]:
         """One propose/verify/accept/commit for the first ``rows`` rows, all on the device (capturable).

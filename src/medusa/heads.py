@@ -1,8 +1,15 @@
-"""Medusa heads: K small residual MLPs on the base model's last hidden state (paper, section 2.1.1).
+"""Draft heads: K small residual MLPs on the base model's last hidden state (paper, section 2.1.1).
 
 Head k (0-based) predicts the token k + 2 positions ahead of the hidden state it reads; the base
 model's own ``lm_head`` predicts the next one. Blocks start at zero and the projection starts as the
 base ``lm_head``, so an untrained head returns exactly the base model's logits.
+
+Two head types share everything but their input. ``medusa`` heads (the paper's) read the hidden state
+alone, so every head guesses without knowing what the heads before it guessed. ``sequential`` heads
+(Hydra, Ankner et al. 2024) also read the input embeddings of the tokens on the candidate path above
+them: head k sees the base model's next token and the guesses of heads 0..k-1, through a linear layer
+over ``[hidden, embed(path)]`` that starts as the identity on the hidden state. So each child in a tree
+is guessed for its own parent, at the price of one head call per tree depth.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from medusa.files import atomic_path, read_json, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
+HEAD_TYPES = ("medusa", "sequential")
 
 
 @dataclass
@@ -31,6 +39,8 @@ class MedusaHeadsConfig:
     # num_heads * vocab * hidden to num_heads * num_layers * hidden^2 parameters.
     share_lm_head: bool = False
     base_model: str | None = None
+    # "medusa": each head reads the hidden state alone; "sequential": also the tokens on its candidate path.
+    head_type: str = "medusa"
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads"):
@@ -38,6 +48,16 @@ class MedusaHeadsConfig:
                 raise MedusaError(f"heads config: {name} must be at least 1, got {getattr(self, name)}")
         if int(self.num_layers) < 0:
             raise MedusaError(f"heads config: num_layers must be 0 or more, got {self.num_layers}")
+        if self.head_type not in HEAD_TYPES:
+            raise MedusaError(
+                f"heads config: head type {self.head_type!r} is not known; this version of medusa reads "
+                f"{' and '.join(HEAD_TYPES)} heads"
+            )
+
+    @property
+    def sequential(self) -> bool:
+        """Whether head k reads the k + 1 tokens on its candidate path (the base token, then the guesses)."""
+        return self.head_type == "sequential"
 
     def save(self, directory: str | Path) -> None:
         write_json(Path(directory) / CONFIG_NAME, {"model_type": "medusa_heads", **asdict(self)})
@@ -62,7 +82,10 @@ class MedusaHeadsConfig:
         missing = {"hidden_size", "vocab_size"} - raw.keys()
         if missing:
             raise MedusaError(f"heads config {path} lacks {', '.join(sorted(missing))}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except MedusaError as error:
+            raise MedusaError(f"{path}: {error}") from None
 
 
 class ResidualBlock(nn.Module):
@@ -79,12 +102,33 @@ class ResidualBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
+def _path_input(hidden_size: int, tokens: int) -> nn.Linear:
+    """``[hidden, embed(t_0), ..., embed(t_{tokens-1})] -> hidden``, starting as the identity on the hidden state
+    (so a fresh sequential head, like a fresh Medusa head, returns the base model's logits)."""
+    layer = nn.Linear(hidden_size * (1 + tokens), hidden_size)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:, :hidden_size].copy_(torch.eye(hidden_size))
+        layer.bias.zero_()
+    return layer
+
+
 class MedusaHeads(nn.Module):
-    """K heads over a hidden state. ``forward`` returns logits ``[num_heads, *hidden.shape[:-1], vocab]``."""
+    """K heads over a hidden state. ``forward`` returns logits ``[num_heads, *hidden.shape[:-1], vocab]``.
+
+    Sequential heads (``config.sequential``) also need the tokens on each head's candidate path and the base
+    model's input embeddings (``attach_base_model``); ``forward`` then takes ``path [..., num_heads]``.
+    """
 
     def __init__(self, config: MedusaHeadsConfig, base_lm_head: nn.Module | None = None) -> None:
         super().__init__()
         self.config = config
+        # Sequential heads: head k's first layer reads the hidden state and k + 1 token embeddings.
+        self.path_inputs = (
+            nn.ModuleList(_path_input(config.hidden_size, k + 1) for k in range(config.num_heads))
+            if config.sequential
+            else None
+        )
         self.blocks = nn.ModuleList(
             nn.Sequential(*[ResidualBlock(config.hidden_size) for _ in range(config.num_layers)])
             for _ in range(config.num_heads)
@@ -97,8 +141,9 @@ class MedusaHeads(nn.Module):
             )
             if base_lm_head is not None:
                 self.copy_projection_from(base_lm_head)
-        # Held outside the module tree so it is neither saved nor trained with the heads.
+        # Held outside the module tree so they are neither saved nor trained with the heads.
         self._shared_lm_head = [base_lm_head]
+        self._input_embeddings: list[nn.Module | None] = [None]
 
     def copy_projection_from(self, lm_head: nn.Module) -> None:
         """Start every projection as the base model's lm_head: an untrained head equals the base head."""
@@ -116,6 +161,49 @@ class MedusaHeads(nn.Module):
 
     def attach_lm_head(self, lm_head: nn.Module) -> None:
         self._shared_lm_head = [lm_head]
+
+    def attach_base_model(self, model: nn.Module) -> None:
+        """Share the base model's lm_head and, for sequential heads, its input embeddings."""
+        self.attach_lm_head(model.get_output_embeddings())
+        self._input_embeddings = [model.get_input_embeddings()]
+
+    def features(self, head_index: int, hidden: torch.Tensor, path: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``head_index``'s last-layer features ``[..., hidden]`` before the vocabulary projection.
+
+        ``hidden [..., hidden]``; ``path [..., head_index + 1]`` (sequential heads only): the base model's next
+        token, then the guesses of the heads before this one, for the same candidate.
+        """
+        block = self.blocks[head_index]
+        if self.path_inputs is not None:
+            if path is None or path.shape[-1] != head_index + 1:
+                raise MedusaError(
+                    f"sequential head {head_index} reads {head_index + 1} path tokens, got "
+                    f"{None if path is None else path.shape[-1]}"
+                )
+            embeddings = self._input_embeddings[0]
+            if embeddings is None:
+                raise MedusaError("sequential heads read the base model's input embeddings, but none were attached")
+            layer = self.path_inputs[head_index]
+            embedded = embeddings(path.to(embeddings.weight.device)).to(device=hidden.device, dtype=layer.weight.dtype)
+            hidden = layer(torch.cat([hidden.to(layer.weight.dtype), embedded.flatten(-2)], dim=-1))
+        parameter = next(block.parameters(), None)
+        return block(hidden.to(parameter.dtype) if parameter is not None else hidden)
+
+    def head_logits(self, head_index: int, hidden: torch.Tensor, path: torch.Tensor | None = None) -> torch.Tensor:
+        """Head ``head_index``'s logits ``[..., vocab]`` (see ``features``)."""
+        return self.project(head_index, self.features(head_index, hidden.to(self.device), path))
+
+    def own_guesses(self, hidden: torch.Tensor, next_token: torch.Tensor) -> torch.Tensor:
+        """Logits ``[num_heads, ..., vocab]`` with every head fed the top-1 guesses of the heads before it (the
+        tree's first path); for Medusa heads the same as ``forward``. ``hidden [..., hidden]``, ``next_token [...]``."""
+        if self.path_inputs is None:
+            return self(hidden)
+        path = next_token[..., None]
+        logits = []
+        for k in range(self.config.num_heads):
+            logits.append(self.head_logits(k, hidden, path))
+            path = torch.cat([path, logits[-1].argmax(dim=-1, keepdim=True).to(path.device)], dim=-1)
+        return torch.stack(logits)
 
     def project(self, head_index: int, features: torch.Tensor) -> torch.Tensor:
         if self.projections is not None:
@@ -135,10 +223,16 @@ class MedusaHeads(nn.Module):
             raise MedusaError("heads share the base lm_head, but none was attached")
         return lm_head.weight.device
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, path: torch.Tensor | None = None) -> torch.Tensor:
+        """``path [..., num_heads]`` (sequential heads): the true next tokens, head k reading the first k + 1."""
         # A base model split over devices hands its last hidden state over from wherever its output lands.
         hidden = hidden.to(self.device)
-        features = torch.stack([block(hidden) for block in self.blocks])  # [heads, ..., hidden]
+        if self.path_inputs is not None:
+            if path is None:
+                raise MedusaError("sequential heads need the tokens on their candidate path")
+            features = torch.stack([self.features(k, hidden, path[..., : k + 1]) for k in range(len(self.blocks))])
+        else:
+            features = torch.stack([block(hidden) for block in self.blocks])  # [heads, ..., hidden]
         if self.projections is None:
             # One matmul against the shared lm_head reads its weight once for all heads.
             return self.project(0, features)

@@ -150,7 +150,7 @@ class MedusaModel(nn.Module):
             check_heads_match(heads.config, base_model)
             device, dtype = heads_device(base_model), base_model.dtype
             heads = heads.to(device=device, dtype=dtype)
-            heads.attach_lm_head(base_model.get_output_embeddings())
+            heads.attach_base_model(base_model)
             heads.eval()
         self.heads = heads
         self._engines: OrderedDict[tuple, DecodingEngine] = OrderedDict()  # least recently used first
@@ -178,6 +178,7 @@ class MedusaModel(nn.Module):
         num_heads: int = 4,
         num_layers: int = 1,
         share_lm_head: bool = False,
+        head_type: str = "medusa",
         tree: TreeSpec = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -186,7 +187,8 @@ class MedusaModel(nn.Module):
         """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
 
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
-        shipped for the default model when there are some, otherwise fresh (untrained) heads.
+        shipped for the default model when there are some, otherwise fresh (untrained) heads of ``num_heads``,
+        ``num_layers``, ``share_lm_head`` and ``head_type`` (``medusa`` or ``sequential``).
         ``device_map`` (``"auto"``, or accelerate's dict) splits a base model too big for one GPU over
         several; a model object passed in may come split already. Either way the heads go with the lm_head.
         """
@@ -217,6 +219,7 @@ class MedusaModel(nn.Module):
                 num_layers=num_layers,
                 share_lm_head=share_lm_head,
                 base_model=name,
+                head_type=head_type,
             )
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)

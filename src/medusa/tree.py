@@ -35,6 +35,16 @@ DEFAULT_TREE_SIZES = (8, 16, 32, 64)
 
 
 @dataclass(frozen=True)
+class DepthExpansion:
+    """One depth of a tree grown by sequential heads: head ``depth`` runs once per parent with children, on the
+    tokens from the root down to that parent, and its top-k fill the children's nodes."""
+
+    ancestors: torch.Tensor  # [parents, depth + 1] long: node ids from the root to each parent
+    children: torch.Tensor  # [children] long: the node ids this depth fills
+    source: torch.Tensor  # [children] long: index into the parents' top-k, flattened as parent * topk + rank
+
+
+@dataclass(frozen=True)
 class Tree:
     """Buffers for one tree. ``size`` counts the root, so it is the number of tokens verified per step."""
 
@@ -132,6 +142,25 @@ class Tree:
         heads_nodes = min(len(self.paths), size - 1)
         lookup = min(self.lookup, size - 1 - heads_nodes)
         return Tree.from_paths(self.paths[:heads_nodes], self.topk, lookup=lookup).to(self.attention_mask.device)
+
+    def expansion(self) -> tuple[DepthExpansion, ...]:
+        """How sequential heads grow this tree's head nodes, one depth at a time (``DepthExpansion``)."""
+        node_of = {(): 0} | {path: i + 1 for i, path in enumerate(self.paths)}
+        steps = []
+        for depth in range(max((len(p) for p in self.paths), default=0)):
+            children = [path for path in self.paths if len(path) == depth + 1]
+            parents = sorted({path[:-1] for path in children}, key=lambda p: node_of[p])
+            slot = {parent: index for index, parent in enumerate(parents)}
+            ancestors = [[node_of[parent[:cut]] for cut in range(depth + 1)] for parent in parents]
+            device = self.depths.device
+            steps.append(
+                DepthExpansion(
+                    torch.tensor(ancestors, dtype=torch.long, device=device),
+                    torch.tensor([node_of[c] for c in children], dtype=torch.long, device=device),
+                    torch.tensor([slot[c[:-1]] * self.topk + c[-1] for c in children], dtype=torch.long, device=device),
+                )
+            )
+        return tuple(steps)
 
     def check_heads(self, num_heads: int) -> None:
         """The head paths must not be deeper than the heads; the lookup chain may be (it needs no head)."""

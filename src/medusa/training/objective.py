@@ -42,7 +42,7 @@ class MedusaObjective(nn.Module):
         self.heads_lambda = heads_lambda
         self.chunk_size = chunk_size
         self.lm_head = unwrap_peft(base).get_output_embeddings()
-        heads.attach_lm_head(self.lm_head)
+        heads.attach_base_model(unwrap_peft(base))
 
     def _hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The last layer's (normed) hidden states ``[batch, seq, hidden]``, without computing any logits."""
