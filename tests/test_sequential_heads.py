@@ -111,7 +111,7 @@ def test_the_decoder_grows_every_node_from_its_own_parents_path(lookup, rows):
     engine = model.engine(EngineOptions(lookup=lookup, lookup_ngram=1), tree=tree, max_rows=rows, max_length=64)
     decoder = engine.decoder
     prompts = [torch.randint(1, TINY_VOCAB, (5 + row,)) for row in range(rows)]
-    for row, prompt in enumerate(prompts):  # repeat a token so the lookup branch finds something
+    for prompt in prompts:  # repeat a token so the lookup branch finds something
         prompt[-1] = prompt[1]
     decoder.prefill(list(range(rows)), prompts, [GreedyAcceptance()] * rows, [0] * rows)
     with torch.no_grad():
