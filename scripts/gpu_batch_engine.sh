@@ -3,6 +3,7 @@
 #
 #   scripts/gpu_batch_engine.sh tests     # the CUDA-only tests, and where a batched step's time goes
 #   scripts/gpu_batch_engine.sh tune      # the step cost per batch size, and a tree per batch bucket from it
+#   scripts/gpu_batch_engine.sh curve7b   # the step cost of a Llama-2-7B-shaped model (random weights)
 #   scripts/gpu_batch_engine.sh bench     # throughput against batch size, and batch 1 against the previous code
 #   scripts/gpu_batch_engine.sh serve     # medusa serve under 1, 8 and 32 clients, greedy and sampled mixed
 #
@@ -36,6 +37,11 @@ tune)
     python3 -m medusa.cli tree tune --heads /root/heads --cost-curve "$OUT/tune/cost_curve.json" \
         --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
     cp /root/heads/tuned_trees.json "$OUT/tune/"
+    ;;
+curve7b)
+    python3 -m medusa.cli bench --cost-curve --shape llama2-7b --sizes "${SIZES:-1,2,4,8,16,32,64}" \
+        --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
+        --output-dir "$OUT/curve7b" 2>&1 | tail -3
     ;;
 bench)
     mkdir -p "$OUT/bench"
