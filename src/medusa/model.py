@@ -18,6 +18,7 @@ from medusa.acceptance import (
     make_acceptance,
     token_logprobs,
 )
+from medusa.attention import use_grouped_sdpa
 from medusa.decoding import MAX_TOP_LOGPROBS, DecodingStats
 from medusa.devices import model_device
 from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for
@@ -141,8 +142,12 @@ class MedusaModel(nn.Module):
         heads_tree: Tree | None = None,
     ) -> None:
         """``tree`` decodes one sequence by default and may carry a lookup chain; ``heads_tree``, the tree of
-        head paths only (default: ``tree`` without its chain), serves batches and ``lookup=0``."""
+        head paths only (default: ``tree`` without its chain), serves batches and ``lookup=0``.
+
+        A grouped-query base model on "sdpa" attention is switched, in place, to ``medusa.attention``'s
+        implementation, which attends under the tree masks without copying K/V per query head."""
         super().__init__()
+        use_grouped_sdpa(base_model)
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.name = name or getattr(base_model.config, "_name_or_path", "") or "model"
