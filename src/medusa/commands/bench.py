@@ -53,8 +53,8 @@ from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json, write_text
 from medusa.heads import MedusaHeadsConfig
-from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
-from medusa.model import MedusaModel, shipped_heads_directory
+from medusa.loading import resolve_device, resolve_dtype
+from medusa.model import MedusaModel, default_heads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,7 +327,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
             vocab_size=text.vocab_size,
             num_heads=args.num_heads,
             share_lm_head=True,
-            head_type=args.head_type,
+            head_type=args.head_type or "medusa",
         )
         model = MedusaModel.from_pretrained(base, heads=heads)
         model_label = base.config._name_or_path
@@ -408,10 +408,10 @@ def _compile_setting(value: str) -> bool | str:
 def _heads_source(args: argparse.Namespace) -> str:
     if args.heads:
         return str(args.heads)
-    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME) if args.model is None else None
+    shipped = default_heads(args.head_type) if args.model is None else None
     if shipped is not None:
         return f"shipped: {shipped}"
-    return f"untrained: {args.num_heads} fresh {args.head_type} heads (each a copy of the base lm_head)"
+    return f"untrained: {args.num_heads} fresh {args.head_type or 'medusa'} heads (each a copy of the base lm_head)"
 
 
 def _command_meta(args: argparse.Namespace) -> dict:

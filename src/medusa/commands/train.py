@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-heads", type=int, default=4, help="heads to train (default 4)")
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
-    add_head_type_argument(parser, "")
+    add_head_type_argument(parser, "(default medusa) ")
     parser.add_argument(
         "--share-lm-head",
         action=argparse.BooleanOptionalAction,
