@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers.heads import sequential_heads
 from helpers.training import head_losses, make_base, train_config
 from medusa.cli import build_parser
 from medusa.commands.train import config_from_args
@@ -22,31 +23,13 @@ from medusa.training.objective import MedusaObjective
 from medusa.training.trainer import Trainer
 
 
-def sequential_heads(base, tokenizer, num_heads: int = 3, scale: float = 0.0, seed: int = 0) -> MedusaHeads:
-    """Heads on ``base``; ``scale`` > 0 perturbs every weight (untrained heads all return the base logits)."""
-    config = MedusaHeadsConfig(
-        hidden_size=base.config.hidden_size,
-        vocab_size=len(tokenizer),
-        num_heads=num_heads,
-        share_lm_head=True,
-        head_type="sequential",
-    )
-    heads = MedusaHeads(config, base_lm_head=base.get_output_embeddings())
-    heads.attach_base_model(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in heads.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return heads.eval()
-
-
 def batch_of(tokenizer, data_file, count: int = 12) -> dict[str, torch.Tensor]:
     return Collator(tokenizer.pad_token_id)(load_examples([data_file], tokenizer, 1024).items[:count])
 
 
 def test_the_teacher_forced_path_of_head_k_at_t_is_tokens_t_plus_1_to_t_plus_k_plus_1(tokenizer):
     base = make_base(tokenizer)
-    objective = MedusaObjective(base, sequential_heads(base, tokenizer))
+    objective = MedusaObjective(base, sequential_heads(base, scale=0.0))
     input_ids = torch.arange(20).view(2, 10)
     valid = torch.zeros(2, 10 - 3, dtype=torch.bool)  # head 1: targets t + 3
     valid[0, 0] = valid[0, 6] = valid[1, 2] = True
@@ -60,7 +43,7 @@ def test_the_teacher_forced_path_of_head_k_at_t_is_tokens_t_plus_1_to_t_plus_k_p
 def test_the_loss_feeds_each_head_its_true_path(tokenizer, data_file):
     """The objective's head-0 cross-entropy, computed by hand from head_logits with input_ids[t + 1] as the path."""
     base = make_base(tokenizer)
-    heads = sequential_heads(base, tokenizer, scale=0.2)
+    heads = sequential_heads(base, scale=0.2, path_gain=10)
     batch = batch_of(tokenizer, data_file, 4)
     objective = MedusaObjective(base, heads, loss="ce")
     with torch.no_grad():
@@ -86,7 +69,7 @@ def test_stage1_lowers_every_sequential_heads_loss_and_saves_the_head_type(tmp_p
     assert json.loads((tmp_path / "train_config.json").read_text())["head_type"] == "sequential"
     assert any(name.startswith("path_inputs.2.") for name in trained.state_dict())
     trained.attach_base_model(base)
-    fresh = sequential_heads(base, tokenizer)
+    fresh = sequential_heads(base, scale=0.0)
     before = head_losses(base, fresh, tokenizer, data_file, "kl")
     after = head_losses(base, trained, tokenizer, data_file, "kl")
     assert (after < before).all(), (before, after)
@@ -112,7 +95,7 @@ def test_stage2_trains_sequential_heads_with_the_adapter(tmp_path, tokenizer, da
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)  # the adapter did train
     trained = MedusaHeads.from_pretrained(result.heads_dir, base_lm_head=base.get_output_embeddings())
     trained.attach_base_model(base)  # ``base`` holds the trained adapter's layers now
-    before = head_losses(base, sequential_heads(base, tokenizer), tokenizer, data_file, "kl")
+    before = head_losses(base, sequential_heads(base, scale=0.0), tokenizer, data_file, "kl")
     after = head_losses(base, trained, tokenizer, data_file, "kl")
     assert (after < before).all(), (before, after)
     assert "backbone_agreement" in result.accuracy and result.accuracy["head_type"] == "sequential"
@@ -173,7 +156,7 @@ def direct_ranks(heads, hidden, input_ids, mask, greedy, own: bool) -> torch.Ten
 
 def test_evaluation_counts_each_head_on_the_true_path_and_on_its_own_guesses(tokenizer, data_file):
     base = make_base(tokenizer)
-    heads = sequential_heads(base, tokenizer, scale=0.3, seed=3)
+    heads = sequential_heads(base, seed=3, path_gain=10)
     batch = batch_of(tokenizer, data_file, 6)
     objective = MedusaObjective(base, heads, chunk_size=16)  # several chunks per batch
     totals = count_hits(objective, [batch])

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from helpers.heads import sequential_heads
 from helpers.models import TINY_VOCAB, make_tiny_model
 from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.errors import MedusaError
-from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.training.data import Example
 from medusa.treeopt.profile import HeadProfile, heads_fingerprint, profile_heads
 
@@ -112,25 +112,11 @@ def test_profile_round_trips_and_refuses_other_heads(setup, tmp_path):
         HeadProfile.from_dict(raw | {"head_type": "eagle"})
 
 
-def sequential_heads(model, seed: int = 0) -> MedusaHeads:
-    """Sequential heads with every weight perturbed, so that each head's guess depends on its path."""
-    config = MedusaHeadsConfig(
-        hidden_size=model.config.hidden_size, vocab_size=TINY_VOCAB, num_heads=NUM_HEADS, head_type="sequential"
-    )
-    heads = MedusaHeads(config, base_lm_head=model.get_output_embeddings())
-    heads.attach_base_model(model)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in heads.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return heads.eval()
-
-
 def test_sequential_heads_are_profiled_on_the_tokens_greedy_verification_accepts(setup):
     """Head k at t reads the base model's greedy tokens after t .. t + k, not the data's tokens (here random answers,
     unlike the greedy ones) and not the same tokens shifted by one."""
     model, _, _ = setup
-    heads = sequential_heads(model)
+    heads = sequential_heads(model, num_heads=NUM_HEADS, path_gain=10)
     generator = torch.Generator().manual_seed(5)
     sequences = [
         answered(prompt, torch.randint(4, TINY_VOCAB, (30,), generator=generator).tolist())

@@ -152,18 +152,10 @@ def accuracy_report(totals: dict[str, torch.Tensor], stage: int, head_type: str 
                 "head": k,
                 "predicts": f"token t+{k + 2} from the hidden state at t{reads}",
                 "positions": positions,
-                "top1": greedy[0],
-                "top5": sum(greedy[:5]),
-                "rank_hit_rate": greedy,
-                "data_top1": data[0],
-                "data_top5": sum(data[:5]),
-                "data_rank_hit_rate": data,
-                "own_top1": own_greedy[0],
-                "own_top5": sum(own_greedy[:5]),
-                "own_rank_hit_rate": own_greedy,
-                "own_data_top1": own_data[0],
-                "own_data_top5": sum(own_data[:5]),
-                "own_data_rank_hit_rate": own_data,
+                **_summary("", greedy),
+                **_summary("data_", data),
+                **_summary("own_", own_greedy),
+                **_summary("own_data_", own_data),
             }
         )
     report: dict = {
@@ -184,3 +176,7 @@ def accuracy_report(totals: dict[str, torch.Tensor], stage: int, head_type: str 
         report["backbone_agreement"] = int(totals["agree"]) / compared if compared else 0.0
         report["backbone_agreement_positions"] = compared
     return report
+
+
+def _summary(prefix: str, rates: list[float]) -> dict:
+    return {f"{prefix}top1": rates[0], f"{prefix}top5": sum(rates[:5]), f"{prefix}rank_hit_rate": rates}
