@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medusa.commands.output import count_of
 from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.files import write_json, write_text
 from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
+
+if TYPE_CHECKING:  # for type hints only: parsing flags must not import torch
+    from medusa.heads import MedusaHeadsConfig
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
 ESTIMATE_CHOICES = ("walk", "joint", "paper")
@@ -211,7 +215,7 @@ def _heads_directory(args: argparse.Namespace) -> Path:
     return shipped
 
 
-def _load_profile(args: argparse.Namespace, directory: Path, config):
+def _load_profile(args: argparse.Namespace, directory: Path, config: MedusaHeadsConfig):
     """The profile for these heads (``config``: theirs), its walk data cut to the generation length estimated for
     (--max-new-tokens)."""
     from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
