@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from helpers.text_model import save_text_model
-from medusa.cli import main
+from medusa.cli import build_parser, main
+from medusa.commands.common import load_model
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
 
@@ -56,6 +57,14 @@ def test_saved_heads_are_loaded(capsys, model_dir, tmp_path):
     model.save_pretrained(tmp_path / "heads")
     code, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 8)
     assert code == 0 and "tree of 4 nodes" in err
+
+
+def test_fresh_heads_of_the_head_type_asked_for(capsys, model_dir):
+    argv = ["generate", "Hi", "--model", str(model_dir), "--num-heads", "2", "--head-type", "sequential"]
+    assert load_model(build_parser(argv).parse_args(argv)).heads.config.head_type == "sequential"
+    code, out, _ = run(capsys, "Once upon a time", *argv[2:], "--max-new-tokens", 16, "--tree", 8)
+    expected = MedusaModel.from_pretrained(model_dir, tree="8").generate("Once upon a time", max_new_tokens=16)
+    assert code == 0 and out == expected.text + "\n"  # untrained heads of either type: the base model's answer
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:

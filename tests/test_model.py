@@ -10,7 +10,9 @@ from helpers.text_model import make_tokenizer
 from medusa.decoding import DecodingStats
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
-from medusa.model import GenerationConfig, MedusaModel
+from medusa.heads import HEAD_TYPES
+from medusa.interop import load_heads_config
+from medusa.model import GenerationConfig, MedusaModel, default_heads
 from medusa.text import TextTracker
 
 PROMPT = "Tell me a story."
@@ -474,3 +476,13 @@ def test_heads_without_a_tuned_tree_get_a_small_tree_on_the_cpu(model, tmp_path)
     small = tmp_path / "small"
     MedusaModel(model.base_model, model.tokenizer, model.heads, tree="[[0], [0, 0]]").save_pretrained(small)
     assert MedusaModel.from_pretrained(model.base_model, heads=small).tree.size == 3  # the heads' own, small enough
+
+
+def test_the_shipped_heads_stand_in_for_no_heads_only_when_of_the_head_type_asked_for():
+    shipped = default_heads()
+    if shipped is None:
+        pytest.skip("no heads shipped for the default model")
+    shipped_type = load_heads_config(shipped).head_type
+    other = next(head_type for head_type in HEAD_TYPES if head_type != shipped_type)
+    assert default_heads(shipped_type) == shipped
+    assert default_heads(other) is None  # from_pretrained makes fresh heads of that type instead

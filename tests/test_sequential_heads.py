@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from helpers.heads import sequential_heads
 from helpers.models import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.acceptance import GreedyAcceptance
 from medusa.engine import EngineOptions
@@ -17,24 +18,6 @@ from medusa.heads import CONFIG_NAME, MedusaHeads, MedusaHeadsConfig
 from medusa.interop import export_heads, load_heads
 from medusa.model import MedusaModel
 from medusa.tree import Tree
-
-
-def sequential_heads(base, num_heads: int = 3, num_layers: int = 1, seed: int = 0) -> MedusaHeads:
-    config = MedusaHeadsConfig(
-        hidden_size=TINY_HIDDEN,
-        vocab_size=TINY_VOCAB,
-        num_heads=num_heads,
-        num_layers=num_layers,
-        share_lm_head=True,
-        head_type="sequential",
-    )
-    heads = MedusaHeads(config)
-    heads.attach_base_model(base)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in heads.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
-    return heads.eval()
 
 
 def test_a_fresh_sequential_head_returns_the_base_logits():

@@ -183,7 +183,7 @@ class MedusaModel(nn.Module):
         num_heads: int = 4,
         num_layers: int = 1,
         share_lm_head: bool = False,
-        head_type: str = "medusa",
+        head_type: str | None = None,
         tree: TreeSpec = None,
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -192,8 +192,9 @@ class MedusaModel(nn.Module):
         """Wrap a base model (directory, ``.gguf`` file, model object, or None for the default model).
 
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
-        shipped for the default model when there are some, otherwise fresh (untrained) heads of ``num_heads``,
-        ``num_layers``, ``share_lm_head`` and ``head_type`` (``medusa`` or ``sequential``).
+        shipped for the default model when there are some (and they are of ``head_type``, if given), otherwise
+        fresh (untrained) heads of ``num_heads``, ``num_layers``, ``share_lm_head`` and ``head_type``
+        (``medusa``, the default, or ``sequential``).
         ``device_map`` (``"auto"``, or accelerate's dict) splits a base model too big for one GPU over
         several; a model object passed in may come split already. Either way the heads go with the lm_head.
         """
@@ -214,8 +215,8 @@ class MedusaModel(nn.Module):
             tokenizer = tokenizer or loaded_tokenizer
         text_config = base_model.config.get_text_config()
         lm_head = base_model.get_output_embeddings()
-        if heads is None and base is None and shipped_heads_directory(DEFAULT_MODEL_NAME) is not None:
-            heads = shipped_heads_directory(DEFAULT_MODEL_NAME)
+        if heads is None and base is None:
+            heads = default_heads(head_type)
         if heads is None:
             heads = MedusaHeadsConfig(
                 hidden_size=text_config.hidden_size,
@@ -224,7 +225,7 @@ class MedusaModel(nn.Module):
                 num_layers=num_layers,
                 share_lm_head=share_lm_head,
                 base_model=name,
-                head_type=head_type,
+                head_type=head_type or "medusa",
             )
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)
@@ -513,6 +514,16 @@ def generation_result(generation: Generation) -> GenerationResult:
         logprobs=generation.token_logprobs if asked else None,
         top_logprobs=generation.token_top_logprobs if asked else None,
     )
+
+
+def default_heads(head_type: str | None = None) -> Path | None:
+    """The heads shipped for the default model, if there are some and they are of ``head_type`` (None: any type):
+    what ``from_pretrained`` loads for the default model when given no heads. Asking for another head type gets
+    fresh heads of that type instead."""
+    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME)
+    if shipped is None or (head_type is not None and load_heads_config(shipped).head_type != head_type):
+        return None
+    return shipped
 
 
 def check_heads_match(config: MedusaHeadsConfig, base_model: PreTrainedModel) -> None:

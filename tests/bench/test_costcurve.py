@@ -22,6 +22,7 @@ from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeadsConfig
 from medusa.model import MedusaModel
+from medusa.treeopt.tune import CostCurve
 
 
 @pytest.mark.parametrize("num_heads", [4, 5])
@@ -169,5 +170,17 @@ def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):
     assert [p["nodes"] for p in result["points"]] == [1, 8]
     assert (tmp_path / "cost_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "cost_curve.json" in capsys.readouterr().out
+    assert result["meta"]["heads"]["head_type"] == "medusa"
     assert main(["bench", "--cost-curve", "--sizes", "1,x"]) == 2
     assert "--sizes takes comma-separated" in capsys.readouterr().err
+
+
+def test_the_cost_curve_of_sequential_heads_times_them_and_says_so(tmp_path, one_thread, capsys):
+    argv = ["bench", "--cost-curve", "--shape", "tiny", "--sizes", "1,8", "--context", "16", "--repeats", "1"]
+    argv += ["--step-warmup", "0", "--device", "cpu", "--head-type", "sequential", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "cost_curve.json").read_text())
+    assert result["meta"]["heads"]["head_type"] == "sequential"
+    assert CostCurve.load(tmp_path / "cost_curve.json", head_type="sequential").points.keys() == {1, 8}
+    with pytest.raises(MedusaError, match="measured with sequential heads"):
+        CostCurve.load(tmp_path / "cost_curve.json", head_type="medusa")

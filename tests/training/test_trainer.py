@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers.training import make_base
+from helpers.training import head_losses, make_base, train_config
 from medusa.errors import MedusaError
 from medusa.heads import MedusaHeads
 from medusa.model import MedusaModel
-from medusa.training.config import TrainConfig
-from medusa.training.data import Collator, load_examples
-from medusa.training.objective import MedusaObjective
 from medusa.training.trainer import Trainer
 
 
@@ -27,47 +23,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    rng = random.Random(0)
-    rows = []
-    for _ in range(40):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        rows.append({"question": f"{a}+{b}?", "answer": f"{a}+{b}={a + b}. ok"})
-    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + "{broken\n")
-    return path
-
-
-def config(data_file, output, **overrides) -> TrainConfig:
-    settings = dict(
-        data=[str(data_file)],
-        output_dir=str(output),
-        max_steps=8,
-        batch_size=8,
-        learning_rate=2e-2,
-        warmup_steps=0,
-        log_every=1,
-        eval_fraction=0.1,
-        device="cpu",
-        num_heads=3,
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
-
-
-def head_losses(base, heads, tokenizer, data_file, loss):
-    examples = load_examples([data_file], tokenizer, 1024).items
-    batch = Collator(tokenizer.pad_token_id)(examples)
-    objective = MedusaObjective(base, heads, loss=loss)
-    with torch.no_grad():
-        return objective(**batch)["head_losses"]
-
-
 @pytest.mark.parametrize("loss", ["kl", "ce"])
 def test_stage1_lowers_every_heads_loss_and_writes_loadable_outputs(tmp_path, tokenizer, data_file, loss):
     base = make_base(tokenizer)
-    trainer = Trainer(config(data_file, tmp_path, loss=loss), base_model=base, tokenizer=tokenizer, base_name="tiny")
+    settings = train_config(data_file, tmp_path, loss=loss)
+    trainer = Trainer(settings, base_model=base, tokenizer=tokenizer, base_name="tiny")
     reports = []
     result = trainer.train(on_step=reports.append)
     trained = MedusaHeads.from_pretrained(result.heads_dir, base_lm_head=base.get_output_embeddings())
@@ -90,7 +50,7 @@ def test_stage1_lowers_every_heads_loss_and_writes_loadable_outputs(tmp_path, to
 def test_stage2_trains_adapter_and_heads_and_stays_close_to_the_original(tmp_path, tokenizer, data_file):
     base = make_base(tokenizer)
     original = {k: v.clone() for k, v in base.state_dict().items()}
-    settings = config(
+    settings = train_config(
         data_file,
         tmp_path,
         stage=2,
@@ -120,7 +80,7 @@ def test_stage2_trains_adapter_and_heads_and_stays_close_to_the_original(tmp_pat
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, tokenizer, data_file, accumulation):
     def run(output, kill_at=None, resume=False):
-        settings = config(
+        settings = train_config(
             data_file,
             output,
             max_steps=6,
@@ -159,7 +119,7 @@ def test_kill_and_resume_reproduces_an_uninterrupted_run(tmp_path, tokenizer, da
     assert log == [1, 2, 3, 4, 5, 6]  # step 3 of the killed run was redone, not logged twice
     with pytest.raises(MedusaError, match="different settings"):
         Trainer(
-            config(
+            train_config(
                 data_file,
                 tmp_path / "killed",
                 max_steps=6,
@@ -180,7 +140,7 @@ def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_pat
     def trainer(**changes):
         settings = dict(max_steps=4, checkpoint_every=2, batch_size=4, warmup_steps=2) | changes
         return Trainer(
-            config(data_file, output, **settings),
+            train_config(data_file, output, **settings),
             base_model=make_base(tokenizer),
             tokenizer=tokenizer,
             base_name="tiny",
@@ -204,7 +164,7 @@ def test_resume_refuses_any_setting_that_changes_the_result_and_names_it(tmp_pat
 
 def test_a_run_starts_by_removing_what_a_killed_run_was_writing(tmp_path, tokenizer, data_file):
     output = tmp_path / "run"
-    settings = config(data_file, output, max_steps=2, checkpoint_every=1, batch_size=4)
+    settings = train_config(data_file, output, max_steps=2, checkpoint_every=1, batch_size=4)
     Trainer(settings, base_model=make_base(tokenizer), tokenizer=tokenizer, base_name="tiny").train()
     leftovers = [
         output / "checkpoints" / ".step-00000003.tmp",

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from helpers.models import make_tiny_model
+from helpers.heads import sequential_heads
+from helpers.models import TINY_VOCAB, make_tiny_model
 from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.errors import MedusaError
 from medusa.training.data import Example
@@ -100,6 +101,48 @@ def test_profile_round_trips_and_refuses_other_heads(setup, tmp_path):
         loaded.check_heads(4)
     with pytest.raises(MedusaError, match="other heads weights"):
         loaded.check_heads(NUM_HEADS, "sha256:0000000000000000")
+    assert json.loads((tmp_path / "profile.json").read_text())["head_type"] == "medusa"
+    loaded.check_heads(NUM_HEADS, fingerprint, head_type="medusa")
+    with pytest.raises(MedusaError, match="measured on medusa heads, but these heads are sequential; run `medusa tree"):
+        loaded.check_heads(NUM_HEADS, fingerprint, head_type="sequential")
+    raw = json.loads((tmp_path / "profile.json").read_text())
+    del raw["head_type"]  # a profile from before sequential heads measured Medusa heads
+    assert HeadProfile.from_dict(raw).head_type == "medusa"
+    with pytest.raises(MedusaError, match="head_type must be one of medusa, sequential, got 'eagle'"):
+        HeadProfile.from_dict(raw | {"head_type": "eagle"})
+
+
+def test_sequential_heads_are_profiled_on_the_tokens_greedy_verification_accepts(setup):
+    """Head k at t reads the base model's greedy tokens after t .. t + k, not the data's tokens (here random answers,
+    unlike the greedy ones) and not the same tokens shifted by one."""
+    model, _, _ = setup
+    heads = sequential_heads(model, num_heads=NUM_HEADS, path_gain=10)
+    generator = torch.Generator().manual_seed(5)
+    sequences = [
+        answered(prompt, torch.randint(4, TINY_VOCAB, (30,), generator=generator).tolist())
+        for prompt in ([5, 9, 17, 33], [100, 7, 7, 7, 200, 12])
+    ]
+    profile = profile_heads(model, heads, sequences, topk=TOPK, chunk=8)
+    assert profile.head_type == "sequential"
+    hits, ranks = torch.zeros(NUM_HEADS, TOPK), []
+    with torch.inference_mode():
+        for sequence in sequences:
+            output = model(torch.tensor([sequence.input_ids]), output_hidden_states=True)
+            greedy, hidden = output.logits[0].argmax(-1), output.hidden_states[-1][0]
+            assert not torch.equal(greedy[:-1], torch.tensor(sequence.input_ids[1:]))  # the answers are not greedy
+            for t in range(sequence.loss_mask.index(True) - 1, len(sequence.input_ids) - NUM_HEADS - 1):
+                row = []
+                for k in range(NUM_HEADS):
+                    top = heads.head_logits(k, hidden[t], greedy[t : t + k + 1]).topk(TOPK).indices
+                    rank = (top == greedy[t + k + 1]).nonzero()
+                    row.append(int(rank[0, 0]) if rank.numel() else -1)
+                    if rank.numel():
+                        hits[k, rank[0, 0]] += 1
+                alive = torch.tensor(row).ge(0).long().cumprod(0).bool()
+                ranks.append(torch.where(alive, torch.tensor(row), -1).tolist())
+    assert torch.tensor(profile.accuracy) == pytest.approx(hits / profile.samples)
+    assert profile.position_ranks.ranks.tolist() == ranks
+    assert hits[1:].sum() > 0  # deeper heads are right at times: their path matters to the comparison
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,7 @@ def test_profile_build_tune_evaluate(workspace, capsys):
     assert "<- chosen" in out and entry["nodes"] in (1, 2, 3, 4) and entry["num_heads"] == 3
     assert entry["estimate"] == "walk"  # the default, since the profile has the walk data
     assert json.loads(curve.read_text())["device"] == "cpu"
+    assert json.loads(curve.read_text())["head_type"] == "medusa"  # timed with these heads
     assert (directory / "plots" / "tokens_per_second_cpu.png").is_file()
     loaded = MedusaModel.from_pretrained(str(model_dir), heads=str(heads_dir), device="cpu")
     assert [list(p) for p in loaded.tree.paths] == entry["paths"]
@@ -176,6 +177,34 @@ def test_mismatched_profile_or_heads_is_refused(workspace, tmp_path, capsys):
 
     assert main(["tree", "build", "--heads", str(tmp_path / "none"), "--nodes", "4"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sequential_heads_are_profiled_and_tuned_only_with_their_own_profile_and_cost_curve(
+    workspace, tmp_path, capsys
+):
+    directory, model_dir, _, data = workspace
+    base = MedusaModel.from_pretrained(str(model_dir), num_heads=3, head_type="sequential", device="cpu")
+    heads_dir = tmp_path / "sequential"
+    base.heads.save_pretrained(heads_dir)
+    common = ["--model", str(model_dir), "--heads", str(heads_dir), "--device", "cpu"]
+    assert main(["tree", "profile", *common, "--data", str(data), "--topk", "4"]) == 0
+    assert json.loads((heads_dir / "tree_profile.json").read_text())["head_type"] == "sequential"
+    capsys.readouterr()
+
+    medusa_profile = tmp_path / "medusa_profile.json"  # names no head type: made for Medusa heads
+    medusa_profile.write_text(json.dumps({"num_heads": 3, "topk": 4, "samples": 10, "accuracy": [[0.5, 0, 0, 0]] * 3}))
+    assert main(["tree", "build", "--heads", str(heads_dir), "--profile", str(medusa_profile), "--nodes", "4"]) == 2
+    assert "measured on medusa heads, but these heads are sequential" in capsys.readouterr().err
+
+    points = [{"nodes": n, "seconds": 0.01} for n in (1, 4, 8)]
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps({"device": "Some GPU", "points": points}))  # timed with Medusa heads
+    tune = ["tree", "tune", "--heads", str(heads_dir), "--cost-curve", str(curve), "--dry-run"]
+    assert main(tune) == 2
+    assert "cost curve" in (err := capsys.readouterr().err) and "measured with medusa heads" in err
+    assert "--head-type sequential" in err
+    curve.write_text(json.dumps({"device": "Some GPU", "head_type": "sequential", "points": points}))
+    assert main(tune) == 0 and "<- chosen" in capsys.readouterr().out
 
 
 def test_tune_and_evaluate_with_a_lookup_chain(workspace, tmp_path, capsys):

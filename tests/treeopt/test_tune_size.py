@@ -76,6 +76,24 @@ def test_cost_curves_load_in_both_formats(tmp_path):
         CostCurve.load(bad)
 
 
+def test_a_cost_curve_prices_only_the_head_type_it_was_measured_with(tmp_path):
+    ours = tmp_path / "ours.json"
+    CostCurve({1: 0.01, 4: 0.03}, "cpu", "sequential").save(ours)
+    assert json.loads(ours.read_text())["head_type"] == "sequential"
+    assert CostCurve.load(ours, head_type="sequential") == CostCurve({1: 0.01, 4: 0.03}, "cpu", "sequential")
+    with pytest.raises(MedusaError, match="measured with sequential heads, but these heads are medusa"):
+        CostCurve.load(ours, head_type="medusa")
+    bench = tmp_path / "bench.json"
+    meta = {"device": "H100", "device_type": "cuda", "heads": {"num_heads": 4, "head_type": "sequential"}}
+    bench.write_text(json.dumps({"meta": meta, "points": [{"nodes": 1, "median_ms": 5.0}]}))
+    assert CostCurve.load(bench, head_type="sequential").head_type == "sequential"
+    old = tmp_path / "old.json"  # no head type: timed before sequential heads existed, so with Medusa heads
+    old.write_text(json.dumps({"points": [{"nodes": 1, "seconds": 0.01}]}))
+    assert CostCurve.load(old, head_type="medusa").head_type == "medusa"
+    with pytest.raises(MedusaError, match=r"medusa bench --cost-curve --head-type sequential"):
+        CostCurve.load(old, head_type="sequential")
+
+
 def test_tuned_trees_are_kept_per_device_kind(tmp_path):
     assert device_kind("cpu") == "cpu"
     write_tuned_tree(tmp_path, "cpu", TunedTree(nodes=3, topk=2, paths=[[0], [1]], num_heads=2))

@@ -433,6 +433,7 @@ def _heads_text(meta: dict) -> str:
     text = f"{heads['num_heads']} x {heads['num_layers']} layer(s)" + (
         ", shared lm_head" if heads.get("share_lm_head") else ""
     )
+    text += ", sequential" if heads.get("head_type") == "sequential" else ""  # runs before the key are Medusa's
     return text + (f" ({meta['heads_source']})" if meta.get("heads_source") else "")
 
 

@@ -399,6 +399,7 @@ def describe_run(model: MedusaModel, config: BenchConfig) -> dict:
             "num_heads": heads.num_heads,
             "num_layers": heads.num_layers,
             "share_lm_head": heads.share_lm_head,
+            "head_type": heads.head_type,
         },
         "tree_size": model.heads_tree.size if model.heads is not None else 1,
         "max_new_tokens": config.max_new_tokens,

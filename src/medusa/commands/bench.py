@@ -53,8 +53,8 @@ from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json, write_text
 from medusa.heads import MedusaHeadsConfig
-from medusa.loading import DEFAULT_MODEL_NAME, resolve_device, resolve_dtype
-from medusa.model import MedusaModel, shipped_heads_directory
+from medusa.loading import resolve_device, resolve_dtype
+from medusa.model import MedusaModel, default_heads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -321,8 +321,13 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         base = random_model(args.shape, device, resolve_dtype(args.dtype, device))
         text = base.config
         # Heads that share the lm_head: the cheapest heads, so the curve shows the tree's own cost.
+        # Sequential heads cost one head call per tree depth: time the head type being tuned (--head-type).
         heads = MedusaHeadsConfig(
-            hidden_size=text.hidden_size, vocab_size=text.vocab_size, num_heads=args.num_heads, share_lm_head=True
+            hidden_size=text.hidden_size,
+            vocab_size=text.vocab_size,
+            num_heads=args.num_heads,
+            share_lm_head=True,
+            head_type=args.head_type or "medusa",
         )
         model = MedusaModel.from_pretrained(base, heads=heads)
         model_label = base.config._name_or_path
@@ -338,7 +343,12 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         **environment(model.device),
         "model": model_label,
         "dtype": str(model.base_model.dtype).removeprefix("torch."),
-        "heads": {"num_heads": heads.num_heads, "num_layers": heads.num_layers, "share_lm_head": heads.share_lm_head},
+        "heads": {
+            "num_heads": heads.num_heads,
+            "num_layers": heads.num_layers,
+            "share_lm_head": heads.share_lm_head,
+            "head_type": heads.head_type,
+        },
         "context": config.context,
         "batch_sizes": list(config.batch_sizes),
         "repeats": config.repeats,
@@ -398,10 +408,10 @@ def _compile_setting(value: str) -> bool | str:
 def _heads_source(args: argparse.Namespace) -> str:
     if args.heads:
         return str(args.heads)
-    shipped = shipped_heads_directory(DEFAULT_MODEL_NAME) if args.model is None else None
+    shipped = default_heads(args.head_type) if args.model is None else None
     if shipped is not None:
         return f"shipped: {shipped}"
-    return f"untrained: {args.num_heads} fresh heads (each a copy of the base lm_head)"
+    return f"untrained: {args.num_heads} fresh {args.head_type or 'medusa'} heads (each a copy of the base lm_head)"
 
 
 def _command_meta(args: argparse.Namespace) -> dict:

@@ -22,6 +22,11 @@ DEFAULT_TYPICAL_DELTA = 0.3  # medusa.acceptance
 DEFAULT_MAX_NGRAM = 3  # medusa.lookup
 MAX_NGRAM = 8  # medusa.lookup
 MAX_LOOKUP_NODES = 24  # medusa.lookup
+HEAD_TYPES = ("medusa", "sequential")  # medusa.heads.HEAD_TYPES
+HEAD_TYPE_HELP = (
+    "medusa: each head reads the base model's last hidden state alone; sequential (Hydra): head k also reads the "
+    "tokens on its candidate path, the base model's next token and the guesses of heads 0..k-1"
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,9 +39,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tree", help="tree: a default size (8, 16, 32, 64), a JSON file, or a JSON list of paths")
     parser.add_argument("--num-heads", type=int, default=4, help="heads to create when no --heads is given (default 4)")
+    add_head_type_argument(
+        parser,
+        "heads to create when no --heads is given (default: the shipped heads when they are of this type, else "
+        "medusa): ",
+        default=None,
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
     add_threads_argument(parser)
+
+
+def add_head_type_argument(parser: argparse.ArgumentParser, purpose: str, default: str | None = "medusa") -> None:
+    parser.add_argument("--head-type", choices=HEAD_TYPES, default=default, help=purpose + HEAD_TYPE_HELP)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,7 +136,13 @@ def load_model(args: argparse.Namespace) -> MedusaModel:
     from medusa.model import MedusaModel
 
     model = MedusaModel.from_pretrained(
-        args.model, heads=args.heads, num_heads=args.num_heads, tree=args.tree, dtype=args.dtype, device=args.device
+        args.model,
+        heads=args.heads,
+        num_heads=args.num_heads,
+        head_type=args.head_type,
+        tree=args.tree,
+        dtype=args.dtype,
+        device=args.device,
     )
     choice = model.tree_choice
     if choice is not None and not choice.tuned:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from medusa.commands.common import add_head_type_argument
 from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.training.config import LoraSettings, TrainConfig
@@ -48,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-heads", type=int, default=4, help="heads to train (default 4)")
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
+    add_head_type_argument(parser, "(default medusa) ")
     parser.add_argument(
         "--share-lm-head",
         action=argparse.BooleanOptionalAction,
@@ -117,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_heads=args.num_heads,
         num_layers=args.num_layers,
         share_lm_head=args.share_lm_head,
+        head_type=args.head_type,
         loss=args.loss,
         head_weight_decay=args.head_decay,
         learning_rate=args.lr,

@@ -14,12 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medusa.commands.output import count_of
 from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.files import write_json, write_text
 from medusa.paths import DEFAULT_MODEL_NAME, heads_file, is_shipped, shipped_heads_directory, user_heads_directory
+
+if TYPE_CHECKING:  # for type hints only: parsing flags must not import torch
+    from medusa.heads import MedusaHeadsConfig
 
 # medusa.treeopt.build.ESTIMATES, spelled out so that parsing flags does not import torch
 ESTIMATE_CHOICES = ("walk", "joint", "paper")
@@ -211,13 +215,14 @@ def _heads_directory(args: argparse.Namespace) -> Path:
     return shipped
 
 
-def _load_profile(args: argparse.Namespace, directory: Path, num_heads: int):
-    """The profile for these heads, its walk data cut to the generation length estimated for (--max-new-tokens)."""
+def _load_profile(args: argparse.Namespace, directory: Path, config: MedusaHeadsConfig):
+    """The profile for these heads (``config``: theirs), its walk data cut to the generation length estimated for
+    (--max-new-tokens)."""
     from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, heads_fingerprint
 
     path = Path(args.profile) if args.profile else heads_file(directory, PROFILE_FILE)
     profile = HeadProfile.load(path)
-    profile.check_heads(num_heads, heads_fingerprint(directory), origin=f"profile {path}")
+    profile.check_heads(config.num_heads, heads_fingerprint(directory), f"profile {path}", config.head_type)
     tokens = getattr(args, "max_new_tokens", 0)
     if tokens < 0:
         raise MedusaError(f"--max-new-tokens must be 0 (whole answers) or more, got {tokens}")
@@ -381,7 +386,7 @@ def run_build(args: argparse.Namespace) -> int:
         raise MedusaError(f"--nodes must be at least 1, got {args.nodes}")
     directory = _heads_directory(args)
     config = load_heads_config(directory)
-    profile = _load_profile(args, directory, config.num_heads)
+    profile = _load_profile(args, directory, config)
     estimate = _estimate(args, profile)
     tree = build_tree(profile, args.nodes, estimate)
     output = Path(args.output) if args.output else _output_for(directory, "tree.json")
@@ -433,14 +438,14 @@ def run_tune(args: argparse.Namespace) -> int:
         raise MedusaError(f"--max-nodes must be at least 1, got {args.max_nodes}")
     directory = _heads_directory(args)
     config = load_heads_config(directory)
-    profile = _load_profile(args, directory, config.num_heads)
+    profile = _load_profile(args, directory, config)
     estimate = _estimate(args, profile)
     chains = _lookup_choices(args.lookup, profile, estimate)
     batch_sizes = _batch_sizes(args.batch_sizes)
     batch_costs: dict[int, CostCurve] = {}
     if args.cost_curve:
-        cost = CostCurve.load(args.cost_curve)
-        batch_costs = {batch: CostCurve.load(args.cost_curve, batch) for batch in batch_sizes}
+        cost = CostCurve.load(args.cost_curve, head_type=config.head_type)
+        batch_costs = {batch: CostCurve.load(args.cost_curve, batch, config.head_type) for batch in batch_sizes}
         if (args.device_kind or cost.device) is None:
             raise MedusaError(
                 f'cost curve {args.cost_curve} names no device: give --device-kind ("cpu" or the GPU\'s name)'
@@ -599,7 +604,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise MedusaError("--limit and --max-new-tokens must be at least 1")
     directory = _heads_directory(args)
     config = load_heads_config(directory)
-    profile = _load_profile(args, directory, config.num_heads)
+    profile = _load_profile(args, directory, config)
     estimate = _estimate(args, profile)
     prompts, skipped = read_evaluation_prompts(args.data, args.limit)
     _report_skipped(skipped)

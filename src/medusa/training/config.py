@@ -56,6 +56,8 @@ class TrainConfig:
     # A shared lm_head keeps the heads to num_heads * num_layers * hidden^2 parameters (2.7 M floats for
     # SmolLM2-135M); a projection per head adds vocab * hidden each (28 M floats for SmolLM2-135M).
     share_lm_head: bool = True
+    # "medusa": each head reads the hidden state alone; "sequential": also the true tokens on its path (Hydra)
+    head_type: str = "medusa"
     loss: str = "kl"  # "kl": towards the base model's own distribution; "ce": the data's tokens
     head_weight_decay: float = 0.8  # head k's loss weighs decay**k (paper, eq. 1)
     learning_rate: float = 1e-3  # heads
@@ -102,6 +104,10 @@ class TrainConfig:
         )
         if self.stage not in (1, 2):
             raise MedusaError(f"stage must be 1 (frozen base) or 2 (LoRA on the base), got {self.stage}")
+        from medusa.heads import HEAD_TYPES  # here, not at the top: `medusa train --help` must not import torch
+
+        if self.head_type not in HEAD_TYPES:
+            raise MedusaError(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {self.head_type!r}")
         if self.loss not in ("kl", "ce"):
             raise MedusaError(f"loss must be 'kl' or 'ce', got {self.loss!r}")
         if self.num_layers < 0:

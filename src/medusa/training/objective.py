@@ -6,6 +6,10 @@ Positions (paper, section 2.1.1): the hidden state at position t feeds the base 
 predicts token t+1, and head k (0-based), which predicts token t+k+2. Head k's target at t is therefore
 ``input_ids[t+k+2]`` (``loss="ce"``) or the base model's own distribution there, ``softmax(lm_head(
 hidden[t+k+1]))`` (``loss="kl"``). Only positions whose target token is an assistant token count.
+
+Sequential heads (``head_type="sequential"``) also read the tokens on their candidate path; training feeds them
+the true ones (teacher forcing): head k at t reads ``input_ids[t+1 : t+k+2]``, the base model's next token and the
+k tokens before its own target. Those always exist, since the target ``input_ids[t+k+2]`` does.
 """
 
 from __future__ import annotations
@@ -75,10 +79,22 @@ class MedusaObjective(nn.Module):
         layer = self.lm_head if self.heads.projections is None else self.heads.projections[head_index]
         return layer.weight, getattr(layer, "bias", None)
 
-    def head_features(self, head_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        block = self.heads.blocks[head_index]
-        parameter = next(block.parameters(), None)
-        return block(hidden.to(parameter.dtype) if parameter is not None else hidden)
+    def head_features(
+        self, head_index: int, hidden_rows: torch.Tensor, path_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Head ``head_index``'s features for ``hidden_rows [rows, hidden]``; ``path_rows [rows, head_index + 1]``
+        (sequential heads only, from ``teacher_path``)."""
+        return self.heads.features(head_index, hidden_rows, path_rows)
+
+    def teacher_path(self, input_ids: torch.Tensor, head_index: int, valid: torch.Tensor) -> torch.Tensor | None:
+        """The true path ``[rows, head_index + 1]`` of head ``head_index`` at each position t where ``valid
+        [batch, seq - head_index - 2]`` holds: ``input_ids[:, t+1 : t+head_index+2]``. None for Medusa heads."""
+        if not self.heads.config.sequential:
+            return None
+        if valid.shape[1] == 0:  # sequences too short for this head's target (unfold needs k + 1 tokens)
+            return input_ids.new_zeros(0, head_index + 1)
+        windows = input_ids[:, 1:].unfold(1, head_index + 1, 1)  # [batch, seq - 1 - k, k + 1]: window t starts at t+1
+        return windows[:, : valid.shape[1]][valid]
 
     def forward(
         self,
@@ -95,7 +111,8 @@ class MedusaObjective(nn.Module):
         for k in range(self.heads.config.num_heads):
             shift = k + 2
             valid = mask[:, shift:]  # [batch, seq - shift]: is the target of position t an assistant token
-            features = self.head_features(k, hidden[:, : hidden.shape[1] - shift][valid])
+            path = self.teacher_path(input_ids, k, valid)
+            features = self.head_features(k, hidden[:, : hidden.shape[1] - shift][valid], path)
             weight, bias = self.projection(k)
             if self.loss == "kl":
                 teacher = reference[:, shift - 1 : reference.shape[1] - 1][valid]

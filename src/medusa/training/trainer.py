@@ -150,6 +150,7 @@ class Trainer:
             num_layers=config.num_layers,
             share_lm_head=config.share_lm_head,
             base_model=name,
+            head_type=config.head_type,
         )
         torch.manual_seed(config.seed)
         heads = MedusaHeads(heads_config, base_lm_head=lm_head).to(device=lm_head.weight.device, dtype=torch.float32)
@@ -389,7 +390,7 @@ class Trainer:
         with accelerator.split_between_processes(batches) as mine:
             totals = count_hits(model, (collate([held_out[i] for i in batch]) for batch in mine))
         totals = {key: accelerator.reduce(value, reduction="sum") for key, value in totals.items()}
-        return accuracy_report(totals, self.config.stage)
+        return accuracy_report(totals, self.config.stage, self.config.head_type)
 
 
 def _micro_batches(

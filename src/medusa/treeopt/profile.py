@@ -15,6 +15,12 @@ ones, and its tokens per step is lower than that mean. So the profile also keeps
 path of ranks was right at each position (``position_ranks``, up to ``WALK_POSITIONS`` positions);
 ``medusa.treeopt.walk`` replays the decoding walk over them for any tree.
 
+Sequential heads (``head_type="sequential"``) read the tokens on their candidate path, and the profile feeds
+head k the true ones: at t, the base model's greedy tokens after positions t .. t + k (``greedy[t : t + k + 1]``),
+what greedy verification accepts there. A tree node is accepted only if every ancestor was, that is, was right,
+so on every path that matters the heads' inputs are those tokens; the ranks measured so are the conditional
+chances the estimates multiply and walk, and nothing else needs to change for conditioned heads.
+
 The tree's lookup branch (``medusa.lookup``) guesses from the text alone, so its guesses at a position
 are known from the conversation too: the profile also keeps how many of them verification would accept
 there (``PositionRanks.lookup``), and the walk can take the longer of the two branches, as decoding does.
@@ -39,7 +45,7 @@ from transformers import PreTrainedModel
 from medusa.decoding import model_device
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json
-from medusa.heads import WEIGHTS_NAME, MedusaHeads
+from medusa.heads import HEAD_TYPES, WEIGHTS_NAME, MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, MAX_LOOKUP_NODES, check_lookup, ngram_continuation
 
 if TYPE_CHECKING:
@@ -178,6 +184,7 @@ class HeadProfile:
     )  # positions whose guesses match along the path
     reference: str = REFERENCE
     position_ranks: PositionRanks | None = None  # None in profiles made before the walk estimate
+    head_type: str = "medusa"  # profiles made before sequential heads measured Medusa heads
 
     def for_new_tokens(self, tokens: int | None) -> HeadProfile:
         """This profile with its walk data cut to the first ``tokens`` positions of each answer (None: whole answers).
@@ -188,8 +195,19 @@ class HeadProfile:
             return self
         return replace(self, position_ranks=self.position_ranks.first(tokens))
 
-    def check_heads(self, num_heads: int, fingerprint: str | None = None, origin: str = "the profile") -> None:
-        """Refuse a profile measured on other heads: a different head count, or other weights."""
+    def check_heads(
+        self,
+        num_heads: int,
+        fingerprint: str | None = None,
+        origin: str = "the profile",
+        head_type: str | None = None,
+    ) -> None:
+        """Refuse a profile measured on other heads: a different head count or head type, or other weights."""
+        if head_type is not None and self.head_type != head_type:
+            raise MedusaError(
+                f"{origin} was measured on {self.head_type} heads, but these heads are {head_type}; "
+                "run `medusa tree profile` for these heads"
+            )
         if self.num_heads != num_heads:
             raise MedusaError(
                 f"{origin} was measured on {self.num_heads} heads, but these heads have {num_heads}; "
@@ -221,6 +239,7 @@ class HeadProfile:
             "accuracy": [[round(a, 6) for a in row] for row in self.accuracy],
             "samples": self.samples,
             "heads_fingerprint": self.heads_fingerprint,
+            "head_type": self.head_type,
             "reference": self.reference,
             "path_counts": [[list(path), count] for path, count in kept],
             **extra,
@@ -274,6 +293,9 @@ class HeadProfile:
                 raise fail(f"path {list(path)} has count {count}, outside 0..{samples}")
             counts[path] = count
         fingerprint = raw.get("heads_fingerprint")
+        head_type = raw.get("head_type", "medusa")
+        if head_type not in HEAD_TYPES:
+            raise fail(f"head_type must be one of {', '.join(HEAD_TYPES)}, got {head_type!r}")
         position_ranks = None
         if raw.get("position_ranks") is not None:
             position_ranks = PositionRanks.from_dict(raw["position_ranks"], num_heads, topk, samples, fail)
@@ -286,6 +308,7 @@ class HeadProfile:
             counts,
             str(raw.get("reference", REFERENCE)),
             position_ranks,
+            head_type,
         )
 
 
@@ -317,7 +340,8 @@ def profile_heads(
     True on assistant tokens) whose next ``num_heads + 1`` tokens are all assistant tokens.
 
     So a turn is measured from its prompt's last token (whose hidden state feeds the first decoding step)
-    up to the last position whose deepest head still aims inside the turn. The rank paths of the first
+    up to the last position whose deepest head still aims inside the turn. Sequential heads read the greedy
+    tokens on their path (see the module's docstring). The rank paths of the first
     ``walk_positions`` positions are kept as ``position_ranks`` for the walk estimate, with what a lookup
     branch searching suffixes of up to ``lookup_ngram`` tokens accepts there (None: not measured).
     """
@@ -352,7 +376,9 @@ def profile_heads(
             hidden = output.hidden_states[-1][0]  # [len, hidden]
             for start in range(0, measured.numel(), chunk):
                 positions = measured[start : start + chunk]
-                guesses = heads(hidden[positions]).topk(topk, dim=-1).indices  # [heads, chunk, topk]
+                # head k aims at greedy[t + k + 1]; a sequential head reads the tokens before, greedy[t : t + k + 1]
+                path = greedy[positions[:, None] + offsets[None, :] - 1] if heads.config.sequential else None
+                guesses = heads(hidden[positions], path).topk(topk, dim=-1).indices  # [heads, chunk, topk]
                 targets = greedy[positions[None, :] + offsets[:, None]]  # [heads, chunk]
                 match = guesses == targets[..., None]
                 hits += match.sum(dim=1)
@@ -388,7 +414,16 @@ def profile_heads(
         position_ranks = PositionRanks(
             ranks, np.asarray(kept_segments, dtype=np.int64), lookup, lookup_ngram or DEFAULT_MAX_NGRAM
         )
-    return HeadProfile(num_heads, topk, accuracy, samples, fingerprint, dict(counts), position_ranks=position_ranks)
+    return HeadProfile(
+        num_heads,
+        topk,
+        accuracy,
+        samples,
+        fingerprint,
+        dict(counts),
+        position_ranks=position_ranks,
+        head_type=heads.config.head_type,
+    )
 
 
 def lookup_depths(

@@ -31,16 +31,24 @@ LOOKUP_CHOICES = (0, 2, 4, 6, 8, 10, 12, 16, 20, 24)
 
 @dataclass
 class CostCurve:
-    """Seconds per decoding step against tree nodes, on one device. JSON: {"points": [{"nodes", "seconds"}], "device"}.
+    """Seconds per decoding step against tree nodes, on one device, for one head type. JSON: {"points": [{"nodes",
+    "seconds"}], "device", "head_type"}.
 
-    ``load`` also reads ``medusa bench --cost-curve`` results (``median_ms`` per point, ``meta.device``).
+    ``load`` also reads ``medusa bench --cost-curve`` results (``median_ms`` per point, ``meta.device``,
+    ``meta.heads.head_type``). Sequential heads make one head call per tree depth, so their steps cost more than
+    Medusa heads' at the same size: a curve prices only its own head type (curves that name none are Medusa's).
     """
 
     points: dict[int, float]
     device: str | None = None
+    head_type: str = "medusa"
 
     def to_dict(self) -> dict:
-        return {"device": self.device, "points": [{"nodes": n, "seconds": s} for n, s in sorted(self.points.items())]}
+        return {
+            "device": self.device,
+            "head_type": self.head_type,
+            "points": [{"nodes": n, "seconds": s} for n, s in sorted(self.points.items())],
+        }
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -57,8 +65,9 @@ class CostCurve:
         return sorted({p.get("batch", 1) for p in points if isinstance(p, dict)}) if isinstance(points, list) else []
 
     @classmethod
-    def load(cls, path: str | Path, batch: int = 1) -> CostCurve:
-        """The curve at ``batch`` rows (a ``medusa bench --cost-curve --batch-sizes`` file holds several)."""
+    def load(cls, path: str | Path, batch: int = 1, head_type: str | None = None) -> CostCurve:
+        """The curve at ``batch`` rows (a ``medusa bench --cost-curve --batch-sizes`` file holds several); with
+        ``head_type``, refused unless it was measured with heads of that type."""
         path = Path(path)
         raw = read_json(path, "cost curve")
         points = raw.get("points") if isinstance(raw, dict) else None
@@ -82,7 +91,17 @@ class CostCurve:
         meta = raw.get("meta")
         if device is None and isinstance(meta, dict):  # bench names the CPU by its model; tuning keys it "cpu"
             device = meta.get("device") if meta.get("device_type") == "cuda" else meta.get("device_type")
-        return cls(curve, device if isinstance(device, str) else None)
+        measured = raw.get("head_type")
+        if measured is None and isinstance(meta, dict) and isinstance(meta.get("heads"), dict):
+            measured = meta["heads"].get("head_type")
+        measured = measured or "medusa"  # curves from before sequential heads timed Medusa heads
+        if head_type is not None and measured != head_type:
+            raise MedusaError(
+                f"cost curve {path} was measured with {measured} heads, but these heads are {head_type}: their steps "
+                f"cost differently; measure one with `medusa bench --cost-curve --head-type {head_type}`, or let "
+                "`medusa tree tune` time steps here"
+            )
+        return cls(curve, device if isinstance(device, str) else None, str(measured))
 
 
 @dataclass
@@ -304,4 +323,4 @@ def measure_cost_curve(
         points[nodes] = measure_step_seconds(model, tree, context, steps, repeats, batch=batch)
         if progress is not None:
             progress(nodes, points[nodes])
-    return CostCurve(points, device_kind(model.device))
+    return CostCurve(points, device_kind(model.device), model.heads.config.head_type)
