@@ -22,15 +22,18 @@ MODEL=${MODEL:-/root/stage/model.gguf}
 DATA=$KEEP/.data
 DISTILL_SECONDS=${DISTILL_SECONDS:-240}
 HELDOUT=${HELDOUT:-300}
-LAYERS=${LAYERS:-1}
 EPOCHS=${EPOCHS:-3}
-TYPES=${TYPES:-medusa sequential}
+# Head type and layers per head of each variant trained; BENCH: the variants benchmarked on Spec-Bench.
+VARIANTS=${VARIANTS:-medusa-1 sequential-1 sequential-2}
+BENCH=${BENCH:-medusa-1 sequential-1}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
 mkdir -p "$WORK" "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 case $phase in
 data)
+    # The prompt pool may come packed (the device call carries 64 MiB with the model's parts).
+    [ -f "$DATA/pool.tar.gz" ] && [ ! -f "$DATA/gsm8k_train.jsonl" ] && tar -xzf "$DATA/pool.tar.gz" -C "$DATA"
     timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" \
         --data "$DATA/topics.jsonl,$DATA/gsm8k_train.jsonl,$DATA/gpteacher_codegen.json,$DATA/gpteacher_roleplay.json" \
         --output "$WORK/distilled.jsonl" --max-new-tokens "${DISTILL_TOKENS:-384}" --batch-size "${DISTILL_BATCH:-384}" \
@@ -51,33 +54,38 @@ PY
     wc -l "$WORK"/*.jsonl
     ;;
 train)
-    for type in $TYPES; do
-        run=$WORK/$type
+    for variant in $VARIANTS; do
+        type=${variant%-*} layers=${variant##*-} run=$WORK/$variant
         if [ ! -f "$run/heads/medusa_heads.safetensors" ]; then
-            echo "== train $type $(date +%T)"
-            $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$run" --stage 1 --loss kl --head-type "$type" --num-heads 4 --num-layers "$LAYERS" \
-                --share-lm-head --epochs "$EPOCHS" --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 \
-                2>&1 | tail -4
+            echo "== train $variant $(date +%T)"
+            $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$run" --stage 1 --loss kl \
+                --head-type "$type" --num-heads 4 --num-layers "$layers" --share-lm-head --epochs "$EPOCHS" \
+                --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 2>&1 | tail -4
         fi
-        echo "== profile and build $type $(date +%T)"
+        echo "== profile and build $variant $(date +%T)"
         [ -f "$run/heads/tree_profile.json" ] || $MEDUSA tree profile --model "$MODEL" --heads "$run/heads" \
             --data "$WORK/heldout.jsonl" --limit "$HELDOUT" 2>&1 | tail -2
         $MEDUSA tree build --heads "$run/heads" --nodes 64 2>&1 | tail -2
-        mkdir -p "$OUT/$type"
-        cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$OUT/$type/" 2>/dev/null
-        cp "$run"/heads/config.json "$run"/heads/tree.json "$run"/heads/tree_profile.json "$OUT/$type/" 2>/dev/null
-        [ "$type" = sequential ] && cp -r "$run/heads" "$OUT/$type/heads"  # the weights come back to be shipped
+        mkdir -p "$OUT/$variant"
+        cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$OUT/$variant/" 2>/dev/null
+        cp "$run"/heads/*.json "$OUT/$variant/" 2>/dev/null
+        # Sequential weights come back (bf16 halves them) to be shipped if they win.
+        [ "$type" = sequential ] && python3 -c "
+import sys; from safetensors.torch import load_file, save_file
+state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.items()}, sys.argv[2])" \
+            "$run/heads/medusa_heads.safetensors" "$OUT/$variant/medusa_heads.bf16.safetensors"
     done
     ;;
 bench)
-    for type in $TYPES; do
+    for variant in $BENCH; do
         methods=medusa,medusa-lookup
-        [ "$type" = medusa ] && methods=autoregressive,$methods
-        echo "== bench $type: $methods $(date +%T)"
-        $MEDUSA bench --model "$MODEL" --heads "$WORK/$type/heads" --questions "$DATA/question.jsonl" \
+        [ "$variant" = "${BENCH%% *}" ] && methods=autoregressive,$methods
+        echo "== bench $variant: $methods $(date +%T)"
+        $MEDUSA bench --model "$MODEL" --heads "$WORK/$variant/heads" --questions "$DATA/question.jsonl" \
             --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 --warmup 2 \
-            --lookup-nodes "${LOOKUP_NODES:-10}" --output-dir "$WORK/bench-$type" --resume 2>&1 | tail -14
-        mkdir -p "$OUT/bench-$type" && cp "$WORK/bench-$type"/*.json* "$WORK/bench-$type"/*.md "$OUT/bench-$type/" 2>/dev/null
+            --lookup-nodes "${LOOKUP_NODES:-10}" --output-dir "$WORK/bench-$variant" --resume 2>&1 | tail -14
+        mkdir -p "$OUT/bench-$variant"
+        cp "$WORK/bench-$variant"/*.json* "$WORK/bench-$variant"/*.md "$OUT/bench-$variant/" 2>/dev/null
     done
     ;;
 esac
