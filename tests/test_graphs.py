@@ -94,3 +94,23 @@ def test_compiled_greedy_steps_decode_as_eager_steps(model, caplog):
         compiled = generate(model, compile=True, lookup=6)
     assert "capture failed" not in caplog.text
     assert compiled == generate(model, lookup=6, cuda_graphs=False)
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(lookup=6, temperature=0.8, acceptance="rejection", seed=1)])
+def test_sequential_heads_grow_their_tree_inside_the_captured_step(settings, caplog):
+    """The depth-by-depth proposal of sequential heads replays as a graph and decodes what the eager step does,
+    at batch 1 and in a batch of rows joining together."""
+    base = make_tiny_model("llama", seed=3)
+    model = MedusaModel.from_pretrained(base, device="cuda", dtype="float32", tree="16", head_type="sequential")
+    with torch.no_grad():  # a fresh head's first layer ignores the path: give the path some weight
+        for parameter in model.heads.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    with caplog.at_level(logging.WARNING, logger="medusa"):
+        graphed = generate(model, **settings)
+        prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3]]
+        batch = [r.token_ids for r in model.generate_batch(prompts, max_new_tokens=24, chat_template=False, **settings)]
+    assert "capture failed" not in caplog.text
+    assert not any(engine.graphs_refused for engine in model._engines.values())
+    assert graphed == generate(model, cuda_graphs=False, **settings)
+    eager = model.generate_batch(prompts, max_new_tokens=24, chat_template=False, cuda_graphs=False, **settings)
+    assert batch == [r.token_ids for r in eager]
