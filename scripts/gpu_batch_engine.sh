@@ -25,7 +25,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 case $phase in
 tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -15
+    python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_attention.py 2>&1 | tail -15
     python3 scripts/step_profile.py --shape smollm2-135m --nodes 1,64 --lookup 24 --batch 1,32 --compile off \
         --context 512 --cache-length 1024 --repeats 10 --top 12 --out "$OUT/step_profile.json" 2>&1 | tail -64
     ;;
@@ -48,10 +48,12 @@ bench)
     python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
         --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts "${PROMPTS:-64}" \
         --out "$OUT/bench/batch_throughput.json"
-    # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions
+    # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions and
+    # heads (the shipped ones: their tuned trees are what both engines choose for this device)
+    SINGLE_HEADS=${SINGLE_HEADS:-src/medusa/assets/heads/smollm2-135m-instruct}
     for code in new ${OLD:+old}; do
         src=src; [ "$code" = old ] && src=$KEEP/.old/src
-        PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
+        PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$SINGLE_HEADS" --questions "$QUESTIONS" \
             --methods autoregressive,medusa,medusa-lookup --limit "${LIMIT:-4}" --max-new-tokens 128 --warmup 2 \
             --output-dir "$OUT/bench/single-$code" 2>&1 | tail -12
     done
