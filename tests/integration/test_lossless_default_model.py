@@ -10,7 +10,8 @@ import torch
 from helpers.decoding import oracle_engine, oracle_generation
 from helpers.models import SPEC_BENCH
 from medusa.cli import main
-from medusa.model import GenerationConfig
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.model import GenerationConfig, MedusaModel
 
 pytestmark = pytest.mark.integration
 
@@ -98,3 +99,30 @@ def test_cli_on_the_default_model(capsys, default_model):
     expected = default_model.generate("What is the capital of France?", max_new_tokens=8)
     assert captured.out == expected.text + "\n"
     assert "accepted tokens per step" in captured.err
+
+
+def test_sequential_heads_greedy_equals_plain_greedy(default_model, cases):
+    """Fresh sequential heads (their path weights randomised, so each child is guessed for its own parent) on the
+    real model: the tree they grow changes what is accepted, never the tokens."""
+    base = default_model.base_model
+    config = MedusaHeadsConfig(
+        hidden_size=base.config.hidden_size,
+        vocab_size=base.get_output_embeddings().weight.shape[0],
+        num_heads=4,
+        share_lm_head=True,
+        head_type="sequential",
+    )
+    heads = MedusaHeads(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in heads.path_inputs:
+            hidden = config.hidden_size
+            noise = torch.randn(hidden, layer.weight.shape[1] - hidden, generator=generator)
+            layer.weight[:, hidden:].copy_(noise / hidden**0.5)
+    model = MedusaModel(base, default_model.tokenizer, heads, tree="64")
+    accepted = []
+    for ids, expected in cases[:4]:
+        result = model.generate(ids, max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == expected, default_model.tokenizer.decode(ids)
+        accepted += result.stats.accepted_per_step
+    assert max(accepted) >= 2  # the heads' guesses were accepted somewhere: the grown tree was verified
