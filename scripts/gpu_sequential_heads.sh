@@ -4,8 +4,11 @@
 #
 #   scripts/gpu_sequential_heads.sh data    # distil answers from the default model; hold some out
 #   scripts/gpu_sequential_heads.sh train   # train both head types the same way; profile each; a 64-node tree each
+#   scripts/gpu_sequential_heads.sh tune    # each head type's step-cost curve, and the trees tuned on it per batch
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
 #
+# A device call returns a bounded number of files and nothing at all when it is killed at its limit, so every
+# phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's results to that).
 # Expects the default model's GGUF at /root/stage/model.gguf, wheels for gguf/fastapi/uvicorn in $KEEP/.whl and
 # the prompts (topics.jsonl from `medusa prompts --tasks ask,instruct,article`, the shared pool files) and the
 # Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between calls on one machine); writes under $OUT.
@@ -27,7 +30,9 @@ EPOCHS=${EPOCHS:-3}
 VARIANTS=${VARIANTS:-medusa-1 sequential-1 sequential-2}
 BENCH=${BENCH:-medusa-1 sequential-1}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
-mkdir -p "$WORK" "$OUT"
+RESULTS=$WORK/results  # what comes back, packed
+mkdir -p "$WORK" "$OUT" "$RESULTS"
+pack() { tar -czf "$OUT/$phase.tar.gz" -C "$RESULTS" . ; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 case $phase in
@@ -50,8 +55,9 @@ random.Random(0).shuffle(rows)
 (work / "train.jsonl").write_text("".join(rows[held:]), encoding="utf-8")
 print(f"{len(rows)} rows: {len(rows) - held} to train on, {held} held out")
 PY
-    cp "$WORK/distilled.jsonl.settings.json" "$OUT/" 2>/dev/null
+    cp "$WORK/distilled.jsonl.settings.json" "$RESULTS/" 2>/dev/null
     wc -l "$WORK"/*.jsonl
+    pack
     ;;
 train)
     for variant in $VARIANTS; do
@@ -66,14 +72,32 @@ train)
         [ -f "$run/heads/tree_profile.json" ] || $MEDUSA tree profile --model "$MODEL" --heads "$run/heads" \
             --data "$WORK/heldout.jsonl" --limit "$HELDOUT" 2>&1 | tail -2
         $MEDUSA tree build --heads "$run/heads" --nodes 64 2>&1 | tail -2
-        mkdir -p "$OUT/$variant"
-        cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$OUT/$variant/" 2>/dev/null
-        cp "$run"/heads/*.json "$OUT/$variant/" 2>/dev/null
+        mkdir -p "$RESULTS/$variant"
+        cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$RESULTS/$variant/" 2>/dev/null
+        cp "$run"/heads/*.json "$RESULTS/$variant/" 2>/dev/null
         # Sequential weights come back (bf16 halves them) to be shipped if they win.
         [ "$type" = sequential ] && python3 -c "
 import sys; from safetensors.torch import load_file, save_file
 state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.items()}, sys.argv[2])" \
-            "$run/heads/medusa_heads.safetensors" "$OUT/$variant/medusa_heads.bf16.safetensors"
+            "$run/heads/medusa_heads.safetensors" "$RESULTS/$variant/medusa_heads.bf16.safetensors"
+        pack
+    done
+    ;;
+tune)
+    for variant in $BENCH; do
+        type=${variant%-*} curve=$WORK/curve-$type
+        if [ ! -f "$curve/cost_curve.json" ]; then
+            echo "== cost curve, $type heads $(date +%T)"
+            $MEDUSA bench --cost-curve --shape smollm2-135m --head-type "$type" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
+                --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
+                --output-dir "$curve" 2>&1 | tail -2
+        fi
+        echo "== tune $variant $(date +%T)"
+        $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
+            --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
+        mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve_$type.json"
+        cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
+        pack
     done
     ;;
 bench)
@@ -83,9 +107,10 @@ bench)
         echo "== bench $variant: $methods $(date +%T)"
         $MEDUSA bench --model "$MODEL" --heads "$WORK/$variant/heads" --questions "$DATA/question.jsonl" \
             --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 --warmup 2 \
-            --lookup-nodes "${LOOKUP_NODES:-10}" --output-dir "$WORK/bench-$variant" --resume 2>&1 | tail -14
-        mkdir -p "$OUT/bench-$variant"
-        cp "$WORK/bench-$variant"/*.json* "$WORK/bench-$variant"/*.md "$OUT/bench-$variant/" 2>/dev/null
+            ${LOOKUP_NODES:+--lookup-nodes "$LOOKUP_NODES"} --output-dir "$WORK/bench-$variant" --resume 2>&1 | tail -14
+        mkdir -p "$RESULTS/bench-$variant"
+        cp "$WORK/bench-$variant"/*.json* "$WORK/bench-$variant"/*.md "$RESULTS/bench-$variant/" 2>/dev/null
+        pack
     done
     ;;
 esac
