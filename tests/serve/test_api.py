@@ -128,6 +128,11 @@ def test_health_and_metrics(server, client):
         samples['medusa_request_latency_seconds_bucket{le="+Inf"}'] == samples["medusa_request_latency_seconds_count"]
     )
     assert samples["medusa_generation_running"] == 0
+    # Where the worker's time went: the prefill, the steps and the hand-over of chunks each took some.
+    phases = {
+        phase: samples[f'medusa_worker_seconds_total{{phase="{phase}"}}'] for phase in ("admit", "step", "events")
+    }
+    assert all(seconds > 0 for seconds in phases.values()), phases
 
 
 def test_api_key(serve_model):

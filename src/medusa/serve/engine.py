@@ -287,7 +287,10 @@ class Engine:
                 self._batch = [m.job for m in active] + joining
             try:
                 engine = self.decoding_engine()
-                active += self._admit(engine, joining)
+                if joining:
+                    started = time.perf_counter()
+                    active += self._admit(engine, joining)
+                    self.metrics.record_worker("admit", time.perf_counter() - started)
                 if active:
                     active = self._step(engine, active)
             except Exception as error:  # the batch is lost; its jobs are told, the engine goes on
@@ -360,7 +363,11 @@ class Engine:
         by_generation = {id(m.generation): m for m in active}
         leaving: list[tuple[_Member, str]] = []
         events: list[tuple[Job, Event]] = []
-        for generation, output in engine.step():
+        started = time.perf_counter()
+        outputs = engine.step()
+        stepped = time.perf_counter()
+        self.metrics.record_worker("step", stepped - started)
+        for generation, output in outputs:
             member = by_generation[id(generation)]
             job = member.job
             chunk = GenerationChunk(
@@ -405,6 +412,7 @@ class Engine:
             self._record_end(member, outcome)
         for job, event in events:
             job.emit(event)
+        self.metrics.record_worker("events", time.perf_counter() - stepped)
         return remaining
 
     def _record_end(self, member: _Member, outcome: str) -> None:

@@ -14,6 +14,9 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ACCEPTED_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 16)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# admit: preparing and prefilling joining requests; step: the decoding step and its host bookkeeping (detokenising,
+# stop strings); events: handing each request's chunk to its connection.
+WORKER_PHASES = ("admit", "step", "events")
 
 
 class Histogram:
@@ -57,12 +60,18 @@ class Metrics:
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)  # running rows, observed once per batched step
+        # The worker thread's busy seconds by phase (WORKER_PHASES): where a step's wall time goes under load.
+        self.worker_seconds: Counter[str] = Counter()
 
     def record_batch(self, rows: int) -> None:
         """The running batch after a step (0 when it emptied)."""
         if rows:
             with self._lock:
                 self.batch_size.observe(rows)
+
+    def record_worker(self, phase: str, seconds: float) -> None:
+        with self._lock:
+            self.worker_seconds[phase] += seconds
 
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -124,6 +133,15 @@ class Metrics:
             ):
                 _family(out, name, "histogram", text)
                 out.extend(histogram.lines(name))
+            _family(
+                out,
+                "medusa_worker_seconds_total",
+                "counter",
+                "Seconds the engine's worker thread spent per phase: admit (prepare and prefill joining requests), "
+                "step (decode and its host bookkeeping), events (hand chunks to the connections).",
+            )
+            for phase in WORKER_PHASES:
+                out.append(f'medusa_worker_seconds_total{{phase="{phase}"}} {_number(self.worker_seconds[phase])}')
             _family(out, "medusa_queue_waiting", "gauge", "Requests waiting for the model.")
             out.append(f"medusa_queue_waiting {waiting}")
             _family(out, "medusa_generation_running", "gauge", "Generations in the running batch now.")
