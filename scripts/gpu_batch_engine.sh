@@ -76,7 +76,7 @@ serve)
                 --output "$OUT/serve/load-$heads-$clients.json" 2>&1 | tail -3
         done
         python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
-            | grep -E "^medusa_(batch_size|accepted_tokens_per_step)_(sum|count)" > "$OUT/serve/metrics-$heads.txt"
+            | grep -E "^medusa_((batch_size|accepted_tokens_per_step)_(sum|count)|worker_seconds_total)" > "$OUT/serve/metrics-$heads.txt"
         kill "$server"; wait "$server"
     done
     python3 -m medusa.serve.loadtest --report "$OUT"/serve/load-*.json
