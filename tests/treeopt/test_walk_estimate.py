@@ -9,16 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers.models import make_tiny_model
 from helpers.treeopt import fresh_heads, greedy_continuation
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
+from medusa.lookup import MAX_LOOKUP_NODES, ngram_continuation
 from medusa.model import GenerationConfig, MedusaModel
 from medusa.training.data import Example
 from medusa.tree import Tree
 from medusa.treeopt.build import build_tree, default_estimate, expected_length, expected_lengths, has_walk, node_chances
-from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, PositionRanks, profile_heads
+from medusa.treeopt.profile import PROFILE_FILE, HeadProfile, PositionRanks, lookup_depths, profile_heads
 from medusa.treeopt.walk import accepted_depths, walk_steps
 
 SHIPPED_PROFILE = Path(__file__).resolve().parents[2] / "src/medusa/assets/heads/smollm2-135m-instruct" / PROFILE_FILE
@@ -279,6 +281,33 @@ def test_walk_with_a_lookup_branch_replays_decoding_with_that_branch():
             expected_length(profile, greedy, "walk")
         )
         assert expected_length(profile, tree, "walk") > expected_length(profile, heads_only, "walk")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 256])
+def test_lookup_depths_search_all_positions_at_once_as_the_decoder_searches_each(chunk):
+    """Each position t's depth is what the decoder's own search accepts from its buffer at t: ``ids[: t + 1]``, the
+    root ``greedy[t]``, and spare slots. Positions are searched in chunks, one buffer row each."""
+    generator = torch.Generator().manual_seed(chunk)
+    motif = torch.randint(3, 12, (9,), generator=generator)
+    ids = torch.cat([motif, torch.randint(3, 12, (20,), generator=generator), motif, motif[:5], motif])  # repeats
+    greedy = torch.where(torch.rand(ids.numel(), generator=generator) < 0.8, ids.roll(-1), 0)  # mostly the text
+    answer = torch.zeros(ids.numel(), dtype=torch.bool)
+    answer[12:] = True
+    positions = torch.arange(11, ids.numel() - 1)
+    expected = []
+    for t in positions.tolist():
+        buffer = torch.cat((ids[: t + 1], greedy[t : t + 1], torch.zeros(MAX_LOOKUP_NODES, dtype=torch.long)))
+        guesses = ngram_continuation(buffer[None], torch.tensor([t + 1]), 3, MAX_LOOKUP_NODES)[0]
+        depth = 0
+        for i, guess in enumerate(guesses.tolist(), start=1):  # the guess at depth i aims at t + 1 + i
+            if t + 1 + i >= ids.numel() or not answer[t + 1 + i] or guess != greedy[t + i]:
+                break
+            depth += 1
+        expected.append(depth)
+    depths = lookup_depths(ids, greedy, answer, positions, 3, chunk=chunk)
+    assert depths.dtype == torch.uint8
+    assert depths.tolist() == expected
+    assert max(expected) >= 3 and sum(expected) > 10  # the repeats were found and accepted, several tokens deep
 
 
 def test_lookup_depths_round_trip_and_profiles_without_them_refuse_a_lookup_branch(tmp_path):

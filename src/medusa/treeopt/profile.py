@@ -427,7 +427,12 @@ def profile_heads(
 
 
 def lookup_depths(
-    ids: torch.Tensor, greedy: torch.Tensor, answer: torch.Tensor, positions: torch.Tensor, max_ngram: int
+    ids: torch.Tensor,
+    greedy: torch.Tensor,
+    answer: torch.Tensor,
+    positions: torch.Tensor,
+    max_ngram: int,
+    chunk: int = 256,
 ) -> torch.Tensor:
     """``[positions]`` uint8: how many lookup guesses a step started at each position t accepts, up to
     ``MAX_LOOKUP_NODES``, by the decoder's own search (``ngram_continuation``).
@@ -435,23 +440,27 @@ def lookup_depths(
     At t the decoder's text ends with the step's root, the base model's token after t (``greedy[t]``);
     the guess at depth i aims at position t + 1 + i and is accepted, the path above it being right,
     when it equals ``greedy[t + i]``. Guesses past the answer's end do not count.
+
+    ``chunk`` positions are searched at once, each as one row of the decoder's token buffer: ``ids[: t + 1]``,
+    then ``greedy[t]``; the search reads nothing past a row's text, so the rows share one width.
     """
     length = ids.numel()
-    offsets = torch.arange(1, MAX_LOOKUP_NODES + 1, device=ids.device)
-    spare = torch.zeros(
-        MAX_LOOKUP_NODES, dtype=ids.dtype, device=ids.device
-    )  # the decoder's buffer is never shorter than its chain
+    device = ids.device
+    offsets = torch.arange(1, MAX_LOOKUP_NODES + 1, device=device)
+    # The decoder's buffer is never shorter than its chain: room for the text, its root and a spare chain.
+    slots = torch.arange(length + 1 + MAX_LOOKUP_NODES, device=device)
+    text = torch.cat((ids, torch.zeros(1 + MAX_LOOKUP_NODES, dtype=ids.dtype, device=device)))
     depths = []
-    for t in positions.tolist():
-        history = torch.cat((ids[: t + 1], greedy[t : t + 1], spare))
-        last = torch.tensor([t + 1], device=ids.device)
-        guesses = ngram_continuation(history[None], last, max_ngram, MAX_LOOKUP_NODES)[0]
+    for start in range(0, positions.numel(), chunk):
+        t = positions[start : start + chunk].to(device)[:, None]  # [rows, 1]
+        history = torch.where(slots <= t, text, torch.where(slots == t + 1, greedy[t], 0))  # [rows, slots]
+        guesses = ngram_continuation(history, t[:, 0] + 1, max_ngram, MAX_LOOKUP_NODES)  # [rows, nodes]
         aims = t + 1 + offsets  # the positions the guesses are for
         inside = aims < length
         aims = aims.clamp_max(length - 1)
         right = inside & answer[aims] & (guesses == greedy[(t + offsets).clamp_max(length - 1)])
-        depths.append(right.long().cumprod(0).sum())
-    return torch.stack(depths).to(torch.uint8) if depths else torch.zeros(0, dtype=torch.uint8)
+        depths.append(right.long().cumprod(1).sum(1))
+    return torch.cat(depths).to(torch.uint8) if depths else torch.zeros(0, dtype=torch.uint8, device=device)
 
 
 def _count_paths(rank: torch.Tensor, counts: Counter[tuple[int, ...]]) -> None:
