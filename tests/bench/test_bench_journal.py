@@ -8,12 +8,12 @@ import signal
 
 import pytest
 
+from helpers.bench import run_bench
 from medusa.bench import runner
 from medusa.bench.journal import Journal, journal_path, load_journal
 from medusa.bench.report import validate_report
 from medusa.bench.runner import BenchConfig, Record, Sample, planned_runs
 from medusa.bench.specbench import load_questions, select_questions
-from medusa.cli import main
 from medusa.errors import MedusaError
 
 SETTINGS = {"model": "tiny", "device": "cpu", "max_new_tokens": 12, "methods": ["autoregressive"]}
@@ -72,28 +72,8 @@ def test_planned_runs_leave_out_questions_already_measured(questions_file):
 
 
 def bench(tiny_model_dir, questions_file, output, *extra):
-    return main(
-        [
-            "bench",
-            "--model",
-            str(tiny_model_dir),
-            "--questions",
-            str(questions_file),
-            "--limit",
-            "1",
-            "--max-new-tokens",
-            "12",
-            "--tree",
-            "8",
-            "--warmup",
-            "1",
-            "--methods",
-            "autoregressive,medusa",
-            "--keep-tokens",
-            "--output-dir",
-            str(output),
-            *extra,
-        ]
+    return run_bench(
+        tiny_model_dir, questions_file, output, "--methods", "autoregressive,medusa", "--keep-tokens", *extra
     )
 
 

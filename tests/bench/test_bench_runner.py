@@ -7,35 +7,13 @@ from dataclasses import replace
 
 import pytest
 
+from helpers.bench import run_bench
 from medusa.bench.report import validate_report
 from medusa.bench.runner import BenchConfig, encode_turn, planned_runs, resolve_cache_length
 from medusa.bench.specbench import load_questions, select_questions, turn_messages
 from medusa.cli import main
 from medusa.errors import MedusaError
 from medusa.model import MedusaModel
-
-
-def run_bench(tiny_model_dir, questions_file, output, *extra):
-    return main(
-        [
-            "bench",
-            "--model",
-            str(tiny_model_dir),
-            "--questions",
-            str(questions_file),
-            "--limit",
-            "1",
-            "--max-new-tokens",
-            "12",
-            "--tree",
-            "8",
-            "--warmup",
-            "1",
-            "--output-dir",
-            str(output),
-            *extra,
-        ]
-    )
 
 
 def test_bench_runs_all_methods_on_both_turns_and_writes_json_png_summary(

@@ -3,11 +3,12 @@ hand-made records whose report numbers the tests work out (fixtures: bench/conft
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from helpers.models import EOS_ID, TINY_VOCAB
+from helpers.text_model import char_tokenizer
 from medusa.bench.runner import Record, Sample
+from medusa.cli import main
 
 SPECIALS = ["<pad>", "<s>", "<unk>", "</s>"]  # </s> is id 3, the tiny models' EOS
 CHAT_TEMPLATE = (
@@ -29,16 +30,33 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """Characters as tokens, padded with filler tokens to the tiny models' vocabulary."""
     characters = [chr(c) for c in range(32, 127)] + ["\n"]
     fillers = [f"<x{i}>" for i in range(TINY_VOCAB - len(SPECIALS) - len(characters))]
-    vocab = {token: index for index, token in enumerate(SPECIALS + characters + fillers)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = char_tokenizer(SPECIALS, characters + fillers, "<s>", "</s>", CHAT_TEMPLATE)
     assert tokenizer.eos_token_id == EOS_ID
     return tokenizer
+
+
+def run_bench(model_dir, questions_file, output, *extra) -> int:
+    """``medusa bench`` on one question per category, 12 new tokens, the 8-node tree; ``extra`` flags after those."""
+    return main(
+        [
+            "bench",
+            "--model",
+            str(model_dir),
+            "--questions",
+            str(questions_file),
+            "--limit",
+            "1",
+            "--max-new-tokens",
+            "12",
+            "--tree",
+            "8",
+            "--warmup",
+            "1",
+            "--output-dir",
+            str(output),
+            *extra,
+        ]
+    )
 
 
 def sample(tokens, decode, prefill=0.5, steps=None, accepted=None, token_ids=None):

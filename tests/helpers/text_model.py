@@ -20,24 +20,33 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
-    characters = [chr(c) for c in range(32, 127)] + ["\n"]
-    code = 0xC0  # then accented Latin letters up to the vocabulary size
-    while len(SPECIALS) + len(characters) < TINY_VOCAB:
-        characters.append(chr(code))
-        code += 1
-    vocab = {token: index for index, token in enumerate(SPECIALS + characters)}
+def char_tokenizer(
+    specials: list[str], tokens: list[str], bos: str, eos: str, chat_template: str | None = None
+) -> PreTrainedTokenizerFast:
+    """A tokenizer with one id per entry of ``specials`` then ``tokens`` (characters, or filler names), in that
+    order, and no merges: the test helpers' tokenizers differ only in those lists, their BOS/EOS and template."""
+    vocab = {token: index for index, token in enumerate(specials + tokens)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS)
+    backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="</s>",
+        bos_token=bos,
+        eos_token=eos,
         unk_token="<unk>",
         pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE if chat_template else None,
+        chat_template=chat_template,
     )
+
+
+def latin_fill(characters: list[str], first: int, specials: int) -> list[str]:
+    """``characters``, then letters from code point ``first`` on, up to the tiny models' vocabulary."""
+    return characters + [chr(first + i) for i in range(TINY_VOCAB - specials - len(characters))]
+
+
+def make_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    characters = latin_fill([chr(c) for c in range(32, 127)] + ["\n"], 0xC0, len(SPECIALS))
+    return char_tokenizer(SPECIALS, characters, "<s>", "</s>", CHAT_TEMPLATE if chat_template else None)
 
 
 def save_text_model(directory: Path, architecture: str = "llama", max_positions: int = 512, seed: int = 0) -> Path:

@@ -3,10 +3,10 @@ tokenizer that has a chat template, its vocabulary exactly the tiny models' 256 
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-from helpers.models import TINY_VOCAB, make_tiny_model
+from helpers.models import make_tiny_model
+from helpers.text_model import char_tokenizer, latin_fill
 from medusa.model import MedusaModel
 
 CONTEXT = 256
@@ -19,23 +19,8 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character: printable ASCII, newline, tab, then Latin-1 letters up to 256 ids."""
-    characters = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
-    code = 0xA1
-    while len(SPECIALS) + len(characters) < TINY_VOCAB:
-        characters.append(chr(code))
-        code += 1
-    vocab = {token: index for index, token in enumerate(SPECIALS + characters)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        chat_template=CHAT_TEMPLATE,
-    )
+    characters = latin_fill([chr(c) for c in range(32, 127)] + ["\n", "\t"], 0xA1, len(SPECIALS))
+    return char_tokenizer(SPECIALS, characters, "<s>", "<|im_end|>", CHAT_TEMPLATE)
 
 
 def make_chat_model(seed: int = 3) -> MedusaModel:

@@ -9,9 +9,9 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from helpers.text_model import char_tokenizer
 from medusa.training.config import TrainConfig
 from medusa.training.data import Collator, load_examples
 from medusa.training.objective import MedusaObjective
@@ -25,15 +25,7 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     characters = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    vocab = {token: index for index, token in enumerate(SPECIALS + characters)}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.add_special_tokens(SPECIALS)
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>", unk_token="<unk>", bos_token="<|im_start|>"
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return char_tokenizer(SPECIALS, characters, "<|im_start|>", "<|im_end|>", CHAT_TEMPLATE)
 
 
 def make_base(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
