@@ -12,20 +12,11 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from medusa.bench.costcurve import SHAPES as COST_CURVE_SHAPES
 from medusa.heads import MedusaHeadsConfig
 from medusa.model import MedusaModel
 
-SHAPES = {
-    "llama2-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
-}
+SHAPES = COST_CURVE_SHAPES  # published dimensions, random weights
 
 
 def measure_bandwidth() -> float:

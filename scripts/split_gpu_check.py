@@ -17,28 +17,14 @@ import torch
 from accelerate import dispatch_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from medusa.bench.costcurve import SHAPES as COST_CURVE_SHAPES
 from medusa.heads import MedusaHeadsConfig
 from medusa.model import MedusaModel
 
+# The cost curve's shapes; "tiny" with 4 layers, so that a split puts two on each GPU.
 SHAPES = {
-    "llama2-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-    ),
+    **COST_CURVE_SHAPES,
+    "tiny": {**COST_CURVE_SHAPES["tiny"], "num_hidden_layers": 4, "max_position_embeddings": 1024},
 }
 
 
