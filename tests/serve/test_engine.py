@@ -126,6 +126,34 @@ def test_stop_drops_the_waiting_and_refuses_new_work(slow_model):
         engine.submit(ids(slow_model, "c"), GenerationConfig(max_new_tokens=2), Collector())
 
 
+def test_a_request_taken_up_just_as_the_server_stops_is_told_so(serve_model):
+    """The worker has taken the request from the line but not prefilled it when stop() comes: it must still hear
+    that the server shut down (it used to be skipped without a word, and its client waited)."""
+    engine = Engine(serve_model, EngineConfig(max_waiting=4))
+    taken, release = threading.Event(), threading.Event()
+    build = engine.decoding_engine
+
+    def decoding_engine_after_stop():  # the worker's first call after taking the request up
+        taken.set()
+        release.wait(10)
+        return build()
+
+    engine.decoding_engine = decoding_engine_after_stop
+    engine.start()
+    sink = Collector()
+    engine.submit(ids(serve_model, "a"), GenerationConfig(max_new_tokens=2), sink)
+    assert taken.wait(10)
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not engine._stopping and time.monotonic() < deadline:
+        time.sleep(0.001)
+    release.set()
+    stopper.join(10)
+    assert sink.done.wait(10)
+    assert isinstance(sink.events[-1], Failed) and sink.events[-1].reason == "shutdown"
+
+
 def test_a_dead_worker_fails_the_waiting_and_refuses_new_work(serve_model):
     engine = Engine(serve_model, EngineConfig(max_waiting=4))
     second_queued = threading.Event()

@@ -307,7 +307,9 @@ class Engine:
         """Prefill the jobs that are still wanted, together, into the running batch."""
         members = []
         for job in jobs:
-            if job.cancelled:
+            if job.cancelled:  # by its client, or by stop() after the worker took it from the line
+                job.emit(self._cancelled_event())
+                self.metrics.record_generation(len(job.prompt_ids), "cancelled", time.monotonic() - job.submitted)
                 continue
             if time.monotonic() > job.deadline:
                 job.emit(Failed("timeout", self.timeout_message()))
@@ -383,14 +385,7 @@ class Engine:
             member.completion_tokens += len(chunk.token_ids)
             events.append((job, chunk))
             if job.cancelled:
-                events.append(
-                    (
-                        job,
-                        Failed("shutdown", "the server is shutting down")
-                        if self._stopping
-                        else Failed("cancelled", "the request was cancelled"),
-                    )
-                )
+                events.append((job, self._cancelled_event()))
                 leaving.append((member, "cancelled"))
             elif generation.finished:
                 tail = generation.finish_text()
@@ -418,6 +413,12 @@ class Engine:
     def _record_end(self, member: _Member, outcome: str) -> None:
         self._observe_generation(member.job)
         self.metrics.record_generation(len(member.job.prompt_ids), outcome, time.monotonic() - member.job.submitted)
+
+    def _cancelled_event(self) -> Failed:
+        """What a cancelled job is told: the server shut down, or its request was cancelled."""
+        if self._stopping:
+            return Failed("shutdown", "the server is shutting down")
+        return Failed("cancelled", "the request was cancelled")
 
     def timeout_message(self) -> str:
         return f"the request took longer than this server's limit of {self.config.request_timeout:g} seconds"
