@@ -223,3 +223,33 @@ def test_accepted_paths_move_kv_and_stay_lossless_when_folded(architecture):
             expected = expected[: expected.index(EOS_ID) + 1]
         assert generation.tokens == expected
     assert max(a for g in generations for a in g.stats.accepted_per_step) == 5
+
+
+def test_a_prefill_on_cuda_leaves_cudnn_attention_out_and_restores_it():
+    """cuDNN's SDPA builds a plan for every new shape: a prefill (a new shape for most prompts) runs without it;
+    the steps after it keep every backend, and the CPU is left alone."""
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        with attention.prefill_attention(torch.device("cuda")):
+            assert not torch.backends.cuda.cudnn_sdp_enabled()
+            assert torch.backends.cuda.mem_efficient_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        with attention.prefill_attention(torch.device("cpu")):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+def test_the_decoder_prefills_under_the_prefill_backends(monkeypatch):
+    """The decoder's prefill enters ``prefill_attention`` for its device (and a step does not)."""
+    entered = []
+
+    def recording(device):
+        entered.append(device.type)
+        return attention.prefill_attention(device)
+
+    monkeypatch.setattr("medusa.decoding.prefill_attention", recording)
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    model.generate([5, 6, 7], max_new_tokens=3)
+    assert entered == ["cpu"]

@@ -196,27 +196,33 @@ def test_oracle_batch_long_paths_mixed_limits_and_eos(architecture):
 
 
 def test_oracle_rows_join_a_running_batch_and_leave_it():
-    """Rows join mid-run and leave at different times; the running rows move into the freed rows."""
+    """Rows join mid-run and leave at different times: a joiner takes a row freed in the middle, and the last
+    rows move down only when the batch fits a smaller bucket; every answer stays its own."""
     base = make_tiny_model("qwen2")
     prompts = random_prompts(6, seed=44)
     truths = references("qwen2", prompts, 40)
     engine = oracle_engine(base, default_tree(32), max_rows=8, max_length=80)
-    first = [oracle_generation(engine, p, t, n, set()) for p, t, n in zip(prompts[:3], truths[:3], (4, 30, 12))]
+    limits = (4, 30, 12, 30)
+    first = [oracle_generation(engine, p, t, n, set()) for p, t, n in zip(prompts[:4], truths[:4], limits)]
     engine.add(first)
-    moved = False
-    for _ in range(3):
+    while not first[0].finished:
         engine.step()
-    later = [oracle_generation(engine, p, t, 25, set()) for p, t in zip(prompts[3:], truths[3:])]
+    assert [g is None for g in engine.rows] == [True, False, False, False]  # row 0 is free; nothing moved
+    later = [oracle_generation(engine, p, t, 25, set()) for p, t in zip(prompts[4:], truths[4:])]
     engine.add(later)
+    assert [g.row for g in later] == [0, 4]  # the free row first
     everyone = first + later
+    moved = False
     while engine.active:
         rows_before = {id(g): g.row for g in engine.generations}
         engine.step()
         moved |= any(g.row != rows_before[id(g)] for g in engine.generations)
-        assert [g.row for g in engine.generations] == list(range(engine.active))
+        assert bucket_for(len(engine.rows)) == bucket_for(max(engine.active, 1))  # the smallest bucket
+        assert all(engine.rows[g.row] is g for g in engine.generations)
+        assert all(length == 0 for g, length in zip(engine.rows, engine.lengths) if g is None)
     for generation, truth in zip(everyone, truths):
         assert generation.tokens == truth[: generation.max_new_tokens]
-    assert moved  # a row left from the middle, and a later row took its place
+    assert moved  # the batch shrank to a smaller bucket, and its last rows moved down
 
 
 def test_oracle_cache_rows_hold_each_rows_plain_sequence():

@@ -16,9 +16,11 @@ repeated K/V (long prefill chunks) go to transformers' own sdpa function unchang
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -30,6 +32,12 @@ GROUPED_SDPA = "medusa_grouped_sdpa"
 # Keyword arguments whose terms transformers' sdpa function adds to the scores (or refuses): not folded here.
 EXTRA_SCORE_TERMS = ("position_bias", "softcap", "s_aux", "sinks")
 FOLDING_DEVICES = ("cuda", "cpu")  # others (mps, npu, xpu) keep transformers' device-specific workarounds
+# SDPA backends for a prefill: all but cuDNN's, which builds a plan for every new shape, and a prefill's
+# shape (its prompts' longest length) is new for most prompts. On the H100 a prompt of an unseen length took
+# 115 ms to prefill with cuDNN allowed, 47 ms without (38 and 35 ms for a length seen before;
+# docs/benchmarks/h100-batch-engine-v3/). A decoding step keeps every backend: its shapes are fixed per
+# captured graph, so its plan is built once.
+PREFILL_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 
 
 def _foldable(
@@ -94,6 +102,13 @@ def grouped_sdpa_attention_forward(
     )
     output = output.reshape(output.shape[0], query_heads, length, value.shape[-1])
     return output.transpose(1, 2).contiguous(), None
+
+
+def prefill_attention(device: torch.device) -> contextlib.AbstractContextManager:
+    """The attention backends a prefill on ``device`` runs with (``PREFILL_BACKENDS`` on CUDA)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return sdpa_kernel(list(PREFILL_BACKENDS))
 
 
 def register_grouped_sdpa() -> None:

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind, accept, target_tokens, token_logprobs
+from medusa.attention import prefill_attention
 from medusa.cache import (
     MedusaCache,
     attention_mask_for,
@@ -215,7 +216,8 @@ class Decoder:
         starts = torch.zeros(count, dtype=torch.long, device=device)
         cache = MedusaCache(len(self.cache.layers), longest, starts.clone(), self.one_store)
         last = torch.tensor([n - 1 for n in lengths], device=device)
-        logits, hidden = self._forward(ids, chunk_visibility(starts, longest, longest), cache, keep=last)
+        with prefill_attention(device):
+            logits, hidden = self._forward(ids, chunk_visibility(starts, longest, longest), cache, keep=last)
         settings = RowSampling(*(getattr(self.sampling, name)[row_index] for name in RowSampling.__dataclass_fields__))
         positions = (last + 1)[:, None]  # the first new token's position
         kind = StepKind.of(list(schemes))

@@ -1,9 +1,8 @@
 """The decoding engine: generations join and leave a running batch between steps, on one ``Decoder``.
 
 Every way of generating goes through here: ``MedusaModel.generate`` and ``stream`` (a batch of one),
-batched ``generate``, the server's continuous batching. The engine keeps the running rows packed into
-the first rows of the decoder, runs each step in the smallest batch bucket that holds them (1, 2, 4, ...,
-with that bucket's tree), replays the step as a CUDA graph on a GPU, and does the host bookkeeping that
+batched ``generate``, the server's continuous batching. The engine keeps the running rows within the
+smallest batch bucket that holds them (1, 2, 4, ..., with that bucket's tree) and runs each step in it, replays the step as a CUDA graph on a GPU, and does the host bookkeeping that
 every caller shares: EOS, stop strings, length limits, log-probabilities and statistics.
 """
 
@@ -153,11 +152,23 @@ class Generation:
         return tail
 
 
+@dataclass
+class StepTimes:
+    """Host seconds spent in the engine's steps, by what the host was doing: where a batch's wall time goes
+    between the device's work (``wait`` is the part the device was still busy with)."""
+
+    steps: int = 0
+    launch: float = 0.0  # choosing the step's shape and launching it (a graph replay, or eager kernels)
+    wait: float = 0.0  # waiting for the device, and reading every row's accepted tokens: the step's one sync
+    bookkeeping: float = 0.0  # per row: EOS, stop strings, limits, text, statistics
+    leave: float = 0.0  # finished rows leaving the batch (their release, and the move that packs the rest)
+
+
 class DecodingEngine:
     """Generations decoded together on one ``Decoder``; ``add`` and ``finish`` act between steps.
 
-    ``trees`` gives the tree a batch bucket runs (``trees(bucket)``); the running rows always sit in the
-    decoder's first rows, so a step runs the smallest bucket that holds them.
+    ``trees`` gives the tree a batch bucket runs (``trees(bucket)``); a step runs the smallest bucket that holds
+    the last running row, and ``finish`` keeps that bucket the smallest that holds the running rows.
     """
 
     decoder_class = Decoder  # what holds the device state (tests substitute a decoder with planted guesses)
@@ -178,8 +189,12 @@ class DecodingEngine:
         self.decoder: Decoder | None = None
         self.graphs: StepGraphs | None = None
         self.graphs_refused = False
-        self.generations: list[Generation] = []  # row i of the decoder runs generations[i]
-        self.lengths: list[int] = []  # each running row's committed length, known on the host
+        # Row i of the decoder runs rows[i]; None is a free row inside the batch (a step masks it), left by a
+        # generation that finished and filled by the next to join. Rows move down only when the running ones
+        # would fit a smaller bucket: moving a row's cache costs more than stepping an idle row.
+        self.rows: list[Generation | None] = []
+        self.lengths: list[int] = []  # each row's committed length, known on the host (0 for a free row)
+        self.times = StepTimes()
         self._build(max_rows, max_length)
 
     # ----- sizing ---------------------------------------------------------------------------------
@@ -228,8 +243,13 @@ class DecodingEngine:
         return length + self.decoder.largest_tree() <= self.decoder.max_length
 
     @property
+    def generations(self) -> list[Generation]:
+        """The running generations, in row order."""
+        return [generation for generation in self.rows if generation is not None]
+
+    @property
     def active(self) -> int:
-        return len(self.generations)
+        return sum(generation is not None for generation in self.rows)
 
     @property
     def capacity(self) -> int:
@@ -264,7 +284,7 @@ class DecodingEngine:
             return False
         captured = self.graphs.report.graphs
         kind = self.step_shape()[2]
-        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= bucket_for(self.active)]
+        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= bucket_for(len(self.rows))]
         # Only spans that hold every running row's next tree: a capture's warm-up steps run on the rows as they are.
         now = max(self.lengths) + self.decoder.largest_tree()
         end = max(longest, *self.lengths) + self.decoder.largest_tree()
@@ -282,7 +302,8 @@ class DecodingEngine:
 
     def _prefill(self, generations: Sequence[Generation]) -> None:
         started = time.perf_counter()
-        rows = list(range(self.active, self.active + len(generations)))
+        free = [row for row, generation in enumerate(self.rows) if generation is None]
+        rows = (free + list(range(len(self.rows), len(self.rows) + len(generations))))[: len(generations)]
         with torch.inference_mode():
             self.decoder.prefill(
                 rows,
@@ -298,41 +319,53 @@ class DecodingEngine:
             generation.stats.acceptance = generation.acceptance.name
             generation.stats.prefill_seconds = now - started
             generation.started = now
-            self.generations.append(generation)
-            self.lengths.append(int(generation.prompt_ids.numel()))
+            if row == len(self.rows):
+                self.rows.append(None)
+                self.lengths.append(0)
+            self.rows[row] = generation
+            self.lengths[row] = int(generation.prompt_ids.numel())
 
     def finish(self, generations: Iterable[Generation], reason: str | None = None) -> None:
         """Take generations out of the batch now (between steps); ``reason`` overrides their finish reason.
 
-        The last running rows move into the rows freed, so the running rows stay the first ones.
+        Their rows become free; the last running rows move down into free ones only when the batch then fits a
+        smaller bucket, so a step never runs a bucket larger than its running rows need.
         """
         leaving = {id(g) for g in generations}
-        rows = [row for row, g in enumerate(self.generations) if id(g) in leaving]
+        rows = [row for row, g in enumerate(self.rows) if g is not None and id(g) in leaving]
         if not rows:
             return
         for row in rows:
-            self.generations[row].finished = True
+            self.rows[row].finished = True
             if reason is not None:
-                self.generations[row].stats.finish_reason = reason
-        keep = [row for row in range(self.active) if row not in rows]
-        holes = [row for row in range(len(keep)) if row in rows]
-        movers = [row for row in keep if row >= len(keep)]
+                self.rows[row].stats.finish_reason = reason
+            self.rows[row], self.lengths[row] = None, 0
         with torch.inference_mode():
             self.decoder.release(rows)
-            if movers:
+        self._trim()
+        running = self.active
+        if running and bucket_for(running) < bucket_for(len(self.rows)):
+            holes = [row for row in range(running) if self.rows[row] is None]
+            movers = [row for row in range(running, len(self.rows)) if self.rows[row] is not None]
+            with torch.inference_mode():
                 self.decoder.move(movers, holes)
-        order = {hole: mover for hole, mover in zip(holes, movers)}
-        survivors = [self.generations[order.get(row, row)] for row in range(len(keep))]
-        lengths = [self.lengths[order.get(row, row)] for row in range(len(keep))]
-        for row, generation in enumerate(survivors):
-            generation.row = row
-        self.generations, self.lengths = survivors, lengths
+            for hole, mover in zip(holes, movers):
+                self.rows[hole], self.rows[mover] = self.rows[mover], None
+                self.lengths[hole], self.lengths[mover] = self.lengths[mover], 0
+                self.rows[hole].row = hole
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the free rows at the end: a step runs the smallest bucket that holds the last running row."""
+        while self.rows and self.rows[-1] is None:
+            self.rows.pop()
+            self.lengths.pop()
 
     # ----- the step -------------------------------------------------------------------------------
 
     def step_shape(self) -> tuple[int, int, StepKind]:
         """The bucket, attention span and step kind the next step runs (host-side)."""
-        rows = bucket_for(self.active)
+        rows = bucket_for(len(self.rows))
         tree = self.decoder.tree_for(rows)
         end = max(self.lengths) + tree.size
         span = next((s for s in self.spans if s >= end), self.decoder.max_length)
@@ -353,15 +386,20 @@ class DecodingEngine:
 
     def step(self) -> list[tuple[Generation, StepOutput]]:
         """One step of every running generation; finished ones leave the batch before this returns."""
-        if not self.generations:
+        if not self.rows:
             return []
+        started = time.perf_counter()
         rows, span, kind = self.step_shape()
         with torch.inference_mode():
             outputs = self.run_step(rows, span, kind)
+            launched = time.perf_counter()
             # The one host sync of the step: every row's accepted tokens (and log-probabilities, if asked).
             values = [tensor.tolist() for tensor in outputs]
+        read = time.perf_counter()
         results = []
-        for row, generation in enumerate(self.generations):
+        for row, generation in enumerate(self.rows):
+            if generation is None:
+                continue
             counts_and_tokens = values[0][row]
             accepted = counts_and_tokens[0]
             self.lengths[row] += accepted
@@ -370,7 +408,14 @@ class DecodingEngine:
                 logprobs, top = values[1][row][:accepted], (values[2][row], values[3][row])
             output = generation.absorb(accepted, counts_and_tokens[1 : 1 + accepted], logprobs, top)
             results.append((generation, output))
-        self.finish([g for g in self.generations if g.finished])
+        absorbed = time.perf_counter()
+        self.finish([g for g in self.rows if g is not None and g.finished])
+        times = self.times
+        times.steps += 1
+        times.launch += launched - started
+        times.wait += read - launched
+        times.bookkeeping += absorbed - read
+        times.leave += time.perf_counter() - absorbed
         return results
 
     def run(self, generations: Sequence[Generation]) -> Iterable[list[tuple[Generation, StepOutput]]]:

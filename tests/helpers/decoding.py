@@ -92,7 +92,7 @@ class OracleEngine(DecodingEngine):
     decoder_class = OracleDecoder
 
     def step(self):
-        self.decoder.truths = [self.truth_of[id(g)] for g in self.generations]
+        self.decoder.truths = [[] if g is None else self.truth_of[id(g)] for g in self.rows]
         return super().step()
 
 
