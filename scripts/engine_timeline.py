@@ -85,9 +85,7 @@ def step_breakdown(model: MedusaModel, options: EngineOptions, batch: int, rng: 
     synchronize(model.device)
     seconds = time.perf_counter() - started
     times = engine.times
-    per_step = {
-        name: 1e3 * getattr(times, name) / times.steps for name in ("launch", "wait", "bookkeeping", "leave")
-    }
+    per_step = {name: 1e3 * getattr(times, name) / times.steps for name in ("launch", "wait", "bookkeeping", "leave")}
     tokens = sum(g.stats.new_tokens for g in batch_generations)
     return {
         "batch": batch,
@@ -138,7 +136,7 @@ def main() -> None:
         first = prefill_ms(model, plain, chosen, backends)
         again = prefill_ms(model, plain, chosen, backends)
         prefill[name] = {"new_length_ms": statistics.median(first), "seen_length_ms": statistics.median(again)}
-        print(f"prefill {name}: new length {prefill[name]['new_length_ms']:.1f} ms, seen {prefill[name]['seen_length_ms']:.1f} ms")
+        print(f"prefill {name}: new length {statistics.median(first):.1f} ms, seen {statistics.median(again):.1f} ms")
     report["prefill"] = prefill
 
     steps = []

@@ -114,3 +114,23 @@ def test_sequential_heads_grow_their_tree_inside_the_captured_step(settings, cap
     assert graphed == generate(model, cuda_graphs=False, **settings)
     eager = model.generate_batch(prompts, max_new_tokens=24, chat_template=False, cuda_graphs=False, **settings)
     assert batch == [r.token_ids for r in eager]
+
+
+def test_graphs_captured_up_front_serve_every_batch_without_another_capture(model):
+    """What a server captures before it takes requests (every bucket, every span, greedy and sampled) is all a
+    batch of mixed rows joining and leaving needs; its answers are the eager ones."""
+    from medusa.acceptance import StepKind
+
+    engine = model.engine(EngineOptions(), max_rows=4, max_length=128, keep=False)
+    assert engine.capture([StepKind(), StepKind(sample=True)])
+    report = engine.capture_report()
+    assert report.graphs == 2 * 3 * len(engine.spans)  # kinds x buckets 1, 2, 4 x spans
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11]]
+    configs = [GenerationConfig(max_new_tokens=n, chat_template=False) for n in (40, 7, 25, 33)]
+    configs[2] = GenerationConfig(max_new_tokens=25, chat_template=False, temperature=0.8, seed=3)
+    generations = [model.prepare(p, c) for p, c in zip(prompts, configs)]
+    for _ in engine.run(generations):
+        pass
+    assert engine.capture_report().graphs == report.graphs
+    eager = model.generate_batch(prompts, configs, cuda_graphs=False)
+    assert [g.tokens for g in generations] == [r.token_ids for r in eager]

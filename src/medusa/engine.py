@@ -2,8 +2,9 @@
 
 Every way of generating goes through here: ``MedusaModel.generate`` and ``stream`` (a batch of one),
 batched ``generate``, the server's continuous batching. The engine keeps the running rows within the
-smallest batch bucket that holds them (1, 2, 4, ..., with that bucket's tree) and runs each step in it, replays the step as a CUDA graph on a GPU, and does the host bookkeeping that
-every caller shares: EOS, stop strings, length limits, log-probabilities and statistics.
+smallest batch bucket that holds them (1, 2, 4, ..., with that bucket's tree) and runs each step in it,
+replays the step as a CUDA graph on a GPU, and does the host bookkeeping that every caller shares: EOS,
+stop strings, length limits, log-probabilities and statistics.
 """
 
 from __future__ import annotations
@@ -299,6 +300,26 @@ class DecodingEngine:
             self.graphs, self.graphs_refused = None, True
             logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
         return self.graphs is not None and self.graphs.report.graphs > captured
+
+    def capture(self, kinds: Sequence[StepKind]) -> bool:
+        """Capture now every graph this engine's steps of ``kinds`` may replay: every bucket up to its rows, every
+        attention span. A server does this before it takes requests, so that no capture lands in a request's
+        time (otherwise graphs are captured as batches first need them). Only an idle engine captures all spans;
+        returns whether steps replay graphs (False on a CPU, or where capture failed and steps run eagerly)."""
+        if self.rows:
+            raise MedusaError("the graphs are captured up front only on an idle engine")
+        if self.graphs is None:
+            return False
+        try:
+            with torch.inference_mode():
+                for kind in kinds:
+                    for bucket in (bucket for bucket in BATCH_BUCKETS if bucket <= self.decoder.max_rows):
+                        for span in self.spans:
+                            self.graphs.prepare(bucket, span, kind)
+        except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
+            self.graphs, self.graphs_refused = None, True
+            logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
+        return self.graphs is not None
 
     def _prefill(self, generations: Sequence[Generation]) -> None:
         started = time.perf_counter()

@@ -12,6 +12,7 @@ import pytest
 from helpers.serve import make_slow_model, running_server
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
+from medusa.engine import PREFILL_GROUP
 from medusa.serve.engine import Engine, EngineConfig, Failed, Finished
 
 PROMPTS = ["hello", "Tell me a long story about a dragon.", "2+2?", "What is the capital of France, and why?"]
@@ -162,3 +163,68 @@ def test_concurrent_http_requests_are_batched(serve_model):
             thread.join(30)
     for index in range(4):
         assert results[index] == serve_model.generate(PROMPTS[index], max_new_tokens=12, chat_template=False).text
+
+
+def test_a_lone_request_waits_up_to_join_wait_to_join_a_running_batch(one_thread):
+    """While a batch runs, a request joins only once it has waited ``join_wait`` (others could have joined it,
+    sharing one prefill); it still joins before the running one ends."""
+    model = make_slow_model(0.02)
+    engine = Engine(model, EngineConfig(max_batch=4, join_wait=1.0))
+    engine.start()
+    try:
+        long, short = Collector(), Collector()
+        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=200), long)
+        deadline = time.monotonic() + 10
+        while not long.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        submitted = time.monotonic()
+        engine.submit(ids(model, PROMPTS[0]), GenerationConfig(max_new_tokens=5), short)
+        while not short.events and time.monotonic() < submitted + 30:
+            time.sleep(0.005)
+        assert time.monotonic() - submitted >= 1.0
+        assert short.done.wait(30)
+        assert not long.done.is_set()
+    finally:
+        engine.stop()
+    assert short.tokens == model.generate(PROMPTS[0], max_new_tokens=5).token_ids
+
+
+def test_a_full_prefill_group_joins_a_running_batch_at_once(one_thread):
+    """As many waiting requests as one prefill takes join at the next step boundary, whatever ``join_wait``."""
+    model = make_slow_model(0.02)
+    engine = Engine(model, EngineConfig(max_batch=PREFILL_GROUP + 1, join_wait=600.0))
+    engine.start()
+    try:
+        long = Collector()
+        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=190), long)
+        deadline = time.monotonic() + 10
+        while not long.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        group = [Collector() for _ in range(PREFILL_GROUP)]
+        engine.submit_all(ids(model, PROMPTS[2]), [GenerationConfig(max_new_tokens=4)] * PREFILL_GROUP, group)
+        for sink in group:
+            assert sink.done.wait(30)
+        assert not long.done.is_set()
+    finally:
+        engine.stop()
+    expected = model.generate(PROMPTS[2], max_new_tokens=4).token_ids
+    assert all(sink.tokens == expected for sink in group)
+
+
+def test_join_wait_must_be_a_non_negative_number_of_seconds():
+    with pytest.raises(MedusaError, match="join_wait must be 0 or more seconds"):
+        EngineConfig(join_wait=-1)
+
+
+def test_warm_up_on_the_cpu_runs_a_generation_and_refuses_to_capture_a_busy_engine(serve_model):
+    from medusa.acceptance import StepKind
+
+    engine = Engine(serve_model, EngineConfig(max_batch=2))
+    decoding = engine.warm_up()
+    assert decoding is engine.decoding_engine() and decoding.active == 0
+    assert decoding.capture_report() is None  # no graphs on the CPU
+    generation = serve_model.prepare("hello", GenerationConfig(max_new_tokens=4))
+    decoding.add([generation])
+    with pytest.raises(MedusaError, match="only on an idle engine"):
+        decoding.capture([StepKind()])
+    decoding.finish([generation])

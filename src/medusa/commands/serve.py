@@ -41,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"default {GPU_MAX_BATCH} on a GPU, 1 on the CPU: one at a time)",
     )
     group.add_argument(
+        "--join-wait",
+        type=float,
+        default=None,
+        help="seconds a request may wait to join a running batch together with others, so that one prefill "
+        "serves them all (default: three prefills' time, as measured; 0: join at the next step)",
+    )
+    group.add_argument(
         "--cache-length",
         type=int,
         default=2048,
@@ -116,13 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     decoding.add_argument(
         "--no-warmup",
         action="store_true",
-        help="skip the short generation run before listening (it captures the first graphs)",
+        help="skip capturing the CUDA graphs and a short generation before listening (faster start; the first "
+        "requests of each batch size then pay for the captures)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from medusa.engine import EngineOptions
-    from medusa.model import GenerationConfig
     from medusa.serve import Engine, EngineConfig, ServeSettings, create_app
     from medusa.serve.server import ServerConfig, run_server
 
@@ -157,13 +164,17 @@ def run(args: argparse.Namespace) -> int:
         max_batch=max_batch,
         options=options,
         cache_length=args.cache_length,
+        join_wait=args.join_wait,
     )
     engine = Engine(model, engine_config)
-    if not args.no_warmup:  # builds the running batch's engine and captures its first graph
-        decoding = engine.decoding_engine()
-        generation = model.prepare("Hello", GenerationConfig(max_new_tokens=8))
-        for _ in decoding.run([generation]):
-            pass
+    if not args.no_warmup:  # builds the running batch's engine and captures its graphs
+        report = engine.warm_up().capture_report()
+        if report is not None and report.graphs:
+            print(
+                f"medusa serve: captured {report.graphs} CUDA graphs in {report.seconds:.1f} s "
+                f"({report.memory_bytes / 2**20:.0f} MiB)",
+                file=sys.stderr,
+            )
     app = create_app(engine, settings)
     if options.use_heads and model.heads:
         trees = {bucket: model.tree_for(options, bucket).size for bucket in (1, max_batch)}
