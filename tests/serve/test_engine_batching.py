@@ -10,9 +10,9 @@ import httpx
 import pytest
 
 from helpers.serve import make_slow_model, running_server
+from medusa.engine import PREFILL_GROUP
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
-from medusa.engine import PREFILL_GROUP
 from medusa.serve.engine import Engine, EngineConfig, Failed, Finished
 
 PROMPTS = ["hello", "Tell me a long story about a dragon.", "2+2?", "What is the capital of France, and why?"]
