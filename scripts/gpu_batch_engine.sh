@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The batch-first engine's GPU runs (docs/benchmarks/h200-batch-engine/README.md), one phase per device call:
 #
-#   scripts/gpu_batch_engine.sh tests     # the CUDA-only tests, and where a batched step's time goes
+#   scripts/gpu_batch_engine.sh tests     # the CUDA-only tests, where a step's time goes (kernels, then host)
 #   scripts/gpu_batch_engine.sh tune      # the step cost per batch size, and a tree per batch bucket from it
 #   scripts/gpu_batch_engine.sh curve7b   # the step cost of a Llama-2-7B-shaped model (random weights)
 #   scripts/gpu_batch_engine.sh bench     # throughput against batch size, and batch 1 against the previous code
@@ -28,6 +28,7 @@ tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_attention.py 2>&1 | tail -15
     python3 scripts/step_profile.py --shape smollm2-135m --nodes 1,64 --lookup 24 --batch 1,32 --compile off \
         --context 512 --cache-length 1024 --repeats 10 --top 12 --out "$OUT/step_profile.json" 2>&1 | tail -64
+    python3 scripts/engine_timeline.py --batches 1,4,8,32,64 --out "$OUT/timeline.json" 2>&1 | grep -v Warn | tail -16
     ;;
 tune)
     mkdir -p "$OUT/tune" && rm -rf /root/heads && cp -r src/medusa/assets/heads/smollm2-135m-instruct /root/heads
@@ -46,11 +47,12 @@ curve7b)
 bench)
     mkdir -p "$OUT/bench"
     python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
-        --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts "${PROMPTS:-64}" \
+        --max-new-tokens 128 --batch-sizes 1,2,4,8,16,32,64 --prompts "${PROMPTS:-128}" \
         --out "$OUT/bench/batch_throughput.json"
     # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions and
     # heads (the shipped ones: their tuned trees are what both engines choose for this device)
     SINGLE_HEADS=${SINGLE_HEADS:-src/medusa/assets/heads/smollm2-135m-instruct}
+    [ "${SINGLE:-1}" = 0 ] && exit 0
     for code in new ${OLD:+old}; do
         src=src; [ "$code" = old ] && src=$KEEP/.old/src
         PYTHONPATH=$src:/tmp/site python3 -m medusa.cli bench --model "$MODEL" --heads "$SINGLE_HEADS" --questions "$QUESTIONS" \
@@ -70,13 +72,14 @@ serve)
             sleep 1
         done
         for clients in 1 8 32; do
-            requests=$(( clients * 3 )); [ "$clients" = 1 ] && requests=8
+            requests=$(( clients * ${PER_CLIENT:-8} )); [ "$clients" = 1 ] && requests=8
             python3 -m medusa.serve.loadtest --url http://127.0.0.1:8011 --clients "$clients" --requests "$requests" \
                 --max-tokens 128 --mixed-temperature 0.7 --prompts "$QUESTIONS" --label "$heads, $clients clients" \
                 --output "$OUT/serve/load-$heads-$clients.json" 2>&1 | tail -3
         done
         python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
             | grep -E "^medusa_((batch_size|accepted_tokens_per_step)_(sum|count)|worker_seconds_total)" > "$OUT/serve/metrics-$heads.txt"
+        grep "captured" "$OUT/serve/server-$heads.log"
         kill "$server"; wait "$server"
     done
     python3 -m medusa.serve.loadtest --report "$OUT"/serve/load-*.json
