@@ -14,6 +14,7 @@ import torch
 
 from helpers.models import make_tiny_model
 from medusa.engine import EngineOptions
+from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -122,6 +123,10 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
     from medusa.acceptance import StepKind
 
     engine = model.engine(EngineOptions(), max_rows=4, max_length=128, keep=False)
+    with pytest.raises(MedusaError, match="after the engine's first generation"):
+        engine.capture([StepKind()])
+    for _ in engine.run([model.prepare(PROMPT, GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass
     assert engine.capture([StepKind(), StepKind(sample=True)])
     report = engine.capture_report()
     assert report.graphs == 2 * 3 * len(engine.spans)  # kinds x buckets 1, 2, 4 x spans

@@ -305,11 +305,14 @@ class DecodingEngine:
         """Capture now every graph this engine's steps of ``kinds`` may replay: every bucket up to its rows, every
         attention span. A server does this before it takes requests, so that no capture lands in a request's
         time (otherwise graphs are captured as batches first need them). Only an idle engine captures all spans;
-        returns whether steps replay graphs (False on a CPU, or where capture failed and steps run eagerly)."""
+        returns whether steps replay graphs (False on a CPU, or where capture failed and steps run eagerly).
+        The cache's buffers exist from the engine's first prefill on: run one generation first."""
         if self.rows:
             raise MedusaError("the graphs are captured up front only on an idle engine")
         if self.graphs is None:
             return False
+        if not all(layer.is_initialized for layer in self.decoder.cache.layers):
+            raise MedusaError("the graphs are captured after the engine's first generation (its cache has no buffers)")
         try:
             with torch.inference_mode():
                 for kind in kinds:

@@ -180,13 +180,14 @@ class Engine:
             thread.join(timeout)
 
     def warm_up(self) -> DecodingEngine:
-        """Before taking requests: build the running batch's engine, capture the graphs of every batch bucket
-        and attention span for ``WARM_KINDS`` (on a GPU), and run one short generation."""
+        """Before taking requests: build the running batch's engine, run one short generation (it makes the
+        cache's buffers), then capture the graphs of every batch bucket and attention span for ``WARM_KINDS``
+        (on a GPU)."""
         engine = self.decoding_engine()
-        engine.capture(WARM_KINDS)
         generation = self.model.prepare("Hello", GenerationConfig(max_new_tokens=8))
         for _ in engine.run([generation]):
             pass
+        engine.capture(WARM_KINDS)
         return engine
 
     def decoding_engine(self) -> DecodingEngine:
