@@ -26,7 +26,7 @@ import torch
 
 from medusa.bench.environment import environment, synchronize
 from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
-from medusa.engine import EngineOptions
+from medusa.engine import EngineOptions, StepTimes
 from medusa.files import read_json
 from medusa.model import GenerationConfig, MedusaModel
 
@@ -82,6 +82,8 @@ def measure(
     # Shorter batches may still need graphs of smaller attention spans: those captures (once in an engine's
     # life, before the batch's first step) fall inside the timed pass, and are taken out of the decode rate.
     captured_before = _capture_seconds(model, options)
+    engine = model.engine(options)  # the engine generate_batch runs (kept): its host times over the timed pass
+    engine.times = StepTimes()
     started = time.perf_counter()
     for first in range(0, len(prompts), batch_size):
         results = model.generate_batch(prompts[first : first + batch_size], config, options=options)
@@ -105,6 +107,11 @@ def measure(
         "tree_size": model.tree_for(options, batch_size).size,
         "captured_graphs": _capture_report(model, options),
         "batch_steps": steps,
+        # Host milliseconds per step by phase (DecodingEngine.times): wait is mostly the device's own time.
+        "host_ms_per_step": {
+            name: 1e3 * getattr(engine.times, name) / max(engine.times.steps, 1)
+            for name in ("launch", "wait", "bookkeeping", "leave")
+        },
         "mean_accepted_per_sequence_step": sum(accepted) / len(accepted),
     }, answers
 
