@@ -61,26 +61,32 @@ bench)
     done
     ;;
 serve)
+    # JOIN_WAITS: the --join-wait values to run (empty: the default, measured prefill time x3); CLIENTS likewise.
     mkdir -p "$OUT/serve"
     for heads in heads no-heads; do
-        flag=""; [ "$heads" = no-heads ] && flag=--no-heads
-        python3 -m medusa.cli serve --model "$MODEL" --heads "$HEADS" --port 8011 --max-batch 32 $flag \
-            > "$OUT/serve/server-$heads.log" 2>&1 &
-        server=$!
-        for _ in $(seq 180); do
-            python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break
-            sleep 1
+        for wait in ${JOIN_WAITS:-default}; do
+            flag=""; [ "$heads" = no-heads ] && flag=--no-heads
+            [ "$wait" != default ] && flag="$flag --join-wait $wait"
+            name=$heads; [ "$wait" != default ] && name=$heads-wait$wait
+            python3 -m medusa.cli serve --model "$MODEL" --heads "$HEADS" --port 8011 --max-batch 32 $flag \
+                > "$OUT/serve/server-$name.log" 2>&1 &
+            server=$!
+            for _ in $(seq 180); do
+                python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8011/health')" 2>/dev/null && break
+                sleep 1
+            done
+            for clients in ${CLIENTS:-1 8 32}; do
+                requests=$(( clients * ${PER_CLIENT:-8} )); [ "$clients" = 1 ] && requests=8
+                python3 -m medusa.serve.loadtest --url http://127.0.0.1:8011 --clients "$clients" --requests "$requests" \
+                    --max-tokens 128 --mixed-temperature 0.7 --prompts "$QUESTIONS" --label "$name, $clients clients" \
+                    --output "$OUT/serve/load-$name-$clients.json" 2>&1 | tail -3
+            done
+            python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
+                | grep -E "^medusa_((batch_size|accepted_tokens_per_step)_(sum|count)|worker_seconds_total)" \
+                > "$OUT/serve/metrics-$name.txt"
+            grep "captured" "$OUT/serve/server-$name.log"
+            kill "$server"; wait "$server"
         done
-        for clients in 1 8 32; do
-            requests=$(( clients * ${PER_CLIENT:-8} )); [ "$clients" = 1 ] && requests=8
-            python3 -m medusa.serve.loadtest --url http://127.0.0.1:8011 --clients "$clients" --requests "$requests" \
-                --max-tokens 128 --mixed-temperature 0.7 --prompts "$QUESTIONS" --label "$heads, $clients clients" \
-                --output "$OUT/serve/load-$heads-$clients.json" 2>&1 | tail -3
-        done
-        python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
-            | grep -E "^medusa_((batch_size|accepted_tokens_per_step)_(sum|count)|worker_seconds_total)" > "$OUT/serve/metrics-$heads.txt"
-        grep "captured" "$OUT/serve/server-$heads.log"
-        kill "$server"; wait "$server"
     done
     python3 -m medusa.serve.loadtest --report "$OUT"/serve/load-*.json
     ;;
