@@ -13,7 +13,7 @@ from helpers.serve import make_slow_model, running_server
 from medusa.engine import PREFILL_GROUP
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
-from medusa.serve.engine import Engine, EngineConfig, Failed, Finished
+from medusa.serve.engine import Engine, EngineConfig, Failed, Finished, Job
 
 PROMPTS = ["hello", "Tell me a long story about a dragon.", "2+2?", "What is the capital of France, and why?"]
 
@@ -228,3 +228,42 @@ def test_warm_up_on_the_cpu_runs_a_generation_and_refuses_to_capture_a_busy_engi
     with pytest.raises(MedusaError, match="only on an idle engine"):
         decoding.capture([StepKind()])
     decoding.finish([generation])
+
+
+def test_when_waiting_requests_join_a_running_batch(serve_model, monkeypatch):
+    """The admission rule alone, on a clock: at once with no batch running or a full prefill group; otherwise
+    after ``join_wait`` counted from when the first waiting request had a free row to take."""
+    now = [100.0]
+    monkeypatch.setattr("medusa.serve.engine.time.monotonic", lambda: now[0])
+    engine = Engine(serve_model, EngineConfig(max_batch=16, join_wait=0.5))
+
+    def wait_line(count: int, submitted: float) -> None:
+        engine._waiting.clear()
+        for _ in range(count):
+            job = Job([1, 2], GenerationConfig(max_new_tokens=2), lambda event: None, deadline=1e9)
+            job.submitted = submitted
+            engine._waiting.append(job)
+
+    assert not engine._may_join(running=3)  # nobody waits
+    wait_line(1, submitted=100.0)
+    assert engine._may_join(running=0)  # no batch running: join now
+    engine._room_since = None
+    assert not engine._may_join(running=3)
+    now[0] = 100.4
+    assert not engine._may_join(running=3)
+    now[0] = 100.5
+    assert engine._may_join(running=3)  # waited join_wait with a free row
+    engine._room_since = None
+    wait_line(PREFILL_GROUP, submitted=now[0])
+    assert engine._may_join(running=3)  # a full prefill group joins at once
+    engine._room_since = None
+    # More requests than rows: the first has waited long, but for a full batch; its wait starts with a free row.
+    wait_line(3, submitted=90.0)
+    assert not engine._may_join(running=16)
+    now[0] = 101.0
+    assert not engine._may_join(running=15)  # a row just came free
+    now[0] = 101.5
+    assert engine._may_join(running=14)
+    zero = Engine(serve_model, EngineConfig(max_batch=16, join_wait=0))
+    zero._waiting.extend(engine._waiting)
+    assert zero._may_join(running=3)  # join_wait 0: the next step boundary

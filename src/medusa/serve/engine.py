@@ -153,6 +153,7 @@ class Engine:
         self._decoder: DecodingEngine | None = None
         self._generation_seconds: float | None = None  # a running mean, from the worker's start to the end
         self._prefill_seconds: float | None = None  # a running mean of the worker's prefills (engine.add)
+        self._room_since: float | None = None  # since when requests have waited with a free row to join
 
     # ----- life cycle ---------------------------------------------------------------------------
 
@@ -311,6 +312,7 @@ class Engine:
                 if self._may_join(len(active)):
                     while self._waiting and len(active) + len(joining) < self.config.max_batch:
                         joining.append(self._waiting.popleft())
+                    self._room_since = None
                 self._batch = [m.job for m in active] + joining
             try:
                 engine = self.decoding_engine()
@@ -335,16 +337,21 @@ class Engine:
 
     def _may_join(self, running: int) -> bool:
         """Whether the waiting requests join the batch at this step boundary (the lock is held): at once when
-        no batch is running or a full prefill group can join; else once the oldest has waited ``join_wait``."""
-        if not self._waiting:
-            return False
+        no batch is running or a full prefill group can join; else once the first of them has waited
+        ``join_wait`` with a free row to join (a server with more requests than rows waits as one with fewer)."""
         free = self.config.max_batch - running
+        if not self._waiting or not free:
+            self._room_since = None  # the wait for a shared prefill starts when a row is free
+            return False
         if not running or min(len(self._waiting), free) >= PREFILL_GROUP:
             return True
+        now = time.monotonic()
+        if self._room_since is None:
+            self._room_since = now
         wait = self.config.join_wait
         if wait is None:
             wait = JOIN_WAIT_PREFILLS * (self._prefill_seconds or 0.0)
-        return time.monotonic() - self._waiting[0].submitted >= wait
+        return now - max(self._waiting[0].submitted, self._room_since) >= wait
 
     def _observe_prefill(self, seconds: float) -> None:
         mean = self._prefill_seconds
