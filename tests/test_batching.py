@@ -301,3 +301,43 @@ def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
         assert row["identical_answers"] == 3  # greedy: Medusa's answers are the plain ones
         assert row["medusa"]["new_tokens"] == row["autoregressive"]["new_tokens"] > 0
     assert out.with_suffix(".png").is_file()
+
+
+def test_capture_up_front_takes_the_shortest_spans_first_within_its_budget():
+    """``capture`` asks for every (bucket, span, kind) up to the engine's rows, shortest spans first, and stops at
+    ``max_graphs``; it refuses a busy engine and one whose cache has no buffers yet (the graphs are planted: the
+    CPU captures none)."""
+    from medusa.acceptance import StepKind
+
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    engine = model.engine(max_rows=4, max_length=600, keep=False)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.keys = []
+
+        def prepare(self, rows, span, kind) -> None:
+            self.keys.append((rows, span, kind))
+
+    engine.graphs = Recorder()
+    with pytest.raises(MedusaError, match="after the engine's first generation"):
+        engine.capture([StepKind()])
+    engine.graphs = None
+    for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass
+    assert not engine.capture([StepKind()])  # no graphs on the CPU
+    engine.graphs = recorder = Recorder()
+    kinds = [StepKind(), StepKind(sample=True)]
+    assert len(engine.spans) >= 2
+    assert engine.capture(kinds, max_graphs=7)
+    first_span = [(bucket, engine.spans[0], kind) for kind in kinds for bucket in (1, 2, 4)]
+    assert recorder.keys == [*first_span, (1, engine.spans[1], kinds[0])]
+    recorder.keys.clear()
+    assert engine.capture(kinds)
+    assert len(recorder.keys) == 2 * 3 * len(engine.spans)
+    generation = model.prepare([5, 6], GenerationConfig(max_new_tokens=2, chat_template=False))
+    engine.graphs = None
+    engine.add([generation])
+    with pytest.raises(MedusaError, match="only on an idle engine"):
+        engine.capture(kinds)
+    engine.finish([generation])

@@ -301,24 +301,25 @@ class DecodingEngine:
             logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
         return self.graphs is not None and self.graphs.report.graphs > captured
 
-    def capture(self, kinds: Sequence[StepKind]) -> bool:
-        """Capture now every graph this engine's steps of ``kinds`` may replay: every bucket up to its rows, every
-        attention span. A server does this before it takes requests, so that no capture lands in a request's
-        time (otherwise graphs are captured as batches first need them). Only an idle engine captures all spans;
-        returns whether steps replay graphs (False on a CPU, or where capture failed and steps run eagerly).
-        The cache's buffers exist from the engine's first prefill on: run one generation first."""
+    def capture(self, kinds: Sequence[StepKind], max_graphs: int | None = None) -> bool:
+        """Capture now the graphs this engine's steps of ``kinds`` may replay: every bucket up to its rows, every
+        attention span, the shortest spans first, up to ``max_graphs`` (None: all). A server does this before
+        it takes requests, so that no capture lands in a request's time; what is left out is captured when a
+        batch first needs it. Only an idle engine, after its first generation (which makes the cache's
+        buffers), captures like this. Returns whether steps replay graphs (False on a CPU, or where capture
+        failed and steps run eagerly)."""
         if self.rows:
             raise MedusaError("the graphs are captured up front only on an idle engine")
         if self.graphs is None:
             return False
         if not all(layer.is_initialized for layer in self.decoder.cache.layers):
             raise MedusaError("the graphs are captured after the engine's first generation (its cache has no buffers)")
+        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= self.decoder.max_rows]
+        keys = [(bucket, span, kind) for span in self.spans for kind in kinds for bucket in buckets]
         try:
             with torch.inference_mode():
-                for kind in kinds:
-                    for bucket in (bucket for bucket in BATCH_BUCKETS if bucket <= self.decoder.max_rows):
-                        for span in self.spans:
-                            self.graphs.prepare(bucket, span, kind)
+                for key in keys[:max_graphs]:
+                    self.graphs.prepare(*key)
         except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
             self.graphs, self.graphs_refused = None, True
             logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
