@@ -41,6 +41,16 @@ def ids(model, text: str) -> list[int]:
     return model.encode_prompt(text).tolist()
 
 
+def start_long(engine: Engine, model, max_new_tokens: int) -> Collector:
+    """Submit a long generation and wait until it is running (its first chunk is out)."""
+    long = Collector()
+    engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=max_new_tokens), long)
+    deadline = time.monotonic() + 10
+    while not long.events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return long
+
+
 class ForwardCounter:
     def __init__(self, model) -> None:
         self.calls = 0
@@ -81,11 +91,7 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(one_thread):
     engine = Engine(model, EngineConfig(max_batch=4))
     engine.start()
     try:
-        long, short = Collector(), Collector()
-        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=60), long)
-        deadline = time.monotonic() + 10
-        while not long.events and time.monotonic() < deadline:
-            time.sleep(0.01)
+        long, short = start_long(engine, model, 60), Collector()
         engine.submit(ids(model, PROMPTS[0]), GenerationConfig(max_new_tokens=5), short)
         assert short.done.wait(30)
         assert not long.done.is_set()  # the long one is still going
@@ -172,11 +178,7 @@ def test_a_lone_request_waits_up_to_join_wait_to_join_a_running_batch(one_thread
     engine = Engine(model, EngineConfig(max_batch=4, join_wait=1.0))
     engine.start()
     try:
-        long, short = Collector(), Collector()
-        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=200), long)
-        deadline = time.monotonic() + 10
-        while not long.events and time.monotonic() < deadline:
-            time.sleep(0.01)
+        long, short = start_long(engine, model, 200), Collector()
         submitted = time.monotonic()
         engine.submit(ids(model, PROMPTS[0]), GenerationConfig(max_new_tokens=5), short)
         while not short.events and time.monotonic() < submitted + 30:
@@ -195,11 +197,7 @@ def test_a_full_prefill_group_joins_a_running_batch_at_once(one_thread):
     engine = Engine(model, EngineConfig(max_batch=PREFILL_GROUP + 1, join_wait=600.0))
     engine.start()
     try:
-        long = Collector()
-        engine.submit(ids(model, PROMPTS[1]), GenerationConfig(max_new_tokens=190), long)
-        deadline = time.monotonic() + 10
-        while not long.events and time.monotonic() < deadline:
-            time.sleep(0.01)
+        long = start_long(engine, model, 190)
         group = [Collector() for _ in range(PREFILL_GROUP)]
         engine.submit_all(ids(model, PROMPTS[2]), [GenerationConfig(max_new_tokens=4)] * PREFILL_GROUP, group)
         for sink in group:
