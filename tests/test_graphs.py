@@ -139,4 +139,3 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
     assert engine.capture_report().graphs == report.graphs
     eager = model.generate_batch(prompts, configs, cuda_graphs=False)
     assert [g.tokens for g in generations] == [r.token_ids for r in eager]
-

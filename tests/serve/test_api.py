@@ -128,6 +128,9 @@ def test_health_and_metrics(server, client):
         samples['medusa_request_latency_seconds_bucket{le="+Inf"}'] == samples["medusa_request_latency_seconds_count"]
     )
     assert samples["medusa_generation_running"] == 0
+    # Every admitted request waited in line some time, and joined in a prefill of one or more.
+    assert samples["medusa_request_queue_seconds_count"] >= samples["medusa_prefill_batch_size_count"] >= 1
+    assert samples["medusa_prefill_batch_size_sum"] == samples["medusa_request_queue_seconds_count"]
     # Where the worker's time went: the prefill, the steps and the hand-over of chunks each took some.
     phases = {
         phase: samples[f'medusa_worker_seconds_total{{phase="{phase}"}}'] for phase in ("admit", "step", "events")

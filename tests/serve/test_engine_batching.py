@@ -207,6 +207,8 @@ def test_a_full_prefill_group_joins_a_running_batch_at_once(one_thread):
         engine.stop()
     expected = model.generate(PROMPTS[2], max_new_tokens=4).token_ids
     assert all(sink.tokens == expected for sink in group)
+    prefills = engine.metrics.prefill_batch_size  # the long one alone, then the group in one prefill
+    assert (prefills.count, prefills.sum) == (2, 1 + PREFILL_GROUP)
 
 
 def test_join_wait_must_be_a_non_negative_number_of_seconds():

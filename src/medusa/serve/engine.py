@@ -399,6 +399,7 @@ class Engine:
                 continue
             job.started = time.monotonic()
             members.append(_Member(job, generation))
+        self.metrics.record_admission([m.job.started - m.job.submitted for m in members])
         if members:
             try:
                 engine.add([m.generation for m in members])

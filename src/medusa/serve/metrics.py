@@ -60,6 +60,8 @@ class Metrics:
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)  # running rows, observed once per batched step
+        self.prefill_batch_size = Histogram(BATCH_BUCKETS)  # requests prefilled together, once per admission
+        self.queue_time = Histogram(TTFT_BUCKETS)  # from a request's arrival to the start of its prefill
         # The worker thread's busy seconds by phase (WORKER_PHASES): where a step's wall time goes under load.
         self.worker_seconds: Counter[str] = Counter()
 
@@ -68,6 +70,14 @@ class Metrics:
         if rows:
             with self._lock:
                 self.batch_size.observe(rows)
+
+    def record_admission(self, queue_seconds: Sequence[float]) -> None:
+        """Requests that joined the running batch together, each with the seconds it waited in line."""
+        if queue_seconds:
+            with self._lock:
+                self.prefill_batch_size.observe(len(queue_seconds))
+                for seconds in queue_seconds:
+                    self.queue_time.observe(seconds)
 
     def record_worker(self, phase: str, seconds: float) -> None:
         with self._lock:
@@ -130,6 +140,16 @@ class Metrics:
                 ),
                 ("medusa_request_latency_seconds", self.latency, "From request arrival to the end of its generation."),
                 ("medusa_batch_size", self.batch_size, "Generations in the running batch, once per decoding step."),
+                (
+                    "medusa_prefill_batch_size",
+                    self.prefill_batch_size,
+                    "Requests that joined the running batch together (one prefill), once per admission.",
+                ),
+                (
+                    "medusa_request_queue_seconds",
+                    self.queue_time,
+                    "From request arrival to the start of its prefill (waiting for a row, or for others to join).",
+                ),
             ):
                 _family(out, name, "histogram", text)
                 out.extend(histogram.lines(name))
