@@ -82,7 +82,7 @@ serve)
                     --output "$OUT/serve/load-$name-$clients.json" 2>&1 | tail -3
             done
             python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
-                | grep -E "^medusa_((batch_size|accepted_tokens_per_step)_(sum|count)|worker_seconds_total)" \
+                | grep -E "^medusa_((batch_size|accepted_tokens_per_step|prefill_batch_size|request_queue_seconds)_(sum|count)|worker_seconds_total)" \
                 > "$OUT/serve/metrics-$name.txt"
             grep "captured" "$OUT/serve/server-$name.log"
             kill "$server"; wait "$server"
