@@ -341,3 +341,32 @@ def test_capture_up_front_takes_the_shortest_spans_first_within_its_budget():
     with pytest.raises(MedusaError, match="only on an idle engine"):
         engine.capture(kinds)
     engine.finish([generation])
+
+
+def test_more_generations_than_rows_join_as_earlier_ones_finish():
+    """``run`` with more generations than rows: each joins when an earlier one finishes, not when a whole batch
+    has ended, and every answer is its own."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    engine = model.engine(max_rows=2, max_length=64, keep=False)
+    prompts = random_prompts(5, seed=3)
+    limits = [3, 12, 4, 6, 2]
+    configs = [GenerationConfig(max_new_tokens=n, chat_template=False) for n in limits]
+    generations = [model.prepare(p, c) for p, c in zip(prompts, configs)]
+    most, joined_beside_a_running_one = 0, False
+    for _ in engine.run(generations):
+        most = max(most, engine.active)
+        joined_beside_a_running_one |= generations[2] in engine.generations and not generations[1].finished
+    assert all(g.finished for g in generations) and most == 2 and engine.active == 0
+    assert joined_beside_a_running_one
+    for generation, prompt, config in zip(generations, prompts, configs):
+        assert generation.tokens == model.generate(prompt, config).token_ids
+
+
+def test_generate_batch_with_more_prompts_than_the_largest_bucket():
+    model = MedusaModel.from_pretrained(make_tiny_model("qwen2"), tree="8")
+    prompts = random_prompts(BATCH_BUCKETS[-1] + 6, seed=5)
+    results = model.generate_batch(prompts, max_new_tokens=3, chat_template=False)
+    assert len(results) == len(prompts)
+    for index in (0, BATCH_BUCKETS[-1] - 1, BATCH_BUCKETS[-1] + 5):
+        alone = model.generate(prompts[index], max_new_tokens=3, chat_template=False)
+        assert results[index].token_ids == alone.token_ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -444,11 +445,22 @@ class DecodingEngine:
         return results
 
     def run(self, generations: Sequence[Generation]) -> Iterable[list[tuple[Generation, StepOutput]]]:
-        """Add ``generations`` and step until all of them are done, yielding each step's outputs."""
-        self.add(generations)
+        """Decode ``generations`` to their ends, yielding each step's outputs. More than the engine has free rows
+        join as earlier ones finish (continuous batching: no row waits for a whole batch to end), several at a
+        time so that they share a prefill (a quarter of the rows, at most a prefill group)."""
+        pending = deque(generations)
+        group = max(1, min(PREFILL_GROUP, self.capacity // 4))
+
+        def join() -> None:
+            room = self.capacity - self.active
+            if pending and room and (not self.active or room >= min(group, len(pending))):
+                self.add([pending.popleft() for _ in range(min(room, len(pending)))])
+
         try:
+            join()
             while any(not g.finished for g in generations):
                 yield self.step()
+                join()
         finally:  # the caller stopped early (a client gone, a stop string): free the rows
             self.finish([g for g in generations if not g.finished])
 

@@ -496,9 +496,8 @@ class MedusaModel(nn.Module):
                 raise MedusaError(f"prompt {index}: {error}") from None
         longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
         engine = self.engine(options, self._resolve_tree(tree), min(len(generations), BATCH_BUCKETS[-1]), longest)
-        for start in range(0, len(generations), engine.capacity):
-            for _ in engine.run(generations[start : start + engine.capacity]):
-                pass
+        for _ in engine.run(generations):  # more prompts than rows: each joins as an earlier one finishes
+            pass
         for generation in generations:
             generation.finish_text()
         return [generation_result(generation) for generation in generations]

@@ -28,7 +28,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--top-p", type=float, default=1.0, help="with --temperature above 0: nucleus mass kept (default 1: off)"
     )
-    parser.add_argument("--batch-size", type=int, default=128, help="prompts per generate call (default 128)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=128,
+        help="prompts answered, then appended to the output, at a time (default 128); up to 64 of them decode "
+        "at once, each joining as another ends",
+    )
     parser.add_argument("--limit", type=int, help="answer a stable random sample of N prompts across the files")
     parser.add_argument("--max-prompt-tokens", type=int, default=1024, help="skip longer prompts (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --limit's sample and for sampling (default 0)")

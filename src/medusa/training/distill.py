@@ -1,8 +1,10 @@
 """Self-distillation: the base model answers a prompt pool itself, written as ShareGPT-style JSONL.
 
 Heads trained on the base model's own answers learn the distribution they will be asked to guess
-(paper, section 2.3.2). Generation is batched with left padding through transformers' ``generate``,
-prompts of similar length together so a batch wastes little on padding.
+(paper, section 2.3.2). The answers come from our own decoding engine without heads (``MedusaModel``'s
+``generate_batch``: continuous batching, CUDA graphs on a GPU), prompts of similar length together. A
+sampled answer draws from a seed of its own (``--seed`` and the prompt's id), so it does not depend on which
+prompts shared its batch or on a resumed run.
 
 Rows are ``{"id", "conversations", "finish"}``, keyed by a stable prompt id (file name, index and
 content). Each batch is appended and flushed at once, so a rerun after a kill reads the ids already
@@ -20,12 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.files import append_text, read_json, write_json
 from medusa.loading import load_base_model
+from medusa.model import GenerationConfig, MedusaModel
 from medusa.training.config import DistillConfig
 from medusa.training.data import DataPrompt, encode_messages, read_prompts
 
@@ -151,57 +154,38 @@ def plan(config: DistillConfig, tokenizer: PreTrainedTokenizerBase) -> DistillPl
     return DistillPlan(pending, done=len(done & seen), total=len(unique), skipped=skipped, repaired=repaired)
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is None:
-        configured = tokenizer.eos_token_id
-    if configured is None:
-        raise MedusaError("the model has no end-of-sequence token; distillation would never stop early")
-    return [configured] if isinstance(configured, int) else list(configured)
-
-
 def _row(prompt: DataPrompt, answer: str, finish: str) -> dict:
     turns = [{"from": SHAREGPT_ROLES[m["role"]], "value": m["content"]} for m in prompt.messages]
     turns.append({"from": "gpt", "value": answer})
     return {"id": prompt.id, "conversations": turns, "finish": finish}
 
 
-def generate_batch(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[list[int]],
-    config: DistillConfig,
-    eos_ids: list[int],
-    pad_id: int,
+def row_seed(seed: int, prompt_id: str) -> int:
+    """A sampled answer's own seed, from the run's ``--seed`` and the prompt's id."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "big") >> 1
+
+
+def answer_batch(
+    model: MedusaModel, batch: list[tuple[DataPrompt, list[int]]], config: DistillConfig
 ) -> tuple[list[list[int]], list[bool]]:
-    """Answer token ids per prompt (EOS cut off) and whether each stopped at EOS; prompts left-padded."""
-    device = next(model.parameters()).device
-    longest = max(len(ids) for ids in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, longest - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, longest - len(ids) :] = 1
-    sampling = (
-        {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
-        if config.temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
+    """Each prompt's answer token ids (EOS cut off), and whether it stopped at EOS."""
+    configs = [
+        GenerationConfig(
             max_new_tokens=config.max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-            **sampling,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            seed=row_seed(config.seed, prompt.id),
+            chat_template=False,  # the ids are the rendered conversation already
         )
+        for prompt, _ in batch
+    ]
+    results = model.generate_batch([ids for _, ids in batch], configs, options=EngineOptions(use_heads=False))
+    eos = model.eos_token_ids()
     answers, stopped = [], []
-    eos = set(eos_ids)
-    for tokens in output[:, longest:].tolist():
-        end = next((i for i, token in enumerate(tokens) if token in eos), None)
-        answers.append(tokens[:end] if end is not None else tokens)
-        stopped.append(end is not None)
+    for result in results:
+        ended = bool(result.token_ids) and result.token_ids[-1] in eos
+        answers.append(result.token_ids[:-1] if ended else result.token_ids)
+        stopped.append(ended)
     return answers, stopped
 
 
@@ -212,19 +196,19 @@ def distill(
     tokenizer: PreTrainedTokenizerBase,
 ) -> Iterator[DistillBatch]:
     """Answer ``work.pending`` batch by batch, appending each batch to the output before yielding it."""
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    decoder = MedusaModel(model, tokenizer, None)
+    if not decoder.eos_token_ids():
+        raise MedusaError("the model has no end-of-sequence token; distillation would never stop early")
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     check_settings(config)
     settings = settings_path(output)
     if not settings.is_file():
         write_json(settings, answer_settings(config), indent=1)
-    for number, start in enumerate(range(0, len(work.pending), config.batch_size)):
+    for start in range(0, len(work.pending), config.batch_size):
         batch = work.pending[start : start + config.batch_size]
-        torch.manual_seed(config.seed + number)
         started = time.perf_counter()
-        answers, stopped = generate_batch(model, tokenizer, [ids for _, ids in batch], config, eos_ids, pad_id)
+        answers, stopped = answer_batch(decoder, batch, config)
         seconds = time.perf_counter() - started
         lines = []
         for (prompt, _), tokens, stop in zip(batch, answers, stopped):
