@@ -301,6 +301,27 @@ def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
         assert row["identical_answers"] == 3  # greedy: Medusa's answers are the plain ones
         assert row["medusa"]["new_tokens"] == row["autoregressive"]["new_tokens"] > 0
     assert out.with_suffix(".png").is_file()
+    host = report["rows"][1]["medusa"]["host_ms_per_step"]  # where the steps' host time went, by phase
+    assert set(host) == {"launch", "wait", "bookkeeping", "leave"} and host["launch"] > 0
+
+
+def test_engine_timeline_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "engine_timeline.py"
+    out = tmp_path / "timeline.json"
+    argv = [str(script), "--shape", "tiny", "--batches", "1,2", "--prefill-lengths", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    report = json.loads(out.read_text())
+    assert set(report["prefill"]) == {"default", "no_cudnn"}
+    assert [(row["use_heads"], row["batch"]) for row in report["steps"]] == [
+        (False, 1),
+        (False, 2),
+        (True, 1),
+        (True, 2),
+    ]
+    for row in report["steps"]:
+        assert row["steps"] > 0 and row["new_tokens"] > 0
+        assert sum(row["ms_per_step_by_phase"].values()) <= row["ms_per_step"] * 1.01
 
 
 def test_capture_up_front_takes_the_shortest_spans_first_within_its_budget():
