@@ -232,3 +232,12 @@ def test_json_output_for_scripts(capsys, model_dir):
     stats = result["stats"]
     assert stats["new_tokens"] == 10 and stats["tree_nodes"] == 16 and stats["steps"] >= 1
     assert stats["prompt_tokens"] > 0 and stats["acceptance"] == "greedy" and stats["mean_accepted"] >= 1
+
+
+def test_serve_refuses_a_negative_join_wait_before_loading_a_model(capsys, model_dir, monkeypatch):
+    import medusa.commands.serve as serve
+
+    monkeypatch.setattr(serve, "load_model", lambda args: pytest.fail("the model was loaded"))
+    code = main(["serve", "--model", str(model_dir), "--join-wait", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--join-wait must be 0 or more seconds, got -1" in err.strip().splitlines()[-1]

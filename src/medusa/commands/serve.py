@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     options = EngineOptions(use_heads=not args.no_heads, cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
+    if args.join_wait is not None and not args.join_wait >= 0:  # before the model loads, not after
+        raise MedusaError(f"--join-wait must be 0 or more seconds, got {args.join_wait:g}")
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
