@@ -238,3 +238,21 @@ def test_the_cache_keyword_follows_the_forward_signature():
 
     assert cache_keyword(Old()) == "past_key_values"
     assert cache_keyword(New()) == "cache"
+
+
+def test_kv_bytes_per_row_is_what_an_engine_allocates_per_row():
+    from helpers.models import make_tiny_model
+    from medusa.cache import kv_bytes_per_row
+    from medusa.model import GenerationConfig, MedusaModel
+
+    for architecture in ("llama", "qwen2", "gemma"):
+        model = MedusaModel.from_pretrained(make_tiny_model(architecture), tree="8")
+        engine = model.engine(max_rows=4, max_length=300, keep=False)
+        for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
+            pass  # the buffers exist from the first prefill on
+        layers = engine.decoder.cache.layers
+        allocated = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+        expected = engine.decoder.max_rows * kv_bytes_per_row(
+            model.base_model.config, engine.decoder.max_length, model.base_model.dtype
+        )
+        assert allocated == expected, architecture

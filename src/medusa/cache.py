@@ -213,6 +213,16 @@ def _cache_keyword_of(model_class: type) -> str:
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
+def kv_bytes_per_row(config: PretrainedConfig, slots: int, dtype: torch.dtype) -> int:
+    """Bytes of K and V that one row of ``slots`` takes in every layer: what each running request's cache
+    costs, for sizing a running batch against the device's memory."""
+    text = config.get_text_config()
+    query_heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or query_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // query_heads
+    return 2 * num_cache_layers(config) * kv_heads * head_dim * slots * dtype.itemsize
+
+
 def num_cache_layers(config: PretrainedConfig) -> int:
     return config.get_text_config().num_hidden_layers
 

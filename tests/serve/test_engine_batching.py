@@ -267,3 +267,25 @@ def test_when_waiting_requests_join_a_running_batch(serve_model, monkeypatch):
     zero = Engine(serve_model, EngineConfig(max_batch=16, join_wait=0))
     zero._waiting.extend(engine._waiting)
     assert zero._may_join(running=3)  # join_wait 0: the next step boundary
+
+
+def test_the_default_running_batch_is_the_largest_bucket_whose_tuned_tree_pays_and_fits():
+    from medusa.cache import kv_bytes_per_row
+    from medusa.engine import EngineOptions
+    from medusa.serve.engine import GPU_MAX_BATCH, KV_MEMORY_SHARE, default_max_batch
+    from medusa.tree import Tree, default_tree
+
+    model = make_slow_model(0.0)
+    options, slots, plenty = EngineOptions(), 2048, 10**15
+    assert default_max_batch(model, options, slots, plenty) == GPU_MAX_BATCH  # no trees tuned per batch size
+    root = Tree.from_paths([])
+    model.batch_trees = {2: default_tree(16), 4: default_tree(8), 8: root, 16: root, 32: root, 64: root}
+    assert default_max_batch(model, options, slots, plenty) == 4  # from batch 8 on, no tree pays
+    model.batch_trees[64] = default_tree(8)
+    assert default_max_batch(model, options, slots, plenty) == 64
+    assert default_max_batch(model, EngineOptions(use_heads=False), slots, plenty) == GPU_MAX_BATCH
+    # Memory caps it: room for the KV cache of 20 rows is room for a bucket of 16.
+    row = kv_bytes_per_row(model.base_model.config, slots, model.base_model.dtype)
+    assert default_max_batch(model, options, slots, int(20 * row / KV_MEMORY_SHARE)) == 16
+    assert default_max_batch(model, options, slots, 0) == 1
+    assert default_max_batch(model, options, slots) == 64  # on the CPU nothing is measured: no cap

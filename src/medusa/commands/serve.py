@@ -12,7 +12,6 @@ from medusa.errors import MedusaError
 
 # Requests decoded together on a GPU by default: at 32 clients the H100 served 4.1x (heads) and 5.4x (no heads)
 # the old one-at-a-time server (docs/benchmarks/h100-batch-engine).
-GPU_MAX_BATCH = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="requests decoded together, joining and leaving at step boundaries (continuous batching; "
-        f"default {GPU_MAX_BATCH} on a GPU, 1 on the CPU: one at a time)",
+        "default on a GPU: the largest batch size whose tuned tree still pays, else 32, and whose KV cache takes "
+        "at most half the free GPU memory; 1 on the CPU: one at a time)",
     )
     group.add_argument(
         "--join-wait",
@@ -131,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medusa.engine import EngineOptions
     from medusa.serve import Engine, EngineConfig, ServeSettings, create_app
+    from medusa.serve.engine import default_max_batch
     from medusa.serve.server import ServerConfig, run_server
 
     api_key = args.api_key or os.environ.get("MEDUSA_API_KEY") or None
@@ -159,7 +160,10 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
     )
     model = load_model(args)
-    max_batch = args.max_batch or (GPU_MAX_BATCH if model.device.type == "cuda" else 1)
+    if args.max_batch:
+        max_batch = args.max_batch
+    else:
+        max_batch = default_max_batch(model, options, args.cache_length) if model.device.type == "cuda" else 1
     engine_config = EngineConfig(
         max_waiting=args.max_waiting,
         request_timeout=args.timeout,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from medusa.acceptance import StepKind
+from medusa.cache import kv_bytes_per_row
 from medusa.decoding import DecodingStats
 from medusa.engine import BATCH_BUCKETS, PREFILL_GROUP, DecodingEngine, EngineOptions, Generation
 from medusa.errors import MedusaError
@@ -30,6 +31,35 @@ from medusa.model import GenerationChunk, GenerationConfig, MedusaModel
 from medusa.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+
+GPU_MAX_BATCH = 32  # the running batch on a GPU when no tuned trees say how far speculation pays
+# The share of the GPU memory free at start that the running batch's KV cache may take by default (the rest is
+# for the captured graphs, prefills and activations).
+KV_MEMORY_SHARE = 0.5
+
+
+def default_max_batch(
+    model: MedusaModel, options: EngineOptions, cache_length: int, free_bytes: int | None = None
+) -> int:
+    """The running batch a GPU server allows by default: the largest batch bucket whose tuned tree still has
+    guesses (where none pays, a bucket decodes with the root alone, and more rows only add latency), or
+    ``GPU_MAX_BATCH`` without heads or without trees tuned per batch size for this device; at most as many
+    rows of ``cache_length`` slots as fit ``KV_MEMORY_SHARE`` of ``free_bytes`` (default: the GPU's free
+    memory)."""
+    wanted = GPU_MAX_BATCH
+    if options.use_heads and model.heads is not None and model.batch_trees:
+        tuned = [1, *sorted(model.batch_trees)]  # bucket 1 runs the model's own (tuned) tree
+        wanted = max((bucket for bucket in tuned if model.tree_for(options, bucket).size > 1), default=wanted)
+    if free_bytes is None and model.device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(model.device)[0]
+    if free_bytes is not None:
+        row = kv_bytes_per_row(model.base_model.config, cache_length, model.base_model.dtype)
+        fitting = [
+            bucket for bucket in BATCH_BUCKETS if bucket <= wanted and bucket * row <= KV_MEMORY_SHARE * free_bytes
+        ]
+        wanted = max(fitting, default=1)
+    return wanted
 
 
 class QueueFull(Exception):
