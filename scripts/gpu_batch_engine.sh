@@ -68,7 +68,8 @@ serve)
             flag=""; [ "$heads" = no-heads ] && flag=--no-heads
             [ "$wait" != default ] && flag="$flag --join-wait $wait"
             name=$heads; [ "$wait" != default ] && name=$heads-wait$wait
-            python3 -m medusa.cli serve --model "$MODEL" --heads "$HEADS" --port 8011 --max-batch 32 $flag \
+            batch=${MAX_BATCH-32}  # MAX_BATCH unset: 32 (the runs so far); set empty: the server's own default
+            python3 -m medusa.cli serve --model "$MODEL" --heads "$HEADS" --port 8011 ${batch:+--max-batch $batch} $flag \
                 > "$OUT/serve/server-$name.log" 2>&1 &
             server=$!
             for _ in $(seq 180); do
