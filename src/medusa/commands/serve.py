@@ -10,9 +10,6 @@ import sys
 from medusa.commands.common import SCHEMES, add_model_arguments, load_model
 from medusa.errors import MedusaError
 
-# Requests decoded together on a GPU by default: at 32 clients the H100 served 4.1x (heads) and 5.4x (no heads)
-# the old one-at-a-time server (docs/benchmarks/h100-batch-engine).
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)

@@ -60,7 +60,7 @@ class Metrics:
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)  # running rows, observed once per batched step
-        self.prefill_batch_size = Histogram(BATCH_BUCKETS)  # requests prefilled together, once per admission
+        self.prefill_batch_size = Histogram(BATCH_BUCKETS)  # requests joining together, once per admission
         self.queue_time = Histogram(TTFT_BUCKETS)  # from a request's arrival to the start of its prefill
         # The worker thread's busy seconds by phase (WORKER_PHASES): where a step's wall time goes under load.
         self.worker_seconds: Counter[str] = Counter()
@@ -143,7 +143,8 @@ class Metrics:
                 (
                     "medusa_prefill_batch_size",
                     self.prefill_batch_size,
-                    "Requests that joined the running batch together (one prefill), once per admission.",
+                    "Requests that joined the running batch together (prefilled in groups of up to 8), once per "
+                    "admission.",
                 ),
                 (
                     "medusa_request_queue_seconds",
