@@ -4,8 +4,10 @@ Both run on the same engine (``MedusaModel.generate_batch``: one cache, one forw
 the whole batch, CUDA graphs on a GPU); autoregressive is the same engine with ``use_heads=False`` (a
 one-node tree). Medusa runs the tree each batch bucket is given (tuned per batch size, else the model's
 tree cut to a node budget). For every batch size the same prompts (first turns of Spec-Bench questions,
-categories interleaved) are decoded in consecutive batches of that size; throughput is all new tokens
-over all wall time, prefill included, and decode throughput leaves the prefills out.
+categories interleaved) are decoded with at most that many rows running at once: each prompt joins as an
+earlier one finishes (continuous batching, as a server runs), so a batch never waits for its slowest row.
+Every graph the pass replays is captured before it. Throughput is all new tokens over all wall time,
+prefill included, and decode throughput leaves the prefills out.
 
     python scripts/batch_throughput.py --model DIR --heads DIR --questions question.jsonl \
         --max-new-tokens 256 --batch-sizes 1,4,16,32 --out docs/benchmarks/batch-throughput.json
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from medusa.acceptance import StepKind
 from medusa.bench.environment import environment, synchronize
 from medusa.bench.specbench import categories_of, default_questions_path, load_questions, select_questions
 from medusa.engine import EngineOptions, StepTimes
@@ -73,43 +76,42 @@ def tiny_model() -> tuple[MedusaModel, list[list[int]]]:
 def measure(
     model: MedusaModel, prompts: list, batch_size: int, config: GenerationConfig, options: EngineOptions
 ) -> tuple[dict, list]:
-    """Decode ``prompts`` in consecutive batches of ``batch_size``; return the totals and the answers."""
-    answers, steps, accepted, prefill = [], 0, [], 0.0
-    # Untimed: the longest prompts size the engine's cache and capture every graph the timed run will replay.
+    """Decode ``prompts`` with at most ``batch_size`` rows running at once; return the totals and the answers."""
+    # Untimed: the longest prompts size the engine's cache, then every prefill and step graph is captured.
     longest = sorted(prompts, key=len, reverse=True)[:batch_size]
-    model.generate_batch(longest, config, options=options)
-    synchronize(model.device)
-    # Shorter batches may still need graphs of smaller attention spans: those captures (once in an engine's
-    # life, before the batch's first step) fall inside the timed pass, and are taken out of the decode rate.
-    captured_before = _capture_seconds(model, options)
+    model.generate_batch(longest, config, options=options, max_batch=batch_size)
     engine = model.engine(options)  # the engine generate_batch runs (kept): its host times over the timed pass
+    engine.capture([StepKind()])
+    synchronize(model.device)
+    # A graph the capture left out (none expected) is captured inside the pass: taken out of the rates.
+    captured_before = _capture_seconds(model, options)
     engine.times = StepTimes()
     started = time.perf_counter()
-    for first in range(0, len(prompts), batch_size):
-        results = model.generate_batch(prompts[first : first + batch_size], config, options=options)
-        answers += [r.token_ids for r in results]
-        steps += max(r.stats.steps for r in results)  # the batch's steps: its longest member's
-        accepted += [a for r in results for a in r.stats.accepted_per_step]
-        prefill += results[0].stats.prefill_seconds
+    results = model.generate_batch(prompts, config, options=options, max_batch=batch_size)
     synchronize(model.device)
     seconds = time.perf_counter() - started
     capture = _capture_seconds(model, options) - captured_before
+    answers = [r.token_ids for r in results]
+    accepted = [a for r in results for a in r.stats.accepted_per_step]
     tokens = sum(map(len, answers))
+    times = engine.times
     return {
         "batch_size": batch_size,
         "sequences": len(prompts),
         "new_tokens": tokens,
         "seconds": seconds,
-        "prefill_seconds": prefill,
+        "prefill_seconds": times.prefill,
+        "prefills": times.prefills,
         "tokens_per_second": tokens / (seconds - capture),  # prefill counted, one-time graph captures not
         "capture_seconds_in_pass": capture,
-        "decode_tokens_per_second": tokens / (seconds - prefill - capture),
+        "decode_tokens_per_second": tokens / (seconds - times.prefill - capture),
         "tree_size": model.tree_for(options, batch_size).size,
         "captured_graphs": _capture_report(model, options),
-        "batch_steps": steps,
+        "batch_steps": times.steps,
+        "mean_rows_per_step": sum(len(r.stats.accepted_per_step) for r in results) / max(times.steps, 1),
         # Host milliseconds per step by phase (DecodingEngine.times): wait is mostly the device's own time.
         "host_ms_per_step": {
-            name: 1e3 * getattr(engine.times, name) / max(engine.times.steps, 1)
+            name: 1e3 * getattr(times, name) / max(times.steps, 1)
             for name in ("launch", "wait", "bookkeeping", "leave")
         },
         "mean_accepted_per_sequence_step": sum(accepted) / len(accepted),
@@ -225,6 +227,7 @@ def main() -> None:
             "max_new_tokens": args.max_new_tokens,
             "prompts": len(prompts),
             "cuda_graphs": model.device.type == "cuda",
+            "batching": "continuous: at most batch_size rows at once, each prompt joining as an earlier one ends",
             "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
             "compares batched Medusa with batched autoregressive greedy answers",
         },

@@ -324,21 +324,28 @@ def test_engine_timeline_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
         assert sum(row["ms_per_step_by_phase"].values()) <= row["ms_per_step"] * 1.01
 
 
-def test_capture_up_front_takes_the_shortest_spans_first_within_its_budget():
-    """``capture`` asks for every (bucket, span, kind) up to the engine's rows, shortest spans first, and stops at
-    ``max_graphs``; it refuses a busy engine and one whose cache has no buffers yet (the graphs are planted: the
-    CPU captures none)."""
+def test_capture_up_front_takes_the_prefills_then_the_shortest_spans_first_within_its_budget():
+    """``capture`` asks first for the prefill of every group size, prompt width and prefill kind (loaded on idle
+    rows, which it frees again), then for every (bucket, span, kind) up to the engine's rows, shortest spans
+    first, and stops at ``max_graphs``; it refuses a busy engine and one whose cache has no buffers yet (the graphs
+    are planted: the CPU captures none)."""
     from medusa.acceptance import StepKind
+    from medusa.decoding import PREFILL_WIDTHS
 
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     engine = model.engine(max_rows=4, max_length=600, keep=False)
 
     class Recorder:
         def __init__(self) -> None:
-            self.keys = []
+            self.keys, self.prefills = [], []
 
         def prepare(self, rows, span, kind) -> None:
             self.keys.append((rows, span, kind))
+
+        def prepare_prefill(self, prompts, width, kind) -> None:
+            assert engine.decoder.prompt_rows[:prompts].tolist() == list(range(prompts))
+            engine.decoder.prefill_step(prompts, width, kind)  # as a capture's warm-up does
+            self.prefills.append((prompts, width, kind))
 
     engine.graphs = Recorder()
     with pytest.raises(MedusaError, match="after the engine's first generation"):
@@ -348,14 +355,19 @@ def test_capture_up_front_takes_the_shortest_spans_first_within_its_budget():
         pass
     assert not engine.capture([StepKind()])  # no graphs on the CPU
     engine.graphs = recorder = Recorder()
-    kinds = [StepKind(), StepKind(sample=True)]
+    kinds = [StepKind(), StepKind(sample=True), StepKind(sample=True, logprobs=3)]  # two kinds of prefill
     assert len(engine.spans) >= 2
-    assert engine.capture(kinds, max_graphs=7)
-    first_span = [(bucket, engine.spans[0], kind) for kind in kinds for bucket in (1, 2, 4)]
-    assert recorder.keys == [*first_span, (1, engine.spans[1], kinds[0])]
+    prefills = [(size, width, kind) for kind in kinds[:2] for width in PREFILL_WIDTHS for size in (1, 2, 4)]
+    assert engine.capture(kinds, max_graphs=len(prefills) + 7)
+    assert recorder.prefills == prefills
+    first_span = [(bucket, engine.spans[0], kind) for kind in kinds[:2] for bucket in (1, 2, 4)]
+    assert recorder.keys == [*first_span, (1, engine.spans[0], kinds[2])]
+    assert not engine.decoder.active.any() and not engine.decoder.lengths.any()  # the prefilled rows are free again
     recorder.keys.clear()
+    assert engine.capture(kinds, max_graphs=5)
+    assert recorder.keys == []  # the budget went to prefills
     assert engine.capture(kinds)
-    assert len(recorder.keys) == 2 * 3 * len(engine.spans)
+    assert len(recorder.keys) == 3 * 3 * len(engine.spans)
     generation = model.prepare([5, 6], GenerationConfig(max_new_tokens=2, chat_template=False))
     engine.graphs = None
     engine.add([generation])
@@ -391,3 +403,100 @@ def test_generate_batch_with_more_prompts_than_the_largest_bucket():
     for index in (0, BATCH_BUCKETS[-1] - 1, BATCH_BUCKETS[-1] + 5):
         alone = model.generate(prompts[index], max_new_tokens=3, chat_template=False)
         assert results[index].token_ids == alone.token_ids
+
+
+def test_generate_batch_runs_at_most_max_batch_rows_at_once():
+    """``max_batch`` bounds the running rows; the rest join as rows free up, each answer still its own."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    prompts = random_prompts(7, seed=8)
+    engine = model.engine()
+    most = []
+    original_step = type(engine).step
+
+    def counting_step(self):
+        most.append(self.active)
+        return original_step(self)
+
+    type(engine).step = counting_step
+    try:
+        results = model.generate_batch(prompts, max_new_tokens=5, chat_template=False, max_batch=3)
+    finally:
+        type(engine).step = original_step
+    assert max(most) == 3
+    assert [r.token_ids for r in results] == [
+        model.generate(p, max_new_tokens=5, chat_template=False).token_ids for p in prompts
+    ]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(MedusaError, match="max_batch must be a positive number of rows"):
+            model.generate_batch(prompts, max_new_tokens=2, max_batch=bad)
+
+
+def test_prefill_pieces_are_the_group_sizes_graphs_exist_for():
+    from medusa.engine import prefill_pieces
+
+    assert prefill_pieces(1) == [1]
+    assert prefill_pieces(5) == [4, 1]
+    assert prefill_pieces(7) == [4, 2, 1]
+    assert prefill_pieces(8) == [8]
+    assert all(sum(prefill_pieces(n)) == n for n in range(1, 9))
+
+
+def test_prefill_plan_groups_prompts_by_width_in_pieces_graphs_exist_for():
+    from medusa.engine import prefill_plan
+
+    lengths = [10, 600, 40, 20, 30, 700, 31, 5]
+    assert prefill_plan(lengths, 2048, captured=False) == [(list(range(8)), 700, False)]
+    assert prefill_plan(lengths, 2048, captured=True) == [
+        ([0, 3, 4, 6], 32, True),
+        ([7], 32, True),
+        ([2], 64, True),
+        ([1, 5], 700, False),  # wider than any graph: eagerly, at its own width
+    ]
+    assert prefill_plan([200], 240, captured=True) == [([0], 200, False)]  # 256 slots would not fit the rows
+
+
+def test_prefill_width_is_the_smallest_captured_width_that_fits():
+    from medusa.decoding import PREFILL_WIDTHS, prefill_width
+
+    assert prefill_width(1, 4096) == PREFILL_WIDTHS[0]
+    assert prefill_width(PREFILL_WIDTHS[1], 4096) == PREFILL_WIDTHS[1]
+    assert prefill_width(PREFILL_WIDTHS[1] + 1, 4096) == PREFILL_WIDTHS[2]
+    assert prefill_width(PREFILL_WIDTHS[-1] + 1, 4096) is None  # longer prompts prefill eagerly
+    assert prefill_width(200, 300) == 256 and prefill_width(300, 300) is None  # never wider than a row's cache
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma", "qwen2"])
+def test_prefills_padded_to_captured_widths_and_split_into_pieces_change_no_answer(architecture, monkeypatch):
+    """The path a GPU takes with prefill graphs, run eagerly on the CPU: a joining group split into pieces of 4, 2
+    and 1, each padded to a fixed width, and single rows joining running ones. Greedy, seeded sampled and
+    log-probability rows give exactly what an unpadded prefill of the whole group gives."""
+    from medusa.decoding import PREFILL_WIDTHS
+    from medusa.engine import DecodingEngine
+
+    model = MedusaModel.from_pretrained(make_tiny_model(architecture), tree="16")
+    prompts = random_prompts(5, seed=12) + [[17], [(5 * i) % 90 + 4 for i in range(40)]]  # widths 32 and 64
+    configs = [
+        GenerationConfig(max_new_tokens=10, chat_template=False, temperature=0.8, top_k=20, seed=i)
+        if i % 3 == 0
+        else GenerationConfig(max_new_tokens=10, chat_template=False, logprobs=2 if i == 1 else None)
+        for i in range(len(prompts))
+    ]
+    settings = [{"max_batch": 7}, {"max_batch": 3, "lookup": 4}]  # one group of 7; rows joining running ones
+    unpadded = [model.generate_batch(prompts, configs, **setting) for setting in settings]
+
+    prefills = []
+    run_prefill = DecodingEngine.run_prefill
+
+    def record(self, count, width, kind, captured):
+        prefills.append((count, width, captured))
+        run_prefill(self, count, width, kind, captured)
+
+    monkeypatch.setattr(DecodingEngine, "captures_prefills", property(lambda self: True))
+    monkeypatch.setattr(DecodingEngine, "run_prefill", record)
+    padded = [model.generate_batch(prompts, configs, **setting) for setting in settings]
+    assert prefills[:3] == [(4, 32, True), (2, 32, True), (1, 64, True)]
+    assert all(captured and width in PREFILL_WIDTHS and count in (1, 2, 4) for count, width, captured in prefills)
+    for before, after in zip(unpadded, padded):
+        assert [r.token_ids for r in after] == [r.token_ids for r in before]
+        assert after[1].logprobs == pytest.approx(before[1].logprobs, abs=1e-5)
+        assert after[1].top_logprobs[0][0][0] == before[1].top_logprobs[0][0][0]

@@ -3,6 +3,7 @@
 Every acceptance scheme must capture (a failed capture falls back to eager with a warning, silently slow),
 and a replayed step must decode what the eager step decodes: greedy token for token, sampling the same
 tokens from a seed. Batches capture one graph per (bucket, span, kind); rows join and leave without one.
+Prefills of short prompts replay graphs per (group size, width, kind) once the cache exists.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from helpers.models import make_tiny_model
+from medusa.decoding import PREFILL_WIDTHS
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationConfig, MedusaModel
@@ -129,7 +131,10 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
         pass
     assert engine.capture([StepKind(), StepKind(sample=True)])
     report = engine.capture_report()
-    assert report.graphs == 2 * 3 * len(engine.spans)  # kinds x buckets 1, 2, 4 x spans
+    widths = [width for width in PREFILL_WIDTHS if width <= engine.decoder.max_length]
+    # Prefills: kinds x group sizes 1, 2, 4 x widths; steps: kinds x buckets 1, 2, 4 x spans.
+    assert report.graphs == 2 * 3 * len(widths) + 2 * 3 * len(engine.spans)
+    assert not engine.decoder.active.any()  # the rows the prefill captures loaded are free again
     prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11]]
     configs = [GenerationConfig(max_new_tokens=n, chat_template=False) for n in (40, 7, 25, 33)]
     configs[2] = GenerationConfig(max_new_tokens=25, chat_template=False, temperature=0.8, seed=3)
@@ -139,3 +144,29 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
     assert engine.capture_report().graphs == report.graphs
     eager = model.generate_batch(prompts, configs, cuda_graphs=False)
     assert [g.tokens for g in generations] == [r.token_ids for r in eager]
+
+
+def test_captured_prefills_decode_as_eager_prefills(model, caplog):
+    """Once the cache exists, joining groups of short prompts replay captured prefills (split into pieces of 4, 2
+    and 1, padded to fixed widths); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled
+    and log-probability rows decode what they decode without graphs."""
+    prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11], list(range(3, 40)), [4] * 70, PROMPT[::-1]]
+    prompts.append([(7 * i) % 200 + 3 for i in range(PREFILL_WIDTHS[-1] + 5)])  # eager: wider than any graph
+    configs = [GenerationConfig(max_new_tokens=12, chat_template=False) for _ in prompts]
+    configs[2] = GenerationConfig(max_new_tokens=12, chat_template=False, temperature=0.8, top_p=0.9, seed=3)
+    configs[4] = GenerationConfig(max_new_tokens=12, chat_template=False, logprobs=3)
+    eager = model.generate_batch(prompts, configs, cuda_graphs=False)
+    engine = model.engine(EngineOptions(), max_rows=8, max_length=1024, keep=False)
+    for _ in engine.run([model.prepare(PROMPT, GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass  # the first prefill (eager) makes the cache
+    assert engine.captures_prefills and not engine.graphs.prefills
+    with caplog.at_level(logging.WARNING, logger="medusa"):
+        for max_rows in (8, 2):  # one group of 8, then rows joining running ones
+            generations = [model.prepare(p, c) for p, c in zip(prompts, configs)]
+            for _ in engine.run(generations, max_rows):
+                pass
+            assert [g.tokens for g in generations] == [r.token_ids for r in eager]
+            assert generations[4].token_logprobs == pytest.approx(eager[4].logprobs, abs=1e-4)
+    assert "capture failed" not in caplog.text
+    sizes = {size for size, _, _ in engine.graphs.prefills}
+    assert sizes <= {1, 2, 4} and 4 in sizes and 1 in sizes

@@ -42,6 +42,22 @@ from medusa.tree import Tree
 ATTENTION_SPAN_STEP = 256
 MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's limit)
 PAD_TOKEN = 0  # fills a prefill's rows past their prompt; those positions are never read
+PREFILL_GROUP = 8  # joining prompts prefilled together (their logits cost rows x rows x vocabulary)
+# Prompt widths a prefill is padded to where it replays a captured graph (one per group size, width and kind):
+# an eager prefill of a short prompt is a few hundred small kernels launched from Python, tens of milliseconds
+# against a step's few. Longer prompts prefill eagerly at their own width.
+PREFILL_WIDTHS = (32, 64, 128, 256, 512)
+
+
+def prefill_width(longest: int, max_length: int) -> int | None:
+    """The captured prefill width that holds prompts of up to ``longest`` tokens in a cache of ``max_length``
+    slots per row, or None (prefill eagerly)."""
+    return next((width for width in PREFILL_WIDTHS if longest <= width <= max_length), None)
+
+
+def prefill_kind(kind: StepKind) -> StepKind:
+    """The part of a step kind that choosing a prefill's first token depends on: its graphs are keyed on it."""
+    return StepKind(sample=kind.sample, filtered=kind.filtered)
 
 
 def attention_spans(max_length: int, least: int, step: int | None) -> tuple[int, ...]:
@@ -136,6 +152,12 @@ class Decoder:
         # Each row's text so far (prompt and committed tokens), for the lookup branch; kept only if a tree has one.
         has_lookup = any(tree.lookup for tree in trees.values())
         self.history = torch.zeros(max_rows, max_length if has_lookup else 0, dtype=torch.long, device=device)
+        # A joining group's prompts (right-padded), the rows they go to and their last positions: fixed buffers
+        # that ``load_prompts`` fills and ``prefill_step`` reads, so that a captured prefill replays on them.
+        group = min(max_rows, PREFILL_GROUP)
+        self.prompt_ids = torch.full((group, max_length), PAD_TOKEN, dtype=torch.long, device=device)
+        self.prompt_rows = torch.zeros(group, dtype=torch.long, device=device)
+        self.prompt_last = torch.zeros(group, dtype=torch.long, device=device)
         self._views: dict[tuple[int, int], MedusaCache] = {}
         self._keeps_some_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
 
@@ -162,8 +184,8 @@ class Decoder:
         cache: MedusaCache,
         keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: only each row's query
-        ``keep[row]``."""
+        """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: the logits of only each row's
+        query ``keep[row]`` (``[rows, 1, vocab]``), the hidden states of every query still."""
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
         cache.lengths.begin()
@@ -185,7 +207,7 @@ class Decoder:
             return logits, hidden
         rows = torch.arange(keep.numel(), device=self.device)
         picked = logits[rows, rows] if extra else logits[rows, keep]
-        return picked[:, None], hidden[rows, keep][:, None]
+        return picked[:, None], hidden
 
     # ----- joining: the prefill -------------------------------------------------------------------
 
@@ -196,43 +218,70 @@ class Decoder:
         schemes: Sequence[AcceptanceScheme],
         seeds: Sequence[int],
     ) -> None:
-        """Run ``prompts`` (1-D token ids) together into rows ``rows`` and choose each one's first token.
+        """Run ``prompts`` (1-D token ids) together into rows ``rows`` and choose each one's first token, eagerly
+        at the longest prompt's width (the engine replays captured prefills instead where it has them)."""
+        width = max(int(prompt.numel()) for prompt in prompts)
+        kind = self.load_prompts(rows, prompts, schemes, seeds, width)
+        self.prefill_step(len(rows), width, kind)
 
-        The prompts are right-padded into a cache of their own whose rows are then copied into place, so
-        the running rows are untouched. Each row's sampling settings and seed are set here.
-        """
+    def load_prompts(
+        self,
+        rows: Sequence[int],
+        prompts: Sequence[torch.Tensor],
+        schemes: Sequence[AcceptanceScheme],
+        seeds: Sequence[int],
+        width: int,
+    ) -> StepKind:
+        """Put a joining group's prompts, right-padded to ``width``, in the prefill's buffers, and each row's
+        sampling settings and seed in place; returns the kind of prefill they need (``prefill_kind``)."""
         count = len(rows)
         lengths = [int(prompt.numel()) for prompt in prompts]
-        longest = max(lengths)
-        device = self.device
-        ids = torch.full((count, longest), PAD_TOKEN, dtype=torch.long, device=device)
+        if not 0 < count <= self.prompt_rows.shape[0]:
+            raise ValueError(f"a prefill takes 1 to {self.prompt_rows.shape[0]} prompts, got {count}")
+        if max(lengths) > width or width > self.max_length:
+            raise ValueError(f"prompts of up to {max(lengths)} tokens at width {width} in {self.max_length} slots")
+        ids = torch.full((count, width), PAD_TOKEN, dtype=torch.long)
         for index, prompt in enumerate(prompts):
-            ids[index, : lengths[index]] = prompt.to(device)
-        row_index = torch.tensor(list(rows), device=device)
+            ids[index, : lengths[index]] = prompt.cpu()
+        self.prompt_ids[:count, :width].copy_(ids)
+        self.prompt_rows[:count].copy_(torch.tensor(list(rows)))
+        self.prompt_last[:count].copy_(torch.tensor(lengths) - 1)
         for row, scheme, seed in zip(rows, schemes, seeds):
             self.sampling.write(
                 row, scheme.scheme_id, scheme.sampling or SamplingParams(), scheme.eps, scheme.delta, seed
             )
+        return prefill_kind(StepKind.of(list(schemes)))
+
+    def prefill_step(self, count: int, width: int, kind: StepKind = StepKind()) -> None:
+        """Prefill the first ``count`` loaded prompts at ``width`` tokens each, all on the device (capturable).
+
+        The prompts run in a cache of their own whose rows are then copied into place, so the running rows are
+        untouched; pad tokens past a prompt write slots past its length, which nothing reads. Each row's first
+        token is chosen from its last prompt position's logits, by its own scheme and seed.
+        """
+        device = self.device
+        ids = self.prompt_ids[:count, :width]
+        row_index = self.prompt_rows[:count]
+        last = self.prompt_last[:count]
         starts = torch.zeros(count, dtype=torch.long, device=device)
-        cache = MedusaCache(len(self.cache.layers), longest, starts.clone(), self.one_store)
-        last = torch.tensor([n - 1 for n in lengths], device=device)
+        cache = MedusaCache(len(self.cache.layers), width, starts.clone(), self.one_store)
         with prefill_attention(device):
-            logits, hidden = self._forward(ids, chunk_visibility(starts, longest, longest), cache, keep=last)
+            logits, hidden = self._forward(ids, chunk_visibility(starts, width, width), cache, keep=last)
+        head_input = hidden[torch.arange(count, device=device), last]
         settings = RowSampling(*(getattr(self.sampling, name)[row_index] for name in RowSampling.__dataclass_fields__))
         positions = (last + 1)[:, None]  # the first new token's position
-        kind = StepKind.of(list(schemes))
         first = target_tokens(logits, settings, positions, torch.zeros(1, dtype=torch.long, device=device), kind)
         logprob, top_ids, top_logprobs = token_logprobs(logits, torch.zeros_like(first), first, self.top_logprobs)
-        self.cache.copy_rows(cache, row_index, longest)
+        self.cache.copy_rows(cache, row_index, width)
         self.lengths.index_copy_(0, row_index, last + 1)
         self.root_token.index_copy_(0, row_index, first[:, 0])
-        self.last_hidden.index_copy_(0, row_index, hidden[:, 0].to(self.dtype))
+        self.last_hidden.index_copy_(0, row_index, head_input.to(self.dtype))
         self.root_logprob.index_copy_(0, row_index, logprob[:, 0])
         self.root_top_ids.index_copy_(0, row_index, top_ids[:, 0])
         self.root_top_logprobs.index_copy_(0, row_index, top_logprobs[:, 0])
         self.active.index_fill_(0, row_index, True)
         if self.history.shape[1]:
-            self.history[row_index, :longest] = ids
+            self.history[:, :width].index_copy_(0, row_index, ids)
 
     def release(self, rows: Sequence[int]) -> None:
         """Rows leave: they stop committing, and their length returns to 0 so their tree stays inside any span."""

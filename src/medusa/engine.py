@@ -21,7 +21,17 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind
-from medusa.decoding import ATTENTION_SPAN_STEP, Decoder, DecodingStats, StepOutput, attention_spans
+from medusa.decoding import (
+    ATTENTION_SPAN_STEP,
+    PREFILL_GROUP,
+    PREFILL_WIDTHS,
+    Decoder,
+    DecodingStats,
+    StepOutput,
+    attention_spans,
+    prefill_kind,
+    prefill_width,
+)
 from medusa.devices import spans_devices, synchronize
 from medusa.errors import MedusaError
 from medusa.graphs import StepGraphs
@@ -33,7 +43,6 @@ logger = logging.getLogger("medusa")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # a step runs the smallest that holds the running rows
 CACHE_BUCKET = 256  # slots per row are rounded up to this, so one engine (and its graphs) serves many prompts
-PREFILL_GROUP = 8  # joining prompts prefilled together (their logits cost rows x rows x vocabulary)
 
 
 def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
@@ -42,6 +51,42 @@ def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
         if bucket >= rows:
             return bucket
     raise MedusaError(f"{rows} rows do not fit the largest batch bucket, {buckets[-1]}")
+
+
+def prefill_pieces(count: int) -> list[int]:
+    """A joining group of ``count`` prompts as pieces of 8, 4, 2 and 1 (largest first): the group sizes a captured
+    prefill has graphs for, so that 5 prompts replay two graphs instead of capturing a third size."""
+    pieces = []
+    for size in (8, 4, 2, 1):
+        while count >= size:
+            pieces.append(size)
+            count -= size
+    return pieces
+
+
+def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> list[tuple[list[int], int, bool]]:
+    """How a joining group of prompts of ``lengths`` tokens is prefilled: ``(members, width, from a graph)``.
+
+    Eagerly, the whole group at once at its longest prompt's width. With captured prefills, the prompts of each
+    width (``decoding.prefill_width``: a 20-token prompt is not padded to 512 because a long one joins with it)
+    in pieces of the group sizes graphs exist for; prompts wider than any graph together, eagerly.
+    """
+    if not captured:
+        return [(list(range(len(lengths))), max(lengths), False)]
+    by_width: dict[int | None, list[int]] = {}
+    for index, length in enumerate(lengths):
+        by_width.setdefault(prefill_width(length, max_length), []).append(index)
+    plan = []
+    for width in sorted(by_width, key=lambda width: width or max_length + 1):
+        members = by_width[width]
+        if width is None:
+            plan.append((members, max(lengths[index] for index in members), False))
+            continue
+        first = 0
+        for size in prefill_pieces(len(members)):
+            plan.append((members[first : first + size], width, True))
+            first += size
+    return plan
 
 
 def check_slots(name: str, value: object) -> None:
@@ -164,6 +209,8 @@ class StepTimes:
     wait: float = 0.0  # waiting for the device, and reading every row's accepted tokens: the step's one sync
     bookkeeping: float = 0.0  # per row: EOS, stop strings, limits, text, statistics
     leave: float = 0.0  # finished rows leaving the batch (their release, and the move that packs the rest)
+    prefills: int = 0  # joining groups prefilled (between steps, so outside the step times above)
+    prefill: float = 0.0  # seconds those prefills took, to the device's end
 
 
 class DecodingEngine:
@@ -303,8 +350,9 @@ class DecodingEngine:
         return self.graphs is not None and self.graphs.report.graphs > captured
 
     def capture(self, kinds: Sequence[StepKind], max_graphs: int | None = None) -> bool:
-        """Capture now the graphs this engine's steps of ``kinds`` may replay: every bucket up to its rows, every
-        attention span, the shortest spans first, up to ``max_graphs`` (None: all). A server does this before
+        """Capture now the graphs this engine's prefills and steps of ``kinds`` may replay: the prefill of every
+        group size and prompt width, then every bucket up to its rows and every attention span, the shortest
+        spans first, up to ``max_graphs`` graphs in all (None: all). A server does this before
         it takes requests, so that no capture lands in a request's time; what is left out is captured when a
         batch first needs it. Only an idle engine, after its first generation (which makes the cache's
         buffers), captures like this. Returns whether steps replay graphs (False on a CPU, or where capture
@@ -315,11 +363,23 @@ class DecodingEngine:
             return False
         if not all(layer.is_initialized for layer in self.decoder.cache.layers):
             raise MedusaError("the graphs are captured after the engine's first generation (its cache has no buffers)")
-        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= self.decoder.max_rows]
+        decoder = self.decoder
+        buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= decoder.max_rows]
         keys = [(bucket, span, kind) for span in self.spans for kind in kinds for bucket in buckets]
+        # The prefills first (fewer, and every request runs one): each group size and width, idle rows loaded.
+        group_sizes = [size for size in (1, 2, 4, 8) if size <= decoder.prompt_rows.shape[0]]
+        widths = [width for width in PREFILL_WIDTHS if width <= decoder.max_length]
+        prefill_kinds = list(dict.fromkeys(prefill_kind(kind) for kind in kinds))
+        prefills = [(size, width, kind) for kind in prefill_kinds for width in widths for size in group_sizes]
+        budget = len(prefills) + len(keys) if max_graphs is None else max_graphs
         try:
             with torch.inference_mode():
-                for key in keys[:max_graphs]:
+                for size, width, kind in prefills[:budget]:
+                    decoder.prompt_rows[:size].copy_(torch.arange(size))
+                    decoder.prompt_last[:size].fill_(0)
+                    self.graphs.prepare_prefill(size, width, kind)
+                    decoder.release(range(size))  # the capture's warm-ups prefilled those idle rows
+                for key in keys[: max(budget - len(prefills), 0)]:
                     self.graphs.prepare(*key)
         except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
             self.graphs, self.graphs_refused = None, True
@@ -330,13 +390,18 @@ class DecodingEngine:
         started = time.perf_counter()
         free = [row for row, generation in enumerate(self.rows) if generation is None]
         rows = (free + list(range(len(self.rows), len(self.rows) + len(generations))))[: len(generations)]
+        lengths = [int(g.prompt_ids.numel()) for g in generations]
         with torch.inference_mode():
-            self.decoder.prefill(
-                rows,
-                [g.prompt_ids for g in generations],
-                [g.acceptance for g in generations],
-                [g.seed for g in generations],
-            )
+            for members, width, captured in prefill_plan(lengths, self.decoder.max_length, self.captures_prefills):
+                piece = [generations[index] for index in members]
+                kind = self.decoder.load_prompts(
+                    [rows[index] for index in members],
+                    [g.prompt_ids for g in piece],
+                    [g.acceptance for g in piece],
+                    [g.seed for g in piece],
+                    width,
+                )
+                self.run_prefill(len(piece), width, kind, captured)
             synchronize(self.decoder.device)
         now = time.perf_counter()
         for row, generation in zip(rows, generations):
@@ -350,6 +415,25 @@ class DecodingEngine:
                 self.lengths.append(0)
             self.rows[row] = generation
             self.lengths[row] = int(generation.prompt_ids.numel())
+        self.times.prefills += 1
+        self.times.prefill += now - started
+
+    @property
+    def captures_prefills(self) -> bool:
+        """Whether short prompts prefill through captured graphs: on a GPU with graphs, once the cache's buffers
+        exist (the engine's first prefill, eager, makes them)."""
+        return self.graphs is not None and all(layer.is_initialized for layer in self.decoder.cache.layers)
+
+    def run_prefill(self, prompts: int, width: int, kind: StepKind, captured: bool) -> None:
+        """Prefill the ``prompts`` prompts loaded in the decoder at ``width``: a graph's replay where ``captured``."""
+        if captured and self.graphs is not None:
+            try:
+                self.graphs.prefill(prompts, width, kind)
+                return
+            except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
+                self.graphs, self.graphs_refused = None, True
+                logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
+        self.decoder.prefill_step(prompts, width, kind)
 
     def finish(self, generations: Iterable[Generation], reason: str | None = None) -> None:
         """Take generations out of the batch now (between steps); ``reason`` overrides their finish reason.
@@ -444,15 +528,21 @@ class DecodingEngine:
         times.leave += time.perf_counter() - absorbed
         return results
 
-    def run(self, generations: Sequence[Generation]) -> Iterable[list[tuple[Generation, StepOutput]]]:
-        """Decode ``generations`` to their ends, yielding each step's outputs. More than the engine has free rows
-        join as earlier ones finish (continuous batching: no row waits for a whole batch to end), several at a
-        time so that they share a prefill (a quarter of the rows, at most a prefill group)."""
+    def run(
+        self, generations: Sequence[Generation], max_rows: int | None = None
+    ) -> Iterable[list[tuple[Generation, StepOutput]]]:
+        """Decode ``generations`` to their ends, yielding each step's outputs, with at most ``max_rows`` running at
+        once (None: the engine's rows). More join as earlier ones finish (continuous batching: no row waits for a
+        whole batch to end), several at a time so that they share a prefill (a quarter of the rows, at most a
+        prefill group)."""
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise MedusaError(f"max_rows must be a positive number of rows, got {max_rows!r}")
+        capacity = min(self.capacity, max_rows or self.capacity)
         pending = deque(generations)
-        group = max(1, min(PREFILL_GROUP, self.capacity // 4))
+        group = max(1, min(PREFILL_GROUP, capacity // 4))
 
         def join() -> None:
-            room = self.capacity - self.active
+            room = capacity - self.active
             if pending and room and (not self.active or room >= min(group, len(pending))):
                 self.add([pending.popleft() for _ in range(min(room, len(pending)))])
 

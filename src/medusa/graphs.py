@@ -1,9 +1,11 @@
-"""CUDA graphs for the decoding step: one per (batch bucket, attention span, step kind), captured on first use.
+"""CUDA graphs for the decoding step, one per (batch bucket, attention span, step kind), and for the prefill of
+short prompts, one per (group size, prompt width, kind); each captured on first use.
 
 A Medusa step is dozens of small kernels per layer; launched one by one from Python the GPU idles
 between them and a 135M or even 7B model runs CPU-bound. The step has static shapes (a fixed tree per
 bucket, preallocated cache, state in fixed buffers), so it is captured once and replayed; rows join and
-leave by changing what the buffers hold, never the graph. Prefill stays eager: it runs once per row.
+leave by changing what the buffers hold, never the graph. A prefill of a short prompt is launch-bound the
+same way, so prompts padded to a few widths (``decoding.PREFILL_WIDTHS``) replay captured prefills too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -21,7 +24,7 @@ from medusa.decoding import Decoder
 logger = logging.getLogger("medusa")
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture (cuBLAS handles, lazy allocations, compiling)
-GraphKey = tuple[int, int, StepKind]  # (rows, span, kind)
+GraphKey = tuple[int, int, StepKind]  # (rows, span, kind) of a step; (prompts, width, kind) of a prefill
 
 
 @dataclass
@@ -32,11 +35,14 @@ class CaptureReport:
 
 
 class StepGraphs:
-    """``decoder.step`` captured as CUDA graphs, one per (rows, span, kind), sharing one memory pool (they never
-    run at once). Calling it replays the key's graph, capturing it first if needed.
+    """``decoder.step`` captured as CUDA graphs, one per (rows, span, kind), and ``decoder.prefill_step``, one per
+    (prompts, width, kind), all sharing one memory pool (they never run at once). Calling it replays a step's
+    graph, ``prefill`` a prefill's, capturing it first if needed.
 
-    A capture must not disturb the rows already running: the warm-up runs happen with every row marked
-    idle (they commit nothing), and the small row state they overwrite is restored before the capture.
+    A capture must not disturb the rows already running: a step's warm-up runs happen with every row marked
+    idle (they commit nothing), and the small row state they overwrite is restored before the capture. A
+    prefill's warm-ups write only the rows its prompts are loaded for, which are free, and write the same
+    there each time.
     """
 
     def __init__(self, decoder: Decoder, compile_step: bool | str = False) -> None:
@@ -53,13 +59,14 @@ class StepGraphs:
         self.decoder = decoder
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.prefills: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.report = CaptureReport()
 
     def prepare(self, rows: int, span: int, kind: StepKind) -> None:
         """Capture the key's graph now if it is not captured yet (the engine does this before timed steps)."""
         key = (rows, span, kind)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(rows, span, kind)
+            self.graphs[key] = self._capture_step(rows, span, kind)
 
     def __call__(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
         self.prepare(rows, span, kind)
@@ -67,10 +74,21 @@ class StepGraphs:
         graph.replay()
         return outputs
 
-    def _capture(self, rows: int, span: int, kind: StepKind) -> tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]:
+    def prepare_prefill(self, prompts: int, width: int, kind: StepKind) -> None:
+        """Capture the prefill of ``prompts`` loaded prompts at ``width`` now, if it is not captured yet; it runs the
+        prompts loaded in the decoder's prefill buffers (idle rows, when capturing ahead of any request)."""
+        key = (prompts, width, kind)
+        if key not in self.prefills:
+            function = self.decoder.prefill_step
+            self.prefills[key] = self._capture(lambda: function(prompts, width, kind), lambda: None)[0]
+
+    def prefill(self, prompts: int, width: int, kind: StepKind) -> None:
+        """Replay the prefill of the first ``prompts`` prompts loaded (``Decoder.load_prompts``) at ``width``."""
+        self.prepare_prefill(prompts, width, kind)
+        self.prefills[(prompts, width, kind)].replay()
+
+    def _capture_step(self, rows: int, span: int, kind: StepKind) -> tuple[torch.cuda.CUDAGraph, tuple]:
         decoder = self.decoder
-        started = time.perf_counter()
-        allocated = torch.cuda.memory_allocated(decoder.device)
         state = (
             decoder.active,
             decoder.lengths,
@@ -82,18 +100,29 @@ class StepGraphs:
         )
         saved = [tensor.clone() for tensor in state]
         decoder.active.zero_()
+
+        def restore() -> None:
+            for tensor, copy in zip(state, saved):
+                tensor.copy_(copy)
+
+        return self._capture(lambda: self.step_function(rows, span, kind), restore)
+
+    def _capture(self, run: Callable[[], object], after_warmup: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Warm ``run`` up on a side stream, call ``after_warmup``, then capture it into the shared pool."""
+        decoder = self.decoder
+        started = time.perf_counter()
+        allocated = torch.cuda.memory_allocated(decoder.device)
         side = torch.cuda.Stream(decoder.device)
         side.wait_stream(torch.cuda.current_stream(decoder.device))
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(WARMUP_STEPS):
-                self.step_function(rows, span, kind)
+                run()
         torch.cuda.current_stream(decoder.device).wait_stream(side)
         with torch.inference_mode():
-            for tensor, copy in zip(state, saved):
-                tensor.copy_(copy)
+            after_warmup()
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self.pool):
-            outputs = self.step_function(rows, span, kind)
+            outputs = run()
         torch.cuda.synchronize(decoder.device)
         self.report.graphs += 1
         self.report.seconds += time.perf_counter() - started

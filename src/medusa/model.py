@@ -471,13 +471,16 @@ class MedusaModel(nn.Module):
         config: GenerationConfig | Sequence[GenerationConfig] | None = None,
         tree: TreeSpec = None,
         options: EngineOptions | None = None,
+        max_batch: int | None = None,
         **overrides,
     ) -> list[GenerationResult]:
         """Decode several prompts together: one forward pass per step verifies every row's tree.
 
         ``config`` may be one per prompt (each row its own sampling settings and seed). Each row accepts its
         own number of tokens per step and stops at its own EOS, stop string or ``max_new_tokens``; a greedy
-        or seeded row's answer is exactly the one ``generate`` gives it alone. See docs/batching.md.
+        or seeded row's answer is exactly the one ``generate`` gives it alone. At most ``max_batch`` rows run
+        at once (default: as many as the largest batch bucket holds); the others join as earlier ones finish.
+        See docs/batching.md.
         """
         if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
             raise MedusaError(f"generate_batch takes a list of prompts, got {type(prompts).__name__}")
@@ -494,9 +497,12 @@ class MedusaModel(nn.Module):
                 generations.append(self.prepare(prompt, row_config))
             except MedusaError as error:
                 raise MedusaError(f"prompt {index}: {error}") from None
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise MedusaError(f"max_batch must be a positive number of rows, got {max_batch!r}")
+        rows = min(len(generations), max_batch or BATCH_BUCKETS[-1], BATCH_BUCKETS[-1])
         longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
-        engine = self.engine(options, self._resolve_tree(tree), min(len(generations), BATCH_BUCKETS[-1]), longest)
-        for _ in engine.run(generations):  # more prompts than rows: each joins as an earlier one finishes
+        engine = self.engine(options, self._resolve_tree(tree), rows, longest)
+        for _ in engine.run(generations, rows):  # more prompts than rows: each joins as an earlier one finishes
             pass
         for generation in generations:
             generation.finish_text()

@@ -126,16 +126,19 @@ WORKER_DIED = "the server's engine has stopped (its worker thread died); see the
 # Retry-After before any generation has finished: an assumed generation time, in seconds.
 ASSUMED_GENERATION_SECONDS = 1.0
 GENERATION_SECONDS_WEIGHT = 0.2  # of the newest generation in the running mean of generation times
-# A request joining a running batch waits up to this many prefills' time for others to join with it: on the
-# H100 a prefill of one prompt took 35-47 ms against a 3-5 ms step, and one of eight costs about the same.
+# A request joining a running batch waits up to this many prefills' time (as measured while serving) for others
+# to join with it: on the H100 an eager prefill of one prompt took 35-47 ms against a 3-5 ms step, and one of
+# eight cost about the same. Prompts of up to 512 tokens now replay captured prefills, which should cost far
+# less and so shorten the wait (not yet measured on a GPU).
 JOIN_WAIT_PREFILLS = 3
 PREFILL_SECONDS_WEIGHT = 0.2  # of the newest prefill in the running mean of prefill times
 # The step kinds captured at start: greedy, sampled, and sampled with top-k/top-p (other kinds, such as
 # typical acceptance or log-probabilities, are captured when a batch first needs them).
 WARM_KINDS = (StepKind(), StepKind(sample=True), StepKind(sample=True, filtered=True))
-# The most graphs captured at start, the shortest attention spans first: on the H100 162 graphs (batch 32, 2,048
-# slots) took 21 s and 1 GiB; a longer --cache-length or a larger --max-batch leaves its longest spans to be
-# captured when first needed rather than lengthening the start without bound.
+# The most graphs captured at start: the prefills (group sizes 1-8, widths 32-512, three kinds: 60), then the
+# steps, shortest attention spans first. On the H100, 162 step graphs (batch 32, 2,048 slots) took 21 s and
+# 1 GiB; a longer --cache-length or a larger --max-batch leaves its longest spans to be captured when first
+# needed rather than lengthening the start without bound.
 MAX_WARM_GRAPHS = 256
 
 
@@ -216,8 +219,8 @@ class Engine:
 
     def warm_up(self) -> DecodingEngine:
         """Before taking requests: build the running batch's engine, run one short generation (it makes the
-        cache's buffers), then capture the graphs of every batch bucket and attention span for ``WARM_KINDS``
-        (on a GPU), up to ``MAX_WARM_GRAPHS``."""
+        cache's buffers), then capture the prefill graphs and those of every batch bucket and attention span for
+        ``WARM_KINDS`` (on a GPU), up to ``MAX_WARM_GRAPHS``."""
         engine = self.decoding_engine()
         generation = self.model.prepare("Hello", GenerationConfig(max_new_tokens=8))
         for _ in engine.run([generation]):
