@@ -26,8 +26,9 @@ DATA=$KEEP/.data
 DISTILL_SECONDS=${DISTILL_SECONDS:-240}
 HELDOUT=${HELDOUT:-300}
 EPOCHS=${EPOCHS:-3}
-# Head type and layers per head of each variant trained; BENCH: the variants benchmarked on Spec-Bench.
-VARIANTS=${VARIANTS:-medusa-1 sequential-1 sequential-2}
+# Head type and layers per head of each variant trained, "+prefix" for Hydra++'s prefix layer (--prefix-layer);
+# BENCH: the variants benchmarked on Spec-Bench (pick the sequential one by the held-out accuracies of `train`).
+VARIANTS=${VARIANTS:-medusa-1 sequential-1 sequential-1+prefix}
 BENCH=${BENCH:-medusa-1 sequential-1}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
 RESULTS=$WORK/results  # what comes back, packed
@@ -61,11 +62,13 @@ PY
     ;;
 train)
     for variant in $VARIANTS; do
-        type=${variant%-*} layers=${variant##*-} run=$WORK/$variant
+        plain=${variant%+prefix} prefix=
+        [ "$plain" != "$variant" ] && prefix=--prefix-layer
+        type=${plain%-*} layers=${plain##*-} run=$WORK/$variant
         if [ ! -f "$run/heads/medusa_heads.safetensors" ]; then
             echo "== train $variant $(date +%T)"
             $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$run" --stage 1 --loss kl \
-                --head-type "$type" --num-heads 4 --num-layers "$layers" --share-lm-head --epochs "$EPOCHS" \
+                --head-type "$type" $prefix --num-heads 4 --num-layers "$layers" --share-lm-head --epochs "$EPOCHS" \
                 --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 2>&1 | tail -4
         fi
         echo "== profile and build $variant $(date +%T)"
@@ -85,17 +88,19 @@ state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.ite
     ;;
 tune)
     for variant in $BENCH; do
-        type=${variant%-*} curve=$WORK/curve-$type
+        plain=${variant%+prefix} prefix=
+        [ "$plain" != "$variant" ] && prefix=--prefix-layer
+        type=${plain%-*} curve=$WORK/curve-$type${prefix:+-prefix}
         if [ ! -f "$curve/cost_curve.json" ]; then
-            echo "== cost curve, $type heads $(date +%T)"
-            $MEDUSA bench --cost-curve --shape smollm2-135m --head-type "$type" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
+            echo "== cost curve, $type heads $prefix $(date +%T)"
+            $MEDUSA bench --cost-curve --shape smollm2-135m --head-type "$type" $prefix --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
                 --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
                 --output-dir "$curve" 2>&1 | tail -2
         fi
         echo "== tune $variant $(date +%T)"
         $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
             --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
-        mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve_$type.json"
+        mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve_$type${prefix:+-prefix}.json"
         cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
         pack
     done

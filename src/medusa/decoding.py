@@ -152,6 +152,14 @@ class Decoder:
         # Each row's text so far (prompt and committed tokens), for the lookup branch; kept only if a tree has one.
         has_lookup = any(tree.lookup for tree in trees.values())
         self.history = torch.zeros(max_rows, max_length if has_lookup else 0, dtype=torch.long, device=device)
+        # Heads with Hydra++'s prefix layer: its K/V at every committed position of every row, and last_hidden holds
+        # the layer's output at each row's last position (what the heads read) instead of the base hidden state.
+        self.prefix = heads.prefix if heads is not None else None
+        self.prefix_keys = self.prefix_values = None
+        if self.prefix is not None:
+            shape = (max_rows, self.prefix.num_heads, max_length, self.prefix.head_dim)
+            self.prefix_keys = torch.zeros(shape, dtype=self.prefix.qkv.weight.dtype, device=device)
+            self.prefix_values = torch.zeros_like(self.prefix_keys)
         # A joining group's prompts (right-padded), the rows they go to and their last positions: fixed buffers
         # that ``load_prompts`` fills and ``prefill_step`` reads, so that a captured prefill replays on them.
         group = min(max_rows, PREFILL_GROUP)
@@ -267,7 +275,10 @@ class Decoder:
         cache = MedusaCache(len(self.cache.layers), width, starts.clone(), self.one_store)
         with prefill_attention(device):
             logits, hidden = self._forward(ids, chunk_visibility(starts, width, width), cache, keep=last)
-        head_input = hidden[torch.arange(count, device=device), last]
+        if self.prefix is not None:
+            head_input = self._prefix_prefill(hidden, row_index, last)
+        else:
+            head_input = hidden[torch.arange(count, device=device), last]
         settings = RowSampling(*(getattr(self.sampling, name)[row_index] for name in RowSampling.__dataclass_fields__))
         positions = (last + 1)[:, None]  # the first new token's position
         first = target_tokens(logits, settings, positions, torch.zeros(1, dtype=torch.long, device=device), kind)
@@ -282,6 +293,36 @@ class Decoder:
         self.active.index_fill_(0, row_index, True)
         if self.history.shape[1]:
             self.history[:, :width].index_copy_(0, row_index, ids)
+
+    def _prefix_prefill(self, hidden: torch.Tensor, row_index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The prefix layer over a prefill's hidden states ``[count, width, hidden]``: its K/V go to rows ``row_index``
+        (slot i holds position i), and each row's output at its ``last`` position is returned ``[count, hidden]``."""
+        count, width, _ = hidden.shape
+        positions = torch.arange(width, device=self.device).expand(count, width)
+        query, key, value = self.prefix.project(hidden, positions)
+        self.prefix_keys[:, :, :width].index_copy_(0, row_index, key.to(self.prefix_keys.dtype))
+        self.prefix_values[:, :, :width].index_copy_(0, row_index, value.to(self.prefix_values.dtype))
+        visible = torch.ones(width, width, dtype=torch.bool, device=self.device).tril().expand(count, -1, -1)
+        output = self.prefix.attend(hidden, query, key, value, visible)
+        return output[torch.arange(count, device=self.device), last]
+
+    def _prefix_step(
+        self, rows: int, span: int, hidden: torch.Tensor, path: torch.Tensor, accepted: torch.Tensor
+    ) -> torch.Tensor:
+        """The prefix layer over a step's accepted path: its K/V written at the path's slots, and the output at each
+        row's last accepted node returned ``[rows, hidden]``. ``hidden [rows, nodes, hidden]`` (the tree's),
+        ``path [rows, depth + 1]`` (node indices), ``accepted [rows]``. Path entries past the accepted ones land
+        past the row's new length, where the next step writes before anything reads them."""
+        path_hidden = hidden.gather(1, path[:, :, None].expand(-1, -1, hidden.shape[-1]))  # [rows, depth + 1, hidden]
+        positions = self.lengths[:rows, None] + torch.arange(path.shape[1], device=self.device)  # slot = position
+        query, key, value = self.prefix.project(path_hidden, positions)
+        keys, values = self.prefix_keys[:rows], self.prefix_values[:rows]
+        slots = positions.clamp(max=keys.shape[2] - 1)[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+        keys.scatter_(2, slots, key.to(keys.dtype))
+        values.scatter_(2, slots, value.to(values.dtype))
+        visible = torch.arange(span, device=self.device)[None, None, :] <= positions[:, :, None]  # [rows, n, span]
+        output = self.prefix.attend(path_hidden, query, keys[:, :, :span], values[:, :, :span], visible)
+        return output.gather(1, accepted[:, None, None].expand(-1, 1, output.shape[-1]))[:, 0]
 
     def release(self, rows: Sequence[int]) -> None:
         """Rows leave: they stop committing, and their length returns to 0 so their tree stays inside any span."""
@@ -304,6 +345,7 @@ class Decoder:
             self.root_top_logprobs,
             self.history,
             *vars(self.sampling).values(),
+            *((self.prefix_keys, self.prefix_values) if self.prefix is not None else ()),
         ):
             buffer.index_copy_(0, target, buffer.index_select(0, source))
         self.release(sources)
@@ -374,9 +416,14 @@ class Decoder:
         outputs = [torch.cat([counts[:, None], path_tokens], dim=1)]
         if kind.logprobs >= 0:
             outputs += self._logprobs(rows, logits, verdict, tree_tokens)
+        if self.prefix is not None:  # before the lengths move: the path's positions start at each row's length
+            self.last_hidden[:rows] = self._prefix_step(rows, span, hidden, verdict.path, verdict.accepted).to(
+                self.dtype
+            )
+        else:
+            last_node = verdict.path.gather(1, verdict.accepted[:, None])  # [rows, 1]
+            self.last_hidden[:rows] = hidden.gather(1, last_node[:, :, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         lengths += counts
-        last_node = verdict.path.gather(1, verdict.accepted[:, None])  # [rows, 1]
-        self.last_hidden[:rows] = hidden.gather(1, last_node[:, :, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         self.root_token[:rows] = verdict.next_token
         return tuple(outputs)
 

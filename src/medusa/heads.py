@@ -10,6 +10,10 @@ alone, so every head guesses without knowing what the heads before it guessed. `
 them: head k sees the base model's next token and the guesses of heads 0..k-1, through a linear layer
 over ``[hidden, embed(path)]`` that starts as the identity on the hidden state. So each child in a tree
 is guessed for its own parent, at the price of one head call per tree depth.
+
+Either type may add Hydra++'s prefix layer (``prefix_layer``): one causal self-attention block over the base
+model's last hidden states, whose output the heads read instead of the last hidden state alone. It keeps its
+own K/V of every committed position while decoding (``medusa.decoding``), and starts as the identity.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class MedusaHeadsConfig:
     base_model: str | None = None
     # "medusa": each head reads the hidden state alone; "sequential": also the tokens on its candidate path.
     head_type: str = "medusa"
+    # Hydra++: the heads read one causal self-attention layer's output over the base model's hidden states.
+    prefix_layer: bool = False
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads"):
@@ -102,6 +108,68 @@ class ResidualBlock(nn.Module):
         return x + self.act(self.linear(x))
 
 
+PREFIX_HEAD_DIM = 64  # the prefix layer's attention heads are this wide where the hidden size divides by it
+ROPE_BASE = 10000.0
+
+
+def rotate(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``states [rows, heads, n, dim]`` at ``positions [rows, n]`` (halves rotated)."""
+    half = states.shape[-1] // 2
+    frequencies = ROPE_BASE ** (-torch.arange(half, device=states.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None, :, None] * frequencies  # [rows, 1, n, half]
+    cos, sin = angles.cos().to(states.dtype), angles.sin().to(states.dtype)
+    first, second = states[..., :half], states[..., half:]
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+class PrefixAttention(nn.Module):
+    """Hydra++'s prefix layer: ``h + W_o attention(norm(h))``, causal self-attention over the base model's last
+    hidden states with rotary positions. ``W_o`` starts at zero, so a fresh layer passes the hidden state
+    through. Whole sequences go through ``forward`` (training, profiling); decoding calls ``project`` and
+    ``attend`` with K/V it keeps for every committed position."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.num_heads = hidden_size // PREFIX_HEAD_DIM if hidden_size % PREFIX_HEAD_DIM == 0 else 1
+        self.head_dim = hidden_size // self.num_heads
+        self.norm = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.out = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.out.weight)
+
+    def project(self, hidden: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Queries, keys and values ``[rows, heads, n, head_dim]`` of ``hidden [rows, n, hidden]`` at ``positions
+        [rows, n]`` (rotated)."""
+        rows, count, _ = hidden.shape
+        parameter = self.qkv.weight
+        states = self.qkv(self.norm(hidden.to(parameter.dtype)))
+        query, key, value = states.view(rows, count, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return rotate(query, positions), rotate(key, positions), value
+
+    def attend(
+        self, hidden: torch.Tensor, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's output ``[rows, n, hidden]`` for ``hidden [rows, n, hidden]``, its ``query [rows, heads, n,
+        head_dim]`` and the ``keys``/``values [rows, heads, slots, head_dim]`` that each query may see where
+        ``visible [rows, n, slots]``."""
+        mask = visible[:, None]  # [rows, 1, n, slots]
+        attended = nn.functional.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype), mask)
+        merged = attended.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1)
+        return hidden.to(merged.dtype) + self.out(merged)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden [batch, seq, hidden]`` of right-padded sequences (``attention_mask [batch, seq]``: 1 on real
+        tokens), positions from 0: each position attends to itself and those before it."""
+        batch, length, _ = hidden.shape
+        positions = torch.arange(length, device=hidden.device).expand(batch, length)
+        query, key, value = self.project(hidden, positions)
+        visible = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()[None]
+        if attention_mask is not None:
+            visible = visible & attention_mask.bool()[:, None, :]
+        visible = visible | torch.eye(length, dtype=torch.bool, device=hidden.device)  # padding sees itself
+        return self.attend(hidden, query, key, value, visible.expand(batch, -1, -1))
+
+
 def _path_input(hidden_size: int, tokens: int) -> nn.Linear:
     """``[hidden, embed(t_0), ..., embed(t_{tokens-1})] -> hidden``, starting as the identity on the hidden state
     (so a fresh sequential head, like a fresh Medusa head, returns the base model's logits)."""
@@ -114,7 +182,8 @@ def _path_input(hidden_size: int, tokens: int) -> nn.Linear:
 
 
 class MedusaHeads(nn.Module):
-    """K heads over a hidden state. ``forward`` returns logits ``[num_heads, *hidden.shape[:-1], vocab]``.
+    """K heads over a hidden state. ``forward`` returns logits ``[num_heads, *hidden.shape[:-1], vocab]``. With a
+    prefix layer, the hidden state they read is its output (``prefix_states``), which callers compute first.
 
     Sequential heads (``config.sequential``) also need the tokens on each head's candidate path and the base
     model's input embeddings (``attach_base_model``); ``forward`` then takes ``path [..., num_heads]``.
@@ -133,6 +202,7 @@ class MedusaHeads(nn.Module):
             nn.Sequential(*[ResidualBlock(config.hidden_size) for _ in range(config.num_layers)])
             for _ in range(config.num_heads)
         )
+        self.prefix = PrefixAttention(config.hidden_size) if config.prefix_layer else None
         if config.share_lm_head:
             self.projections = None
         else:
@@ -166,6 +236,14 @@ class MedusaHeads(nn.Module):
         """Share the base model's lm_head and, for sequential heads, its input embeddings."""
         self.attach_lm_head(model.get_output_embeddings())
         self._input_embeddings = [model.get_input_embeddings()]
+
+    def prefix_states(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """What the heads read at each position of right-padded sequences ``hidden [batch, seq, hidden]``: the prefix
+        layer's output where there is one, else the hidden states themselves. Decoding computes the same position
+        by position, with the layer's K/V kept (``medusa.decoding``)."""
+        if self.prefix is None:
+            return hidden
+        return self.prefix(hidden.to(self.device), attention_mask)
 
     def features(self, head_index: int, hidden: torch.Tensor, path: torch.Tensor | None = None) -> torch.Tensor:
         """Head ``head_index``'s last-layer features ``[..., hidden]`` before the vocabulary projection.

@@ -429,6 +429,12 @@ def export_heads(
     """
     if format not in FORMATS:
         raise MedusaError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if _require_heads(model).config.prefix_layer:
+        raise MedusaError(
+            "heads with a prefix layer (Hydra++) cannot be exported: no serving engine reads one (the original "
+            "Medusa, vLLM and TensorRT-LLM read Medusa heads only). They load here from their own directory "
+            "(save_pretrained)"
+        )
     if _require_heads(model).config.sequential:
         raise MedusaError(
             "sequential heads cannot be exported: no serving engine reads heads that take the candidate path's "

@@ -184,3 +184,12 @@ def test_the_cost_curve_of_sequential_heads_times_them_and_says_so(tmp_path, one
     assert CostCurve.load(tmp_path / "cost_curve.json", head_type="sequential").points.keys() == {1, 8}
     with pytest.raises(MedusaError, match="measured with sequential heads"):
         CostCurve.load(tmp_path / "cost_curve.json", head_type="medusa")
+
+
+def test_the_cost_curve_of_heads_with_a_prefix_layer_times_it_and_says_so(tmp_path, one_thread):
+    argv = ["bench", "--cost-curve", "--shape", "tiny", "--sizes", "1,8", "--context", "16", "--repeats", "1"]
+    argv += ["--step-warmup", "0", "--device", "cpu", "--head-type", "sequential", "--prefix-layer"]
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cost_curve.json").read_text())
+    assert result["meta"]["heads"]["prefix_layer"] is True
+    assert CostCurve.load(tmp_path / "cost_curve.json", head_type="sequential", prefix_layer=True).prefix_layer

@@ -1,5 +1,5 @@
 """Sequential (Hydra-style) heads through training: the teacher-forced path, stage 1 and 2, resume, the two
-conditioned accuracies of head_accuracy.json, and the --head-type flag."""
+conditioned accuracies of head_accuracy.json, the --head-type flag, and Hydra++'s prefix layer."""
 
 from __future__ import annotations
 
@@ -202,3 +202,19 @@ def test_the_head_type_flag_reaches_the_config_and_an_unknown_one_is_refused(cap
     assert "medusa" in error and "sequential" in error
     with pytest.raises(MedusaError, match="head_type must be one of medusa, sequential, got 'eagle'"):
         TrainConfig(data=["a.jsonl"], output_dir="out", head_type="eagle")
+
+
+def test_stage1_trains_hydra_plus_plus_prefix_layer_with_sequential_heads(tmp_path, tokenizer, data_file):
+    base = make_base(tokenizer)
+    settings = train_config(data_file, tmp_path, head_type="sequential", prefix_layer=True)
+    result = Trainer(settings, base_model=base, tokenizer=tokenizer, base_name="tiny").train()
+    trained = MedusaHeads.from_pretrained(result.heads_dir, base_lm_head=base.get_output_embeddings())
+    assert trained.config.prefix_layer
+    assert json.loads((tmp_path / "train_config.json").read_text())["prefix_layer"] is True
+    assert trained.prefix.out.weight.abs().sum() > 0  # it left the identity: the gradient reached it
+    trained.attach_base_model(base)
+    fresh = MedusaHeads(trained.config, base_lm_head=base.get_output_embeddings())
+    fresh.attach_base_model(base)
+    assert (
+        head_losses(base, trained, tokenizer, data_file, "kl") < head_losses(base, fresh, tokenizer, data_file, "kl")
+    ).all()

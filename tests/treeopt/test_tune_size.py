@@ -94,6 +94,22 @@ def test_a_cost_curve_prices_only_the_head_type_it_was_measured_with(tmp_path):
         CostCurve.load(old, head_type="sequential")
 
 
+def test_a_cost_curve_prices_heads_with_a_prefix_layer_only_if_timed_with_one(tmp_path):
+    timed = tmp_path / "prefix.json"
+    CostCurve({1: 0.01, 4: 0.03}, "cpu", "sequential", prefix_layer=True).save(timed)
+    assert CostCurve.load(timed, head_type="sequential", prefix_layer=True).prefix_layer
+    with pytest.raises(MedusaError, match="timed with a prefix layer, but these heads have none"):
+        CostCurve.load(timed, head_type="sequential", prefix_layer=False)
+    bench = tmp_path / "bench.json"
+    meta = {"device_type": "cpu", "heads": {"head_type": "medusa", "prefix_layer": False}}
+    bench.write_text(json.dumps({"meta": meta, "points": [{"nodes": 1, "median_ms": 5.0}]}))
+    with pytest.raises(MedusaError, match=r"timed without a prefix layer.*medusa bench --cost-curve --prefix-layer"):
+        CostCurve.load(bench, head_type="medusa", prefix_layer=True)
+    old = tmp_path / "old.json"  # from before the prefix layer: timed without one
+    old.write_text(json.dumps({"points": [{"nodes": 1, "seconds": 0.01}]}))
+    assert not CostCurve.load(old, prefix_layer=False).prefix_layer
+
+
 def test_tuned_trees_are_kept_per_device_kind(tmp_path):
     assert device_kind("cpu") == "cpu"
     write_tuned_tree(tmp_path, "cpu", TunedTree(nodes=3, topk=2, paths=[[0], [1]], num_heads=2))

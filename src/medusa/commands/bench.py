@@ -134,6 +134,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     curve.add_argument(
         "--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model"
     )
+    curve.add_argument(
+        "--prefix-layer",
+        action="store_true",
+        help="with --shape: time heads with Hydra++'s prefix layer (trained heads carry their own)",
+    )
     curve.add_argument("--sizes", default="1,2,4,8,16,32,64,128,256", help="tree sizes in nodes, root included")
     curve.add_argument("--context", type=int, default=512, help="committed tokens in the cache during the step")
     curve.add_argument(
@@ -163,6 +168,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.prefix_layer and not (args.cost_curve and args.shape):
+        raise MedusaError(
+            "--prefix-layer applies to --cost-curve --shape's random heads; trained heads carry their own"
+        )
     if args.cost_curve:
         return run_cost_curve(args)
     if args.shape:
@@ -328,6 +337,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
             num_heads=args.num_heads,
             share_lm_head=True,
             head_type=args.head_type or "medusa",
+            prefix_layer=args.prefix_layer,
         )
         model = MedusaModel.from_pretrained(base, heads=heads)
         model_label = base.config._name_or_path
@@ -348,6 +358,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
             "num_layers": heads.num_layers,
             "share_lm_head": heads.share_lm_head,
             "head_type": heads.head_type,
+            "prefix_layer": heads.prefix_layer,
         },
         "context": config.context,
         "batch_sizes": list(config.batch_sizes),

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
     add_head_type_argument(parser, "(default medusa) ")
     parser.add_argument(
+        "--prefix-layer",
+        action="store_true",
+        help="Hydra++: the heads read a causal self-attention layer over the base hidden states, trained with them",
+    )
+    parser.add_argument(
         "--share-lm-head",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -120,6 +125,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_layers=args.num_layers,
         share_lm_head=args.share_lm_head,
         head_type=args.head_type,
+        prefix_layer=args.prefix_layer,
         loss=args.loss,
         head_weight_decay=args.head_decay,
         learning_rate=args.lr,

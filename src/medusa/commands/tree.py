@@ -444,8 +444,9 @@ def run_tune(args: argparse.Namespace) -> int:
     batch_sizes = _batch_sizes(args.batch_sizes)
     batch_costs: dict[int, CostCurve] = {}
     if args.cost_curve:
-        cost = CostCurve.load(args.cost_curve, head_type=config.head_type)
-        batch_costs = {batch: CostCurve.load(args.cost_curve, batch, config.head_type) for batch in batch_sizes}
+        cost = CostCurve.load(args.cost_curve, head_type=config.head_type, prefix_layer=config.prefix_layer)
+        kind = (config.head_type, config.prefix_layer)
+        batch_costs = {batch: CostCurve.load(args.cost_curve, batch, *kind) for batch in batch_sizes}
         if (args.device_kind or cost.device) is None:
             raise MedusaError(
                 f'cost curve {args.cost_curve} names no device: give --device-kind ("cpu" or the GPU\'s name)'

@@ -58,6 +58,8 @@ class TrainConfig:
     share_lm_head: bool = True
     # "medusa": each head reads the hidden state alone; "sequential": also the true tokens on its path (Hydra)
     head_type: str = "medusa"
+    # Hydra++: the heads read one causal self-attention layer over the hidden states, trained with them
+    prefix_layer: bool = False
     loss: str = "kl"  # "kl": towards the base model's own distribution; "ce": the data's tokens
     head_weight_decay: float = 0.8  # head k's loss weighs decay**k (paper, eq. 1)
     learning_rate: float = 1e-3  # heads

@@ -49,7 +49,8 @@ def count_hits(objective: MedusaObjective, batches: Iterable[dict[str, torch.Ten
         mask = batch["loss_mask"].to(device).bool() & attention_mask.bool()
         hidden, reference = objective.hidden_states(input_ids, attention_mask, train_backbone=True)
         greedy = _argmax(objective, hidden.flatten(0, 1)).view(hidden.shape[:2])  # the base's token after each place
-        _count_batch(objective, totals, hidden, input_ids, greedy, mask)
+        head_input = objective.heads.prefix_states(hidden, attention_mask)  # what the heads read
+        _count_batch(objective, totals, head_input, input_ids, greedy, mask)
         if objective.stage == 2:
             valid = mask[:, 1:]
             original = _argmax(objective, reference[:, :-1][valid])

@@ -7,6 +7,9 @@ predicts token t+1, and head k (0-based), which predicts token t+k+2. Head k's t
 ``input_ids[t+k+2]`` (``loss="ce"``) or the base model's own distribution there, ``softmax(lm_head(
 hidden[t+k+1]))`` (``loss="kl"``). Only positions whose target token is an assistant token count.
 
+Heads with Hydra++'s prefix layer read its output over the hidden states (``MedusaHeads.prefix_states``), trained
+with them; the base ``lm_head``, the teacher and the backbone's loss read the hidden states themselves.
+
 Sequential heads (``head_type="sequential"``) also read the tokens on their candidate path; training feeds them
 the true ones (teacher forcing): head k at t reads ``input_ids[t+1 : t+k+2]``, the base model's next token and the
 k tokens before its own target. Those always exist, since the target ``input_ids[t+k+2]`` does.
@@ -106,13 +109,14 @@ class MedusaObjective(nn.Module):
         """``loss`` (to minimise) and, detached, ``head_losses`` ``[heads]``, ``head_counts``, ``backbone_loss``."""
         mask = loss_mask.bool() & attention_mask.bool()
         hidden, reference = self.hidden_states(input_ids, attention_mask, train_backbone)
+        head_input = self.heads.prefix_states(hidden, attention_mask)  # hidden itself without a prefix layer
         base_weight, base_bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
         losses, counts = [], []
         for k in range(self.heads.config.num_heads):
             shift = k + 2
             valid = mask[:, shift:]  # [batch, seq - shift]: is the target of position t an assistant token
             path = self.teacher_path(input_ids, k, valid)
-            features = self.head_features(k, hidden[:, : hidden.shape[1] - shift][valid], path)
+            features = self.head_features(k, head_input[:, : head_input.shape[1] - shift][valid], path)
             weight, bias = self.projection(k)
             if self.loss == "kl":
                 teacher = reference[:, shift - 1 : reference.shape[1] - 1][valid]

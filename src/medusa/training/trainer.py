@@ -151,6 +151,7 @@ class Trainer:
             share_lm_head=config.share_lm_head,
             base_model=name,
             head_type=config.head_type,
+            prefix_layer=config.prefix_layer,
         )
         torch.manual_seed(config.seed)
         heads = MedusaHeads(heads_config, base_lm_head=lm_head).to(device=lm_head.weight.device, dtype=torch.float32)

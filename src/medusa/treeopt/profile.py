@@ -373,7 +373,7 @@ def profile_heads(
         if measured.numel():
             output = base_model(input_ids=ids[None], output_hidden_states=True, use_cache=False)
             greedy = output.logits[0].argmax(-1)  # [len]: the base model's token after each position
-            hidden = output.hidden_states[-1][0]  # [len, hidden]
+            hidden = heads.prefix_states(output.hidden_states[-1])[0]  # [len, hidden]: what the heads read
             for start in range(0, measured.numel(), chunk):
                 positions = measured[start : start + chunk]
                 # head k aims at greedy[t + k + 1]; a sequential head reads the tokens before, greedy[t : t + k + 1]

@@ -42,11 +42,13 @@ class CostCurve:
     points: dict[int, float]
     device: str | None = None
     head_type: str = "medusa"
+    prefix_layer: bool = False  # timed with Hydra++'s prefix layer, which every step runs over its accepted path
 
     def to_dict(self) -> dict:
         return {
             "device": self.device,
             "head_type": self.head_type,
+            "prefix_layer": self.prefix_layer,
             "points": [{"nodes": n, "seconds": s} for n, s in sorted(self.points.items())],
         }
 
@@ -65,9 +67,12 @@ class CostCurve:
         return sorted({p.get("batch", 1) for p in points if isinstance(p, dict)}) if isinstance(points, list) else []
 
     @classmethod
-    def load(cls, path: str | Path, batch: int = 1, head_type: str | None = None) -> CostCurve:
+    def load(
+        cls, path: str | Path, batch: int = 1, head_type: str | None = None, prefix_layer: bool | None = None
+    ) -> CostCurve:
         """The curve at ``batch`` rows (a ``medusa bench --cost-curve --batch-sizes`` file holds several); with
-        ``head_type``, refused unless it was measured with heads of that type."""
+        ``head_type`` (``prefix_layer``), refused unless it was measured with heads of that type (with or without
+        the prefix layer)."""
         path = Path(path)
         raw = read_json(path, "cost curve")
         points = raw.get("points") if isinstance(raw, dict) else None
@@ -101,7 +106,18 @@ class CostCurve:
                 f"cost differently; measure one with `medusa bench --cost-curve --head-type {head_type}`, or let "
                 "`medusa tree tune` time steps here"
             )
-        return cls(curve, device if isinstance(device, str) else None, str(measured))
+        with_prefix = raw.get("prefix_layer")
+        if with_prefix is None and isinstance(meta, dict) and isinstance(meta.get("heads"), dict):
+            with_prefix = meta["heads"].get("prefix_layer")
+        with_prefix = bool(with_prefix)  # curves from before the prefix layer timed heads without one
+        if prefix_layer is not None and with_prefix != prefix_layer:
+            timed, these = ("with", "have none") if with_prefix else ("without", "have one")
+            raise MedusaError(
+                f"cost curve {path} was timed {timed} a prefix layer, but these heads {these}: their steps cost "
+                f"differently; measure one with `medusa bench --cost-curve{' --prefix-layer' * prefix_layer}`, or "
+                "let `medusa tree tune` time steps here"
+            )
+        return cls(curve, device if isinstance(device, str) else None, str(measured), with_prefix)
 
 
 @dataclass
@@ -323,4 +339,4 @@ def measure_cost_curve(
         points[nodes] = measure_step_seconds(model, tree, context, steps, repeats, batch=batch)
         if progress is not None:
             progress(nodes, points[nodes])
-    return CostCurve(points, device_kind(model.device), model.heads.config.head_type)
+    return CostCurve(points, device_kind(model.device), model.heads.config.head_type, model.heads.config.prefix_layer)
