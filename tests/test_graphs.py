@@ -99,13 +99,23 @@ def test_compiled_greedy_steps_decode_as_eager_steps(model, caplog):
     assert compiled == generate(model, lookup=6, cuda_graphs=False)
 
 
+@pytest.mark.parametrize("prefix_layer", [False, True], ids=["sequential", "sequential-prefix"])
 @pytest.mark.parametrize("settings", [dict(), dict(lookup=6, temperature=0.8, acceptance="rejection", seed=1)])
-def test_sequential_heads_grow_their_tree_inside_the_captured_step(settings, caplog):
-    """The depth-by-depth proposal of sequential heads replays as a graph and decodes what the eager step does,
-    at batch 1 and in a batch of rows joining together."""
+def test_sequential_heads_grow_their_tree_inside_the_captured_step(settings, prefix_layer, caplog):
+    """The depth-by-depth proposal of sequential heads (and Hydra++'s prefix layer, run over each accepted path)
+    replays as a graph and decodes what the eager step does, at batch 1 and in a batch of rows joining together."""
+    from medusa.heads import MedusaHeads, MedusaHeadsConfig
+
     base = make_tiny_model("llama", seed=3)
-    model = MedusaModel.from_pretrained(base, device="cuda", dtype="float32", tree="16", head_type="sequential")
-    with torch.no_grad():  # a fresh head's first layer ignores the path: give the path some weight
+    config = MedusaHeadsConfig(
+        hidden_size=base.config.hidden_size,
+        vocab_size=base.config.vocab_size,
+        head_type="sequential",
+        prefix_layer=prefix_layer,
+    )
+    heads = MedusaHeads(config, base_lm_head=base.get_output_embeddings())
+    model = MedusaModel.from_pretrained(base, heads=heads, device="cuda", dtype="float32", tree="16")
+    with torch.no_grad():  # a fresh head's first layer ignores the path, a fresh prefix layer is the identity
         for parameter in model.heads.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     with caplog.at_level(logging.WARNING, logger="medusa"):
