@@ -305,6 +305,29 @@ def test_throughput_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
     assert set(host) == {"launch", "wait", "bookkeeping", "leave"} and host["launch"] > 0
 
 
+def test_batch_steps_script_counts_both_schedules_on_the_default_model(default_model, tmp_path, monkeypatch):
+    """``scripts/batch_steps.py``: the same answers batched consecutively and continuously, with the trees tuned for
+    a GPU, and the steps each took (continuous joining never takes more)."""
+    questions = tmp_path / "question.jsonl"
+    turns = ["Name three colours.", "What is 2 + 3?", "Say hello in French.", "Write one short sentence."]
+    rows = [{"question_id": i, "category": ("a", "b")[i % 2], "turns": [text]} for i, text in enumerate(turns)]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "batch_steps.py"
+    out = tmp_path / "steps.json"
+    argv = [str(script), "--questions", str(questions), "--prompts", "4", "--max-new-tokens", "6"]
+    argv += ["--batch-sizes", "2", "--trees-for", "NVIDIA H100 80GB HBM3", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    monkeypatch.syspath_prepend(str(script.parent))
+    runpy.run_path(str(script), run_name="__main__")
+    report = json.loads(out.read_text())
+    assert "NVIDIA H100 80GB HBM3" in report["meta"]["tree_origin"]
+    assert [(row["batch_size"], row["method"]) for row in report["rows"]] == [(2, "medusa"), (2, "autoregressive")]
+    for row in report["rows"]:
+        assert row["identical_answers"] == 4
+        assert row["continuous"]["new_tokens"] == row["consecutive"]["new_tokens"] > 0
+        assert 0 < row["continuous"]["batch_steps"] <= row["consecutive"]["batch_steps"]
+
+
 def test_engine_timeline_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "scripts" / "engine_timeline.py"
     out = tmp_path / "timeline.json"
