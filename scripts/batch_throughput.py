@@ -215,27 +215,28 @@ def main() -> None:
             f"{row['identical_answers']}/{len(prompts)} answers identical",
             flush=True,
         )
-    stops_paying = next((r["batch_size"] for r in rows if r["speedup"] < 1), None)
-    report = {
-        "meta": {
-            **environment(model.device),
-            "model": name,
-            "heads": args.heads,
-            "dtype": str(model.base_model.dtype),
-            "tree_size": model.tree.size,
-            "trees_by_batch": {str(size): model.tree_for(medusa, size).size for size in sizes},
-            "max_new_tokens": args.max_new_tokens,
-            "prompts": len(prompts),
-            "cuda_graphs": model.device.type == "cuda",
-            "batching": "continuous: at most batch_size rows at once, each prompt joining as an earlier one ends",
-            "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
-            "compares batched Medusa with batched autoregressive greedy answers",
-        },
-        "rows": rows,
-        "medusa_stops_paying_at_batch_size": stops_paying,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        # Written after every batch size: a run cut by a time limit keeps the sizes it finished.
+        stops_paying = next((r["batch_size"] for r in rows if r["speedup"] < 1), None)
+        report = {
+            "meta": {
+                **environment(model.device),
+                "model": name,
+                "heads": args.heads,
+                "dtype": str(model.base_model.dtype),
+                "tree_size": model.tree.size,
+                "trees_by_batch": {str(size): model.tree_for(medusa, size).size for size in sizes},
+                "max_new_tokens": args.max_new_tokens,
+                "prompts": len(prompts),
+                "cuda_graphs": model.device.type == "cuda",
+                "batching": "continuous: at most batch_size rows at once, each prompt joining as an earlier one ends",
+                "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
+                "compares batched Medusa with batched autoregressive greedy answers",
+            },
+            "rows": rows,
+            "medusa_stops_paying_at_batch_size": stops_paying,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and its plot; Medusa stops paying at batch size: {stops_paying}")
 
