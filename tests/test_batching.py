@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import medusa.tuned_trees
 from helpers.decoding import (
     CUSTOM_TREE,
     architecture_of,
@@ -318,7 +319,10 @@ def test_batch_steps_script_counts_both_schedules_on_the_default_model(default_m
     argv += ["--batch-sizes", "2", "--trees-for", "NVIDIA H100 80GB HBM3", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.syspath_prepend(str(script.parent))
+    # --trees-for replaces medusa.tuned_trees.device_kind for the script's process: put it back after this test.
+    monkeypatch.setattr(medusa.tuned_trees, "device_kind", medusa.tuned_trees.device_kind)
     runpy.run_path(str(script), run_name="__main__")
+    assert medusa.tuned_trees.device_kind("cpu") != "cpu"  # the script did replace it
     report = json.loads(out.read_text())
     assert "NVIDIA H100 80GB HBM3" in report["meta"]["tree_origin"]
     assert [(row["batch_size"], row["method"]) for row in report["rows"]] == [(2, "medusa"), (2, "autoregressive")]
