@@ -9,6 +9,7 @@ place) are all exercised.
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import sys
 from pathlib import Path
@@ -527,3 +528,65 @@ def test_prefills_padded_to_captured_widths_and_split_into_pieces_change_no_answ
         assert [r.token_ids for r in after] == [r.token_ids for r in before]
         assert after[1].logprobs == pytest.approx(before[1].logprobs, abs=1e-5)
         assert after[1].top_logprobs[0][0][0] == before[1].top_logprobs[0][0][0]
+
+
+def test_prefills_run_in_views_of_one_kept_cache_made_outside_any_capture():
+    """A fresh cache allocates and copies on first use, which a CUDA graph cannot hold: once the decoder's cache
+    exists, prefills of up to the widest captured width run in views of one kept cache; wider ones get their own."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    engine = model.engine(max_rows=4, max_length=600, keep=False)
+    decoder = engine.decoder
+    assert decoder._prefill_cache is None  # no cache yet: the first prefill makes its own
+    for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass
+    first, second = decoder.prefill_cache(2, 32), decoder.prefill_cache(4, decoder.prefill_widest)
+    kept = decoder._prefill_cache
+    assert kept is not None and kept.layers[0].keys.shape[:3] == (4, kept.layers[0].keys.shape[1], 512)
+    for view in (first, second):
+        assert view.layers[0].keys.untyped_storage().data_ptr() == kept.layers[0].keys.untyped_storage().data_ptr()
+    assert first.layers[0].keys.shape[0] == 2 and first.layers[0].keys.shape[2] == 32
+    wider = decoder.prefill_cache(1, decoder.prefill_widest + 1)
+    assert not wider.layers[0].is_initialized  # its own, allocated by its forward pass
+    prompts = random_prompts(3, seed=2)
+    results = model.generate_batch(prompts, max_new_tokens=5, chat_template=False)
+    assert [r.token_ids for r in results] == [
+        model.generate(p, max_new_tokens=5, chat_template=False).token_ids for p in prompts
+    ]
+
+
+def test_a_prefill_whose_capture_fails_runs_eagerly_and_the_steps_keep_their_graphs(caplog):
+    """One failed prefill capture must not cost the steps their graphs (the GPU's first run of captured prefills
+    fell back to eager steps): the prefill runs eagerly, every later one too, and the answers are unchanged."""
+    from medusa.graphs import CaptureReport
+
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    engine = model.engine(max_rows=2, max_length=64, keep=False)
+    for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass
+
+    class FailingPrefills:  # replays steps eagerly (the CPU has no graphs); every prefill capture fails
+        def __init__(self, decoder) -> None:
+            self.decoder, self.report, self.steps, self.prefills = decoder, CaptureReport(), 0, 0
+
+        def prepare(self, rows, span, kind) -> None:
+            pass
+
+        def __call__(self, rows, span, kind):
+            self.steps += 1
+            return self.decoder.step(rows, span, kind)
+
+        def prefill(self, prompts, width, kind) -> None:
+            self.prefills += 1
+            raise RuntimeError("cannot capture this prefill")
+
+    engine.graphs = planted = FailingPrefills(engine.decoder)
+    prompts = random_prompts(4, seed=9)
+    configs = [GenerationConfig(max_new_tokens=6, chat_template=False) for _ in prompts]
+    generations = [model.prepare(p, c) for p, c in zip(prompts, configs)]
+    with caplog.at_level(logging.WARNING, logger="medusa"):
+        for _ in engine.run(generations):
+            pass
+    assert "capture of a prefill failed" in caplog.text and engine.prefill_graphs_refused
+    assert planted.prefills == 1 and not engine.captures_prefills  # tried once, then eager
+    assert engine.graphs is planted and planted.steps > 0 and not engine.graphs_refused
+    assert [g.tokens for g in generations] == [model.generate(p, c).token_ids for p, c in zip(prompts, configs)]

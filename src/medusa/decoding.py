@@ -166,6 +166,10 @@ class Decoder:
         self.prompt_ids = torch.full((group, max_length), PAD_TOKEN, dtype=torch.long, device=device)
         self.prompt_rows = torch.zeros(group, dtype=torch.long, device=device)
         self.prompt_last = torch.zeros(group, dtype=torch.long, device=device)
+        # The cache prefills of up to the widest captured width run in (views of it): made once, outside any CUDA
+        # graph, since a fresh cache allocates and copies on first use, which a captured prefill cannot hold.
+        self.prefill_widest = min(PREFILL_WIDTHS[-1], max_length)
+        self._prefill_cache: MedusaCache | None = None
         self._views: dict[tuple[int, int], MedusaCache] = {}
         self._keeps_some_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
 
@@ -272,7 +276,7 @@ class Decoder:
         row_index = self.prompt_rows[:count]
         last = self.prompt_last[:count]
         starts = torch.zeros(count, dtype=torch.long, device=device)
-        cache = MedusaCache(len(self.cache.layers), width, starts.clone(), self.one_store)
+        cache = self.prefill_cache(count, width)
         with prefill_attention(device):
             logits, hidden = self._forward(ids, chunk_visibility(starts, width, width), cache, keep=last)
         if self.prefix is not None:
@@ -293,6 +297,23 @@ class Decoder:
         self.active.index_fill_(0, row_index, True)
         if self.history.shape[1]:
             self.history[:, :width].index_copy_(0, row_index, ids)
+
+    def prefill_cache(self, count: int, width: int) -> MedusaCache:
+        """A cache for the prefill of ``count`` prompts at ``width`` slots, every row starting at slot 0: a view of the
+        kept prefill cache once the decoder's own cache exists (made here on first use, never inside a capture:
+        ``StepGraphs`` makes it before capturing), else, or for a wider prefill, a fresh one."""
+        if self._prefill_cache is None and all(layer.is_initialized for layer in self.cache.layers):
+            group = self.prompt_rows.shape[0]
+            starts = torch.zeros(group, dtype=torch.long, device=self.device)
+            kept = MedusaCache(len(self.cache.layers), self.prefill_widest, starts, self.one_store)
+            for layer, whole in zip(kept.layers, self.cache.layers):
+                shape = (group, whole.keys.shape[1], 1, whole.keys.shape[3])
+                layer.lazy_initialization(whole.keys.new_empty(shape), whole.values.new_empty(shape))
+            self._prefill_cache = kept
+        if self._prefill_cache is None or width > self.prefill_widest:
+            starts = torch.zeros_like(self.prompt_rows[:count])
+            return MedusaCache(len(self.cache.layers), width, starts, self.one_store)
+        return self._prefill_cache.view(count, width)
 
     def _prefix_prefill(self, hidden: torch.Tensor, row_index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The prefix layer over a prefill's hidden states ``[count, width, hidden]``: its K/V go to rows ``row_index``

@@ -238,6 +238,8 @@ class DecodingEngine:
         self.decoder: Decoder | None = None
         self.graphs: StepGraphs | None = None
         self.graphs_refused = False
+        # A prefill whose capture failed prefills eagerly from then on; the steps keep their graphs.
+        self.prefill_graphs_refused = False
         # Row i of the decoder runs rows[i]; None is a free row inside the batch (a step masks it), left by a
         # generation that finished and filled by the next to join. Rows move down only when the running ones
         # would fit a smaller bucket: moving a row's cache costs more than stepping an idle row.
@@ -374,11 +376,17 @@ class DecodingEngine:
         budget = len(prefills) + len(keys) if max_graphs is None else max_graphs
         try:
             with torch.inference_mode():
-                for size, width, kind in prefills[:budget]:
+                for size, width, kind in prefills[:budget] if not self.prefill_graphs_refused else ():
                     decoder.prompt_rows[:size].copy_(torch.arange(size))
                     decoder.prompt_last[:size].fill_(0)
                     self.graphs.prepare_prefill(size, width, kind)
                     decoder.release(range(size))  # the capture's warm-ups prefilled those idle rows
+        except Exception as error:  # prefills stay eager; the steps still capture
+            self._refuse_prefill_graphs(error)
+            with torch.inference_mode():
+                decoder.release(range(decoder.prompt_rows.shape[0]))
+        try:
+            with torch.inference_mode():
                 for key in keys[: max(budget - len(prefills), 0)]:
                     self.graphs.prepare(*key)
         except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
@@ -422,18 +430,22 @@ class DecodingEngine:
     def captures_prefills(self) -> bool:
         """Whether short prompts prefill through captured graphs: on a GPU with graphs, once the cache's buffers
         exist (the engine's first prefill, eager, makes them)."""
-        return self.graphs is not None and all(layer.is_initialized for layer in self.decoder.cache.layers)
+        ready = all(layer.is_initialized for layer in self.decoder.cache.layers)
+        return self.graphs is not None and not self.prefill_graphs_refused and ready
 
     def run_prefill(self, prompts: int, width: int, kind: StepKind, captured: bool) -> None:
         """Prefill the ``prompts`` prompts loaded in the decoder at ``width``: a graph's replay where ``captured``."""
-        if captured and self.graphs is not None:
+        if captured and self.graphs is not None and not self.prefill_graphs_refused:
             try:
                 self.graphs.prefill(prompts, width, kind)
                 return
-            except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
-                self.graphs, self.graphs_refused = None, True
-                logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
+            except Exception as error:  # this prefill, and every later one, runs eagerly (idempotent: it redoes all)
+                self._refuse_prefill_graphs(error)
         self.decoder.prefill_step(prompts, width, kind)
+
+    def _refuse_prefill_graphs(self, error: Exception) -> None:
+        self.prefill_graphs_refused = True
+        logger.warning("CUDA graph capture of a prefill failed, prefilling eagerly (steps keep theirs): %s", error)
 
     def finish(self, generations: Iterable[Generation], reason: str | None = None) -> None:
         """Take generations out of the batch now (between steps); ``reason`` overrides their finish reason.

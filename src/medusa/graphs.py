@@ -79,6 +79,7 @@ class StepGraphs:
         prompts loaded in the decoder's prefill buffers (idle rows, when capturing ahead of any request)."""
         key = (prompts, width, kind)
         if key not in self.prefills:
+            self.decoder.prefill_cache(prompts, width)  # the kept prefill cache, made before (outside) the capture
             function = self.decoder.prefill_step
             self.prefills[key] = self._capture(lambda: function(prompts, width, kind), lambda: None)[0]
 
