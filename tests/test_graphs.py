@@ -156,7 +156,7 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
     assert [g.tokens for g in generations] == [r.token_ids for r in eager]
 
 
-def test_captured_prefills_decode_as_eager_prefills(model, caplog):
+def test_captured_prefills_decode_as_eager_prefills(caplog):
     """Once the cache exists, joining groups of short prompts replay captured prefills (split into pieces of 4, 2
     and 1, padded to fixed widths); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled
     and log-probability rows decode what they decode without graphs."""
@@ -165,6 +165,9 @@ def test_captured_prefills_decode_as_eager_prefills(model, caplog):
     configs = [GenerationConfig(max_new_tokens=12, chat_template=False) for _ in prompts]
     configs[2] = GenerationConfig(max_new_tokens=12, chat_template=False, temperature=0.8, top_p=0.9, seed=3)
     configs[4] = GenerationConfig(max_new_tokens=12, chat_template=False, logprobs=3)
+    base = make_tiny_model("llama", seed=2)
+    base.config.max_position_embeddings = 2048  # room for a prompt wider than the widest captured prefill
+    model = MedusaModel.from_pretrained(base, device="cuda", dtype="float32", tree="16")
     eager = model.generate_batch(prompts, configs, cuda_graphs=False)
     engine = model.engine(EngineOptions(), max_rows=8, max_length=1024, keep=False)
     for _ in engine.run([model.prepare(PROMPT, GenerationConfig(max_new_tokens=2, chat_template=False))]):
