@@ -53,11 +53,14 @@ def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
     raise MedusaError(f"{rows} rows do not fit the largest batch bucket, {buckets[-1]}")
 
 
+PREFILL_PIECES = (8, 4, 2, 1)  # the group sizes a captured prefill has graphs for (largest first)
+
+
 def prefill_pieces(count: int) -> list[int]:
-    """A joining group of ``count`` prompts as pieces of 8, 4, 2 and 1 (largest first): the group sizes a captured
-    prefill has graphs for, so that 5 prompts replay two graphs instead of capturing a third size."""
+    """A joining group of ``count`` prompts as pieces of ``PREFILL_PIECES`` (largest first), so that 5 prompts replay
+    two graphs instead of capturing a third size."""
     pieces = []
-    for size in (8, 4, 2, 1):
+    for size in PREFILL_PIECES:
         while count >= size:
             pieces.append(size)
             count -= size
@@ -89,10 +92,10 @@ def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> lis
     return plan
 
 
-def check_slots(name: str, value: object) -> None:
-    """Refuse a cache-slot setting that is neither None nor a positive integer (bools are not counts)."""
+def check_count(name: str, value: object, unit: str = "slots") -> None:
+    """Refuse a count setting (cache slots, rows) that is neither None nor a positive integer (bools are not counts)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise MedusaError(f"{name} must be a positive number of slots or None, got {value!r}")
+        raise MedusaError(f"{name} must be a positive number of {unit} or None, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -119,8 +122,8 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
-        check_slots("cache_length", self.cache_length)
-        check_slots("attention_span_step", self.attention_span_step)
+        check_count("cache_length", self.cache_length)
+        check_count("attention_span_step", self.attention_span_step)
         if self.compile not in (False, True, "max-autotune"):
             raise MedusaError(f"compile must be False, True or 'max-autotune', got {self.compile!r}")
 
@@ -369,7 +372,7 @@ class DecodingEngine:
         buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= decoder.max_rows]
         keys = [(bucket, span, kind) for span in self.spans for kind in kinds for bucket in buckets]
         # The prefills first (fewer, and every request runs one): each group size and width, idle rows loaded.
-        group_sizes = [size for size in (1, 2, 4, 8) if size <= decoder.prompt_rows.shape[0]]
+        group_sizes = sorted(size for size in PREFILL_PIECES if size <= decoder.prompt_rows.shape[0])
         widths = [width for width in PREFILL_WIDTHS if width <= decoder.max_length]
         prefill_kinds = list(dict.fromkeys(prefill_kind(kind) for kind in kinds))
         prefills = [(size, width, kind) for kind in prefill_kinds for width in widths for size in group_sizes]
@@ -547,8 +550,7 @@ class DecodingEngine:
         once (None: the engine's rows). More join as earlier ones finish (continuous batching: no row waits for a
         whole batch to end), several at a time so that they share a prefill (a quarter of the rows, at most a
         prefill group)."""
-        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
-            raise MedusaError(f"max_rows must be a positive number of rows, got {max_rows!r}")
+        check_count("max_rows", max_rows, "rows")
         capacity = min(self.capacity, max_rows or self.capacity)
         pending = deque(generations)
         group = max(1, min(PREFILL_GROUP, capacity // 4))

@@ -21,7 +21,7 @@ from medusa.acceptance import (
 from medusa.attention import use_grouped_sdpa
 from medusa.decoding import MAX_TOP_LOGPROBS, DecodingStats
 from medusa.devices import model_device
-from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for
+from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for, check_count
 from medusa.errors import MedusaError
 from medusa.files import write_text
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
@@ -497,8 +497,7 @@ class MedusaModel(nn.Module):
                 generations.append(self.prepare(prompt, row_config))
             except MedusaError as error:
                 raise MedusaError(f"prompt {index}: {error}") from None
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise MedusaError(f"max_batch must be a positive number of rows, got {max_batch!r}")
+        check_count("max_batch", max_batch, "rows")
         rows = min(len(generations), max_batch or BATCH_BUCKETS[-1], BATCH_BUCKETS[-1])
         longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
         engine = self.engine(options, self._resolve_tree(tree), rows, longest)

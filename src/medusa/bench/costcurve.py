@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from medusa.bench.environment import synchronize
 from medusa.decoding import ATTENTION_SPAN_STEP
-from medusa.engine import BATCH_BUCKETS, EngineOptions, check_slots
+from medusa.engine import BATCH_BUCKETS, EngineOptions, check_count
 from medusa.errors import MedusaError
 from medusa.files import atomic_path
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
@@ -107,7 +107,7 @@ class CostCurveConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise MedusaError(f"{name} must be an integer of at least {least}, got {value!r}")
-        check_slots("span_step", self.span_step)
+        check_count("span_step", self.span_step)
 
 
 def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> PreTrainedModel:
