@@ -7,8 +7,10 @@
 #   scripts/gpu_sequential_heads.sh tune    # each head type's step-cost curve, and the trees tuned on it per batch
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
 #
-# A device call returns a bounded number of files and nothing at all when it is killed at its limit, so every
-# phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's results to that).
+# A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
+# limit, so every phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's
+# results to that); `data` also returns the distilled rows and `train` each variant's bf16 weights in a file of
+# their own, so that a later session (a new machine) can carry them back instead of distilling and training again.
 # Expects the default model's GGUF at /root/stage/model.gguf, wheels for gguf/fastapi/uvicorn in $KEEP/.whl and
 # the prompts (topics.jsonl from `medusa prompts --tasks ask,instruct,article`, the shared pool files) and the
 # Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between calls on one machine); writes under $OUT.
@@ -25,6 +27,7 @@ MODEL=${MODEL:-/root/stage/model.gguf}
 DATA=$KEEP/.data
 DISTILL_SECONDS=${DISTILL_SECONDS:-240}
 HELDOUT=${HELDOUT:-300}
+PROFILE_ROWS=${PROFILE_ROWS:-150}  # held-out rows the tree profile reads (300 took two minutes a variant)
 EPOCHS=${EPOCHS:-3}
 # Head type and layers per head of each variant trained, "+prefix" for Hydra++'s prefix layer (--prefix-layer);
 # BENCH: the variants benchmarked on Spec-Bench (pick the sequential one by the held-out accuracies of `train`).
@@ -33,7 +36,7 @@ BENCH=${BENCH:-medusa-1 sequential-1}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
 RESULTS=$WORK/results  # what comes back, packed
 mkdir -p "$WORK" "$OUT" "$RESULTS"
-pack() { tar -czf "$OUT/$phase.tar.gz" -C "$RESULTS" . ; }
+pack() { tar -czf "$OUT/$phase.tar.gz" --exclude='*.safetensors' -C "$RESULTS" . ; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 case $phase in
@@ -58,6 +61,7 @@ print(f"{len(rows)} rows: {len(rows) - held} to train on, {held} held out")
 PY
     cp "$WORK/distilled.jsonl.settings.json" "$RESULTS/" 2>/dev/null
     wc -l "$WORK"/*.jsonl
+    tar -czf "$OUT/distilled.tar.gz" -C "$WORK" train.jsonl heldout.jsonl
     pack
     ;;
 train)
@@ -73,16 +77,19 @@ train)
         fi
         echo "== profile and build $variant $(date +%T)"
         [ -f "$run/heads/tree_profile.json" ] || $MEDUSA tree profile --model "$MODEL" --heads "$run/heads" \
-            --data "$WORK/heldout.jsonl" --limit "$HELDOUT" 2>&1 | tail -2
+            --data "$WORK/heldout.jsonl" --limit "$PROFILE_ROWS" 2>&1 | tail -2
         $MEDUSA tree build --heads "$run/heads" --nodes 64 2>&1 | tail -2
         mkdir -p "$RESULTS/$variant"
         cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$RESULTS/$variant/" 2>/dev/null
         cp "$run"/heads/*.json "$RESULTS/$variant/" 2>/dev/null
-        # Sequential weights come back (bf16 halves them) to be shipped if they win.
-        [ "$type" = sequential ] && python3 -c "
+        # The weights come back in bf16 (half the size), with the heads' config and tree, one file per variant: to
+        # be shipped if they win, or tuned and benchmarked from a later machine.
+        python3 -c "
 import sys; from safetensors.torch import load_file, save_file
 state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.items()}, sys.argv[2])" \
             "$run/heads/medusa_heads.safetensors" "$RESULTS/$variant/medusa_heads.bf16.safetensors"
+        tar -czf "$OUT/heads-$variant.tar.gz" --exclude=medusa_heads.safetensors -C "$run" heads \
+            -C "$RESULTS/$variant" medusa_heads.bf16.safetensors
         pack
     done
     ;;
