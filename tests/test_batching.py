@@ -246,6 +246,80 @@ def test_oracle_cache_rows_hold_each_rows_plain_sequence():
     engine.finish(generations)
 
 
+# ----- overlapped steps: the next step launched before the host's bookkeeping ----------------------
+
+
+def ahead_of_bookkeeping(engine) -> list[bool]:
+    """After each of ``engine``'s steps that leaves rows running: whether the next step was already launched."""
+    seen = []
+    step = engine.step
+
+    def watched():
+        results = step()
+        if engine.active:
+            seen.append(engine._in_flight is not None)
+        return results
+
+    engine.step = watched
+    return seen
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_overlapped_steps_keep_every_row_its_own_answer(architecture):
+    """What a GPU does by default: each step is launched before the last one's bookkeeping. Rows ending at EOS
+    or at their limit, rows joining as others leave and rows moving down all keep their own answers. Three rows
+    end exactly where the cache's slots do (prompt + limit = 256), so a row at its limit whose last step
+    accepted more than it needed would write its extra step past the cache unless it is released first."""
+    base = make_tiny_model(architecture)
+    prompts = random_prompts(7, seed=21)
+    truths = references(architecture, prompts, 262)
+    limits = [256 - len(prompts[0]), 7, 256 - len(prompts[2]), 30, 13, 256 - len(prompts[5]), 25]
+    engine = oracle_engine(base, default_tree(64), max_rows=4, max_length=256, overlap=True)
+    assert engine.decoder.max_length == 256 + 64  # the slots a row's tokens take, and one tree beyond
+    eos = [set() if limit > 200 else {EOS_ID} for limit in limits]
+    generations = [oracle_generation(engine, *row) for row in zip(prompts, truths, limits, eos)]
+    ahead = ahead_of_bookkeeping(engine)
+    moved, rows_before = False, {}
+    for _ in engine.run(generations, max_rows=3):
+        moved |= any(g.row != rows_before.get(id(g), g.row) for g in engine.generations)
+        rows_before = {id(g): g.row for g in engine.generations}
+        assert all(engine.rows[g.row] is g for g in engine.generations)
+    for generation, truth, limit, stop in zip(generations, truths, limits, eos):
+        expected = truth[:limit]
+        if stop & set(expected):
+            expected = expected[: expected.index(EOS_ID) + 1]
+        assert generation.tokens == expected
+    assert ahead and all(ahead) and moved
+    assert max(a for g in generations for a in g.stats.accepted_per_step) == 5
+
+
+def test_overlapped_steps_change_no_answer_of_any_kind():
+    """Greedy, seeded sampled, log-probability and stop-string rows, joining as earlier ones finish: the same
+    answers with the next step launched before the bookkeeping as without."""
+    from medusa.engine import EngineOptions
+
+    model = MedusaModel.from_pretrained(make_tiny_model("llama", seed=1), tokenizer=make_tokenizer(), tree="16")
+    prompts = ["Tell me a story.", "Hi", "What is the capital of a country with a long name?", "Count.", "Why?"]
+    stop = model.generate(prompts[0], max_new_tokens=24).text[8:10]
+    configs = [
+        GenerationConfig(max_new_tokens=24, stop=stop),
+        GenerationConfig(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=4),
+        GenerationConfig(max_new_tokens=20, logprobs=2),
+        GenerationConfig(max_new_tokens=17, temperature=1.0, seed=5),
+        GenerationConfig(max_new_tokens=12),
+    ]
+    runs = {}
+    for overlap in (False, True):
+        options = EngineOptions(overlap=overlap)
+        engine = model.engine(options, max_rows=2, max_length=64)
+        ahead = ahead_of_bookkeeping(engine)
+        results = model.generate_batch(prompts, configs, options=options, max_batch=2)
+        runs[overlap] = [(r.text, r.token_ids, r.finish_reason, r.logprobs) for r in results]
+        assert ahead and set(ahead) == {overlap}
+    assert runs[True] == runs[False]
+    assert runs[True][0][2] == "stop" and runs[True][2][3] is not None
+
+
 # ----- bad input ----------------------------------------------------------------------------------
 
 

@@ -119,6 +119,9 @@ class EngineOptions:
     # Uncompiled steps attend over the cache's first multiple of this many slots that holds every tree
     # (one CUDA graph per span), not over every preallocated slot. None: always every slot.
     attention_span_step: int | None = ATTENTION_SPAN_STEP
+    # Launch each step as soon as the previous one's tokens are read, before the host's per-row bookkeeping, so
+    # the device does not wait for the host between steps. None: where the device runs apart from the host (CUDA).
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
@@ -203,17 +206,29 @@ class Generation:
 
 
 @dataclass
+class InFlight:
+    """A launched step whose outputs are not read yet, and the generation each row held when it was launched."""
+
+    rows: list[Generation | None]
+    outputs: tuple[torch.Tensor, ...]
+
+
+@dataclass
 class StepTimes:
     """Host seconds spent in the engine's steps, by what the host was doing: where a batch's wall time goes
     between the device's work (``wait`` is the part the device was still busy with)."""
 
     steps: int = 0
-    launch: float = 0.0  # choosing the step's shape and launching it (a graph replay, or eager kernels)
+    launch: float = 0.0  # choosing a step's shape and launching it (a graph replay, or eager kernels)
     wait: float = 0.0  # waiting for the device, and reading every row's accepted tokens: the step's one sync
     bookkeeping: float = 0.0  # per row: EOS, stop strings, limits, text, statistics
     leave: float = 0.0  # finished rows leaving the batch (their release, and the move that packs the rest)
     prefills: int = 0  # joining groups prefilled (between steps, so outside the step times above)
     prefill: float = 0.0  # seconds those prefills took, to the device's end
+
+
+def running(generation: Generation | None) -> bool:
+    return generation is not None and not generation.finished
 
 
 class DecodingEngine:
@@ -249,11 +264,13 @@ class DecodingEngine:
         self.rows: list[Generation | None] = []
         self.lengths: list[int] = []  # each row's committed length, known on the host (0 for a free row)
         self.times = StepTimes()
+        self._in_flight: InFlight | None = None  # with ``overlaps``: the step launched before the last bookkeeping
         self._build(max_rows, max_length)
 
     # ----- sizing ---------------------------------------------------------------------------------
 
     def _build(self, max_rows: int, max_length: int) -> None:
+        self._settle()
         rows = bucket_for(max_rows)
         buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= rows]
         trees = {bucket: self.tree_of_bucket(bucket) for bucket in buckets}
@@ -272,6 +289,8 @@ class DecodingEngine:
         # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
         span_step = None if self.options.compile else self.options.attention_span_step
         self.spans = attention_spans(self.decoder.max_length, largest, span_step)
+        overlap = self.options.overlap
+        self.overlaps = self.decoder.device.type == "cuda" if overlap is None else overlap
         self.graphs = None
         use_graphs = self.options.cuda_graphs and self.decoder.device.type == "cuda" and not spans_devices(self.base)
         if use_graphs and not self.graphs_refused:
@@ -364,6 +383,7 @@ class DecodingEngine:
         failed and steps run eagerly)."""
         if self.rows:
             raise MedusaError("the graphs are captured up front only on an idle engine")
+        self._settle()
         if self.graphs is None:
             return False
         if not all(layer.is_initialized for layer in self.decoder.cache.layers):
@@ -510,38 +530,67 @@ class DecodingEngine:
         return self.decoder.step(rows, span, kind)
 
     def step(self) -> list[tuple[Generation, StepOutput]]:
-        """One step of every running generation; finished ones leave the batch before this returns."""
+        """One step of every running generation; finished ones leave the batch before this returns.
+
+        With ``overlaps``, the next step is launched as soon as this one's tokens are read, before the per-row
+        bookkeeping (EOS, stop strings, text, statistics), so the device does not wait for the host between
+        steps. A row that finishes in that bookkeeping has run one step more, whose output is never read; a row
+        that reaches its token limit is released first, so that extra step cannot write past its cache.
+        """
         if not self.rows:
             return []
         started = time.perf_counter()
-        rows, span, kind = self.step_shape()
+        if self._in_flight is None or not any(running(g) for g in self._in_flight.rows):
+            self._launch()
+        launched = time.perf_counter()
+        flight, self._in_flight = self._in_flight, None
         with torch.inference_mode():
-            outputs = self.run_step(rows, span, kind)
-            launched = time.perf_counter()
             # The one host sync of the step: every row's accepted tokens (and log-probabilities, if asked).
-            values = [tensor.tolist() for tensor in outputs]
+            values = [tensor.tolist() for tensor in flight.outputs]
         read = time.perf_counter()
-        results = []
-        for row, generation in enumerate(self.rows):
-            if generation is None:
+        stepped = []  # (generation, accepted, tokens, logprobs, top alternatives)
+        for row, generation in enumerate(flight.rows):
+            if not running(generation):  # a free row, or one that left after this step was launched
                 continue
             counts_and_tokens = values[0][row]
             accepted = counts_and_tokens[0]
-            self.lengths[row] += accepted
+            self.lengths[generation.row] += accepted  # its row now: it may have moved since the launch
             logprobs = top = None
             if len(values) > 1:
                 logprobs, top = values[1][row][:accepted], (values[2][row], values[3][row])
-            output = generation.absorb(accepted, counts_and_tokens[1 : 1 + accepted], logprobs, top)
-            results.append((generation, output))
+            stepped.append((generation, accepted, counts_and_tokens[1 : 1 + accepted], logprobs, top))
+        if self.overlaps:
+            at_limit = [generation.row for generation, accepted, *_ in stepped if accepted >= generation.remaining]
+            with torch.inference_mode():
+                if at_limit:
+                    self.decoder.release(at_limit)
+                if len(at_limit) < self.active:
+                    self._launch()
+        relaunched = time.perf_counter()
+        results = [(generation, generation.absorb(*rest)) for generation, *rest in stepped]
         absorbed = time.perf_counter()
         self.finish([g for g in self.rows if g is not None and g.finished])
         times = self.times
         times.steps += 1
-        times.launch += launched - started
+        times.launch += (launched - started) + (relaunched - read)
         times.wait += read - launched
-        times.bookkeeping += absorbed - read
+        times.bookkeeping += absorbed - relaunched
         times.leave += time.perf_counter() - absorbed
         return results
+
+    def _launch(self) -> None:
+        """Launch the next step over the running rows, to be read by ``step``."""
+        rows, span, kind = self.step_shape()
+        with torch.inference_mode():
+            outputs = self.run_step(rows, span, kind)
+        self._in_flight = InFlight(list(self.rows), outputs)
+
+    def _settle(self) -> None:
+        """Wait for a step still in flight and drop it (its rows have all left): before the decoder is rebuilt or
+        graphs are captured."""
+        if self._in_flight is not None:
+            synchronize(self.decoder.device)
+            self._in_flight = None
 
     def run(
         self, generations: Sequence[Generation], max_rows: int | None = None

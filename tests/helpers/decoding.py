@@ -71,7 +71,9 @@ class OracleDecoder(Decoder):
         for row in range(rows):
             truth = self.truths[row] if row < len(self.truths) else []
             length = int(self.lengths[row])
-            if truth:  # the root is the base model's own token: if decoding were off, it would differ
+            # The root is the base model's own token: if decoding were off, it would differ (a released row, whose
+            # overlapped extra step is never read, holds no text).
+            if truth and bool(self.active[row]):
                 assert int(self.root_token[row]) == truth[length], f"row {row} diverged at position {length}"
             target = self.rng.choice(deep_paths)
             self.targets.append(target)
@@ -111,13 +113,14 @@ def oracle_engine(
     max_length: int = 64,
     span_step: int | None = None,
     heads: MedusaHeads | None = None,
+    overlap: bool | None = None,
 ) -> OracleEngine:
     """An engine whose steps propose with the oracle; ``heads`` (default: fresh ones) only set the shapes."""
     engine = OracleEngine(
         base,
         heads or oracle_heads(base, num_heads),
         lambda bucket: tree,
-        EngineOptions(attention_span_step=span_step),
+        EngineOptions(attention_span_step=span_step, overlap=overlap),
         max_rows=max_rows,
         max_length=max_length,
     )
