@@ -26,6 +26,7 @@ from helpers.decoding import (
     plain_greedy,
     random_prompts,
     reference,
+    run_in_engine,
 )
 from helpers.models import ARCHITECTURES, EOS_ID, make_tiny_model
 from helpers.text_model import make_tokenizer
@@ -427,15 +428,15 @@ def test_engine_timeline_script_runs_on_a_tiny_model(tmp_path, monkeypatch):
 
 
 def test_capture_up_front_takes_the_prefills_then_the_shortest_spans_first_within_its_budget():
-    """``capture`` asks first for the prefill of every group size, prompt width and prefill kind (loaded on idle
-    rows, which it frees again), then for every (bucket, span, kind) up to the engine's rows, shortest spans
-    first, and stops at ``max_graphs``; it refuses a busy engine and one whose cache has no buffers yet (the graphs
-    are planted: the CPU captures none)."""
+    """``capture`` asks first for the prefill of every prompt width, group size that width takes (2 prompts at
+    most at 2048 tokens) and prefill kind (loaded on idle rows, which it frees again), then for every (bucket, span,
+    kind) up to the engine's rows, shortest spans first, and stops at ``max_graphs``; it refuses a busy engine and
+    one whose cache has no buffers yet (the graphs are planted: the CPU captures none)."""
     from medusa.acceptance import StepKind
     from medusa.decoding import PREFILL_WIDTHS
 
-    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
-    engine = model.engine(max_rows=4, max_length=600, keep=False)
+    model = MedusaModel.from_pretrained(make_tiny_model("llama", max_positions=2200), tree="8")
+    engine = model.engine(max_rows=4, max_length=2100, keep=False)
 
     class Recorder:
         def __init__(self) -> None:
@@ -459,7 +460,10 @@ def test_capture_up_front_takes_the_prefills_then_the_shortest_spans_first_withi
     engine.graphs = recorder = Recorder()
     kinds = [StepKind(), StepKind(sample=True), StepKind(sample=True, logprobs=3)]  # two kinds of prefill
     assert len(engine.spans) >= 2
-    prefills = [(size, width, kind) for kind in kinds[:2] for width in PREFILL_WIDTHS for size in (1, 2, 4)]
+    sizes = {2048: (1, 2)}  # 4 prompts of 2048 tokens would pass the prefill's token budget
+    prefills = [
+        (size, width, kind) for kind in kinds[:2] for width in PREFILL_WIDTHS for size in sizes.get(width, (1, 2, 4))
+    ]
     assert engine.capture(kinds, max_graphs=len(prefills) + 7)
     assert recorder.prefills == prefills
     first_span = [(bucket, engine.spans[0], kind) for kind in kinds[:2] for bucket in (1, 2, 4)]
@@ -541,20 +545,48 @@ def test_prefill_pieces_are_the_group_sizes_graphs_exist_for():
     assert prefill_pieces(7) == [4, 2, 1]
     assert prefill_pieces(8) == [8]
     assert all(sum(prefill_pieces(n)) == n for n in range(1, 9))
+    assert prefill_pieces(8, largest=4) == [4, 4] and prefill_pieces(7, largest=2) == [2, 2, 2, 1]
+    assert prefill_pieces(3, largest=1) == [1, 1, 1]
+    assert all(sum(prefill_pieces(n, largest)) == n for n in range(1, 9) for largest in (1, 2, 4, 8))
+
+
+def test_a_captured_prefill_holds_at_most_its_token_budget():
+    from medusa.decoding import PREFILL_TOKENS, prefill_capacity, prefill_group_limit
+
+    assert [prefill_group_limit(width, 8) for width in (32, 512, 1024, 2048, 4096)] == [8, 8, 4, 2, 1]
+    assert prefill_group_limit(1024, 3) == 3 and prefill_group_limit(32, 1) == 1
+    assert prefill_capacity(8, 4096) == PREFILL_TOKENS == 4096
+    assert prefill_capacity(1, 4096) == 2048  # one prompt of the widest width
+    assert prefill_capacity(8, 700) == 8 * 512 and prefill_capacity(1, 700) == 512  # no width past the rows
+    assert prefill_capacity(4, 20) == 0  # no captured width fits: every prefill has a cache of its own
 
 
 def test_prefill_plan_groups_prompts_by_width_in_pieces_graphs_exist_for():
     from medusa.engine import prefill_plan
 
-    lengths = [10, 600, 40, 20, 30, 700, 31, 5]
-    assert prefill_plan(lengths, 2048, captured=False) == [(list(range(8)), 700, False)]
-    assert prefill_plan(lengths, 2048, captured=True) == [
+    lengths = [10, 600, 40, 20, 30, 2100, 31, 5]
+    assert prefill_plan(lengths, 4096, captured=False) == [(list(range(8)), 2100, False)]
+    assert prefill_plan(lengths, 4096, captured=True) == [
         ([0, 3, 4, 6], 32, True),
         ([7], 32, True),
         ([2], 64, True),
-        ([1, 5], 700, False),  # wider than any graph: eagerly, at its own width
+        ([1], 1024, True),
+        ([5], 2100, False),  # wider than any graph: eagerly, at its own width
     ]
     assert prefill_plan([200], 240, captured=True) == [([0], 200, False)]  # 256 slots would not fit the rows
+    assert prefill_plan([600], 1000, captured=True) == [([0], 600, False)]  # nor would 1024
+    # At most 4 prompts of 1024 tokens and 2 of 2048 in one captured prefill (``PREFILL_TOKENS``).
+    assert prefill_plan([600] * 7 + [1500], 4096, captured=True) == [
+        ([0, 1, 2, 3], 1024, True),
+        ([4, 5], 1024, True),
+        ([6], 1024, True),
+        ([7], 2048, True),
+    ]
+    assert prefill_plan([1100] * 5, 4096, captured=True) == [
+        ([0, 1], 2048, True),
+        ([2, 3], 2048, True),
+        ([4], 2048, True),
+    ]
 
 
 def test_prefill_width_is_the_smallest_captured_width_that_fits():
@@ -564,7 +596,9 @@ def test_prefill_width_is_the_smallest_captured_width_that_fits():
     assert prefill_width(PREFILL_WIDTHS[1], 4096) == PREFILL_WIDTHS[1]
     assert prefill_width(PREFILL_WIDTHS[1] + 1, 4096) == PREFILL_WIDTHS[2]
     assert prefill_width(PREFILL_WIDTHS[-1] + 1, 4096) is None  # longer prompts prefill eagerly
+    assert PREFILL_WIDTHS[-1] == 2048 and prefill_width(513, 4096) == 1024 and prefill_width(1187, 4096) == 2048
     assert prefill_width(200, 300) == 256 and prefill_width(300, 300) is None  # never wider than a row's cache
+    assert prefill_width(1100, 2000) is None and prefill_width(600, 1024) == 1024
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma", "qwen2"])
@@ -604,28 +638,91 @@ def test_prefills_padded_to_captured_widths_and_split_into_pieces_change_no_answ
         assert after[1].top_logprobs[0][0][0] == before[1].top_logprobs[0][0][0]
 
 
-def test_prefills_run_in_views_of_one_kept_cache_made_outside_any_capture():
+@pytest.mark.parametrize("one_store", [True, False])
+def test_prefills_run_in_packed_views_of_one_kept_cache_made_outside_any_capture(one_store):
     """A fresh cache allocates and copies on first use, which a CUDA graph cannot hold: once the decoder's cache
-    exists, prefills of up to the widest captured width run in views of one kept cache; wider ones get their own."""
-    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
-    engine = model.engine(max_rows=4, max_length=600, keep=False)
+    exists, prefills run in views of one kept cache of a flat number of token slots (not growing with the widths:
+    8 prompts of 512, 4 of 1024 or 2 of 2048), each view's rows packed from its start; larger ones get their own."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama", max_positions=2200), tree="8")
+    engine = model.engine(max_rows=8, max_length=2100, keep=False)
     decoder = engine.decoder
+    decoder.one_store = one_store  # the kept prefill cache's layout (the decoder's own cache has one store either way)
     assert decoder._prefill_cache is None  # no cache yet: the first prefill makes its own
     for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
         pass
-    first, second = decoder.prefill_cache(2, 32), decoder.prefill_cache(4, decoder.prefill_widest)
+    views = {shape: decoder.prefill_cache(*shape) for shape in ((8, 32), (8, 512), (4, 1024), (2, 2048), (1, 2100))}
     kept = decoder._prefill_cache
-    assert kept is not None and kept.layers[0].keys.shape[:3] == (4, kept.layers[0].keys.shape[1], 512)
-    for view in (first, second):
-        assert view.layers[0].keys.untyped_storage().data_ptr() == kept.layers[0].keys.untyped_storage().data_ptr()
-    assert first.layers[0].keys.shape[0] == 2 and first.layers[0].keys.shape[2] == 32
-    wider = decoder.prefill_cache(1, decoder.prefill_widest + 1)
-    assert not wider.layers[0].is_initialized  # its own, allocated by its forward pass
+    heads, dim = decoder.cache.layers[0].keys.shape[1], decoder.cache.layers[0].keys.shape[3]
+    assert decoder.prefill_capacity == 4096 and (kept.store is not None) == one_store
+    for layer in kept.layers:
+        assert layer.keys.shape == layer.values.shape == (1, heads, 4096, dim)
+    for (count, width), view in views.items():
+        for part, whole in zip(view.layers, kept.layers):
+            for mine, theirs in ((part.keys, whole.keys), (part.values, whole.values)):
+                assert mine.shape == (count, heads, width, dim) and mine.is_contiguous()
+                assert mine.data_ptr() == theirs.data_ptr()  # the kept buffer's first count x width slots
+            assert part.full_keys is part.keys  # where the prefill's writes land
+    decoder.prefill_cache(2, 64)
+    assert decoder._prefill_cache is kept  # made once, kept
+    for count, width in ((3, 2048), (1, 4097)):  # more than the kept slots: a cache of its own
+        assert not decoder.prefill_cache(count, width).layers[0].is_initialized  # allocated by its forward pass
+    with pytest.raises(ValueError, match="3 rows of 2048 slots do not fit a cache of 4096 token slots"):
+        kept.packed_view(3, 2048, decoder.prompt_starts[:3])
     prompts = random_prompts(3, seed=2)
     results = model.generate_batch(prompts, max_new_tokens=5, chat_template=False)
     assert [r.token_ids for r in results] == [
         model.generate(p, max_new_tokens=5, chat_template=False).token_ids for p in prompts
     ]
+
+
+@pytest.mark.parametrize("one_store", [True, False])
+def test_long_prompts_prefilled_in_packed_views_at_wide_widths_change_no_answer(one_store, monkeypatch):
+    """Prompts of 513-2048 tokens take the captured path too (run eagerly on the CPU): padded to 1024 or 2048, in
+    pieces of at most 4 or 2 prompts, each in a packed view of the kept prefill cache. Greedy, seeded sampled and
+    log-probability rows give exactly what an unpadded prefill of the whole group gives."""
+    from medusa.decoding import Decoder
+    from medusa.engine import DecodingEngine
+
+    model = MedusaModel.from_pretrained(make_tiny_model("llama", seed=3, max_positions=2200), tree="16")
+    prompts = [[(7 * i + k) % 200 + 4 for i in range(560 + 37 * k)] for k in range(5)]  # 560-708 tokens: 1024
+    prompts += [[(11 * i + k) % 190 + 5 for i in range(1040 + 45 * k)] for k in range(3)]  # 1040-1130: 2048
+    configs = [
+        GenerationConfig(max_new_tokens=8, chat_template=False, temperature=0.8, top_k=20, seed=i)
+        if i % 3 == 0
+        else GenerationConfig(max_new_tokens=8, chat_template=False, logprobs=2 if i == 1 else None)
+        for i in range(len(prompts))
+    ]
+    unpadded = model.generate_batch(prompts, configs, max_batch=8)
+
+    prefills, packed = [], []
+    run_prefill, prefill_cache = DecodingEngine.run_prefill, Decoder.prefill_cache
+
+    def record(self, count, width, kind, captured):
+        prefills.append((count, width, captured))
+        run_prefill(self, count, width, kind, captured)
+
+    def record_cache(self, count, width):
+        cache = prefill_cache(self, count, width)
+        kept = self._prefill_cache
+        packed.append(kept is not None and cache.layers[0].keys.data_ptr() == kept.layers[0].keys.data_ptr())
+        return cache
+
+    monkeypatch.setattr(DecodingEngine, "captures_prefills", property(lambda self: True))
+    monkeypatch.setattr(DecodingEngine, "run_prefill", record)
+    monkeypatch.setattr(Decoder, "prefill_cache", record_cache)
+    engine = model.engine(max_rows=8, max_length=2200, keep=False)
+    engine.decoder.one_store = one_store  # the kept prefill cache's layout
+    for _ in engine.run([model.prepare([5, 6, 7], GenerationConfig(max_new_tokens=2, chat_template=False))]):
+        pass  # the first prefill makes the cache (and its own prefill cache)
+    prefills.clear()
+    packed.clear()
+    for max_rows in (8, 3):  # one group of 8, then rows joining running ones
+        generations = run_in_engine(engine, model, prompts, configs, max_rows)
+        assert [g.tokens for g in generations] == [r.token_ids for r in unpadded]
+        assert generations[1].token_logprobs == pytest.approx(unpadded[1].logprobs, abs=1e-5)
+    assert prefills[:4] == [(4, 1024, True), (1, 1024, True), (2, 2048, True), (1, 2048, True)]
+    assert all(width in (1024, 2048) and count <= 4096 // width for count, width, _ in prefills)
+    assert packed and all(packed)  # every one of them ran in the kept prefill cache
 
 
 def test_a_prefill_whose_capture_fails_runs_eagerly_and_the_steps_keep_their_graphs(caplog):

@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 
+from helpers.decoding import run_in_engine
 from helpers.models import make_tiny_model
 from medusa.decoding import PREFILL_WIDTHS
 from medusa.engine import EngineOptions
@@ -157,29 +158,30 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
 
 
 def test_captured_prefills_decode_as_eager_prefills(caplog):
-    """Once the cache exists, joining groups of short prompts replay captured prefills (split into pieces of 4, 2
-    and 1, padded to fixed widths); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled
-    and log-probability rows decode what they decode without graphs."""
+    """Once the cache exists, joining groups of prompts replay captured prefills (split into pieces of 4, 2 and 1,
+    padded to fixed widths, up to 2048 tokens in packed views of the kept prefill cache); a prompt longer than the
+    widest prefills eagerly. Greedy, seeded sampled and log-probability rows decode what they decode without
+    graphs."""
     prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11], list(range(3, 40)), [4] * 70, PROMPT[::-1]]
+    prompts.append([(5 * i) % 200 + 3 for i in range(600)])  # captured at 1024
     prompts.append([(7 * i) % 200 + 3 for i in range(PREFILL_WIDTHS[-1] + 5)])  # eager: wider than any graph
     configs = [GenerationConfig(max_new_tokens=12, chat_template=False) for _ in prompts]
     configs[2] = GenerationConfig(max_new_tokens=12, chat_template=False, temperature=0.8, top_p=0.9, seed=3)
     configs[4] = GenerationConfig(max_new_tokens=12, chat_template=False, logprobs=3)
     base = make_tiny_model("llama", seed=2)
-    base.config.max_position_embeddings = 2048  # room for a prompt wider than the widest captured prefill
+    base.config.max_position_embeddings = 4096  # room for a prompt wider than the widest captured prefill
     model = MedusaModel.from_pretrained(base, device="cuda", dtype="float32", tree="16")
     eager = model.generate_batch(prompts, configs, cuda_graphs=False)
-    engine = model.engine(EngineOptions(), max_rows=8, max_length=1024, keep=False)
+    engine = model.engine(EngineOptions(), max_rows=8, max_length=2176, keep=False)
     for _ in engine.run([model.prepare(PROMPT, GenerationConfig(max_new_tokens=2, chat_template=False))]):
         pass  # the first prefill (eager) makes the cache
     assert engine.captures_prefills and not engine.graphs.prefills
     with caplog.at_level(logging.WARNING, logger="medusa"):
         for max_rows in (8, 2):  # one group of 8, then rows joining running ones
-            generations = [model.prepare(p, c) for p, c in zip(prompts, configs)]
-            for _ in engine.run(generations, max_rows):
-                pass
+            generations = run_in_engine(engine, model, prompts, configs, max_rows)
             assert [g.tokens for g in generations] == [r.token_ids for r in eager]
             assert generations[4].token_logprobs == pytest.approx(eager[4].logprobs, abs=1e-4)
     assert "capture failed" not in caplog.text
     sizes = {size for size, _, _ in engine.graphs.prefills}
     assert sizes <= {1, 2, 4} and 4 in sizes and 1 in sizes
+    assert (1, 1024) in {(size, width) for size, width, _ in engine.graphs.prefills}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 from transformers import PretrainedConfig
@@ -65,6 +66,12 @@ class RowLayer(StaticLayer):
                 torch._dynamo.mark_static_address(self.keys)
                 torch._dynamo.mark_static_address(self.values)
         self.full_keys, self.full_values = self.keys, self.values  # contiguous [rows, kv_heads, slots, dim]
+
+    def share(self, whole: RowLayer) -> None:
+        """Take ``whole``'s state (its full buffers, dtype, device) for a view of it; the view then sets its own
+        ``keys``/``values``, and keeps its own slot count, write lengths and store."""
+        keep = ("keys", "values", "max_cache_len", "write_at", "store")
+        self.__dict__.update({k: v for k, v in vars(whole).items() if k not in keep})
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write ``key_states [rows, kv_heads, n, dim]`` at slots ``write_at[row] + [0, n)`` of each row.
@@ -139,18 +146,43 @@ class MedusaCache(Cache):
         """
         if not 0 < span <= self.max_length:
             raise ValueError(f"a view of {span} slots does not fit a cache of {self.max_length}")
+        self._check_buffers()
         view = MedusaCache(len(self.layers), span, self.lengths.value[:rows])
         for part, whole in zip(view.layers, self.layers):
-            if not whole.is_initialized:
-                raise ValueError("the cache has no buffers yet: run the prefill first")
-            keep = ("keys", "values", "max_cache_len", "write_at", "store")
-            part.__dict__.update({k: v for k, v in vars(whole).items() if k not in keep})
+            part.share(whole)
             part.keys = whole.keys[:rows, :, :span]
             part.values = whole.values[:rows, :, :span]
         # Commits through the view move every layer's K/V in the whole store at once (slots past the span are
         # never addressed: a row's path lies inside its tree); without it each layer would take four kernels.
         view.store = self.store
         return view
+
+    def packed_view(self, rows: int, span: int, lengths: torch.Tensor) -> MedusaCache:
+        """A cache of ``rows`` rows of ``span`` slots over the first ``rows * span`` slots' worth of this one's
+        buffers, laid out contiguously: each layer's K/V ``[rows, kv_heads, span, head_dim]``, what it writes landing
+        in this cache's buffers. ``lengths [rows]`` is where its rows write (a fixed buffer where it is captured).
+
+        A prefill of few wide prompts or many narrow ones runs in one kept cache of a fixed number of token slots
+        this way. Its store is not shared (its layout is not the store's), so it takes no ``commit``.
+        """
+        self._check_buffers()
+        held = self.layers[0].keys.shape[0] * self.max_length
+        if not 0 < rows * span <= held:
+            raise ValueError(f"{rows} rows of {span} slots do not fit a cache of {held} token slots")
+        view = MedusaCache(len(self.layers), span, lengths)
+        for part, whole in zip(view.layers, self.layers):
+            part.share(whole)
+            for name in ("keys", "values"):
+                buffer = getattr(whole, name)
+                shape = (rows, buffer.shape[1], span, buffer.shape[3])
+                setattr(part, name, buffer.view(-1)[: math.prod(shape)].view(shape))  # the buffer's own storage
+            part.batch_size = rows
+            part.full_keys, part.full_values = part.keys, part.values  # ``update`` writes at indices into these
+        return view
+
+    def _check_buffers(self) -> None:
+        if not all(layer.is_initialized for layer in self.layers):
+            raise ValueError("the cache has no buffers yet: run the prefill first")
 
     def commit(self, source_slots: torch.Tensor) -> None:
         """Copy each row's K/V at ``source_slots [rows, depth + 1]`` to the slots from its length on.

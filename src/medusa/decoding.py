@@ -44,15 +44,32 @@ MAX_TOP_LOGPROBS = 20  # the most alternatives a token's log-probabilities list 
 PAD_TOKEN = 0  # fills a prefill's rows past their prompt; those positions are never read
 PREFILL_GROUP = 8  # joining prompts prefilled together (their logits cost rows x rows x vocabulary)
 # Prompt widths a prefill is padded to where it replays a captured graph (one per group size, width and kind):
-# an eager prefill of a short prompt is a few hundred small kernels launched from Python, tens of milliseconds
-# against a step's few. Longer prompts prefill eagerly at their own width.
-PREFILL_WIDTHS = (32, 64, 128, 256, 512)
+# an eager prefill is over a thousand small kernels launched from Python, 40-50 ms on the H100 against 5-6 ms
+# captured, and an eighth of Spec-Bench's prompts are 513-1187 tokens long. Longer prompts prefill eagerly.
+PREFILL_WIDTHS = (32, 64, 128, 256, 512, 1024, 2048)
+# The most prompt tokens (prompts x width) one captured prefill holds: its cache is kept for good, so a wide
+# prefill takes fewer prompts (4 at 1024, 2 at 2048) rather than the kept cache growing with the width.
+PREFILL_TOKENS = PREFILL_GROUP * 512
 
 
 def prefill_width(longest: int, max_length: int) -> int | None:
     """The captured prefill width that holds prompts of up to ``longest`` tokens in a cache of ``max_length``
     slots per row, or None (prefill eagerly)."""
     return next((width for width in PREFILL_WIDTHS if longest <= width <= max_length), None)
+
+
+def prefill_group_limit(width: int, group: int) -> int:
+    """The most prompts a captured prefill of ``width`` takes on a decoder that prefills ``group`` at once: what
+    fits ``PREFILL_TOKENS``, and always one."""
+    return min(group, max(1, PREFILL_TOKENS // width))
+
+
+def prefill_capacity(group: int, max_length: int) -> int:
+    """The token slots the kept prefill cache holds: the most prompts x width of any captured prefill that fits
+    rows of ``max_length`` slots (0 where none does)."""
+    return max(
+        (prefill_group_limit(width, group) * width for width in PREFILL_WIDTHS if width <= max_length), default=0
+    )
 
 
 def prefill_kind(kind: StepKind) -> StepKind:
@@ -166,9 +183,11 @@ class Decoder:
         self.prompt_ids = torch.full((group, max_length), PAD_TOKEN, dtype=torch.long, device=device)
         self.prompt_rows = torch.zeros(group, dtype=torch.long, device=device)
         self.prompt_last = torch.zeros(group, dtype=torch.long, device=device)
-        # The cache prefills of up to the widest captured width run in (views of it): made once, outside any CUDA
-        # graph, since a fresh cache allocates and copies on first use, which a captured prefill cannot hold.
-        self.prefill_widest = min(PREFILL_WIDTHS[-1], max_length)
+        self.prompt_starts = torch.zeros(group, dtype=torch.long, device=device)  # every prefill row starts at 0
+        # The cache prefills run in (packed views of it, see ``prefill_cache``): one row of ``prefill_capacity``
+        # slots, made once, outside any CUDA graph, since a fresh cache allocates and copies on first use, which a
+        # captured prefill cannot hold.
+        self.prefill_capacity = prefill_capacity(group, max_length)
         self._prefill_cache: MedusaCache | None = None
         self._views: dict[tuple[int, int], MedusaCache] = {}
         self._keeps_some_logits = "logits_to_keep" in inspect.signature(base_model.forward).parameters
@@ -275,7 +294,7 @@ class Decoder:
         ids = self.prompt_ids[:count, :width]
         row_index = self.prompt_rows[:count]
         last = self.prompt_last[:count]
-        starts = torch.zeros(count, dtype=torch.long, device=device)
+        starts = self.prompt_starts[:count]
         cache = self.prefill_cache(count, width)
         with prefill_attention(device):
             logits, hidden = self._forward(ids, chunk_visibility(starts, width, width), cache, keep=last)
@@ -299,21 +318,23 @@ class Decoder:
             self.history[:, :width].index_copy_(0, row_index, ids)
 
     def prefill_cache(self, count: int, width: int) -> MedusaCache:
-        """A cache for the prefill of ``count`` prompts at ``width`` slots, every row starting at slot 0: a view of the
-        kept prefill cache once the decoder's own cache exists (made here on first use, never inside a capture:
-        ``StepGraphs`` makes it before capturing), else, or for a wider prefill, a fresh one."""
-        if self._prefill_cache is None and all(layer.is_initialized for layer in self.cache.layers):
-            group = self.prompt_rows.shape[0]
-            starts = torch.zeros(group, dtype=torch.long, device=self.device)
-            kept = MedusaCache(len(self.cache.layers), self.prefill_widest, starts, self.one_store)
+        """A cache for the prefill of ``count`` prompts at ``width`` slots, every row starting at slot 0: a packed
+        view (``MedusaCache.packed_view``) of the kept prefill cache once the decoder's own cache exists (made here
+        on first use, never inside a capture: ``StepGraphs`` makes it before capturing), else, or for a prefill of
+        more than its ``prefill_capacity`` tokens, a fresh one."""
+        if (
+            self._prefill_cache is None
+            and self.prefill_capacity
+            and all(layer.is_initialized for layer in self.cache.layers)
+        ):
+            kept = MedusaCache(len(self.cache.layers), self.prefill_capacity, self.prompt_starts[:1], self.one_store)
             for layer, whole in zip(kept.layers, self.cache.layers):
-                shape = (group, whole.keys.shape[1], 1, whole.keys.shape[3])
+                shape = (1, whole.keys.shape[1], 1, whole.keys.shape[3])
                 layer.lazy_initialization(whole.keys.new_empty(shape), whole.values.new_empty(shape))
             self._prefill_cache = kept
-        if self._prefill_cache is None or width > self.prefill_widest:
-            starts = torch.zeros_like(self.prompt_rows[:count])
-            return MedusaCache(len(self.cache.layers), width, starts, self.one_store)
-        return self._prefill_cache.view(count, width)
+        if self._prefill_cache is None or count * width > self.prefill_capacity:
+            return MedusaCache(len(self.cache.layers), width, self.prompt_starts[:count], self.one_store)
+        return self._prefill_cache.packed_view(count, width, self.prompt_starts[:count])
 
     def _prefix_prefill(self, hidden: torch.Tensor, row_index: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """The prefix layer over a prefill's hidden states ``[count, width, hidden]``: its K/V go to rows ``row_index``

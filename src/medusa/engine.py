@@ -29,6 +29,7 @@ from medusa.decoding import (
     DecodingStats,
     StepOutput,
     attention_spans,
+    prefill_group_limit,
     prefill_kind,
     prefill_width,
 )
@@ -56,12 +57,12 @@ def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
 PREFILL_PIECES = (8, 4, 2, 1)  # the group sizes a captured prefill has graphs for (largest first)
 
 
-def prefill_pieces(count: int) -> list[int]:
-    """A joining group of ``count`` prompts as pieces of ``PREFILL_PIECES`` (largest first), so that 5 prompts replay
-    two graphs instead of capturing a third size."""
+def prefill_pieces(count: int, largest: int = PREFILL_PIECES[0]) -> list[int]:
+    """A joining group of ``count`` prompts as pieces of ``PREFILL_PIECES`` of at most ``largest`` prompts (largest
+    first), so that 5 prompts replay two graphs instead of capturing a third size."""
     pieces = []
     for size in PREFILL_PIECES:
-        while count >= size:
+        while size <= largest and count >= size:
             pieces.append(size)
             count -= size
     return pieces
@@ -72,7 +73,8 @@ def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> lis
 
     Eagerly, the whole group at once at its longest prompt's width. With captured prefills, the prompts of each
     width (``decoding.prefill_width``: a 20-token prompt is not padded to 512 because a long one joins with it)
-    in pieces of the group sizes graphs exist for; prompts wider than any graph together, eagerly.
+    in pieces of the group sizes graphs exist for, no larger than that width allows (``prefill_group_limit``: 4
+    prompts at 1024, 2 at 2048); prompts wider than any graph together, eagerly.
     """
     if not captured:
         return [(list(range(len(lengths))), max(lengths), False)]
@@ -86,7 +88,7 @@ def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> lis
             plan.append((members, max(lengths[index] for index in members), False))
             continue
         first = 0
-        for size in prefill_pieces(len(members)):
+        for size in prefill_pieces(len(members), prefill_group_limit(width, PREFILL_GROUP)):
             plan.append((members[first : first + size], width, True))
             first += size
     return plan
@@ -375,9 +377,9 @@ class DecodingEngine:
 
     def capture(self, kinds: Sequence[StepKind], max_graphs: int | None = None) -> bool:
         """Capture now the graphs this engine's prefills and steps of ``kinds`` may replay: the prefill of every
-        group size and prompt width, then every bucket up to its rows and every attention span, the shortest
-        spans first, up to ``max_graphs`` graphs in all (None: all). A server does this before
-        it takes requests, so that no capture lands in a request's time; what is left out is captured when a
+        prompt width and group size it takes (``prefill_group_limit``), then every bucket up to its rows and every
+        attention span, the shortest spans first, up to ``max_graphs`` graphs in all (None: all). A server does this
+        before it takes requests, so that no capture lands in a request's time; what is left out is captured when a
         batch first needs it. Only an idle engine, after its first generation (which makes the cache's
         buffers), captures like this. Returns whether steps replay graphs (False on a CPU, or where capture
         failed and steps run eagerly)."""
@@ -391,11 +393,17 @@ class DecodingEngine:
         decoder = self.decoder
         buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= decoder.max_rows]
         keys = [(bucket, span, kind) for span in self.spans for kind in kinds for bucket in buckets]
-        # The prefills first (fewer, and every request runs one): each group size and width, idle rows loaded.
-        group_sizes = sorted(size for size in PREFILL_PIECES if size <= decoder.prompt_rows.shape[0])
+        # The prefills first (fewer, and every request runs one): each width and group size it takes, idle rows loaded.
+        group = decoder.prompt_rows.shape[0]
         widths = [width for width in PREFILL_WIDTHS if width <= decoder.max_length]
         prefill_kinds = list(dict.fromkeys(prefill_kind(kind) for kind in kinds))
-        prefills = [(size, width, kind) for kind in prefill_kinds for width in widths for size in group_sizes]
+        prefills = [
+            (size, width, kind)
+            for kind in prefill_kinds
+            for width in widths
+            for size in sorted(PREFILL_PIECES)
+            if size <= prefill_group_limit(width, group)
+        ]
         budget = len(prefills) + len(keys) if max_graphs is None else max_graphs
         try:
             with torch.inference_mode():
@@ -451,8 +459,8 @@ class DecodingEngine:
 
     @property
     def captures_prefills(self) -> bool:
-        """Whether short prompts prefill through captured graphs: on a GPU with graphs, once the cache's buffers
-        exist (the engine's first prefill, eager, makes them)."""
+        """Whether prompts of up to 2048 tokens prefill through captured graphs: on a GPU with graphs, once the
+        cache's buffers exist (the engine's first prefill, eager, makes them)."""
         ready = all(layer.is_initialized for layer in self.decoder.cache.layers)
         return self.graphs is not None and not self.prefill_graphs_refused and ready
 

@@ -1,11 +1,11 @@
 """CUDA graphs for the decoding step, one per (batch bucket, attention span, step kind), and for the prefill of
-short prompts, one per (group size, prompt width, kind); each captured on first use.
+prompts of up to 2048 tokens, one per (group size, prompt width, kind); each captured on first use.
 
 A Medusa step is dozens of small kernels per layer; launched one by one from Python the GPU idles
 between them and a 135M or even 7B model runs CPU-bound. The step has static shapes (a fixed tree per
 bucket, preallocated cache, state in fixed buffers), so it is captured once and replayed; rows join and
-leave by changing what the buffers hold, never the graph. A prefill of a short prompt is launch-bound the
-same way, so prompts padded to a few widths (``decoding.PREFILL_WIDTHS``) replay captured prefills too.
+leave by changing what the buffers hold, never the graph. A prefill is launch-bound the same way (at any
+prompt length), so prompts padded to a few widths (``decoding.PREFILL_WIDTHS``) replay captured prefills too.
 """
 
 from __future__ import annotations

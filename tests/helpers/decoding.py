@@ -159,3 +159,11 @@ def oracle_run(
     for _ in engine.run([generation]):
         pass
     return generation.tokens, generation.stats, engine
+
+
+def run_in_engine(engine: DecodingEngine, model, prompts, configs, max_rows: int | None = None) -> list[Generation]:
+    """Decode ``prompts`` (with their ``configs``) to their ends on ``engine``, at most ``max_rows`` running at once."""
+    generations = [model.prepare(prompt, config) for prompt, config in zip(prompts, configs)]
+    for _ in engine.run(generations, max_rows):
+        pass
+    return generations

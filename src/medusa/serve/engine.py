@@ -128,16 +128,16 @@ ASSUMED_GENERATION_SECONDS = 1.0
 GENERATION_SECONDS_WEIGHT = 0.2  # of the newest generation in the running mean of generation times
 # A request joining a running batch waits up to this many prefills' time (as measured while serving) for others
 # to join with it: on the H100 an eager prefill of one prompt took 35-47 ms against a 3-5 ms step, and one of
-# eight cost about the same. Prompts of up to 512 tokens now replay captured prefills (4.6-6.1 ms on the H100),
-# which shortens the wait; the server under load has not run with them yet.
+# eight cost about the same. Prompts of up to 2048 tokens now replay captured prefills (4.6-6.1 ms on the H100
+# for prompts of up to 512), which shortens the wait; the server under load has not run with them yet.
 JOIN_WAIT_PREFILLS = 3
 PREFILL_SECONDS_WEIGHT = 0.2  # of the newest prefill in the running mean of prefill times
 # The step kinds captured at start: greedy, sampled, and sampled with top-k/top-p (other kinds, such as
 # typical acceptance or log-probabilities, are captured when a batch first needs them).
 WARM_KINDS = (StepKind(), StepKind(sample=True), StepKind(sample=True, filtered=True))
-# The most graphs captured at start: the prefills (group sizes 1-8, widths 32-512, three kinds: 60), then the
-# steps, shortest attention spans first. On the H100, 162 step graphs (batch 32, 2,048 slots) took 21 s and
-# 1 GiB; a longer --cache-length or a larger --max-batch leaves its longest spans to be captured when first
+# The most graphs captured at start: the prefills (widths 32-2048 and the group sizes each takes, three kinds:
+# 75), then the steps, shortest attention spans first. On the H100, 162 step graphs (batch 32, 2,048 slots) took
+# 21 s and 1 GiB; a longer --cache-length or a larger --max-batch leaves its longest spans to be captured when first
 # needed rather than lengthening the start without bound.
 MAX_WARM_GRAPHS = 256
 
