@@ -108,6 +108,7 @@ def measure(
         "tree_size": model.tree_for(options, batch_size).size,
         "captured_graphs": _capture_report(model, options),
         "batch_steps": times.steps,
+        "overlapped_steps": engine.overlaps,  # each step launched before the last one's bookkeeping
         "mean_rows_per_step": sum(len(r.stats.accepted_per_step) for r in results) / max(times.steps, 1),
         # Host milliseconds per step by phase (DecodingEngine.times): wait is mostly the device's own time.
         "host_ms_per_step": {
@@ -171,6 +172,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="on CUDA (the CPU runs float32)")
     parser.add_argument("--tiny", action="store_true", help="a random tiny model on the CPU: checks the script")
     parser.add_argument("--out", type=Path, help="the JSON report; the plot goes beside it (.png)")
+    parser.add_argument(
+        "--overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="launch steps ahead of the bookkeeping (auto: on CUDA)",
+    )
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
     if args.plot_only:
@@ -196,7 +203,8 @@ def main() -> None:
         name = model.name
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    medusa, plain = EngineOptions(), EngineOptions(use_heads=False)
+    overlap = {"auto": None, "on": True, "off": False}[args.overlap]
+    medusa, plain = EngineOptions(overlap=overlap), EngineOptions(use_heads=False, overlap=overlap)
     rows = []
     for size in sizes:
         medusa_row, medusa_answers = measure(model, prompts, size, config, medusa)
