@@ -285,6 +285,29 @@ def test_requests_to_a_dead_worker_fail_at_once_with_503(serve_model):
             assert client.get("/health").status_code == 503
 
 
+def test_a_request_arriving_while_the_worker_dies_is_refused_not_left_waiting(serve_model, monkeypatch):
+    """The worker's thread runs on for a moment after its loop breaks (it logs, then fails the line): a request
+    submitted in that moment must be refused with the worker's death, not queued for nobody to run."""
+    import medusa.serve.engine as serve_engine
+
+    refused = []
+    log_exception = serve_engine.log.exception
+
+    def submit_while_dying(*args, **kwargs):
+        try:
+            server.engine.submit(serve_model.tokenizer.encode("Hi"), None, print)
+        except serve_engine.EngineStopped as error:
+            refused.append(str(error))
+        log_exception(*args, **kwargs)
+
+    with running_server(serve_model, request_timeout=60) as server:
+        server.engine.metrics.record_batch = lambda rows: 1 / 0
+        monkeypatch.setattr(serve_engine.log, "exception", submit_while_dying)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.post(CHAT, json=chat()).status_code == 503
+        assert refused == [serve_engine.WORKER_DIED]
+
+
 # ----- 8. Retry-After ------------------------------------------------------------------------------------
 
 

@@ -187,6 +187,9 @@ class Engine:
         self._batch: list[Job] = []  # the jobs of the running batch
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Set under the lock as the worker dies, before it drops the line: its thread still runs for a moment,
+        # and a request queued then would wait for nobody.
+        self._died = False
         self._decoder: DecodingEngine | None = None
         self._generation_seconds: float | None = None  # a running mean, from the worker's start to the end
         self._prefill_seconds: float | None = None  # a running mean of the worker's prefills (engine.add)
@@ -198,7 +201,7 @@ class Engine:
         with self._lock:
             if self._thread is not None:
                 return
-            self._stopping = False
+            self._stopping = self._died = False
             self._thread = threading.Thread(target=self._work, name="medusa-engine", daemon=True)
             self._thread.start()
 
@@ -241,7 +244,7 @@ class Engine:
     @property
     def alive(self) -> bool:
         thread = self._thread
-        return thread is not None and thread.is_alive() and not self._stopping
+        return thread is not None and thread.is_alive() and not self._stopping and not self._died
 
     @property
     def waiting(self) -> int:
@@ -279,7 +282,7 @@ class Engine:
         with self._lock:
             if self._stopping or self._thread is None:
                 raise EngineStopped("the engine is not running")
-            if not self._thread.is_alive():
+            if self._died or not self._thread.is_alive():
                 raise EngineStopped(WORKER_DIED)
             # max_waiting wait beyond the running batch; the batch also takes in as many as it has free places.
             if len(self._waiting) + len(jobs) > self.capacity - self.running:
@@ -326,6 +329,8 @@ class Engine:
         except BaseException:
             # A bug, not a request's failure (those are caught per step): without a worker no request can be
             # served, so the waiting ones fail now and submit() refuses new ones (503).
+            with self._lock:
+                self._died = True
             log.exception("the engine's worker thread died; requests now get 503")
             with self._lock:
                 dropped = list(self._waiting) + list(self._batch)
