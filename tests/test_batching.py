@@ -321,6 +321,37 @@ def test_overlapped_steps_change_no_answer_of_any_kind():
     assert runs[True][0][2] == "stop" and runs[True][2][3] is not None
 
 
+def test_a_prefill_joining_while_a_step_is_in_flight_cannot_clobber_its_outputs(monkeypatch):
+    """On a GPU a prefill's graph may reuse, as scratch memory, the pool memory that holds a step graph's outputs
+    (graphs share one pool, and the prefills are captured first). With steps launched ahead, a prefill can run
+    between a step's launch and the reading of its tokens: the engine must read them first. Simulated here: every
+    prefill scribbles over the last step's outputs."""
+    from medusa.decoding import Decoder
+    from medusa.engine import DecodingEngine, EngineOptions
+
+    model = MedusaModel.from_pretrained(make_tiny_model("qwen2"), tree="16")
+    prompts = random_prompts(6, seed=17)
+    configs = [GenerationConfig(max_new_tokens=n, chat_template=False) for n in (3, 11, 5, 8, 2, 9)]
+    expected = [model.generate(p, c).token_ids for p, c in zip(prompts, configs)]
+    last_outputs = []
+    run_step, prefill_step = DecodingEngine.run_step, Decoder.prefill_step
+
+    def recording_step(self, *args):
+        outputs = run_step(self, *args)
+        last_outputs[:] = outputs
+        return outputs
+
+    def clobbering_prefill(self, *args, **kwargs):
+        prefill_step(self, *args, **kwargs)
+        for tensor in last_outputs:
+            tensor.fill_(-7)
+
+    monkeypatch.setattr(DecodingEngine, "run_step", recording_step)
+    monkeypatch.setattr(Decoder, "prefill_step", clobbering_prefill)
+    results = model.generate_batch(prompts, configs, options=EngineOptions(overlap=True), max_batch=2)
+    assert [r.token_ids for r in results] == expected
+
+
 # ----- bad input ----------------------------------------------------------------------------------
 
 

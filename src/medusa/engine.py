@@ -213,6 +213,13 @@ class InFlight:
 
     rows: list[Generation | None]
     outputs: tuple[torch.Tensor, ...]
+    values: list | None = None  # the outputs, once read to the host (the step's one sync)
+
+    def read(self) -> list:
+        if self.values is None:
+            with torch.inference_mode():
+                self.values = [tensor.tolist() for tensor in self.outputs]
+        return self.values
 
 
 @dataclass
@@ -341,6 +348,13 @@ class DecodingEngine:
                 raise MedusaError("the prompt is empty")
             if generation.seed is None:
                 generation.seed = random.randrange(2**63)
+        if self._in_flight is not None:
+            # Read the step in flight before a prefill runs: the captured graphs share one memory pool, and a prefill
+            # captured before a step may reuse, as its own scratch memory, what became that step's outputs (the first
+            # H100 run of overlapped steps decoded garbage tokens this way).
+            started = time.perf_counter()
+            self._in_flight.read()
+            self.times.wait += time.perf_counter() - started
         longest = max(g.prompt_ids.numel() + g.max_new_tokens for g in generations)
         self.reserve(self.active + len(generations), longest)
         for start in range(0, len(generations), PREFILL_GROUP):
@@ -552,9 +566,7 @@ class DecodingEngine:
             self._launch()
         launched = time.perf_counter()
         flight, self._in_flight = self._in_flight, None
-        with torch.inference_mode():
-            # The one host sync of the step: every row's accepted tokens (and log-probabilities, if asked).
-            values = [tensor.tolist() for tensor in flight.outputs]
+        values = flight.read()  # the one host sync of the step: every row's accepted tokens (and log-probabilities)
         read = time.perf_counter()
         stepped = []  # (generation, accepted, tokens, logprobs, top alternatives)
         for row, generation in enumerate(flight.rows):
