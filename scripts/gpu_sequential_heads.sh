@@ -3,7 +3,7 @@
 # device call:
 #
 #   scripts/gpu_sequential_heads.sh data    # distil answers from the default model (or take $KEEP/.data/
-#                                           # distilled.jsonl, made by the same command elsewhere); hold some out
+#                                           # distilled.jsonl.gz, made by the same command elsewhere); hold some out
 #   scripts/gpu_sequential_heads.sh train   # train both head types the same way; profile each; a 64-node tree each
 #   scripts/gpu_sequential_heads.sh tune    # each head type's step-cost curve, and the trees tuned on it per batch
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
@@ -42,14 +42,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 case $phase in
 data)
-    # Rows distilled elsewhere (the same command on a CPU, or an earlier machine) come as $DATA/distilled.jsonl.
-    if [ -f "$DATA/distilled.jsonl" ]; then
-        cp "$DATA/distilled.jsonl" "$WORK/distilled.jsonl"
+    # Rows distilled elsewhere (the same command on a CPU, or an earlier machine) come as $DATA/distilled.jsonl.gz
+    # (gzipped: a call carries 64 MiB, the model's part nearly 47).
+    distilled=$DATA/distilled.jsonl.gz
+    if [ -f "$distilled" ]; then
+        gunzip -c "$distilled" > "$WORK/distilled.jsonl"
         cp "$DATA/distilled.jsonl.settings.json" "$WORK/" 2>/dev/null
     fi
     # The prompt pool may come packed (the device call carries 64 MiB with the model's parts).
     [ -f "$DATA/pool.tar.gz" ] && [ ! -f "$DATA/gsm8k_train.jsonl" ] && tar -xzf "$DATA/pool.tar.gz" -C "$DATA"
-    [ -f "$DATA/distilled.jsonl" ] || timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" \
+    [ -f "$distilled" ] || timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" \
         --data "$DATA/topics.jsonl,$DATA/gsm8k_train.jsonl,$DATA/gpteacher_codegen.json,$DATA/gpteacher_roleplay.json" \
         --output "$WORK/distilled.jsonl" --max-new-tokens "${DISTILL_TOKENS:-384}" --batch-size "${DISTILL_BATCH:-384}" \
         --limit "${DISTILL_LIMIT:-8000}" --max-prompt-tokens 1400 2>&1 | tail -3 \
