@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from helpers.serve import make_slow_model, running_server
-from medusa.engine import PREFILL_GROUP
+from medusa.engine import PREFILL_GROUP, EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import GenerationChunk, GenerationConfig
 from medusa.serve.engine import Engine, EngineConfig, Failed, Finished, Job
@@ -86,9 +86,10 @@ def test_waiting_greedy_requests_run_as_one_batch(serve_model):
     assert engine.metrics.finished.get("length", 0) + engine.metrics.finished.get("stop", 0) == 4
 
 
-def test_a_request_joins_a_running_batch_and_leaves_before_it(one_thread):
+@pytest.mark.parametrize("overlap", [False, True], ids=["steps", "overlapped-steps"])
+def test_a_request_joins_a_running_batch_and_leaves_before_it(one_thread, overlap):
     model = make_slow_model(0.02)
-    engine = Engine(model, EngineConfig(max_batch=4))
+    engine = Engine(model, EngineConfig(max_batch=4, options=EngineOptions(overlap=overlap)))
     engine.start()
     try:
         long, short = start_long(engine, model, 60), Collector()
@@ -102,9 +103,11 @@ def test_a_request_joins_a_running_batch_and_leaves_before_it(one_thread):
     assert long.tokens == model.generate(PROMPTS[1], max_new_tokens=60).token_ids
 
 
-def test_cancelling_one_member_leaves_the_others_going(one_thread):
+@pytest.mark.parametrize("overlap", [False, True], ids=["steps", "overlapped-steps"])
+def test_cancelling_one_member_leaves_the_others_going(one_thread, overlap):
+    """A cancelled member leaves after the current step (with overlapped steps, after the one already launched)."""
     model = make_slow_model(0.02)
-    engine = Engine(model, EngineConfig(max_batch=3))
+    engine = Engine(model, EngineConfig(max_batch=3, options=EngineOptions(overlap=overlap)))
     engine.start()
     try:
         sinks = [Collector() for _ in range(3)]
