@@ -366,16 +366,23 @@ class Decoder:
         output = self.prefix.attend(path_hidden, query, keys[:, :, :span], values[:, :, :span], visible)
         return output.gather(1, accepted[:, None, None].expand(-1, 1, output.shape[-1]))[:, 0]
 
+    def _row_index(self, rows: Sequence[int]) -> torch.Tensor:
+        """Row numbers on the device without waiting for it: rows leave while the next step runs (overlapped
+        steps), and a plain copy from host memory would wait for that step to end."""
+        index = torch.tensor(list(rows), dtype=torch.long)
+        if self.device.type != "cuda":
+            return index.to(self.device)
+        return index.pin_memory().to(self.device, non_blocking=True)
+
     def release(self, rows: Sequence[int]) -> None:
         """Rows leave: they stop committing, and their length returns to 0 so their tree stays inside any span."""
-        index = torch.tensor(list(rows), device=self.device)
+        index = self._row_index(rows)
         self.active.index_fill_(0, index, False)
         self.lengths.index_fill_(0, index, 0)
 
     def move(self, sources: Sequence[int], targets: Sequence[int]) -> None:
         """Move running rows ``sources`` to free rows ``targets`` (so running rows fill a small bucket)."""
-        source = torch.tensor(list(sources), device=self.device)
-        target = torch.tensor(list(targets), device=self.device)
+        source, target = self._row_index(sources), self._row_index(targets)
         self.cache.move_rows(source, target)
         for buffer in (
             self.lengths,
