@@ -109,6 +109,7 @@ def measure(
         "captured_graphs": _capture_report(model, options),
         "batch_steps": times.steps,
         "overlapped_steps": engine.overlaps,  # each step launched before the last one's bookkeeping
+        "ragged_attention": engine.decoder.ragged_attention,  # attention read each row's own slots
         "mean_rows_per_step": sum(len(r.stats.accepted_per_step) for r in results) / max(times.steps, 1),
         # Host milliseconds per step by phase (DecodingEngine.times): wait is mostly the device's own time.
         "host_ms_per_step": {
@@ -178,6 +179,12 @@ def main() -> None:
         default="auto",
         help="launch steps ahead of the bookkeeping (auto: on CUDA)",
     )
+    parser.add_argument(
+        "--ragged",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="attention reads each row's own slots, not the longest row's span (auto: where FlashAttention runs)",
+    )
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
     if args.plot_only:
@@ -203,8 +210,9 @@ def main() -> None:
         name = model.name
 
     config = GenerationConfig(max_new_tokens=args.max_new_tokens)
-    overlap = {"auto": None, "on": True, "off": False}[args.overlap]
-    medusa, plain = EngineOptions(overlap=overlap), EngineOptions(use_heads=False, overlap=overlap)
+    choice = {"auto": None, "on": True, "off": False}
+    settings = dict(overlap=choice[args.overlap], ragged_attention=choice[args.ragged])
+    medusa, plain = EngineOptions(**settings), EngineOptions(use_heads=False, **settings)
     rows = []
     for size in sizes:
         medusa_row, medusa_answers = measure(model, prompts, size, config, medusa)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import medusa.attention as attention
 from helpers.decoding import oracle_engine, oracle_generation, random_prompts, reference
 from helpers.models import ARCHITECTURES, EOS_ID, make_tiny_model
-from medusa.attention import GROUPED_SDPA, grouped_sdpa_attention_forward, use_grouped_sdpa
+from medusa.attention import GROUPED_SDPA, RAGGED_KEYWORD, RaggedRows, grouped_sdpa_attention_forward, use_grouped_sdpa
+from medusa.cache import attention_mask_for, tree_visibility
+from medusa.engine import EngineOptions
 from medusa.model import MedusaModel
 from medusa.tree import default_tree
 
@@ -253,3 +256,161 @@ def test_the_decoder_prefills_under_the_prefill_backends(monkeypatch):
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     model.generate([5, 6, 7], max_new_tokens=3)
     assert entered == ["cpu"]
+
+
+# ----- ragged attention: each row's own slots ---------------------------------------------------------------
+
+
+def ragged_case(nodes: int, groups: int, dtype=torch.float32, device="cpu", seed: int = 3):
+    """Query, key/value views of a larger cache (as a step's span is), the rows' lengths and a tree mask."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, span, head_dim = 4, 96, 16
+    tree = default_tree(nodes) if nodes > 1 else None
+    tree_mask = tree.attention_mask if tree else torch.ones(1, 1, dtype=torch.bool)
+    depths = tree.depths if tree else torch.zeros(1, dtype=torch.long)
+    lengths = torch.tensor([1, 7, 30, span - nodes])
+    cache = torch.randn(2, rows + 1, KV_HEADS, span + 20, head_dim, generator=generator)
+    query = torch.randn(rows, nodes, KV_HEADS * groups, head_dim, generator=generator).transpose(1, 2)
+    query, cache = query.to(device, dtype), cache.to(device, dtype)
+    key, value = cache[0, :rows, :, :span], cache[1, :rows, :, :span]
+    allowed, query_positions, key_positions = tree_visibility(lengths, tree_mask, depths, span)
+    mask = attention_mask_for(LlamaConfig(), allowed, query_positions, key_positions, dtype).to(device)
+    rows_ = RaggedRows(lengths.to(device), tree_mask.to(device))
+    return query, key, value, mask, rows_
+
+
+@pytest.mark.parametrize("groups", [1, GROUPS], ids=["one-query-head-a-kv-head", "grouped"])
+@pytest.mark.parametrize("nodes", [1, 8, 64], ids=["one-node", "8-nodes", "64-nodes"])
+def test_ragged_attention_gives_what_the_mask_over_the_span_gives(nodes, groups):
+    query, key, value, mask, rows = ragged_case(nodes, groups)
+    module = AttentionModule(groups)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    output, _ = grouped_sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, **{RAGGED_KEYWORD: rows})
+    assert output.shape == expected.shape and output.is_contiguous()
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ragged_attention_reads_nothing_past_a_rows_tree():
+    """Huge values in every slot past each row's tree change nothing."""
+    query, key, value, mask, rows = ragged_case(8, GROUPS)
+    before = attention.ragged_attention(query, key, value, rows, 0.3)
+    for buffer in (key, value):
+        for row, length in enumerate(rows.committed.tolist()):
+            buffer[row, :, length + 8 :] = 1e4
+    torch.testing.assert_close(attention.ragged_attention(query, key, value, rows, 0.3), before)
+
+
+def test_a_window_shorter_than_the_span_keeps_the_mask():
+    query, key, value, mask, rows = ragged_case(8, GROUPS)
+    module = AttentionModule(GROUPS)
+    module.sliding_window = 16  # the mask holds the window; the ragged path would read past it
+    calls = []
+    original = attention.ragged_attention
+    try:
+        attention.ragged_attention = lambda *args: calls.append(args) or original(*args)
+        grouped_sdpa_attention_forward(module, query, key, value, mask, **{RAGGED_KEYWORD: rows})
+        module.sliding_window = 4096
+        grouped_sdpa_attention_forward(module, query, key, value, mask, **{RAGGED_KEYWORD: rows})
+    finally:
+        attention.ragged_attention = original
+    assert len(calls) == 1
+
+
+@pytest.fixture
+def ragged_calls(monkeypatch) -> list[int]:
+    """Records the tree size of each attention call that takes the ragged path."""
+    calls = []
+    original = attention.ragged_attention
+
+    def spy(query, *args):
+        calls.append(query.shape[2])
+        return original(query, *args)
+
+    monkeypatch.setattr(attention, "ragged_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_ragged_steps_decode_the_base_models_greedy_tokens(ragged_calls, architecture):
+    """Through the engine, batched, with Medusa trees and without heads: the base model's own greedy tokens."""
+    model = MedusaModel.from_pretrained(make_tiny_model(architecture), tree="64")
+    prompts = random_prompts(3, seed=7)
+    expected = [list(reference(architecture, tuple(p), 16)) for p in prompts]
+    for use_heads in (True, False):
+        options = EngineOptions(use_heads=use_heads, ragged_attention=True)
+        results = model.generate_batch(prompts, max_new_tokens=16, chat_template=False, options=options)
+        assert [r.token_ids for r in results] == [e[: len(r.token_ids)] for r, e in zip(results, expected)]
+    if model.base_model.config._attn_implementation == GROUPED_SDPA:
+        assert 64 in ragged_calls and 1 in ragged_calls
+    else:  # not a grouped-query model: its attention function never reads the rows
+        assert not ragged_calls
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_long_accepted_paths_stay_lossless_with_ragged_steps(ragged_calls, architecture):
+    """The oracle makes long, varied paths accepted: the tree each step reads sits after the compacted K/V."""
+    base = make_tiny_model(architecture)
+    assert use_grouped_sdpa(base)
+    prompts = random_prompts(3, seed=41)
+    truths = [list(reference(architecture, tuple(p), 30)) for p in prompts]
+    engine = oracle_engine(base, default_tree(64), max_rows=4, max_length=64, span_step=16, ragged=True)
+    generations = [oracle_generation(engine, p, t, 24, {EOS_ID}) for p, t in zip(prompts, truths)]
+    for _ in engine.run(generations):
+        pass
+    for generation, truth in zip(generations, truths):
+        expected = truth[:24]
+        if EOS_ID in expected:
+            expected = expected[: expected.index(EOS_ID) + 1]
+        assert generation.tokens == expected
+    assert max(a for g in generations for a in g.stats.accepted_per_step) == 5
+    assert ragged_calls
+
+
+def test_ragged_attention_is_off_by_default_off_cuda():
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
+    assert not model.engine(EngineOptions()).decoder.ragged_attention
+    assert model.engine(EngineOptions(ragged_attention=True)).decoder.ragged_attention
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernel needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("groups", [1, GROUPS], ids=["one-query-head-a-kv-head", "grouped"])
+@pytest.mark.parametrize("nodes", [1, 8, 64], ids=["one-node", "8-nodes", "64-nodes"])
+def test_flash_reads_each_rows_slots_as_the_masked_product_does(nodes, groups, dtype):
+    query, key, value, mask, rows = ragged_case(nodes, groups, dtype, "cuda")
+    assert attention.flash_runs(query.device, dtype) and attention.flash_reads(query, key, value)
+    lengths = rows.committed + 1
+    got, got_lse = attention._flash_committed(query, key, value, lengths, 0.3)
+    want, want_lse = attention._masked_committed(query, key, value, lengths, 0.3)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-2, rtol=2e-2)
+    module = AttentionModule(groups)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+    output, _ = grouped_sdpa_attention_forward(module, query, key, value, mask, scaling=0.3, **{RAGGED_KEYWORD: rows})
+    torch.testing.assert_close(output.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+@cuda
+def test_captured_ragged_steps_replay_what_eager_ragged_steps_decode(ragged_calls):
+    """bf16 on CUDA, where the engine turns it on by default: graphs and eager steps give the same tokens."""
+    model = MedusaModel.from_pretrained(make_tiny_model("llama", seed=2), device="cuda", dtype="bfloat16", tree="16")
+    assert model.engine(EngineOptions()).decoder.ragged_attention
+    prompts = random_prompts(5, seed=3)
+    for use_heads in (True, False):
+        runs = [
+            [
+                r.token_ids
+                for r in model.generate_batch(
+                    prompts,
+                    max_new_tokens=40,
+                    chat_template=False,
+                    options=EngineOptions(use_heads=use_heads, cuda_graphs=graphs),
+                )
+            ]
+            for graphs in (True, False)
+        ]
+        assert runs[0] == runs[1]
+    assert ragged_calls

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind, accept, target_tokens, token_logprobs
-from medusa.attention import prefill_attention
+from medusa.attention import RAGGED_KEYWORD, RaggedRows, prefill_attention
 from medusa.cache import (
     MedusaCache,
     attention_mask_for,
@@ -131,9 +131,11 @@ class Decoder:
         max_length: int,
         lookup_ngram: int = DEFAULT_MAX_NGRAM,
         one_store: bool = True,
+        ragged_attention: bool = False,
     ) -> None:
         """``one_store``: keep every layer's K/V in one buffer so a commit is two kernels (``MedusaCache``);
-        never for a base model split over devices."""
+        never for a base model split over devices. ``ragged_attention``: a step's attention reads each row's own
+        slots, not the span (``medusa.attention.RaggedRows``; models on other attention functions ignore it)."""
         for tree in trees.values():
             if heads is None and tree.paths:
                 raise ValueError("decoding without heads needs trees without head paths (the root, or a lookup chain)")
@@ -151,6 +153,7 @@ class Decoder:
         self.max_rows = max_rows
         self.max_length = max_length
         self.lookup_ngram = lookup_ngram
+        self.ragged_attention = ragged_attention
         device = self.device
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)  # committed slots per row
         self.one_store = one_store and not spans_devices(base_model)
@@ -214,13 +217,17 @@ class Decoder:
         visibility: tuple[torch.Tensor, ...],
         cache: MedusaCache,
         keep: torch.Tensor | None = None,
+        ragged: RaggedRows | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and last hidden states ``[rows, queries, ...]``; ``keep [rows]``: the logits of only each row's
-        query ``keep[row]`` (``[rows, 1, vocab]``), the hidden states of every query still."""
+        query ``keep[row]`` (``[rows, 1, vocab]``), the hidden states of every query still. ``ragged``: the rows'
+        lengths and tree, for attention that reads only each row's own slots (the mask still says the same)."""
         allowed, query_positions, key_positions = visibility
         mask = attention_mask_for(self.base.config, allowed, query_positions, key_positions, self.dtype)
         cache.lengths.begin()
         extra = {}
+        if ragged is not None:
+            extra[RAGGED_KEYWORD] = ragged
         if keep is not None and self._keeps_some_logits:
             extra["logits_to_keep"] = keep  # logits at those positions for every row: [rows, rows, vocab]
         output = self.base(
@@ -237,7 +244,7 @@ class Decoder:
         if keep is None:
             return logits, hidden
         rows = torch.arange(keep.numel(), device=self.device)
-        picked = logits[rows, rows] if extra else logits[rows, keep]
+        picked = logits[rows, rows] if "logits_to_keep" in extra else logits[rows, keep]
         return picked[:, None], hidden
 
     # ----- joining: the prefill -------------------------------------------------------------------
@@ -450,7 +457,8 @@ class Decoder:
         lengths = self.lengths[:rows]
         tree_tokens = self.propose(rows, tree)
         visibility = tree_visibility(lengths, tree.attention_mask, tree.depths, span)
-        logits, hidden = self._forward(tree_tokens, visibility, self._cache_view(rows, span))
+        ragged = RaggedRows(lengths, tree.attention_mask) if self.ragged_attention else None
+        logits, hidden = self._forward(tree_tokens, visibility, self._cache_view(rows, span), ragged=ragged)
         offsets = torch.arange(tree.max_depth + 1, device=self.device)
         positions = lengths[:, None] + offsets + 1  # the position a token after a node of each depth takes
         verdict = accept(tree, tree_tokens, logits, self.sampling.rows(rows), positions, kind)

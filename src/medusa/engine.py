@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind
+from medusa.attention import flash_runs
 from medusa.decoding import (
     ATTENTION_SPAN_STEP,
     PREFILL_GROUP,
@@ -33,7 +34,7 @@ from medusa.decoding import (
     prefill_kind,
     prefill_width,
 )
-from medusa.devices import spans_devices, synchronize
+from medusa.devices import model_device, spans_devices, synchronize
 from medusa.errors import MedusaError
 from medusa.graphs import StepGraphs
 from medusa.heads import MedusaHeads
@@ -124,6 +125,10 @@ class EngineOptions:
     # Launch each step as soon as the previous one's tokens are read, before the host's per-row bookkeeping, so
     # the device does not wait for the host between steps. None: where the device runs apart from the host (CUDA).
     overlap: bool | None = None
+    # A step's attention reads each row's own committed slots and tree (a variable-length kernel), not every row up
+    # to the longest one's span. None: where FlashAttention's variable-length kernel runs (CUDA, half precision)
+    # and the step is not compiled.
+    ragged_attention: bool | None = None
 
     def __post_init__(self) -> None:
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
@@ -294,6 +299,7 @@ class DecodingEngine:
             slots + largest,
             self.options.lookup_ngram,
             one_store=not self.options.compile,
+            ragged_attention=self._ragged_attention(),
         )
         # A compiled step is specialised to its shapes, and compiling takes minutes: one attention span only.
         span_step = None if self.options.compile else self.options.attention_span_step
@@ -304,6 +310,13 @@ class DecodingEngine:
         use_graphs = self.options.cuda_graphs and self.decoder.device.type == "cuda" and not spans_devices(self.base)
         if use_graphs and not self.graphs_refused:
             self.graphs = StepGraphs(self.decoder, self.options.compile)
+
+    def _ragged_attention(self) -> bool:
+        if self.options.ragged_attention is not None:
+            return self.options.ragged_attention
+        device = model_device(self.base)
+        # The probe runs here, before any capture: a captured step cannot hold its allocations.
+        return device.type == "cuda" and not self.options.compile and flash_runs(device, self.base.dtype)
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` running rows of up to ``length`` slots each; only an idle engine is rebuilt."""

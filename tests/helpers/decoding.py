@@ -114,13 +114,14 @@ def oracle_engine(
     span_step: int | None = None,
     heads: MedusaHeads | None = None,
     overlap: bool | None = None,
+    ragged: bool | None = None,
 ) -> OracleEngine:
     """An engine whose steps propose with the oracle; ``heads`` (default: fresh ones) only set the shapes."""
     engine = OracleEngine(
         base,
         heads or oracle_heads(base, num_heads),
         lambda bucket: tree,
-        EngineOptions(attention_span_step=span_step, overlap=overlap),
+        EngineOptions(attention_span_step=span_step, overlap=overlap, ragged_attention=ragged),
         max_rows=max_rows,
         max_length=max_length,
     )
