@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument(
         "--ragged",
         choices=("auto", "on", "off"),
-        default="auto",
+        default="off",
         help="attention reads each row's own slots, not the longest row's span (auto: where FlashAttention runs)",
     )
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")

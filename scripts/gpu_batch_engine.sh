@@ -48,7 +48,7 @@ bench)
     mkdir -p "$OUT/bench"
     python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
         --max-new-tokens 128 --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --prompts "${PROMPTS:-128}" \
-        --ragged "${RAGGED:-auto}" --overlap "${OVERLAP:-auto}" \
+        --ragged "${RAGGED:-off}" --overlap "${OVERLAP:-auto}" \
         --out "$OUT/bench/batch_throughput.json"
     # Batch 1 against the previous engine (the single-sequence decoder of commit b566998), same questions and
     # heads (the shipped ones: their tuned trees are what both engines choose for this device)

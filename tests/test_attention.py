@@ -366,9 +366,10 @@ def test_long_accepted_paths_stay_lossless_with_ragged_steps(ragged_calls, archi
     assert ragged_calls
 
 
-def test_ragged_attention_is_off_by_default_off_cuda():
+def test_ragged_attention_is_off_unless_asked_and_auto_only_where_flash_runs():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     assert not model.engine(EngineOptions()).decoder.ragged_attention
+    assert not model.engine(EngineOptions(ragged_attention=None)).decoder.ragged_attention  # the CPU
     assert model.engine(EngineOptions(ragged_attention=True)).decoder.ragged_attention
 
 
@@ -395,9 +396,9 @@ def test_flash_reads_each_rows_slots_as_the_masked_product_does(nodes, groups, d
 
 @cuda
 def test_captured_ragged_steps_replay_what_eager_ragged_steps_decode(ragged_calls):
-    """bf16 on CUDA, where the engine turns it on by default: graphs and eager steps give the same tokens."""
+    """bf16 on CUDA, where "auto" turns it on: graphs and eager steps give the same tokens."""
     model = MedusaModel.from_pretrained(make_tiny_model("llama", seed=2), device="cuda", dtype="bfloat16", tree="16")
-    assert model.engine(EngineOptions()).decoder.ragged_attention
+    assert model.engine(EngineOptions(ragged_attention=None)).decoder.ragged_attention
     prompts = random_prompts(5, seed=3)
     for use_heads in (True, False):
         runs = [
@@ -407,7 +408,7 @@ def test_captured_ragged_steps_replay_what_eager_ragged_steps_decode(ragged_call
                     prompts,
                     max_new_tokens=40,
                     chat_template=False,
-                    options=EngineOptions(use_heads=use_heads, cuda_graphs=graphs),
+                    options=EngineOptions(use_heads=use_heads, cuda_graphs=graphs, ragged_attention=True),
                 )
             ]
             for graphs in (True, False)

@@ -125,10 +125,10 @@ class EngineOptions:
     # Launch each step as soon as the previous one's tokens are read, before the host's per-row bookkeeping, so
     # the device does not wait for the host between steps. None: where the device runs apart from the host (CUDA).
     overlap: bool | None = None
-    # A step's attention reads each row's own committed slots and tree (a variable-length kernel), not every row up
-    # to the longest one's span. None: where FlashAttention's variable-length kernel runs (CUDA, half precision)
-    # and the step is not compiled.
-    ragged_attention: bool | None = None
+    # A step's attention reads each row's own committed slots and tree (FlashAttention's variable-length kernel on
+    # CUDA), not every row up to the longest one's span. Off: on the H100 it made steps slower, not faster
+    # (docs/benchmarks/h100-ragged-attention/); None turns it on where that kernel runs, uncompiled.
+    ragged_attention: bool | None = False
 
     def __post_init__(self) -> None:
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
