@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import runpy
 import sys
 from pathlib import Path
@@ -568,17 +569,18 @@ def test_generate_batch_runs_at_most_max_batch_rows_at_once():
             model.generate_batch(prompts, max_new_tokens=2, max_batch=bad)
 
 
-def test_prefill_pieces_are_the_group_sizes_graphs_exist_for():
-    from medusa.engine import prefill_pieces
+def test_a_captured_prefill_takes_a_size_graphs_exist_for_filled_with_copies_only_where_cheap():
+    from medusa.engine import PREFILL_PIECES, prefill_piece_size
 
-    assert prefill_pieces(1) == [1]
-    assert prefill_pieces(5) == [4, 1]
-    assert prefill_pieces(7) == [4, 2, 1]
-    assert prefill_pieces(8) == [8]
-    assert all(sum(prefill_pieces(n)) == n for n in range(1, 9))
-    assert prefill_pieces(8, largest=4) == [4, 4] and prefill_pieces(7, largest=2) == [2, 2, 2, 1]
-    assert prefill_pieces(3, largest=1) == [1, 1, 1]
-    assert all(sum(prefill_pieces(n, largest)) == n for n in range(1, 9) for largest in (1, 2, 4, 8))
+    assert [prefill_piece_size(n, 8, 32) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]  # copies cost little
+    assert [prefill_piece_size(n, 8, 512) for n in range(1, 9)] == [1, 2, 4, 4, 4, 8, 8, 8]  # at most a quarter
+    assert [prefill_piece_size(n, 4, 1024) for n in range(1, 5)] == [1, 2, 4, 4]
+    assert prefill_piece_size(8, 2, 2048) == 2 and prefill_piece_size(3, 1, 64) == 1
+    for largest in (1, 2, 4, 8):
+        for width in (32, 512, 2048):
+            for count in range(1, 9):
+                size = prefill_piece_size(count, largest, width)
+                assert size in PREFILL_PIECES and size <= largest
 
 
 def test_a_captured_prefill_holds_at_most_its_token_budget():
@@ -592,32 +594,56 @@ def test_a_captured_prefill_holds_at_most_its_token_budget():
     assert prefill_capacity(4, 20) == 0  # no captured width fits: every prefill has a cache of its own
 
 
-def test_prefill_plan_groups_prompts_by_width_in_pieces_graphs_exist_for():
+def test_prefill_plan_takes_the_longest_prompts_first_with_those_of_the_next_width_down():
     from medusa.engine import prefill_plan
 
     lengths = [10, 600, 40, 20, 30, 2100, 31, 5]
     assert prefill_plan(lengths, 4096, captured=False) == [(list(range(8)), 2100, False)]
     assert prefill_plan(lengths, 4096, captured=True) == [
-        ([0, 3, 4, 6], 32, True),
-        ([7], 32, True),
-        ([2], 64, True),
-        ([1], 1024, True),
-        ([5], 2100, False),  # wider than any graph: eagerly, at its own width
+        ([1], 1024, True),  # no prompt of 513-1024 (or 1025-2048) tokens joins it
+        ([2, 6, 4, 3, 0, 7, 2, 2], 64, True),  # the 32-token width joins the 64; two copies fill it to 8
+        ([5], 2100, False),  # wider than any graph: eagerly, at its own width, last
     ]
     assert prefill_plan([200], 240, captured=True) == [([0], 200, False)]  # 256 slots would not fit the rows
     assert prefill_plan([600], 1000, captured=True) == [([0], 600, False)]  # nor would 1024
     # At most 4 prompts of 1024 tokens and 2 of 2048 in one captured prefill (``PREFILL_TOKENS``).
     assert prefill_plan([600] * 7 + [1500], 4096, captured=True) == [
-        ([0, 1, 2, 3], 1024, True),
-        ([4, 5], 1024, True),
-        ([6], 1024, True),
-        ([7], 2048, True),
+        ([7, 0], 2048, True),
+        ([1, 2, 3, 4], 1024, True),
+        ([5, 6], 1024, True),
     ]
     assert prefill_plan([1100] * 5, 4096, captured=True) == [
         ([0, 1], 2048, True),
         ([2, 3], 2048, True),
         ([4], 2048, True),
     ]
+    # A 300-token prompt (width 512) joins a 1024-wide prefill, a 200-token one (256) does not; three 100-token
+    # ones and a copy fill a piece of 4.
+    assert prefill_plan([700, 300, 200, 100, 100, 100], 4096, captured=True) == [
+        ([0, 1], 1024, True),
+        ([2, 3, 4, 5], 256, True),
+    ]
+    assert prefill_plan([100, 100, 100], 4096, captured=True) == [([0, 1, 2, 0], 128, True)]
+
+
+def test_every_prompt_of_a_join_is_prefilled_once_in_graphs_that_exist():
+    from medusa.decoding import PREFILL_GROUP, prefill_group_limit, prefill_width
+    from medusa.engine import PREFILL_PIECES, prefill_plan
+
+    generator = random.Random(0)
+    for _ in range(300):
+        lengths = [
+            generator.choice([3, 30, 60, 120, 250, 500, 900, 1500, 3000]) for _ in range(generator.randint(1, 8))
+        ]
+        plan = prefill_plan(lengths, 4096, captured=True)
+        seen = [index for members, _, _ in plan for index in dict.fromkeys(members)]
+        assert sorted(seen) == list(range(len(lengths)))  # each once (copies repeat a member of the same prefill)
+        for members, width, captured in plan:
+            if captured:
+                assert len(members) in PREFILL_PIECES and len(members) <= prefill_group_limit(width, PREFILL_GROUP)
+                assert all(prefill_width(lengths[index], 4096) in (width, width // 2) for index in members)
+            else:
+                assert all(prefill_width(lengths[index], 4096) is None for index in members)
 
 
 def test_prefill_width_is_the_smallest_captured_width_that_fits():
@@ -633,10 +659,10 @@ def test_prefill_width_is_the_smallest_captured_width_that_fits():
 
 
 @pytest.mark.parametrize("architecture", ["llama", "gemma", "qwen2"])
-def test_prefills_padded_to_captured_widths_and_split_into_pieces_change_no_answer(architecture, monkeypatch):
-    """The path a GPU takes with prefill graphs, run eagerly on the CPU: a joining group split into pieces of 4, 2
-    and 1, each padded to a fixed width, and single rows joining running ones. Greedy, seeded sampled and
-    log-probability rows give exactly what an unpadded prefill of the whole group gives."""
+def test_prefills_padded_to_captured_widths_and_filled_with_copies_change_no_answer(architecture, monkeypatch):
+    """The path a GPU takes with prefill graphs, run eagerly on the CPU: a joining group of 7 as one prefill of 8
+    (a copy of its first prompt fills it), padded to a fixed width, and single rows joining running ones. Greedy,
+    seeded sampled and log-probability rows give exactly what an unpadded prefill of the whole group gives."""
     from medusa.decoding import PREFILL_WIDTHS
     from medusa.engine import DecodingEngine
 
@@ -661,8 +687,8 @@ def test_prefills_padded_to_captured_widths_and_split_into_pieces_change_no_answ
     monkeypatch.setattr(DecodingEngine, "captures_prefills", property(lambda self: True))
     monkeypatch.setattr(DecodingEngine, "run_prefill", record)
     padded = [model.generate_batch(prompts, configs, **setting) for setting in settings]
-    assert prefills[:3] == [(4, 32, True), (2, 32, True), (1, 64, True)]
-    assert all(captured and width in PREFILL_WIDTHS and count in (1, 2, 4) for count, width, captured in prefills)
+    assert prefills[0] == (8, 64, True)  # the 32-token widths join the 64; a copy fills the group of 7 to 8
+    assert all(captured and width in PREFILL_WIDTHS and count in (1, 2, 4, 8) for count, width, captured in prefills)
     for before, after in zip(unpadded, padded):
         assert [r.token_ids for r in after] == [r.token_ids for r in before]
         assert after[1].logprobs == pytest.approx(before[1].logprobs, abs=1e-5)
@@ -751,7 +777,8 @@ def test_long_prompts_prefilled_in_packed_views_at_wide_widths_change_no_answer(
         generations = run_in_engine(engine, model, prompts, configs, max_rows)
         assert [g.tokens for g in generations] == [r.token_ids for r in unpadded]
         assert generations[1].token_logprobs == pytest.approx(unpadded[1].logprobs, abs=1e-5)
-    assert prefills[:4] == [(4, 1024, True), (1, 1024, True), (2, 2048, True), (1, 2048, True)]
+    # The longest first: the third 2048-wide prompt takes the longest 1024-wide one with it.
+    assert prefills[:3] == [(2, 2048, True), (2, 2048, True), (4, 1024, True)]
     assert all(width in (1024, 2048) and count <= 4096 // width for count, width, _ in prefills)
     assert packed and all(packed)  # every one of them ran in the kept prefill cache
 

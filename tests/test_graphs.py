@@ -158,9 +158,9 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
 
 
 def test_captured_prefills_decode_as_eager_prefills(caplog):
-    """Once the cache exists, joining groups of prompts replay captured prefills (split into pieces of 4, 2 and 1,
-    padded to fixed widths, up to 2048 tokens in packed views of the kept prefill cache); a prompt longer than the
-    widest prefills eagerly. Greedy, seeded sampled and log-probability rows decode what they decode without
+    """Once the cache exists, joining groups of prompts replay captured prefills (in pieces of 8, 2 and 1, one filled
+    with copies of a seeded sampled prompt, padded to fixed widths, up to 2048 tokens in packed views of the kept
+    prefill cache); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled and log-probability rows decode what they decode without
     graphs."""
     prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11], list(range(3, 40)), [4] * 70, PROMPT[::-1]]
     prompts.append([(5 * i) % 200 + 3 for i in range(600)])  # captured at 1024
@@ -183,7 +183,7 @@ def test_captured_prefills_decode_as_eager_prefills(caplog):
             assert generations[4].token_logprobs == pytest.approx(eager[4].logprobs, abs=1e-4)
     assert "capture failed" not in caplog.text
     sizes = {size for size, _, _ in engine.graphs.prefills}
-    assert sizes <= {1, 2, 4} and 4 in sizes and 1 in sizes
+    assert sizes <= {1, 2, 4, 8} and 8 in sizes and 1 in sizes
     assert (1, 1024) in {(size, width) for size, width, _ in engine.graphs.prefills}
 
 

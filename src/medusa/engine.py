@@ -56,42 +56,51 @@ def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
 
 
 PREFILL_PIECES = (8, 4, 2, 1)  # the group sizes a captured prefill has graphs for (largest first)
+# A captured prefill of fewer prompts than a size graphs exist for may be filled up with copies of its first prompt
+# (same row, same values: nothing changes) when they are at most a quarter of it or cost at most this many tokens:
+# on the H100 a captured prefill of the default model costs about the same for 1 prompt as for 8 (it is launch-bound),
+# and a join of 8 mixed prompts ran as four pieces of 1 and 2 prompts (docs/benchmarks/h100-ragged-attention/).
+PREFILL_COPY_TOKENS = 256
 
 
-def prefill_pieces(count: int, largest: int = PREFILL_PIECES[0]) -> list[int]:
-    """A joining group of ``count`` prompts as pieces of ``PREFILL_PIECES`` of at most ``largest`` prompts (largest
-    first), so that 5 prompts replay two graphs instead of capturing a third size."""
-    pieces = []
-    for size in PREFILL_PIECES:
-        while size <= largest and count >= size:
-            pieces.append(size)
-            count -= size
-    return pieces
+def prefill_piece_size(count: int, largest: int, width: int) -> int:
+    """How many prompts the next captured prefill of ``width`` takes when ``count`` are waiting (at most
+    ``largest``): a size of ``PREFILL_PIECES``, filled with copies where they are cheap, else the largest that fits."""
+    fits = [size for size in PREFILL_PIECES if size <= largest]
+    smallest_holding = min((size for size in fits if size >= count), default=None)
+    if smallest_holding is not None:
+        copies = smallest_holding - count
+        if 4 * copies <= smallest_holding or copies * width <= PREFILL_COPY_TOKENS:
+            return smallest_holding
+    return max(size for size in fits if size <= count)
 
 
 def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> list[tuple[list[int], int, bool]]:
-    """How a joining group of prompts of ``lengths`` tokens is prefilled: ``(members, width, from a graph)``.
+    """How a joining group of prompts of ``lengths`` tokens is prefilled: ``(members, width, from a graph)``;
+    a member may repeat (a copy filling a captured prefill up to a size graphs exist for).
 
-    Eagerly, the whole group at once at its longest prompt's width. With captured prefills, the prompts of each
-    width (``decoding.prefill_width``: a 20-token prompt is not padded to 512 because a long one joins with it)
-    in pieces of the group sizes graphs exist for, no larger than that width allows (``prefill_group_limit``: 4
-    prompts at 1024, 2 at 2048); prompts wider than any graph together, eagerly.
+    Eagerly, the whole group at once at its longest prompt's width. With captured prefills, the longest prompts
+    first: each prefill takes the longest waiting prompt's width (``decoding.prefill_width``) and the next
+    prompts of that width or the one below it (a 20-token prompt is not padded to 512 because a long one joins with
+    it), as many as that width allows (``prefill_group_limit``: 4 prompts at 1024, 2 at 2048) in a size graphs
+    exist for (``prefill_piece_size``); prompts wider than any graph together, eagerly, last.
     """
     if not captured:
         return [(list(range(len(lengths))), max(lengths), False)]
-    by_width: dict[int | None, list[int]] = {}
-    for index, length in enumerate(lengths):
-        by_width.setdefault(prefill_width(length, max_length), []).append(index)
+    widths = [prefill_width(length, max_length) for length in lengths]
+    waiting = sorted((index for index, width in enumerate(widths) if width), key=lambda index: -lengths[index])
     plan = []
-    for width in sorted(by_width, key=lambda width: width or max_length + 1):
-        members = by_width[width]
-        if width is None:
-            plan.append((members, max(lengths[index] for index in members), False))
-            continue
-        first = 0
-        for size in prefill_pieces(len(members), prefill_group_limit(width, PREFILL_GROUP)):
-            plan.append((members[first : first + size], width, True))
-            first += size
+    while waiting:
+        width = widths[waiting[0]]
+        limit = prefill_group_limit(width, PREFILL_GROUP)
+        joining = [index for index in waiting[:limit] if 2 * widths[index] >= width]  # the longest come first
+        size = prefill_piece_size(len(joining), limit, width)
+        members = joining[:size]
+        plan.append((members + members[:1] * (size - len(members)), width, True))
+        waiting = waiting[len(members) :]
+    eager = [index for index, width in enumerate(widths) if width is None]
+    if eager:
+        plan.append((eager, max(lengths[index] for index in eager), False))
     return plan
 
 
