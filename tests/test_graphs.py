@@ -160,8 +160,8 @@ def test_graphs_captured_up_front_serve_every_batch_without_another_capture(mode
 def test_captured_prefills_decode_as_eager_prefills(caplog):
     """Once the cache exists, joining groups of prompts replay captured prefills (in pieces of 8, 2 and 1, one filled
     with copies of a seeded sampled prompt, padded to fixed widths, up to 2048 tokens in packed views of the kept
-    prefill cache); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled and log-probability rows decode what they decode without
-    graphs."""
+    prefill cache); a prompt longer than the widest prefills eagerly. Greedy, seeded sampled and log-probability
+    rows decode what they decode without graphs."""
     prompts = [PROMPT, PROMPT[:3], [9, 8, 7, 6, 5, 4, 3, 2], [11], list(range(3, 40)), [4] * 70, PROMPT[::-1]]
     prompts.append([(5 * i) % 200 + 3 for i in range(600)])  # captured at 1024
     prompts.append([(7 * i) % 200 + 3 for i in range(PREFILL_WIDTHS[-1] + 5)])  # eager: wider than any graph
