@@ -209,14 +209,17 @@ def test_medusa_model_decodes_the_same_tokens_with_and_without_folding(folds, ar
     assert folded == [list(reference(architecture, tuple(p), 12)) for p in prompts]
 
 
-@pytest.mark.parametrize("architecture", ["llama", "mistral"])
-def test_accepted_paths_move_kv_and_stay_lossless_when_folded(architecture):
-    """The oracle makes long, varied paths accepted, so the compacted cache is attended through folding."""
+@pytest.mark.parametrize("ragged", [False, True], ids=["span", "ragged"])
+@pytest.mark.parametrize("architecture", ["llama", "mistral", "qwen2"])
+def test_accepted_paths_move_kv_and_stay_lossless_when_folded(ragged_calls, architecture, ragged):
+    """The oracle makes long, varied paths accepted, so the compacted cache is attended through folding; with
+    ragged attention each step's tree is read right after the compacted K/V, over spans of 16 slots."""
     base = make_tiny_model(architecture)
     assert use_grouped_sdpa(base)
     prompts = random_prompts(3, seed=41)
     truths = [list(reference(architecture, tuple(p), 30)) for p in prompts]
-    engine = oracle_engine(base, default_tree(64), max_rows=4, max_length=64)
+    span_step = 16 if ragged else None
+    engine = oracle_engine(base, default_tree(64), max_rows=4, max_length=64, span_step=span_step, ragged=ragged)
     generations = [oracle_generation(engine, p, t, 24, {EOS_ID}) for p, t in zip(prompts, truths)]
     for _ in engine.run(generations):
         pass
@@ -226,6 +229,7 @@ def test_accepted_paths_move_kv_and_stay_lossless_when_folded(architecture):
             expected = expected[: expected.index(EOS_ID) + 1]
         assert generation.tokens == expected
     assert max(a for g in generations for a in g.stats.accepted_per_step) == 5
+    assert bool(ragged_calls) == ragged
 
 
 def test_a_prefill_on_cuda_leaves_cudnn_attention_out_and_restores_it():
@@ -344,26 +348,6 @@ def test_ragged_steps_decode_the_base_models_greedy_tokens(ragged_calls, archite
         assert 64 in ragged_calls and 1 in ragged_calls
     else:  # not a grouped-query model: its attention function never reads the rows
         assert not ragged_calls
-
-
-@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
-def test_long_accepted_paths_stay_lossless_with_ragged_steps(ragged_calls, architecture):
-    """The oracle makes long, varied paths accepted: the tree each step reads sits after the compacted K/V."""
-    base = make_tiny_model(architecture)
-    assert use_grouped_sdpa(base)
-    prompts = random_prompts(3, seed=41)
-    truths = [list(reference(architecture, tuple(p), 30)) for p in prompts]
-    engine = oracle_engine(base, default_tree(64), max_rows=4, max_length=64, span_step=16, ragged=True)
-    generations = [oracle_generation(engine, p, t, 24, {EOS_ID}) for p, t in zip(prompts, truths)]
-    for _ in engine.run(generations):
-        pass
-    for generation, truth in zip(generations, truths):
-        expected = truth[:24]
-        if EOS_ID in expected:
-            expected = expected[: expected.index(EOS_ID) + 1]
-        assert generation.tokens == expected
-    assert max(a for g in generations for a in g.stats.accepted_per_step) == 5
-    assert ragged_calls
 
 
 def test_ragged_attention_is_off_unless_asked_and_auto_only_where_flash_runs():
