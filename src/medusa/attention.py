@@ -13,13 +13,13 @@ mask function, so 2-D padding masks are still turned into 4-D ones) and a model 
 ``position_bias`` or ``softcap``, no GQA, other devices) or where the repeated mask would outgrow the
 repeated K/V (long prefill chunks) go to transformers' own sdpa function unchanged.
 
-**Ragged attention.** A batch's step attends over one span of slots for every row: the longest row's. With a
-few long prompts in a batch of 32 most of what it reads is padding (a batch-32 step of Spec-Bench prompts took
-5.6 ms on the H100 against 3.8 ms with short ones). Given the step's ``RaggedRows`` (under ``RAGGED_KEYWORD``
-among the model's keyword arguments, which transformers hands to every attention call), the function reads
-instead each row's committed slots with a variable-length kernel (FlashAttention's ``seqused_k`` on CUDA) and
-its own tree, which sits right after them, under the tree's mask; the two softmaxes are merged by their
-log-sum-exps. A one-node tree (plain decoding) is one kernel call over each row's committed slots and itself.
+**Ragged attention** (opt-in). A batch's step attends over one span of slots for every row: the longest row's.
+Given the step's ``RaggedRows`` (under ``RAGGED_KEYWORD`` among the model's keyword arguments, which transformers
+hands to every attention call), the function reads instead each row's committed slots with a variable-length
+kernel (FlashAttention's ``seqused_k`` on CUDA) and its own tree, which sits right after them, under the tree's
+mask; the two softmaxes are merged by their log-sum-exps. A one-node tree (plain decoding) is one kernel call
+over each row's committed slots and itself. On the H100 it made batch-32 steps of the default model slower, not
+faster (docs/benchmarks/h100-ragged-attention/): the padding it skips cost less than its extra kernels.
 """
 
 from __future__ import annotations

@@ -57,9 +57,10 @@ def bucket_for(rows: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
 
 PREFILL_PIECES = (8, 4, 2, 1)  # the group sizes a captured prefill has graphs for (largest first)
 # A captured prefill of fewer prompts than a size graphs exist for may be filled up with copies of its first prompt
-# (same row, same values: nothing changes) when they are at most a quarter of it or cost at most this many tokens:
-# on the H100 a captured prefill of the default model costs about the same for 1 prompt as for 8 (it is launch-bound),
-# and a join of 8 mixed prompts ran as four pieces of 1 and 2 prompts (docs/benchmarks/h100-ragged-attention/).
+# (written to the same row: the same values, or values within rounding of them where a matrix kernel sums rows in
+# different orders) when they are at most a quarter of it or cost at most this many tokens. On the H100 a captured
+# prefill of the default model took 4.6 ms for one 73-token prompt and 6.1 ms for eight (it is launch-bound), and
+# a join of 8 mixed Spec-Bench prompts had run as four or five prefills of 1-2 (docs/benchmarks/h200-batch-engine-v4/).
 PREFILL_COPY_TOKENS = 256
 
 
@@ -321,11 +322,13 @@ class DecodingEngine:
             self.graphs = StepGraphs(self.decoder, self.options.compile)
 
     def _ragged_attention(self) -> bool:
-        if self.options.ragged_attention is not None:
-            return self.options.ragged_attention
+        wanted = self.options.ragged_attention
+        if wanted is False:
+            return False
         device = model_device(self.base)
-        # The probe runs here, before any capture: a captured step cannot hold its allocations.
-        return device.type == "cuda" and not self.options.compile and flash_runs(device, self.base.dtype)
+        # The kernel's probe runs here, before any capture: a captured step cannot hold its allocations.
+        flash = device.type == "cuda" and flash_runs(device, self.base.dtype)
+        return wanted or (flash and not self.options.compile)
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` running rows of up to ``length`` slots each; only an idle engine is rebuilt."""
