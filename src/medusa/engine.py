@@ -60,7 +60,8 @@ PREFILL_PIECES = (8, 4, 2, 1)  # the group sizes a captured prefill has graphs f
 # (written to the same row: the same values, or values within rounding of them where a matrix kernel sums rows in
 # different orders) when they are at most a quarter of it or cost at most this many tokens. On the H100 a captured
 # prefill of the default model took 4.6 ms for one 73-token prompt and 6.1 ms for eight (it is launch-bound), and
-# a join of 8 mixed Spec-Bench prompts had run as four or five prefills of 1-2 (docs/benchmarks/h200-batch-engine-v4/).
+# a join of 8 mixed Spec-Bench prompts had run as about four prefills, most of 1-2 prompts
+# (docs/benchmarks/h200-batch-engine-v4/).
 PREFILL_COPY_TOKENS = 256
 
 
