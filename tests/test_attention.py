@@ -279,7 +279,7 @@ def ragged_case(nodes: int, groups: int, dtype=torch.float32, device="cpu", seed
     key, value = cache[0, :rows, :, :span], cache[1, :rows, :, :span]
     allowed, query_positions, key_positions = tree_visibility(lengths, tree_mask, depths, span)
     mask = attention_mask_for(LlamaConfig(), allowed, query_positions, key_positions, dtype).to(device)
-    rows_ = RaggedRows(lengths.to(device), tree_mask.to(device))
+    rows_ = RaggedRows(lengths.to(device), tree_mask.to(device), flash=device == "cuda")
     return query, key, value, mask, rows_
 
 
@@ -354,7 +354,8 @@ def test_ragged_attention_is_off_unless_asked_and_auto_only_where_flash_runs():
     model = MedusaModel.from_pretrained(make_tiny_model("llama"), tree="8")
     assert not model.engine(EngineOptions()).decoder.ragged_attention
     assert not model.engine(EngineOptions(ragged_attention=None)).decoder.ragged_attention  # the CPU
-    assert model.engine(EngineOptions(ragged_attention=True)).decoder.ragged_attention
+    asked = model.engine(EngineOptions(ragged_attention=True)).decoder
+    assert asked.ragged_attention and not asked.flash_attention  # the CPU reads the span under a mask
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernel needs a CUDA device")
@@ -366,7 +367,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention'
 @pytest.mark.parametrize("nodes", [1, 8, 64], ids=["one-node", "8-nodes", "64-nodes"])
 def test_flash_reads_each_rows_slots_as_the_masked_product_does(nodes, groups, dtype):
     query, key, value, mask, rows = ragged_case(nodes, groups, dtype, "cuda")
-    assert attention.flash_runs(query.device, dtype) and attention.flash_reads(query, key, value)
+    assert attention.flash_runs(query.device, dtype) and attention.flash_reads(query, key, value) and rows.flash
     lengths = rows.committed + 1
     got, got_lse = attention._flash_committed(query, key, value, lengths, 0.3)
     want, want_lse = attention._masked_committed(query, key, value, lengths, 0.3)
@@ -382,7 +383,8 @@ def test_flash_reads_each_rows_slots_as_the_masked_product_does(nodes, groups, d
 def test_captured_ragged_steps_replay_what_eager_ragged_steps_decode(ragged_calls):
     """bf16 on CUDA, where "auto" turns it on: graphs and eager steps give the same tokens."""
     model = MedusaModel.from_pretrained(make_tiny_model("llama", seed=2), device="cuda", dtype="bfloat16", tree="16")
-    assert model.engine(EngineOptions(ragged_attention=None)).decoder.ragged_attention
+    decoder = model.engine(EngineOptions(ragged_attention=None)).decoder
+    assert decoder.ragged_attention and decoder.flash_attention  # the kernel's probe ran and agreed
     prompts = random_prompts(5, seed=3)
     for use_heads in (True, False):
         runs = [

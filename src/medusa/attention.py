@@ -25,7 +25,6 @@ faster (docs/benchmarks/h100-ragged-attention/): the padding it skips cost less 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ class RaggedRows:
 
     committed: torch.Tensor  # [rows] integer: committed slots per row
     tree_mask: torch.Tensor  # [nodes, nodes] bool: node i sees node j (an ancestor or itself)
+    flash: bool = False  # FlashAttention's variable-length kernel runs here (``flash_runs``, probed by the caller)
 
 
 def _foldable(
@@ -158,9 +158,9 @@ def ragged_attention(
     # Rows not running may have no committed slot: they read slot 0 (finite, and their output is never used).
     committed = rows.committed.clamp(min=1)
     if nodes == 1:  # plain decoding: the one node sits right after the committed slots
-        output, _ = committed_attention(query, key, value, committed + 1, scale)
+        output, _ = committed_attention(query, key, value, committed + 1, scale, rows.flash)
         return output.transpose(1, 2).to(query.dtype).contiguous()
-    before, before_lse = committed_attention(query, key, value, committed, scale)  # [B, Hq, L, Dv], [B, Hq, L]
+    before, before_lse = committed_attention(query, key, value, committed, scale, rows.flash)  # [B, Hq, L, Dv/-]
     tree, tree_lse = _tree_attention(query, key, value, committed, rows.tree_mask, scale)
     top = torch.maximum(before_lse, tree_lse)  # the tree part is never empty: a node sees itself
     before_weight = (before_lse - top).exp()[..., None]
@@ -195,12 +195,12 @@ def _tree_attention(
 
 
 def committed_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: torch.Tensor, scale: float, flash: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query of row b over its slots ``[0, lengths[b])`` (``lengths >= 1``): the output
     ``[B, Hq, L, Dv]`` and its log-sum-exp ``[B, Hq, L]`` (float32). FlashAttention reads only those slots
-    where it runs; elsewhere a masked product over the span gives the same."""
-    if flash_reads(query, key, value):
+    where it runs (``flash``) and takes these tensors; elsewhere a masked product over the span gives the same."""
+    if flash and flash_reads(query, key, value):
         return _flash_committed(query, key, value, lengths, scale)
     return _masked_committed(query, key, value, lengths, scale)
 
@@ -259,7 +259,7 @@ def _flash_committed(
 
 def flash_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether FlashAttention's variable-length kernel takes these: CUDA, half precision, one head size (a
-    multiple of 8, at most 256), each cache row a whole number of token slots apart, and a probe that ran."""
+    multiple of 8, at most 256), each cache row a whole number of token slots apart."""
     head_dim = query.shape[-1]
     return (
         query.device.type == "cuda"
@@ -271,14 +271,15 @@ def flash_reads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> 
         and key.stride(-1) == value.stride(-1) == 1
         and key.stride() == value.stride()
         and key.stride(0) % key.stride(2) == 0
-        and flash_runs(query.device, query.dtype)
     )
 
 
-@functools.cache
 def flash_runs(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether FlashAttention's variable-length kernel runs on ``device`` and agrees with the masked product
-    (once per device and dtype; a torch built without it says so here, and steps keep the masked path)."""
+    """Whether FlashAttention's variable-length kernel runs on ``device`` and agrees with the masked product: a
+    probe of a few small calls, run outside any capture (it allocates); a torch built without the kernel says so
+    here, and steps keep the masked path."""
+    if device.type != "cuda" or dtype not in FLASH_DTYPES:
+        return False
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(3, 4, 2, 64, generator=generator)  # 3 rows, 2 groups of 2 query heads, 2 queries
     cache = torch.randn(2, 3, 2, 48, 64, generator=generator)  # keys and values, 48 slots a row

@@ -22,7 +22,7 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind, accept, target_tokens, token_logprobs
-from medusa.attention import RAGGED_KEYWORD, RaggedRows, prefill_attention
+from medusa.attention import RAGGED_KEYWORD, RaggedRows, flash_runs, prefill_attention
 from medusa.cache import (
     MedusaCache,
     attention_mask_for,
@@ -154,6 +154,8 @@ class Decoder:
         self.max_length = max_length
         self.lookup_ngram = lookup_ngram
         self.ragged_attention = ragged_attention
+        # Probed here, before any step is captured (the probe allocates).
+        self.flash_attention = ragged_attention and flash_runs(self.device, self.dtype)
         device = self.device
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)  # committed slots per row
         self.one_store = one_store and not spans_devices(base_model)
@@ -457,7 +459,7 @@ class Decoder:
         lengths = self.lengths[:rows]
         tree_tokens = self.propose(rows, tree)
         visibility = tree_visibility(lengths, tree.attention_mask, tree.depths, span)
-        ragged = RaggedRows(lengths, tree.attention_mask) if self.ragged_attention else None
+        ragged = RaggedRows(lengths, tree.attention_mask, self.flash_attention) if self.ragged_attention else None
         logits, hidden = self._forward(tree_tokens, visibility, self._cache_view(rows, span), ragged=ragged)
         offsets = torch.arange(tree.max_depth + 1, device=self.device)
         positions = lengths[:, None] + offsets + 1  # the position a token after a node of each depth takes

@@ -326,10 +326,9 @@ class DecodingEngine:
         wanted = self.options.ragged_attention
         if wanted is False:
             return False
-        device = model_device(self.base)
-        # The kernel's probe runs here, before any capture: a captured step cannot hold its allocations.
-        flash = device.type == "cuda" and flash_runs(device, self.base.dtype)
-        return wanted or (flash and not self.options.compile)
+        if wanted:
+            return True
+        return not self.options.compile and flash_runs(model_device(self.base), self.base.dtype)
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` running rows of up to ``length`` slots each; only an idle engine is rebuilt."""
