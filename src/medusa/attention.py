@@ -160,7 +160,8 @@ def ragged_attention(
     if nodes == 1:  # plain decoding: the one node sits right after the committed slots
         output, _ = committed_attention(query, key, value, committed + 1, scale, rows.flash)
         return output.transpose(1, 2).to(query.dtype).contiguous()
-    before, before_lse = committed_attention(query, key, value, committed, scale, rows.flash)  # [B, Hq, L, Dv/-]
+    # [B, Hq, L, Dv] and [B, Hq, L] each
+    before, before_lse = committed_attention(query, key, value, committed, scale, rows.flash)
     tree, tree_lse = _tree_attention(query, key, value, committed, rows.tree_mask, scale)
     top = torch.maximum(before_lse, tree_lse)  # the tree part is never empty: a node sees itself
     before_weight = (before_lse - top).exp()[..., None]
