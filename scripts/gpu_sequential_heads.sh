@@ -11,7 +11,8 @@
 # A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
 # limit, so every phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's
 # results to that); `data` also returns the distilled rows and `train` each variant's bf16 weights in a file of
-# their own, so that a later session (a new machine) can carry them back instead of distilling and training again.
+# their own (heads-VARIANT.tar.gz), so that a later session (a new machine) can carry them back in .heads/ instead
+# of distilling and training again.
 # Expects the default model's GGUF at /root/stage/model.gguf, wheels for gguf/fastapi/uvicorn in $KEEP/.whl and
 # the prompts (topics.jsonl from `medusa prompts --tasks ask,instruct,article`, the shared pool files) and the
 # Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between calls on one machine); writes under $OUT.
@@ -38,6 +39,16 @@ LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
 RESULTS=$WORK/results  # what comes back, packed
 mkdir -p "$WORK" "$OUT" "$RESULTS"
 pack() { tar -czf "$OUT/$phase.tar.gz" --exclude='*.safetensors' -C "$RESULTS" . ; }
+# Heads trained on an earlier machine come back as heads-VARIANT.tar.gz (`train` below); carried in $KEEP/.heads,
+# they are put where `train` would have left them, so that `train` skips them and `tune` and `bench` find them.
+for archive in "$KEEP"/.heads/heads-*.tar.gz; do
+    [ -f "$archive" ] || continue
+    variant=$(basename "$archive" .tar.gz) && variant=${variant#heads-}
+    [ -f "$WORK/$variant/heads/medusa_heads.safetensors" ] && continue
+    mkdir -p "$WORK/$variant" && tar -xzf "$archive" -C "$WORK/$variant"
+    mv "$WORK/$variant/medusa_heads.bf16.safetensors" "$WORK/$variant/heads/medusa_heads.safetensors"
+    echo "heads of $variant restored from $archive"
+done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 
 case $phase in
