@@ -624,6 +624,8 @@ def test_prefill_plan_takes_the_longest_prompts_first_with_those_of_the_next_wid
         ([2, 3, 4, 5], 256, True),
     ]
     assert prefill_plan([100, 100, 100], 4096, captured=True) == [([0, 1, 2, 0], 128, True)]
+    # A decoder of 2 rows takes at most 2 prompts a prefill: no copy makes a prefill larger than its buffers.
+    assert prefill_plan([100, 100, 100], 4096, captured=True, group=2) == [([0, 1], 128, True), ([2], 128, True)]
 
 
 def test_every_prompt_of_a_join_is_prefilled_once_in_graphs_that_exist():
@@ -635,12 +637,13 @@ def test_every_prompt_of_a_join_is_prefilled_once_in_graphs_that_exist():
         lengths = [
             generator.choice([3, 30, 60, 120, 250, 500, 900, 1500, 3000]) for _ in range(generator.randint(1, 8))
         ]
-        plan = prefill_plan(lengths, 4096, captured=True)
+        group = generator.choice([1, 2, 4, PREFILL_GROUP])
+        plan = prefill_plan(lengths, 4096, captured=True, group=group)
         seen = [index for members, _, _ in plan for index in dict.fromkeys(members)]
         assert sorted(seen) == list(range(len(lengths)))  # each once (copies repeat a member of the same prefill)
         for members, width, captured in plan:
             if captured:
-                assert len(members) in PREFILL_PIECES and len(members) <= prefill_group_limit(width, PREFILL_GROUP)
+                assert len(members) in PREFILL_PIECES and len(members) <= prefill_group_limit(width, group)
                 assert all(prefill_width(lengths[index], 4096) in (width, width // 2) for index in members)
             else:
                 assert all(prefill_width(lengths[index], 4096) is None for index in members)

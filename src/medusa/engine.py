@@ -77,9 +77,12 @@ def prefill_piece_size(count: int, largest: int, width: int) -> int:
     return max(size for size in fits if size <= count)
 
 
-def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> list[tuple[list[int], int, bool]]:
+def prefill_plan(
+    lengths: Sequence[int], max_length: int, captured: bool, group: int = PREFILL_GROUP
+) -> list[tuple[list[int], int, bool]]:
     """How a joining group of prompts of ``lengths`` tokens is prefilled: ``(members, width, from a graph)``;
-    a member may repeat (a copy filling a captured prefill up to a size graphs exist for).
+    a member may repeat (a copy filling a captured prefill up to a size graphs exist for). ``group``: the most
+    prompts one prefill takes (the decoder's prompt buffers, ``min(rows, PREFILL_GROUP)``).
 
     Eagerly, the whole group at once at its longest prompt's width. With captured prefills, the longest prompts
     first: each prefill takes the longest waiting prompt's width (``decoding.prefill_width``) and the next
@@ -94,7 +97,7 @@ def prefill_plan(lengths: Sequence[int], max_length: int, captured: bool) -> lis
     plan = []
     while waiting:
         width = widths[waiting[0]]
-        limit = prefill_group_limit(width, PREFILL_GROUP)
+        limit = prefill_group_limit(width, group)
         joining = [index for index in waiting[:limit] if 2 * widths[index] >= width]  # the longest come first
         size = prefill_piece_size(len(joining), limit, width)
         members = joining[:size]
@@ -470,7 +473,10 @@ class DecodingEngine:
         rows = (free + list(range(len(self.rows), len(self.rows) + len(generations))))[: len(generations)]
         lengths = [int(g.prompt_ids.numel()) for g in generations]
         with torch.inference_mode():
-            for members, width, captured in prefill_plan(lengths, self.decoder.max_length, self.captures_prefills):
+            group = self.decoder.prompt_rows.shape[0]
+            for members, width, captured in prefill_plan(
+                lengths, self.decoder.max_length, self.captures_prefills, group
+            ):
                 piece = [generations[index] for index in members]
                 kind = self.decoder.load_prompts(
                     [rows[index] for index in members],
