@@ -131,11 +131,12 @@ class Decoder:
         max_length: int,
         lookup_ngram: int = DEFAULT_MAX_NGRAM,
         one_store: bool = True,
-        ragged_attention: bool = False,
+        ragged_attention: bool | None = False,
     ) -> None:
         """``one_store``: keep every layer's K/V in one buffer so a commit is two kernels (``MedusaCache``);
         never for a base model split over devices. ``ragged_attention``: a step's attention reads each row's own
-        slots, not the span (``medusa.attention.RaggedRows``; models on other attention functions ignore it)."""
+        slots, not the span (``medusa.attention.RaggedRows``; models on other attention functions ignore it); None:
+        where FlashAttention's variable-length kernel runs."""
         for tree in trees.values():
             if heads is None and tree.paths:
                 raise ValueError("decoding without heads needs trees without head paths (the root, or a lookup chain)")
@@ -153,9 +154,9 @@ class Decoder:
         self.max_rows = max_rows
         self.max_length = max_length
         self.lookup_ngram = lookup_ngram
-        self.ragged_attention = ragged_attention
-        # Probed here, before any step is captured (the probe allocates).
-        self.flash_attention = ragged_attention and flash_runs(self.device, self.dtype)
+        # The kernel is probed here, once, before any step is captured (the probe allocates).
+        self.flash_attention = ragged_attention is not False and flash_runs(self.device, self.dtype)
+        self.ragged_attention = self.flash_attention if ragged_attention is None else ragged_attention
         device = self.device
         self.lengths = torch.zeros(max_rows, dtype=torch.long, device=device)  # committed slots per row
         self.one_store = one_store and not spans_devices(base_model)

@@ -21,7 +21,6 @@ import torch
 from transformers import PreTrainedModel
 
 from medusa.acceptance import AcceptanceScheme, StepKind
-from medusa.attention import flash_runs
 from medusa.decoding import (
     ATTENTION_SPAN_STEP,
     PREFILL_GROUP,
@@ -34,7 +33,7 @@ from medusa.decoding import (
     prefill_kind,
     prefill_width,
 )
-from medusa.devices import model_device, spans_devices, synchronize
+from medusa.devices import spans_devices, synchronize
 from medusa.errors import MedusaError
 from medusa.graphs import StepGraphs
 from medusa.heads import MedusaHeads
@@ -325,13 +324,10 @@ class DecodingEngine:
         if use_graphs and not self.graphs_refused:
             self.graphs = StepGraphs(self.decoder, self.options.compile)
 
-    def _ragged_attention(self) -> bool:
-        wanted = self.options.ragged_attention
-        if wanted is False:
-            return False
-        if wanted:
-            return True
-        return not self.options.compile and flash_runs(model_device(self.base), self.base.dtype)
+    def _ragged_attention(self) -> bool | None:
+        """The option as the decoder takes it (None: it probes for the kernel); "auto" leaves compiled steps alone."""
+        ragged = self.options.ragged_attention
+        return False if ragged is None and self.options.compile else ragged
 
     def reserve(self, rows: int, length: int) -> None:
         """Make room for ``rows`` running rows of up to ``length`` slots each; only an idle engine is rebuilt."""
