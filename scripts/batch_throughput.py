@@ -140,14 +140,15 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [row["batch_size"] for row in report["rows"]]
+    rows = sorted(report["rows"], key=lambda row: row["batch_size"])  # runs may take the sizes in any order
+    sizes = [row["batch_size"] for row in rows]
     figure, (throughput, speedup) = plt.subplots(1, 2, figsize=(10, 4))
     for method in ("autoregressive", "medusa"):
-        throughput.plot(sizes, [row[method]["tokens_per_second"] for row in report["rows"]], marker="o", label=method)
+        throughput.plot(sizes, [row[method]["tokens_per_second"] for row in rows], marker="o", label=method)
     throughput.set(xscale="log", xlabel="batch size", ylabel="total new tokens/s", title="throughput")
     throughput.set_xticks(sizes, [str(size) for size in sizes])
     throughput.legend()
-    speedup.plot(sizes, [row["speedup"] for row in report["rows"]], marker="o", color="tab:green")
+    speedup.plot(sizes, [row["speedup"] for row in rows], marker="o", color="tab:green")
     speedup.axhline(1.0, color="grey", linestyle="--", linewidth=1)
     speedup.set(xscale="log", xlabel="batch size", ylabel="medusa / autoregressive", title="speedup")
     speedup.set_xticks(sizes, [str(size) for size in sizes])
