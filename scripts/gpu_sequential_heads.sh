@@ -31,10 +31,11 @@ DISTILL_SECONDS=${DISTILL_SECONDS:-240}
 HELDOUT=${HELDOUT:-300}
 PROFILE_ROWS=${PROFILE_ROWS:-150}  # held-out rows the tree profile reads (300 took two minutes a variant)
 EPOCHS=${EPOCHS:-3}
-# Head type and layers per head of each variant trained, "+prefix" for Hydra++'s prefix layer (--prefix-layer);
+# Head type and layers per head of each variant trained, "-prefix" for Hydra++'s prefix layer (--prefix-layer;
+# not "+prefix": a device call returns only files named in letters, digits, '.', '_' and '-');
 # BENCH: the variants benchmarked on Spec-Bench (pick the sequential one by the held-out accuracies of `train`).
-VARIANTS=${VARIANTS:-medusa-1 sequential-1 sequential-1+prefix}
-BENCH=${BENCH:-medusa-1 sequential-1}
+VARIANTS=${VARIANTS:-medusa-2 sequential-2 sequential-2-prefix}
+BENCH=${BENCH:-medusa-2 sequential-2}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
 RESULTS=$WORK/results  # what comes back, packed
 mkdir -p "$WORK" "$OUT" "$RESULTS"
@@ -85,7 +86,7 @@ PY
     ;;
 train)
     for variant in $VARIANTS; do
-        plain=${variant%+prefix} prefix=
+        plain=${variant%-prefix} prefix=
         [ "$plain" != "$variant" ] && prefix=--prefix-layer
         type=${plain%-*} layers=${plain##*-} run=$WORK/$variant
         if [ ! -f "$run/heads/medusa_heads.safetensors" ]; then
@@ -114,19 +115,18 @@ state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.ite
     ;;
 tune)
     for variant in $BENCH; do
-        plain=${variant%+prefix} prefix=
-        [ "$plain" != "$variant" ] && prefix=--prefix-layer
-        type=${plain%-*} curve=$WORK/curve-$type${prefix:+-prefix}
+        # Timed with the variant's own trained heads (their layers and prefix layer), not random ones of a shape.
+        curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
-            echo "== cost curve, $type heads $prefix $(date +%T)"
-            $MEDUSA bench --cost-curve --shape smollm2-135m --head-type "$type" $prefix --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
+            echo "== cost curve, $variant heads $(date +%T)"
+            $MEDUSA bench --cost-curve --model "$MODEL" --heads "$WORK/$variant/heads" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
                 --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
                 --output-dir "$curve" 2>&1 | tail -2
         fi
         echo "== tune $variant $(date +%T)"
         $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
             --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
-        mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve_$type${prefix:+-prefix}.json"
+        mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve.json"
         cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
         pack
     done
