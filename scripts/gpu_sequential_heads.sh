@@ -7,6 +7,10 @@
 #   scripts/gpu_sequential_heads.sh train   # train both head types the same way; profile each; a 64-node tree each
 #   scripts/gpu_sequential_heads.sh tune    # each head type's step-cost curve, and the trees tuned on it per batch
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
+#   scripts/gpu_sequential_heads.sh throughput  # the batch engine with each variant's heads, batch sizes 1-64
+#
+# A variant named `shipped` is the heads shipped with the package (already trained and tuned): `bench` and
+# `throughput` take it beside the trained ones.
 #
 # A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
 # limit, so every phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's
@@ -51,6 +55,9 @@ for archive in "$KEEP"/.heads/heads-*.tar.gz; do
     echo "heads of $variant restored from $archive"
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
+heads_of() {  # a variant's heads directory
+    if [ "$1" = shipped ]; then echo src/medusa/assets/heads/smollm2-135m-instruct; else echo "$WORK/$1/heads"; fi
+}
 
 case $phase in
 data)
@@ -115,6 +122,7 @@ state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.ite
     ;;
 tune)
     for variant in $BENCH; do
+        [ "$variant" = shipped ] && continue  # tuned when they were shipped
         # Timed with the variant's own trained heads (their layers and prefix layer), not random ones of a shape.
         curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
@@ -136,12 +144,26 @@ bench)
         methods=medusa,medusa-lookup
         [ "$variant" = "${BENCH%% *}" ] && methods=autoregressive,$methods
         echo "== bench $variant: $methods $(date +%T)"
-        $MEDUSA bench --model "$MODEL" --heads "$WORK/$variant/heads" --questions "$DATA/question.jsonl" \
+        $MEDUSA bench --model "$MODEL" --heads "$(heads_of "$variant")" --questions "$DATA/question.jsonl" \
             --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 --warmup 2 \
             ${LOOKUP_NODES:+--lookup-nodes "$LOOKUP_NODES"} --output-dir "$WORK/bench-$variant" --resume 2>&1 | tail -14
         mkdir -p "$RESULTS/bench-$variant"
         cp "$WORK/bench-$variant"/*.json* "$WORK/bench-$variant"/*.md "$RESULTS/bench-$variant/" 2>/dev/null
         pack
     done
+    ;;
+throughput)
+    for variant in $BENCH; do
+        echo "== throughput $variant $(date +%T)"
+        mkdir -p "$RESULTS/throughput-$variant"
+        python3 scripts/batch_throughput.py --model "$MODEL" --heads "$(heads_of "$variant")" \
+            --questions "$DATA/question.jsonl" --max-new-tokens 128 --batch-sizes "${BATCHES:-32,64,16,8,4,2,1}" \
+            --prompts 128 --out "$RESULTS/throughput-$variant/batch_throughput.json" 2>&1 | grep "^batch\|^wrote"
+        pack
+    done
+    ;;
+*)
+    echo "unknown phase '$phase': data, train, tune, bench or throughput" >&2
+    exit 2
     ;;
 esac
