@@ -155,10 +155,9 @@ bench)
 throughput)
     for variant in $BENCH; do
         echo "== throughput $variant $(date +%T)"
-        mkdir -p "$RESULTS/throughput-$variant"
-        python3 scripts/batch_throughput.py --model "$MODEL" --heads "$(heads_of "$variant")" \
-            --questions "$DATA/question.jsonl" --max-new-tokens 128 --batch-sizes "${BATCHES:-32,64,16,8,4,2,1}" \
-            --prompts 128 --out "$RESULTS/throughput-$variant/batch_throughput.json" 2>&1 | grep "^batch\|^wrote"
+        # The batch engine's own benchmark (h100-batch-engine-v4's command), with this variant's heads.
+        HEADS=$(heads_of "$variant") SINGLE=0 BATCHES=${BATCHES:-32,64,16,8,4,2,1} OUT=$RESULTS/throughput-$variant \
+            bash scripts/gpu_batch_engine.sh bench 2>&1 | grep "^batch\|^wrote"
         pack
     done
     ;;
