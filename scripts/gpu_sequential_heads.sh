@@ -102,6 +102,13 @@ train)
                 --head-type "$type" $prefix --num-heads 4 --num-layers "$layers" --share-lm-head --epochs "$EPOCHS" \
                 --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 2>&1 | tail -4
         fi
+        # The weights are kept in bf16 (half the size; the GPU runs in bf16 anyway) before anything is measured on
+        # them: the tree profile fingerprints the weights, and heads restored from their bf16 copy on a later
+        # machine must match their profile, or `tune` refuses them (session 20 lost its per-bucket tuning to that).
+        python3 -c "
+import sys; from safetensors.torch import load_file, save_file
+state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.items()}, sys.argv[1])" \
+            "$run/heads/medusa_heads.safetensors"
         echo "== profile and build $variant $(date +%T)"
         [ -f "$run/heads/tree_profile.json" ] || $MEDUSA tree profile --model "$MODEL" --heads "$run/heads" \
             --data "$WORK/heldout.jsonl" --limit "$PROFILE_ROWS" 2>&1 | tail -2
@@ -109,12 +116,9 @@ train)
         mkdir -p "$RESULTS/$variant"
         cp "$run"/train_config.json "$run"/train_log.jsonl "$run"/head_accuracy.json "$RESULTS/$variant/" 2>/dev/null
         cp "$run"/heads/*.json "$RESULTS/$variant/" 2>/dev/null
-        # The weights come back in bf16 (half the size), with the heads' config and tree, one file per variant: to
-        # be shipped if they win, or tuned and benchmarked from a later machine.
-        python3 -c "
-import sys; from safetensors.torch import load_file, save_file
-state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.items()}, sys.argv[2])" \
-            "$run/heads/medusa_heads.safetensors" "$RESULTS/$variant/medusa_heads.bf16.safetensors"
+        # The (bf16) weights come back with the heads' config, profile and tree, one file per variant: to be
+        # shipped if they win, or tuned and benchmarked from a later machine.
+        cp "$run/heads/medusa_heads.safetensors" "$RESULTS/$variant/medusa_heads.bf16.safetensors"
         tar -czf "$OUT/heads-$variant.tar.gz" --exclude=medusa_heads.safetensors -C "$run" heads \
             -C "$RESULTS/$variant" medusa_heads.bf16.safetensors
         pack
@@ -132,10 +136,15 @@ tune)
                 --output-dir "$curve" 2>&1 | tail -2
         fi
         echo "== tune $variant $(date +%T)"
-        $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
-            --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 2>&1 | tail -4
         mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve.json"
-        cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
+        # A failed tune must not pass the heads' older tuned_trees.json off as its result.
+        if $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
+            --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 > "$RESULTS/$variant/tune.txt" 2>&1; then
+            tail -4 "$RESULTS/$variant/tune.txt"
+            cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
+        else
+            echo "tune of $variant failed:" && tail -4 "$RESULTS/$variant/tune.txt"
+        fi
         pack
     done
     ;;
