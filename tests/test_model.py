@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from medusa.heads import HEAD_TYPES
 from medusa.interop import load_heads_config
 from medusa.model import GenerationConfig, MedusaModel, default_heads
 from medusa.text import TextTracker
+from medusa.treeopt.profile import HeadProfile, heads_fingerprint
 
 PROMPT = "Tell me a story."
 
@@ -486,3 +489,19 @@ def test_the_shipped_heads_stand_in_for_no_heads_only_when_of_the_head_type_aske
     other = next(head_type for head_type in HEAD_TYPES if head_type != shipped_type)
     assert default_heads(shipped_type) == shipped
     assert default_heads(other) is None  # from_pretrained makes fresh heads of that type instead
+
+
+SHIPPED_HEADS_BUDGET_BYTES = 20 * 10**6  # what the package may spend on the default model's heads
+
+
+def test_the_shipped_heads_fit_their_budget_and_their_profile_and_trees_name_their_weights():
+    """Heads swapped for others (or re-saved in another dtype) must come with their own profile and tuned trees:
+    `medusa tree tune` refuses a profile of other weights, and tuned trees would describe other heads."""
+    shipped = default_heads()
+    if shipped is None:
+        pytest.skip("no heads shipped for the default model")
+    assert sum(path.stat().st_size for path in shipped.iterdir()) < SHIPPED_HEADS_BUDGET_BYTES
+    fingerprint = heads_fingerprint(shipped)
+    assert HeadProfile.load(shipped / "tree_profile.json").heads_fingerprint == fingerprint
+    entries = json.loads((shipped / "tuned_trees.json").read_text())["devices"]
+    assert entries and {entry["heads_fingerprint"] for entry in entries.values()} == {fingerprint}
