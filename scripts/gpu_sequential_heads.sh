@@ -41,6 +41,7 @@ EPOCHS=${EPOCHS:-3}
 VARIANTS=${VARIANTS:-medusa-2 sequential-2 sequential-2-prefix}
 BENCH=${BENCH:-medusa-2 sequential-2}
 LIMIT=${LIMIT:-}  # Spec-Bench questions per category (empty: all 480)
+BENCH_SECONDS=${BENCH_SECONDS:-}  # end the bench phase after this long, packed, within the call (empty: no limit)
 RESULTS=$WORK/results  # what comes back, packed
 mkdir -p "$WORK" "$OUT" "$RESULTS"
 pack() { tar -czf "$OUT/$phase.tar.gz" --exclude='*.safetensors' -C "$RESULTS" . ; }
@@ -149,13 +150,20 @@ tune)
     done
     ;;
 bench)
+    # BENCH_SECONDS stops the phase (SIGTERM: a bench writes what it measured, and --resume goes on from there) in
+    # time to pack it before the device call's own limit, which returns nothing of a variant cut mid-run (session
+    # 20 lost most of the shipped heads' 480 questions that way).
+    deadline=$(( $(date +%s) + ${BENCH_SECONDS:-100000000} ))
     for variant in $BENCH; do
+        left=$(( deadline - $(date +%s) ))
+        [ "$left" -gt 30 ] || { echo "== bench $variant: no time left in BENCH_SECONDS"; continue; }
         methods=medusa,medusa-lookup
         [ "$variant" = "${BENCH%% *}" ] && methods=autoregressive,$methods
         echo "== bench $variant: $methods $(date +%T)"
-        $MEDUSA bench --model "$MODEL" --heads "$(heads_of "$variant")" --questions "$DATA/question.jsonl" \
-            --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 --warmup 2 \
-            ${LOOKUP_NODES:+--lookup-nodes "$LOOKUP_NODES"} --output-dir "$WORK/bench-$variant" --resume 2>&1 | tail -14
+        timeout "$left" $MEDUSA bench --model "$MODEL" --heads "$(heads_of "$variant")" \
+            --questions "$DATA/question.jsonl" --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 \
+            --warmup 2 ${LOOKUP_NODES:+--lookup-nodes "$LOOKUP_NODES"} --output-dir "$WORK/bench-$variant" --resume \
+            2>&1 | tail -14
         mkdir -p "$RESULTS/bench-$variant"
         cp "$WORK/bench-$variant"/*.json* "$WORK/bench-$variant"/*.md "$RESULTS/bench-$variant/" 2>/dev/null
         pack
