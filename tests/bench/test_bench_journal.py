@@ -150,3 +150,22 @@ def test_resuming_a_subset_keeps_the_journal_for_the_questions_it_left_out(
     assert bench(tiny_model_dir, questions_file, tmp_path, "--resume") == 130
     assert "stopped after 3 prompts" in capsys.readouterr().err
     assert [q["id"] for q in json.loads((tmp_path / "bench.json").read_text())["questions"]] == [1, 3, 4]
+
+
+def test_resuming_a_finished_run_leaves_it_as_it_is_unless_it_asks_for_other_questions(
+    tiny_model_dir, questions_file, tmp_path, one_thread, generations, capsys
+):
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume") == 0  # nothing to resume: a fresh run
+    finished = (tmp_path / "bench.json").read_text()
+    assert json.loads(finished)["meta"]["complete"] is True and not journal_path(tmp_path).exists()
+    generations.clear()
+    capsys.readouterr()
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume") == 0
+    assert generations == [] and (tmp_path / "bench.json").read_text() == finished
+    assert f"nothing to resume: {tmp_path / 'bench.json'} is a finished run" in capsys.readouterr().err
+    # other questions, or other settings, are another run: measured (a fresh run replaces the report, as before)
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume", "--categories", "qa") == 0
+    assert generations and [q["id"] for q in json.loads((tmp_path / "bench.json").read_text())["questions"]] == [4]
+    generations.clear()
+    assert bench(tiny_model_dir, questions_file, tmp_path, "--resume", "--categories", "qa", "--tree", "16") == 0
+    assert generations

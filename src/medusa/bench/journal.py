@@ -19,6 +19,7 @@ from medusa.errors import MedusaError
 from medusa.files import append_text, write_text
 
 JOURNAL_NAME = "records.jsonl"
+REPORT_NAME = "bench.json"
 # Settings (keys of the report's meta) that must match for a run to resume a journal.
 RESUME_SETTINGS = (
     "model",
@@ -135,6 +136,27 @@ def refuse_unfinished(output_dir: str | Path, resume: bool) -> None:
             f"{path} holds the prompts of a benchmark that stopped before its end; pass --resume to continue "
             f"it, or choose another --output-dir (remove the file to discard them)"
         )
+
+
+# What a finished report must share with a run for that run, resumed, to have nothing left to measure.
+SELECTION = ("categories", "limit_per_category")
+
+
+def finished_report(output_dir: str | Path, meta: dict) -> Path | None:
+    """The report in ``output_dir`` when it is a finished run of ``meta``'s settings and questions: resuming it
+    has nothing left to do. A finished run removes its journal, so without this a script that resumes the same
+    command in every call would measure a finished run all over again."""
+    path = Path(output_dir) / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8")).get("meta")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None  # not a report this run could reuse: it runs, and writes one
+    if not isinstance(earlier, dict) or earlier.get("complete") is not True:
+        return None
+    wanted = json.loads(json.dumps({key: meta.get(key) for key in (*RESUME_SETTINGS, *SELECTION)}))
+    return path if all(earlier.get(key) == value for key, value in wanted.items()) else None
 
 
 def start_journal(output_dir: str | Path, meta: dict, resume: bool) -> tuple[Journal, list[Record], list[str]]:

@@ -26,7 +26,15 @@ from medusa.bench.costcurve import (
     validate_cost_curve,
 )
 from medusa.bench.environment import environment
-from medusa.bench.journal import refuse_unfinished, start_journal, unreported, with_earlier
+from medusa.bench.journal import (
+    REPORT_NAME,
+    finished_report,
+    journal_path,
+    refuse_unfinished,
+    start_journal,
+    unreported,
+    with_earlier,
+)
 from medusa.bench.report import (
     build_report,
     equality_line,
@@ -103,7 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         action="store_true",
         help="continue a run that stopped before its end, from --output-dir's records.jsonl "
-        "(every finished prompt is journaled there as it is measured); the settings must match",
+        "(every finished prompt is journaled there as it is measured); the settings must match. A finished run of "
+        "the same settings and questions is left as it is",
     )
     bench.add_argument(
         "--merge",
@@ -201,6 +210,10 @@ def run_spec_bench(args: argparse.Namespace) -> int:
         "categories": categories,
         "limit_per_category": args.limit,
     }
+    finished = finished_report(output, meta) if args.resume and not journal_path(output).is_file() else None
+    if finished is not None:
+        print(f"nothing to resume: {finished} is a finished run of these settings and questions", file=sys.stderr)
+        return 0
     journal, done, notes = start_journal(output, meta, args.resume)
     for note in notes:
         print(note, file=sys.stderr)
@@ -302,7 +315,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(report: dict, output: Path) -> int:
-    json_path = write_report(report, output / "bench.json")
+    json_path = write_report(report, output / REPORT_NAME)
     png_path = plot_report(report, output / "bench.png")
     write_text(output / "summary.md", markdown_summary(report))
     print_table(report_table(report))
