@@ -2,8 +2,9 @@
 # Medusa heads against sequential (Hydra-style) heads on the same self-distilled data (issue 27), one phase per
 # device call:
 #
-#   scripts/gpu_sequential_heads.sh data    # distil answers from the default model (or take $KEEP/.data/
-#                                           # distilled.jsonl.gz, made by the same command elsewhere); hold some out
+#   scripts/gpu_sequential_heads.sh data    # distil answers from the default model for DISTILL_SECONDS, on top of
+#                                           # $KEEP/.data/distilled.jsonl.gz (made by the same command elsewhere)
+#                                           # where there is one; hold some out
 #   scripts/gpu_sequential_heads.sh train   # train both head types the same way; profile each; a 64-node tree each
 #   scripts/gpu_sequential_heads.sh tune    # each head type's step-cost curve, and the trees tuned on it per batch
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
@@ -18,7 +19,8 @@
 # their own (heads-VARIANT.tar.gz), so that a later session (a new machine) can carry them back in .heads/ instead
 # of distilling and training again.
 # Expects the default model's GGUF at /root/stage/model.gguf, wheels for gguf/fastapi/uvicorn in $KEEP/.whl and
-# the prompts (topics.jsonl from `medusa prompts --tasks ask,instruct,article`, the shared pool files) and the
+# the prompts (topics.jsonl from `medusa prompts --tasks ask,instruct,article`, the shared pool files, from which
+# `data` also makes the shipped recipe's context prompts; CONTEXT_PROMPTS=0 leaves them out) and the
 # Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between calls on one machine); writes under $OUT.
 # Every step skips what is done, and the bench resumes, so a phase cut by its time limit can be run again.
 set -uo pipefail
@@ -62,20 +64,35 @@ heads_of() {  # a variant's heads directory
 
 case $phase in
 data)
-    # Rows distilled elsewhere (the same command on a CPU, or an earlier machine) come as $DATA/distilled.jsonl.gz
-    # (gzipped: a call carries 64 MiB, the model's part nearly 47).
-    distilled=$DATA/distilled.jsonl.gz
-    if [ -f "$distilled" ]; then
-        gunzip -c "$distilled" > "$WORK/distilled.jsonl"
-        cp "$DATA/distilled.jsonl.settings.json" "$WORK/" 2>/dev/null
-    fi
     # The prompt pool may come packed (the device call carries 64 MiB with the model's parts).
     [ -f "$DATA/pool.tar.gz" ] && [ ! -f "$DATA/gsm8k_train.jsonl" ] && tar -xzf "$DATA/pool.tar.gz" -C "$DATA"
-    [ -f "$distilled" ] || timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" \
-        --data "$DATA/topics.jsonl,$DATA/gsm8k_train.jsonl,$DATA/gpteacher_codegen.json,$DATA/gpteacher_roleplay.json" \
+    prompts="$DATA/topics.jsonl,$DATA/gsm8k_train.jsonl,$DATA/gpteacher_codegen.json,$DATA/gpteacher_roleplay.json"
+    # The shipped recipe's context prompts (summarise, key points, rewrite, questions over documents), made from the
+    # pool the same way each time (the seed fixes them), so rows answered elsewhere keep their ids.
+    if [ "${CONTEXT_PROMPTS:-6000}" -gt 0 ]; then
+        [ -f "$WORK/context_prompts.jsonl" ] || $MEDUSA prompts --data "${prompts#*,}" \
+            --output "$WORK/context_prompts.jsonl" --count "${CONTEXT_PROMPTS:-6000}" --documents 4 \
+            --max-prompt-chars 3500 | tail -1
+        prompts="$prompts,$WORK/context_prompts.jsonl"
+    fi
+    # Rows distilled elsewhere (the same command on a CPU, or an earlier machine) come as $DATA/distilled.jsonl.gz
+    # (gzipped: a call carries 64 MiB, the model's part nearly 47); this machine then answers more of the same
+    # prompts for DISTILL_SECONDS, in the same stable random order, skipping those answered.
+    distilled=$DATA/distilled.jsonl.gz
+    if [ -f "$distilled" ] && [ ! -f "$WORK/distilled.jsonl" ]; then
+        gunzip -c "$distilled" > "$WORK/distilled.jsonl"
+        # Made from the same GGUF (the package's, staged here as $MODEL): its settings name that machine's path.
+        python3 - "$DATA/distilled.jsonl.settings.json" "$WORK/distilled.jsonl.settings.json" "$MODEL" <<'PY'
+import json, sys
+from pathlib import Path
+settings = json.loads(Path(sys.argv[1]).read_text())
+settings["model"] = str(Path(sys.argv[3]).resolve())
+Path(sys.argv[2]).write_text(json.dumps(settings, indent=1))
+PY
+    fi
+    [ "$DISTILL_SECONDS" -gt 0 ] && { timeout "$DISTILL_SECONDS" $MEDUSA distill --model "$MODEL" --data "$prompts" \
         --output "$WORK/distilled.jsonl" --max-new-tokens "${DISTILL_TOKENS:-384}" --batch-size "${DISTILL_BATCH:-384}" \
-        --limit "${DISTILL_LIMIT:-8000}" --max-prompt-tokens 1400 2>&1 | tail -3 \
-        || echo "distillation stopped after ${DISTILL_SECONDS}s"
+        --max-prompt-tokens 1400 2>&1 | tail -3 || echo "distillation stopped after ${DISTILL_SECONDS}s"; }
     python3 - "$WORK" "$HELDOUT" <<'PY'
 import random, sys
 from pathlib import Path
