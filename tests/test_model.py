@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from medusa.interop import load_heads_config
 from medusa.model import GenerationConfig, MedusaModel, default_heads
 from medusa.text import TextTracker
 from medusa.treeopt.profile import HeadProfile, heads_fingerprint
+from medusa.tuned_trees import read_tuned_trees
 
 PROMPT = "Tell me a story."
 
@@ -503,5 +502,5 @@ def test_the_shipped_heads_fit_their_budget_and_their_profile_and_trees_name_the
     assert sum(path.stat().st_size for path in shipped.iterdir()) < SHIPPED_HEADS_BUDGET_BYTES
     fingerprint = heads_fingerprint(shipped)
     assert HeadProfile.load(shipped / "tree_profile.json").heads_fingerprint == fingerprint
-    entries = json.loads((shipped / "tuned_trees.json").read_text())["devices"]
-    assert entries and {entry["heads_fingerprint"] for entry in entries.values()} == {fingerprint}
+    entries = read_tuned_trees(shipped)
+    assert entries and {entry.heads_fingerprint for entry in entries.values()} == {fingerprint}
