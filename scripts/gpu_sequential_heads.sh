@@ -11,7 +11,8 @@
 #   scripts/gpu_sequential_heads.sh throughput  # the batch engine with each variant's heads, batch sizes 1-64
 #
 # A variant named `shipped` is the heads shipped with the package (already trained and tuned): `bench` and
-# `throughput` take it beside the trained ones.
+# `throughput` take it beside the trained ones. `autoregressive` in BENCH runs the plain path alone, where the list
+# puts it (without it, it runs with the first variant).
 #
 # A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
 # limit, so every phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's
@@ -59,7 +60,10 @@ for archive in "$KEEP"/.heads/heads-*.tar.gz; do
 done
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null
 heads_of() {  # a variant's heads directory
-    if [ "$1" = shipped ]; then echo src/medusa/assets/heads/smollm2-135m-instruct; else echo "$WORK/$1/heads"; fi
+    case $1 in
+        shipped|autoregressive) echo src/medusa/assets/heads/smollm2-135m-instruct ;;
+        *) echo "$WORK/$1/heads" ;;
+    esac
 }
 
 case $phase in
@@ -116,9 +120,12 @@ train)
         type=${plain%-*} layers=${plain##*-} run=$WORK/$variant
         if [ ! -f "$run/heads/medusa_heads.safetensors" ]; then
             echo "== train $variant $(date +%T)"
-            $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" --output "$run" --stage 1 --loss kl \
-                --head-type "$type" $prefix --num-heads 4 --num-layers "$layers" --share-lm-head --epochs "$EPOCHS" \
-                --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 2>&1 | tail -4
+            # TRAIN_SECONDS ends it in time to return within the call; run again, it resumes from its checkpoint.
+            ${TRAIN_SECONDS:+timeout "$TRAIN_SECONDS"} $MEDUSA train --model "$MODEL" --data "$WORK/train.jsonl" \
+                --output "$run" --stage 1 --loss kl --head-type "$type" $prefix --num-heads 4 --num-layers "$layers" \
+                --share-lm-head --epochs "$EPOCHS" --batch-size 32 --max-tokens 40000 --max-length 1900 --lr 1e-3 \
+                --checkpoint-every 100 --resume 2>&1 | tail -4
+            [ -f "$run/heads/medusa_heads.safetensors" ] || { echo "== $variant not finished: run train again"; break; }
         fi
         # The weights are kept in bf16 (half the size; the GPU runs in bf16 anyway) before anything is measured on
         # them: the tree profile fingerprints the weights, and heads restored from their bf16 copy on a later
@@ -144,7 +151,8 @@ state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.ite
     ;;
 tune)
     for variant in $BENCH; do
-        [ "$variant" = shipped ] && continue  # tuned when they were shipped
+        # shipped: tuned when they were shipped; autoregressive: no heads
+        [ "$variant" = shipped ] || [ "$variant" = autoregressive ] && continue
         # Timed with the variant's own trained heads (their layers and prefix layer), not random ones of a shape.
         curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
@@ -174,8 +182,13 @@ bench)
     for variant in $BENCH; do
         left=$(( deadline - $(date +%s) ))
         [ "$left" -gt 30 ] || { echo "== bench $variant: no time left in BENCH_SECONDS"; continue; }
+        # `autoregressive` in BENCH runs it alone (in its own folder, at the point in the list it has: last when the
+        # heads matter more than its ratio); otherwise it goes with the first variant, in the same report.
         methods=medusa,medusa-lookup
-        [ "$variant" = "${BENCH%% *}" ] && methods=autoregressive,$methods
+        if [ "$variant" = autoregressive ]; then methods=autoregressive
+        elif [ "$variant" = "${BENCH%% *}" ] && [[ " $BENCH " != *" autoregressive "* ]]; then
+            methods=autoregressive,$methods
+        fi
         echo "== bench $variant: $methods $(date +%T)"
         timeout "$left" $MEDUSA bench --model "$MODEL" --heads "$(heads_of "$variant")" \
             --questions "$DATA/question.jsonl" --methods "$methods" ${LIMIT:+--limit "$LIMIT"} --max-new-tokens 128 \
