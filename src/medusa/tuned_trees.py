@@ -9,7 +9,7 @@ size (the more rows, the fewer nodes pay); the engine runs each bucket with its 
 
 For heads shipped inside the package, ``medusa tree tune`` writes to the user's copy
 (``medusa.paths.user_heads_directory``); its entries win over the shipped file's, device by device. Heads with
-no entry for the device get a tree chosen for its kind (``choose_tree``).
+no entry for the device get a tree chosen for its kind (``choose_tree``): on a GPU, another GPU's entry.
 
 The format lives here, in the core, because loading reads it; ``medusa.treeopt`` only produces it.
 """
@@ -234,7 +234,10 @@ def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path
 
 def tuned_batch_trees(directory: str | Path, device: torch.device | str, num_heads: int) -> dict[int, Tree]:
     """The trees tuned per batch bucket for this device kind beside the heads ({} when none were)."""
-    kind = device_kind(device)
+    return _batch_trees_of(directory, device_kind(device), num_heads)
+
+
+def _batch_trees_of(directory: str | Path, kind: str, num_heads: int) -> dict[int, Tree]:
     raw = _read_entries(directory).get(kind)
     return (
         {}
@@ -249,12 +252,40 @@ def tuned_tree(directory: str | Path, device: torch.device | str, num_heads: int
 
     Only this device's entry is read, so an entry for another device never stops loading here.
     """
-    kind = device_kind(device)
+    return _tree_of(directory, device_kind(device), num_heads, chained)
+
+
+def _tree_of(directory: str | Path, kind: str, num_heads: int, chained: bool = False) -> Tree | None:
     raw = _read_entries(directory).get(kind)
     if raw is None:
         return None
     origin = _origin(directory, kind)
     return TunedTree.from_json(raw, origin).tree(num_heads, origin, chained)
+
+
+def _is_gpu_kind(kind: str) -> bool:
+    """A CUDA device's name ("NVIDIA H100 80GB HBM3"), not a device type ("cpu", "mps")."""
+    try:
+        torch.device(kind)
+    except (RuntimeError, ValueError):
+        return True
+    return False
+
+
+def borrowed_gpu_kind(directory: str | Path, device: torch.device | str) -> str | None:
+    """For a GPU with no entry of its own, another GPU's (the first by name), else None.
+
+    A tree tuned on another GPU, with its lookup chain and its smaller trees for large batches, is a closer guess
+    for this one than the heads' untuned 64-node tree: GPUs verify tens of nodes in about one step's time, and
+    they differ mostly in where extra nodes stop paying. The shipped heads are tuned on the GPUs this project was
+    lent; an H200 decoded with the H100's trees, for example, until one is tuned for it.
+    """
+    if torch.device(device).type != "cuda":
+        return None
+    entries = _read_entries(directory)
+    if device_kind(device) in entries:
+        return None
+    return next((kind for kind in sorted(entries) if _is_gpu_kind(kind)), None)
 
 
 @dataclass(frozen=True)
@@ -270,8 +301,9 @@ class TreeChoice:
 
 
 def choose_tree(directory: str | Path, device: torch.device | str, num_heads: int) -> TreeChoice:
-    """The trees for heads in ``directory`` on ``device``: the ones tuned for this device kind; else, on a CPU, a
-    small default tree (every node costs a CPU time); else the heads' own ``tree.json``; else the 64-node default."""
+    """The trees for heads in ``directory`` on ``device``: the ones tuned for this device kind; else, on a GPU,
+    those tuned for another GPU (``borrowed_gpu_kind``); else, on a CPU, a small default tree (every node costs a
+    CPU time); else the heads' own ``tree.json``; else the 64-node default."""
     directory = Path(directory)
     tree = tuned_tree(directory, device, num_heads, chained=True)
     if tree is not None:
@@ -290,6 +322,17 @@ def choose_tree(directory: str | Path, device: torch.device | str, num_heads: in
         f"no tree is tuned for {device_kind(device)!r} beside these heads; "
         f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one"
     )
+    other = borrowed_gpu_kind(directory, device)
+    if other is not None:
+        tree = _tree_of(directory, other, num_heads, chained=True)
+        return TreeChoice(
+            tree,
+            _tree_of(directory, other, num_heads),
+            _batch_trees_of(directory, other, num_heads),
+            f"the tree tuned for {other!r} in {tuned_file(directory, other)} ({tree.size} nodes; {hint})",
+            tuned=False,
+            directory=directory,
+        )
     own = heads_file(directory, TREE_FILE)
     own_tree = load_tree(own, num_heads) if own.is_file() else None
     on_cpu = torch.device(device).type == "cpu"

@@ -6,9 +6,11 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from helpers.models import make_tiny_model
 from helpers.treeopt import fresh_heads
+from medusa import tuned_trees
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
 from medusa.model import MedusaModel
@@ -16,6 +18,7 @@ from medusa.tree import Tree
 from medusa.treeopt.tune import CostCurve, choose_tree, measure_step_seconds
 from medusa.tuned_trees import (
     TUNED_FILE,
+    BatchTree,
     ChainedTree,
     TunedTree,
     device_kind,
@@ -143,6 +146,34 @@ def test_loading_heads_prefers_the_tree_tuned_for_this_device(tmp_path):
         MedusaModel.from_pretrained(base, heads=heads_dir)
 
 
+def test_a_gpu_without_a_tree_of_its_own_borrows_another_gpus(tmp_path, monkeypatch):
+    """The shipped heads are tuned on the GPUs this project was lent: an H200 without its own entry decodes with the
+    H100's trees (lookup chain and per-bucket trees included), says so, and takes its own entry once tuned."""
+    kinds = {"cuda": "NVIDIA H200", "cpu": "cpu"}
+    monkeypatch.setattr(tuned_trees, "device_kind", lambda device: kinds[torch.device(device).type])
+    h100 = TunedTree(
+        topk=2,
+        paths=[[0], [1], [0, 0]],
+        num_heads=2,
+        chained=ChainedTree(paths=[[0]], lookup=3),
+        batches={8: BatchTree(paths=[[0]], lookup=2)},
+    )
+    write_tuned_tree(tmp_path, "NVIDIA H100 80GB HBM3", h100)
+    (tmp_path / "tree.json").write_text(Tree.from_paths([[0], [0, 0]]).to_json())
+    choice = tuned_trees.choose_tree(tmp_path, "cuda", num_heads=2)
+    assert (choice.tree.paths, choice.tree.lookup) == (((0,),), 3)
+    assert choice.heads_tree.paths == ((0,), (1,), (0, 0))
+    assert {bucket: (tree.paths, tree.lookup) for bucket, tree in choice.batch_trees.items()} == {8: (((0,),), 2)}
+    assert not choice.tuned
+    assert "'NVIDIA H100 80GB HBM3'" in choice.origin and "no tree is tuned for 'NVIDIA H200'" in choice.origin
+    # a CPU never takes a GPU's tree: every node costs it time
+    assert tuned_trees.choose_tree(tmp_path, "cpu", num_heads=2).tree.paths == ((0,), (0, 0))
+    # its own entry, once tuned, wins
+    write_tuned_tree(tmp_path, "NVIDIA H200", TunedTree(topk=1, paths=[[0], [0, 0]], num_heads=2))
+    choice = tuned_trees.choose_tree(tmp_path, "cuda", num_heads=2)
+    assert choice.tuned and choice.tree.paths == ((0,), (0, 0)) and choice.batch_trees == {}
+
+
 def test_step_timing_runs_the_real_decoder(tmp_path):
     base = make_tiny_model("llama")
     model = MedusaModel.from_pretrained(base, heads=fresh_heads(base, num_heads=2))
@@ -221,4 +252,5 @@ def test_the_shipped_tuned_trees_read_and_write_back_unchanged(tmp_path):
         ]
         write_tuned_tree(tmp_path, kind, tuned)
     assert read_tuned_trees(tmp_path) == read_tuned_trees(shipped)
-    assert tuned_tree(tmp_path, "cpu", num_heads=4) == tuned_tree(shipped, "cpu", num_heads=4)
+    copied, original = (tuned_tree(directory, "cpu", num_heads=4) for directory in (tmp_path, shipped))
+    assert (copied.paths, copied.topk, copied.lookup) == (original.paths, original.topk, original.lookup)
