@@ -69,9 +69,11 @@ def test_version(capsys):
 def test_the_flag_defaults_spelled_out_for_fast_help_match_the_library():
     from medusa import acceptance, heads, lookup
     from medusa.commands import common
+    from medusa.training.config import TrainConfig
 
     assert common.SCHEMES == acceptance.SCHEMES
     assert common.HEAD_TYPES == heads.HEAD_TYPES
+    assert common.DEFAULT_HEAD_TYPE == heads.DEFAULT_HEAD_TYPE == TrainConfig.__dataclass_fields__["head_type"].default
     assert (common.DEFAULT_TYPICAL_EPS, common.DEFAULT_TYPICAL_DELTA) == (
         acceptance.DEFAULT_TYPICAL_EPS,
         acceptance.DEFAULT_TYPICAL_DELTA,

@@ -31,6 +31,10 @@ from medusa.files import atomic_path, read_json, write_json
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
 HEAD_TYPES = ("medusa", "sequential")
+# The type of heads made or trained when none is named: sequential heads beat Medusa heads on the same data and
+# replaced the shipped ones (docs/benchmarks/h100-sequential-heads-shipped). A config file that names no type
+# predates them and holds Medusa heads, so MedusaHeadsConfig's own default stays "medusa".
+DEFAULT_HEAD_TYPE = "sequential"
 
 
 @dataclass

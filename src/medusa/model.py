@@ -24,7 +24,7 @@ from medusa.devices import model_device
 from medusa.engine import BATCH_BUCKETS, DecodingEngine, EngineOptions, Generation, bucket_for, check_count
 from medusa.errors import MedusaError
 from medusa.files import write_text
-from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.heads import DEFAULT_HEAD_TYPE, MedusaHeads, MedusaHeadsConfig
 from medusa.interop import load_heads, load_heads_config
 from medusa.loading import load_base_model, resolve_device, resolve_dtype
 from medusa.paths import DEFAULT_MODEL_NAME, shipped_heads_directory
@@ -194,7 +194,7 @@ class MedusaModel(nn.Module):
         ``heads`` is a heads directory, a ``MedusaHeads``, a config for fresh heads, or None: the heads
         shipped for the default model when there are some (and they are of ``head_type``, if given), otherwise
         fresh (untrained) heads of ``num_heads``, ``num_layers``, ``share_lm_head`` and ``head_type``
-        (``medusa``, the default, or ``sequential``).
+        (``sequential``, the default: ``medusa.heads.DEFAULT_HEAD_TYPE``, or ``medusa``).
         ``device_map`` (``"auto"``, or accelerate's dict) splits a base model too big for one GPU over
         several; a model object passed in may come split already. Either way the heads go with the lm_head.
         """
@@ -225,7 +225,7 @@ class MedusaModel(nn.Module):
                 num_layers=num_layers,
                 share_lm_head=share_lm_head,
                 base_model=name,
-                head_type=head_type or "medusa",
+                head_type=head_type or DEFAULT_HEAD_TYPE,
             )
         if isinstance(heads, MedusaHeadsConfig):
             check_heads_match(heads, base_model)

@@ -170,7 +170,7 @@ def test_cost_curve_command_writes_json_and_png(tmp_path, one_thread, capsys):
     assert [p["nodes"] for p in result["points"]] == [1, 8]
     assert (tmp_path / "cost_curve.png").read_bytes()[:4] == b"\x89PNG"
     assert "cost_curve.json" in capsys.readouterr().out
-    assert result["meta"]["heads"]["head_type"] == "medusa"
+    assert result["meta"]["heads"]["head_type"] == "sequential"  # the default: the shipped heads' type
     assert main(["bench", "--cost-curve", "--sizes", "1,x"]) == 2
     assert "--sizes takes comma-separated" in capsys.readouterr().err
 

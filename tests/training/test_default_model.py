@@ -56,7 +56,10 @@ def test_distill_and_train_on_the_default_model(tmp_path, default_model, one_thr
     )
     result = Trainer(settings, base_model=base, tokenizer=tokenizer, base_name="SmolLM2-135M-Instruct").train()
     weights = result.heads_dir / "medusa_heads.safetensors"
-    assert 4 * 576 * 576 * 4 < weights.stat().st_size < 6 * 2**20  # shared lm_head: 4 x 576^2 floats, about 5 MB
+    # Sequential heads, the default: head k reads (k + 2) vectors of 576 into one, and a 576^2 block; 18 x 576^2
+    # floats in all (24 MB). A shared lm_head: copies of it would add 4 x 49152 x 576 floats (453 MB).
+    assert json.loads((result.heads_dir / "config.json").read_text())["head_type"] == "sequential"
+    assert 18 * 576 * 576 * 4 < weights.stat().st_size < 25 * 2**20
     assert len(result.accuracy["heads"]) == 4 and result.accuracy["heads"][0]["positions"] > 0
     model = MedusaModel.from_pretrained(base, heads=result.heads_dir, tokenizer=tokenizer, tree=[[0], [0, 0]])
     assert model.generate("What is 2 times 3?", max_new_tokens=4).stats.new_tokens == 4

@@ -128,7 +128,15 @@ def test_kill_and_resume_of_sequential_heads_reproduces_an_uninterrupted_run(tmp
     heads_a = load_file(str(tmp_path / "straight/heads/medusa_heads.safetensors"))
     heads_b = load_file(str(tmp_path / "killed/heads/medusa_heads.safetensors"))
     assert heads_a.keys() == heads_b.keys() and all(torch.equal(heads_a[k], heads_b[k]) for k in heads_a)
-    medusa = train_config(data_file, tmp_path / "killed", max_steps=6, checkpoint_every=2, batch_size=4, warmup_steps=2)
+    medusa = train_config(
+        data_file,
+        tmp_path / "killed",
+        max_steps=6,
+        checkpoint_every=2,
+        batch_size=4,
+        warmup_steps=2,
+        head_type="medusa",
+    )
     with pytest.raises(MedusaError, match="head_type was 'sequential', now 'medusa'"):
         Trainer(medusa, base_model=make_base(tokenizer), tokenizer=tokenizer).train(resume=True)
 
@@ -190,10 +198,10 @@ def test_medusa_heads_report_the_same_numbers_for_both_conditions_and_say_so(tok
 
 
 def test_the_head_type_flag_reaches_the_config_and_an_unknown_one_is_refused(capsys):
-    argv = ["train", "--data", "a.jsonl", "--output", "out", "--head-type", "sequential"]
-    assert config_from_args(build_parser(argv).parse_args(argv)).head_type == "sequential"
-    argv = ["train", "--data", "a.jsonl", "--output", "out"]
+    argv = ["train", "--data", "a.jsonl", "--output", "out", "--head-type", "medusa"]
     assert config_from_args(build_parser(argv).parse_args(argv)).head_type == "medusa"
+    argv = ["train", "--data", "a.jsonl", "--output", "out"]  # sequential heads won, and are the default
+    assert config_from_args(build_parser(argv).parse_args(argv)).head_type == "sequential"
     argv = ["train", "--data", "a.jsonl", "--output", "out", "--head-type", "eagle"]
     with pytest.raises(SystemExit):
         build_parser(argv).parse_args(argv)

@@ -60,7 +60,7 @@ from medusa.commands.output import print_table
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json, write_text
-from medusa.heads import MedusaHeadsConfig
+from medusa.heads import DEFAULT_HEAD_TYPE, MedusaHeadsConfig
 from medusa.loading import resolve_device, resolve_dtype
 from medusa.model import MedusaModel, default_heads
 
@@ -349,7 +349,7 @@ def run_cost_curve(args: argparse.Namespace) -> int:
             vocab_size=text.vocab_size,
             num_heads=args.num_heads,
             share_lm_head=True,
-            head_type=args.head_type or "medusa",
+            head_type=args.head_type or DEFAULT_HEAD_TYPE,
             prefix_layer=args.prefix_layer,
         )
         model = MedusaModel.from_pretrained(base, heads=heads)
@@ -435,7 +435,8 @@ def _heads_source(args: argparse.Namespace) -> str:
     shipped = default_heads(args.head_type) if args.model is None else None
     if shipped is not None:
         return f"shipped: {shipped}"
-    return f"untrained: {args.num_heads} fresh {args.head_type or 'medusa'} heads (each a copy of the base lm_head)"
+    head_type = args.head_type or DEFAULT_HEAD_TYPE
+    return f"untrained: {args.num_heads} fresh {head_type} heads (each a copy of the base lm_head)"
 
 
 def _command_meta(args: argparse.Namespace) -> dict:

@@ -23,6 +23,7 @@ DEFAULT_MAX_NGRAM = 3  # medusa.lookup
 MAX_NGRAM = 8  # medusa.lookup
 MAX_LOOKUP_NODES = 24  # medusa.lookup
 HEAD_TYPES = ("medusa", "sequential")  # medusa.heads.HEAD_TYPES
+DEFAULT_HEAD_TYPE = "sequential"  # medusa.heads.DEFAULT_HEAD_TYPE
 HEAD_TYPE_HELP = (
     "medusa: each head reads the base model's last hidden state alone; sequential (Hydra): head k also reads the "
     "tokens on its candidate path, the base model's next token and the guesses of heads 0..k-1"
@@ -42,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_head_type_argument(
         parser,
         "heads to create when no --heads is given (default: the shipped heads when they are of this type, else "
-        "medusa): ",
+        f"{DEFAULT_HEAD_TYPE}): ",
         default=None,
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -50,7 +51,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
 
 
-def add_head_type_argument(parser: argparse.ArgumentParser, purpose: str, default: str | None = "medusa") -> None:
+def add_head_type_argument(
+    parser: argparse.ArgumentParser, purpose: str, default: str | None = DEFAULT_HEAD_TYPE
+) -> None:
     parser.add_argument("--head-type", choices=HEAD_TYPES, default=default, help=purpose + HEAD_TYPE_HELP)
 
 

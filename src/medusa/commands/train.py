@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from medusa.commands.common import add_head_type_argument
+from medusa.commands.common import DEFAULT_HEAD_TYPE, add_head_type_argument
 from medusa.commands.threads import add_threads_argument
 from medusa.errors import MedusaError
 from medusa.training.config import LoraSettings, TrainConfig
@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-heads", type=int, default=4, help="heads to train (default 4)")
     parser.add_argument("--num-layers", type=int, default=1, help="residual blocks per head (default 1)")
-    add_head_type_argument(parser, "(default medusa) ")
+    add_head_type_argument(
+        parser, f"(default {DEFAULT_HEAD_TYPE}; medusa for heads that vLLM or TensorRT-LLM can read: `medusa export`) "
+    )
     parser.add_argument(
         "--prefix-layer",
         action="store_true",

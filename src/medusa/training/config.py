@@ -56,8 +56,9 @@ class TrainConfig:
     # A shared lm_head keeps the heads to num_heads * num_layers * hidden^2 parameters (2.7 M floats for
     # SmolLM2-135M); a projection per head adds vocab * hidden each (28 M floats for SmolLM2-135M).
     share_lm_head: bool = True
-    # "medusa": each head reads the hidden state alone; "sequential": also the true tokens on its path (Hydra)
-    head_type: str = "medusa"
+    # "medusa": each head reads the hidden state alone; "sequential": also the true tokens on its path (Hydra).
+    # medusa.heads.DEFAULT_HEAD_TYPE (not imported: `medusa train --help` must not import torch)
+    head_type: str = "sequential"
     # Hydra++: the heads read one causal self-attention layer over the hidden states, trained with them
     prefix_layer: bool = False
     loss: str = "kl"  # "kl": towards the base model's own distribution; "ce": the data's tokens
