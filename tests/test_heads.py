@@ -9,7 +9,7 @@ import torch
 
 from helpers.models import TINY_HIDDEN, TINY_VOCAB, make_tiny_model
 from medusa.errors import MedusaError
-from medusa.heads import CONFIG_NAME, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
+from medusa.heads import CONFIG_NAME, HEAD_TYPES, WEIGHTS_NAME, MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
 
 
@@ -81,16 +81,19 @@ def test_save_load_round_trip(tmp_path, share_lm_head):
         assert torch.equal(loaded(hidden), heads(hidden))
 
 
-def test_model_save_load_round_trip_keeps_heads_and_tree(tmp_path):
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_model_save_load_round_trip_keeps_heads_and_tree(tmp_path, head_type):
     base = make_tiny_model("llama")
-    model = MedusaModel.from_pretrained(base, num_heads=3, num_layers=1, tree=[[0], [1], [0, 0], [0, 0, 0]])
+    model = MedusaModel.from_pretrained(
+        base, num_heads=3, num_layers=1, head_type=head_type, tree=[[0], [1], [0, 0], [0, 0, 0]]
+    )
     perturb(model.heads)
     model.save_pretrained(tmp_path)
     again = MedusaModel.from_pretrained(base, heads=tmp_path)
-    assert again.tree.paths == model.tree.paths
-    hidden = torch.randn(TINY_HIDDEN)
-    with torch.no_grad():
-        assert torch.equal(again.heads(hidden), model.heads(hidden))
+    assert again.heads.config.head_type == head_type and again.tree.paths == model.tree.paths
+    hidden, next_token = torch.randn(TINY_HIDDEN), torch.tensor(5)
+    with torch.no_grad():  # every head, fed the guesses of the heads before it where it reads them
+        assert torch.equal(again.heads.own_guesses(hidden, next_token), model.heads.own_guesses(hidden, next_token))
 
 
 @pytest.mark.parametrize(
