@@ -232,12 +232,8 @@ def write_tuned_tree(directory: str | Path, kind: str, entry: TunedTree) -> Path
     return path
 
 
-def tuned_batch_trees(directory: str | Path, device: torch.device | str, num_heads: int) -> dict[int, Tree]:
-    """The trees tuned per batch bucket for this device kind beside the heads ({} when none were)."""
-    return _batch_trees_of(directory, device_kind(device), num_heads)
-
-
 def _batch_trees_of(directory: str | Path, kind: str, num_heads: int) -> dict[int, Tree]:
+    """The trees tuned per batch bucket in ``kind``'s entry beside the heads ({} when none were)."""
     raw = _read_entries(directory).get(kind)
     return (
         {}
@@ -300,39 +296,37 @@ class TreeChoice:
     directory: Path  # the heads directory whose files it was chosen from (export copies them, not this device's pick)
 
 
+def _entry_choice(directory: Path, kind: str, num_heads: int, borrowed_hint: str | None = None) -> TreeChoice:
+    """The trees of ``kind``'s entry; ``borrowed_hint``, when this device has no entry of its own and borrows
+    another's, says how to tune one."""
+    tree = _tree_of(directory, kind, num_heads, chained=True)
+    size = f"{tree.size} node{'' if tree.size == 1 else 's'}"
+    return TreeChoice(
+        tree,
+        _tree_of(directory, kind, num_heads),
+        _batch_trees_of(directory, kind, num_heads),
+        f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} "
+        f"({size}{'' if borrowed_hint is None else '; ' + borrowed_hint})",
+        tuned=borrowed_hint is None,
+        directory=directory,
+    )
+
+
 def choose_tree(directory: str | Path, device: torch.device | str, num_heads: int) -> TreeChoice:
     """The trees for heads in ``directory`` on ``device``: the ones tuned for this device kind; else, on a GPU,
     those tuned for another GPU (``borrowed_gpu_kind``); else, on a CPU, a small default tree (every node costs a
     CPU time); else the heads' own ``tree.json``; else the 64-node default."""
     directory = Path(directory)
-    tree = tuned_tree(directory, device, num_heads, chained=True)
-    if tree is not None:
-        kind = device_kind(device)
-        heads_tree = tuned_tree(directory, device, num_heads)
-        return TreeChoice(
-            tree,
-            heads_tree,
-            tuned_batch_trees(directory, device, num_heads),
-            f"the tree tuned for {kind!r} in {tuned_file(directory, kind)} "
-            f"({tree.size} node{'' if tree.size == 1 else 's'})",
-            tuned=True,
-            directory=directory,
-        )
+    kind = device_kind(device)
+    if kind in _read_entries(directory):
+        return _entry_choice(directory, kind, num_heads)
     hint = (
-        f"no tree is tuned for {device_kind(device)!r} beside these heads; "
+        f"no tree is tuned for {kind!r} beside these heads; "
         f"`medusa tree profile` then `medusa tree tune --heads {directory}` tunes one"
     )
     other = borrowed_gpu_kind(directory, device)
     if other is not None:
-        tree = _tree_of(directory, other, num_heads, chained=True)
-        return TreeChoice(
-            tree,
-            _tree_of(directory, other, num_heads),
-            _batch_trees_of(directory, other, num_heads),
-            f"the tree tuned for {other!r} in {tuned_file(directory, other)} ({tree.size} nodes; {hint})",
-            tuned=False,
-            directory=directory,
-        )
+        return _entry_choice(directory, other, num_heads, hint)
     own = heads_file(directory, TREE_FILE)
     own_tree = load_tree(own, num_heads) if own.is_file() else None
     on_cpu = torch.device(device).type == "cpu"
