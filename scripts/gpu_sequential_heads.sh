@@ -10,8 +10,8 @@
 #   scripts/gpu_sequential_heads.sh bench   # Spec-Bench: autoregressive, and each head type alone and with lookup
 #   scripts/gpu_sequential_heads.sh throughput  # the batch engine with each variant's heads, batch sizes 1-64
 #
-# A variant named `shipped` is the heads shipped with the package (already trained and tuned): `bench` and
-# `throughput` take it beside the trained ones. `autoregressive` in BENCH runs the plain path alone, where the list
+# A variant named `shipped` is the heads shipped with the package (already trained): `bench` and `throughput` take
+# it beside the trained ones, and `tune` tunes it for this device into the user's copy, which the later phases read. `autoregressive` in BENCH runs the plain path alone, where the list
 # puts it (without it, it runs with the first variant).
 #
 # A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
@@ -151,23 +151,26 @@ state = load_file(sys.argv[1]); save_file({k: v.bfloat16() for k, v in state.ite
     ;;
 tune)
     for variant in $BENCH; do
-        # shipped: tuned when they were shipped; autoregressive: no heads
-        [ "$variant" = shipped ] || [ "$variant" = autoregressive ] && continue
+        [ "$variant" = autoregressive ] && continue  # no heads
+        # shipped: tuned for this device into the user's copy (MEDUSA_CACHE_DIR), which `bench` and `throughput`
+        # then read, and which comes back to be merged into the shipped file (the H200's entry, session 22).
+        heads=$(heads_of "$variant") tuned=$WORK/$variant/heads/tuned_trees.json
+        [ "$variant" = shipped ] && tuned=$MEDUSA_CACHE_DIR/heads/smollm2-135m-instruct/tuned_trees.json
         # Timed with the variant's own trained heads (their layers and prefix layer), not random ones of a shape.
         curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
             echo "== cost curve, $variant heads $(date +%T)"
-            $MEDUSA bench --cost-curve --model "$MODEL" --heads "$WORK/$variant/heads" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
+            $MEDUSA bench --cost-curve --model "$MODEL" --heads "$heads" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
                 --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
                 --output-dir "$curve" 2>&1 | tail -2
         fi
         echo "== tune $variant $(date +%T)"
         mkdir -p "$RESULTS/$variant" && cp "$curve/cost_curve.json" "$RESULTS/$variant/cost_curve.json"
         # A failed tune must not pass the heads' older tuned_trees.json off as its result.
-        if $MEDUSA tree tune --heads "$WORK/$variant/heads" --cost-curve "$curve/cost_curve.json" \
+        if $MEDUSA tree tune --heads "$heads" --cost-curve "$curve/cost_curve.json" \
             --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --max-nodes 64 > "$RESULTS/$variant/tune.txt" 2>&1; then
             tail -4 "$RESULTS/$variant/tune.txt"
-            cp "$WORK/$variant/heads/tuned_trees.json" "$RESULTS/$variant/"
+            cp "$tuned" "$RESULTS/$variant/"
         else
             echo "tune of $variant failed:" && tail -4 "$RESULTS/$variant/tune.txt"
         fi
