@@ -241,3 +241,16 @@ def test_serve_refuses_a_negative_join_wait_before_loading_a_model(capsys, model
     code = main(["serve", "--model", str(model_dir), "--join-wait", "-1"])
     err = capsys.readouterr().err
     assert code == 2 and "--join-wait must be 0 or more seconds, got -1" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("head_type", ["sequential", "medusa"])
+def test_serve_start_up_line_names_the_head_type_and_trees(head_type):
+    from helpers.models import make_tiny_model
+    from medusa.commands.serve import describe_heads
+    from medusa.engine import EngineOptions
+    from medusa.model import MedusaModel
+
+    model = MedusaModel.from_pretrained(make_tiny_model("llama"), num_heads=2, head_type=head_type, tree="8")
+    kind = "sequential" if head_type == "sequential" else "Medusa"
+    assert describe_heads(model, EngineOptions(), 4) == f"{kind} heads, 8-node tree at batch 1, 8-node tree at batch 4"
+    assert describe_heads(model, EngineOptions(use_heads=False), 4) == "no heads"

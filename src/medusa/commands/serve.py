@@ -6,9 +6,14 @@ import argparse
 import ipaddress
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from medusa.commands.common import SCHEMES, add_model_arguments, load_model
 from medusa.errors import MedusaError
+
+if TYPE_CHECKING:  # the model's modules (torch) load when the command runs, not for --help
+    from medusa.engine import EngineOptions
+    from medusa.model import MedusaModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,14 +184,9 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     app = create_app(engine, settings)
-    if options.use_heads and model.heads:
-        trees = {bucket: model.tree_for(options, bucket).size for bucket in (1, max_batch)}
-        heads = "Medusa heads, " + ", ".join(f"{size}-node tree at batch {bucket}" for bucket, size in trees.items())
-    else:
-        heads = "no heads"
     print(
-        f"medusa serve: {model.name} ({heads}, up to {max_batch} requests at once) on "
-        f"http://{args.host}:{args.port}/v1",
+        f"medusa serve: {model.name} ({describe_heads(model, options, max_batch)}, up to {max_batch} requests at "
+        f"once) on http://{args.host}:{args.port}/v1",
         file=sys.stderr,
     )
     if not _is_loopback(args.host) and api_key is None:
@@ -196,6 +196,15 @@ def run(args: argparse.Namespace) -> int:
         )
     run_server(app, server_config)
     return 0
+
+
+def describe_heads(model: MedusaModel, options: EngineOptions, max_batch: int) -> str:
+    """What the start-up line says of the heads: their type and the tree at batch 1 and at ``max_batch``."""
+    if not options.use_heads or model.heads is None:
+        return "no heads"
+    kind = "sequential" if model.heads.config.sequential else "Medusa"
+    trees = {bucket: model.tree_for(options, bucket).size for bucket in (1, max_batch)}
+    return f"{kind} heads, " + ", ".join(f"{size}-node tree at batch {bucket}" for bucket, size in trees.items())
 
 
 def _is_loopback(host: str) -> bool:
