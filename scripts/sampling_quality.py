@@ -25,9 +25,9 @@ from medusa.model import MedusaModel
 
 SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "spec_bench" / "question.jsonl"
 SCHEMES = {
-    "plain sampling": dict(use_heads=False),
-    "rejection (lossless)": dict(acceptance="rejection"),
-    "typical": dict(acceptance="typical"),
+    "plain": ("plain sampling", dict(use_heads=False)),
+    "rejection": ("rejection (lossless)", dict(acceptance="rejection")),
+    "typical": ("typical", dict(acceptance="typical")),
 }
 
 
@@ -62,15 +62,23 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--questions", type=Path, default=SPEC_BENCH)
+    parser.add_argument("--tree", help="the tree to decode with, as --tree takes it (default: the heads' own choice)")
+    parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
     parser.add_argument("--out", type=Path, help="write the table (Markdown) here as well")
     args = parser.parse_args()
+    schemes = [name.strip() for name in args.schemes.split(",") if name.strip()]
+    unknown = [name for name in schemes if name not in SCHEMES]
+    if unknown or not schemes:
+        parser.error(f"--schemes: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(SCHEMES)}")
 
-    model = MedusaModel.from_pretrained(args.model, heads=args.heads, dtype=args.dtype, device=args.device)
+    model = MedusaModel.from_pretrained(
+        args.model, heads=args.heads, tree=args.tree, dtype=args.dtype, device=args.device
+    )
     records = questions(args.questions, args.per_category)
-    totals = {name: defaultdict(float) for name in SCHEMES}
+    totals = {SCHEMES[name][0]: defaultdict(float) for name in schemes}
     for index, record in enumerate(records):
         prompt_ids = model.encode_prompt(record["turns"][0])
-        for name, options in SCHEMES.items():
+        for name, options in (SCHEMES[name] for name in schemes):
             settings = dict(  # request and engine settings by name (GenerationConfig and EngineOptions)
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
