@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--questions", type=Path, default=SPEC_BENCH)
     parser.add_argument("--tree", help="the tree to decode with, as --tree takes it (default: the heads' own choice)")
+    parser.add_argument("--lookup", type=int, help="nodes of a lookup chain in the tree (default: as tuned)")
     parser.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated, of {', '.join(SCHEMES)}")
     parser.add_argument("--out", type=Path, help="write the table (Markdown) here as well")
     args = parser.parse_args()
@@ -86,6 +87,8 @@ def main() -> None:
                 seed=args.seed + index,
                 **options,
             )
+            if args.lookup is not None and options.get("use_heads", True):  # plain sampling stays plain
+                settings["lookup"] = args.lookup
             stats = DecodingStats()
             answer = [t for chunk in model.stream(prompt_ids, stats=stats, **settings) for t in chunk.token_ids]
             total = totals[name]
