@@ -8,7 +8,9 @@
 #   scripts/gpu_batch_engine.sh serve     # medusa serve under 1, 8 and 32 clients, greedy and sampled mixed
 #
 # Expects the default model's GGUF at /root/stage/model.gguf for bench and serve (staged in parts: the device
-# call carries at most 64 MiB), wheels for gguf/fastapi/uvicorn in $KEEP/.whl, the Spec-Bench questions in
+# call carries at most 64 MiB), wheels for gguf/fastapi/uvicorn in $KEEP/.whl (with what the device lacks of theirs:
+# starlette, pydantic, pydantic-core, annotated-types, typing-inspection and, for fastapi 0.165,
+# opentelemetry-api, without which the server does not start), the Spec-Bench questions in
 # $KEEP/.data/question.jsonl and, for the baseline, the previous engine's source (without its assets) in
 # $KEEP/.old/src ($KEEP: the repository root, or where an earlier call on the same machine copied them).
 # Writes under $OUT.
