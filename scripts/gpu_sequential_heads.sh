@@ -11,8 +11,9 @@
 #   scripts/gpu_sequential_heads.sh throughput  # the batch engine with each variant's heads, batch sizes 1-64
 #
 # A variant named `shipped` is the heads shipped with the package (already trained): `bench` and `throughput` take
-# it beside the trained ones, and `tune` tunes it for this device into the user's copy, which the later phases read. `autoregressive` in BENCH runs the plain path alone, where the list
-# puts it (without it, it runs with the first variant).
+# it beside the trained ones, and `tune` tunes it for this device into the user's copy, which the later phases
+# read. `autoregressive` in BENCH runs the plain path alone, where the list puts it (without it, it runs with the
+# first variant).
 #
 # A device call returns a bounded number of files (8, 16 MiB each) and nothing at all when it is killed at its
 # limit, so every phase packs what it has made into $OUT/PHASE.tar.gz after each step (session 14 lost a call's

@@ -79,7 +79,7 @@ def main() -> None:
     totals = {SCHEMES[name][0]: defaultdict(float) for name in schemes}
     for index, record in enumerate(records):
         prompt_ids = model.encode_prompt(record["turns"][0])
-        for name, options in (SCHEMES[name] for name in schemes):
+        for label, options in (SCHEMES[key] for key in schemes):
             settings = dict(  # request and engine settings by name (GenerationConfig and EngineOptions)
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
@@ -91,7 +91,7 @@ def main() -> None:
                 settings["lookup"] = args.lookup
             stats = DecodingStats()
             answer = [t for chunk in model.stream(prompt_ids, stats=stats, **settings) for t in chunk.token_ids]
-            total = totals[name]
+            total = totals[label]
             total["nll"] += negative_log_likelihood(model, prompt_ids, answer)
             total["tokens"] += len(answer)
             total["steps"] += stats.steps
