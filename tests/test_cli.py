@@ -67,6 +67,21 @@ def test_fresh_heads_of_the_head_type_asked_for(capsys, model_dir):
     assert code == 0 and out == expected.text + "\n"  # untrained heads of either type: the base model's answer
 
 
+def test_a_model_without_heads_says_its_fresh_heads_are_untrained(capsys, model_dir, tmp_path):
+    """A --model without --heads gets fresh heads (the shipped ones go with the default model only): that is said,
+    with what to pass instead, and not when the heads are given or switched off (session 22 measured untrained heads
+    on the H100 by mistake)."""
+    code, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4)
+    assert code == 0
+    assert "heads: untrained: 4 fresh sequential heads" in err and "--heads DIR" in err and "--no-heads" in err
+    assert "If this is the default model" not in err  # the shipped heads do not fit this tiny model
+    _, _, err = run(capsys, "Hi", "--model", model_dir, "--max-new-tokens", 4, "--no-heads")
+    assert "untrained" not in err
+    MedusaModel.from_pretrained(model_dir, num_heads=2, tree="8").save_pretrained(tmp_path / "heads")
+    _, _, err = run(capsys, "Hi", "--model", model_dir, "--heads", tmp_path / "heads", "--max-new-tokens", 4)
+    assert "untrained" not in err
+
+
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     """Exit status 2 and the message on one line at the end (transformers may draw a loading bar before it)."""
     assert code == 2

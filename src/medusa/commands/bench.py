@@ -55,14 +55,14 @@ from medusa.bench.runner import (
     step_settings,
 )
 from medusa.bench.specbench import default_questions_path, load_questions, select_questions
-from medusa.commands.common import add_model_arguments, load_model
+from medusa.commands.common import add_model_arguments, heads_source, load_model
 from medusa.commands.output import print_table
 from medusa.decoding import ATTENTION_SPAN_STEP
 from medusa.errors import MedusaError
 from medusa.files import read_json, write_json, write_text
 from medusa.heads import DEFAULT_HEAD_TYPE, MedusaHeadsConfig
 from medusa.loading import resolve_device, resolve_dtype
-from medusa.model import MedusaModel, default_heads
+from medusa.model import MedusaModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +205,7 @@ def run_spec_bench(args: argparse.Namespace) -> int:
         **_command_meta(args),
         **environment(model.device),
         **describe_run(model, config),
-        "heads_source": _heads_source(args),
+        "heads_source": heads_source(args),
         "questions_file": str(questions_file.resolve()),
         "categories": categories,
         "limit_per_category": args.limit,
@@ -427,16 +427,6 @@ def _cache_length_setting(value: str) -> int | str | None:
 
 def _compile_setting(value: str) -> bool | str:
     return {"off": False, "on": True}.get(value, value)
-
-
-def _heads_source(args: argparse.Namespace) -> str:
-    if args.heads:
-        return str(args.heads)
-    shipped = default_heads(args.head_type) if args.model is None else None
-    if shipped is not None:
-        return f"shipped: {shipped}"
-    head_type = args.head_type or DEFAULT_HEAD_TYPE
-    return f"untrained: {args.num_heads} fresh {head_type} heads (each a copy of the base lm_head)"
 
 
 def _command_meta(args: argparse.Namespace) -> dict:

@@ -133,9 +133,41 @@ def sampling_options(args: argparse.Namespace) -> dict:
     }
 
 
+def heads_source(args: argparse.Namespace) -> str:
+    """Where the flags' heads come from: a directory, the heads shipped for the default model (only when no --model
+    is given), or fresh untrained ones ("untrained: ...")."""
+    from medusa.model import default_heads
+
+    if args.heads:
+        return str(args.heads)
+    shipped = default_heads(args.head_type) if args.model is None else None
+    if shipped is not None:
+        return f"shipped: {shipped}"
+    head_type = args.head_type or DEFAULT_HEAD_TYPE
+    return f"untrained: {args.num_heads} fresh {head_type} heads (each a copy of the base lm_head)"
+
+
+def _untrained_heads_notice(args: argparse.Namespace, model: MedusaModel, source: str) -> str:
+    """Why untrained heads slow decoding down, and what to pass instead; names the shipped heads when they fit this
+    model (its own copy of the default model's file gets fresh heads, as any --model does)."""
+    from medusa.interop import load_heads_config
+    from medusa.model import default_heads
+
+    notice = (
+        f"heads: {source}. They accept few guesses, so decoding is slower than without heads: pass --heads DIR "
+        "(made by `medusa train`) or --no-heads"
+    )
+    shipped = default_heads(args.head_type)
+    if shipped is not None and model.heads is not None:
+        config, fresh = load_heads_config(shipped), model.heads.config
+        if (config.hidden_size, config.vocab_size) == (fresh.hidden_size, fresh.vocab_size):
+            notice += f". If this is the default model, its trained heads are --heads {shipped}"
+    return notice
+
+
 def load_model(args: argparse.Namespace) -> MedusaModel:
-    """The model the flags name; when no tree was tuned for this device, says which tree it decodes with and how
-    to tune one."""
+    """The model the flags name; says on stderr when its heads are untrained (a --model without --heads), and when
+    no tree was tuned for this device, which tree it decodes with and how to tune one."""
     from medusa.model import MedusaModel
 
     model = MedusaModel.from_pretrained(
@@ -147,6 +179,9 @@ def load_model(args: argparse.Namespace) -> MedusaModel:
         dtype=args.dtype,
         device=args.device,
     )
+    source = heads_source(args)
+    if source.startswith("untrained") and not getattr(args, "no_heads", False):
+        print(_untrained_heads_notice(args, model, source), file=sys.stderr)
     choice = model.tree_choice
     if choice is not None and not choice.tuned:
         print(f"tree: {choice.origin}", file=sys.stderr)
