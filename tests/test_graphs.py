@@ -225,8 +225,7 @@ def test_overlapped_steps_with_rows_joining_through_captured_prefills_decode_as_
 )
 def test_replayed_steps_accept_what_eager_steps_accept(head_type, settings):
     """Step by step, not only the same tokens: a lossless step that proposes badly (stale heads' inputs, say)
-    still writes the right answer, only in more steps. Session 22's H100 run of sampling_quality.py accepted 1.22
-    tokens per step with the shipped heads where the CPU, eager, accepted 2.06-2.40 on the same tree.
+    still writes the right answer, only in more steps, so equal tokens cannot show it.
 
     The base's lm_head is scaled up so that it falls into a loop that fresh heads guess (on the CPU: 2.7-3.3 tokens
     per step greedy and typical, 1.1-1.2 rejection); the sequential heads' path layers are perturbed so the path
