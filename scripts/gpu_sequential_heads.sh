@@ -155,8 +155,9 @@ tune)
         [ "$variant" = autoregressive ] && continue  # no heads
         # shipped: tuned for this device into the user's copy (MEDUSA_CACHE_DIR), which `bench` and `throughput`
         # then read, and which comes back to be merged into the shipped file (the H200's entry, session 22).
-        heads=$(heads_of "$variant") tuned=$WORK/$variant/heads/tuned_trees.json
-        [ "$variant" = shipped ] && tuned=$MEDUSA_CACHE_DIR/heads/smollm2-135m-instruct/tuned_trees.json
+        heads=$(heads_of "$variant")
+        tuned=$(python3 -c 'import sys; from medusa.paths import user_heads_directory as user
+print(user(sys.argv[1]) / "tuned_trees.json")' "$heads")  # where `tree tune` writes for these heads
         # Timed with the variant's own trained heads (their layers and prefix layer), not random ones of a shape.
         curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
