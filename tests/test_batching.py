@@ -474,7 +474,8 @@ def test_capture_up_front_takes_the_prefills_then_the_shortest_spans_first_withi
         def __init__(self) -> None:
             self.keys, self.prefills = [], []
 
-        def prepare(self, rows, span, kind) -> None:
+        def prepare(self, rows, span, kind, plain=False) -> None:
+            assert not plain  # the engine is not adaptive: its steps always verify their trees
             self.keys.append((rows, span, kind))
 
         def prepare_prefill(self, prompts, width, kind) -> None:
@@ -800,12 +801,12 @@ def test_a_prefill_whose_capture_fails_runs_eagerly_and_the_steps_keep_their_gra
         def __init__(self, decoder) -> None:
             self.decoder, self.report, self.steps, self.prefills = decoder, CaptureReport(), 0, 0
 
-        def prepare(self, rows, span, kind) -> None:
+        def prepare(self, rows, span, kind, plain=False) -> None:
             pass
 
-        def __call__(self, rows, span, kind):
+        def __call__(self, rows, span, kind, plain=False):
             self.steps += 1
-            return self.decoder.step(rows, span, kind)
+            return self.decoder.step(rows, span, kind, plain)
 
         def prefill(self, prompts, width, kind) -> None:
             self.prefills += 1

@@ -74,7 +74,7 @@ def test_each_attention_span_is_captured_and_decodes_as_eagerly(model):
     graphed = model.generate(PROMPT, **settings)
     engine = model.engine(EngineOptions(cache_length=600), max_length=len(PROMPT) + 300)
     assert engine.spans == (256, 512, 768, 768 + model.tree.size)
-    assert {span for _, span, _ in engine.graphs.graphs} >= {256, 512}
+    assert {span for _, span, *_ in engine.graphs.graphs} >= {256, 512}
     assert graphed.token_ids == model.generate(PROMPT, cuda_graphs=False, **settings).token_ids
     assert len(PROMPT) + graphed.stats.new_tokens > 256 or graphed.finish_reason == "stop"
 
@@ -254,3 +254,38 @@ def test_replayed_steps_accept_what_eager_steps_accept(head_type, settings):
             runs[graphs].append((result.token_ids, result.stats.accepted_per_step))
     assert runs[True] == runs[False]
     assert max(runs[True][0][1]) > 1  # some guess was accepted, so the comparison says something
+
+
+def test_plain_and_tree_steps_interleaved_replay_as_eager_steps(model):
+    """The adaptive engine's two modes are two graphs per (bucket, span, kind): every other step replaying the
+    one-token graph, greedy and seeded sampled rows joining and leaving decode as eager steps in either mode, and as
+    an engine that always verifies its tree."""
+    from helpers.decoding import random_prompts
+    from medusa.speculation import SpeculationSwitch
+
+    class Alternating(SpeculationSwitch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def plain(self, key) -> bool:
+            self.count += 1
+            return self.count % 2 == 0
+
+    prompts = random_prompts(6, seed=29)
+    configs = [
+        GenerationConfig(
+            max_new_tokens=8 + 4 * (i % 3), chat_template=False, **({"temperature": 0.8, "seed": i} if i % 2 else {})
+        )
+        for i in range(len(prompts))
+    ]
+    expected = [r.token_ids for r in model.generate_batch(prompts, configs, max_batch=4, lookup=6)]
+    for graphs in (True, False):
+        options = EngineOptions(adaptive=True, lookup=6, cuda_graphs=graphs)
+        engine = model.engine(options, max_rows=4, max_length=128)
+        engine.switch = Alternating()
+        results = model.generate_batch(prompts, configs, options=options, max_batch=4)
+        assert [r.token_ids for r in results] == expected
+        assert engine.times.plain_steps > 0
+        if graphs:
+            assert {key[3] for key in engine.graphs.graphs} == {False, True}

@@ -148,6 +148,8 @@ class Decoder:
         self.device = model_device(base_model)
         self.dtype = base_model.dtype
         self.trees = {rows: tree.to(self.device) for rows, tree in trees.items()}
+        # What a plain step verifies, in any bucket: the root alone (``step(..., plain=True)``).
+        self.plain_tree = Tree.from_paths([]).to(self.device)
         # Sequential heads grow each bucket's tree one depth at a time (``Tree.expansion``).
         sequential = heads is not None and heads.config.sequential
         self.expansions = {rows: tree.expansion() for rows, tree in self.trees.items()} if sequential else {}
@@ -200,8 +202,8 @@ class Decoder:
 
     # ----- what a step needs, known on the host ---------------------------------------------------
 
-    def tree_for(self, rows: int) -> Tree:
-        return self.trees[rows]
+    def tree_for(self, rows: int, plain: bool = False) -> Tree:
+        return self.plain_tree if plain else self.trees[rows]
 
     def largest_tree(self) -> int:
         return max(tree.size for tree in self.trees.values())
@@ -447,16 +449,19 @@ class Decoder:
             tokens[:, expansion.children] = top[:, expansion.source]
         return tokens
 
-    def step(self, rows: int, span: int, kind: StepKind = StepKind()) -> tuple[torch.Tensor, ...]:
+    def step(self, rows: int, span: int, kind: StepKind = StepKind(), plain: bool = False) -> tuple[torch.Tensor, ...]:
         """One propose/verify/accept/commit for the first ``rows`` rows, all on the device (capturable).
 
         ``span``: attend over only the first ``span`` cache slots (every running row's tree must end inside
-        it). Returns ``counts_and_tokens [rows, 1 + depth + 1]``: how many tokens each row commits (0 on rows
+        it). ``plain``: verify each row's next token alone, not the bucket's tree (where the tree does not pay,
+        ``medusa.speculation``); what the heads and the lookup branch read is kept up to date all the same.
+
+        Returns ``counts_and_tokens [rows, 1 + depth + 1]``: how many tokens each row commits (0 on rows
         not running), then its chosen path's tokens; with ``kind.logprobs >= 0`` also each of those tokens'
         log-probability ``[rows, depth + 1]`` and top alternatives ``[rows, depth + 1, top_logprobs]`` (ids,
         then log-probabilities).
         """
-        tree = self.trees[rows]
+        tree = self.tree_for(rows, plain)
         lengths = self.lengths[:rows]
         tree_tokens = self.propose(rows, tree)
         visibility = tree_visibility(lengths, tree.attention_mask, tree.depths, span)

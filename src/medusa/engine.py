@@ -38,6 +38,7 @@ from medusa.errors import MedusaError
 from medusa.graphs import StepGraphs
 from medusa.heads import MedusaHeads
 from medusa.lookup import DEFAULT_MAX_NGRAM, check_lookup
+from medusa.speculation import SpeculationSwitch
 from medusa.tree import Tree
 
 logger = logging.getLogger("medusa")
@@ -142,6 +143,9 @@ class EngineOptions:
     # CUDA), not every row up to the longest one's span. Off: on the H100 it made steps slower, not faster
     # (docs/benchmarks/h100-ragged-attention/); None turns it on where that kernel runs, uncompiled.
     ragged_attention: bool | None = False
+    # Time the steps and, per batch bucket and step kind, run plain one-token steps where they have been committing
+    # more tokens per row and second than the bucket's tree (``medusa.speculation``); the tokens are the same.
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         check_lookup(0 if self.lookup is None else self.lookup, self.lookup_ngram)
@@ -232,6 +236,9 @@ class InFlight:
     rows: list[Generation | None]
     outputs: tuple[torch.Tensor, ...]
     values: list | None = None  # the outputs, once read to the host (the step's one sync)
+    key: tuple[int, StepKind] | None = None  # (bucket, kind), where the adaptive switch chose the step's mode
+    plain: bool = False  # it verified each row's next token alone
+    launched: float = 0.0  # host time of its launch
 
     def read(self) -> list:
         if self.values is None:
@@ -246,6 +253,7 @@ class StepTimes:
     between the device's work (``wait`` is the part the device was still busy with)."""
 
     steps: int = 0
+    plain_steps: int = 0  # of those, steps the adaptive switch ran plain (each row's next token alone)
     launch: float = 0.0  # choosing a step's shape and launching it (a graph replay, or eager kernels)
     wait: float = 0.0  # waiting for the device, and reading every row's accepted tokens: the step's one sync
     bookkeeping: float = 0.0  # per row: EOS, stop strings, limits, text, statistics
@@ -292,6 +300,10 @@ class DecodingEngine:
         self.lengths: list[int] = []  # each row's committed length, known on the host (0 for a free row)
         self.times = StepTimes()
         self._in_flight: InFlight | None = None  # with ``overlaps``: the step launched before the last bookkeeping
+        # With ``options.adaptive``: chooses each step's mode (the bucket's tree, or plain) from the steps timed so far.
+        self.switch: SpeculationSwitch | None = None
+        self._last_read = 0.0  # host time the last step's tokens were read
+        self._disturbed = False  # something besides the step in flight ran since its launch: its time is not its own
         self._build(max_rows, max_length)
 
     # ----- sizing ---------------------------------------------------------------------------------
@@ -323,6 +335,10 @@ class DecodingEngine:
         use_graphs = self.options.cuda_graphs and self.decoder.device.type == "cuda" and not spans_devices(self.base)
         if use_graphs and not self.graphs_refused:
             self.graphs = StepGraphs(self.decoder, self.options.compile)
+        # Kept when the decoder grows: what it measured still holds for the same trees on the same device.
+        if self.options.adaptive and self.switch is None and largest > 1:
+            self.switch = SpeculationSwitch()
+        self._disturbed = True
 
     def _ragged_attention(self) -> bool | None:
         """The option as the decoder takes it (None: it probes for the kernel); "auto" leaves compiled steps alone."""
@@ -372,6 +388,7 @@ class DecodingEngine:
                 raise MedusaError("the prompt is empty")
             if generation.seed is None:
                 generation.seed = random.randrange(2**63)
+        self._disturbed = True  # the prefill runs inside the step in flight's time
         if self._in_flight is not None:
             # Read the step in flight before a prefill runs: the captured graphs share one memory pool, and a prefill
             # captured before a step may reuse, as its own scratch memory, what became that step's outputs (the first
@@ -407,7 +424,8 @@ class DecodingEngine:
             with torch.inference_mode():
                 for bucket in buckets:
                     for span in spans:
-                        self.graphs.prepare(bucket, span, kind)
+                        for plain in self._modes():
+                            self.graphs.prepare(bucket, span, kind, plain)
         except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
             self.graphs, self.graphs_refused = None, True
             logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
@@ -430,7 +448,13 @@ class DecodingEngine:
             raise MedusaError("the graphs are captured after the engine's first generation (its cache has no buffers)")
         decoder = self.decoder
         buckets = [bucket for bucket in BATCH_BUCKETS if bucket <= decoder.max_rows]
-        keys = [(bucket, span, kind) for span in self.spans for kind in kinds for bucket in buckets]
+        keys = [
+            (bucket, span, kind, plain)
+            for span in self.spans
+            for kind in kinds
+            for bucket in buckets
+            for plain in self._modes()
+        ]
         # The prefills first (fewer, and every request runs one): each width and group size it takes, idle rows loaded.
         group = decoder.prompt_rows.shape[0]
         widths = [width for width in PREFILL_WIDTHS if width <= decoder.max_length]
@@ -462,6 +486,10 @@ class DecodingEngine:
             self.graphs, self.graphs_refused = None, True
             logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
         return self.graphs is not None
+
+    def _modes(self) -> tuple[bool, ...]:
+        """The step modes (plain or not) the engine may run: both where the adaptive switch chooses."""
+        return (False, True) if self.switch is not None else (False,)
 
     def _prefill(self, generations: Sequence[Generation]) -> None:
         started = time.perf_counter()
@@ -567,16 +595,17 @@ class DecodingEngine:
         kind = StepKind.of([g.acceptance for g in self.generations], logprobs=max(wanted) if wanted else -1)
         return rows, span, kind
 
-    def run_step(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
+    def run_step(self, rows: int, span: int, kind: StepKind, plain: bool = False) -> tuple[torch.Tensor, ...]:
         """Run one step of this shape (``step_shape``) on the running rows, replayed as a graph where there is one;
-        the device outputs, not yet read (timing and profiling call this directly)."""
+        the device outputs, not yet read (timing and profiling call this directly). ``plain``: verify each row's next
+        token alone instead of the bucket's tree."""
         if self.graphs is not None:
             try:
-                return self.graphs(rows, span, kind)
+                return self.graphs(rows, span, kind, plain)
             except Exception as error:  # a model whose forward cannot be captured still decodes eagerly
                 self.graphs, self.graphs_refused = None, True
                 logger.warning("CUDA graph capture failed, decoding eagerly instead: %s", error)
-        return self.decoder.step(rows, span, kind)
+        return self.decoder.step(rows, span, kind, plain)
 
     def step(self) -> list[tuple[Generation, StepOutput]]:
         """One step of every running generation; finished ones leave the batch before this returns.
@@ -606,6 +635,7 @@ class DecodingEngine:
             if len(values) > 1:
                 logprobs, top = values[1][row][:accepted], (values[2][row], values[3][row])
             stepped.append((generation, accepted, counts_and_tokens[1 : 1 + accepted], logprobs, top))
+        self._measure(flight, stepped, read)
         if self.overlaps:
             at_limit = [generation.row for generation, accepted, *_ in stepped if accepted >= generation.remaining]
             with torch.inference_mode():
@@ -619,6 +649,7 @@ class DecodingEngine:
         self.finish([g for g in self.rows if g is not None and g.finished])
         times = self.times
         times.steps += 1
+        times.plain_steps += flight.plain
         times.launch += (launched - started) + (relaunched - read)
         times.wait += read - launched
         times.bookkeeping += absorbed - relaunched
@@ -628,9 +659,25 @@ class DecodingEngine:
     def _launch(self) -> None:
         """Launch the next step over the running rows, to be read by ``step``."""
         rows, span, kind = self.step_shape()
+        plain = self.switch is not None and self.switch.plain((rows, kind))
+        captured = self.graphs.report.graphs if self.graphs is not None else 0
+        launched = time.perf_counter()
+        self._disturbed = False
         with torch.inference_mode():
-            outputs = self.run_step(rows, span, kind)
-        self._in_flight = InFlight(list(self.rows), outputs)
+            outputs = self.run_step(rows, span, kind, plain)
+        if self.graphs is not None and self.graphs.report.graphs != captured:
+            self._disturbed = True  # a first replay captured its graph
+        self._in_flight = InFlight(list(self.rows), outputs, key=(rows, kind), plain=plain, launched=launched)
+
+    def _measure(self, flight: InFlight, stepped: list[tuple], read: float) -> None:
+        """Tell the adaptive switch what a step just read took and committed per running row. Its time runs from its
+        launch, or from the previous read where it was launched before that (overlapped), to its own read; a step
+        that shared its time with a prefill, a capture or a rebuild is left out."""
+        if self.switch is not None and flight.key is not None and stepped and not self._disturbed:
+            seconds = read - max(flight.launched, self._last_read)
+            tokens = sum(accepted for _, accepted, *_ in stepped) / len(stepped)
+            self.switch.record(flight.key, flight.plain, seconds, tokens)
+        self._last_read = read
 
     def _settle(self) -> None:
         """Wait for a step still in flight and drop it (its rows have all left): before the decoder is rebuilt or

@@ -1,5 +1,5 @@
-"""CUDA graphs for the decoding step, one per (batch bucket, attention span, step kind), and for the prefill of
-prompts of up to 2048 tokens, one per (group size, prompt width, kind); each captured on first use.
+"""CUDA graphs for the decoding step, one per (batch bucket, attention span, step kind, tree or plain), and for the
+prefill of prompts of up to 2048 tokens, one per (group size, prompt width, kind); each captured on first use.
 
 A Medusa step is dozens of small kernels per layer; launched one by one from Python the GPU idles
 between them and a 135M or even 7B model runs CPU-bound. The step has static shapes (a fixed tree per
@@ -24,7 +24,8 @@ from medusa.decoding import Decoder
 logger = logging.getLogger("medusa")
 
 WARMUP_STEPS = 2  # eager runs on a side stream before a capture (cuBLAS handles, lazy allocations, compiling)
-GraphKey = tuple[int, int, StepKind]  # (rows, span, kind) of a step; (prompts, width, kind) of a prefill
+StepKey = tuple[int, int, StepKind, bool]  # (rows, span, kind, plain) of a step
+PrefillKey = tuple[int, int, StepKind]  # (prompts, width, kind) of a prefill
 
 
 @dataclass
@@ -35,8 +36,8 @@ class CaptureReport:
 
 
 class StepGraphs:
-    """``decoder.step`` captured as CUDA graphs, one per (rows, span, kind), and ``decoder.prefill_step``, one per
-    (prompts, width, kind), all sharing one memory pool (they never run at once). Calling it replays a step's
+    """``decoder.step`` captured as CUDA graphs, one per (rows, span, kind, plain), and ``decoder.prefill_step``, one
+    per (prompts, width, kind), all sharing one memory pool (they never run at once). Calling it replays a step's
     graph, ``prefill`` a prefill's, capturing it first if needed.
 
     A capture must not disturb the rows already running: a step's warm-up runs happen with every row marked
@@ -58,19 +59,19 @@ class StepGraphs:
         self.step_function = step  # what the graphs captured (compiled or not), for profiling it uncaptured
         self.decoder = decoder
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
-        self.prefills: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[StepKey, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.prefills: dict[PrefillKey, torch.cuda.CUDAGraph] = {}
         self.report = CaptureReport()
 
-    def prepare(self, rows: int, span: int, kind: StepKind) -> None:
+    def prepare(self, rows: int, span: int, kind: StepKind, plain: bool = False) -> None:
         """Capture the key's graph now if it is not captured yet (the engine does this before timed steps)."""
-        key = (rows, span, kind)
+        key = (rows, span, kind, plain)
         if key not in self.graphs:
-            self.graphs[key] = self._capture_step(rows, span, kind)
+            self.graphs[key] = self._capture_step(*key)
 
-    def __call__(self, rows: int, span: int, kind: StepKind) -> tuple[torch.Tensor, ...]:
-        self.prepare(rows, span, kind)
-        graph, outputs = self.graphs[(rows, span, kind)]
+    def __call__(self, rows: int, span: int, kind: StepKind, plain: bool = False) -> tuple[torch.Tensor, ...]:
+        self.prepare(rows, span, kind, plain)
+        graph, outputs = self.graphs[(rows, span, kind, plain)]
         graph.replay()
         return outputs
 
@@ -88,7 +89,7 @@ class StepGraphs:
         self.prepare_prefill(prompts, width, kind)
         self.prefills[(prompts, width, kind)].replay()
 
-    def _capture_step(self, rows: int, span: int, kind: StepKind) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    def _capture_step(self, rows: int, span: int, kind: StepKind, plain: bool) -> tuple[torch.cuda.CUDAGraph, tuple]:
         decoder = self.decoder
         state = (
             decoder.active,
@@ -106,7 +107,7 @@ class StepGraphs:
             for tensor, copy in zip(state, saved):
                 tensor.copy_(copy)
 
-        return self._capture(lambda: self.step_function(rows, span, kind), restore)
+        return self._capture(lambda: self.step_function(rows, span, kind, plain), restore)
 
     def _capture(self, run: Callable[[], object], after_warmup: Callable[[], None]) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Warm ``run`` up on a side stream, call ``after_warmup``, then capture it into the shared pool."""

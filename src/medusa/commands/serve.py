@@ -111,6 +111,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (default): greedy at temperature 0, lossless rejection sampling above",
     )
+    decoding.add_argument(
+        "--no-adaptive",
+        action="store_true",
+        help="always verify each batch size's tree; by default the server times its steps and, per batch size and "
+        "step kind, decodes plainly while the tree commits fewer tokens per second (the tokens are the same)",
+    )
     decoding.add_argument("--no-cuda-graphs", action="store_true", help="step eagerly on GPUs")
     decoding.add_argument(
         "--compile",
@@ -145,7 +151,12 @@ def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         special_tokens_in_content=args.allow_special_tokens,
     )
-    options = EngineOptions(use_heads=not args.no_heads, cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
+    options = EngineOptions(
+        use_heads=not args.no_heads,
+        cuda_graphs=not args.no_cuda_graphs,
+        compile=args.compile,
+        adaptive=not args.no_adaptive,
+    )
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
     if args.join_wait is not None and not args.join_wait >= 0:  # before the model loads, not after

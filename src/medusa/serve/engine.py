@@ -463,9 +463,12 @@ class Engine:
         leaving: list[tuple[_Member, str]] = []
         events: list[tuple[Job, Event]] = []
         started = time.perf_counter()
+        plain_before = engine.times.plain_steps
         outputs = engine.step()
         stepped = time.perf_counter()
         self.metrics.record_worker("step", stepped - started)
+        if engine.times.plain_steps > plain_before:
+            self.metrics.record_plain_step()
         for generation, output in outputs:
             member = by_generation[id(generation)]
             job = member.job

@@ -55,6 +55,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.steps = 0
+        self.plain_steps = 0  # batched steps the engine's adaptive switch ran plain
         self.accepted_tokens = 0
         self.accepted_per_step = Histogram(ACCEPTED_BUCKETS)
         self.time_to_first_token = Histogram(TTFT_BUCKETS)
@@ -86,6 +87,11 @@ class Metrics:
     def record_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[(endpoint, str(status))] += 1
+
+    def record_plain_step(self) -> None:
+        """A batched step the adaptive switch ran plain: the tree had not been paying at that batch size."""
+        with self._lock:
+            self.plain_steps += 1
 
     def record_step(self, accepted: int, new_tokens: int) -> None:
         """One decoding step: ``accepted`` tokens committed by the tree (1 + accepted guesses)."""
@@ -121,6 +127,12 @@ class Metrics:
                     "medusa_decoding_steps_total",
                     self.steps,
                     "Decoding steps (base model forward passes after prefill).",
+                ),
+                (
+                    "medusa_plain_steps_total",
+                    self.plain_steps,
+                    "Batched steps that verified each row's next token alone, not the tree: the engine's adaptive "
+                    "switch found the tree committing fewer tokens per second at that batch size and step kind.",
                 ),
                 (
                     "medusa_accepted_tokens_total",
