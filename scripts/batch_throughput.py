@@ -13,6 +13,10 @@ prefill included, and decode throughput leaves the prefills out.
         --max-new-tokens 256 --batch-sizes 1,4,16,32 --out docs/benchmarks/batch-throughput.json
     python scripts/batch_throughput.py --plot-only docs/benchmarks/batch-throughput.json   # redraw the plot
     python scripts/batch_throughput.py --tiny --out /tmp/tiny.json      # CPU smoke run, random tiny model
+
+``--temperature T`` samples every prompt at T (lossless rejection sampling, seeded per prompt), ``--mixed`` only
+every other one, as the server's load test does; ``--adaptive`` also runs Medusa with the engine's adaptive switch
+(``EngineOptions.adaptive``: plain steps where the tree does not pay), with the share of its steps that ran plain.
 """
 
 from __future__ import annotations
@@ -74,20 +78,24 @@ def tiny_model() -> tuple[MedusaModel, list[list[int]]]:
 
 
 def measure(
-    model: MedusaModel, prompts: list, batch_size: int, config: GenerationConfig, options: EngineOptions
+    model: MedusaModel, prompts: list, batch_size: int, configs: list[GenerationConfig], options: EngineOptions
 ) -> tuple[dict, list]:
-    """Decode ``prompts`` with at most ``batch_size`` rows running at once; return the totals and the answers."""
+    """Decode ``prompts`` (each with its config) with at most ``batch_size`` rows running at once; return the totals
+    and the answers."""
     # Untimed: the longest prompts size the engine's cache, then every prefill and step graph is captured.
-    longest = sorted(prompts, key=len, reverse=True)[:batch_size]
-    model.generate_batch(longest, config, options=options, max_batch=batch_size)
+    longest = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)[:batch_size]
+    model.generate_batch(
+        [prompts[i] for i in longest], [configs[i] for i in longest], options=options, max_batch=batch_size
+    )
     engine = model.engine(options)  # the engine generate_batch runs (kept): its host times over the timed pass
-    engine.capture([StepKind()])
+    sampled = any(config.temperature > 0 for config in configs)
+    engine.capture([StepKind(), StepKind(sample=True)] if sampled else [StepKind()])
     synchronize(model.device)
     # A graph the capture left out (none expected) is captured inside the pass: taken out of the rates.
     captured_before = _capture_seconds(model, options)
     engine.times = StepTimes()
     started = time.perf_counter()
-    results = model.generate_batch(prompts, config, options=options, max_batch=batch_size)
+    results = model.generate_batch(prompts, configs, options=options, max_batch=batch_size)
     synchronize(model.device)
     seconds = time.perf_counter() - started
     capture = _capture_seconds(model, options) - captured_before
@@ -117,6 +125,8 @@ def measure(
             for name in ("launch", "wait", "bookkeeping", "leave")
         },
         "mean_accepted_per_sequence_step": sum(accepted) / len(accepted),
+        # With the adaptive switch: the share of the timed pass's steps that verified each row's next token alone.
+        "plain_step_share": times.plain_steps / max(times.steps, 1) if options.adaptive else None,
     }, answers
 
 
@@ -186,6 +196,9 @@ def main() -> None:
         default="off",
         help="attention reads each row's own slots, not the longest row's span (auto: where FlashAttention runs)",
     )
+    parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default greedy)")
+    parser.add_argument("--mixed", action="store_true", help="only every other prompt samples at --temperature")
+    parser.add_argument("--adaptive", action="store_true", help="also Medusa with the engine's adaptive switch")
     parser.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plot of an existing report")
     args = parser.parse_args()
     if args.plot_only:
@@ -210,14 +223,21 @@ def main() -> None:
         ]
         name = model.name
 
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens)
+    sampled = [args.temperature > 0 and (not args.mixed or index % 2 == 1) for index in range(len(prompts))]
+    configs = [
+        GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=index)
+        if sample
+        else GenerationConfig(max_new_tokens=args.max_new_tokens)
+        for index, sample in enumerate(sampled)
+    ]
     choice = {"auto": None, "on": True, "off": False}
     settings = dict(overlap=choice[args.overlap], ragged_attention=choice[args.ragged])
     medusa, plain = EngineOptions(**settings), EngineOptions(use_heads=False, **settings)
+    adaptive = EngineOptions(adaptive=True, **settings)
     rows = []
     for size in sizes:
-        medusa_row, medusa_answers = measure(model, prompts, size, config, medusa)
-        plain_row, plain_answers = measure(model, prompts, size, config, plain)
+        medusa_row, medusa_answers = measure(model, prompts, size, configs, medusa)
+        plain_row, plain_answers = measure(model, prompts, size, configs, plain)
         row = {
             "batch_size": size,
             "medusa": medusa_row,
@@ -225,11 +245,21 @@ def main() -> None:
             "speedup": medusa_row["tokens_per_second"] / plain_row["tokens_per_second"],
             "identical_answers": sum(a == b for a, b in zip(medusa_answers, plain_answers)),
         }
+        line = ""
+        if args.adaptive:
+            adaptive_row, adaptive_answers = measure(model, prompts, size, configs, adaptive)
+            row["adaptive"] = adaptive_row
+            row["adaptive_speedup"] = adaptive_row["tokens_per_second"] / plain_row["tokens_per_second"]
+            row["adaptive_identical_answers"] = sum(a == b for a, b in zip(adaptive_answers, plain_answers))
+            line = (
+                f", adaptive {adaptive_row['tokens_per_second']:9.1f} tok/s ({row['adaptive_speedup']:.2f}x, "
+                f"{adaptive_row['plain_step_share']:.0%} plain steps, {row['adaptive_identical_answers']} identical)"
+            )
         rows.append(row)
         print(
             f"batch {size:3d}: medusa {medusa_row['tokens_per_second']:9.1f} tok/s, "
             f"autoregressive {plain_row['tokens_per_second']:9.1f} tok/s, speedup {row['speedup']:.2f}x, "
-            f"{row['identical_answers']}/{len(prompts)} answers identical",
+            f"{row['identical_answers']}/{len(prompts)} answers identical{line}",
             flush=True,
         )
         # Written after every batch size: a run cut by a time limit keeps the sizes it finished.
@@ -244,10 +274,12 @@ def main() -> None:
                 "trees_by_batch": {str(size): model.tree_for(medusa, size).size for size in sizes},
                 "max_new_tokens": args.max_new_tokens,
                 "prompts": len(prompts),
+                "sampled_prompts": sum(sampled),
+                "temperature": args.temperature,
                 "cuda_graphs": model.device.type == "cuda",
                 "batching": "continuous: at most batch_size rows at once, each prompt joining as an earlier one ends",
                 "note": "tokens_per_second counts prefill, decode_tokens_per_second leaves it out; identical_answers "
-                "compares batched Medusa with batched autoregressive greedy answers",
+                "compares batched Medusa with batched autoregressive answers (sampled ones seeded per prompt)",
             },
             "rows": rows,
             "medusa_stops_paying_at_batch_size": stops_paying,

@@ -6,6 +6,7 @@
 #   scripts/gpu_batch_engine.sh curve7b   # the step cost of a Llama-2-7B-shaped model (random weights)
 #   scripts/gpu_batch_engine.sh bench     # throughput against batch size, and batch 1 against the previous code
 #   scripts/gpu_batch_engine.sh serve     # medusa serve under 1, 8 and 32 clients, greedy and sampled mixed
+#   scripts/gpu_batch_engine.sh adaptive  # the batch engine with and without its adaptive switch, greedy and mixed
 #
 # Expects the default model's GGUF at /root/stage/model.gguf for bench and serve (staged in parts: the device
 # call carries at most 64 MiB), wheels for gguf/fastapi/uvicorn in $KEEP/.whl (with what the device lacks of theirs:
@@ -65,10 +66,11 @@ bench)
     ;;
 serve)
     # JOIN_WAITS: the --join-wait values to run (empty: the default, measured prefill time x3); CLIENTS likewise.
+    # SERVERS: heads (the default: the adaptive switch on), heads-fixed (--no-adaptive: every step its tree), no-heads.
     mkdir -p "$OUT/serve"
-    for heads in heads no-heads; do
+    for heads in ${SERVERS:-heads no-heads}; do
         for wait in ${JOIN_WAITS:-default}; do
-            flag=""; [ "$heads" = no-heads ] && flag=--no-heads
+            flag=""; [ "$heads" = no-heads ] && flag=--no-heads; [ "$heads" = heads-fixed ] && flag=--no-adaptive
             [ "$wait" != default ] && flag="$flag --join-wait $wait"
             name=$heads; [ "$wait" != default ] && name=$heads-wait$wait
             batch=${MAX_BATCH-32}  # MAX_BATCH unset: 32 (the runs so far); set empty: the server's own default
@@ -86,12 +88,22 @@ serve)
                     --output "$OUT/serve/load-$name-$clients.json" 2>&1 | tail -3
             done
             python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8011/metrics').read().decode())" \
-                | grep -E "^medusa_((batch_size|accepted_tokens_per_step|prefill_batch_size|request_queue_seconds)_(sum|count)|worker_seconds_total)" \
+                | grep -E "^medusa_((batch_size|accepted_tokens_per_step|prefill_batch_size|request_queue_seconds)_(sum|count)|worker_seconds_total|plain_steps_total)" \
                 > "$OUT/serve/metrics-$name.txt"
             grep "captured" "$OUT/serve/server-$name.log"
             kill "$server"; wait "$server"
         done
     done
     python3 -m medusa.serve.loadtest --report "$OUT"/serve/load-*.json
+    ;;
+adaptive)
+    # TEMPERATURES: "0" greedy, "0.7" every other prompt sampled at 0.7 (seeded rejection sampling), as in serve.
+    mkdir -p "$OUT/adaptive"
+    for temperature in ${TEMPERATURES:-0.7 0}; do
+        sampling=""; [ "$temperature" != 0 ] && sampling="--temperature $temperature --mixed"
+        python3 scripts/batch_throughput.py --model "$MODEL" --heads "$HEADS" --questions "$QUESTIONS" \
+            --max-new-tokens 128 --batch-sizes "${BATCHES:-32,64,8}" --prompts "${PROMPTS:-128}" $sampling --adaptive \
+            --out "$OUT/adaptive/batch_throughput-t$temperature.json" 2>&1 | grep "^batch\|^wrote\|Error"
+    done
     ;;
 esac
