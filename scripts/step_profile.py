@@ -82,6 +82,7 @@ def main() -> None:
         default="default",
         help="scaled-dot-product attention backends to allow (math, efficient, cudnn, flash; default: torch's choice)",
     )
+    parser.add_argument("--temperature", type=float, default=0.0, help="rows sample at this temperature (seeded)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -118,7 +119,8 @@ def main() -> None:
                 engine = model.engine(
                     options, tree if size - lookup > 1 else None, max_rows=batch, max_length=args.context + 1
                 )
-                generations = [model.prepare(prompt, GenerationConfig(max_new_tokens=1)) for _ in range(batch)]
+                config = GenerationConfig(max_new_tokens=1, temperature=args.temperature, seed=0)
+                generations = [model.prepare(prompt, config) for _ in range(batch)]
                 engine.add(generations)
                 rows, span, kind = engine.step_shape()  # the bucket and attention span decoding uses here
                 engine.run_step(rows, span, kind)  # captures the graph
@@ -151,6 +153,7 @@ def main() -> None:
                 "lookup": lookup,
                 "compile": mode,
                 "sdpa": args.sdpa,
+                "temperature": args.temperature,
                 "attention_span": span,
                 "kernel_us_per_step": total_us,
                 "kernels_per_step": sum(r["calls_per_step"] for r in rows_table),
@@ -159,7 +162,8 @@ def main() -> None:
             }
             results.append(result)
             print(
-                f"\n== batch {batch}, {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}: "
+                f"\n== batch {batch}, {size} nodes ({lookup} lookup), compile {mode}, sdpa {args.sdpa}, span {span}, "
+                f"temperature {args.temperature}: "
                 f"graph replay {graph_ms} ms; "
                 f"kernel time {total_us:.0f} us in {result['kernels_per_step']:.0f} kernels per step"
             )

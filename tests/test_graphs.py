@@ -289,3 +289,23 @@ def test_plain_and_tree_steps_interleaved_replay_as_eager_steps(model):
         assert engine.times.plain_steps > 0
         if graphs:
             assert {key[3] for key in engine.graphs.graphs} == {False, True}
+
+
+def test_the_fused_sampling_noise_is_the_eager_noise_bit_for_bit():
+    """On CUDA a sampled step draws its Gumbel noise inside one compiled kernel (``sampling.perturbed_argmax``); a
+    seeded row's answer must not depend on it: the compiled noise equals the eager noise bit for bit, and so do the
+    samples, for a batch bucket with a deep tree, a plain step and a single row."""
+    from medusa.sampling import _perturbed_argmax, _token_keys, perturbed_argmax, position_gumbel
+
+    device = torch.device("cuda")
+    seeds = torch.tensor([0, 7, 2**62 + 5, 123456789] * 8, device=device)
+    positions = 100 + torch.arange(17, device=device).expand(32, -1)
+    compiled_noise = torch.compile(position_gumbel, dynamic=True, fullgraph=True)
+    assert torch.equal(compiled_noise(seeds, positions, 49152), position_gumbel(seeds, positions, 49152))
+    for rows, nodes, depth in ((32, 33, 16), (32, 1, 0), (1, 17, 4)):
+        logits = torch.randn(rows, nodes, 49152, device=device, dtype=torch.bfloat16).float() / 0.7
+        depths = torch.randint(0, depth + 1, (nodes,), device=device)
+        sampled = torch.arange(rows, device=device) % 2 == 1
+        arguments = (logits, sampled, seeds[:rows], positions[:rows, : depth + 1], depths)
+        assert torch.equal(perturbed_argmax(*arguments), _perturbed_argmax(*arguments, _token_keys(49152, device)))
+    assert perturbed_argmax.compiled is not None and not perturbed_argmax.refused

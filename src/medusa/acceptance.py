@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from medusa.errors import MedusaError
-from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, position_gumbel
+from medusa.sampling import GREEDY, REJECTION, TYPICAL, RowSampling, SamplingParams, perturbed_argmax
 from medusa.tree import Tree
 
 SCHEMES = ("auto", "greedy", "typical", "rejection")
@@ -125,9 +125,7 @@ def target_tokens(
     if not kind.sample:
         return logits.argmax(-1)
     processed = rows.process(logits, kind.filtered)  # [rows, nodes, vocab]
-    noise = position_gumbel(rows.seed, positions, logits.shape[-1])  # [rows, depth + 1, vocab]
-    sampled = (rows.scheme != GREEDY)[:, None, None]
-    return (processed + torch.where(sampled, noise.index_select(1, depths), 0.0)).argmax(-1)
+    return perturbed_argmax(processed, rows.scheme != GREEDY, rows.seed, positions, depths)
 
 
 def verify(tree: Tree, tree_tokens: torch.Tensor, targets: torch.Tensor) -> Verdict:

@@ -16,6 +16,7 @@ candidate exactly when it equals that position's sample, which accepts sibling j
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -93,11 +94,76 @@ def position_gumbel(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) ->
 
     ``seeds [rows]`` long, ``positions [rows, P]`` long: the position of the token the noise samples.
     """
+    return _gumbel(seeds, positions, _token_keys(vocab, positions.device))
+
+
+def _token_keys(vocab: int, device: torch.device) -> torch.Tensor:
+    """Each token id's part of the hash ``[vocab]`` (int64). A tensor, not an index times a constant inside the
+    kernel: compiled into a reduction, the index is 32-bit and Triton refuses the 64-bit constant."""
+    return torch.arange(vocab, device=device) * _GOLDEN
+
+
+def _gumbel(seeds: torch.Tensor, positions: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
     key = _mix(_mix(seeds * _GOLDEN + 1)[:, None] + positions * _GOLDEN)  # [rows, P]
-    ids = torch.arange(vocab, device=positions.device)
-    bits = _mix(key[..., None] + ids * _GOLDEN)  # [rows, P, vocab]
+    bits = _mix(key[..., None] + token_keys)  # [rows, P, vocab]
     uniform = (_shift_right(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
     return -torch.log(-torch.log(uniform))
+
+
+def _perturbed_argmax(
+    scaled: torch.Tensor,
+    sampled: torch.Tensor,
+    seeds: torch.Tensor,
+    positions: torch.Tensor,
+    depths: torch.Tensor,
+    token_keys: torch.Tensor,
+) -> torch.Tensor:
+    """Each node's sample ``[rows, nodes]``: the argmax of its ``scaled [rows, nodes, vocab]`` logits plus, on
+    ``sampled [rows]`` rows, the Gumbel noise of the position its depth ``depths [nodes]`` gives (``positions
+    [rows, P]``; ``token_keys``: ``_token_keys``)."""
+    noise = _gumbel(seeds, positions, token_keys).index_select(1, depths)  # [rows, nodes, vocab]
+    return (scaled + torch.where(sampled[:, None, None], noise, 0.0)).argmax(-1)
+
+
+class _FusedOnCuda:
+    """``_perturbed_argmax`` as one kernel on CUDA (torch.compile), eager elsewhere or if compiling fails.
+
+    Eagerly, the hash is a score of int64 passes over ``[rows, positions, vocab]``: at batch 32 with a 16-node lookup
+    chain (17 positions x 49,152 tokens) they were 2 ms of a 9.3 ms sampled step on the H100, against 5.7 ms for the
+    same step greedy. Fused, the noise is computed inside the argmax and never stored. The compiled kernel gives the
+    eager noise bit for bit (``tests/test_graphs.py`` checks it on the GPU), and every CUDA step uses it, so a seeded
+    row's sample never depends on its batch or tree.
+    """
+
+    def __init__(self) -> None:
+        self.compiled = None
+        self.refused = False
+
+    def __call__(
+        self,
+        scaled: torch.Tensor,
+        sampled: torch.Tensor,
+        seeds: torch.Tensor,
+        positions: torch.Tensor,
+        depths: torch.Tensor,
+    ) -> torch.Tensor:
+        """``_perturbed_argmax`` of these (shapes as there)."""
+        tensors = (scaled, sampled, seeds, positions, depths, _token_keys(scaled.shape[-1], scaled.device))
+        if not scaled.is_cuda or self.refused:
+            return _perturbed_argmax(*tensors)
+        if self.compiled is None:
+            # One kernel per specialisation (batch buckets, trees, plain steps): allow them all.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.compiled = torch.compile(_perturbed_argmax, dynamic=True, fullgraph=True)
+        try:
+            return self.compiled(*tensors)
+        except Exception as error:  # no Triton, say: the eager passes still sample exactly
+            self.refused = True
+            logging.getLogger("medusa").warning("fusing the sampling noise failed, running it eagerly: %s", error)
+            return _perturbed_argmax(*tensors)
+
+
+perturbed_argmax = _FusedOnCuda()
 
 
 @dataclass
