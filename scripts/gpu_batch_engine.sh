@@ -66,11 +66,12 @@ bench)
     ;;
 serve)
     # JOIN_WAITS: the --join-wait values to run (empty: the default, measured prefill time x3); CLIENTS likewise.
-    # SERVERS: heads (the default: the adaptive switch on), heads-fixed (--no-adaptive: every step its tree), no-heads.
+    # SERVERS: heads (every step its tree), heads-adaptive (--adaptive: plain steps where the tree does not pay),
+    # no-heads.
     mkdir -p "$OUT/serve"
     for heads in ${SERVERS:-heads no-heads}; do
         for wait in ${JOIN_WAITS:-default}; do
-            flag=""; [ "$heads" = no-heads ] && flag=--no-heads; [ "$heads" = heads-fixed ] && flag=--no-adaptive
+            flag=""; [ "$heads" = no-heads ] && flag=--no-heads; [ "$heads" = heads-adaptive ] && flag=--adaptive
             [ "$wait" != default ] && flag="$flag --join-wait $wait"
             name=$heads; [ "$wait" != default ] && name=$heads-wait$wait
             batch=${MAX_BATCH-32}  # MAX_BATCH unset: 32 (the runs so far); set empty: the server's own default

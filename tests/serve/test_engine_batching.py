@@ -233,6 +233,19 @@ def test_warm_up_on_the_cpu_runs_a_generation_and_refuses_to_capture_a_busy_engi
     decoding.finish([generation])
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_warm_up_gives_an_adaptive_engine_room_for_both_graphs_of_each_step(serve_model, monkeypatch, adaptive):
+    """An adaptive engine captures a plain step's graph beside each tree step's: the start-up budget doubles, or the
+    longer spans' graphs would be captured while requests wait."""
+    from medusa.engine import DecodingEngine
+    from medusa.serve.engine import MAX_WARM_GRAPHS
+
+    budgets = []
+    monkeypatch.setattr(DecodingEngine, "capture", lambda self, kinds, max_graphs=None: budgets.append(max_graphs))
+    Engine(serve_model, EngineConfig(max_batch=2, options=EngineOptions(adaptive=adaptive))).warm_up()
+    assert budgets == [MAX_WARM_GRAPHS * (2 if adaptive else 1)]
+
+
 def test_when_waiting_requests_join_a_running_batch(serve_model, monkeypatch):
     """The admission rule alone, on a clock: at once with no batch running or a full prefill group; otherwise
     after ``join_wait`` counted from when the first waiting request had a free row to take."""

@@ -112,10 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="auto (default): greedy at temperature 0, lossless rejection sampling above",
     )
     decoding.add_argument(
-        "--no-adaptive",
+        "--adaptive",
         action="store_true",
-        help="always verify each batch size's tree; by default the server times its steps and, per batch size and "
-        "step kind, decodes plainly while the tree commits fewer tokens per second (the tokens are the same)",
+        help="time the steps and, per batch size and step kind, decode plainly while the tree commits fewer tokens "
+        "per second (the tokens are the same; twice the CUDA graphs to capture at start)",
     )
     decoding.add_argument("--no-cuda-graphs", action="store_true", help="step eagerly on GPUs")
     decoding.add_argument(
@@ -155,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         use_heads=not args.no_heads,
         cuda_graphs=not args.no_cuda_graphs,
         compile=args.compile,
-        adaptive=not args.no_adaptive,
+        adaptive=args.adaptive,
     )
     if not 0 < args.port < 65536:
         raise MedusaError(f"--port must lie in 1..65535, got {args.port}")
