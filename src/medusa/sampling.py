@@ -149,7 +149,8 @@ class _FusedOnCuda:
     ) -> torch.Tensor:
         """``_perturbed_argmax`` of these (shapes as there)."""
         tensors = (scaled, sampled, seeds, positions, depths, _token_keys(scaled.shape[-1], scaled.device))
-        if not scaled.is_cuda or self.refused:
+        # Inside a step compiled whole (EngineOptions.compile), that compile fuses it with the rest.
+        if not scaled.is_cuda or self.refused or torch.compiler.is_compiling():
             return _perturbed_argmax(*tensors)
         if self.compiled is None:
             # One kernel per specialisation (batch buckets, trees, plain steps): allow them all.

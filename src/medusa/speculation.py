@@ -2,11 +2,12 @@
 step and a plain one-token step has been committing more tokens per row and second.
 
 `medusa tree tune` prices a bucket's tree with a cost curve timed on greedy steps and acceptance profiled on greedy
-text. A server's load can differ from both: half its rows sampling at 0.7 made the shipped heads' 32-row steps
-accept 2.26 tokens, and the server ran at 0.91x the one without heads
-(docs/benchmarks/h100-sequential-heads-serve/). The switch measures what the tuner assumes (seconds per step and
-tokens per row-step, each smoothed over the last steps) for both modes of each (bucket, kind), runs the faster,
-and keeps probing the other one every ``probe_every`` steps, since the text and the rows' settings change.
+text. A load can differ from both: with half the rows sampling at 0.7 (and the sampling noise not yet fused), the
+shipped heads ran at 0.88x plain decoding at batch 32 on the H100, and the switch brought that to 0.92x
+(docs/benchmarks/h100-sampled-steps/). The switch measures what the tuner assumes (seconds per step and tokens per
+row-step, each smoothed over the last steps) for both modes of each (bucket, kind), runs the faster, and keeps
+probing the other one every ``probe_every`` steps, since the text and the rows' settings change. It is opt-in
+(``EngineOptions.adaptive``, ``medusa serve --adaptive``): its second set of graphs costs captures.
 
 Switching never changes what is generated: greedy and seeded rejection sampling commit the same tokens whether a
 step verifies a tree or the root alone (each position's sample is fixed by the row's seed and the position).
