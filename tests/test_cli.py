@@ -269,3 +269,6 @@ def test_serve_start_up_line_names_the_head_type_and_trees(head_type):
     kind = "sequential" if head_type == "sequential" else "Medusa"
     assert describe_heads(model, EngineOptions(), 4) == f"{kind} heads, 8-node tree at batch 1, 8-node tree at batch 4"
     assert describe_heads(model, EngineOptions(use_heads=False), 4) == "no heads"
+    assert describe_heads(model, EngineOptions(adaptive=True), 4).endswith(
+        "8-node tree at batch 4, plain steps where a tree does not pay (--adaptive)"
+    )

@@ -215,7 +215,10 @@ def describe_heads(model: MedusaModel, options: EngineOptions, max_batch: int) -
         return "no heads"
     kind = "sequential" if model.heads.config.sequential else "Medusa"
     trees = {bucket: model.tree_for(options, bucket).size for bucket in (1, max_batch)}
-    return f"{kind} heads, " + ", ".join(f"{size}-node tree at batch {bucket}" for bucket, size in trees.items())
+    parts = [f"{kind} heads", *(f"{size}-node tree at batch {bucket}" for bucket, size in trees.items())]
+    if options.adaptive:
+        parts.append("plain steps where a tree does not pay (--adaptive)")
+    return ", ".join(parts)
 
 
 def _is_loopback(host: str) -> bool:
