@@ -260,17 +260,7 @@ def test_plain_and_tree_steps_interleaved_replay_as_eager_steps(model):
     """The adaptive engine's two modes are two graphs per (bucket, span, kind): every other step replaying the
     one-token graph, greedy and seeded sampled rows joining and leaving decode as eager steps in either mode, and as
     an engine that always verifies its tree."""
-    from helpers.decoding import random_prompts
-    from medusa.speculation import SpeculationSwitch
-
-    class Alternating(SpeculationSwitch):
-        def __init__(self) -> None:
-            super().__init__()
-            self.count = 0
-
-        def plain(self, key) -> bool:
-            self.count += 1
-            return self.count % 2 == 0
+    from helpers.decoding import AlternatingSwitch, random_prompts
 
     prompts = random_prompts(6, seed=29)
     configs = [
@@ -283,7 +273,7 @@ def test_plain_and_tree_steps_interleaved_replay_as_eager_steps(model):
     for graphs in (True, False):
         options = EngineOptions(adaptive=True, lookup=6, cuda_graphs=graphs)
         engine = model.engine(options, max_rows=4, max_length=128)
-        engine.switch = Alternating()
+        engine.switch = AlternatingSwitch()
         results = model.generate_batch(prompts, configs, options=options, max_batch=4)
         assert [r.token_ids for r in results] == expected
         assert engine.times.plain_steps > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers.decoding import oracle_engine, oracle_generation, plain_greedy, random_prompts
+from helpers.decoding import AlternatingSwitch, oracle_engine, oracle_generation, plain_greedy, random_prompts
 from helpers.heads import sequential_heads
 from helpers.models import make_tiny_model
 from helpers.text_model import make_tokenizer
@@ -21,18 +21,6 @@ from medusa.model import GenerationConfig, MedusaModel
 from medusa.serve.metrics import Metrics
 from medusa.speculation import Rate, SpeculationSwitch, SwitchSettings
 from medusa.tree import default_tree
-
-
-class AlternatingSwitch(SpeculationSwitch):
-    """Plain on every other step, whatever was measured: both modes run, one after the other."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.choices: list[bool] = []
-
-    def plain(self, key) -> bool:
-        self.choices.append(len(self.choices) % 2 == 1)
-        return self.choices[-1]
 
 
 def decide(switch: SpeculationSwitch, key, rates: dict[bool, tuple[float, float]], steps: int) -> list[bool]:

@@ -18,6 +18,7 @@ from medusa.acceptance import GreedyAcceptance
 from medusa.decoding import Decoder, DecodingStats
 from medusa.engine import DecodingEngine, EngineOptions, Generation
 from medusa.heads import MedusaHeads, MedusaHeadsConfig
+from medusa.speculation import SpeculationSwitch
 from medusa.tree import Tree
 
 CUSTOM_TREE = [[0], [1], [2], [0, 0], [1, 0], [0, 1], [2, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0, 0]]
@@ -168,3 +169,16 @@ def run_in_engine(engine: DecodingEngine, model, prompts, configs, max_rows: int
     for _ in engine.run(generations, max_rows):
         pass
     return generations
+
+
+class AlternatingSwitch(SpeculationSwitch):
+    """An adaptive switch that runs plain on every other step, whatever was measured: both modes run, one after the
+    other (``choices``: each step's mode, in launch order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.choices: list[bool] = []
+
+    def plain(self, key) -> bool:
+        self.choices.append(len(self.choices) % 2 == 1)
+        return self.choices[-1]
