@@ -6,16 +6,95 @@ Replaying decoding's walk over the profile's positions with those depths gives t
 that no tree of these heads, of any size, can beat on the profiled text. Run on the CPU:
 
     python scripts/heads_ceiling.py src/medusa/assets/heads/smollm2-135m-instruct/tree_profile.json
+
+Profiled on the base model's answers to Spec-Bench first turns (`medusa distill` of the questions, then
+`medusa tree profile`), `--answers` and `--questions` break it down per category and weight the categories as
+Spec-Bench's 480 questions weigh them; `--heads` with `--device-name` walks that device's tuned tree beside it:
+
+    python scripts/heads_ceiling.py PROFILE --answers ANSWERS.jsonl --questions question.jsonl --max-length 4096 \
+        --heads src/medusa/assets/heads/smollm2-135m-instruct --device-name "NVIDIA H100 80GB HBM3"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from collections.abc import Sequence
 
 import numpy as np
 
-from medusa.treeopt.profile import HeadProfile
-from medusa.treeopt.walk import walk_lengths
+from medusa.treeopt.profile import HeadProfile, PositionRanks
+from medusa.treeopt.walk import accepted_depths, walk_lengths, walk_steps
+
+# Spec-Bench's 480 questions: 10 of each MT-bench category, 80 of each of the others.
+MT_BENCH = {"writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"}
+
+
+def ceiling_depths(ranks: PositionRanks, k: int) -> np.ndarray:
+    """``[positions]``: what a tree of every head's top ``k`` at every depth accepts at each position."""
+    hit = (ranks.ranks >= 0) & (ranks.ranks < k)  # -1: missed here or at a shallower head
+    return np.cumprod(hit, axis=1).sum(axis=1)
+
+
+def segment_categories(
+    answers_file: str, questions_file: str, num_heads: int, max_length: int, segments: Sequence[int], cut: int | None
+) -> list[str]:
+    """The Spec-Bench category of each of the profile's answers, found as `medusa tree profile` reads them."""
+    from transformers import AutoTokenizer
+
+    from medusa.bench.specbench import load_questions
+    from medusa.loading import default_model_path
+    from medusa.treeopt.data import read_profile_examples
+
+    gguf = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    records = [json.loads(line) for line in open(answers_file, encoding="utf-8") if line.strip()]
+    category_of = {question.turns[0]: question.category for question in load_questions(questions_file)}
+    examples, _ = read_profile_examples([answers_file], tokenizer, len(records), max_length)
+    categories, lengths = [], []
+    for example in examples:
+        mask = np.asarray(example.loss_mask, dtype=bool)
+        if mask.size <= num_heads + 1:
+            continue
+        # the positions the profile measures: the next num_heads + 1 tokens all in the answer
+        measured = int(np.lib.stride_tricks.sliding_window_view(mask[1:], num_heads + 1).all(axis=1).sum())
+        if measured:
+            line = int(example.where.rsplit(":", 1)[1])
+            categories.append(category_of[records[line - 1]["conversations"][0]["value"]])
+            lengths.append(min(measured, cut or measured))  # as the profile's walk data is cut
+    if lengths != [int(n) for n in segments]:
+        raise SystemExit("the answers do not line up with the profile: profile them with the same --max-length")
+    return categories
+
+
+def category_table(ranks: PositionRanks, categories: list[str], columns: dict[str, np.ndarray]) -> None:
+    """Print tokens per step of each column's depths per category, overall and weighted to the 480's mix."""
+    starts = np.cumsum(ranks.segments) - ranks.segments
+    sums: dict[str, dict[str, list[float]]] = {}
+    answers: dict[str, int] = {}
+    for start, length, category in zip(starts, ranks.segments, categories):
+        answers[category] = answers.get(category, 0) + 1
+        for name, depths in columns.items():
+            tokens, steps = walk_steps(depths[start : start + length], [int(length)])
+            cell = sums.setdefault(category, {}).setdefault(name, [0.0, 0.0])
+            cell[0] += float(tokens[0])
+            cell[1] += float(steps[0])
+    print("| category | answers | " + " | ".join(columns) + " |")
+    print("|---|---:|" + "---:|" * len(columns))
+    overall = {name: [0.0, 0.0] for name in columns}
+    weighted = {name: [0.0, 0.0] for name in columns}
+    for category in sorted(sums):
+        weight = (10 if category in MT_BENCH else 80) / answers[category]
+        for name, (tokens, steps) in sums[category].items():
+            overall[name][0] += tokens
+            overall[name][1] += steps
+            weighted[name][0] += weight * tokens
+            weighted[name][1] += weight * steps
+        cells = " | ".join(f"{tokens / steps:.2f}" for tokens, steps in sums[category].values())
+        print(f"| {category} | {answers[category]} | {cells} |")
+    for label, totals in [("all, as profiled", overall), ("weighted as Spec-Bench's 480", weighted)]:
+        cells = " | ".join(f"{tokens / steps:.2f}" for tokens, steps in totals.values())
+        print(f"| {label} | {sum(answers.values()) if totals is overall else ''} | {cells} |")
 
 
 def main() -> None:
@@ -25,18 +104,47 @@ def main() -> None:
         "--max-new-tokens", type=int, default=256, help="walk the first N tokens of each answer (0: all)"
     )
     parser.add_argument("--top", default="1,2,3,5,10", help="top-k per depth to try (at most the profile's top-k)")
+    parser.add_argument("--answers", help="the distilled answers the profile measured (Spec-Bench first turns)")
+    parser.add_argument("--questions", help="Spec-Bench's question.jsonl, for the answers' categories")
+    parser.add_argument("--max-length", type=int, default=1024, help="the profile's --max-length (default 1024)")
+    parser.add_argument("--heads", help="heads directory whose tuned tree is walked beside the ceilings")
+    parser.add_argument("--device-name", help="which device's tuned tree (as tuned_trees.json names it)")
     args = parser.parse_args()
+    if (args.answers is None) != (args.questions is None):
+        raise SystemExit("--answers and --questions go together")
+    if (args.heads is None) != (args.device_name is None):
+        raise SystemExit("--heads and --device-name go together")
     profile = HeadProfile.load(args.profile).for_new_tokens(args.max_new_tokens or None)
     ranks = profile.position_ranks
+    tops = [int(part) for part in args.top.split(",")]
+    if max(tops) > profile.topk:
+        raise SystemExit(f"the profile keeps ranks up to {profile.topk}, not {max(tops)}")
     print(f"{ranks.positions} positions in {len(ranks.segments)} answers; ranks kept up to top-{profile.topk}")
     print(" top-k per depth   nodes below the root   tokens/step (walk)")
-    for k in (int(part) for part in args.top.split(",")):
-        if k > profile.topk:
-            raise SystemExit(f"the profile keeps ranks up to {profile.topk}, not {k}")
-        hit = (ranks.ranks >= 0) & (ranks.ranks < k)  # -1: missed here or at a shallower head
-        depths = np.cumprod(hit, axis=1).sum(axis=1)
+    for k in tops:
         nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
-        print(f"{k:>16} {nodes:>22,} {walk_lengths(depths, ranks.segments)[0]:>20.3f}")
+        print(f"{k:>16} {nodes:>22,} {walk_lengths(ceiling_depths(ranks, k), ranks.segments)[0]:>20.3f}")
+    columns: dict[str, np.ndarray] = {}
+    if args.heads is not None:
+        from medusa.tuned_trees import read_tuned_trees
+
+        tree = read_tuned_trees(args.heads)[args.device_name].tree(profile.num_heads, args.heads)
+        depths = accepted_depths(ranks.ranks, tree.paths, profile.topk)
+        columns[f"tuned tree ({tree.size} nodes)"] = depths
+        print(f"{args.device_name}'s tuned tree of {tree.size} nodes: {walk_lengths(depths, ranks.segments)[0]:.3f}")
+    if args.answers is not None:
+        for k in tops:
+            nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
+            columns[f"top-{k} ({nodes:,} nodes)"] = ceiling_depths(ranks, k)
+        categories = segment_categories(
+            args.answers,
+            args.questions,
+            profile.num_heads,
+            args.max_length,
+            ranks.segments,
+            args.max_new_tokens or None,
+        )
+        category_table(ranks, categories, columns)
 
 
 if __name__ == "__main__":
