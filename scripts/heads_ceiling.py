@@ -9,7 +9,8 @@ that no tree of these heads, of any size, can beat on the profiled text. Run on 
 
 Profiled on the base model's answers to Spec-Bench first turns (`medusa distill` of the questions, then
 `medusa tree profile`), `--answers` and `--questions` break it down per category and weight the categories as
-Spec-Bench's 480 questions weigh them; `--heads` with `--device-name` walks that device's tuned tree beside it:
+Spec-Bench's 480 questions weigh them; `--heads` with `--device-name` walks that device's tuned tree beside it,
+and `--chained` that device's tree with its lookup chain, with the same chain beside every ceiling:
 
     python scripts/heads_ceiling.py PROFILE --answers ANSWERS.jsonl --questions question.jsonl --max-length 4096 \
         --heads src/medusa/assets/heads/smollm2-135m-instruct --device-name "NVIDIA H100 80GB HBM3"
@@ -34,6 +35,13 @@ def ceiling_depths(ranks: PositionRanks, k: int) -> np.ndarray:
     """``[positions]``: what a tree of every head's top ``k`` at every depth accepts at each position."""
     hit = (ranks.ranks >= 0) & (ranks.ranks < k)  # -1: missed here or at a shallower head
     return np.cumprod(hit, axis=1).sum(axis=1)
+
+
+def with_chain(depths: np.ndarray, ranks: PositionRanks, nodes: int) -> np.ndarray:
+    """``[positions]``: ``depths`` with a lookup chain of ``nodes`` beside the tree (a step accepts the longer)."""
+    if ranks.lookup is None:
+        raise SystemExit("this profile did not measure the lookup branch: run `medusa tree profile` again")
+    return np.maximum(depths, np.minimum(ranks.lookup.astype(np.int64), nodes))
 
 
 def segment_categories(
@@ -109,33 +117,51 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="the profile's --max-length (default 1024)")
     parser.add_argument("--heads", help="heads directory whose tuned tree is walked beside the ceilings")
     parser.add_argument("--device-name", help="which device's tuned tree (as tuned_trees.json names it)")
+    parser.add_argument(
+        "--chained",
+        action="store_true",
+        help="that device's tree with its lookup chain, and the chain beside each ceiling",
+    )
     args = parser.parse_args()
     if (args.answers is None) != (args.questions is None):
         raise SystemExit("--answers and --questions go together")
     if (args.heads is None) != (args.device_name is None):
         raise SystemExit("--heads and --device-name go together")
+    if args.chained and args.heads is None:
+        raise SystemExit("--chained needs --heads and --device-name: the chain is that device's tree's")
     profile = HeadProfile.load(args.profile).for_new_tokens(args.max_new_tokens or None)
     ranks = profile.position_ranks
     tops = [int(part) for part in args.top.split(",")]
     if max(tops) > profile.topk:
         raise SystemExit(f"the profile keeps ranks up to {profile.topk}, not {max(tops)}")
-    print(f"{ranks.positions} positions in {len(ranks.segments)} answers; ranks kept up to top-{profile.topk}")
-    print(" top-k per depth   nodes below the root   tokens/step (walk)")
-    for k in tops:
-        nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
-        print(f"{k:>16} {nodes:>22,} {walk_lengths(ceiling_depths(ranks, k), ranks.segments)[0]:>20.3f}")
-    columns: dict[str, np.ndarray] = {}
+    tree = None
     if args.heads is not None:
         from medusa.tuned_trees import read_tuned_trees
 
-        tree = read_tuned_trees(args.heads)[args.device_name].tree(profile.num_heads, args.heads)
+        entry = read_tuned_trees(args.heads)[args.device_name]
+        tree = entry.tree(profile.num_heads, args.heads, chained=args.chained)
+    chain = tree.lookup if args.chained else 0
+
+    def ceiling(k: int) -> np.ndarray:
+        return with_chain(ceiling_depths(ranks, k), ranks, chain) if chain else ceiling_depths(ranks, k)
+
+    beside = f", a {chain}-node lookup chain beside each" if chain else ""
+    print(f"{ranks.positions} positions in {len(ranks.segments)} answers; ranks kept up to top-{profile.topk}{beside}")
+    print(" top-k per depth   nodes below the root   tokens/step (walk)")
+    for k in tops:
+        nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
+        print(f"{k:>16} {nodes:>22,} {walk_lengths(ceiling(k), ranks.segments)[0]:>20.3f}")
+    columns: dict[str, np.ndarray] = {}
+    if tree is not None:
         depths = accepted_depths(ranks.ranks, tree.paths, profile.topk)
-        columns[f"tuned tree ({tree.size} nodes)"] = depths
-        print(f"{args.device_name}'s tuned tree of {tree.size} nodes: {walk_lengths(depths, ranks.segments)[0]:.3f}")
+        depths = with_chain(depths, ranks, chain) if chain else depths
+        name = f"tuned tree ({tree.size} nodes{f', {chain} of them a chain' if chain else ''})"
+        columns[name] = depths
+        print(f"{args.device_name}'s {name}: {walk_lengths(depths, ranks.segments)[0]:.3f}")
     if args.answers is not None:
         for k in tops:
             nodes = sum(k**depth for depth in range(1, ranks.ranks.shape[1] + 1))
-            columns[f"top-{k} ({nodes:,} nodes)"] = ceiling_depths(ranks, k)
+            columns[f"top-{k} ({nodes:,} nodes{f' + {chain}' if chain else ''})"] = ceiling(k)
         categories = segment_categories(
             args.answers,
             args.questions,

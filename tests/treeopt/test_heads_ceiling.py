@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from medusa.treeopt.profile import PositionRanks
 
@@ -43,3 +44,12 @@ def test_the_category_table_weighs_each_category_as_the_480_questions_do(capsys)
     assert rows["all, as profiled"] == f"{20 / 12:.2f}"
     # writing counts 10 of the 480 and translation 80: (10 * 10 + 80 * 10) tokens over (10 * 2 + 80 * 10) steps
     assert rows["weighted as Spec-Bench's 480"] == f"{900 / 820:.2f}"
+
+
+def test_a_lookup_chain_beside_the_tree_accepts_the_longer_of_the_two():
+    script = load_script()
+    ranks = PositionRanks(np.zeros((3, 4), dtype=np.int16), np.array([3]), lookup=np.array([3, 0, 1], dtype=np.uint8))
+    assert script.with_chain(np.array([0, 2, 1]), ranks, 2).tolist() == [2, 2, 1]  # the chain's 3 cut to its 2 nodes
+    without = PositionRanks(np.zeros((3, 4), dtype=np.int16), np.array([3]))
+    with pytest.raises(SystemExit, match="did not measure the lookup branch"):
+        script.with_chain(np.array([0, 2, 1]), without, 2)
