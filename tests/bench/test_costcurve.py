@@ -20,7 +20,7 @@ from medusa.bench.costcurve import (
 from medusa.cli import main
 from medusa.engine import EngineOptions
 from medusa.errors import MedusaError
-from medusa.heads import MedusaHeadsConfig
+from medusa.heads import MedusaHeads, MedusaHeadsConfig
 from medusa.model import MedusaModel
 from medusa.treeopt.tune import CostCurve
 
@@ -193,3 +193,33 @@ def test_the_cost_curve_of_heads_with_a_prefix_layer_times_it_and_says_so(tmp_pa
     result = json.loads((tmp_path / "cost_curve.json").read_text())
     assert result["meta"]["heads"]["prefix_layer"] is True
     assert CostCurve.load(tmp_path / "cost_curve.json", head_type="sequential", prefix_layer=True).prefix_layer
+
+
+def test_a_shapes_curve_times_trained_heads_from_their_directory(tmp_path, one_thread, capsys):
+    """``--shape S --heads DIR``: the heads' own layers, type and prefix layer on a random base of their model's
+    shape, so a device's curve for trained heads needs no copy of the model; heads of another size are refused."""
+    base = random_model("tiny", torch.device("cpu"), torch.float32)
+    trained = MedusaHeadsConfig(
+        hidden_size=64, vocab_size=256, num_heads=3, num_layers=2, share_lm_head=True, head_type="medusa"
+    )
+    MedusaModel.from_pretrained(base, heads=trained).save_pretrained(tmp_path / "heads")
+    argv = ["bench", "--cost-curve", "--shape", "tiny", "--heads", str(tmp_path / "heads"), "--sizes", "1,8"]
+    argv += ["--context", "16", "--repeats", "1", "--step-warmup", "0", "--device", "cpu"]
+    assert main([*argv, "--output-dir", str(tmp_path / "curve")]) == 0
+    heads = json.loads((tmp_path / "curve" / "cost_curve.json").read_text())["meta"]["heads"]
+    assert heads == {
+        "num_heads": 3,
+        "num_layers": 2,
+        "share_lm_head": True,
+        "head_type": "medusa",
+        "prefix_layer": False,
+    }  # the directory's heads, not the fresh ones --num-heads/--head-type would make (4, sequential)
+    capsys.readouterr()
+    assert main([*argv, "--prefix-layer", "--output-dir", str(tmp_path / "other")]) == 2
+    assert "the heads in --heads carry their own" in capsys.readouterr().err
+    small = MedusaHeadsConfig(hidden_size=32, vocab_size=256, num_heads=2)
+    MedusaHeads(small).save_pretrained(tmp_path / "small")
+    argv[argv.index(str(tmp_path / "heads"))] = str(tmp_path / "small")
+    assert main([*argv, "--output-dir", str(tmp_path / "other")]) == 2
+    assert "heads hidden size 32 does not match the base model's 64" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

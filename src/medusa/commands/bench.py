@@ -141,7 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of Spec-Bench, time one decoding step against the tree's size",
     )
     curve.add_argument(
-        "--shape", choices=tuple(SHAPES), help="a Llama of these dimensions with random weights, instead of --model"
+        "--shape",
+        choices=tuple(SHAPES),
+        help="a Llama of these dimensions with random weights, instead of --model; with --heads, those trained heads "
+        "on it (a step's time depends on the shapes, not the weights: a device's curve for heads without the model)",
     )
     curve.add_argument(
         "--prefix-layer",
@@ -337,14 +340,17 @@ def run_cost_curve(args: argparse.Namespace) -> int:
         span_step=args.span_step or None,
     )
     if args.shape:
-        if args.model or args.heads:
-            raise MedusaError("give either --shape (random weights) or --model/--heads, not both")
+        if args.model:
+            raise MedusaError("give either --shape (random weights) or --model, not both")
+        if args.heads and args.prefix_layer:
+            raise MedusaError("--prefix-layer applies to --shape's random heads; the heads in --heads carry their own")
         device = resolve_device(args.device)
         base = random_model(args.shape, device, resolve_dtype(args.dtype, device))
         text = base.config
         # Heads that share the lm_head: the cheapest heads, so the curve shows the tree's own cost.
         # Sequential heads cost one head call per tree depth: time the head type being tuned (--head-type).
-        heads = MedusaHeadsConfig(
+        # Trained heads (--heads) bring their own layers, type and prefix layer; their sizes must fit the shape.
+        heads = args.heads or MedusaHeadsConfig(
             hidden_size=text.hidden_size,
             vocab_size=text.vocab_size,
             num_heads=args.num_heads,
