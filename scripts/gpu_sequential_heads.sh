@@ -23,7 +23,8 @@
 # Expects the default model's GGUF at /root/stage/model.gguf (`tune` with CURVE_SHAPE does not), wheels for
 # gguf/fastapi/uvicorn in $KEEP/.whl and the prompts (topics.jsonl from `medusa prompts --tasks
 # ask,instruct,article`, the shared pool files, from which `data` also makes the shipped recipe's context prompts;
-# CONTEXT_PROMPTS=0 leaves them out) and the Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between calls on one machine); writes under $OUT.
+# CONTEXT_PROMPTS=0 leaves them out) and the Spec-Bench questions in $KEEP/.data. Works in $WORK (kept between
+# calls on one machine); writes under $OUT.
 # Every step skips what is done, and the bench resumes, so a phase cut by its time limit can be run again.
 set -uo pipefail
 phase=$1
@@ -162,11 +163,12 @@ print(user(sys.argv[1]) / "tuned_trees.json")' "$heads")  # where `tree tune` wr
         # CURVE_SHAPE=smollm2-135m puts them on a random base of the model's shape instead: the same shapes and
         # kernels (not yet compared with the real model's curve on a GPU), and no staged model, so a device's trees
         # for the shipped heads take one call.
-        base="--model $MODEL" && [ -n "${CURVE_SHAPE:-}" ] && base="--shape $CURVE_SHAPE"
+        base=(--model "$MODEL")
+        [ -n "${CURVE_SHAPE:-}" ] && base=(--shape "$CURVE_SHAPE")
         curve=$WORK/curve-$variant
         if [ ! -f "$curve/cost_curve.json" ]; then
             echo "== cost curve, $variant heads $(date +%T)"
-            $MEDUSA bench --cost-curve $base --heads "$heads" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
+            $MEDUSA bench --cost-curve "${base[@]}" --heads "$heads" --sizes "${SIZES:-1,2,4,8,16,32,48,64}" \
                 --batch-sizes "${BATCHES:-1,2,4,8,16,32,64}" --repeats "${REPEATS:-5}" --step-warmup 2 \
                 --output-dir "$curve" 2>&1 | tail -2
         fi
