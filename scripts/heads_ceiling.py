@@ -47,7 +47,8 @@ def with_chain(depths: np.ndarray, ranks: PositionRanks, nodes: int) -> np.ndarr
 def segment_categories(
     answers_file: str, questions_file: str, num_heads: int, max_length: int, segments: Sequence[int], cut: int | None
 ) -> list[str]:
-    """The Spec-Bench category of each of the profile's answers, found as `medusa tree profile` reads them."""
+    """The Spec-Bench category of each of the profile's answers, found as `medusa tree profile` reads them (with
+    the default model's tokenizer: the answers are that model's)."""
     from transformers import AutoTokenizer
 
     from medusa.bench.specbench import load_questions
