@@ -4,9 +4,12 @@ step and a plain one-token step has been committing more tokens per row and seco
 `medusa tree tune` prices a bucket's tree with a cost curve timed on greedy steps and acceptance profiled on greedy
 text. A load can differ from both: with half the rows sampling at 0.7 (and the sampling noise not yet fused), the
 shipped heads ran at 0.88x plain decoding at batch 32 on the H100, and the switch brought that to 0.92x
-(docs/benchmarks/h100-sampled-steps/). The switch measures what the tuner assumes (seconds per step and tokens per
-row-step, each smoothed over the last steps) for both modes of each (bucket, kind), runs the faster, and keeps
-probing the other one every ``probe_every`` steps, since the text and the rows' settings change. It is opt-in
+(docs/benchmarks/h100-sampled-steps/). With the noise fused the heads ran 1.15x there and the switch 1.13x
+(docs/benchmarks/h100-fused-noise/): it is for trees that do not pay, which these no longer are.
+
+The switch measures what the tuner assumes (seconds per step and tokens per row-step, each smoothed over the last
+steps) for both modes of each (bucket, kind), runs the faster, and keeps probing the other one every
+``probe_every`` steps, since the text and the rows' settings change. It is opt-in
 (``EngineOptions.adaptive``, ``medusa serve --adaptive``): its second set of graphs costs captures.
 
 Switching never changes what is generated: greedy and seeded rejection sampling commit the same tokens whether a

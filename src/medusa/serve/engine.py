@@ -230,7 +230,8 @@ class Engine:
             pass
         # An adaptive engine has two graphs per step shape (its tree's and a plain step's): room for both, or the
         # longer spans' are captured while requests wait. On the H100 an adaptive server within the one budget ran a
-        # 32-client load at 0.61x the fixed-tree server, its admissions 3 s longer (docs/benchmarks/h100-sampled-steps).
+        # 32-client load at 0.61x the fixed-tree server, its admissions 3 s longer (docs/benchmarks/h100-sampled-steps);
+        # with twice the budget, at 1.00x, its admissions as long as the fixed-tree server's (h100-fused-noise).
         engine.capture(WARM_KINDS, MAX_WARM_GRAPHS * (2 if engine.switch is not None else 1))
         return engine
 
